@@ -1,0 +1,60 @@
+"""The command line: thin typer commands that parse, call one service and print."""
+
+from __future__ import annotations
+
+import typer
+
+from comms import __version__
+from comms.cli import common
+from comms.cli.common import new_app
+
+app = new_app(
+    "comms: staged, exactly-once customer emails for a Microsoft CSP transition.\n\n"
+    "Tracks every customer's transition stage and sends the right email at the right time "
+    "through Microsoft Graph."
+)
+
+
+@app.callback()
+def _root(
+    config: str = typer.Option(
+        None, "--config", "-c", envvar="COMMS_CONFIG", help="Config file (default: ./comms.toml)."
+    ),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit(0)
+    common.set_config_file(config)
+
+
+def _register() -> None:
+    # Each module adds its commands to `app`; importing registers them.
+    import importlib
+
+    for name in (
+        "comms.cli.setup_cmd",
+        "comms.cli.customers",
+        "comms.cli.contacts",
+        "comms.cli.templates_cmd",
+        "comms.cli.auth_cmd",
+        "comms.cli.sandbox_cmd",
+        "comms.cli.send_cmd",
+        "comms.cli.outbox_cmd",
+        "comms.cli.status_cmd",
+        "comms.cli.demo",
+    ):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue  # command group not built yet
+        module.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    app(prog_name="comms")

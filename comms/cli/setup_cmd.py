@@ -1,0 +1,87 @@
+"""`comms init`, `comms config show|check`, `comms db upgrade|backup`."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import typer
+
+from comms.cli import common
+from comms.cli.common import console, new_app
+from comms.config import load_settings
+from comms.errors import ConfigError
+from comms.services import setup
+
+config_app = new_app("Show and check the effective configuration.")
+db_app = new_app("Database maintenance: migrations and backups.")
+
+
+def init(
+    path: Path = typer.Argument(Path("comms.toml"), help="Where to write the starter config."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a starter config (documented line by line) and create the database."""
+    written, db = setup.init_project(path, force=force)
+    console.print(f"Wrote {written}; database ready at {db.url.split('@')[-1]}")
+    console.print("Next: edit the config, then `comms config check` and "
+                  "`comms customers import FILE.csv`.")
+
+
+@config_app.command("show")
+def config_show(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of TOML-like text."),
+) -> None:
+    """Print the effective configuration (file + COMMS_* environment), secrets masked."""
+    s = common.settings()
+    data = s.masked()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    typer.echo(f"# from {s.source}")
+    for section, values in data.items():
+        if isinstance(values, dict):
+            typer.echo(f"\n[{section}]")
+            for k, v in values.items():
+                typer.echo(f"{k} = {json.dumps(v, default=str)}")
+        elif isinstance(values, list):
+            for item in values:
+                typer.echo(f"\n[[{section}]]")
+                for k, v in item.items():
+                    typer.echo(f"{k} = {json.dumps(v, default=str)}")
+        else:
+            typer.echo(f"{section} = {json.dumps(values, default=str)}")
+
+
+@config_app.command("check")
+def config_check() -> None:
+    """Validate the configuration and the campaign; report every problem at once."""
+    from comms.campaign import load_campaign
+
+    settings = load_settings(common._state.config_file)
+    problems = setup.config_problems(settings)
+    try:
+        load_campaign(settings.campaign_file or None)
+    except ConfigError as exc:
+        problems.extend(exc.problems or [exc.message])
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) in {settings.source}:", problems=problems)
+    console.print(f"Configuration OK ({settings.source}).")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply any pending schema migrations."""
+    db = common.database()
+    db.upgrade()
+    console.print(f"Database at revision {db.current_revision()}.")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init")(init)
+    app.add_typer(config_app, name="config")
+    app.add_typer(db_app, name="db")
+
+
+__all__ = ["register", "tomllib"]

@@ -1,0 +1,76 @@
+"""The transport interface: one method, send one rendered message, return its outcome.
+
+Transports never raise for one message's fate; they return a ``SendResult``. They raise
+``DeliveryError``/``AuthError`` only when the transport cannot be used at all (bad config,
+no token obtainable).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+# Fixed GUID namespace of comms' extended property; the send id is its value. Never change it:
+# reconciliation of messages sent by earlier versions depends on it.
+SEND_ID_PROPERTY_ID = "String {6d2f9a57-3c1e-4b8e-9f3a-0c6a7e5d4b21} Name CommsSendId"
+SEND_ID_HEADER = "x-comms-send-id"
+
+
+@dataclass(frozen=True)
+class Address:
+    address: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class OutgoingEmail:
+    send_id: str
+    sender: str
+    to: tuple[Address, ...]
+    subject: str
+    html: str
+    text: str
+    cc: tuple[Address, ...] = ()
+    reply_to: tuple[Address, ...] = ()
+    # Extra x- headers (the send id header is always added by the transport).
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def recipient_count(self) -> int:
+        return len(self.to) + len(self.cc)
+
+
+class Outcome(enum.StrEnum):
+    SENT = "sent"  # accepted (Graph 202)
+    THROTTLED = "throttled"  # not accepted; try again after retry_after
+    FAILED = "failed"  # definitely rejected; do not retry without a change
+    UNKNOWN = "unknown"  # may or may not have been accepted; reconcile before any resend
+
+
+@dataclass(frozen=True)
+class SendResult:
+    outcome: Outcome
+    status: int | None = None
+    retry_after: float | None = None
+    error_code: str = ""
+    message: str = ""
+    request_id: str = ""
+    details: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Sends one message. Implementations: GraphTransport, OutboxDirTransport."""
+
+    def send(self, email: OutgoingEmail) -> SendResult: ...
+
+
+@runtime_checkable
+class Reconciler(Protocol):
+    """Looks a send id up where accepted messages end up (Graph: the sender's Sent Items).
+
+    Returns True (found: it was sent), False (not there), or None (cannot tell: no permission).
+    """
+
+    def find_sent(self, sender: str, send_id: str) -> bool | None: ...

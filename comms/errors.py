@@ -1,0 +1,80 @@
+"""The project's exceptions: one type per thing a user can fix, each message naming the fix.
+
+Errors from msal, requests and SQLAlchemy are translated into these at their boundary; the CLI
+turns any ``CommsError`` into one clear line on stderr and the exit code it carries.
+
+    CommsError                      exit 1 unless stated
+    ├── ConfigError                 exit 2: bad or missing configuration (lists every problem)
+    ├── CampaignError               exit 2: bad campaign definition
+    ├── DatabaseError               the database cannot be opened or migrated
+    ├── NotFound                    no such customer / message / outbox row
+    ├── StageMoveRefused            a stage move the campaign does not allow (names allowed ones)
+    ├── ImportRejected              a CSV with invalid rows (lists every problem)
+    ├── TemplateError               a template cannot be rendered (names file and line)
+    ├── AuthError                   a token could not be obtained (names the setting to fix)
+    ├── DeliveryError               a transport cannot be used at all (not one message's outcome)
+    ├── AlreadySent                 a message was already sent; resending needs --resend --note
+    └── RunLocked                   another `comms run` holds this database
+"""
+
+from __future__ import annotations
+
+
+class CommsError(Exception):
+    """Base of every error a user can act on."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.problems: list[str] = list(problems or [])
+
+    def __str__(self) -> str:
+        if not self.problems:
+            return self.message
+        return self.message + "\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+class ConfigError(CommsError):
+    exit_code = 2
+
+
+class CampaignError(ConfigError):
+    pass
+
+
+class DatabaseError(CommsError):
+    pass
+
+
+class NotFound(CommsError):
+    pass
+
+
+class StageMoveRefused(CommsError):
+    pass
+
+
+class ImportRejected(CommsError):
+    pass
+
+
+class TemplateError(CommsError):
+    pass
+
+
+class AuthError(CommsError):
+    pass
+
+
+class DeliveryError(CommsError):
+    pass
+
+
+class AlreadySent(CommsError):
+    pass
+
+
+class RunLocked(CommsError):
+    exit_code = 3

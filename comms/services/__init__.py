@@ -1,0 +1,1 @@
+"""Services: one function per thing a command does, callable without the CLI."""
