@@ -18,6 +18,8 @@ from comms.cli import app
 from comms.cli import common
 from comms.store.db import Database, open_database
 
+pytest_plugins = ["sandbox_fixtures"]
+
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = bool(os.environ.get("CI") or os.environ.get("COMMS_REQUIRE_ALL"))
 

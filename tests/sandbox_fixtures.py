@@ -1,0 +1,1 @@
+"""Fixtures that start the local Graph sandbox (filled in with the sandbox)."""
