@@ -42,6 +42,9 @@ RESERVED_ENV = {
     "COMMS_GRAPH_PRIVATE_KEY_FILE",
     "COMMS_TEST_POSTGRES_URL",
     "COMMS_CAMPAIGN",
+    # Who acts, for the audit trail (comms.cli.common.actor), and the CI switch for tests.
+    "COMMS_ACTOR",
+    "COMMS_REQUIRE_ALL",
 }
 
 MASK = "********"
@@ -65,7 +68,9 @@ class PartnerSettings(_Section):
     signature: str = "The Fabrikam transition team"
     reply_to: str = "transition@fabrikam.example"
     support_phone: str = "+44 20 7946 0000"
-    postal_address: str = "Fabrikam Cloud Services, 1 Example Street, London EC1A 1AA, United Kingdom"
+    postal_address: str = (
+        "Fabrikam Cloud Services, 1 Example Street, London EC1A 1AA, United Kingdom"
+    )
     opt_out_text: str = (
         "You receive this because your organisation is moving its Microsoft 365 subscription to "
         "Fabrikam. Reply with \u201cunsubscribe\u201d and we will stop these emails."

@@ -1,15 +1,77 @@
-"""The outbox: queue, claim, dispatch, reconcile (the exactly-once loop). See DESIGN.md §6."""
+"""The outbox: queue, claim, dispatch, reconcile — the exactly-once loop of DESIGN.md §6.
+
+A message row moves through these statuses::
+
+    queued ──claim──> sending ──202──────────────> sent
+      ^                 │  ├──definite rejection──> failed
+      │                 │  ├──429 (not accepted)──> queued (send_after = now + Retry-After)
+      │                 │  └──timeout/reset/5xx───> unknown
+      │                 └──lease expired (worker killed)──> unknown
+      │                                                       │
+      └──── not in Sent Items after the grace period ─────────┤
+                               found in Sent Items ──> sent ──┘
+    queued ──stage change / opt-out──> withdrawn
+
+1. Planning inserts rows with a unique key (customer, message, sequence), in the same
+   transaction as the decision: planning twice cannot queue twice.
+2. A claim takes a pacing slot and flips one row queued -> sending with a lease, in one
+   transaction (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite's write lock otherwise).
+3. Every request carries the row's send id (``x-comms-send-id`` and an extended property).
+4. An ambiguous outcome is never retried blindly: the send id is looked up in the sender's Sent
+   Items first; without Mail.Read the row waits for `comms outbox resolve`.
+
+Leases, slots and the reconciliation grace run on the real clock; ``send_after``/``sent_at`` on
+the run's clock (the real clock, or a simulated one with ``comms run --now``).
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import Session, col
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session, col, select
 
-from comms.store.models import Message
+from comms import pacing
+from comms.config import Settings
+from comms.delivery.base import (
+    SEND_ID_HEADER,
+    Address,
+    Outcome,
+    OutgoingEmail,
+    Reconciler,
+    SendResult,
+    Transport,
+)
+from comms.errors import CommsError, NotFound
+from comms.store.db import Database
+from comms.store.models import Customer, Message, Suppression
 
 PENDING = ("queued",)
+# error_code of an `unknown` row that waits for an operator's `comms outbox resolve`.
+HELD = "held_for_operator"
+OPEN = ("queued", "sending", "unknown")
+
+
+class Clock:
+    """The run's clock: real time, or real time shifted to start at a simulated ``start``."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._offset = (start - datetime.now(UTC)) if start is not None else timedelta(0)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self._offset
+
+    @staticmethod
+    def real() -> datetime:
+        return datetime.now(UTC)
 
 
 def withdraw_stale(session: Session, customer_id: int, stage: str, at: datetime) -> int:
@@ -35,3 +97,523 @@ def withdraw_all_queued(session: Session, customer_id: int, reason: str, at: dat
         .values(status="withdrawn", last_error=reason, updated_at=at)
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- queueing
+
+
+def insert_messages(session: Session, rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Insert planned rows; a row whose (customer, message, sequence) exists is skipped.
+    Returns the ids of the rows inserted."""
+    if not rows:
+        return []
+    dialect = session.get_bind().dialect.name
+    table = Message.__table__  # type: ignore[attr-defined]
+    stmt: Any
+    if dialect == "postgresql":
+        stmt = postgresql.insert(table).on_conflict_do_nothing(
+            index_elements=["customer_id", "message", "sequence"]
+        )
+    else:
+        stmt = sqlite.insert(table).on_conflict_do_nothing(
+            index_elements=["customer_id", "message", "sequence"]
+        )
+    result = session.execute(stmt.returning(table.c.id), list(rows))
+    return [int(i) for i in result.scalars().all()]
+
+
+def addresses_json(items: Iterable[tuple[str, str]]) -> str:
+    return json.dumps([{"address": a, "name": n} for a, n in items], ensure_ascii=False)
+
+
+def _addresses(raw: str) -> tuple[Address, ...]:
+    return tuple(Address(d["address"], d.get("name", "")) for d in json.loads(raw or "[]"))
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass
+class DispatchReport:
+    sent: int = 0
+    failed: int = 0
+    throttled: int = 0
+    unknown: int = 0
+    withdrawn: int = 0
+    confirmed: int = 0  # unknown -> sent, found in Sent Items
+    requeued: int = 0  # unknown -> queued, not found after the grace period
+    held: int = 0  # unknown that needs an operator (no Mail.Read)
+    failures: list[tuple[int, str, str, str]] = field(default_factory=list)
+    sent_ids: list[int] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for k, v in counts.items():
+                setattr(self, k, getattr(self, k) + v)
+
+
+# --------------------------------------------------------------------------- claim / record
+
+
+@dataclass(frozen=True)
+class Claimed:
+    message_id: int
+    attempts: int
+    slot: pacing.Slot
+    email: OutgoingEmail
+    customer_key: str
+    message: str
+
+
+def _claim_filter(
+    only_ids: frozenset[int] | None, customer_ids: frozenset[int] | None
+) -> list[Any]:
+    conds: list[Any] = []
+    if only_ids is not None:
+        conds.append(col(Message.id).in_(sorted(only_ids)))
+    if customer_ids is not None:
+        conds.append(col(Message.customer_id).in_(sorted(customer_ids)))
+    return conds
+
+
+def claim(
+    db: Database,
+    limits: pacing.Limits,
+    *,
+    settings: Settings,
+    clock: Clock,
+    worker: str,
+    lease: timedelta,
+    only_ids: frozenset[int] | None = None,
+    customer_ids: frozenset[int] | None = None,
+    report: DispatchReport | None = None,
+) -> Claimed | pacing.Wait | None:
+    """Take a pacing slot on ``limits.mailbox`` and claim the next due message, atomically.
+
+    Returns the claim, a ``Wait`` when the mailbox has no slot now, or None when no message is
+    due. Messages whose customer may no longer be mailed are withdrawn on the way.
+    """
+    real = clock.real()
+    with db.session(immediate=True) as s:
+        due = (
+            select(Message)
+            .where(
+                col(Message.status) == "queued",
+                col(Message.send_after) <= clock.now(),
+                *_claim_filter(only_ids, customer_ids),
+            )
+            .order_by(col(Message.send_after), col(Message.id))
+            .limit(20)
+        )
+        if db.engine.dialect.name == "postgresql":
+            due = due.with_for_update(skip_locked=True, of=Message)
+        candidates = s.exec(due).all()
+        if not candidates:
+            return None
+        for msg in candidates:
+            assert msg.id is not None
+            customer = s.get(Customer, msg.customer_id)
+            reason = _unsendable(s, msg, customer)
+            if reason:
+                msg.status, msg.last_error, msg.updated_at = "withdrawn", reason, clock.now()
+                s.add(msg)
+                if report:
+                    report.add(withdrawn=1)
+                continue
+            to = _addresses(msg.to_json)
+            cc = _addresses(msg.cc_json)
+            slot = pacing.try_acquire(
+                s, limits, now=real, lease=lease, recipients=len(to) + len(cc)
+            )
+            if isinstance(slot, pacing.Wait):
+                return slot
+            msg.status = "sending"
+            msg.sender = limits.mailbox
+            msg.attempts += 1
+            msg.claimed_by = worker
+            msg.lease_until = real + lease
+            msg.updated_at = clock.now()
+            s.add(msg)
+            sender = next(x for x in settings.senders if x.address == limits.mailbox)
+            email = OutgoingEmail(
+                send_id=msg.send_id,
+                sender=limits.mailbox,
+                to=to,
+                cc=cc,
+                reply_to=(Address(msg.reply_to, sender.name),) if msg.reply_to else (),
+                subject=msg.subject,
+                html=msg.html,
+                text=msg.text,
+                headers=((SEND_ID_HEADER, msg.send_id),),
+            )
+            assert customer is not None
+            return Claimed(msg.id, msg.attempts, slot, email, customer.key, msg.message)
+        return None
+
+
+def _unsendable(s: Session, msg: Message, customer: Customer | None) -> str:
+    if customer is None:
+        return "customer deleted"
+    if msg.internal:
+        return ""  # internal notes go to the account manager regardless of customer flags
+    if customer.opted_out:
+        return "customer opted out"
+    if customer.lost:
+        return "customer marked lost"
+    addresses = [a.address.lower() for a in _addresses(msg.to_json)]
+    if addresses:
+        suppressed = set(
+            s.exec(select(Suppression.email).where(col(Suppression.email).in_(addresses))).all()
+        )
+        if suppressed and all(a in suppressed for a in addresses):
+            return "every recipient is on the suppression list"
+    return ""
+
+
+def record(
+    db: Database, claimed: Claimed, result: SendResult, *, clock: Clock, worker: str,
+    report: DispatchReport,
+) -> None:
+    """Write one send's outcome and give the pacing slot back, in one transaction."""
+    real = clock.real()
+    now = clock.now()
+    with db.session(immediate=True) as s:
+        pacing.release(s, claimed.slot, now=real, message_id=claimed.message_id)
+        msg = s.get(Message, claimed.message_id)
+        assert msg is not None
+        mine = msg.status == "sending" and msg.claimed_by == worker and (
+            msg.attempts == claimed.attempts
+        )
+        if result.outcome is Outcome.SENT:
+            # Accepted is the truth even if our lease ran out meanwhile.
+            msg.status, msg.sent_at, msg.request_id = "sent", now, result.request_id
+            msg.last_error, msg.error_code, msg.lease_until = "", "", None
+            s.execute(
+                sa.update(Customer)
+                .where(
+                    col(Customer.id) == msg.customer_id,
+                    sa.or_(col(Customer.next_due_at).is_(None), col(Customer.next_due_at) > now),
+                )
+                .values(next_due_at=now)
+            )
+            report.add(sent=1)
+            with report.lock:
+                report.sent_ids.append(claimed.message_id)
+        elif not mine:
+            return  # someone else owns this row now (lease expired); leave it to them
+        elif result.outcome is Outcome.THROTTLED:
+            wait = timedelta(seconds=result.retry_after if result.retry_after else 5.0)
+            msg.status, msg.send_after, msg.lease_until = "queued", now + wait, None
+            msg.last_error = f"throttled: {result.message}".strip()
+            msg.error_code = result.error_code
+            pacing.block(s, claimed.slot.mailbox, real + wait)
+            report.add(throttled=1)
+        elif result.outcome is Outcome.FAILED:
+            msg.status, msg.lease_until = "failed", None
+            msg.last_error, msg.error_code = result.message, result.error_code
+            report.add(failed=1)
+            with report.lock:
+                report.failures.append(
+                    (claimed.message_id, claimed.customer_key, claimed.message,
+                     f"{result.error_code}: {result.message}" if result.error_code
+                     else result.message)
+                )
+        else:  # UNKNOWN
+            msg.status, msg.lease_until, msg.unknown_since = "unknown", None, real
+            msg.last_error = f"outcome unknown: {result.message}".strip()
+            msg.error_code = result.error_code
+            if result.retry_after:
+                pacing.block(s, claimed.slot.mailbox, real + timedelta(seconds=result.retry_after))
+            report.add(unknown=1)
+        msg.updated_at = now
+        s.add(msg)
+
+
+# --------------------------------------------------------------------------- leases, reconcile
+
+
+def expire_leases(db: Database, *, clock: Clock) -> int:
+    """Rows left in `sending` by a worker that died: their outcome is unknown."""
+    real = clock.real()
+    with db.session(immediate=True) as s:
+        result = s.execute(
+            sa.update(Message)
+            .where(col(Message.status) == "sending", col(Message.lease_until) < real)
+            .values(
+                status="unknown", unknown_since=real, lease_until=None, updated_at=clock.now(),
+                last_error="lease expired: the worker stopped mid-send",
+            )
+        )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def reconcile(
+    db: Database,
+    reconciler: Reconciler | None,
+    *,
+    clock: Clock,
+    grace: timedelta,
+    report: DispatchReport,
+    only_ids: frozenset[int] | None = None,
+    customer_ids: frozenset[int] | None = None,
+    batch: int = 200,
+) -> int:
+    """Resolve `unknown` rows by looking their send id up in the sender's Sent Items.
+
+    Found -> sent. Not found once the grace period has passed -> queued again (same send id).
+    Cannot tell (no Mail.Read, or reconciliation off) -> held for an operator.
+    """
+    real = clock.real()
+    with db.session() as s:
+        # Sent Items can lag a 202 by a little: look only once the grace period has passed.
+        rows = s.exec(
+            select(Message)
+            .where(
+                col(Message.status) == "unknown",
+                col(Message.error_code) != HELD,
+                sa.or_(col(Message.unknown_since).is_(None),
+                       col(Message.unknown_since) <= real - grace),
+                *_claim_filter(only_ids, customer_ids),
+            )
+            .order_by(col(Message.id))
+            .limit(batch)
+        ).all()
+    resolved = 0
+    for msg in rows:
+        found: bool | None = None
+        if reconciler is not None and msg.sender:
+            found = reconciler.find_sent(msg.sender, msg.send_id)
+        with db.session(immediate=True) as s:
+            fresh = s.get(Message, msg.id)
+            if fresh is None or fresh.status != "unknown":
+                continue
+            if found is True:
+                fresh.status, fresh.sent_at = "sent", clock.now()
+                fresh.note = (fresh.note + " confirmed in Sent Items after an unknown outcome.")
+                fresh.note = fresh.note.strip()
+                report.add(confirmed=1)
+                resolved += 1
+            elif found is False:
+                fresh.status, fresh.send_after = "queued", clock.now()
+                fresh.last_error = "not found in Sent Items after the grace period; sending again"
+                report.add(requeued=1)
+                resolved += 1
+            elif found is None:
+                fresh.last_error = (
+                    "outcome unknown and Sent Items cannot be checked (no Mail.Read?): decide "
+                    f"with `comms outbox resolve {fresh.id} --sent` or `--resend`"
+                )
+                fresh.error_code = HELD
+                report.add(held=1)
+            else:
+                continue
+            fresh.updated_at = clock.now()
+            s.add(fresh)
+    return resolved
+
+
+def resolve(db: Database, message_id: int, *, sent: bool, by: str, now: datetime) -> Message:
+    """An operator's decision on an `unknown` row: it was sent, or send it again."""
+    with db.session(immediate=True) as s:
+        msg = s.get(Message, message_id)
+        if msg is None:
+            raise NotFound(f"No outbox message {message_id}. See `comms outbox list`.")
+        if msg.status != "unknown":
+            raise CommsError(
+                f"Message {message_id} is {msg.status}, not unknown; only unknown outcomes "
+                "are resolved by hand."
+            )
+        msg.error_code = ""
+        if sent:
+            msg.status, msg.sent_at = "sent", now
+            msg.note = (msg.note + f" marked sent by {by}.").strip()
+        else:
+            msg.status, msg.send_after = "queued", now
+            msg.note = (msg.note + f" resend decided by {by}.").strip()
+        msg.updated_at = now
+        s.add(msg)
+        return msg
+
+
+# --------------------------------------------------------------------------- the dispatcher
+
+
+ProgressFn = Callable[[DispatchReport], None]
+
+
+class Dispatcher:
+    """Sends due messages through one transport within each sender mailbox's limits."""
+
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        transport: Transport,
+        *,
+        clock: Clock,
+        worker: str,
+        on_progress: ProgressFn | None = None,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.transport = transport
+        self.clock = clock
+        self.worker = worker
+        self.on_progress = on_progress
+        scale = settings.delivery.time_scale
+        self.limits = [pacing.Limits.of(s, scale) for s in settings.senders]
+        # A lease must outlast any request, or a live worker's row could look abandoned.
+        self.lease = timedelta(
+            seconds=max(settings.delivery.lease_seconds, 2 * settings.graph.timeout_seconds + 5)
+        )
+        self.grace = timedelta(seconds=settings.graph.reconcile_grace_seconds)
+        reconciler = transport if isinstance(transport, Reconciler) else None
+        self.reconciler = reconciler if settings.graph.reconcile else None
+        with db.session(immediate=True) as s:
+            pacing.ensure_mailboxes(s, [lim.mailbox for lim in self.limits])
+
+    def pending(
+        self, only_ids: frozenset[int] | None, customer_ids: frozenset[int] | None
+    ) -> Counter[str]:
+        with self.db.session() as s:
+            rows = s.exec(
+                select(Message.status, sa.func.count())
+                .where(col(Message.status).in_(OPEN), *_claim_filter(only_ids, customer_ids))
+                .group_by(col(Message.status))
+            ).all()
+        return Counter({status: int(n) for status, n in rows})
+
+    def run(
+        self,
+        *,
+        deadline: float,
+        only_ids: frozenset[int] | None = None,
+        customer_ids: frozenset[int] | None = None,
+        limit: int | None = None,
+        report: DispatchReport | None = None,
+    ) -> DispatchReport:
+        """Dispatch until nothing is due (or sendable before ``deadline``, a monotonic time)."""
+        report = report or DispatchReport()
+        budget = [limit if limit is not None else -1]
+        budget_lock = threading.Lock()
+        stop = threading.Event()
+        threads_n = max(1, min(sum(lim.max_concurrent for lim in self.limits), 8))
+        errors: list[BaseException] = []
+
+        def take_budget() -> bool:
+            with budget_lock:
+                if budget[0] == 0:
+                    return False
+                if budget[0] > 0:
+                    budget[0] -= 1
+                return True
+
+        def give_back() -> None:
+            with budget_lock:
+                if budget[0] >= 0:
+                    budget[0] += 1
+
+        def worker_loop(index: int) -> None:
+            try:
+                rotation = index
+                while not stop.is_set() and time.monotonic() < deadline:
+                    if not take_budget():
+                        return
+                    claimed: Claimed | None = None
+                    soonest: float | None = None
+                    nothing_due = True
+                    for k in range(len(self.limits)):
+                        lim = self.limits[(rotation + k) % len(self.limits)]
+                        got = claim(
+                            self.db, lim, settings=self.settings, clock=self.clock,
+                            worker=self.worker, lease=self.lease, only_ids=only_ids,
+                            customer_ids=customer_ids, report=report,
+                        )
+                        if isinstance(got, Claimed):
+                            claimed = got
+                            break
+                        if got is None:
+                            break  # nothing due on any mailbox
+                        nothing_due = False
+                        if got.until is not None:
+                            wait = (got.until - self.clock.real()).total_seconds()
+                            soonest = wait if soonest is None else min(soonest, wait)
+                    rotation += 1
+                    if claimed is None:
+                        give_back()
+                        if nothing_due:
+                            return
+                        time.sleep(min(max(soonest if soonest is not None else 0.05, 0.005), 0.5))
+                        continue
+                    result = self.transport.send(claimed.email)
+                    record(self.db, claimed, result, clock=self.clock, worker=self.worker,
+                           report=report)
+                    if result.outcome is not Outcome.SENT:
+                        give_back()
+                    if self.on_progress:
+                        self.on_progress(report)
+            except BaseException as exc:  # surfaced to the caller below
+                errors.append(exc)
+                stop.set()
+
+        while time.monotonic() < deadline and not stop.is_set():
+            expire_leases(self.db, clock=self.clock)
+            reconcile(self.db, self.reconciler, clock=self.clock, grace=self.grace,
+                      report=report, only_ids=only_ids, customer_ids=customer_ids)
+            threads = [threading.Thread(target=worker_loop, args=(i,), daemon=True)
+                       for i in range(threads_n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+            if budget[0] == 0:
+                break
+            pause = self._more_to_do(only_ids, customer_ids, deadline)
+            if pause is None:
+                break
+            time.sleep(pause)
+        return report
+
+    def _more_to_do(
+        self, only_ids: frozenset[int] | None, customer_ids: frozenset[int] | None,
+        deadline: float,
+    ) -> float | None:
+        """Seconds to wait before work may be possible again, or None when nothing can
+        get out before the deadline."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        now = self.clock.now()
+        real = self.clock.real()
+        horizon = now + timedelta(seconds=left)
+        flt = _claim_filter(only_ids, customer_ids)
+        with self.db.session() as s:
+            next_queued = s.exec(
+                select(sa.func.min(Message.send_after)).where(
+                    col(Message.status) == "queued", col(Message.send_after) <= horizon, *flt
+                )
+            ).one()
+            sending = s.exec(
+                select(sa.func.count()).select_from(Message).where(
+                    col(Message.status) == "sending", *flt
+                )
+            ).one()
+            oldest_unknown = s.exec(
+                select(sa.func.min(Message.unknown_since)).where(
+                    col(Message.status) == "unknown", col(Message.error_code) != HELD, *flt
+                )
+            ).one()
+        waits: list[float] = []
+        if next_queued is not None:
+            waits.append((next_queued - now).total_seconds())
+        if sending:
+            waits.append(0.5)  # another worker's send, or a lease still to expire
+        if oldest_unknown is not None and self.reconciler is not None:
+            waits.append((oldest_unknown + self.grace - real).total_seconds())
+        if not waits:
+            return None
+        wait = max(min(waits), 0.02)
+        return min(wait, left, 1.0)

@@ -1,7 +1,8 @@
 """Where comms keeps its state, found by one function each.
 
-``home_dir()`` is ``$COMMS_HOME`` when set, else ``$XDG_DATA_HOME/comms`` (``~/.local/share/comms``);
-tests point ``COMMS_HOME`` at a temporary folder so each has its own database.
+``home_dir()`` is ``$COMMS_HOME`` when set, else ``$XDG_DATA_HOME/comms``
+(``~/.local/share/comms``); tests point ``COMMS_HOME`` at a temporary folder so each has its
+own database.
 """
 
 from __future__ import annotations

@@ -95,7 +95,13 @@ def move(
 
 
 def side_event(
-    customer: CustomerInfo, action: SideAction, *, at: datetime, by: str, source: str, note: str = ""
+    customer: CustomerInfo,
+    action: SideAction,
+    *,
+    at: datetime,
+    by: str,
+    source: str,
+    note: str = "",
 ) -> Event | None:
     """The event for a side-state change, or None when the customer is already in that state."""
     flag, value = _SIDE[action]

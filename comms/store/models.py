@@ -82,11 +82,15 @@ class CustomerTag(SQLModel, table=True):
 
 class Contact(SQLModel, table=True):
     __tablename__ = "contacts"
-    __table_args__ = (sa.UniqueConstraint("customer_id", "email", name="uq_contacts_customer_email"),)
+    __table_args__ = (
+        sa.UniqueConstraint("customer_id", "email", name="uq_contacts_customer_email"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     customer_id: int = Field(
-        sa_column=Column(sa.ForeignKey("customers.id", ondelete="CASCADE"), nullable=False, index=True)
+        sa_column=Column(
+            sa.ForeignKey("customers.id", ondelete="CASCADE"), nullable=False, index=True
+        )
     )
     name: str = Field(default="", max_length=200)
     email: str = Field(max_length=320)
@@ -192,14 +196,3 @@ class SendSlot(SQLModel, table=True):
     finished_at: datetime | None = _dt(nullable=True)
     recipients: int = 1
     message_id: int | None = None
-
-
-class RunLock(SQLModel, table=True):
-    """One row per named lock (``run``): a second concurrent `comms run` exits at once."""
-
-    __tablename__ = "run_locks"
-
-    name: str = Field(sa_column=Column(sa.String(50), primary_key=True))
-    holder: str = Field(max_length=200)
-    acquired_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
-    expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))

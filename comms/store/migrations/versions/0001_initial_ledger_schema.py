@@ -13,7 +13,6 @@ from alembic import op
 
 import comms.store.models
 
-
 revision = '0001'
 down_revision = None
 branch_labels = None
@@ -48,13 +47,6 @@ def upgrade() -> None:
     with op.batch_alter_table('customers', schema=None) as batch_op:
         batch_op.create_index('ix_customers_stage_next_due', ['stage', 'next_due_at'], unique=False)
 
-    op.create_table('run_locks',
-    sa.Column('name', sa.String(length=50), nullable=False),
-    sa.Column('holder', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-    sa.Column('acquired_at', comms.store.models.UTCDateTime(), nullable=False),
-    sa.Column('expires_at', comms.store.models.UTCDateTime(), nullable=False),
-    sa.PrimaryKeyConstraint('name')
-    )
     op.create_table('send_slots',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('mailbox', sa.String(length=320), nullable=False),
@@ -185,7 +177,6 @@ def downgrade() -> None:
         batch_op.drop_index('ix_send_slots_mailbox_started')
 
     op.drop_table('send_slots')
-    op.drop_table('run_locks')
     with op.batch_alter_table('customers', schema=None) as batch_op:
         batch_op.drop_index('ix_customers_stage_next_due')
 

@@ -1,0 +1,112 @@
+"""`comms outbox list|show|retry|withdraw|resolve|export`."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from comms.cli import common
+from comms.cli.common import console, new_app
+from comms.errors import CommsError
+from comms.services import outbox_admin
+
+outbox_app = new_app("Inspect and act on queued, sent, failed and unknown messages.")
+
+
+def _when(dt: datetime | None) -> str:
+    return dt.strftime("%Y-%m-%d %H:%M") if dt else ""
+
+
+@outbox_app.command("list")
+def list_(
+    status: str = typer.Option(None, "--status", "-s", help="queued, sending, sent, failed, unknown or withdrawn."),
+    customer: str = typer.Option(None, "--customer", help="Only this customer key."),
+    limit: int = typer.Option(200, "--limit", min=1, help="Newest N rows."),
+    as_json: bool = typer.Option(False, "--json", help="JSON for machines."),
+) -> None:
+    """List outbox messages, newest first."""
+    rows = outbox_admin.list_messages(common.database(), status=status, customer_key=customer,
+                                      limit=limit)
+    if as_json:
+        typer.echo(json.dumps([{
+            "id": r.message.id, "customer": r.customer_key, "message": r.message.message,
+            "sequence": r.message.sequence, "status": r.message.status,
+            "sender": r.message.sender, "sent_at": _when(r.message.sent_at),
+            "created_at": _when(r.message.created_at), "last_error": r.message.last_error,
+        } for r in rows], indent=2))
+        return
+    table = Table("id", "customer", "message", "#", "status", "sender", "queued", "sent",
+                  "last error")
+    for r in rows:
+        m = r.message
+        table.add_row(str(m.id), r.customer_key, m.message, str(m.sequence), m.status,
+                      m.sender or "", _when(m.created_at), _when(m.sent_at), m.last_error[:60])
+    console.print(table)
+
+
+@outbox_app.command("show")
+def show(message_id: int = typer.Argument(..., help="Outbox id (see `comms outbox list`).")) -> None:
+    """Show one message: recipients, status history fields, subject and text body."""
+    r = outbox_admin.get_message(common.database(), message_id)
+    m = r.message
+    for label, value in (
+        ("id", m.id), ("send id", m.send_id), ("customer", r.customer_key),
+        ("message", f"{m.message} #{m.sequence} (stage {m.stage})"), ("status", m.status),
+        ("to", ", ".join(a["address"] for a in json.loads(m.to_json))),
+        ("cc", ", ".join(a["address"] for a in json.loads(m.cc_json))),
+        ("sender", m.sender or ""), ("attempts", m.attempts), ("queued", _when(m.created_at)),
+        ("send after", _when(m.send_after)), ("sent", _when(m.sent_at)),
+        ("graph request id", m.request_id), ("last error", m.last_error), ("note", m.note),
+        ("subject", m.subject),
+    ):
+        typer.echo(f"{label:>16}: {value}")
+    typer.echo("\n" + m.text)
+
+
+@outbox_app.command("retry")
+def retry(message_id: int = typer.Argument(..., help="Outbox id of a failed message.")) -> None:
+    """Queue a failed message again (after fixing its cause)."""
+    m = outbox_admin.retry(common.database(), message_id, now=datetime.now(UTC), by=common.actor())
+    console.print(f"Message {m.id} queued again; the next `comms run` sends it.")
+
+
+@outbox_app.command("withdraw")
+def withdraw(message_id: int = typer.Argument(..., help="Outbox id of a queued message.")) -> None:
+    """Withdraw a queued (or failed) message so it is never sent."""
+    m = outbox_admin.withdraw(common.database(), message_id, now=datetime.now(UTC),
+                              by=common.actor())
+    console.print(f"Message {m.id} withdrawn.")
+
+
+@outbox_app.command("resolve")
+def resolve(
+    message_id: int = typer.Argument(..., help="Outbox id of a message whose outcome is unknown."),
+    sent: bool = typer.Option(False, "--sent", help="It did reach the customer (e.g. you saw it in Sent Items)."),
+    resend: bool = typer.Option(False, "--resend", help="It did not; send it again."),
+) -> None:
+    """Decide an unknown outcome by hand (needed when the app has no Mail.Read to check)."""
+    if sent == resend:
+        raise CommsError("Say either --sent or --resend.")
+    m = outbox_admin.resolve(common.database(), message_id, sent=sent, now=datetime.now(UTC),
+                             by=common.actor())
+    console.print(f"Message {m.id} is now {m.status}.")
+
+
+@outbox_app.command("export")
+def export(
+    path: Path = typer.Argument(..., help="CSV file to write."),
+    status: str = typer.Option(None, "--status", "-s", help="Only this status."),
+) -> None:
+    """Export the outbox as CSV for spreadsheets."""
+    from comms.services.report import export_outbox_csv
+
+    n = export_outbox_csv(common.database(), path, status=status)
+    console.print(f"Wrote {n} message(s) to {path}.")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(outbox_app, name="outbox")

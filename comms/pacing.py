@@ -1,0 +1,182 @@
+"""Pacing per sender mailbox, shared by every process through the database.
+
+Exchange Online allows each mailbox about 30 messages a minute, 4 concurrent requests and 10,000
+recipients a rolling day. Each send takes a *slot* (a ``send_slots`` row) before its request and
+gives it back after; a slot is granted only when, for that mailbox,
+
+- fewer than ``max_concurrent`` slots are in flight (unfinished, lease not expired),
+- the last start is at least ``interval`` ago (60 s / messages_per_minute, a little slack), and
+  fewer than ``messages_per_minute`` slots started in the last minute,
+- the recipients of the last day plus this message stay within ``recipients_per_day``,
+- Graph has not throttled the mailbox (``blocked_until``).
+
+Decisions are serialised per database: SQLite takes its write lock at BEGIN (``immediate``),
+PostgreSQL locks the mailbox row ``FOR UPDATE``. So N workers on N hosts never exceed a limit.
+Time here is always the real clock (Exchange's limits are real time), scaled by ``time_scale``
+only against the sandbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from comms.config import SenderSettings
+from comms.store.models import SenderMailbox, SendSlot
+
+# Aim just under the limit: requests leave here at exact intervals but reach Exchange with
+# jitter, and a request that lands early in Exchange's window costs a 429 and a wait.
+RATE_SLACK = 1.03
+MINUTE = 60.0
+DAY = 86_400.0
+
+
+@dataclass(frozen=True)
+class Slot:
+    id: int
+    mailbox: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    """No slot now; the earliest moment one may free up (None: blocked by in-flight sends)."""
+
+    until: datetime | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    mailbox: str
+    messages_per_minute: int
+    max_concurrent: int
+    recipients_per_day: int
+    time_scale: float = 1.0
+
+    @property
+    def minute(self) -> timedelta:
+        return timedelta(seconds=MINUTE * self.time_scale)
+
+    @property
+    def day(self) -> timedelta:
+        return timedelta(seconds=DAY * self.time_scale)
+
+    @property
+    def interval(self) -> timedelta:
+        return timedelta(seconds=MINUTE * self.time_scale * RATE_SLACK / self.messages_per_minute)
+
+    @classmethod
+    def of(cls, sender: SenderSettings, time_scale: float) -> Limits:
+        return cls(
+            sender.address, sender.messages_per_minute, sender.max_concurrent,
+            sender.recipients_per_day, time_scale,
+        )
+
+
+def ensure_mailboxes(session: Session, addresses: Sequence[str]) -> None:
+    existing = set(session.exec(select(SenderMailbox.address)).all())
+    for address in addresses:
+        if address not in existing:
+            session.add(SenderMailbox(address=address))
+    session.flush()
+
+
+def _lock_mailbox(session: Session, mailbox: str) -> SenderMailbox | None:
+    stmt = select(SenderMailbox).where(SenderMailbox.address == mailbox)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    return session.exec(stmt).first()
+
+
+def try_acquire(
+    session: Session, limits: Limits, *, now: datetime, lease: timedelta, recipients: int = 1
+) -> Slot | Wait:
+    """Take a slot on one mailbox if its limits allow (call inside an immediate session)."""
+    box = _lock_mailbox(session, limits.mailbox)
+    if box is None:
+        box = SenderMailbox(address=limits.mailbox)
+        session.add(box)
+        session.flush()
+    if box.blocked_until is not None and box.blocked_until > now:
+        return Wait(box.blocked_until, "throttled by Graph")
+    in_flight = session.exec(
+        select(sa.func.count()).select_from(SendSlot).where(
+            col(SendSlot.mailbox) == limits.mailbox,
+            col(SendSlot.finished_at).is_(None),
+            col(SendSlot.lease_until) > now,
+        )
+    ).one()
+    if in_flight >= limits.max_concurrent:
+        return Wait(None, "concurrency limit")
+    window_start = now - limits.minute
+    recent = session.exec(
+        select(SendSlot.started_at)
+        .where(col(SendSlot.mailbox) == limits.mailbox, col(SendSlot.started_at) > window_start)
+        .order_by(col(SendSlot.started_at).desc())
+    ).all()
+    if recent:
+        next_by_interval = recent[0] + limits.interval
+        if next_by_interval > now:
+            return Wait(next_by_interval, "rate limit")
+        if len(recent) >= limits.messages_per_minute:
+            oldest_in_window = recent[limits.messages_per_minute - 1]
+            return Wait(oldest_in_window + limits.minute, "rate limit")
+    day_recipients = session.exec(
+        select(sa.func.coalesce(sa.func.sum(SendSlot.recipients), 0)).where(
+            col(SendSlot.mailbox) == limits.mailbox, col(SendSlot.started_at) > now - limits.day
+        )
+    ).one()
+    if int(day_recipients) + recipients > limits.recipients_per_day:
+        first = session.exec(
+            select(sa.func.min(SendSlot.started_at)).where(
+                col(SendSlot.mailbox) == limits.mailbox,
+                col(SendSlot.started_at) > now - limits.day,
+            )
+        ).one()
+        return Wait((first or now) + limits.day, "daily recipient limit")
+    slot = SendSlot(
+        mailbox=limits.mailbox, started_at=now, lease_until=now + lease, recipients=recipients
+    )
+    session.add(slot)
+    session.flush()
+    assert slot.id is not None
+    return Slot(slot.id, limits.mailbox)
+
+
+def release(session: Session, slot: Slot, *, now: datetime, message_id: int | None = None) -> None:
+    session.execute(
+        sa.update(SendSlot)
+        .where(col(SendSlot.id) == slot.id)
+        .values(finished_at=now, message_id=message_id)
+    )
+
+
+def block(session: Session, mailbox: str, until: datetime) -> None:
+    """Graph throttled this mailbox: nobody sends from it before ``until``."""
+    box = _lock_mailbox(session, mailbox)
+    if box is None:
+        session.add(SenderMailbox(address=mailbox, blocked_until=until))
+    elif box.blocked_until is None or box.blocked_until < until:
+        box.blocked_until = until
+        session.add(box)
+    session.flush()
+
+
+def prune(session: Session, *, now: datetime, keep: timedelta) -> int:
+    """Forget finished slots older than ``keep`` (they no longer count toward any window)."""
+    result = session.execute(
+        sa.delete(SendSlot).where(
+            col(SendSlot.started_at) < now - keep, col(SendSlot.finished_at).is_not(None)
+        )
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def forecast_minutes(messages: int, senders: Sequence[SenderSettings]) -> float:
+    """Minutes to send ``messages`` at the mailboxes' combined rate (for dry-run forecasts)."""
+    per_minute = sum(s.messages_per_minute for s in senders) / RATE_SLACK
+    return messages / per_minute if per_minute else float("inf")

@@ -1,0 +1,456 @@
+"""The campaign engine: plan what is due, freeze it into the outbox, dispatch it.
+
+``plan_and_queue`` walks the customers whose ``next_due_at`` has come (an index on
+(stage, next_due_at) makes this cheap at a million customers), asks the pure planner what each is
+due, renders it and inserts outbox rows in the same transaction that moves ``next_due_at`` on.
+``run`` is the scheduled job: one at a time per database, plan + queue + dispatch + summary.
+``prepare_send`` / ``send_prepared`` serve `comms send` for one customer or a tagged group.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from comms import outbox, pacing, planner
+from comms.campaign import Campaign
+from comms.config import Settings
+from comms.delivery.base import Transport
+from comms.domain import ContactInfo, CustomerInfo, PlannedMessage, SentMessage
+from comms.errors import AlreadySent, CommsError, NotFound
+from comms.render import Renderer
+from comms.store.db import Database
+from comms.store.locks import RunLock
+from comms.store.models import Contact, Customer, CustomerTag, Message, StageEvent, Suppression
+
+BATCH = 500
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def due_customers_query(
+    campaign: Campaign, now: datetime, *, tag: str | None = None, keys: Sequence[str] = ()
+) -> Any:
+    """Ids of customers the planner should look at now. Uses ix_customers_stage_next_due."""
+    stages = [s.name for s in campaign.stages]
+    q = select(Customer.id).where(
+        col(Customer.stage).in_(stages),
+        col(Customer.next_due_at) <= now,
+        col(Customer.paused).is_(False),
+        col(Customer.opted_out).is_(False),
+        col(Customer.lost).is_(False),
+    )
+    if tag:
+        q = q.where(
+            col(Customer.id).in_(select(CustomerTag.customer_id).where(CustomerTag.tag == tag))
+        )
+    if keys:
+        q = q.where(col(Customer.key).in_(list(keys)))
+    return q
+
+
+def load_customers(session: Session, ids: Sequence[int]) -> dict[int, CustomerInfo]:
+    """CustomerInfo for many customers in four queries (contacts, tags, suppressions)."""
+    if not ids:
+        return {}
+    rows = session.exec(select(Customer).where(col(Customer.id).in_(list(ids)))).all()
+    contacts: dict[int, list[Contact]] = defaultdict(list)
+    for c in session.exec(
+        select(Contact).where(col(Contact.customer_id).in_(list(ids))).order_by(col(Contact.id))
+    ).all():
+        contacts[c.customer_id].append(c)
+    tags: dict[int, list[str]] = defaultdict(list)
+    for t in session.exec(
+        select(CustomerTag).where(col(CustomerTag.customer_id).in_(list(ids)))
+    ).all():
+        tags[t.customer_id].append(t.tag)
+    emails = sorted({c.email.lower() for cs in contacts.values() for c in cs})
+    suppressed: set[str] = set()
+    for chunk_start in range(0, len(emails), 900):
+        chunk = emails[chunk_start : chunk_start + 900]
+        suppressed.update(
+            session.exec(select(Suppression.email).where(col(Suppression.email).in_(chunk))).all()
+        )
+    out: dict[int, CustomerInfo] = {}
+    for r in rows:
+        assert r.id is not None
+        out[r.id] = CustomerInfo(
+            id=r.id,
+            key=r.key,
+            name=r.name,
+            licences=r.licences,
+            stage=r.stage,
+            stage_entered_at=r.stage_entered_at,
+            locale=r.locale,
+            time_zone=r.time_zone,
+            tenant_id=r.tenant_id,
+            primary_domain=r.primary_domain,
+            paused=r.paused,
+            opted_out=r.opted_out,
+            lost=r.lost,
+            account_manager_name=r.account_manager_name,
+            account_manager_email=r.account_manager_email,
+            tags=tuple(sorted(tags.get(r.id, []))),
+            contacts=tuple(
+                ContactInfo(c.name, c.email, c.role, c.email.lower() in suppressed)
+                for c in contacts.get(r.id, [])
+            ),
+            csp_live_at=r.csp_live_at,
+        )
+    return out
+
+
+def load_history(session: Session, ids: Sequence[int]) -> dict[int, list[SentMessage]]:
+    history: dict[int, list[SentMessage]] = defaultdict(list)
+    if not ids:
+        return history
+    rows = session.exec(
+        select(
+            Message.customer_id, Message.message, Message.sequence, Message.status,
+            Message.stage, Message.created_at, Message.sent_at,
+        )
+        .where(col(Message.customer_id).in_(list(ids)))
+        .order_by(col(Message.id))
+    ).all()
+    for cid, message, seq, status, stage, created, sent in rows:
+        history[cid].append(SentMessage(message, seq, status, stage, created, sent))
+    return history
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class QueueReport:
+    customers: int = 0
+    queued: int = 0
+    deferred: int = 0
+    by_message: Counter[str] = field(default_factory=Counter)
+    message_ids: list[int] = field(default_factory=list)
+    preview: list[tuple[str, str, int, str]] = field(default_factory=list)  # key, msg, seq, to
+
+
+def _row(
+    settings: Settings, customer: CustomerInfo, pm: PlannedMessage, rendered: Any, now: datetime
+) -> dict[str, Any]:
+    assert customer.id is not None
+    return {
+        "send_id": uuid.uuid4().hex,
+        "customer_id": customer.id,
+        "message": pm.message,
+        "sequence": pm.sequence,
+        "stage": pm.stage,
+        "internal": pm.internal,
+        "status": "queued",
+        "to_json": outbox.addresses_json((c.email, c.name) for c in pm.to),
+        "cc_json": outbox.addresses_json((c.email, c.name) for c in pm.cc),
+        "reply_to": settings.partner.reply_to,
+        "subject": rendered.subject,
+        "html": rendered.html,
+        "text": rendered.text,
+        "locale": rendered.locale,
+        "sender": None,
+        "send_after": now,
+        "attempts": 0,
+        "last_error": "",
+        "error_code": "",
+        "lease_until": None,
+        "claimed_by": "",
+        "unknown_since": None,
+        "sent_at": None,
+        "request_id": "",
+        "note": "",
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _render(renderer: Renderer, customer: CustomerInfo, pm: PlannedMessage, now: datetime) -> Any:
+    recipient = pm.to[0] if pm.to else None
+    return renderer.render(
+        pm.message, customer, now=now, reminder_number=pm.reminder_number, recipient=recipient
+    )
+
+
+def plan_and_queue(
+    db: Database,
+    settings: Settings,
+    campaign: Campaign,
+    renderer: Renderer,
+    *,
+    now: datetime,
+    tag: str | None = None,
+    keys: Sequence[str] = (),
+    dry_run: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> QueueReport:
+    """Plan every due customer and queue what is due, batch by batch (memory stays flat)."""
+    report = QueueReport()
+    base = due_customers_query(campaign, now, tag=tag, keys=keys)
+    last_id = 0
+    while True:
+        with db.session(immediate=not dry_run) as s:
+            ids = list(
+                s.exec(base.where(col(Customer.id) > last_id).order_by(col(Customer.id))
+                       .limit(BATCH)).all()
+            )
+            if not ids:
+                break
+            last_id = ids[-1]
+            customers = load_customers(s, ids)
+            history = load_history(s, ids)
+            rows: list[dict[str, Any]] = []
+            next_due: list[dict[str, Any]] = []
+            for cid in ids:
+                customer = customers[cid]
+                p = planner.plan(customer, history.get(cid, []), now, campaign)
+                report.customers += 1
+                report.deferred += len(p.deferred)
+                for pm in p.due:
+                    rows.append(_row(settings, customer, pm, _render(renderer, customer, pm, now),
+                                     now))
+                    report.by_message[pm.message] += 1
+                    if dry_run:
+                        report.preview.append(
+                            (customer.key, pm.message, pm.sequence,
+                             ", ".join(c.email for c in pm.to))
+                        )
+                next_due.append({"id": cid, "next_due_at": p.next_due_at})
+            if dry_run:
+                report.queued += len(rows)
+            else:
+                report.queued += len(outbox.insert_messages(s, rows))
+                s.execute(sa.update(Customer), next_due)
+        if progress:
+            progress(len(ids))
+    return report
+
+
+# --------------------------------------------------------------------------- one-off sends
+
+
+@dataclass(frozen=True)
+class Prepared:
+    customer: CustomerInfo
+    planned: PlannedMessage
+    subject: str
+    row: dict[str, Any]
+    resend_of: int | None = None
+
+
+def _customer_by_key(s: Session, key: str) -> Customer:
+    row = s.exec(select(Customer).where(Customer.key == key)).first()
+    if row is None:
+        raise NotFound(f"No customer with key {key!r}. See `comms customers list`.")
+    return row
+
+
+def tagged_keys(db: Database, tag: str) -> list[str]:
+    with db.session() as s:
+        keys = s.exec(
+            select(Customer.key)
+            .join(CustomerTag, col(CustomerTag.customer_id) == col(Customer.id))
+            .where(CustomerTag.tag == tag)
+            .order_by(col(Customer.key))
+        ).all()
+    if not keys:
+        raise NotFound(f"No customer has the tag {tag!r}. See `comms customers list --json`.")
+    return list(keys)
+
+
+def prepare_send(
+    db: Database,
+    settings: Settings,
+    campaign: Campaign,
+    renderer: Renderer,
+    key: str,
+    *,
+    now: datetime,
+    message: str | None = None,
+    resend_note: str | None = None,
+) -> list[Prepared]:
+    """What `comms send KEY` would send now: the stage's due messages (send window ignored:
+    an operator decided), or the named message. Nothing is written."""
+    with db.session() as s:
+        row = _customer_by_key(s, key)
+        assert row.id is not None
+        customer = load_customers(s, [row.id])[row.id]
+        history = load_history(s, [row.id])[row.id]
+        existing = s.exec(select(Message).where(Message.customer_id == row.id)).all()
+    if customer.opted_out or customer.lost:
+        state = "opted out" if customer.opted_out else "marked lost"
+        raise CommsError(f"Customer {key} is {state}; nothing may be sent to it.")
+    if customer.paused:
+        raise CommsError(f"Customer {key} is paused; `comms customers resume {key}` first.")
+    if message is None:
+        p = planner.plan(customer, history, now, campaign)
+        items = list(p.due) + list(p.deferred)
+        if not items:
+            raise CommsError(
+                f"Nothing is due for {key} in stage {customer.stage!r} now. Name a message "
+                f"with --message (one of: {', '.join(campaign.messages())})."
+            )
+    else:
+        items = [_explicit(customer, campaign, message, existing, resend_note)]
+    out = []
+    for pm in items:
+        rendered = _render(renderer, customer, pm, now)
+        r = _row(settings, customer, pm, rendered, now)
+        if resend_note:
+            r["note"] = f"resend: {resend_note}"
+        out.append(Prepared(customer, pm, rendered.subject, r))
+    return out
+
+
+def _explicit(
+    customer: CustomerInfo, campaign: Campaign, message: str, existing: Sequence[Message],
+    resend_note: str | None,
+) -> PlannedMessage:
+    if message not in campaign.messages():
+        raise NotFound(
+            f"Unknown message {message!r}. Messages: {', '.join(campaign.messages())}."
+        )
+    stage = customer.stage
+    for st in campaign.stages:
+        if message in (st.on_enter, st.reminders.message if st.reminders else None):
+            stage = st.name
+    same = [m for m in existing if m.message == message and m.status != "withdrawn"]
+    done = [m for m in same if m.status in ("sent", "queued", "sending", "unknown")]
+    if done and not resend_note:
+        last = done[-1]
+        when = f" on {last.sent_at:%Y-%m-%d %H:%M} UTC" if last.sent_at else ""
+        raise AlreadySent(
+            f"{message} is already {last.status} for {customer.key}{when} (outbox id "
+            f"{last.id}). To send it again, add --resend --note \"why\"."
+        )
+    if resend_note:
+        # Resends take negative sequences so the (customer, message, sequence) key still
+        # guarantees each decision is queued once, and the planner never counts them.
+        sequence = min([m.sequence for m in existing if m.message == message] + [0]) - 1
+    else:
+        sequence = max([m.sequence for m in same] + [-1]) + 1
+    recipients = planner.recipients(customer, campaign)
+    if not recipients:
+        raise CommsError(
+            f"Customer {customer.key} has no contact that may be mailed (none, or all "
+            "suppressed). Add a contact with `comms customers import`."
+        )
+    return PlannedMessage(message=message, sequence=sequence, stage=stage, to=recipients,
+                          reminder_number=max(sequence, 0))
+
+
+def queue_prepared(
+    db: Database, prepared: Sequence[Prepared], *, by: str, now: datetime
+) -> list[int]:
+    """Freeze prepared messages into the outbox (a resend is also recorded in the audit trail)."""
+    ids: list[int] = []
+    with db.session(immediate=True) as s:
+        for p in prepared:
+            inserted = outbox.insert_messages(s, [p.row])
+            if not inserted:
+                raise AlreadySent(
+                    f"{p.planned.message} #{p.planned.sequence} for {p.customer.key} was queued "
+                    "meanwhile by another run; see `comms outbox list`."
+                )
+            ids.extend(inserted)
+            if p.row["note"]:
+                assert p.customer.id is not None
+                s.add(StageEvent(
+                    customer_id=p.customer.id, kind="resend", from_stage=p.customer.stage,
+                    to_stage=p.customer.stage, at=now, by=by, source="send",
+                    note=f"{p.planned.message}: {p.row['note']}",
+                ))
+    return ids
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunSummary:
+    queue: QueueReport
+    dispatch: outbox.DispatchReport
+    dry_run: bool = False
+    pending: Counter[str] = field(default_factory=Counter)
+    forecast_minutes: float = 0.0
+    daily_cap_reached: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.dispatch.failed else 0
+
+
+def tag_customer_ids(db: Database, tag: str) -> frozenset[int]:
+    with db.session() as s:
+        return frozenset(s.exec(select(CustomerTag.customer_id).where(CustomerTag.tag == tag)))
+
+
+def run(
+    db: Database,
+    settings: Settings,
+    campaign: Campaign,
+    renderer: Renderer,
+    transport: Transport | None,
+    *,
+    clock: outbox.Clock,
+    worker: str,
+    tag: str | None = None,
+    dry_run: bool = False,
+    limit: int | None = None,
+    max_minutes: float = 50.0,
+    deadline: float | None = None,
+    on_queued: Callable[[QueueReport], None] | None = None,
+    on_progress: outbox.ProgressFn | None = None,
+    plan_progress: Callable[[int], None] | None = None,
+) -> RunSummary:
+    """The scheduled job. Holds the run lock for its whole duration."""
+    import time
+
+    with RunLock(db):
+        now = clock.now()
+        queued = plan_and_queue(db, settings, campaign, renderer, now=now, tag=tag,
+                                dry_run=dry_run, progress=plan_progress)
+        if on_queued:
+            on_queued(queued)
+        customer_ids = tag_customer_ids(db, tag) if tag else None
+        summary = RunSummary(queue=queued, dispatch=outbox.DispatchReport(), dry_run=dry_run)
+        if dry_run:
+            with db.session() as s:
+                flt = [col(Message.status) == "queued"]
+                if customer_ids is not None:
+                    flt.append(col(Message.customer_id).in_(sorted(customer_ids)))
+                already = s.exec(select(sa.func.count()).select_from(Message).where(*flt)).one()
+            total = queued.queued + int(already)
+            summary.pending["queued"] = total
+            summary.forecast_minutes = pacing.forecast_minutes(total, settings.senders)
+            summary.daily_cap_reached = total > sum(x.recipients_per_day for x in settings.senders)
+            return summary
+        assert transport is not None
+        dispatcher = outbox.Dispatcher(db, settings, transport, clock=clock, worker=worker,
+                                       on_progress=on_progress)
+        end = deadline if deadline is not None else time.monotonic() + max_minutes * 60
+        dispatcher.run(deadline=end, customer_ids=customer_ids, limit=limit,
+                       report=summary.dispatch)
+        summary.pending = dispatcher.pending(None, customer_ids)
+        with db.session(immediate=True) as s:
+            pacing.prune(s, now=clock.real(), keep=timedelta(days=2))
+        return summary
+
+
+def dispatch_ids(
+    db: Database, settings: Settings, transport: Transport, ids: Iterable[int], *,
+    clock: outbox.Clock, worker: str, max_minutes: float = 10.0,
+) -> outbox.DispatchReport:
+    """Send exactly these outbox rows now (within pacing), e.g. for `comms send`."""
+    import time
+
+    dispatcher = outbox.Dispatcher(db, settings, transport, clock=clock, worker=worker)
+    return dispatcher.run(deadline=time.monotonic() + max_minutes * 60, only_ids=frozenset(ids))

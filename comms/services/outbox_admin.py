@@ -1,0 +1,122 @@
+"""Operator actions on outbox rows: list, show, retry, withdraw, resolve; and suppressions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from email_validator import EmailNotValidError, validate_email
+from sqlmodel import col, select
+
+from comms import outbox
+from comms.errors import CommsError, NotFound
+from comms.store.db import Database
+from comms.store.models import Contact, Customer, Message, Suppression
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    message: Message
+    customer_key: str
+
+
+def list_messages(
+    db: Database, *, status: str | None = None, customer_key: str | None = None, limit: int = 200
+) -> list[OutboxRow]:
+    if status and status not in Message.STATUSES:
+        raise CommsError(f"Unknown status {status!r}. Statuses: {', '.join(Message.STATUSES)}.")
+    with db.session() as s:
+        q = select(Message, Customer.key).join(
+            Customer, col(Customer.id) == col(Message.customer_id)
+        )
+        if status:
+            q = q.where(Message.status == status)
+        if customer_key:
+            q = q.where(Customer.key == customer_key)
+        rows = s.exec(q.order_by(col(Message.id).desc()).limit(limit)).all()
+    return [OutboxRow(m, k) for m, k in rows]
+
+
+def get_message(db: Database, message_id: int) -> OutboxRow:
+    with db.session() as s:
+        row = s.exec(
+            select(Message, Customer.key)
+            .join(Customer, col(Customer.id) == col(Message.customer_id))
+            .where(Message.id == message_id)
+        ).first()
+    if row is None:
+        raise NotFound(f"No outbox message {message_id}. See `comms outbox list`.")
+    return OutboxRow(row[0], row[1])
+
+
+def _transition(
+    db: Database, message_id: int, allowed: Sequence[str], to: str, now: datetime, note: str,
+    hint: str,
+) -> Message:
+    with db.session(immediate=True) as s:
+        msg = s.get(Message, message_id)
+        if msg is None:
+            raise NotFound(f"No outbox message {message_id}. See `comms outbox list`.")
+        if msg.status not in allowed:
+            raise CommsError(f"Message {message_id} is {msg.status}; {hint}")
+        msg.status = to
+        msg.updated_at = now
+        if to == "queued":
+            msg.send_after = now
+            msg.error_code = ""
+        msg.note = (msg.note + " " + note).strip()
+        s.add(msg)
+        return msg
+
+
+def retry(db: Database, message_id: int, *, now: datetime, by: str) -> Message:
+    """A failed message goes back to the queue (after the cause was fixed)."""
+    return _transition(db, message_id, ("failed",), "queued", now, f"retried by {by}.",
+                       "only failed messages are retried (unknown ones: `comms outbox resolve`).")
+
+
+def withdraw(db: Database, message_id: int, *, now: datetime, by: str) -> Message:
+    return _transition(db, message_id, ("queued", "failed"), "withdrawn", now,
+                       f"withdrawn by {by}.", "only queued or failed messages can be withdrawn.")
+
+
+def resolve(db: Database, message_id: int, *, sent: bool, now: datetime, by: str) -> Message:
+    return outbox.resolve(db, message_id, sent=sent, by=by, now=now)
+
+
+def normalise_email(email: str) -> str:
+    try:
+        checked = validate_email(email, check_deliverability=False, test_environment=True)
+        return checked.normalized.lower()
+    except EmailNotValidError as exc:
+        raise CommsError(f"{email!r} is not a valid email address: {exc}") from None
+
+
+def suppress(db: Database, email: str, *, reason: str, now: datetime, by: str) -> tuple[str, int]:
+    """Put an address on the suppression list; withdraw queued mail whose only recipients are
+    suppressed. Returns the normalised address and how many customers it is a contact of."""
+    address = normalise_email(email)
+    with db.session(immediate=True) as s:
+        existing = s.get(Suppression, address)
+        if existing is None:
+            s.add(Suppression(email=address, reason=reason, at=now, by=by))
+        contacts = s.exec(
+            select(Contact.customer_id).where(col(Contact.email).ilike(address))
+        ).all()
+        return address, len(set(contacts))
+
+
+def unsuppress(db: Database, email: str) -> str:
+    address = normalise_email(email)
+    with db.session(immediate=True) as s:
+        row = s.get(Suppression, address)
+        if row is None:
+            raise NotFound(f"{address} is not on the suppression list.")
+        s.delete(row)
+    return address
+
+
+def suppressions(db: Database) -> list[Suppression]:
+    with db.session() as s:
+        return list(s.exec(select(Suppression).order_by(col(Suppression.at))).all())
