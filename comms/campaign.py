@@ -9,7 +9,7 @@ import re
 import tomllib
 from datetime import date, time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -20,6 +20,19 @@ WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 ROLES = ("primary", "billing", "technical")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
+# TOML has real numbers, so a quoted "3" or a `true` is a typo, not a number: no coercion.
+Days = Annotated[float, Field(gt=0, strict=True)]
+Count = Annotated[int, Field(ge=0, strict=True)]
+
+
+def _message_name(v: str) -> str:
+    # Message names are template folder names and outbox keys.
+    if not _NAME.match(v):
+        raise ValueError(
+            f"message name {v!r} must be lower_snake_case (the name of its template folder)"
+        )
+    return v
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -29,12 +42,26 @@ class Reminders(_Model):
     """Reminders while a customer stays in a stage: first after N days, then every M, at most K."""
 
     message: str
-    first_after_days: float = Field(gt=0)
-    every_days: float = Field(gt=0)
-    max: int = Field(ge=0)
-    # After this many reminders, cc the account manager and send them an internal note.
-    escalate_after: int | None = Field(default=None, ge=1)
+    first_after_days: Days
+    every_days: Days
+    max: Count
+    # From this reminder on, cc the account manager and send them an internal note.
+    escalate_after: Annotated[int, Field(ge=1, strict=True)] | None = None
     escalation_message: str = "account_manager_alert"
+
+    @field_validator("message", "escalation_message")
+    @classmethod
+    def _names(cls, v: str) -> str:
+        return _message_name(v)
+
+    @model_validator(mode="after")
+    def _escalation_reachable(self) -> Reminders:
+        if self.escalate_after is not None and self.escalate_after > self.max:
+            raise ValueError(
+                f"escalate_after = {self.escalate_after} is more than max = {self.max}, so the "
+                "account manager would never be told; lower escalate_after or raise max"
+            )
+        return self
 
 
 class Stage(_Model):
@@ -44,7 +71,7 @@ class Stage(_Model):
     next: tuple[str, ...] = ()
     reminders: Reminders | None = None
     # How long a customer is expected to stay here before `comms status` calls it stuck.
-    expected_days: float | None = Field(default=None, gt=0)
+    expected_days: Days | None = None
     # Final stage: nothing follows, nothing is sent after the on_enter message.
     final: bool = False
 
@@ -54,6 +81,27 @@ class Stage(_Model):
         if not _NAME.match(v):
             raise ValueError(f"stage name {v!r} must be lower_snake_case")
         return v
+
+    @field_validator("on_enter")
+    @classmethod
+    def _on_enter(cls, v: str | None) -> str | None:
+        return None if v is None else _message_name(v)
+
+    @model_validator(mode="after")
+    def _final(self) -> Stage:
+        if self.final and self.next:
+            raise ValueError(
+                f"stage {self.name!r} is final but lists next = {list(self.next)}; "
+                "remove next or set final = false"
+            )
+        if self.final and self.reminders is not None:
+            raise ValueError(
+                f"stage {self.name!r} is final, and final stages send no reminders; "
+                "remove [stages.reminders] or set final = false"
+            )
+        if self.name in self.next:
+            raise ValueError(f"stage {self.name!r} lists itself in next; remove it")
+        return self
 
 
 class SendWindow(_Model):
@@ -77,7 +125,10 @@ class SendWindow(_Model):
     @model_validator(mode="after")
     def _order(self) -> SendWindow:
         if self.start >= self.end:
-            raise ValueError(f"window start {self.start} must be before end {self.end}")
+            raise ValueError(
+                f"start {self.start} must be before end {self.end} (a window cannot cross "
+                "midnight)"
+            )
         return self
 
     @property
@@ -113,6 +164,25 @@ class Campaign(_Model):
             unknown = [n for n in s.next if n not in names]
             if unknown:
                 raise ValueError(f"stage {s.name!r}: next names unknown stage(s) {unknown}")
+        # The outbox sends each (message, sequence) once per customer, so a message name used
+        # twice would silently never go out the second time.
+        used: dict[str, str] = {}
+        for s in self.stages:
+            uses = [(s.on_enter, "on_enter")]
+            if s.reminders:
+                uses.append((s.reminders.message, "reminders.message"))
+                if s.reminders.escalate_after is not None:
+                    uses.append((s.reminders.escalation_message, "reminders.escalation_message"))
+            for msg, key in uses:
+                if msg is None:
+                    continue
+                where = f"stage {s.name!r} {key}"
+                if msg in used:
+                    raise ValueError(
+                        f"message {msg!r} is used twice ({used[msg]} and {where}); each message "
+                        "is sent once per customer, so give each use its own name"
+                    )
+                used[msg] = where
         return self
 
     @property
@@ -143,25 +213,71 @@ class Campaign(_Model):
 
 
 def default_campaign_path() -> Path:
+    """The campaign shipped with comms (``config/campaign.toml``)."""
     return builtin_config_dir() / "campaign.toml"
 
 
 def load_campaign(path: str | Path | None = None) -> Campaign:
+    """Read and validate a campaign file (the built-in one when ``path`` is empty).
+
+    Raises ``CampaignError`` listing every problem as ``FILE: WHERE: WHAT (got VALUE)``, where
+    WHERE names the stage (``stages[2] 'invited': reminders.max``)."""
     p = Path(path) if path else default_campaign_path()
     try:
         data: dict[str, Any] = tomllib.loads(p.read_text(encoding="utf-8-sig"))
     except FileNotFoundError as exc:
-        raise CampaignError(f"Campaign file {p} does not exist.") from exc
+        raise CampaignError(
+            f"Campaign file {p} does not exist; fix campaign_file (or COMMS_CAMPAIGN_FILE) "
+            "or copy config/campaign.toml there."
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise CampaignError(f"{p} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CampaignError(f"{p} is not UTF-8 text; save it as UTF-8.") from exc
+    except OSError as exc:
+        raise CampaignError(f"Cannot read campaign file {p}: {exc.strerror}") from exc
     try:
         return Campaign.model_validate(data)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "(root)"
             msg = err["msg"].replace("Extra inputs are not permitted", "unknown key")
-            problems.append(f"{p}: {loc}: {msg.removeprefix('Value error, ')}")
+            msg = msg.removeprefix("Value error, ")
+            got = err.get("input")
+            shown = (
+                "" if err["type"] in ("value_error", "missing") or isinstance(got, dict | list)
+                else f" (got {got!r})"
+            )
+            problems.append(f"{p}: {_where(err['loc'], data)}: {msg}{shown}")
         raise CampaignError(
-            f"The campaign definition has {len(problems)} problem(s):", problems=problems
+            f"The campaign definition has {len(problems)} problem(s); fix them and run "
+            "`comms config check`:",
+            problems=problems,
         ) from exc
+
+
+def _where(loc: tuple[int | str, ...], data: dict[str, Any]) -> str:
+    """``stages[2] 'invited': reminders.max`` for a pydantic error location."""
+    if not loc:
+        return "campaign"
+    parts: list[str] = []
+    head = ""
+    if len(loc) >= 2 and loc[0] == "stages" and isinstance(loc[1], int):
+        stages = data.get("stages")
+        name = ""
+        if isinstance(stages, list) and loc[1] < len(stages) and isinstance(stages[loc[1]], dict):
+            name = str(stages[loc[1]].get("name", ""))
+        head = f"stages[{loc[1]}]" + (f" {name!r}" if name else "")
+        loc = loc[2:]
+        if not loc:
+            return head
+    for item in loc:
+        if isinstance(item, int):
+            if parts:
+                parts[-1] = f"{parts[-1]}[{item}]"
+            else:
+                parts.append(f"[{item}]")
+        else:
+            parts.append(str(item))
+    rest = ".".join(parts)
+    return f"{head}: {rest}" if head else rest

@@ -185,40 +185,40 @@ def _apply(db: Database, campaign: Campaign, step: Step, at: datetime) -> None:
                                note=step.note or "demo scenario", source="demo")
 
 
-def received_by_customer(result: DemoResult, db: Database) -> dict[str, list[dict[str, Any]]]:
-    """The sandbox's record grouped by customer (via the send id of each ledger row)."""
+def report_lines(result: DemoResult) -> list[str]:
+    """Per customer: its recipients and every message it received, on the simulated clock."""
     from sqlmodel import col, select
 
     from comms.store.models import Customer, Message
 
-    with db.session() as s:
-        rows = s.exec(
-            select(Message.send_id, Customer.key, Message.message, Message.sequence)
-            .join(Customer, col(Customer.id) == col(Message.customer_id))
-        ).all()
-    by_send_id = {sid: (key, msg, seq) for sid, key, msg, seq in rows}
-    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for rec in result.received:
-        key, msg, seq = by_send_id.get(rec.get("send_id", ""), ("?", "?", -1))
-        out[key].append({**rec, "message": msg, "sequence": seq})
-    return out
-
-
-def report_lines(result: DemoResult) -> list[str]:
+    accepted = {r.get("send_id"): r for r in result.received}
     db = open_database(result.database_url)
     try:
-        grouped = received_by_customer(result, db)
+        with db.session() as s:
+            rows = s.exec(
+                select(Message, Customer)
+                .join(Customer, col(Customer.id) == col(Message.customer_id))
+                .where(Message.status == "sent")
+                .order_by(col(Customer.key), col(Message.created_at), col(Message.id))
+            ).all()
     finally:
         db.dispose()
+    grouped: dict[str, list[tuple[Message, Customer]]] = defaultdict(list)
+    for m, c in rows:
+        grouped[c.key].append((m, c))
     lines = []
-    for key in sorted(grouped):
-        items = grouped[key]
-        to = sorted({a for r in items for a in r.get("to", [])})
-        lines.append(f"{key}  ->  {', '.join(to)}")
-        for r in items:
-            seq = f" #{r['sequence']}" if r["sequence"] else ""
-            cc = f"  (cc {', '.join(r['cc'])})" if r.get("cc") else ""
-            lines.append(f"    {r['message']}{seq}: {r['subject']}{cc}")
+    for key, items in grouped.items():
+        c = items[0][1]
+        flags = [f for f in ("paused", "opted_out") if getattr(c, f)]
+        state = c.stage + (f" ({', '.join(flags)})" if flags else "")
+        lines.append(f"{key} {c.name} [{c.licences} licences, {state}]")
+        for m, _ in items:
+            rec = accepted.get(m.send_id, {})
+            to = ", ".join(rec.get("to", []))
+            cc = f" cc {', '.join(rec['cc'])}" if rec.get("cc") else ""
+            seq = f" #{m.sequence}" if m.sequence else ""
+            when = m.created_at.strftime("%a %d %b %H:%M")
+            lines.append(f"  {when}  {m.message}{seq} -> {to}{cc}")
     send_ids = [r.get("send_id") for r in result.received]
     dupes = len(send_ids) - len(set(send_ids))
     lines.append("")
@@ -227,8 +227,8 @@ def report_lines(result: DemoResult) -> list[str]:
         f"scheduled runs; duplicates: {dupes}; failed: {result.failed}."
     )
     lines.append(f"Every message as .eml: {result.sandbox_dir / 'eml'}")
-    lines.append(f"Ledger: {result.database_url}  (try: COMMS_HOME={result.workdir} "
-                 "comms customers list)")
+    lines.append(f"Explore the ledger: COMMS_HOME={result.workdir} comms customers list "
+                 "(or: comms status, comms outbox list)")
     return lines
 
 

@@ -44,6 +44,7 @@ from comms.config import Settings
 from comms.delivery.base import (
     SEND_ID_HEADER,
     Address,
+    LookupUnavailable,
     Outcome,
     OutgoingEmail,
     Reconciler,
@@ -383,7 +384,10 @@ def reconcile(
     for msg in rows:
         found: bool | None = None
         if reconciler is not None and msg.sender:
-            found = reconciler.find_sent(msg.sender, msg.send_id)
+            try:
+                found = reconciler.find_sent(msg.sender, msg.send_id)
+            except LookupUnavailable:
+                continue  # throttled or unreachable: the next pass asks again
         with db.session(immediate=True) as s:
             fresh = s.get(Message, msg.id)
             if fresh is None or fresh.status != "unknown":
@@ -465,9 +469,13 @@ class Dispatcher:
         self.limits = [pacing.Limits.of(s, scale) for s in settings.senders]
         # A lease must outlast any request, or a live worker's row could look abandoned.
         self.lease = timedelta(
-            seconds=max(settings.delivery.lease_seconds, 2 * settings.graph.timeout_seconds + 5)
+            seconds=max(settings.delivery.lease_seconds, 2 * settings.graph.timeout_seconds + 1)
         )
-        self.grace = timedelta(seconds=settings.graph.reconcile_grace_seconds)
+        # A request we gave up on may still be processed by Graph for a while: only after the
+        # grace period does "not in Sent Items" mean "not sent". Never shorter than two
+        # request timeouts.
+        self.grace = timedelta(seconds=max(settings.graph.reconcile_grace_seconds,
+                                           2 * settings.graph.timeout_seconds))
         reconciler = transport if isinstance(transport, Reconciler) else None
         self.reconciler = reconciler if settings.graph.reconcile else None
         with db.session(immediate=True) as s:

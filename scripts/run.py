@@ -33,7 +33,7 @@ def sh(*cmd: str | Path, env: dict[str, str] | None = None) -> None:
 
 
 def setup() -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 (this script may be run by an old python3)
         sys.exit("comms needs Python 3.11 or newer")
     if not PY.exists():
         print(f"creating {VENV}", flush=True)

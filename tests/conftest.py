@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from comms.cli import app
-from comms.cli import common
+from comms.cli import app, common
 from comms.store.db import Database, open_database
 
 pytest_plugins = ["sandbox_fixtures"]

@@ -21,10 +21,11 @@ def demo(
 
     console.print(f"Demo in {workdir.resolve()} (local Graph sandbox, SQLite, simulated clock)")
     result = run_demo(workdir.resolve(), csv_path=csv, days=days,
-                      echo=lambda line: console.print(line, highlight=False, markup=False))
+                      echo=lambda line: console.print(line, highlight=False, markup=False,
+                                                     soft_wrap=True))
     console.print()
     for line in report_lines(result):
-        console.print(line, highlight=False, markup=False)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(1 if result.failed else 0)
 
 

@@ -12,7 +12,7 @@ from comms.cli import common
 from comms.cli.common import console, new_app
 from comms.config import load_settings
 from comms.errors import ConfigError
-from comms.services import setup
+from comms.services import backup, setup
 
 config_app = new_app("Show and check the effective configuration.")
 db_app = new_app("Database maintenance: migrations and backups.")
@@ -76,6 +76,17 @@ def db_upgrade() -> None:
     db = common.database()
     db.upgrade()
     console.print(f"Database at revision {db.current_revision()}.")
+
+
+@db_app.command("backup")
+def db_backup(
+    file: Path = typer.Argument(..., help="Where to write the copy (a SQLite file)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Copy the SQLite ledger to FILE while it is in use (PostgreSQL: use pg_dump)."""
+    target = backup.backup_database(common.database(), file, force=force)
+    console.print(f"Backed up the ledger to {target}. Restore: see docs/operations.md.",
+                  highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -66,11 +66,17 @@ class Transport(Protocol):
     def send(self, email: OutgoingEmail) -> SendResult: ...
 
 
+class LookupUnavailable(Exception):
+    """A Sent Items lookup failed for now (throttled, 5xx, timeout): ask again later."""
+
+
 @runtime_checkable
 class Reconciler(Protocol):
     """Looks a send id up where accepted messages end up (Graph: the sender's Sent Items).
 
-    Returns True (found: it was sent), False (not there), or None (cannot tell: no permission).
+    Returns True (found: it was sent), False (not there), or None (cannot tell, ever: no
+    permission to read that mailbox; an operator decides). Raises ``LookupUnavailable`` when
+    the lookup failed for now.
     """
 
     def find_sent(self, sender: str, send_id: str) -> bool | None: ...

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from comms import outbox, pacing, planner
+from comms import outbox, pacing, planner, stages
 from comms.campaign import Campaign
 from comms.config import Settings
 from comms.delivery.base import Transport
@@ -30,31 +30,64 @@ from comms.store.db import Database
 from comms.store.locks import RunLock
 from comms.store.models import Contact, Customer, CustomerTag, Message, StageEvent, Suppression
 
-BATCH = 500
+BATCH = 500  # customers planned per write transaction
+ID_BATCH = 5000  # due customer ids read per query (a few bytes each)
 
 
 # --------------------------------------------------------------------------- loading
 
 
 def due_customers_query(
-    campaign: Campaign, now: datetime, *, tag: str | None = None, keys: Sequence[str] = ()
+    stage: str, now: datetime, *, tag: str | None = None, keys: Sequence[str] = (),
+    after: tuple[datetime, int] | None = None, limit: int = ID_BATCH,
 ) -> Any:
-    """Ids of customers the planner should look at now. Uses ix_customers_stage_next_due."""
-    stages = [s.name for s in campaign.stages]
-    q = select(Customer.id).where(
-        col(Customer.stage).in_(stages),
+    """One batch of customers in ``stage`` whose next_due_at has come, in (next_due_at, id)
+    order after ``after``: a range scan of ix_customers_stage_next_due, never a table scan."""
+    q = select(Customer.id, Customer.next_due_at).where(
+        col(Customer.stage) == stage,
         col(Customer.next_due_at) <= now,
         col(Customer.paused).is_(False),
         col(Customer.opted_out).is_(False),
         col(Customer.lost).is_(False),
     )
+    if after is not None:
+        last_due, last_id = after
+        q = q.where(sa.or_(
+            col(Customer.next_due_at) > last_due,
+            sa.and_(col(Customer.next_due_at) == last_due, col(Customer.id) > last_id),
+        ))
     if tag:
         q = q.where(
             col(Customer.id).in_(select(CustomerTag.customer_id).where(CustomerTag.tag == tag))
         )
     if keys:
         q = q.where(col(Customer.key).in_(list(keys)))
-    return q
+    return q.order_by(col(Customer.next_due_at), col(Customer.id)).limit(limit)
+
+
+def due_batches(
+    db: Database, campaign: Campaign, now: datetime, *, tag: str | None = None,
+    keys: Sequence[str] = (),
+) -> Iterator[list[int]]:
+    """Ids of the customers due now, batch by batch, stage by stage (memory stays flat).
+
+    Each batch is read in its own short transaction; the keyset (next_due_at, id) stays valid
+    while processed customers move their next_due_at on (they leave the range)."""
+    for stage in campaign.stage_names:
+        after: tuple[datetime, int] | None = None
+        while True:
+            with db.session() as session:
+                rows = session.exec(
+                    due_customers_query(stage, now, tag=tag, keys=keys, after=after)
+                ).all()
+            if not rows:
+                break
+            after = (rows[-1][1], rows[-1][0])
+            ids = [r[0] for r in rows]
+            for start in range(0, len(ids), BATCH):
+                yield ids[start : start + BATCH]
+            if len(rows) < ID_BATCH:
+                break
 
 
 def load_customers(session: Session, ids: Sequence[int]) -> dict[int, CustomerInfo]:
@@ -112,11 +145,13 @@ def load_history(session: Session, ids: Sequence[int]) -> dict[int, list[SentMes
     history: dict[int, list[SentMessage]] = defaultdict(list)
     if not ids:
         return history
-    rows = session.exec(
-        select(
-            Message.customer_id, Message.message, Message.sequence, Message.status,
-            Message.stage, Message.created_at, Message.sent_at,
-        )
+    # Only the columns the planner needs: never load the frozen bodies here.
+    columns: list[Any] = [
+        Message.customer_id, Message.message, Message.sequence, Message.status,
+        Message.stage, Message.created_at, Message.sent_at,
+    ]
+    rows = session.execute(
+        sa.select(*columns)
         .where(col(Message.customer_id).in_(list(ids)))
         .order_by(col(Message.id))
     ).all()
@@ -194,23 +229,16 @@ def plan_and_queue(
 ) -> QueueReport:
     """Plan every due customer and queue what is due, batch by batch (memory stays flat)."""
     report = QueueReport()
-    base = due_customers_query(campaign, now, tag=tag, keys=keys)
-    last_id = 0
-    while True:
+    for ids in due_batches(db, campaign, now, tag=tag, keys=keys):
         with db.session(immediate=not dry_run) as s:
-            ids = list(
-                s.exec(base.where(col(Customer.id) > last_id).order_by(col(Customer.id))
-                       .limit(BATCH)).all()
-            )
-            if not ids:
-                break
-            last_id = ids[-1]
             customers = load_customers(s, ids)
             history = load_history(s, ids)
             rows: list[dict[str, Any]] = []
             next_due: list[dict[str, Any]] = []
             for cid in ids:
-                customer = customers[cid]
+                customer = customers.get(cid)
+                if customer is None or not stages.is_sendable(customer):
+                    continue  # changed since the ids were read
                 p = planner.plan(customer, history.get(cid, []), now, campaign)
                 report.customers += 1
                 report.deferred += len(p.deferred)
@@ -228,7 +256,8 @@ def plan_and_queue(
                 report.queued += len(rows)
             else:
                 report.queued += len(outbox.insert_messages(s, rows))
-                s.execute(sa.update(Customer), next_due)
+                if next_due:
+                    s.execute(sa.update(Customer), next_due)
         if progress:
             progress(len(ids))
     return report

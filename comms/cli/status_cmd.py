@@ -1,0 +1,146 @@
+"""`comms status` (terminal dashboard) and `comms report` (self-contained HTML file)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from comms.campaign import load_campaign
+from comms.cli import common
+from comms.cli.common import console
+from comms.services.report import write_report
+from comms.services.status import StatusReport, compute_status, parse_now
+
+SHOW = 20  # rows per list in the terminal; `comms report` has everyone
+
+NOW_HELP = (
+    "Compute the figures as of this moment (ISO 8601, e.g. 2026-03-02T09:30; without an offset "
+    "it is read in [defaults] time_zone). Default: now."
+)
+
+
+def status(
+    as_json: bool = typer.Option(False, "--json", help="Print every figure as JSON."),
+    now: str = typer.Option(None, "--now", help=NOW_HELP),
+    days: int = typer.Option(14, "--days", min=1, help="Days of messages-per-day history."),
+) -> None:
+    """Where every customer stands: funnel, stuck customers, messages, exposure."""
+    settings = common.settings()
+    moment = parse_now(now, settings.defaults.time_zone)
+    campaign = load_campaign(settings.campaign_file or None)
+    report = compute_status(common.database(), settings, campaign, moment, days=days)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    _print_status(report)
+
+
+def _local(dt: datetime | None, tz: ZoneInfo) -> str:
+    return dt.astimezone(tz).strftime("%Y-%m-%d %H:%M") if dt else "-"
+
+
+def _more(shown: int, total: int) -> None:
+    if total > shown:
+        console.print(f"  … and {total - shown} more (see `comms report`)", highlight=False)
+
+
+def _print_status(r: StatusReport) -> None:
+    tz = ZoneInfo(r.time_zone)
+    console.print(
+        f"[bold]Status as of {_local(r.now, tz)} ({r.time_zone})[/] · "
+        f"{r.customers_total} customers", highlight=False,
+    )
+
+    funnel = Table(title="Customers per stage", title_justify="left")
+    funnel.add_column("stage")
+    for name in ("customers", "paused", "opted out", "lost", "expected days"):
+        funnel.add_column(name, justify="right")
+    for s in r.funnel:
+        funnel.add_row(
+            s.stage if s.in_campaign else f"{s.stage} (not in campaign)", str(s.customers),
+            str(s.paused), str(s.opted_out), str(s.lost),
+            f"{s.expected_days:g}" if s.expected_days else "-",
+        )
+    console.print(funnel)
+
+    msgs = Table(title="Messages by status", title_justify="left")
+    msgs.add_column("status")
+    for name in ("today", "this week", "all"):
+        msgs.add_column(name, justify="right")
+    for st in r.messages.today:
+        msgs.add_row(st, str(r.messages.today[st]), str(r.messages.week[st]),
+                     str(r.messages.total[st]))
+    console.print(msgs)
+
+    stuck = Table(title=f"Stuck past expected time: {len(r.stuck)}", title_justify="left")
+    for name, just in (("key", "left"), ("name", "left"), ("stage", "left"),
+                       ("days in stage", "right"), ("expected", "right"),
+                       ("over by", "right"), ("flags", "left")):
+        stuck.add_column(name, justify=just)  # type: ignore[arg-type]
+    for k in r.stuck[:SHOW]:
+        stuck.add_row(escape(k.key), escape(k.name), k.stage, f"{k.days_in_stage:.1f}",
+                      f"{k.expected_days:g}", f"{k.days_over:.1f}", ", ".join(k.flags))
+    console.print(stuck)
+    _more(SHOW, len(r.stuck))
+
+    ex = Table(title=f"Reminders exhausted without progress: {len(r.exhausted)}",
+               title_justify="left")
+    for name, just in (("key", "left"), ("name", "left"), ("stage", "left"),
+                       ("reminders", "right"), ("last reminder", "left"),
+                       ("days in stage", "right")):
+        ex.add_column(name, justify=just)  # type: ignore[arg-type]
+    for e in r.exhausted[:SHOW]:
+        ex.add_row(escape(e.key), escape(e.name), e.stage, str(e.reminders),
+                   _local(e.last_reminder_at, tz), f"{e.days_in_stage:.1f}")
+    console.print(ex)
+    _more(SHOW, len(r.exhausted))
+
+    cur = r.currency
+    console.print(
+        f"[bold]Double-billing exposure: {cur} {r.exposure_total:,.2f}[/] "
+        f"({len(r.exposure):,} customers awaiting cancellation)", highlight=False,
+    )
+    exp = Table(
+        title="Exposure by customer, highest first",
+        title_justify="left",
+        caption=f"days live × licences × {cur} {r.price_per_licence_month:,.2f} / 30",
+        caption_justify="left",
+    )
+    for name, just in (("key", "left"), ("name", "left"), ("licences", "right"),
+                       ("days live", "right"), ("exposure", "right")):
+        exp.add_column(name, justify=just)  # type: ignore[arg-type]
+    for x in r.exposure[:SHOW]:
+        exp.add_row(escape(x.key), escape(x.name), str(x.licences),
+                    f"{x.days:.1f}" + ("*" if x.estimated else ""), f"{cur} {x.amount:,.2f}")
+    console.print(exp)
+    _more(SHOW, len(r.exposure))
+    if any(x.estimated for x in r.exposure):
+        console.print("  * no CSP go-live date recorded: counted from entering the stage",
+                      highlight=False)
+
+
+def report(
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write."),
+    now: str = typer.Option(None, "--now", help=NOW_HELP),
+    days: int = typer.Option(30, "--days", min=1, help="Days of messages-per-day history."),
+) -> None:
+    """Write one self-contained HTML report (charts, sortable customer table; no network)."""
+    settings = common.settings()
+    generated = datetime.now(UTC)
+    moment = parse_now(now, settings.defaults.time_zone) if now else generated
+    campaign = load_campaign(settings.campaign_file or None)
+    path = write_report(common.database(), settings, campaign, out, moment,
+                        generated_at=generated, days=days)
+    console.print(f"Wrote {escape(str(path))} ({path.stat().st_size:,} bytes).", highlight=False,
+                  soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("status")(status)
+    app.command("report")(report)

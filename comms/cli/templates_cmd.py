@@ -1,0 +1,88 @@
+"""`comms preview` and `comms templates check`."""
+
+from __future__ import annotations
+
+import tempfile
+import webbrowser
+from datetime import UTC, datetime
+from pathlib import Path
+
+import typer
+
+from comms.campaign import Campaign, load_campaign
+from comms.cli import common
+from comms.cli.common import console, new_app
+from comms.errors import CommsError, TemplateError
+from comms.services import preview as preview_service
+from comms.services.template_check import check_templates
+
+templates_app = new_app("Check and preview the email templates.")
+
+
+def _campaign() -> Campaign:
+    return load_campaign(common.settings().campaign_file or None)
+
+
+def preview(
+    key: str = typer.Argument(None, help="Customer key (from `comms customers list`)."),
+    message: str = typer.Option(None, "--message", "-m", help="Message name, e.g. kickoff."),
+    fmt: str = typer.Option("html", "--format", "-f", help="html, text or eml."),
+    out: Path = typer.Option(None, "--out", "-o", help="Write to this file (--all: folder)."),
+    open_: bool = typer.Option(False, "--open", help="Open the result in a web browser."),
+    reminder: int = typer.Option(None, "--reminder", help="Reminder number (default 1 for "
+                                 "reminder messages, else 0)."),
+    all_: bool = typer.Option(False, "--all", help="Every message x branch for the sample "
+                              "customers, into the --out folder, with an index.html."),
+) -> None:
+    """Render one customer's email exactly as it would be sent (or every sample with --all)."""
+    settings = common.settings()
+    now = datetime.now(UTC)
+    if all_:
+        if out is None:
+            raise CommsError("--all needs --out DIR (the folder to write the previews to).")
+        files = preview_service.preview_all(settings, out, now=now, campaign=_campaign())
+        console.print(f"Wrote {len(files)} previews and {out / 'index.html'}")
+        if open_:
+            webbrowser.open((out / "index.html").resolve().as_uri())
+        return
+    if not key or not message:
+        raise CommsError("Give a customer KEY and --message NAME (or --all --out DIR).")
+    if fmt not in ("html", "text", "eml"):
+        raise CommsError(f"Unknown --format {fmt!r}; use html, text or eml.")
+    customer = preview_service.load_customer(common.database(), key)
+    data = preview_service.preview_customer(
+        settings, customer, message, fmt=fmt,  # type: ignore[arg-type]
+        now=now, campaign=_campaign(), reminder_number=reminder,
+    )
+    if out is None and open_:
+        suffix = {"html": ".html", "text": ".txt", "eml": ".eml"}[fmt]
+        with tempfile.NamedTemporaryFile(prefix=f"comms-{key}-", suffix=suffix,
+                                         delete=False) as f:
+            out = Path(f.name)
+    if out is None:
+        typer.echo(data.decode("utf-8"), nl=False)
+        return
+    out.write_bytes(data)
+    console.print(f"Wrote {out}")
+    if open_:
+        webbrowser.open(out.resolve().as_uri())
+
+
+@templates_app.command("check")
+def templates_check(
+    folder: Path = typer.Option(None, "--folder", help="Template folder to check (default: "
+                                "[templates] folder from the config) on top of the built-ins."),
+) -> None:
+    """Render every message x locale x branch and report every problem with file and line."""
+    settings = common.settings()
+    result = check_templates(settings, now=datetime.now(UTC), folder=folder,
+                             campaign=_campaign())
+    if result.problems:
+        raise TemplateError(f"{len(result.problems)} template problem(s):",
+                            problems=result.problems)
+    console.print(f"Templates OK: {result.renders} renders of {result.messages} messages.")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("preview")(preview)
+    app.add_typer(templates_app, name="templates")

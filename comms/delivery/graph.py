@@ -1,0 +1,514 @@
+"""The Microsoft Graph transport: ``sendMail`` with one request per ``send()``, outcomes mapped.
+
+How a response becomes an outcome (``comms.delivery.base.Outcome``):
+
+====================================  ==========  ==============================================
+Graph says                            outcome     why
+====================================  ==========  ==============================================
+202 Accepted                          SENT        accepted; later failures arrive as bounces
+429 Too Many Requests                 THROTTLED   definitely not accepted; retry after
+                                                  ``Retry-After``
+503 / 504                             UNKNOWN     a gateway may time out after Exchange accepted
+                                                  the message; ``retry_after`` is still set, but
+                                                  the send id must be looked up before a resend
+other 5xx                             UNKNOWN     same reason
+401                                   (retry)     the token is refused: one fresh token, the same
+                                                  request once more; a second 401 is FAILED
+400 / 403 / 404 / 413 / other 4xx     FAILED      rejected; the message names the fix
+read timeout, connection reset        UNKNOWN     the request left; never retried blindly
+connect timeout, connection refused   THROTTLED   the request never left; safe to try later
+====================================  ==========  ==============================================
+
+No POST is ever retried by the HTTP layer (Microsoft's own SDK retries POST on 503/504 and can
+send an email twice). Token failures raise ``AuthError``: the transport is then unusable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
+
+import requests
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
+
+from comms.config import Settings
+from comms.delivery.auth import (
+    TokenProvider,
+    make_session,
+    token_claims,
+    token_provider_for,
+)
+from comms.delivery.base import (
+    SEND_ID_HEADER,
+    SEND_ID_PROPERTY_ID,
+    Address,
+    LookupUnavailable,
+    Outcome,
+    OutgoingEmail,
+    SendResult,
+)
+from comms.errors import DeliveryError
+
+log = logging.getLogger(__name__)
+
+# When Graph throttles without a Retry-After (it normally sends one), wait this long.
+DEFAULT_RETRY_AFTER = 5.0
+# When the Graph host cannot be reached at all, nothing was sent; try again after this long.
+UNREACHABLE_RETRY_AFTER = 30.0
+
+
+def parse_retry_after(value: str | None, default: float = DEFAULT_RETRY_AFTER) -> float:
+    """Seconds to wait from a ``Retry-After`` header: seconds (fractional allowed) or an
+    HTTP date; a missing or unreadable value gives ``default``."""
+    if value is None or not value.strip():
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return default
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    if not math.isfinite(seconds):
+        return default
+    return max(0.0, seconds)
+
+
+def _recipients(addresses: tuple[Address, ...]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for a in addresses:
+        entry: dict[str, str] = {"address": a.address}
+        if a.name:
+            entry["name"] = a.name
+        out.append({"emailAddress": entry})
+    return out
+
+
+def message_payload(email: OutgoingEmail) -> dict[str, Any]:
+    """The JSON body of ``sendMail`` for one message."""
+    headers = [{"name": SEND_ID_HEADER, "value": email.send_id}]
+    headers += [
+        {"name": name, "value": value}
+        for name, value in email.headers
+        if name.lower() != SEND_ID_HEADER
+    ]
+    message: dict[str, Any] = {
+        "subject": email.subject,
+        # Graph's message has one body, so the plain-text version cannot ride along: Exchange
+        # derives a text part itself. The text is kept for the .eml outbox and the sandbox record.
+        "body": {"contentType": "HTML", "content": email.html},
+        "toRecipients": _recipients(email.to),
+        "internetMessageHeaders": headers,
+        "singleValueExtendedProperties": [
+            {"id": SEND_ID_PROPERTY_ID, "value": email.send_id}
+        ],
+    }
+    if email.cc:
+        message["ccRecipients"] = _recipients(email.cc)
+    if email.reply_to:
+        message["replyTo"] = _recipients(email.reply_to)
+    return {"message": message, "saveToSentItems": True}
+
+
+def _graph_error(response: requests.Response) -> tuple[str, str]:
+    """Graph's error code and message from an error body (``{"error": {"code", "message"}}``)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return "", response.text[:300].strip()
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("code") or ""), str(error.get("message") or "")
+    return "", str(body)[:300]
+
+
+def _request_id(response: requests.Response) -> str:
+    return response.headers.get("request-id") or response.headers.get("client-request-id") or ""
+
+
+def _never_left(exc: requests.exceptions.ConnectionError) -> bool:
+    """True when the connection failed before any byte of the request was sent."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    reason: object = exc.args[0] if exc.args else None
+    if isinstance(reason, MaxRetryError):
+        reason = reason.reason
+    return isinstance(reason, NewConnectionError | ConnectTimeoutError)
+
+
+@dataclass
+class MailboxCheck:
+    """What ``comms auth check`` found for one sender mailbox."""
+
+    address: str
+    exists: bool | None  # None: cannot tell (no permission to read users)
+    detail: str = ""
+    test: SendResult | None = None
+
+
+@dataclass
+class AccessReport:
+    """What ``comms auth check`` reports: who the token is for, and each sender mailbox."""
+
+    auth: str
+    tenant: str
+    app_id: str
+    app_name: str
+    user: str
+    permissions: list[str]
+    reconcile: bool = True
+    mailboxes: list[MailboxCheck] = field(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        if self.reconcile and not {"Mail.Read", "Mail.ReadWrite"} & set(self.permissions):
+            return [
+                "no Mail.Read: ambiguous sends cannot be looked up in Sent Items and wait for an "
+                "operator; grant Mail.Read on the sender mailboxes, or set [graph] reconcile = "
+                "false"
+            ]
+        return []
+
+    @property
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if not {"Mail.Send", "Mail.Send.Shared"} & set(self.permissions):
+            out.append(
+                "the token carries no Mail.Send permission: grant Mail.Send to the app "
+                "registration (application permission with admin consent for app-only auth)"
+            )
+        for m in self.mailboxes:
+            if m.exists is False:
+                out.append(f"{m.address}: {m.detail}")
+            if m.test is not None and m.test.outcome is not Outcome.SENT:
+                out.append(f"{m.address}: test message {m.test.outcome}: {m.test.message}")
+        return out
+
+
+class GraphTransport:
+    """Sends through ``sendMail`` and finds sent messages in Sent Items (``Transport`` and
+    ``Reconciler``). Safe to share between threads."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        token_provider: TokenProvider | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.settings = settings
+        self.base_url = settings.graph.base_url
+        self.session = session or make_session(settings.graph)
+        self._tokens: TokenProvider | None = token_provider
+        self._tokens_lock = threading.Lock()
+        # Why the last find_sent() could not tell, for the operator.
+        self.last_lookup_problem = ""
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    @property
+    def tokens(self) -> TokenProvider:
+        # Created on first use, so building a transport never touches the network.
+        with self._tokens_lock:
+            if self._tokens is None:
+                self._tokens = token_provider_for(self.settings)
+            return self._tokens
+
+    def _mailbox_path(self, sender: str) -> str:
+        if self.tokens.delegated and sender.lower() == self._signed_in_user():
+            return f"{self.base_url}/me"
+        # App-only, or a delegated user sending as another mailbox (Graph checks send-as
+        # rights): /me would silently send from the signed-in user's own mailbox instead.
+        return f"{self.base_url}/users/{quote(sender, safe='@')}"
+
+    def _signed_in_user(self) -> str:
+        claims = token_claims(self.tokens.token())
+        return str(claims.get("upn") or claims.get("preferred_username") or "").lower()
+
+    def _request(
+        self, method: str, url: str, *, body: bytes | None = None, token: str
+    ) -> requests.Response:
+        headers = {
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/json",
+            "client-request-id": str(uuid.uuid4()),
+        }
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            return self.session.request(
+                method, url, data=body, headers=headers, allow_redirects=False
+            )
+        except requests.exceptions.SSLError as exc:
+            # The TLS handshake failed: nothing was sent, and nothing will be until trust is fixed.
+            raise DeliveryError(
+                f"the TLS certificate of {url.split('/')[2]} is not trusted ({exc}); set [graph] "
+                "ca_file to the CA bundle that signs it, or check [graph] base_url"
+            ) from exc
+        except (
+            requests.exceptions.InvalidURL,
+            requests.exceptions.MissingSchema,
+            requests.exceptions.InvalidSchema,
+        ) as exc:
+            raise DeliveryError(f"[graph] base_url gives an unusable URL {url}: {exc}") from exc
+
+    def _authorized(
+        self, method: str, url: str, *, body: bytes | None = None
+    ) -> requests.Response:
+        """One request; on 401 one fresh token and the same request once more (a 401 means the
+        request was refused before anything happened, so repeating it cannot duplicate)."""
+        token = self.tokens.token()
+        response = self._request(method, url, body=body, token=token)
+        if response.status_code == 401:
+            token = self.tokens.refresh(token)
+            response = self._request(method, url, body=body, token=token)
+        return response
+
+    # -- Transport ---------------------------------------------------------------------------
+
+    def send(self, email: OutgoingEmail) -> SendResult:
+        """POST one message to ``sendMail``; exactly one request unless Graph answers 401."""
+        url = f"{self._mailbox_path(email.sender)}/sendMail"
+        body = json.dumps(message_payload(email), ensure_ascii=False).encode("utf-8")
+        try:
+            response = self._authorized("POST", url, body=body)
+        except requests.exceptions.ConnectionError as exc:
+            if _never_left(exc):
+                return SendResult(
+                    Outcome.THROTTLED,
+                    retry_after=UNREACHABLE_RETRY_AFTER,
+                    error_code="Unreachable",
+                    message=f"Graph at {self.base_url} could not be reached "
+                    f"({type(exc).__name__}); nothing was sent, it will be tried again",
+                )
+            return SendResult(
+                Outcome.UNKNOWN,
+                error_code="ConnectionLost",
+                message="the connection broke after the request was sent "
+                f"({type(exc).__name__}); Graph may have accepted it: look the send id up in "
+                "Sent Items before any resend",
+            )
+        except requests.exceptions.Timeout as exc:
+            return SendResult(
+                Outcome.UNKNOWN,
+                error_code="Timeout",
+                message=f"no answer within {self.settings.graph.timeout_seconds:g} s "
+                f"({type(exc).__name__}); Graph may have accepted it: look the send id up in "
+                "Sent Items before any resend",
+            )
+        except requests.exceptions.RequestException as exc:  # e.g. a body cut off mid-read
+            return SendResult(
+                Outcome.UNKNOWN,
+                error_code=type(exc).__name__,
+                message=f"the answer could not be read ({exc}); Graph may have accepted it",
+            )
+        return self._outcome(response, email)
+
+    def _outcome(self, response: requests.Response, email: OutgoingEmail) -> SendResult:
+        status = response.status_code
+        request_id = _request_id(response)
+        details = {"client_request_id": response.request.headers.get("client-request-id", "")
+                   if response.request is not None else ""}
+        if 200 <= status < 300:
+            return SendResult(Outcome.SENT, status=status, request_id=request_id, details=details)
+        code, text = _graph_error(response)
+        sender = email.sender
+        retry_after = response.headers.get("Retry-After")
+        if status == 429:
+            return SendResult(
+                Outcome.THROTTLED, status=status, retry_after=parse_retry_after(retry_after),
+                error_code=code or "TooManyRequests", request_id=request_id, details=details,
+                message=f"throttled by Graph for {sender}: {text}",
+            )
+        if status >= 500:
+            return SendResult(
+                Outcome.UNKNOWN, status=status, request_id=request_id, details=details,
+                retry_after=parse_retry_after(retry_after) if status in (503, 504) else None,
+                error_code=code or f"HTTP{status}",
+                message=f"Graph answered {status} ({text or response.reason}); it may have "
+                "accepted the message: look the send id up in Sent Items before any resend",
+            )
+        return SendResult(
+            Outcome.FAILED, status=status, error_code=code or f"HTTP{status}",
+            request_id=request_id, details=details,
+            message=self._rejection(status, code, text, sender),
+        )
+
+    def _rejection(self, status: int, code: str, text: str, sender: str) -> str:
+        tenant = self.settings.graph.tenant_id
+        where = f"({status} {code}: {text})" if code else f"({status}: {text})"
+        if status == 401:
+            return (
+                f"Graph refused a freshly issued token {where}: check [graph] tenant_id and "
+                "client_id, and that [graph] base_url and authority_host belong to the same cloud"
+            )
+        if status == 403:
+            if self.tokens.delegated:
+                return (
+                    f"the signed-in user may not send as {sender} {where}: sign in as that "
+                    "mailbox with `comms auth login`, or give the user Send As rights on it and "
+                    "the app the delegated Mail.Send.Shared permission"
+                )
+            return (
+                f"the app may not send as {sender} {where}: grant the app the Mail.Send "
+                "application permission with admin consent, and check that no Exchange "
+                f"application access policy / RBAC for Applications scope excludes mailbox "
+                f"{sender}"
+            )
+        if status == 404 and code == "MailboxNotEnabledForRESTAPI":
+            return (
+                f"mailbox {sender} is not on Exchange Online or has no Exchange licence "
+                f"{where}: use a licensed Exchange Online mailbox in [[senders]]"
+            )
+        if status == 404:
+            return (
+                f"mailbox {sender} does not exist in tenant {tenant} {where}: check the "
+                "[[senders]] address"
+            )
+        if status == 413:
+            return (
+                f"the message is too large for Graph (about 4 MB per request) {where}: "
+                "shrink the template (inline images, long HTML)"
+            )
+        if status == 400 and code == "InvalidInternetMessageHeaderCollection":
+            return (
+                f"Graph refused the message headers {where}: at most 5 internet headers, "
+                "each name starting with x-"
+            )
+        if status == 400:
+            return f"Graph rejected the message {where}: fix the message or its recipients"
+        if 300 <= status < 400:
+            return (
+                f"Graph answered with a redirect {where}: check [graph] base_url "
+                f"({self.base_url})"
+            )
+        return f"Graph rejected the message {where}"
+
+    # -- Reconciler --------------------------------------------------------------------------
+
+    def find_sent(self, sender: str, send_id: str) -> bool | None:
+        """Look the send id up in the sender's Sent Items.
+
+        True: found, it was sent. False: not there. None: cannot tell, ever: 403 (no Mail.Read
+        on that mailbox: an operator decides). Throttling, 5xx, timeouts or a broken connection
+        raise ``LookupUnavailable`` (ask again on a later pass). ``last_lookup_problem`` says
+        why. Never resend on None. Token failures raise ``AuthError``.
+        """
+        literal = send_id.replace("'", "''")  # OData string literal
+        prop = SEND_ID_PROPERTY_ID.replace("'", "''")
+        flt = (
+            "singleValueExtendedProperties/Any(ep: ep/id eq "
+            f"'{prop}' and ep/value eq '{literal}')"
+        )
+        query = f"$filter={quote(flt, safe='')}&$select=id&$top=1"
+        url = f"{self._mailbox_path(sender)}/mailFolders/sentitems/messages?{query}"
+        self.last_lookup_problem = ""
+        try:
+            response = self._authorized("GET", url)
+        except requests.exceptions.RequestException as exc:
+            self.last_lookup_problem = f"Sent Items lookup failed ({type(exc).__name__}: {exc})"
+            raise LookupUnavailable(self.last_lookup_problem) from exc
+        if response.status_code == 200:
+            try:
+                found = response.json().get("value") or []
+            except (ValueError, AttributeError) as exc:
+                self.last_lookup_problem = "Sent Items lookup returned a body that is not JSON"
+                raise LookupUnavailable(self.last_lookup_problem) from exc
+            return bool(found)
+        code, text = _graph_error(response)
+        if response.status_code == 403:
+            self.last_lookup_problem = (
+                f"no permission to read Sent Items of {sender} (403 {code}: {text}): grant "
+                "Mail.Read on that mailbox, or decide unknown messages by hand"
+            )
+            log.warning("find_sent(%s, %s): %s", sender, send_id, self.last_lookup_problem)
+            return None
+        self.last_lookup_problem = (
+            f"Sent Items lookup for {sender} answered {response.status_code} {code}: {text}"
+        )
+        raise LookupUnavailable(self.last_lookup_problem)
+
+    # -- comms auth check --------------------------------------------------------------------
+
+    def mailbox_exists(self, address: str) -> tuple[bool | None, str]:
+        """Whether ``address`` is a user in the tenant (``GET /users/{address}``)."""
+        url = f"{self.base_url}/users/{quote(address, safe='@')}"
+        try:
+            response = self._authorized("GET", url)
+        except requests.exceptions.RequestException as exc:
+            return None, f"cannot tell: {type(exc).__name__}"
+        code, text = _graph_error(response) if response.status_code >= 300 else ("", "")
+        if response.status_code == 200:
+            return True, "exists"
+        if response.status_code == 404:
+            return False, (
+                f"does not exist in tenant {self.settings.graph.tenant_id} "
+                f"(404 {code}): check the [[senders]] address"
+            )
+        if response.status_code == 403:
+            return None, (
+                f"cannot tell (403 {code}: the app may not read users; User.Read.All would "
+                "allow it, --send-test checks the mailbox instead)"
+            )
+        return None, f"cannot tell ({response.status_code} {code}: {text})"
+
+    def check_access(self, *, send_test: bool = False) -> AccessReport:
+        """Token, permissions and sender mailboxes, for ``comms auth check``."""
+        claims = token_claims(self.tokens.token())
+        permissions = list(claims.get("roles") or []) + str(claims.get("scp") or "").split()
+        report = AccessReport(
+            auth=self.settings.graph.auth,
+            tenant=str(claims.get("tid") or self.settings.graph.tenant_id),
+            app_id=str(claims.get("appid") or claims.get("azp") or self.settings.graph.client_id),
+            app_name=str(claims.get("app_displayname") or ""),
+            user=str(claims.get("upn") or claims.get("preferred_username") or ""),
+            permissions=sorted(set(permissions)),
+            reconcile=self.settings.graph.reconcile,
+        )
+        for sender in self.settings.senders:
+            exists, detail = self.mailbox_exists(sender.address)
+            check = MailboxCheck(sender.address, exists, detail)
+            if send_test:
+                check.test = self.send(self_test_message(sender.address, sender.name))
+            report.mailboxes.append(check)
+        return report
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def self_test_message(address: str, name: str = "") -> OutgoingEmail:
+    """A short message from a sender mailbox to itself (``comms auth check --send-test``)."""
+    send_id = f"auth-check-{uuid.uuid4().hex}"
+    return OutgoingEmail(
+        send_id=send_id,
+        sender=address,
+        to=(Address(address, name),),
+        subject="comms auth check: test message",
+        html="<p>This mailbox can send through Microsoft Graph with comms. "
+        "You can delete this message.</p>",
+        text="This mailbox can send through Microsoft Graph with comms. "
+        "You can delete this message.",
+    )
+
+
+__all__ = [
+    "DEFAULT_RETRY_AFTER",
+    "AccessReport",
+    "GraphTransport",
+    "MailboxCheck",
+    "message_payload",
+    "parse_retry_after",
+    "self_test_message",
+]

@@ -1,0 +1,52 @@
+"""`comms db backup`: a consistent copy of the embedded SQLite ledger while it is in use."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+
+from comms.errors import CommsError, DatabaseError
+from comms.store.db import Database
+
+
+def backup_database(db: Database, target: Path, *, force: bool = False) -> Path:
+    """Copy the SQLite ledger to ``target`` with SQLite's online backup API.
+
+    Safe while other `comms` processes write (the copy is one consistent snapshot). The copy is
+    a single self-contained file (rollback journal, not WAL). PostgreSQL is refused with a
+    pointer to ``pg_dump``.
+    """
+    if not db.is_sqlite:
+        raise DatabaseError(
+            "`comms db backup` copies SQLite ledgers only. On PostgreSQL use pg_dump, e.g. "
+            "`pg_dump --format=custom --file=comms.dump DBNAME`, and restore with pg_restore "
+            "(see docs/operations.md)."
+        )
+    target = Path(target)
+    if target.exists() and not force:
+        raise CommsError(f"{target} already exists; choose another file or add --force.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".backup-", suffix=".db", dir=target.parent)
+    os.close(fd)
+    raw = db.engine.raw_connection()
+    try:
+        source = raw.driver_connection
+        assert isinstance(source, sqlite3.Connection)
+        copy = sqlite3.connect(tmp_name)
+        try:
+            source.backup(copy)
+            copy.execute("PRAGMA journal_mode=DELETE")
+            problems = copy.execute("PRAGMA quick_check").fetchone()
+            if problems is None or problems[0] != "ok":
+                raise DatabaseError(f"The backup copy failed its integrity check: {problems}")
+        finally:
+            copy.close()
+        os.replace(tmp_name, target)
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"Backing up the database to {target} failed: {exc}") from exc
+    finally:
+        raw.close()
+        Path(tmp_name).unlink(missing_ok=True)
+    return target

@@ -1,0 +1,276 @@
+"""The customer ledger: list, show with a timeline, stage moves (one or in bulk), pause, resume,
+opt-out, and the CSV import/export (in ``comms.services.importer``).
+
+Every function takes the ``Database`` and runs in one transaction; times and the acting user come
+in as ``now`` and ``by``. Errors are ``comms.errors`` exceptions whose message says what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlmodel import Session, col, select
+
+from comms import outbox, stages
+from comms.campaign import Campaign
+from comms.config import Settings
+from comms.domain import CustomerInfo
+from comms.errors import CommsError, StageMoveRefused
+from comms.services.importer import ImportResult, export_customers, import_customers
+from comms.store import repo
+from comms.store.db import Database
+from comms.store.models import Customer, Message
+
+__all__ = [
+    "ImportResult",
+    "StageChange",
+    "TimelineEntry",
+    "apply_stage_event",
+    "export_customers",
+    "import_customers",
+    "list_customers",
+    "plan_stage_change",
+    "select_keys",
+    "set_stage",
+    "show_customer",
+    "side_action",
+]
+
+# Entering this stage starts the double-billing clock (the CSP subscription is live).
+CSP_LIVE_STAGE = "awaiting_cancellation"
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    """One line of a customer's history: a stage event or an outbox message."""
+
+    at: datetime
+    kind: str  # "event" or "message"
+    title: str  # event kind (stage, pause, ...) or message name
+    detail: str  # from -> to / status and sequence
+    by: str = ""
+    source: str = ""
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class CustomerDetail:
+    info: CustomerInfo
+    next_due_at: datetime | None
+    created_at: datetime
+    timeline: tuple[TimelineEntry, ...]
+
+
+@dataclass(frozen=True)
+class StageChange:
+    """One planned or applied stage move."""
+
+    key: str
+    name: str
+    from_stage: str
+    to_stage: str
+    forced: bool
+
+
+def list_customers(
+    db: Database, *, stage: str | None = None, tag: str | None = None
+) -> list[CustomerInfo]:
+    """Customers (with contacts and tags), filtered by stage and/or tag, ordered by key."""
+    with db.session() as session:
+        return repo.customer_infos(session, repo.find_customers(session, stage=stage, tag=tag))
+
+
+def show_customer(db: Database, key: str) -> CustomerDetail:
+    """A customer's details and its timeline: stage events and outbox messages by time."""
+    with db.session() as session:
+        row = repo.get_customer(session, key)
+        assert row.id is not None
+        entries: list[TimelineEntry] = []
+        for e in repo.events_of(session, row.id):
+            if e.kind == "stage" or (e.kind == "import" and e.to_stage):
+                detail = f"{e.from_stage or '(new)'} -> {e.to_stage}"
+                if e.forced:
+                    detail += " (forced)"
+            else:
+                detail = f"in {e.to_stage}" if e.to_stage else ""
+            entries.append(TimelineEntry(at=e.at, kind="event", title=e.kind, detail=detail,
+                                         by=e.by, source=e.source, note=e.note))
+        for m in session.exec(
+            select(Message).where(col(Message.customer_id) == row.id).order_by(col(Message.id))
+        ):
+            at = m.sent_at or m.created_at
+            # Shown at sent_at when sent, else when it was queued.
+            detail = f"#{m.sequence} {m.status}" + (" (internal)" if m.internal else "")
+            entries.append(TimelineEntry(at=at, kind="message", title=m.message, detail=detail,
+                                         note=m.last_error))
+        entries.sort(key=lambda t: t.at)
+        return CustomerDetail(
+            info=repo.customer_info(session, row),
+            next_due_at=row.next_due_at,
+            created_at=row.created_at,
+            timeline=tuple(entries),
+        )
+
+
+def select_keys(db: Database, *, where_stage: str, tag: str | None = None) -> list[str]:
+    """Keys of the customers in ``where_stage`` (and with ``tag``), for a bulk move."""
+    with db.session() as session:
+        return [r.key for r in repo.find_customers(session, stage=where_stage, tag=tag)]
+
+
+def apply_stage_event(session: Session, customer: Customer, event: stages.Event) -> int:
+    """Record a stage event and update the customer: stage, times, CSP-live clock; withdraw
+    queued messages planned for other stages. Returns how many messages were withdrawn."""
+    assert customer.id is not None and event.to_stage is not None
+    repo.record_event(session, customer, event)
+    customer.stage = event.to_stage
+    customer.stage_entered_at = event.at
+    # The planner looks at the customer straight away in its new stage.
+    customer.next_due_at = event.at
+    customer.updated_at = event.at
+    if event.to_stage == CSP_LIVE_STAGE and customer.csp_live_at is None:
+        customer.csp_live_at = event.at
+    session.add(customer)
+    return outbox.withdraw_stale(session, customer.id, event.to_stage, event.at)
+
+
+def _plan(
+    session: Session,
+    campaign: Campaign,
+    keys: list[str],
+    stage: str,
+    *,
+    now: datetime,
+    by: str,
+    note: str,
+    force: bool,
+    source: str,
+    lock: bool = False,
+) -> list[tuple[Customer, stages.Event]]:
+    if not keys:
+        raise CommsError("No customers to move: give one or more keys, or --where-stage.")
+    rows = repo.get_customers(session, keys, lock=lock)
+    planned: list[tuple[Customer, stages.Event]] = []
+    refused: list[str] = []
+    for row, info in zip(rows, repo.customer_infos(session, rows), strict=True):
+        try:
+            event = stages.move(campaign, info, stage, at=now, by=by, source=source,
+                                note=note, force=force)
+        except StageMoveRefused as exc:
+            refused.append(exc.message)
+            continue
+        planned.append((row, event))
+    if refused:
+        if len(refused) == 1 and len(rows) == 1:
+            raise StageMoveRefused(refused[0])
+        raise StageMoveRefused(
+            f"{len(refused)} of {len(rows)} customer(s) cannot move to {stage!r}; nothing was "
+            "changed:",
+            problems=refused,
+        )
+    return planned
+
+
+def plan_stage_change(
+    db: Database,
+    campaign: Campaign,
+    keys: list[str],
+    stage: str,
+    *,
+    now: datetime,
+    by: str,
+    note: str = "",
+    force: bool = False,
+) -> list[StageChange]:
+    """What ``set_stage`` would do, without changing anything (or ``StageMoveRefused``)."""
+    with db.session() as session:
+        planned = _plan(session, campaign, keys, stage, now=now, by=by, note=note,
+                        force=force, source="cli")
+        return [
+            StageChange(row.key, row.name, ev.from_stage or "", stage, ev.forced)
+            for row, ev in planned
+        ]
+
+
+def set_stage(
+    db: Database,
+    campaign: Campaign,
+    keys: list[str],
+    stage: str,
+    *,
+    now: datetime,
+    by: str,
+    note: str = "",
+    force: bool = False,
+    source: str = "cli",
+) -> list[StageChange]:
+    """Move every customer of ``keys`` to ``stage`` in one transaction: all or none.
+
+    A move the campaign does not allow is refused (listing the allowed ones) unless ``force``
+    with a ``note``. Each move records an event, restarts the stage clock, makes the customer
+    due for planning and withdraws queued messages of its former stage.
+    """
+    # Read-then-write: take the write lock up front (SQLite) / lock the rows (PostgreSQL), so a
+    # concurrent `comms run` cannot move the same customers in between.
+    with db.session(immediate=True) as session:
+        planned = _plan(session, campaign, keys, stage, now=now, by=by, note=note,
+                        force=force, source=source, lock=True)
+        for row, event in planned:
+            apply_stage_event(session, row, event)
+        return [
+            StageChange(row.key, row.name, ev.from_stage or "", stage, ev.forced)
+            for row, ev in planned
+        ]
+
+
+def side_action(
+    db: Database,
+    key: str,
+    action: stages.SideAction,
+    *,
+    now: datetime,
+    by: str,
+    note: str = "",
+    source: str = "cli",
+) -> bool:
+    """Pause, resume, opt out (...) one customer; False when it already was in that state.
+
+    Opting out (or marking lost) withdraws every queued message; resuming makes the customer
+    due for planning again.
+    """
+    with db.session(immediate=True) as session:
+        row = repo.get_customer(session, key, lock=True)
+        assert row.id is not None
+        event = stages.side_event(repo.customer_info(session, row), action, at=now, by=by,
+                                  source=source, note=note)
+        if event is None:
+            return False
+        repo.record_event(session, row, event)
+        flag, value = stages.side_flag(action)
+        setattr(row, flag, value)
+        row.updated_at = now
+        if action in ("resume", "opt_in", "found"):
+            row.next_due_at = now
+        session.add(row)
+        if action in ("opt_out", "lost"):
+            reason = "customer opted out" if action == "opt_out" else "customer marked lost"
+            outbox.withdraw_all_queued(session, row.id, reason, now)
+        return True
+
+
+def import_file(
+    db: Database,
+    path: Path,
+    *,
+    settings: Settings,
+    campaign: Campaign,
+    now: datetime,
+    by: str,
+    skip_invalid: bool = False,
+    dry_run: bool = False,
+) -> ImportResult:
+    """Import a customer CSV (see ``comms.services.importer.import_customers``)."""
+    return import_customers(db, path, settings=settings, campaign=campaign, now=now, by=by,
+                            skip_invalid=skip_invalid, dry_run=dry_run)

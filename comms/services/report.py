@@ -1,0 +1,487 @@
+"""`comms report`: one self-contained HTML file, and the CSV exports for spreadsheets.
+
+The report needs nothing at view time: CSS, the charts (inline SVG drawn here) and the small
+sorting script are all inside the file, and its Content-Security-Policy forbids any network
+request. Customer names and every other ledger text are HTML-escaped (Jinja2 autoescape for the
+page, ``markupsafe.escape`` inside the SVG).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup, escape
+from sqlmodel import col
+
+from comms.campaign import Campaign
+from comms.config import Settings
+from comms.errors import CommsError
+from comms.services.status import (
+    DAYS_PER_MONTH,
+    DOUBLE_BILLING_STAGE,
+    STATUSES,
+    DayCount,
+    Exposure,
+    StageCount,
+    StatusReport,
+    compute_status,
+)
+from comms.store.db import Database
+from comms.store.models import Contact, Customer, CustomerTag, Message
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "report_templates"
+EXPOSURE_CHART_TOP = 20
+LIST_LIMIT = 50  # rows shown in the stuck / exhausted tables (the customer table has them all)
+
+
+# ----------------------------------------------------------------------------- SVG charts
+
+
+def _fmt_num(value: float) -> str:
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
+
+
+def _nice_step(value: float) -> float:
+    """The smallest 1/2/5 x 10^k at or above ``value`` and at least 1 (counts are whole)."""
+    if value <= 1:
+        return 1.0
+    exp = math.floor(math.log10(value))
+    for m in (1, 2, 5, 10):
+        step = m * 10.0**exp
+        if step >= value:
+            return step
+    return 10.0 ** (exp + 1)
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def hbar_chart(
+    chart_id: str,
+    title: str,
+    rows: Sequence[tuple[str, float, str]],
+    *,
+    width: int = 460,
+    label_width: int = 170,
+    row_height: int = 26,
+    bar_class: str = "bar",
+) -> Markup:
+    """Horizontal bars: one ``rect.bar`` per row (``(label, value, value text)``), zero drawn
+    as a zero-width bar so the count of bars always equals the count of rows."""
+    height = max(row_height * len(rows) + 8, 40)
+    top = max((v for _, v, _ in rows), default=0.0) or 1.0
+    room = width - label_width - 86  # leave space for the value text right of the bar
+    parts = [
+        f'<svg id="{chart_id}" class="chart" viewBox="0 0 {width} {height}" '
+        f'role="img" aria-label="{escape(title)}" preserveAspectRatio="xMinYMin meet">',
+        f"<title>{escape(title)}</title>",
+    ]
+    if not rows:
+        parts.append('<text x="8" y="24" class="empty">No data</text>')
+    for i, (label, value, shown) in enumerate(rows):
+        y = 4 + i * row_height
+        w = room * (value / top) if value > 0 else 0.0
+        parts.append(
+            f'<text x="{label_width - 8}" y="{y + row_height / 2 + 4:.1f}" class="lbl" '
+            f'text-anchor="end">{escape(_short(label, 26))}</text>'
+            f'<rect class="{bar_class}" x="{label_width}" y="{y + 3}" width="{w:.1f}" '
+            f'height="{row_height - 8}" rx="2" data-value="{value}">'
+            f"<title>{escape(label)}: {escape(shown)}</title></rect>"
+            f'<text x="{label_width + w + 6:.1f}" y="{y + row_height / 2 + 4:.1f}" '
+            f'class="val">{escape(shown)}</text>'
+        )
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def daily_chart(chart_id: str, days: Sequence[DayCount], *, width: int = 520,
+                height: int = 240) -> Markup:
+    """Columns per day: sent (``rect.bar.sent``) with failed stacked on top (``rect.bar.failed``),
+    and the messages queued that day as one line (``path.line``)."""
+    left, right, top_pad, bottom = 40, 10, 12, 36
+    plot_w, plot_h = width - left - right, height - top_pad - bottom
+    n = max(len(days), 1)
+    peak = max((max(d.sent + d.failed, d.queued) for d in days), default=0)
+    # Four grid steps of a round whole number: axis labels read 0, 5, 10 ... never 1.25.
+    step = _nice_step(peak / 4)
+    ymax = step * max(1, math.ceil(peak / step))
+    slot = plot_w / n
+    bar_w = max(slot * 0.7, 1.0)
+
+    def y(v: float) -> float:
+        return top_pad + plot_h - plot_h * (v / ymax)
+
+    parts = [
+        f'<svg id="{chart_id}" class="chart" viewBox="0 0 {width} {height}" role="img" '
+        'aria-label="Messages per day" preserveAspectRatio="xMinYMin meet">',
+        "<title>Messages per day: sent, failed, queued</title>",
+    ]
+    for k in range(round(ymax / step) + 1):  # horizontal grid with value ticks
+        v = step * k
+        parts.append(
+            f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(v):.1f}" '
+            f'y2="{y(v):.1f}"/><text class="tick" x="{left - 4}" y="{y(v) + 4:.1f}" '
+            f'text-anchor="end">{_fmt_num(v)}</text>'
+        )
+    label_every = max(1, math.ceil(n / 8))
+    points: list[str] = []
+    for i, d in enumerate(days):
+        x = left + i * slot + (slot - bar_w) / 2
+        day_label = d.day.strftime("%d %b")
+        parts.append(
+            f'<rect class="bar sent" x="{x:.1f}" y="{y(d.sent):.1f}" width="{bar_w:.1f}" '
+            f'height="{y(0) - y(d.sent):.1f}" data-value="{d.sent}">'
+            f"<title>{day_label}: {d.sent} sent</title></rect>"
+            f'<rect class="bar failed" x="{x:.1f}" y="{y(d.sent + d.failed):.1f}" '
+            f'width="{bar_w:.1f}" height="{y(d.sent) - y(d.sent + d.failed):.1f}" '
+            f'data-value="{d.failed}"><title>{day_label}: {d.failed} failed</title></rect>'
+        )
+        points.append(f"{left + i * slot + slot / 2:.1f},{y(d.queued):.1f}")
+        if (n - 1 - i) % label_every == 0:  # spaced evenly, ending on today
+            parts.append(
+                f'<text class="tick" x="{left + i * slot + slot / 2:.1f}" '
+                f'y="{height - bottom + 16}" text-anchor="middle">{day_label}</text>'
+            )
+    if points:
+        parts.append(f'<path class="line queued" d="M{" L".join(points)}" fill="none"/>')
+    parts.append(
+        f'<line class="axis" x1="{left}" x2="{width - right}" y1="{y(0):.1f}" y2="{y(0):.1f}"/>'
+    )
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def funnel_chart(funnel: Sequence[StageCount]) -> Markup:
+    """The stage funnel: one bar per stage, campaign order."""
+    return hbar_chart(
+        "chart-funnel", "Customers per stage",
+        [(s.stage, float(s.customers), _fmt_num(s.customers)) for s in funnel],
+        bar_class="bar funnel",
+    )
+
+
+def exposure_chart(exposure: Sequence[Exposure], currency: str) -> Markup:
+    """Double-billing exposure of the ``EXPOSURE_CHART_TOP`` most exposed customers."""
+    top = exposure[:EXPOSURE_CHART_TOP]
+    return hbar_chart(
+        "chart-exposure", "Double-billing exposure by customer",
+        [(e.name or e.key, e.amount, f"{currency} {e.amount:,.2f}") for e in top],
+        bar_class="bar exposure",
+    )
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+@dataclass(frozen=True)
+class CustomerRow:
+    key: str
+    name: str
+    stage: str
+    stage_order: int
+    days_in_stage: float
+    licences: int
+    flags: str
+    sent: int
+    last_sent: datetime | None
+    exposure: float
+
+
+def _customer_rows(
+    db: Database, report: StatusReport, campaign: Campaign
+) -> list[CustomerRow]:
+    order = {s.stage: i for i, s in enumerate(report.funnel)}
+    exposure = {e.key: e.amount for e in report.exposure}
+    sent = (
+        sa.select(
+            col(Message.customer_id).label("cid"),
+            sa.func.count().label("n"),
+            sa.func.max(col(Message.sent_at)).label("last"),
+        )
+        .where(col(Message.status) == "sent", col(Message.internal) == sa.false())
+        .group_by(col(Message.customer_id))
+        .subquery()
+    )
+    with db.session() as s:
+        rows = s.execute(
+            sa.select(
+                col(Customer.key), col(Customer.name), col(Customer.stage),
+                col(Customer.stage_entered_at), col(Customer.licences), col(Customer.paused),
+                col(Customer.opted_out), col(Customer.lost), sent.c.n,
+                sent.c.last,
+            )
+            .outerjoin(sent, sent.c.cid == col(Customer.id))
+            .order_by(col(Customer.key))
+        ).all()
+    now = report.now
+    out: list[CustomerRow] = []
+    for r in rows:
+        flags = [n for n, on in (("paused", r.paused), ("opted out", r.opted_out),
+                                 ("lost", r.lost)) if on]
+        last = r.last
+        if isinstance(last, str):
+            last = datetime.fromisoformat(last)
+        if last is not None and last.tzinfo is None:
+            last = last.replace(tzinfo=UTC)
+        out.append(
+            CustomerRow(
+                key=r.key, name=r.name, stage=r.stage, stage_order=order.get(r.stage, 99),
+                days_in_stage=(now - r.stage_entered_at).total_seconds() / 86400.0,
+                licences=int(r.licences), flags=", ".join(flags), sent=int(r.n or 0),
+                last_sent=last, exposure=exposure.get(r.key, 0.0),
+            )
+        )
+    return out
+
+
+def _environment() -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(str(TEMPLATES_DIR)),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = _fmt_num
+    return env
+
+
+def render_report(
+    report: StatusReport,
+    customers: Sequence[CustomerRow],
+    *,
+    partner_name: str,
+    generated_at: datetime,
+) -> str:
+    """The report page for already computed figures (pure: no database, no clock)."""
+    tz = ZoneInfo(report.time_zone)
+
+    def local(dt: datetime | None, fmt: str = "%Y-%m-%d %H:%M") -> str:
+        return dt.astimezone(tz).strftime(fmt) if dt else ""
+
+    completed = sum(s.customers for s in report.funnel if s.stage == "completed")
+    awaiting = sum(s.customers for s in report.funnel if s.stage == DOUBLE_BILLING_STAGE)
+    template = _environment().get_template("report.html.j2")
+    return template.render(
+        r=report,
+        partner_name=partner_name,
+        generated_at=local(generated_at.astimezone(UTC), "%Y-%m-%d %H:%M:%S"),
+        generated_iso=generated_at.astimezone(UTC).isoformat(timespec="seconds"),
+        as_of=local(report.now),
+        as_of_iso=report.now.isoformat(timespec="seconds"),
+        local=local,
+        completed=completed,
+        completed_pct=(100.0 * completed / report.customers_total) if report.customers_total
+        else 0.0,
+        awaiting=awaiting,
+        statuses=STATUSES,
+        funnel_svg=funnel_chart(report.funnel),
+        daily_svg=daily_chart("chart-daily", report.daily),
+        exposure_svg=exposure_chart(report.exposure, report.currency),
+        exposure_top=min(len(report.exposure), EXPOSURE_CHART_TOP),
+        stuck=report.stuck[:LIST_LIMIT],
+        exhausted=report.exhausted[:LIST_LIMIT],
+        list_limit=LIST_LIMIT,
+        customers=customers,
+        days_per_month=int(DAYS_PER_MONTH),
+        attention=report.messages.total["failed"] + report.messages.total["unknown"],
+    )
+
+
+def build_report(
+    db: Database,
+    settings: Settings,
+    campaign: Campaign,
+    now: datetime,
+    *,
+    generated_at: datetime | None = None,
+    days: int = 30,
+) -> str:
+    """The whole report as one HTML string: the figures as of ``now``, stamped ``generated_at``
+    (defaults to ``now``; the CLI passes the real clock)."""
+    report = compute_status(db, settings, campaign, now, days=days)
+    rows = _customer_rows(db, report, campaign)
+    return render_report(
+        report, rows, partner_name=settings.partner.name, generated_at=generated_at or now
+    )
+
+
+def write_report(
+    db: Database,
+    settings: Settings,
+    campaign: Campaign,
+    out: Path,
+    now: datetime,
+    *,
+    generated_at: datetime | None = None,
+    days: int = 30,
+) -> Path:
+    """Build the report and write it to ``out`` (UTF-8), replacing the file atomically."""
+    html = build_report(db, settings, campaign, now, generated_at=generated_at, days=days)
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(html, encoding="utf-8")
+        tmp.replace(out)
+    except OSError as exc:
+        raise CommsError(
+            f"Cannot write the report to {out}: {exc.strerror}. Choose another --out path."
+        ) from exc
+    return out
+
+
+# ----------------------------------------------------------------------------- CSV exports
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """Spreadsheet-safe cell: datetimes as ISO 8601 UTC, booleans as yes/no, and text that a
+    spreadsheet would run as a formula (=, +, -, @) prefixed with an apostrophe."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat(timespec="seconds")
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def _addresses(raw: str) -> str:
+    try:
+        items = json.loads(raw or "[]")
+    except ValueError:
+        return raw
+    out: list[str] = []
+    for item in items if isinstance(items, list) else [items]:
+        if isinstance(item, dict):
+            inner = item.get("emailAddress")
+            src = inner if isinstance(inner, dict) else item
+            out.append(str(src.get("address") or src.get("email") or ""))
+        else:
+            out.append(str(item))
+    return "; ".join(a for a in out if a)
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+    count = 0
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # utf-8-sig: Excel reads non-ASCII names correctly only with the byte-order mark.
+        with path.open("w", newline="", encoding="utf-8-sig") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            for row in rows:
+                writer.writerow([_cell(v) for v in row])
+                count += 1
+    except OSError as exc:
+        raise CommsError(f"Cannot write {path}: {exc.strerror}. Choose another file.") from exc
+    return count
+
+
+OUTBOX_COLUMNS = (
+    "id", "send_id", "customer_key", "customer_name", "message", "sequence", "stage",
+    "internal", "status", "to", "cc", "subject", "sender", "send_after", "attempts",
+    "sent_at", "error_code", "last_error", "created_at", "updated_at",
+)
+
+
+def export_outbox_csv(db: Database, path: str | Path, status: str | None = None) -> int:
+    """Write the outbox (optionally only messages in ``status``) to a CSV file; return the
+    number of messages written. Rows stream from the database (memory stays flat)."""
+    if status is not None and status not in STATUSES:
+        raise CommsError(
+            f"Unknown message status {status!r}; use one of: {', '.join(STATUSES)}."
+        )
+    q = (
+        sa.select(
+            col(Message.id), col(Message.send_id), col(Customer.key), col(Customer.name),
+            col(Message.message), col(Message.sequence), col(Message.stage),
+            col(Message.internal), col(Message.status), col(Message.to_json),
+            col(Message.cc_json), col(Message.subject), col(Message.sender),
+            col(Message.send_after), col(Message.attempts), col(Message.sent_at),
+            col(Message.error_code), col(Message.last_error), col(Message.created_at),
+            col(Message.updated_at),
+        )
+        .join(Customer, col(Customer.id) == col(Message.customer_id))
+        .order_by(col(Message.id))
+    )
+    if status is not None:
+        q = q.where(col(Message.status) == status)
+
+    def rows() -> Iterator[Sequence[Any]]:
+        with db.session() as s:
+            for r in s.execute(q.execution_options(yield_per=2000)):
+                values = list(r)
+                values[9] = _addresses(values[9])
+                values[10] = _addresses(values[10])
+                yield values
+
+    return _write_csv(Path(path), OUTBOX_COLUMNS, rows())
+
+
+CUSTOMER_COLUMNS = (
+    "key", "name", "stage", "stage_entered_at", "licences", "tenant_id", "primary_domain",
+    "locale", "time_zone", "paused", "opted_out", "lost", "csp_live_at", "next_due_at",
+    "account_manager_name", "account_manager_email", "tags", "contacts", "messages_sent",
+)
+
+
+def export_customers_csv(db: Database, path: str | Path) -> int:
+    """Write every customer with its tags, contacts (``Name <email> (role)``, ``;``-separated)
+    and count of sent messages to a CSV file; return the number of customers written."""
+    with db.session() as s:
+        tags: dict[int, list[str]] = {}
+        for cid, tag in s.execute(
+            sa.select(col(CustomerTag.customer_id), col(CustomerTag.tag)).order_by(
+                col(CustomerTag.customer_id), col(CustomerTag.tag))
+        ):
+            tags.setdefault(cid, []).append(tag)
+        contacts: dict[int, list[str]] = {}
+        for cid, name, email, role in s.execute(
+            sa.select(col(Contact.customer_id), col(Contact.name), col(Contact.email),
+                      col(Contact.role)).order_by(col(Contact.customer_id), col(Contact.id))
+        ):
+            shown = f"{name} <{email}>" if name else email
+            contacts.setdefault(cid, []).append(f"{shown} ({role})")
+        sent = dict(
+            s.execute(
+                sa.select(col(Message.customer_id), sa.func.count())
+                .where(col(Message.status) == "sent")
+                .group_by(col(Message.customer_id))
+            ).all()
+        )
+        customers = s.execute(
+            sa.select(
+                col(Customer.id), col(Customer.key), col(Customer.name), col(Customer.stage),
+                col(Customer.stage_entered_at), col(Customer.licences), col(Customer.tenant_id),
+                col(Customer.primary_domain), col(Customer.locale), col(Customer.time_zone),
+                col(Customer.paused), col(Customer.opted_out), col(Customer.lost),
+                col(Customer.csp_live_at), col(Customer.next_due_at),
+                col(Customer.account_manager_name), col(Customer.account_manager_email),
+            ).order_by(col(Customer.key))
+        ).all()
+    return _write_csv(
+        Path(path),
+        CUSTOMER_COLUMNS,
+        (
+            [*list(c)[1:], "; ".join(tags.get(c.id, [])), "; ".join(contacts.get(c.id, [])),
+             int(sent.get(c.id, 0))]
+            for c in customers
+        ),
+    )

@@ -1,0 +1,530 @@
+"""The figures behind `comms status` and `comms report`, computed in the database.
+
+Every function takes ``now`` (an aware datetime) and never reads the clock, so a test can build a
+known ledger and check exact numbers. Counting and grouping happen in SQL; Python only loops over
+the rows that are the answer (stuck customers, exhausted reminders, the exposure list).
+
+Definitions (docs/reporting.md explains them for users):
+
+- Funnel: customers per stage in campaign order; stages found in the ledger but not in the campaign
+  come last, marked ``in_campaign=False``. Side states (paused, opted out, lost) are counted inside
+  their stage and broken out.
+- Stuck: a customer whose time in its current stage exceeds that stage's ``expected_days``. Side
+  states do not hide a customer (an opted-out customer stuck in ``awaiting_cancellation`` still
+  costs money); they are shown as flags.
+- Message counts "today" and "this week" use the calendar of ``defaults.time_zone``: today is
+  local midnight to the next local midnight, the week is ISO (Monday 00:00 to the next Monday
+  00:00). A message counts under its *current* status, at the moment it reached that status:
+  queued -> ``created_at``, sent -> ``sent_at``, unknown -> ``unknown_since``, the others ->
+  ``updated_at``. "total" counts every message now in that status, whenever.
+- Reminders exhausted: the customer is still in a stage whose campaign reminders are all sent,
+  i.e. the reminder message with ``sequence == reminders.max`` has status ``sent``.
+- Double-billing exposure: for each customer in ``awaiting_cancellation``,
+  ``days since csp_live_at x licences x price_per_licence_month / 30`` (the monthly price
+  prorated per day over a 30-day month; days are fractional). Without ``csp_live_at`` the moment
+  the customer entered the stage is used and the row is marked estimated.
+- Messages per day: per local calendar day for the last N days (today included): messages put in
+  the outbox (``created_at``), sent (``sent_at``) and failed (``updated_at``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+from sqlmodel import Session, col, select
+
+from comms.campaign import Campaign
+from comms.config import Settings
+from comms.errors import CommsError, NotFound
+from comms.store.db import Database
+from comms.store.models import Customer, Message, StageEvent
+
+DOUBLE_BILLING_STAGE = "awaiting_cancellation"
+# Days per billing month for the exposure proration (see module docstring).
+DAYS_PER_MONTH = 30.0
+STATUSES: tuple[str, ...] = Message.STATUSES
+SECONDS_PER_DAY = 86_400.0
+
+
+# ----------------------------------------------------------------------------- result types
+
+
+@dataclass(frozen=True)
+class StageCount:
+    """One bar of the funnel."""
+
+    stage: str
+    customers: int
+    paused: int = 0
+    opted_out: int = 0
+    lost: int = 0
+    expected_days: float | None = None
+    in_campaign: bool = True
+
+
+@dataclass(frozen=True)
+class StuckCustomer:
+    key: str
+    name: str
+    stage: str
+    entered_at: datetime
+    days_in_stage: float
+    expected_days: float
+    licences: int
+    flags: tuple[str, ...] = ()
+
+    @property
+    def days_over(self) -> float:
+        return self.days_in_stage - self.expected_days
+
+
+@dataclass(frozen=True)
+class MessageCounts:
+    """Messages per status: ``today``, ``week`` and ``total`` map every status to a count."""
+
+    time_zone: str
+    day_start: datetime
+    week_start: datetime
+    today: dict[str, int]
+    week: dict[str, int]
+    total: dict[str, int]
+
+
+@dataclass(frozen=True)
+class ExhaustedCustomer:
+    key: str
+    name: str
+    stage: str
+    reminders: int
+    last_reminder_at: datetime | None
+    days_in_stage: float
+    licences: int
+
+
+@dataclass(frozen=True)
+class Exposure:
+    key: str
+    name: str
+    licences: int
+    live_since: datetime
+    days: float
+    amount: float
+    estimated: bool = False
+
+
+@dataclass(frozen=True)
+class DayCount:
+    day: date
+    queued: int = 0
+    sent: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """Everything `comms status` shows, as of ``now``."""
+
+    now: datetime
+    time_zone: str
+    currency: str
+    price_per_licence_month: float
+    customers_total: int
+    funnel: list[StageCount]
+    stuck: list[StuckCustomer]
+    messages: MessageCounts
+    exhausted: list[ExhaustedCustomer]
+    exposure: list[Exposure]
+    daily: list[DayCount] = field(default_factory=list)
+
+    @property
+    def exposure_total(self) -> float:
+        return round(sum(e.amount for e in self.exposure), 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (datetimes as ISO 8601 strings, dates as YYYY-MM-DD)."""
+        data = _jsonable(asdict(self))
+        assert isinstance(data, dict)
+        data["exposure_total"] = self.exposure_total
+        for row, item in zip(data["stuck"], self.stuck, strict=True):
+            row["days_over"] = round(item.days_over, 2)
+        return data
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 2)
+    return value
+
+
+# ----------------------------------------------------------------------------- time helpers
+
+
+def _aware(now: datetime) -> datetime:
+    if now.tzinfo is None:
+        raise ValueError(f"naive datetime {now!r}; pass an aware one")
+    return now.astimezone(UTC)
+
+
+def local_midnight(day: date, tz: ZoneInfo) -> datetime:
+    """The instant (UTC) local ``day`` begins in ``tz``."""
+    return datetime.combine(day, time(0), tzinfo=tz).astimezone(UTC)
+
+
+def day_bounds(now: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    """[start, end) of the local calendar day containing ``now``, in UTC."""
+    today = now.astimezone(tz).date()
+    return local_midnight(today, tz), local_midnight(today + timedelta(days=1), tz)
+
+
+def week_bounds(now: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    """[start, end) of the local ISO week (Monday 00:00 to next Monday 00:00), in UTC."""
+    today = now.astimezone(tz).date()
+    monday = today - timedelta(days=today.weekday())
+    return local_midnight(monday, tz), local_midnight(monday + timedelta(days=7), tz)
+
+
+def _days_between(start: datetime, end: datetime) -> float:
+    return (end - start).total_seconds() / SECONDS_PER_DAY
+
+
+def parse_now(text: str | None, time_zone: str) -> datetime:
+    """``--now`` as an aware UTC datetime; ISO 8601, a naive value is read in ``time_zone``.
+
+    Without ``text`` this is the real clock (only the CLI calls it that way).
+    """
+    if not text:
+        return datetime.now(UTC)
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise CommsError(
+            f"--now {text!r} is not an ISO 8601 date-time; use e.g. 2026-03-02T09:30 or "
+            "2026-03-02T09:30:00+00:00."
+        ) from exc
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=ZoneInfo(time_zone))
+    return value.astimezone(UTC)
+
+
+def _flags(c: Any) -> tuple[str, ...]:
+    return tuple(
+        name for name, on in (("paused", c.paused), ("opted out", c.opted_out), ("lost", c.lost))
+        if on
+    )
+
+
+# ----------------------------------------------------------------------------- the figures
+
+
+def funnel(session: Session, campaign: Campaign) -> list[StageCount]:
+    """Customers per stage in campaign order (empty stages included, unknown stages last)."""
+
+    def _sum(flag: Any) -> Any:
+        return sa.func.sum(sa.case((flag == sa.true(), 1), else_=0))
+
+    rows = session.execute(
+        sa.select(
+            col(Customer.stage),
+            sa.func.count(),
+            _sum(col(Customer.paused)),
+            _sum(col(Customer.opted_out)),
+            _sum(col(Customer.lost)),
+        ).group_by(col(Customer.stage))
+    ).all()
+    by_stage = {r[0]: (int(r[1]), int(r[2] or 0), int(r[3] or 0), int(r[4] or 0)) for r in rows}
+    out: list[StageCount] = []
+    for st in campaign.stages:
+        n, p, o, lo = by_stage.pop(st.name, (0, 0, 0, 0))
+        out.append(StageCount(st.name, n, p, o, lo, st.expected_days, True))
+    for name in sorted(by_stage):
+        n, p, o, lo = by_stage[name]
+        out.append(StageCount(name, n, p, o, lo, None, False))
+    return out
+
+
+def stuck_customers(session: Session, campaign: Campaign, now: datetime) -> list[StuckCustomer]:
+    """Customers longer in their stage than its ``expected_days``, longest overdue first."""
+    now = _aware(now)
+    limits = {
+        st.name: st.expected_days
+        for st in campaign.stages
+        if st.expected_days is not None and not st.final
+    }
+    if not limits:
+        return []
+    cond = sa.or_(
+        *(
+            sa.and_(
+                col(Customer.stage) == name,
+                col(Customer.stage_entered_at) < now - timedelta(days=days),
+            )
+            for name, days in limits.items()
+        )
+    )
+    rows = session.execute(
+        sa.select(
+            col(Customer.key), col(Customer.name), col(Customer.stage),
+            col(Customer.stage_entered_at), col(Customer.licences),
+            col(Customer.paused), col(Customer.opted_out), col(Customer.lost),
+        ).where(cond)
+    ).all()
+    out = [
+        StuckCustomer(
+            key=r.key, name=r.name, stage=r.stage, entered_at=r.stage_entered_at,
+            days_in_stage=_days_between(r.stage_entered_at, now),
+            expected_days=limits[r.stage], licences=int(r.licences), flags=_flags(r),
+        )
+        for r in rows
+    ]
+    out.sort(key=lambda s: (-s.days_over, s.key))
+    return out
+
+
+def _status_time() -> Any:
+    """When a message reached its current status (see the module docstring)."""
+    m = Message
+    return sa.case(
+        (col(m.status) == "queued", col(m.created_at)),
+        (col(m.status) == "sent", sa.func.coalesce(col(m.sent_at), col(m.updated_at))),
+        (col(m.status) == "unknown", sa.func.coalesce(col(m.unknown_since), col(m.updated_at))),
+        else_=col(m.updated_at),
+    )
+
+
+def message_counts(session: Session, now: datetime, tz: ZoneInfo) -> MessageCounts:
+    """Messages per current status: reached it today, this week (local calendar), and in all."""
+    now = _aware(now)
+    d0, d1 = day_bounds(now, tz)
+    w0, w1 = week_bounds(now, tz)
+    ts = _status_time()
+
+    def _in(a: datetime, b: datetime) -> Any:
+        return sa.func.sum(sa.case((sa.and_(ts >= a, ts < b), 1), else_=0))
+
+    rows = session.execute(
+        sa.select(col(Message.status), _in(d0, d1), _in(w0, w1), sa.func.count())
+        .group_by(col(Message.status))
+    ).all()
+    today = dict.fromkeys(STATUSES, 0)
+    week = dict.fromkeys(STATUSES, 0)
+    total = dict.fromkeys(STATUSES, 0)
+    for status, t, w, n in rows:
+        today[status] = int(t or 0)
+        week[status] = int(w or 0)
+        total[status] = int(n or 0)
+    return MessageCounts(str(tz.key), d0, w0, today, week, total)
+
+
+def exhausted_reminders(
+    session: Session, campaign: Campaign, now: datetime
+) -> list[ExhaustedCustomer]:
+    """Customers still in a stage whose reminders have all been sent (longest in stage first)."""
+    now = _aware(now)
+    stages = [
+        st for st in campaign.stages if st.reminders is not None and st.reminders.max > 0
+    ]
+    if not stages:
+        return []
+    conds = []
+    for st in stages:
+        assert st.reminders is not None
+        conds.append(
+            sa.and_(
+                col(Customer.stage) == st.name,
+                col(Message.message) == st.reminders.message,
+                col(Message.sequence) == st.reminders.max,
+            )
+        )
+    rows = session.execute(
+        sa.select(
+            col(Customer.key), col(Customer.name), col(Customer.stage),
+            col(Customer.stage_entered_at), col(Customer.licences),
+            sa.func.max(col(Message.sent_at)).label("last_at"),
+        )
+        .join(Message, col(Message.customer_id) == col(Customer.id))
+        .where(col(Message.status) == "sent", sa.or_(*conds))
+        .group_by(
+            col(Customer.id), col(Customer.key), col(Customer.name), col(Customer.stage),
+            col(Customer.stage_entered_at), col(Customer.licences),
+        )
+    ).all()
+    maxes = {st.name: st.reminders.max for st in stages if st.reminders is not None}
+    out: list[ExhaustedCustomer] = []
+    for r in rows:
+        last = r.last_at
+        if isinstance(last, str):  # SQLite returns MAX() of a typed column as raw text
+            last = datetime.fromisoformat(last)
+        if last is not None and last.tzinfo is None:
+            last = last.replace(tzinfo=UTC)
+        out.append(
+            ExhaustedCustomer(
+                key=r.key, name=r.name, stage=r.stage, reminders=maxes[r.stage],
+                last_reminder_at=last, days_in_stage=_days_between(r.stage_entered_at, now),
+                licences=int(r.licences),
+            )
+        )
+    out.sort(key=lambda e: (-e.days_in_stage, e.key))
+    return out
+
+
+def double_billing_exposure(
+    session: Session, now: datetime, price_per_licence_month: float
+) -> list[Exposure]:
+    """Per customer in ``awaiting_cancellation``: days live x licences x monthly price / 30,
+    highest first (ties by key)."""
+    now = _aware(now)
+    rows = session.execute(
+        sa.select(
+            col(Customer.key), col(Customer.name), col(Customer.licences),
+            col(Customer.csp_live_at), col(Customer.stage_entered_at),
+        ).where(col(Customer.stage) == DOUBLE_BILLING_STAGE)
+    ).all()
+    out: list[Exposure] = []
+    for r in rows:
+        since = r.csp_live_at or r.stage_entered_at
+        days = max(0.0, _days_between(since, now))
+        amount = days * int(r.licences) * price_per_licence_month / DAYS_PER_MONTH
+        out.append(
+            Exposure(r.key, r.name, int(r.licences), since, days, round(amount, 2),
+                     estimated=r.csp_live_at is None)
+        )
+    out.sort(key=lambda e: (-e.amount, e.key))
+    return out
+
+
+def messages_per_day(
+    session: Session, now: datetime, tz: ZoneInfo, days: int = 14
+) -> list[DayCount]:
+    """Messages queued, sent and failed per local calendar day, oldest first, today last."""
+    if days < 1:
+        raise CommsError(f"--days must be at least 1, got {days}.")
+    now = _aware(now)
+    today = now.astimezone(tz).date()
+    dates = [today - timedelta(days=days - 1 - i) for i in range(days)]
+    bounds = [local_midnight(d, tz) for d in dates] + [local_midnight(today + timedelta(1), tz)]
+    series: dict[str, dict[int, int]] = {}
+    for name, ts, status in (
+        ("queued", col(Message.created_at), None),
+        ("sent", sa.func.coalesce(col(Message.sent_at), col(Message.updated_at)), "sent"),
+        ("failed", col(Message.updated_at), "failed"),
+    ):
+        # One grouped query per series: the CASE puts each row in its local day, DST-correct.
+        bucket = sa.case(
+            *((ts < b, i) for i, b in enumerate(bounds[1:-1])), else_=days - 1
+        ) if days > 1 else sa.literal(0)
+        q = sa.select(bucket.label("b"), sa.func.count()).where(ts >= bounds[0], ts < bounds[-1])
+        if status is not None:
+            q = q.where(col(Message.status) == status)
+        # Group by the output name: repeating the CASE would bind its parameters twice, which
+        # PostgreSQL does not recognise as the same expression.
+        rows = session.execute(q.group_by(sa.text("b"))).all()
+        series[name] = {int(b): int(n) for b, n in rows}
+    return [
+        DayCount(d, series["queued"].get(i, 0), series["sent"].get(i, 0),
+                 series["failed"].get(i, 0))
+        for i, d in enumerate(dates)
+    ]
+
+
+def compute_status(
+    db: Database, settings: Settings, campaign: Campaign, now: datetime, *, days: int = 14
+) -> StatusReport:
+    """Every figure of `comms status` as of ``now``, read in one transaction."""
+    now = _aware(now)
+    tz = ZoneInfo(settings.defaults.time_zone)
+    price = settings.partner.price_per_licence_month
+    with db.session() as s:
+        total = int(s.execute(sa.select(sa.func.count()).select_from(Customer)).scalar_one())
+        return StatusReport(
+            now=now,
+            time_zone=settings.defaults.time_zone,
+            currency=settings.partner.currency,
+            price_per_licence_month=price,
+            customers_total=total,
+            funnel=funnel(s, campaign),
+            stuck=stuck_customers(s, campaign, now),
+            messages=message_counts(s, now, tz),
+            exhausted=exhausted_reminders(s, campaign, now),
+            exposure=double_billing_exposure(s, now, price),
+            daily=messages_per_day(s, now, tz, days),
+        )
+
+
+# ----------------------------------------------------------------------------- one customer
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    """One line of a customer's history: a stage event or a message, at its moment."""
+
+    at: datetime
+    kind: str  # "event" | "message"
+    what: str  # event kind ("stage", "pause" ...) or message name
+    detail: str
+    status: str = ""
+    by: str = ""
+
+
+def _recipients(to_json: str) -> str:
+    try:
+        items = json.loads(to_json or "[]")
+    except ValueError:
+        return to_json
+    out: list[str] = []
+    for item in items if isinstance(items, list) else [items]:
+        if isinstance(item, dict):
+            addr = item.get("address") or item.get("email") or ""
+            out.append(str(addr or (item.get("emailAddress") or {}).get("address", "")))
+        else:
+            out.append(str(item))
+    return ", ".join(a for a in out if a)
+
+
+def customer_timeline(db: Database, key: str) -> list[TimelineEntry]:
+    """Stage events and every message of customer ``key``, interleaved by time (oldest first).
+
+    A message sits at its ``sent_at`` when sent, else when it was queued (``created_at``).
+    """
+    with db.session() as s:
+        customer = s.exec(select(Customer).where(col(Customer.key) == key)).first()
+        if customer is None:
+            raise NotFound(f"No customer with key {key!r}; list keys with `comms customers list`.")
+        events = s.exec(
+            select(StageEvent).where(col(StageEvent.customer_id) == customer.id)
+        ).all()
+        messages = s.execute(
+            sa.select(
+                col(Message.message), col(Message.sequence), col(Message.status),
+                col(Message.created_at), col(Message.sent_at), col(Message.to_json),
+                col(Message.internal), col(Message.last_error), col(Message.id),
+            ).where(col(Message.customer_id) == customer.id)
+        ).all()
+    entries: list[tuple[datetime, int, int, TimelineEntry]] = []
+    for e in events:
+        detail = f"{e.from_stage or '-'} -> {e.to_stage or '-'}" if e.kind == "stage" else e.kind
+        if e.forced:
+            detail += " (forced)"
+        if e.note:
+            detail += f": {e.note}"
+        entries.append((e.at, 0, e.id or 0, TimelineEntry(e.at, "event", e.kind, detail, "", e.by)))
+    for m in messages:
+        at = m.sent_at or m.created_at
+        name = m.message if not m.sequence else f"{m.message} #{m.sequence}"
+        detail = ("internal to " if m.internal else "to ") + _recipients(m.to_json)
+        if m.status in ("failed", "withdrawn", "unknown") and m.last_error:
+            detail += f" ({m.last_error})"
+        entries.append((at, 1, m.id or 0, TimelineEntry(at, "message", name, detail, m.status)))
+    entries.sort(key=lambda t: (t[0], t[1], t[2]))
+    return [t[3] for t in entries]
+

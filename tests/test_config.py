@@ -1,0 +1,182 @@
+"""Configuration: every bad input is an error naming key and file (or variable), all problems at
+once; environment overrides; secrets only from the environment and never printed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from comms.config import MASK, load_settings
+from comms.errors import ConfigError
+
+Cli = Callable[..., Any]
+
+
+def problems(tmp_path: Path, toml: str, env: dict[str, str] | None = None) -> list[str]:
+    path = tmp_path / "comms.toml"
+    path.write_text(toml, encoding="utf-8")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(path, env=env or {})
+    assert exc.value.message == (
+        f"The configuration has {len(exc.value.problems)} problem(s); fix them and run "
+        "`comms config check`:")
+    return [p.replace(str(path), "FILE") for p in exc.value.problems]
+
+
+def test_defaults_without_a_file(tmp_path: Path) -> None:
+    s = load_settings(None, env={})
+    assert s.source == "built-in defaults"
+    assert s.partner.licence_threshold == 25
+    assert s.partner.support_url == "https://portal.office.com/Support/ContactUs.aspx"
+    assert s.partner.billing_url == "https://portal.office.com/admin/default.aspx#Billing"
+    assert s.partner.invitation_link.endswith(
+        "partnerId=00000000-0000-0000-0000-000000000000&msppId=0&DAP=false"
+        "#/BillingAccounts/partner-invitation")
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "config" / "comms.example.toml"
+    s = load_settings(example, env={})
+    assert s.source == str(example)
+    assert s.senders[0].address == "transition@fabrikam.example"
+
+
+def test_typo_in_a_key_names_key_and_file(tmp_path: Path) -> None:
+    assert problems(tmp_path, '[partner]\nnmae = "Fabrikam"\n') == [
+        "FILE: [partner] nmae: unknown key (check its spelling) (got 'Fabrikam')"]
+
+
+def test_typo_in_a_top_level_key(tmp_path: Path) -> None:
+    assert problems(tmp_path, 'campain_file = "x.toml"\n') == [
+        "FILE: campain_file: unknown key (check its spelling) (got 'x.toml')"]
+
+
+def test_typo_in_a_section_name(tmp_path: Path) -> None:
+    assert problems(tmp_path, "[partnr]\nname = 'X'\n") == [
+        "FILE: partnr: unknown key (check its spelling)"]
+
+
+def test_wrong_type_names_key_and_file(tmp_path: Path) -> None:
+    assert problems(tmp_path, '[partner]\nlicence_threshold = "many"\n') == [
+        "FILE: [partner] licence_threshold: Input should be a valid integer, unable to parse "
+        "string as an integer (got 'many')"]
+
+
+def test_bad_values_in_a_list_section(tmp_path: Path) -> None:
+    toml = '[[senders]]\naddress = "nobody"\n[[senders]]\naddress = "a@fabrikam.example"\n' \
+           "messages_per_minute = 0\n"
+    assert problems(tmp_path, toml) == [
+        "FILE: [senders[0]] address: 'nobody' is not a mailbox address (name@domain) "
+        "(got 'nobody')",
+        "FILE: [senders[1]] messages_per_minute: Input should be greater than or equal to 1 "
+        "(got 0)",
+    ]
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    toml = ('[partner]\nsupport_url = "http://insecure.example"\n'
+            '[defaults]\ntime_zone = "Mars/Base"\n[delivery]\ntransport = "smtp"\n')
+    assert problems(tmp_path, toml) == [
+        "FILE: [partner] support_url: must be an https:// link, got 'http://insecure.example' "
+        "(got 'http://insecure.example')",
+        "FILE: [defaults] time_zone: unknown time zone 'Mars/Base'; use an IANA name such as "
+        "Europe/London (got 'Mars/Base')",
+        "FILE: [delivery] transport: Input should be 'graph' or 'outbox_dir' (got 'smtp')",
+    ]
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "comms.toml"
+    path.write_text("[partner\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(path, env={})
+    assert str(exc.value).startswith(f"{path} is not valid TOML: ")
+
+
+def test_missing_explicit_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings(tmp_path / "nope.toml", env={})
+    assert str(exc.value) == (
+        f"Config file {tmp_path / 'nope.toml'} does not exist. Create one with `comms init`.")
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "comms.toml"
+    path.write_text("[partner]\nlicence_threshold = 20\nname = 'From File'\n")
+    s = load_settings(path, env={"COMMS_PARTNER_LICENCE_THRESHOLD": "30",
+                                 "COMMS_DATABASE_URL": "sqlite:///x.db"})
+    assert (s.partner.licence_threshold, s.partner.name, s.database_url()) == (
+        30, "From File", "sqlite:///x.db")
+
+
+def test_bad_environment_values_name_the_variable(tmp_path: Path) -> None:
+    env = {"COMMS_PARTNER_LICENCE_THRESHOLD": "lots", "COMMS_PARTNR_NAME": "x",
+           "COMMS_GRAPH_TENANTID": "y"}
+    assert problems(tmp_path, "", env) == [
+        "environment variable COMMS_GRAPH_TENANTID: graph has no setting 'tenantid'",
+        "environment variable COMMS_PARTNR_NAME is not a comms setting (expected "
+        "COMMS_<SECTION>_<KEY>, sections: partner, graph, database, templates, defaults, "
+        "delivery)",
+        "environment variable COMMS_PARTNER_LICENCE_THRESHOLD: [partner] licence_threshold: "
+        "Input should be a valid integer, unable to parse string as an integer (got 'lots')",
+    ]
+
+
+def test_secret_in_the_file_is_refused(tmp_path: Path) -> None:
+    toml = '[graph]\nclient_secret = "s3cret"\nprivate_key_file = "/keys/app.pem"\n'
+    assert problems(tmp_path, toml) == [
+        "FILE: [graph] client_secret must not be in a config file; set "
+        "COMMS_GRAPH_CLIENT_SECRET in the environment instead",
+        "FILE: [graph] private_key_file must not be in a config file; set "
+        "COMMS_GRAPH_PRIVATE_KEY_FILE in the environment instead",
+    ]
+
+
+def test_secret_from_environment_or_file(tmp_path: Path) -> None:
+    s = load_settings(None, env={"COMMS_GRAPH_CLIENT_SECRET": "from-env"})
+    assert s.graph.client_secret == "from-env"
+    secret_file = tmp_path / "secret.txt"
+    secret_file.write_text("from-file\n")
+    s = load_settings(None, env={"COMMS_GRAPH_CLIENT_SECRET_FILE": str(secret_file)})
+    assert s.graph.client_secret == "from-file"
+    with pytest.raises(ConfigError) as exc:
+        load_settings(None, env={"COMMS_GRAPH_CLIENT_SECRET_FILE": str(tmp_path / "none")})
+    assert exc.value.problems == [
+        f"COMMS_GRAPH_CLIENT_SECRET_FILE: cannot read {tmp_path / 'none'}: No such file or "
+        "directory"]
+
+
+def test_config_show_masks_secrets(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMMS_GRAPH_CLIENT_SECRET", "hunter2-very-secret")
+    monkeypatch.setenv("COMMS_GRAPH_PRIVATE_KEY_FILE", "/keys/app-key.pem")
+    monkeypatch.setenv("COMMS_DATABASE_URL", "postgresql://comms:db-password@db.internal/comms")
+    text = cli("config", "show")
+    assert text.exit_code == 0
+    as_json = cli("config", "show", "--json")
+    assert as_json.exit_code == 0
+    for out in (text.stdout, as_json.stdout):
+        assert "hunter2" not in out
+        assert "app-key.pem" not in out
+        assert "db-password" not in out
+    assert f'client_secret = "{MASK}"' in text.stdout
+    data = json.loads(as_json.stdout)
+    assert data["graph"]["client_secret"] == MASK
+    assert data["graph"]["private_key_file"] == MASK
+    assert data["database"]["url"] == f"postgresql://comms:{MASK}@db.internal/comms"
+
+
+def test_config_check_reports_every_problem(cli: Cli, tmp_path: Path) -> None:
+    path = tmp_path / "comms.toml"
+    path.write_text('[partner]\nnmae = "x"\n[graph]\nclient_secret = "s"\n')
+    result = cli("--config", str(path), "config", "check")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "Error: The configuration has 2 problem(s); fix them and run `comms config check`:\n"
+        f"  - {path}: [graph] client_secret must not be in a config file; set "
+        "COMMS_GRAPH_CLIENT_SECRET in the environment instead\n"
+        f"  - {path}: [partner] nmae: unknown key (check its spelling) (got 'x')\n"
+    )

@@ -1,0 +1,285 @@
+"""`comms report`: the HTML file carries the figures, draws the charts, escapes names, needs no
+network; and the CSV exports of the outbox and the customers."""
+
+from __future__ import annotations
+
+import csv
+import re
+from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_status import NOW, TZ, add_customer, add_message, ago, build_ledger
+
+from comms.campaign import load_campaign
+from comms.config import DefaultsSettings, Settings
+from comms.errors import CommsError
+from comms.services.report import (
+    build_report,
+    export_customers_csv,
+    export_outbox_csv,
+    write_report,
+)
+from comms.store.db import Database
+
+GENERATED = datetime(2026, 3, 4, 15, 30, 7, tzinfo=UTC)
+
+
+class Elements(HTMLParser):
+    """Every start tag with its attributes, and the text inside elements with an id."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.text_by_id: dict[str, str] = {}
+        self._open: list[str | None] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        self.tags.append((tag, a))
+        if tag not in ("meta", "input", "br", "line", "path"):
+            self._open.append(a.get("id"))
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, {k: v or "" for k, v in attrs}))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag not in ("meta", "input", "br", "line", "path") and self._open:
+            self._open.pop()
+
+    def handle_data(self, data: str) -> None:
+        for ident in self._open:
+            if ident:
+                self.text_by_id[ident] = self.text_by_id.get(ident, "") + data
+
+    def count(self, tag: str, cls: str) -> int:
+        return sum(1 for t, a in self.tags if t == tag and cls in a.get("class", "").split())
+
+    def values(self, cls: str) -> list[str]:
+        return [a["data-value"] for t, a in self.tags if t == "rect"
+                and cls in a.get("class", "").split()]
+
+
+def parse(html: str) -> Elements:
+    p = Elements()
+    p.feed(html)
+    p.close()
+    return p
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(defaults=DefaultsSettings(time_zone=TZ))
+
+
+@pytest.fixture
+def campaign() -> Any:
+    return load_campaign(None)
+
+
+@pytest.fixture
+def html(db: Database, settings: Settings, campaign: Any) -> str:
+    build_ledger(db)
+    return build_report(db, settings, campaign, NOW, generated_at=GENERATED, days=14)
+
+
+def test_report_carries_the_figures(html: str) -> None:
+    page = parse(html)
+    assert page.text_by_id["total-customers"] == "13"
+    assert page.text_by_id["exposure-total"] == "GBP 235.00"
+    assert page.text_by_id["generated-at"] == "2026-03-04 10:30:07"
+    assert 'datetime="2026-03-04T15:30:07+00:00"' in html
+    assert "figures as of <time datetime=\"2026-03-04T15:00:00+00:00\">2026-03-04 10:00</time>" \
+        " (America/New_York)" in html
+    rows = re.findall(r'<tr data-status="(\w+)"><td>\w+</td><td class="num">(\d+)</td>'
+                      r'<td class="num">(\d+)</td><td class="num">(\d+)</td></tr>', html)
+    assert rows == [("queued", "1", "2", "2"), ("sending", "0", "0", "0"),
+                    ("sent", "2", "6", "21"), ("failed", "1", "1", "1"),
+                    ("unknown", "0", "0", "1"), ("withdrawn", "1", "1", "1")]
+    assert "Stuck past expected time (4)" in html
+    assert "Reminders exhausted without progress (2)" in html
+    assert "Top 4 of 4 customers in awaiting_cancellation" in html
+    assert "× GBP 12.50 per licence per month ÷ 30. Total GBP 235.00." in html
+
+
+def test_report_charts_have_one_bar_per_datum(html: str) -> None:
+    page = parse(html)
+    # Funnel: the six campaign stages plus the unknown "legacy" stage, in campaign order.
+    assert page.values("funnel") == ["2.0", "1.0", "2.0", "2.0", "4.0", "1.0", "1.0"]
+    # Messages per day: 14 days, a sent and a failed bar each, the queued line.
+    assert page.count("rect", "sent") == 14
+    assert page.count("rect", "failed") == 14
+    assert page.count("path", "queued") == 1
+    assert page.values("sent")[-1] == "2" and page.values("failed")[-1] == "1"
+    # Exposure: highest first.
+    assert page.values("exposure") == ["150.0", "62.5", "12.5", "10.0"]
+    svg_ids = [a.get("id") for t, a in page.tags if t == "svg"]
+    assert svg_ids == ["chart-funnel", "chart-daily", "chart-exposure"]
+
+
+def test_report_customer_table_lists_everyone(html: str) -> None:
+    body = html.split('id="customer-table"', 1)[1].split("</table>", 1)[0]
+    keys = re.findall(r"<tr><td>(C\d\d)</td>", body)
+    assert keys == [f"C{i:02d}" for i in range(1, 14)]
+    c06 = re.search(r"<tr><td>C06</td>.*?</tr>", body)
+    assert c06 is not None
+    assert '<td class="num" data-v="150.0">150.00</td>' in c06.group(0)
+    assert '<td class="hide-phone flag">paused</td>' in c06.group(0)
+    assert '<td class="num">6</td>' in c06.group(0)  # six messages sent to C06
+
+
+def test_report_escapes_customer_names(db: Database, settings: Settings, campaign: Any) -> None:
+    evil = '<script>alert("x")</script> & <b>Co</b>'
+    with db.session() as s:
+        add_customer(s, "X1", "awaiting_cancellation", ago(2), name=evil, csp_live_at=ago(2))
+    html = build_report(db, settings, campaign, NOW, generated_at=GENERATED)
+    assert "<script>alert" not in html
+    assert "<b>Co</b>" not in html
+    escaped = "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; &lt;b&gt;Co&lt;/b&gt;"
+    assert html.count(escaped) >= 2  # the customer table and the exposure bar's tooltip
+    # The chart label is shortened but escaped too.
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/scrip…</text>" in html
+    assert html.count("<script>") == 1  # only the report's own script
+
+
+def test_report_needs_no_network(html: str) -> None:
+    assert "Content-Security-Policy" in html and "default-src 'none'" in html
+    for forbidden in (" src=", "<link", "@import", "url(", "http://", "https://"):
+        assert forbidden not in html, forbidden
+
+
+def test_report_on_an_empty_ledger(db: Database, settings: Settings, campaign: Any) -> None:
+    page = parse(build_report(db, settings, campaign, NOW, generated_at=GENERATED, days=7))
+    assert page.text_by_id["total-customers"] == "0"
+    assert page.values("funnel") == ["0.0"] * 6
+    assert page.count("rect", "exposure") == 0
+    assert page.count("rect", "sent") == 7
+    assert page.text_by_id["exposure-total"] == "GBP 0.00"
+
+
+def test_exposure_chart_shows_the_top_20(db: Database, settings: Settings,
+                                         campaign: Any) -> None:
+    with db.session() as s:
+        for i in range(25):
+            add_customer(s, f"E{i:02d}", "awaiting_cancellation", ago(3), licences=i + 1,
+                         csp_live_at=ago(3))
+    page = parse(build_report(db, settings, campaign, NOW, generated_at=GENERATED))
+    values = [float(v) for v in page.values("exposure")]
+    assert len(values) == 20
+    assert values[0] == 31.25 and values[-1] == 7.5  # 3 d × 25 lic × 12.50 / 30 … 6 licences
+    assert values == sorted(values, reverse=True)
+
+
+def test_write_report_to_an_unwritable_place(db: Database, settings: Settings,
+                                             campaign: Any, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CommsError) as exc:
+        write_report(db, settings, campaign, blocker / "r.html", NOW)
+    message = str(exc.value)
+    assert message.startswith(f"Cannot write the report to {blocker / 'r.html'}: ")
+    assert message.endswith(". Choose another --out path.")
+
+
+def test_cli_report_writes_the_file(db: Database, cli: Any, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMMS_DEFAULTS_TIME_ZONE", TZ)
+    build_ledger(db)
+    out = tmp_path / "out" / "report.html"
+    r = cli("report", "--out", str(out), "--now", "2026-03-04T10:00", "--days", "10")
+    assert r.exit_code == 0, r.output
+    size = out.stat().st_size
+    assert r.stdout.strip() == f"Wrote {out} ({size:,} bytes)."
+    page = parse(out.read_text(encoding="utf-8"))
+    assert page.text_by_id["exposure-total"] == "GBP 235.00"
+    assert page.count("rect", "sent") == 10
+    # The generation time is the real clock, the figures are as of --now.
+    stamp = next(a["datetime"] for t, a in page.tags if t == "time" and a.get("id") ==
+                 "generated-at")
+    assert abs(datetime.fromisoformat(stamp) - datetime.now(UTC)) < timedelta(minutes=5)
+
+
+def test_cli_report_rejects_a_bad_now(db: Database, cli: Any) -> None:
+    r = cli("report", "--now", "03/04/2026")
+    assert r.exit_code == 1
+    assert "Error: --now '03/04/2026' is not an ISO 8601 date-time" in r.stderr
+
+
+# ----------------------------------------------------------------------------- CSV exports
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_export_outbox_csv(db: Database, tmp_path: Path) -> None:
+    build_ledger(db)
+    path = tmp_path / "outbox.csv"
+    assert export_outbox_csv(db, path) == 26
+    rows = read_csv(path)
+    assert len(rows) == 26
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")  # BOM: Excel reads UTF-8 right
+    first = rows[0]
+    assert (first["customer_key"], first["message"], first["sequence"], first["status"]) == (
+        "C04", "partner_invitation", "0", "sent")
+    assert first["to"] == "it@c04.example"
+    assert first["internal"] == "no"
+    assert first["sent_at"] == ago(30).isoformat()
+
+    failed = tmp_path / "failed.csv"
+    assert export_outbox_csv(db, failed, status="failed") == 1
+    (row,) = read_csv(failed)
+    assert (row["customer_key"], row["message"], row["last_error"]) == (
+        "C07", "cancel_reminder", "550 mailbox unavailable")
+    assert row["updated_at"] == "2026-03-04T14:30:00+00:00"
+
+
+def test_export_outbox_csv_neutralises_formulas(db: Database, tmp_path: Path) -> None:
+    with db.session() as s:
+        c = add_customer(s, "F1", "invited", ago(1), name="=HYPERLINK(\"x\")")
+        add_message(s, c, "partner_invitation", 0, "queued", at=ago(1),
+                    subject="+1 action needed")
+    path = tmp_path / "o.csv"
+    assert export_outbox_csv(db, path, status="queued") == 1
+    (row,) = read_csv(path)
+    assert row["customer_name"] == "'=HYPERLINK(\"x\")"
+    assert row["subject"] == "'+1 action needed"
+
+
+def test_export_outbox_csv_unknown_status(db: Database, tmp_path: Path) -> None:
+    with pytest.raises(CommsError) as exc:
+        export_outbox_csv(db, tmp_path / "x.csv", status="bounced")
+    assert str(exc.value) == (
+        "Unknown message status 'bounced'; use one of: queued, sending, sent, failed, "
+        "unknown, withdrawn."
+    )
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_export_customers_csv(db: Database, tmp_path: Path) -> None:
+    from comms.store.models import Contact, CustomerTag
+
+    ledger = build_ledger(db)
+    with db.session() as s:
+        s.add(CustomerTag(customer_id=ledger.ids["C06"], tag="vip"))
+        s.add(CustomerTag(customer_id=ledger.ids["C06"], tag="emea"))
+        s.add(Contact(customer_id=ledger.ids["C06"], name="Ana", email="ana@c06.example",
+                      role="billing"))
+        s.add(Contact(customer_id=ledger.ids["C06"], name="", email="it@c06.example"))
+    path = tmp_path / "customers.csv"
+    assert export_customers_csv(db, path) == 13
+    rows = {r["key"]: r for r in read_csv(path)}
+    c06 = rows["C06"]
+    assert c06["stage"] == "awaiting_cancellation"
+    assert c06["licences"] == "30"
+    assert c06["paused"] == "yes" and c06["lost"] == "no"
+    assert c06["csp_live_at"] == ago(12).isoformat()
+    assert c06["tags"] == "emea; vip"
+    assert c06["contacts"] == "Ana <ana@c06.example> (billing); it@c06.example (primary)"
+    assert c06["messages_sent"] == "6"
+    assert rows["C11"]["name"] == "Contoso <Ltd> & Sons"
+    assert rows["C12"]["messages_sent"] == "0"
+    assert rows["C08"]["csp_live_at"] == ""
