@@ -382,7 +382,8 @@ def test_skip_invalid_imports_good_rows_and_writes_rejects(db: Database,
     result = run(db, write(tmp_path, text, "wave.csv"), skip_invalid=True)
     assert (result.created, result.rejected) == (2, 1)
     assert result.rejects_file == tmp_path / "wave.rejects.csv"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["wave.csv", "wave.rejects.csv"]
+    assert sorted(p.name for p in tmp_path.glob("*.csv")) == ["wave.csv", "wave.rejects.csv"]
+    assert list(tmp_path.glob(".*")) == []  # no temporary file left behind
     raw = result.rejects_file.read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf")  # Excel needs the BOM for non-ASCII text
     assert raw.decode("utf-8-sig").splitlines() == [

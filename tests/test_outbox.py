@@ -51,7 +51,7 @@ class ScriptedTransport:
 def settings_for(**delivery: float) -> Settings:
     return Settings.model_validate({
         "senders": [{"address": "a@fabrikam.example"}, {"address": "b@fabrikam.example"}],
-        "graph": {"reconcile_grace_seconds": 0, "timeout_seconds": 1},
+        "graph": {"reconcile_grace_seconds": 0, "timeout_seconds": 0.2},
         "delivery": {"lease_seconds": 5, "time_scale": 0.001, **delivery},
     })
 

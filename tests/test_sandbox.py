@@ -483,7 +483,7 @@ def test_users_endpoint_reports_existence_and_me_needs_a_user(
 # -- Graph: Exchange limits --------------------------------------------------------------
 
 
-@pytest.mark.sandbox(time_scale=0.02, messages_per_minute=5)
+@pytest.mark.sandbox(time_scale=0.04, messages_per_minute=5)
 def test_rate_limit_answers_429_with_fractional_retry_after_that_works(
     sb: Sandbox, http: requests.Session
 ) -> None:
@@ -495,7 +495,7 @@ def test_rate_limit_answers_429_with_fractional_retry_after_that_works(
     assert (status, code) == (429, "TooManyRequests")
     retry = resp.headers["Retry-After"]
     assert "." in retry  # fractional seconds, as Graph may send
-    assert 0 < float(retry) <= 60 * 0.02
+    assert 0 < float(retry) <= 60 * 0.04
     time.sleep(float(retry))
     assert send(http, sb, token, {"message": message("R-5")}).status_code == 202
     assert [r["send_id"] for r in sb.sent()] == [f"R-{i}" for i in range(6)]
@@ -808,3 +808,16 @@ def test_sandbox_command_refuses_an_unknown_auth(cli: Any) -> None:
     assert result.exit_code == 2
     assert "Error: --auth must be one of secret, certificate, delegated, got 'magic'." in (
         result.output)
+
+
+def test_device_login_page_signs_a_person_in(sb: Sandbox, http: requests.Session) -> None:
+    app = _public(sb, http)
+    flow = app.initiate_device_flow(scopes=["Mail.Send"])
+    page = http.get(flow["verification_uri"])
+    assert page.status_code == 200
+    assert 'name="user_code"' in page.text
+    done = http.post(flow["verification_uri"],
+                     data={"user_code": flow["user_code"], "user": OTHER})
+    assert f"Signed in as {OTHER}" in done.text
+    result = app.acquire_token_by_device_flow(flow)
+    assert result["id_token_claims"]["preferred_username"] == OTHER

@@ -226,13 +226,14 @@ def _human_minutes(minutes: float) -> str:
 def worker(
     once: bool = typer.Option(False, "--once", help="Drain what is due now, then exit."),
     max_minutes: float = typer.Option(0.0, "--max-minutes", min=0.0, help="Stop after M minutes (0: run until stopped)."),
+    now: str = typer.Option(None, "--now", help="Simulated time (ISO), as given to `comms run --now`; default: now."),
 ) -> None:
     """Dispatch queued messages; run several (on one host or many) against one PostgreSQL
     database. Workers share each sender mailbox's limits through the database."""
     from comms.outbox import Clock, Dispatcher
 
     settings, _, _, transport, db = _engine_parts()
-    clock = Clock()
+    clock = Clock(_parse_now(now))
     dispatcher = Dispatcher(db, settings, transport, clock=clock, worker=_worker_id())
     end = time.monotonic() + (max_minutes * 60 if max_minutes else 10 * 365 * 86400)
     total_sent = total_failed = 0

@@ -41,7 +41,7 @@ def preview(
         if out is None:
             raise CommsError("--all needs --out DIR (the folder to write the previews to).")
         files = preview_service.preview_all(settings, out, now=now, campaign=_campaign())
-        console.print(f"Wrote {len(files)} previews and {out / 'index.html'}")
+        typer.echo(f"Wrote {len(files)} previews and {out / 'index.html'}")
         if open_:
             webbrowser.open((out / "index.html").resolve().as_uri())
         return
@@ -63,7 +63,7 @@ def preview(
         typer.echo(data.decode("utf-8"), nl=False)
         return
     out.write_bytes(data)
-    console.print(f"Wrote {out}")
+    typer.echo(f"Wrote {out}")
     if open_:
         webbrowser.open(out.resolve().as_uri())
 

@@ -1,0 +1,196 @@
+"""`comms run`, `comms send`, `comms outbox`, `comms contacts` through the real CLI, sending
+through the real Graph transport to the sandbox."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from engine_helpers import T0, sandbox_env, seed, statuses
+from sqlmodel import select
+
+from comms.sandbox import Sandbox
+from comms.store.db import Database
+from comms.store.locks import RunLock
+from comms.store.models import Message, StageEvent
+
+SENDERS = ["transition@fabrikam.example", "transition2@fabrikam.example"]
+NOW = T0.isoformat()
+
+
+@pytest.fixture
+def env(tmp_path: Path, database_url: str, sandbox_factory: Any,
+        monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    sb: Sandbox = sandbox_factory(time_scale=0.005)
+    values = sandbox_env(sb, tmp_path, database_url, senders=SENDERS, time_scale=0.005)
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    return {"sandbox": sb, "env": values}
+
+
+def test_run_dry_run_forecasts_and_sends_nothing(env: dict[str, Any], db: Database,
+                                                  tmp_path: Path, cli: Any) -> None:
+    seed(db, tmp_path, 12)
+    r = cli("run", "--dry-run", "--now", NOW)
+    assert r.exit_code == 0, r.output
+    assert ("Dry run: 12 message(s) would be queued for 12 customer(s) (0 deferred to the "
+            "send window). 12 message(s), 2 sender mailbox(es): about less than a minute; "
+            "20,000/day cap not reached. Nothing was queued or sent.") in r.stdout
+    assert "partner_invitation: 12" in r.stdout
+    assert env["sandbox"].sent() == [] and statuses(db) == {}
+
+
+def test_dry_run_forecast_for_a_big_queue(env: dict[str, Any], db: Database, tmp_path: Path,
+                                          cli: Any) -> None:
+    seed(db, tmp_path, 1240)
+    r = cli("run", "--dry-run", "--now", NOW, "--json")
+    data = json.loads(r.stdout)
+    # 1,240 messages over 2 mailboxes at 30/min each (3 % slack): about 21 minutes.
+    assert data["queued"] == 1240 and round(data["forecast_minutes"]) == 21
+    assert data["daily_cap_reached"] is False
+
+
+def test_run_sends_once_and_a_rerun_sends_nothing(env: dict[str, Any], db: Database,
+                                                   tmp_path: Path, cli: Any) -> None:
+    seed(db, tmp_path, 10)
+    r = cli("run", "--now", NOW)
+    assert r.exit_code == 0, r.output
+    assert "queued 10, sent 10, deferred to the send window 0, throttled 0 (retried), " \
+           "failed 0, unknown 0" in r.stdout
+    again = cli("run", "--now", NOW, "--json")
+    assert again.exit_code == 0
+    data = json.loads(again.stdout)
+    assert (data["queued"], data["sent"]) == (0, 0)
+    assert len(env["sandbox"].sent()) == 10
+    assert statuses(db) == {"sent": 10}
+
+
+def test_run_outside_the_send_window_defers(env: dict[str, Any], db: Database,
+                                            tmp_path: Path, cli: Any) -> None:
+    seed(db, tmp_path, 3)
+    r = cli("run", "--now", "2026-12-05T10:00:00+00:00")  # a Saturday
+    assert r.exit_code == 0
+    assert "queued 0, sent 0, deferred to the send window 3" in r.stdout
+
+
+def test_run_exit_1_names_the_failure(env: dict[str, Any], db: Database, tmp_path: Path,
+                                      cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = Path(env["env"]["COMMS_CONFIG"])
+    cfg.write_text('[[senders]]\naddress = "nobody@fabrikam.example"\n', encoding="utf-8")
+    seed(db, tmp_path, 1)
+    r = cli("run", "--now", NOW)
+    assert r.exit_code == 1
+    assert "failed 1" in r.stdout
+    assert "failed #1 K0000 partner_invitation: ErrorInvalidUser:" in r.stderr
+    assert "nobody@fabrikam.example" in r.stderr
+
+
+def test_run_exit_2_on_configuration_error(env: dict[str, Any], cli: Any,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMMS_PARTNER_LICENCE_THRESHOLD", "many")
+    r = cli("run")
+    assert r.exit_code == 2
+    assert "COMMS_PARTNER_LICENCE_THRESHOLD: [partner] licence_threshold" in r.stderr
+
+
+def test_second_concurrent_run_exits_at_once(env: dict[str, Any], db: Database,
+                                             cli: Any) -> None:
+    with RunLock(db):
+        r = cli("run", "--now", NOW)
+    assert r.exit_code == 3
+    assert "Another `comms run` is using this database" in r.stderr
+
+
+def test_send_one_customer_confirm_refuse_repeat_and_resend(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    seed(db, tmp_path, 3)
+    dry = cli("send", "K0001", "--dry-run", "--now", NOW)
+    assert dry.exit_code == 0 and "Dry run: 1 message(s) would be sent" in dry.stdout
+    assert "partner_invitation" in dry.stdout and env["sandbox"].sent() == []
+    no = cli("send", "K0001", "--now", NOW, input="n\n")
+    assert no.exit_code == 1 and env["sandbox"].sent() == []
+    ok = cli("send", "K0001", "--yes", "--now", NOW)
+    assert ok.exit_code == 0, ok.output
+    assert "sent 1, failed 0" in ok.stdout
+    nothing = cli("send", "K0001", "--yes", "--now", NOW)
+    assert nothing.exit_code == 1
+    assert "Nothing is due for K0001 in stage 'invited' now." in nothing.stderr
+    repeat = cli("send", "K0001", "--message", "partner_invitation", "--yes", "--now", NOW)
+    assert repeat.exit_code == 1
+    assert "partner_invitation is already sent for K0001" in repeat.stderr
+    assert "add --resend --note" in repeat.stderr
+    no_note = cli("send", "K0001", "--message", "partner_invitation", "--resend", "--yes")
+    assert no_note.exit_code == 1 and "--resend needs --note" in no_note.stderr
+    again = cli("send", "K0001", "--message", "partner_invitation", "--resend", "--note",
+                "customer deleted it by mistake", "--yes", "--now", NOW)
+    assert again.exit_code == 0, again.output
+    assert len(env["sandbox"].sent()) == 2
+    with db.session() as s:
+        seqs = sorted(s.exec(select(Message.sequence)).all())
+        events = s.exec(select(StageEvent).where(StageEvent.kind == "resend")).all()
+    assert seqs == [-1, 0]
+    assert len(events) == 1 and "customer deleted it by mistake" in events[0].note
+    # The scheduled run never repeats what `send` already sent.
+    r = cli("run", "--now", NOW, "--json")
+    assert json.loads(r.stdout)["sent"] == 2  # the other two customers only
+    assert len(env["sandbox"].sent()) == 4
+
+
+def test_send_to_a_tagged_group(env: dict[str, Any], db: Database, tmp_path: Path,
+                                cli: Any) -> None:
+    seed(db, tmp_path, 6)  # odd numbers carry wave-1
+    r = cli("send", "--tag", "wave-1", "--yes", "--now", NOW)
+    assert r.exit_code == 0, r.output
+    got = sorted(rec["to"][0] for rec in env["sandbox"].sent())
+    assert got == ["admin1@customer1.example", "admin3@customer3.example",
+                   "admin5@customer5.example"]
+    run = cli("run", "--tag", "wave-2", "--now", NOW, "--json")
+    assert json.loads(run.stdout)["sent"] == 3
+    assert len(env["sandbox"].sent()) == 6
+
+
+def test_outbox_commands_and_suppression(env: dict[str, Any], db: Database, tmp_path: Path,
+                                         cli: Any) -> None:
+    seed(db, tmp_path, 3)
+    out = cli("contacts", "opt-out", "Admin2@Customer2.example", "--reason", "asked by phone")
+    assert out.exit_code == 0
+    assert "admin2@customer2.example suppressed (a contact of 1 customer(s))." in out.stdout
+    r = cli("run", "--now", NOW, "--json")
+    assert json.loads(r.stdout)["sent"] == 2
+    assert all(rec["to"] != ["admin2@customer2.example"] for rec in env["sandbox"].sent())
+    listed = cli("outbox", "list", "--status", "sent", "--json")
+    rows = json.loads(listed.stdout)
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"sent"}
+    shown = cli("outbox", "show", str(rows[0]["id"]))
+    assert "status: sent" in shown.stdout and "partner_invitation #0" in shown.stdout
+    bad = cli("outbox", "list", "--status", "lost")
+    assert bad.exit_code == 1 and "Unknown status 'lost'" in bad.stderr
+    retry = cli("outbox", "retry", str(rows[0]["id"]))
+    assert retry.exit_code == 1
+    assert "is sent; only failed messages are retried" in retry.stderr
+    missing = cli("outbox", "show", "999")
+    assert missing.exit_code == 1 and "No outbox message 999" in missing.stderr
+    suppressed = cli("contacts", "suppressed")
+    assert "admin2@customer2.example" in suppressed.stdout
+
+
+def test_resolve_unknown_by_hand(env: dict[str, Any], db: Database, tmp_path: Path,
+                                 cli: Any) -> None:
+    sb: Sandbox = env["sandbox"]
+    sb.register_app("5e1f0c2a-9d3b-4c7e-8a6f-1b2c3d4e5f60", secret="sandbox-only-test-secret",
+                     roles=("Mail.Send",))
+    sb.set_faults(drop_after_accept_rate=1.0)
+    seed(db, tmp_path, 1)
+    r = cli("run", "--now", NOW, "--max-minutes", "0.05")
+    assert "unknown 1" in r.stdout and "held for an operator 1" in r.stdout
+    listed = json.loads(cli("outbox", "list", "--status", "unknown", "--json").stdout)
+    mid = str(listed[0]["id"])
+    assert f"comms outbox resolve {mid} --sent" in listed[0]["last_error"]
+    both = cli("outbox", "resolve", mid)
+    assert both.exit_code == 1 and "Say either --sent or --resend." in both.stderr
+    done = cli("outbox", "resolve", mid, "--sent")
+    assert done.exit_code == 0 and f"Message {mid} is now sent." in done.stdout
+    assert statuses(db) == {"sent": 1} and len(sb.sent()) == 1
