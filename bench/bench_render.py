@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from comms.config import Settings  # noqa: E402
-from comms.domain import ContactInfo, CustomerInfo  # noqa: E402
-from comms.render import Renderer, build_context  # noqa: E402
+from comms.config import Settings
+from comms.domain import ContactInfo, CustomerInfo
+from comms.render import Renderer, build_context
 
 MESSAGES = ["kickoff", "partner_invitation", "partner_invitation_reminder", "lose_access_warning",
             "cancel_instructions", "cancel_reminder", "transition_complete"]

@@ -522,17 +522,33 @@ class Dispatcher:
                 if budget[0] >= 0:
                     budget[0] += 1
 
+        # Per-mailbox "not before" hints (monotonic): a local shortcut that spares the
+        # database a claim attempt on a mailbox that is known to be at its limit. The
+        # database stays the authority; other processes' sends only make a hint optimistic.
+        hints: dict[str, float] = {lim.mailbox: 0.0 for lim in self.limits}
+        hints_lock = threading.Lock()
+
+        def candidates() -> tuple[list[pacing.Limits], float]:
+            now_m = time.monotonic()
+            with hints_lock:
+                ready = [lim for lim in self.limits if hints[lim.mailbox] <= now_m]
+                soonest = min(hints.values())
+            ready.sort(key=lambda lim: hints[lim.mailbox])
+            return ready, soonest - now_m
+
         def worker_loop(index: int) -> None:
             try:
-                rotation = index
                 while not stop.is_set() and time.monotonic() < deadline:
                     if not take_budget():
                         return
                     claimed: Claimed | None = None
-                    soonest: float | None = None
-                    nothing_due = True
-                    for k in range(len(self.limits)):
-                        lim = self.limits[(rotation + k) % len(self.limits)]
+                    nothing_due = False
+                    ready, wait_for = candidates()
+                    # Spread threads over the ready mailboxes.
+                    if ready:
+                        shift = index % len(ready)
+                        ready = ready[shift:] + ready[:shift]
+                    for lim in ready:
                         got = claim(
                             self.db, lim, settings=self.settings, clock=self.clock,
                             worker=self.worker, lease=self.lease, only_ids=only_ids,
@@ -542,17 +558,21 @@ class Dispatcher:
                             claimed = got
                             break
                         if got is None:
+                            nothing_due = True
                             break  # nothing due on any mailbox
-                        nothing_due = False
-                        if got.until is not None:
-                            wait = (got.until - self.clock.real()).total_seconds()
-                            soonest = wait if soonest is None else min(soonest, wait)
-                    rotation += 1
+                        pause = (
+                            (got.until - self.clock.real()).total_seconds()
+                            if got.until is not None else 0.01
+                        )
+                        with hints_lock:
+                            hints[lim.mailbox] = time.monotonic() + max(pause, 0.0)
                     if claimed is None:
                         give_back()
                         if nothing_due:
                             return
-                        time.sleep(min(max(soonest if soonest is not None else 0.05, 0.005), 0.5))
+                        if ready:
+                            _, wait_for = candidates()
+                        time.sleep(min(max(wait_for, 0.002), 0.5))
                         continue
                     result = self.transport.send(claimed.email)
                     record(self.db, claimed, result, clock=self.clock, worker=self.worker,

@@ -68,11 +68,13 @@ DEFAULT_LOCALE: Final = "en"
 LIFECYCLE: Final = {"expired_days": 30, "disabled_days": 90, "deleted_days": 180}
 
 NAME_RE = re.compile(
-    r"^(?P<message>[a-z][a-z0-9_]*)/(?P<part>subject|body)(?:\.(?P<locale>[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})?))?\.(?P<ext>txt|html)$"
+    r"^(?P<message>[a-z][a-z0-9_]*)/(?P<part>subject|body)"
+    r"(?:\.(?P<locale>[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})?))?\.(?P<ext>txt|html)$"
 )
 
 _EPOCH: Final = datetime(2000, 1, 1, tzinfo=ZoneInfo("UTC"))
-_PROBE: Final = CustomerInfo(key="probe", name="probe", licences=0, stage="", stage_entered_at=_EPOCH)
+_PROBE: Final = CustomerInfo(key="probe", name="probe", licences=0, stage="",
+                             stage_entered_at=_EPOCH)
 
 _MONTHS: Final = {
     "en": ("January", "February", "March", "April", "May", "June", "July", "August",
@@ -137,6 +139,34 @@ def days_billed_twice(customer: CustomerInfo, now: datetime) -> int:
     return max(0, (now - customer.csp_live_at).days)
 
 
+def make_branding(settings: Settings) -> tuple[SimpleNamespace, SimpleNamespace]:
+    """The ``partner`` and ``links`` template variables (the same for every message)."""
+    p = settings.partner
+    partner = _ns(
+        name=p.name,
+        id=p.id,
+        website=p.website,
+        logo_url=p.logo_url,
+        primary_color=p.primary_color,
+        accent_color=p.accent_color,
+        signature=p.signature,
+        reply_to=p.reply_to,
+        support_phone=p.support_phone,
+        postal_address=p.postal_address,
+        opt_out_text=p.opt_out_text,
+        sender_name=settings.senders[0].name or p.name,
+    )
+    links = _ns(
+        invitation=p.invitation_link,
+        billing=p.billing_url,
+        support=p.support_url,
+        website=p.website,
+        reply=f"mailto:{p.reply_to}",
+        phone="tel:" + re.sub(r"[^0-9+]", "", p.support_phone),
+    )
+    return partner, links
+
+
 def build_context(
     settings: Settings,
     customer: CustomerInfo,
@@ -145,9 +175,13 @@ def build_context(
     now: datetime,
     reminder_number: int = 0,
     recipient: ContactInfo | None = None,
+    branding: tuple[SimpleNamespace, SimpleNamespace] | None = None,
 ) -> dict[str, object]:
-    """The variables every template sees (documented in docs/templates.md). Pure: no clock."""
+    """The variables every template sees (documented in docs/templates.md). Pure: no clock.
+
+    ``branding`` is ``branding(settings)`` computed once by a caller rendering many messages."""
     p = settings.partner
+    branding = branding or make_branding(settings)
     threshold = p.licence_threshold
     billed = days_billed_twice(customer, now)
     who = recipient or default_recipient(customer)
@@ -161,28 +195,8 @@ def build_context(
         "now": now,
         "today": now.astimezone(_zone(customer.time_zone)).date(),
         "locale": customer.locale or DEFAULT_LOCALE,
-        "partner": _ns(
-            name=p.name,
-            id=p.id,
-            website=p.website,
-            logo_url=p.logo_url,
-            primary_color=p.primary_color,
-            accent_color=p.accent_color,
-            signature=p.signature,
-            reply_to=p.reply_to,
-            support_phone=p.support_phone,
-            postal_address=p.postal_address,
-            opt_out_text=p.opt_out_text,
-            sender_name=settings.senders[0].name or p.name,
-        ),
-        "links": _ns(
-            invitation=p.invitation_link,
-            billing=p.billing_url,
-            support=p.support_url,
-            website=p.website,
-            reply=f"mailto:{p.reply_to}",
-            phone="tel:" + re.sub(r"[^0-9+]", "", p.support_phone),
-        ),
+        "partner": branding[0],
+        "links": branding[1],
         "threshold": threshold,
         "self_service": customer.licences < threshold,
         "customer": _ns(
@@ -305,7 +319,7 @@ class _FoldingLoader(FileSystemLoader):
         super().__init__([str(f) for f in folders])
         self.constants = dict(constants)
 
-    def get_source(self, environment: Any, template: str) -> tuple[str, str | None, Any]:
+    def get_source(self, environment: Any, template: str) -> Any:
         source, filename, uptodate = super().get_source(environment, template)
         if _REBIND_RE.search(source):
             return source, filename, uptodate
@@ -325,6 +339,11 @@ class _FoldingLoader(FileSystemLoader):
 class _Environment(SandboxedEnvironment):
     """The sandbox, with a shortcut for the context's own namespaces (plain data we built)."""
 
+    def make_globals(self, d: Mapping[str, Any] | None) -> Any:
+        # A plain dict instead of a ChainMap: the globals never change after start-up, and
+        # Jinja iterates them for every context it creates (several per message).
+        return {**self.globals, **(d or {})}
+
     def getattr(self, obj: Any, attribute: str) -> Any:
         if type(obj) is SimpleNamespace and not attribute.startswith("_"):
             try:
@@ -335,7 +354,7 @@ class _Environment(SandboxedEnvironment):
 
 
 def _make_env(
-    folders: list[Path], constants: Mapping[str, str] | None = None
+    folders: list[Path], constants: Mapping[str, str] | None = None, *, skeleton: bool = False
 ) -> SandboxedEnvironment:
     loader: FileSystemLoader = (
         _FoldingLoader(folders, constants) if constants is not None
@@ -346,7 +365,8 @@ def _make_env(
         undefined=StrictUndefined,
         autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=False,
                                      default=False),
-        finalize=_finalize,
+        # Only the HTML fast path collects values; elsewhere a finalize call per {{ }} is waste.
+        finalize=_finalize if skeleton else None,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
@@ -395,16 +415,25 @@ _PLAIN_TEXT_RE = re.compile(r"[ -%'-;=?-~\t\n]*")
 def _lxml_text(escaped: str) -> str:
     doc = f"<!DOCTYPE html><html><body><p>{escaped}</p></body></html>"
     root = etree.fromstring(doc, etree.HTMLParser()).getroottree()
-    out = etree.tostring(root, method="html", encoding="utf-8").decode("utf-8")
+    out: str = etree.tostring(root, method="html", encoding="utf-8").decode("utf-8")
     start = out.index("<p>") + 3
     return out[start : out.rindex("</p>")]
 
 
+# After markupsafe: only these entities, in otherwise plain printable ASCII.
+_ESCAPED_ASCII_RE = re.compile(r"(?:[ -%'-;=?-~\t\n]|&(?:amp|lt|gt|#34|#39);)*")
+
+
 @lru_cache(maxsize=65536)
 def _normalise_text(escaped: str) -> str:
-    """An escaped value as lxml serialises it in a text node (what premailer would output)."""
+    """An escaped value as lxml serialises it in a text node (what premailer would output).
+
+    lxml writes text with ``&amp; &lt; &gt;`` and bare quotes; anything beyond plain ASCII goes
+    through lxml itself (tests compare the shortcut with lxml on random strings)."""
     if _PLAIN_TEXT_RE.fullmatch(escaped):
         return escaped
+    if _ESCAPED_ASCII_RE.fullmatch(escaped):
+        return escaped.replace("&#34;", '"').replace("&#39;", "'")
     return _lxml_text(escaped)
 
 
@@ -533,13 +562,17 @@ class Renderer:
         # The reference environment renders templates exactly as written; the fast one has the
         # installation's constants folded in (see _FoldingLoader).
         self.env = _make_env(self.folders)
-        sample = build_context(settings, _PROBE, message="", now=_EPOCH)
+        self._branding = make_branding(settings)
+        sample = build_context(settings, _PROBE, message="", now=_EPOCH, branding=self._branding)
         self._folded = _constants(sample)
-        self.fast_env = _make_env(self.folders, self._folded)
+        self.fast_env = _make_env(self.folders, self._folded, skeleton=True)
+        self.fast_text_env = _make_env(self.folders, self._folded)
         self._names: frozenset[str] = frozenset(
             n.replace("\\", "/") for n in self.env.list_templates()
         )
         self._sets: dict[tuple[str, str], TemplateSet] = {}
+        self._templates: dict[tuple[str, bool], Template] = {}
+        self._globals: dict[str, Any] = dict(self.env.globals)
         self._skeletons: dict[str, _Skeleton] = {}
 
     # -- discovery --------------------------------------------------------------------------
@@ -630,7 +663,10 @@ class Renderer:
 
     def _template(self, name: str, fast: bool = False) -> Template:
         try:
-            return (self.fast_env if fast else self.env).get_template(name)
+            if not fast:
+                return self.env.get_template(name)
+            env = self.fast_env if name.endswith(".html") else self.fast_text_env
+            return env.get_template(name)
         except (TemplateSyntaxError, TemplateNotFound) as exc:
             raise _to_template_error(exc, self.folders, name) from exc
 
@@ -648,7 +684,8 @@ class Renderer:
     ) -> RenderedEmail:
         """Render ``message`` for ``customer`` (subject, inlined HTML, text)."""
         ctx = build_context(self.settings, customer, message=message, now=now,
-                            reminder_number=reminder_number, recipient=recipient)
+                            reminder_number=reminder_number, recipient=recipient,
+                            branding=self._branding)
         fold = True
         if extra:
             ctx.update(extra)
@@ -672,7 +709,7 @@ class Renderer:
                 f"{self.source_path(ts.html)}: HTML body without a text body; create "
                 f"{ts.html[:-5]}.txt (every email is sent with both)."
             )
-        ctx = dict(context)
+        ctx = {**self._globals, **context}
         ctx["locale"] = ts.locale
         ctx["layout"] = ts.layout_text
         subject = " ".join(self._render(ts.subject, ctx, fold).split())
@@ -688,10 +725,20 @@ class Renderer:
         return RenderedEmail(message=message, locale=ts.locale, subject=subject, html=html,
                              text=_tidy_text(text))
 
-    def _render(self, name: str, ctx: Mapping[str, object], fast: bool = False) -> str:
-        template = self._template(name, fast)
+    def _render(self, name: str, ctx: Mapping[str, object], fold: bool = False) -> str:
+        template = self._templates.get((name, fold))
+        if template is None:
+            template = self._templates[(name, fold)] = self._template(name, fold)
+        env = template.environment
         try:
-            return template.render(ctx)
+            try:
+                # What Template.render does, minus copying the globals into every context
+                # (they are merged into ``ctx`` once per message by _render_email).
+                return "".join(template.root_render_func(template.new_context(
+                    ctx if isinstance(ctx, dict) else dict(ctx), shared=True)))
+            except Exception:
+                env.handle_exception()  # re-raises with template file:line frames
+                raise
         except Exception as exc:  # any template failure becomes one TemplateError naming file:line
             raise _to_template_error(exc, self.folders, str(self.source_path(name))) from exc
 
@@ -735,6 +782,6 @@ def _tidy_text(text: str) -> str:
     # The checks are cheaper than the regular expressions, which rarely have work to do.
     if " \n" in text or "\t\n" in text:
         text = _TRAILING_WS_RE.sub("\n", text)
-    if "\n\n\n" in text or "\n \n" in text or "\n\t\n" in text:
+    if "\n\n\n" in text:
         text = _BLANK_LINES_RE.sub("\n\n", text)
     return text.strip() + "\n"

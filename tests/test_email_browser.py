@@ -104,8 +104,8 @@ def test_no_overflow_and_cta_visible(
         assert isinstance(cta, dict), f"{message} has no call-to-action"
         assert cta["visible"] and cta["on_top"], (width, cta)
         assert cta["width"] > 40 and cta["height"] >= 30, (width, cta)  # a real tap target
-        assert 0 <= cta["left"] and cta["right"] <= width, (width, cta)
-        assert 0 <= cta["top"] and cta["bottom"] <= cta["vh"], (width, cta)
+        assert cta["left"] >= 0 and cta["right"] <= width, (width, cta)
+        assert cta["top"] >= 0 and cta["bottom"] <= cta["vh"], (width, cta)
         assert cta["color"] == "rgb(255, 255, 255)" and cta["background"] == "rgb(15, 76, 129)"
         if width == 375:  # the phone rule from the media query: a full-width button
             assert cta["width"] >= 375 - 2 * 20 - 2, cta

@@ -95,14 +95,16 @@ def test_preview_account_manager_alert_goes_to_the_manager(cli: Any, db: Databas
     assert result.exit_code == 0, result.output
     msg = email.message_from_string(result.stdout, policy=email.policy.default)
     assert msg["To"] == "Sam Manager <sam@fabrikam.example>"
-    assert str(msg["Subject"]).strip().startswith("[Escalation] Contoso Ltd (contoso): billed twice for 4 days")
+    assert str(msg["Subject"]).strip().startswith(
+        "[Escalation] Contoso Ltd (contoso): billed twice for 4 days")
 
 
 def test_preview_errors_are_one_clear_line(cli: Any, db: Database) -> None:
     add_customer(db, "contoso", 10)
     missing = cli("preview", "contosa", "--message", "kickoff")
     assert missing.exit_code == 1
-    assert missing.stderr.startswith("Error: No customer with key 'contosa'. Did you mean contoso?")
+    assert missing.stderr.startswith(
+        "Error: No customer with key 'contosa'. Did you mean contoso?")
     unknown = cli("preview", "contoso", "--message", "kickof")
     assert unknown.exit_code == 1
     assert unknown.stderr.startswith("Error: No message named 'kickof'. Messages: "

@@ -44,13 +44,7 @@ def _register() -> None:
         "comms.cli.status_cmd",
         "comms.cli.demo",
     ):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue  # command group not built yet
-        module.register(app)
+        importlib.import_module(name).register(app)
 
 
 _register()

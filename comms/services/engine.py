@@ -211,7 +211,8 @@ def _row(
 def _render(renderer: Renderer, customer: CustomerInfo, pm: PlannedMessage, now: datetime) -> Any:
     recipient = pm.to[0] if pm.to else None
     return renderer.render(
-        pm.message, customer, now=now, reminder_number=pm.reminder_number, recipient=recipient
+        pm.message, customer, now=now, reminder_number=pm.reminder_number, recipient=recipient,
+        extra=pm.context or None,
     )
 
 

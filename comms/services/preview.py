@@ -165,6 +165,7 @@ def preview_customer(
         return rendered.html.encode("utf-8")
     if fmt == "text":
         return rendered.text.encode("utf-8")
+    to: tuple[Address, ...]
     if internal:
         to = (Address(customer.account_manager_email, customer.account_manager_name),) \
             if customer.account_manager_email else (Address(settings.partner.reply_to),)
