@@ -23,6 +23,12 @@ from comms.services.engine import ID_BATCH, due_batches, due_customers_query
 from comms.store.db import open_database
 
 NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+INSERT = (
+    "INSERT INTO customers (key, name, stage, stage_entered_at, next_due_at, created_at, "
+    "updated_at, tenant_id, primary_domain, licences, locale, time_zone, paused, opted_out, "
+    "lost, account_manager_name, account_manager_email) "
+    "VALUES (?,?,?,?,?,?,?,'','',10,'en','Europe/London',0,0,0,'','')"
+)
 
 
 def build(path: Path, n: int, due_share: float) -> None:
@@ -45,21 +51,9 @@ def build(path: Path, n: int, due_share: float) -> None:
             created = t0.strftime(fmt)
             rows.append((f"C{i:07d}", f"Customer {i}", rng.choice(stages), created, due,
                          created, created))
-            if len(rows) == 10_000:
-                raw.executemany(
-                    "INSERT INTO customers (key, name, stage, stage_entered_at, next_due_at, "
-                    "created_at, updated_at, tenant_id, primary_domain, licences, locale, "
-                    "time_zone, paused, opted_out, lost, account_manager_name, "
-                    "account_manager_email) VALUES (?,?,?,?,?,?,?,'','',10,'en',"
-                    "'Europe/London',0,0,0,'','')", rows)
+            if len(rows) == 10_000 or i == n - 1:
+                raw.executemany(INSERT, rows)
                 rows = []
-        if rows:
-            raw.executemany(
-                "INSERT INTO customers (key, name, stage, stage_entered_at, next_due_at, "
-                "created_at, updated_at, tenant_id, primary_domain, licences, locale, "
-                "time_zone, paused, opted_out, lost, account_manager_name, "
-                "account_manager_email) VALUES (?,?,?,?,?,?,?,'','',10,'en',"
-                "'Europe/London',0,0,0,'','')", rows)
         conn.exec_driver_sql("ANALYZE")
     db.dispose()
 

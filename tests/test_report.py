@@ -18,7 +18,6 @@ from comms.config import DefaultsSettings, Settings
 from comms.errors import CommsError
 from comms.services.report import (
     build_report,
-    export_customers_csv,
     export_outbox_csv,
     write_report,
 )
@@ -259,27 +258,3 @@ def test_export_outbox_csv_unknown_status(db: Database, tmp_path: Path) -> None:
     assert not (tmp_path / "x.csv").exists()
 
 
-def test_export_customers_csv(db: Database, tmp_path: Path) -> None:
-    from comms.store.models import Contact, CustomerTag
-
-    ledger = build_ledger(db)
-    with db.session() as s:
-        s.add(CustomerTag(customer_id=ledger.ids["C06"], tag="vip"))
-        s.add(CustomerTag(customer_id=ledger.ids["C06"], tag="emea"))
-        s.add(Contact(customer_id=ledger.ids["C06"], name="Ana", email="ana@c06.example",
-                      role="billing"))
-        s.add(Contact(customer_id=ledger.ids["C06"], name="", email="it@c06.example"))
-    path = tmp_path / "customers.csv"
-    assert export_customers_csv(db, path) == 13
-    rows = {r["key"]: r for r in read_csv(path)}
-    c06 = rows["C06"]
-    assert c06["stage"] == "awaiting_cancellation"
-    assert c06["licences"] == "30"
-    assert c06["paused"] == "yes" and c06["lost"] == "no"
-    assert c06["csp_live_at"] == ago(12).isoformat()
-    assert c06["tags"] == "emea; vip"
-    assert c06["contacts"] == "Ana <ana@c06.example> (billing); it@c06.example (primary)"
-    assert c06["messages_sent"] == "6"
-    assert rows["C11"]["name"] == "Contoso <Ltd> & Sons"
-    assert rows["C12"]["messages_sent"] == "0"
-    assert rows["C08"]["csp_live_at"] == ""

@@ -15,7 +15,7 @@ import pytest
 
 from comms.campaign import load_campaign
 from comms.config import DefaultsSettings, Settings
-from comms.errors import CommsError, NotFound
+from comms.errors import CommsError
 from comms.services import status as st
 from comms.store.db import Database
 from comms.store.models import Customer, Message, StageEvent
@@ -310,30 +310,6 @@ def test_parse_now() -> None:
     assert st.parse_now("2026-03-04T10:00+00:00", TZ) == Z("2026-03-04T10:00")
     with pytest.raises(CommsError, match=r"--now 'yesterday' is not an ISO 8601 date-time"):
         st.parse_now("yesterday", TZ)
-
-
-def test_customer_timeline_interleaves_events_and_messages(ledger: Ledger) -> None:
-    lines = st.customer_timeline(ledger.db, "C13")
-    assert [(t.kind, t.what, t.status) for t in lines] == [
-        ("event", "stage", ""),
-        ("message", "partner_invitation", "sent"),
-        ("message", "partner_invitation_reminder #1", "sent"),
-        ("message", "partner_invitation_reminder #2", "sent"),
-        ("message", "partner_invitation_reminder #3", "sent"),
-        ("event", "stage", ""),
-        ("message", "lose_access_warning", "sent"),
-    ]
-    assert lines[0].detail == "imported -> invited"
-    assert lines[5].detail == "invited -> approved: partner accepted"
-    assert lines[1].detail == "to it@c13.example"
-    assert lines[5].by == "tester"
-    failed = [t for t in st.customer_timeline(ledger.db, "C07") if t.status == "failed"]
-    assert failed[0].detail == "to it@c07.example (550 mailbox unavailable)"
-    with pytest.raises(NotFound, match="No customer with key 'NOPE'"):
-        st.customer_timeline(ledger.db, "NOPE")
-
-
-# ----------------------------------------------------------------------------- the CLI
 
 
 @pytest.fixture

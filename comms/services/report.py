@@ -37,7 +37,7 @@ from comms.services.status import (
     compute_status,
 )
 from comms.store.db import Database
-from comms.store.models import Contact, Customer, CustomerTag, Message
+from comms.store.models import Customer, Message
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "report_templates"
 EXPOSURE_CHART_TOP = 20
@@ -435,53 +435,3 @@ def export_outbox_csv(db: Database, path: str | Path, status: str | None = None)
     return _write_csv(Path(path), OUTBOX_COLUMNS, rows())
 
 
-CUSTOMER_COLUMNS = (
-    "key", "name", "stage", "stage_entered_at", "licences", "tenant_id", "primary_domain",
-    "locale", "time_zone", "paused", "opted_out", "lost", "csp_live_at", "next_due_at",
-    "account_manager_name", "account_manager_email", "tags", "contacts", "messages_sent",
-)
-
-
-def export_customers_csv(db: Database, path: str | Path) -> int:
-    """Write every customer with its tags, contacts (``Name <email> (role)``, ``;``-separated)
-    and count of sent messages to a CSV file; return the number of customers written."""
-    with db.session() as s:
-        tags: dict[int, list[str]] = {}
-        for cid, tag in s.execute(
-            sa.select(col(CustomerTag.customer_id), col(CustomerTag.tag)).order_by(
-                col(CustomerTag.customer_id), col(CustomerTag.tag))
-        ):
-            tags.setdefault(cid, []).append(tag)
-        contacts: dict[int, list[str]] = {}
-        for cid, name, email, role in s.execute(
-            sa.select(col(Contact.customer_id), col(Contact.name), col(Contact.email),
-                      col(Contact.role)).order_by(col(Contact.customer_id), col(Contact.id))
-        ):
-            shown = f"{name} <{email}>" if name else email
-            contacts.setdefault(cid, []).append(f"{shown} ({role})")
-        sent = dict(
-            s.execute(
-                sa.select(col(Message.customer_id), sa.func.count())
-                .where(col(Message.status) == "sent")
-                .group_by(col(Message.customer_id))
-            ).all()
-        )
-        customers = s.execute(
-            sa.select(
-                col(Customer.id), col(Customer.key), col(Customer.name), col(Customer.stage),
-                col(Customer.stage_entered_at), col(Customer.licences), col(Customer.tenant_id),
-                col(Customer.primary_domain), col(Customer.locale), col(Customer.time_zone),
-                col(Customer.paused), col(Customer.opted_out), col(Customer.lost),
-                col(Customer.csp_live_at), col(Customer.next_due_at),
-                col(Customer.account_manager_name), col(Customer.account_manager_email),
-            ).order_by(col(Customer.key))
-        ).all()
-    return _write_csv(
-        Path(path),
-        CUSTOMER_COLUMNS,
-        (
-            [*list(c)[1:], "; ".join(tags.get(c.id, [])), "; ".join(contacts.get(c.id, [])),
-             int(sent.get(c.id, 0))]
-            for c in customers
-        ),
-    )

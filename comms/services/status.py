@@ -29,20 +29,19 @@ Definitions (docs/reporting.md explains them for users):
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col
 
 from comms.campaign import Campaign
 from comms.config import Settings
-from comms.errors import CommsError, NotFound
+from comms.errors import CommsError
 from comms.store.db import Database
-from comms.store.models import Customer, Message, StageEvent
+from comms.store.models import Customer, Message
 
 DOUBLE_BILLING_STAGE = "awaiting_cancellation"
 # Days per billing month for the exposure proration (see module docstring).
@@ -459,72 +458,3 @@ def compute_status(
             exposure=double_billing_exposure(s, now, price),
             daily=messages_per_day(s, now, tz, days),
         )
-
-
-# ----------------------------------------------------------------------------- one customer
-
-
-@dataclass(frozen=True)
-class TimelineEntry:
-    """One line of a customer's history: a stage event or a message, at its moment."""
-
-    at: datetime
-    kind: str  # "event" | "message"
-    what: str  # event kind ("stage", "pause" ...) or message name
-    detail: str
-    status: str = ""
-    by: str = ""
-
-
-def _recipients(to_json: str) -> str:
-    try:
-        items = json.loads(to_json or "[]")
-    except ValueError:
-        return to_json
-    out: list[str] = []
-    for item in items if isinstance(items, list) else [items]:
-        if isinstance(item, dict):
-            addr = item.get("address") or item.get("email") or ""
-            out.append(str(addr or (item.get("emailAddress") or {}).get("address", "")))
-        else:
-            out.append(str(item))
-    return ", ".join(a for a in out if a)
-
-
-def customer_timeline(db: Database, key: str) -> list[TimelineEntry]:
-    """Stage events and every message of customer ``key``, interleaved by time (oldest first).
-
-    A message sits at its ``sent_at`` when sent, else when it was queued (``created_at``).
-    """
-    with db.session() as s:
-        customer = s.exec(select(Customer).where(col(Customer.key) == key)).first()
-        if customer is None:
-            raise NotFound(f"No customer with key {key!r}; list keys with `comms customers list`.")
-        events = s.exec(
-            select(StageEvent).where(col(StageEvent.customer_id) == customer.id)
-        ).all()
-        messages = s.execute(
-            sa.select(
-                col(Message.message), col(Message.sequence), col(Message.status),
-                col(Message.created_at), col(Message.sent_at), col(Message.to_json),
-                col(Message.internal), col(Message.last_error), col(Message.id),
-            ).where(col(Message.customer_id) == customer.id)
-        ).all()
-    entries: list[tuple[datetime, int, int, TimelineEntry]] = []
-    for e in events:
-        detail = f"{e.from_stage or '-'} -> {e.to_stage or '-'}" if e.kind == "stage" else e.kind
-        if e.forced:
-            detail += " (forced)"
-        if e.note:
-            detail += f": {e.note}"
-        entries.append((e.at, 0, e.id or 0, TimelineEntry(e.at, "event", e.kind, detail, "", e.by)))
-    for m in messages:
-        at = m.sent_at or m.created_at
-        name = m.message if not m.sequence else f"{m.message} #{m.sequence}"
-        detail = ("internal to " if m.internal else "to ") + _recipients(m.to_json)
-        if m.status in ("failed", "withdrawn", "unknown") and m.last_error:
-            detail += f" ({m.last_error})"
-        entries.append((at, 1, m.id or 0, TimelineEntry(at, "message", name, detail, m.status)))
-    entries.sort(key=lambda t: (t[0], t[1], t[2]))
-    return [t[3] for t in entries]
-
