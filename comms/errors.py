@@ -11,7 +11,7 @@ turns any ``CommsError`` into one clear line on stderr and the exit code it carr
     ├── StageMoveRefused            a stage move the campaign does not allow (names allowed ones)
     ├── ImportRejected              a CSV with invalid rows (lists every problem)
     ├── TemplateError               a template cannot be rendered (names file and line)
-    ├── AuthError                   a token could not be obtained (names the setting to fix)
+    ├── AuthError                   exit 2: no token could be obtained (names the setting to fix)
     ├── DeliveryError               a transport cannot be used at all (not one message's outcome)
     ├── AlreadySent                 a message was already sent; resending needs --resend --note
     └── RunLocked                   another `comms run` holds this database
@@ -65,7 +65,7 @@ class TemplateError(CommsError):
 
 
 class AuthError(CommsError):
-    pass
+    exit_code = 2  # a credential or permission problem is a configuration problem
 
 
 class DeliveryError(CommsError):

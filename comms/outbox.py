@@ -39,7 +39,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
-from comms import pacing
+from comms import pacing, planner
+from comms.campaign import SendWindow
 from comms.config import Settings
 from comms.delivery.base import (
     SEND_ID_HEADER,
@@ -141,6 +142,7 @@ class DispatchReport:
     throttled: int = 0
     unknown: int = 0
     withdrawn: int = 0
+    deferred: int = 0  # waited past its send window: moved to the customer's next window
     confirmed: int = 0  # unknown -> sent, found in Sent Items
     requeued: int = 0  # unknown -> queued, not found after the grace period
     held: int = 0  # unknown that needs an operator (no Mail.Read)
@@ -189,11 +191,13 @@ def claim(
     only_ids: frozenset[int] | None = None,
     customer_ids: frozenset[int] | None = None,
     report: DispatchReport | None = None,
+    window: SendWindow | None = None,
 ) -> Claimed | pacing.Wait | None:
     """Take a pacing slot on ``limits.mailbox`` and claim the next due message, atomically.
 
     Returns the claim, a ``Wait`` when the mailbox has no slot now, or None when no message is
-    due. Messages whose customer may no longer be mailed are withdrawn on the way.
+    due. Messages whose customer may no longer be mailed are withdrawn on the way; with a
+    ``window``, messages whose send window closed while they waited move to the next one.
     """
     real = clock.real()
     with db.session(immediate=True) as s:
@@ -205,14 +209,15 @@ def claim(
                 *_claim_filter(only_ids, customer_ids),
             )
             .order_by(col(Message.send_after), col(Message.id))
-            .limit(20)
+            .limit(1)
         )
         if db.engine.dialect.name == "postgresql":
+            # One row at a time: other workers skip only what is really being claimed.
             due = due.with_for_update(skip_locked=True, of=Message)
-        candidates = s.exec(due).all()
-        if not candidates:
-            return None
-        for msg in candidates:
+        for _ in range(50):  # rows withdrawn or re-timed on the way, at most
+            msg = s.exec(due).first()
+            if msg is None:
+                return None
             assert msg.id is not None
             customer = s.get(Customer, msg.customer_id)
             reason = _unsendable(s, msg, customer)
@@ -221,6 +226,19 @@ def claim(
                 s.add(msg)
                 if report:
                     report.add(withdrawn=1)
+                continue
+            assert customer is not None
+            if window is not None and msg.send_before is not None and (
+                clock.now() > msg.send_before
+            ):
+                # Its send window closed while it waited: wait for the customer's next one.
+                msg.send_after = planner.next_window_start(clock.now(), window,
+                                                           customer.time_zone)
+                msg.send_before = planner.window_end(msg.send_after, window, customer.time_zone)
+                msg.updated_at = clock.now()
+                s.add(msg)
+                if report:
+                    report.add(deferred=1)
                 continue
             to = _addresses(msg.to_json)
             cc = _addresses(msg.cc_json)
@@ -248,9 +266,8 @@ def claim(
                 text=msg.text,
                 headers=((SEND_ID_HEADER, msg.send_id),),
             )
-            assert customer is not None
             return Claimed(msg.id, msg.attempts, slot, email, customer.key, msg.message)
-        return None
+        return pacing.Wait(None, "many rows withdrawn or re-timed; claiming again")
 
 
 def _unsendable(s: Session, msg: Message, customer: Customer | None) -> str:
@@ -329,6 +346,19 @@ def record(
             report.add(unknown=1)
         msg.updated_at = now
         s.add(msg)
+
+
+def put_back(db: Database, claimed: Claimed, *, clock: Clock, worker: str) -> None:
+    """Undo a claim whose request never left (the transport refused to start it)."""
+    with db.session(immediate=True) as s:
+        pacing.release(s, claimed.slot, now=clock.real(), message_id=claimed.message_id)
+        s.execute(
+            sa.update(Message)
+            .where(col(Message.id) == claimed.message_id, col(Message.status) == "sending",
+                   col(Message.claimed_by) == worker)
+            .values(status="queued", lease_until=None, attempts=Message.attempts - 1,
+                    updated_at=clock.now())
+        )
 
 
 # --------------------------------------------------------------------------- leases, reconcile
@@ -458,8 +488,10 @@ class Dispatcher:
         clock: Clock,
         worker: str,
         on_progress: ProgressFn | None = None,
+        window: SendWindow | None = None,
     ) -> None:
         self.db = db
+        self.window = window
         self.settings = settings
         self.transport = transport
         self.clock = clock
@@ -552,7 +584,7 @@ class Dispatcher:
                         got = claim(
                             self.db, lim, settings=self.settings, clock=self.clock,
                             worker=self.worker, lease=self.lease, only_ids=only_ids,
-                            customer_ids=customer_ids, report=report,
+                            customer_ids=customer_ids, report=report, window=self.window,
                         )
                         if isinstance(got, Claimed):
                             claimed = got
@@ -574,7 +606,13 @@ class Dispatcher:
                             _, wait_for = candidates()
                         time.sleep(min(max(wait_for, 0.002), 0.5))
                         continue
-                    result = self.transport.send(claimed.email)
+                    try:
+                        result = self.transport.send(claimed.email)
+                    except CommsError:
+                        # The transport cannot be used at all (no token, bad config): nothing
+                        # was accepted. Put the row back and stop the run with that error.
+                        put_back(self.db, claimed, clock=self.clock, worker=self.worker)
+                        raise
                     record(self.db, claimed, result, clock=self.clock, worker=self.worker,
                            report=report)
                     if result.outcome is not Outcome.SENT:

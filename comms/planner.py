@@ -159,6 +159,14 @@ def next_window_start(now: datetime, window: SendWindow, time_zone: str) -> date
     )
 
 
+def window_end(at: datetime, window: SendWindow, time_zone: str) -> datetime:
+    """When the send window that is open at ``at`` closes (UTC): the window's local end time on
+    ``at``'s local day. Messages queued in one window must not go out after it closes."""
+    zone = _zone(time_zone)
+    local_day = _utc(at).astimezone(zone).date()
+    return datetime.combine(local_day, window.end, tzinfo=zone).astimezone(UTC)
+
+
 # --- recipients ------------------------------------------------------------------------------
 
 

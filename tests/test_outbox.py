@@ -286,3 +286,32 @@ def test_limit_sends_at_most_n(db: Database) -> None:
     report = d.run(deadline=time.monotonic() + 5, limit=2)
     assert report.sent == 2 and len(t.calls) == 2
     assert d.pending(None, None)["queued"] == 3
+
+
+def test_a_message_that_waited_past_its_send_window_moves_to_the_next_one(db: Database) -> None:
+    from comms.campaign import load_campaign
+
+    window = load_campaign().window
+    cid = add_customer(db)  # Europe/London
+    mid = queue(db, cid)
+    friday_evening = datetime(2026, 12, 4, 18, 30, tzinfo=UTC)
+    with db.session() as s:
+        m = s.get(Message, mid)
+        assert m is not None
+        m.send_after = datetime(2026, 12, 4, 16, 0, tzinfo=UTC)
+        m.send_before = datetime(2026, 12, 4, 17, 0, tzinfo=UTC)  # closed at 17:00 London
+        s.add(m)
+    t = ScriptedTransport()
+    d = outbox.Dispatcher(db, settings_for(), t, clock=outbox.Clock(friday_evening),
+                          worker="w1", window=window)
+    report = d.run(deadline=time.monotonic() + 1)
+    assert (report.deferred, report.sent, t.calls) == (1, 0, [])
+    m = status_of(db, mid)
+    assert m.status == "queued"
+    assert m.send_after == datetime(2026, 12, 7, 9, 0, tzinfo=UTC)  # Monday 09:00 London
+    assert m.send_before == datetime(2026, 12, 7, 17, 0, tzinfo=UTC)
+    # Monday morning, inside the window: it goes out.
+    report = outbox.Dispatcher(db, settings_for(), t, clock=outbox.Clock(
+        datetime(2026, 12, 7, 9, 30, tzinfo=UTC)), worker="w1", window=window).run(
+        deadline=time.monotonic() + 2)
+    assert report.sent == 1 and status_of(db, mid).status == "sent"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -174,6 +173,7 @@ def _print_summary(summary: Any, settings: Any, as_json: bool) -> None:
         "failed": d.failed,
         "unknown": d.unknown,
         "withdrawn": d.withdrawn,
+        "moved_to_next_window": d.deferred,
         "confirmed_in_sent_items": d.confirmed,
         "resent_after_check": d.requeued,
         "held_for_operator": d.held,
@@ -207,6 +207,7 @@ def _print_summary(summary: Any, settings: Any, as_json: bool) -> None:
         + (f", confirmed in Sent Items {d.confirmed}" if d.confirmed else "")
         + (f", re-sent after check {d.requeued}" if d.requeued else "")
         + (f", held for an operator {d.held}" if d.held else "")
+        + (f", moved to the next send window {d.deferred}" if d.deferred else "")
     )
     for mid, key, msg, why in d.failures:
         typer.echo(f"  failed #{mid} {key} {msg}: {why}", err=True)
@@ -232,9 +233,10 @@ def worker(
     database. Workers share each sender mailbox's limits through the database."""
     from comms.outbox import Clock, Dispatcher
 
-    settings, _, _, transport, db = _engine_parts()
+    settings, campaign, _, transport, db = _engine_parts()
     clock = Clock(_parse_now(now))
-    dispatcher = Dispatcher(db, settings, transport, clock=clock, worker=_worker_id())
+    dispatcher = Dispatcher(db, settings, transport, clock=clock, worker=_worker_id(),
+                            window=campaign.window)
     end = time.monotonic() + (max_minutes * 60 if max_minutes else 10 * 365 * 86400)
     total_sent = total_failed = 0
     while time.monotonic() < end:
@@ -256,4 +258,3 @@ def register(app: typer.Typer) -> None:
     app.command("worker")(worker)
 
 
-__all__ = ["register", "sys"]

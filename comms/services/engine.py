@@ -181,7 +181,8 @@ class QueueReport:
 
 
 def _row(
-    settings: Settings, customer: CustomerInfo, pm: PlannedMessage, rendered: Any, now: datetime
+    settings: Settings, customer: CustomerInfo, pm: PlannedMessage, rendered: Any, now: datetime,
+    send_before: datetime | None = None,
 ) -> dict[str, Any]:
     assert customer.id is not None
     return {
@@ -201,6 +202,7 @@ def _row(
         "locale": rendered.locale,
         "sender": None,
         "send_after": now,
+        "send_before": send_before,
         "attempts": 0,
         "last_error": "",
         "error_code": "",
@@ -250,9 +252,10 @@ def plan_and_queue(
                 p = planner.plan(customer, history.get(cid, []), now, campaign)
                 report.customers += 1
                 report.deferred += len(p.deferred)
+                closes = planner.window_end(now, campaign.window, customer.time_zone)
                 for pm in p.due:
                     rows.append(_row(settings, customer, pm, _render(renderer, customer, pm, now),
-                                     now))
+                                     now, closes))
                     report.by_message[pm.message] += 1
                     if dry_run:
                         report.preview.append(
@@ -472,7 +475,7 @@ def run(
             return summary
         assert transport is not None
         dispatcher = outbox.Dispatcher(db, settings, transport, clock=clock, worker=worker,
-                                       on_progress=on_progress)
+                                       on_progress=on_progress, window=campaign.window)
         end = deadline if deadline is not None else time.monotonic() + max_minutes * 60
         dispatcher.run(deadline=end, customer_ids=customer_ids, limit=limit,
                        report=summary.dispatch)

@@ -147,6 +147,10 @@ class Message(SQLModel, table=True):
     locale: str = Field(default="en", max_length=20)
     sender: str | None = Field(default=None, max_length=320)
     send_after: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    # End of the send window it was planned in: a message still queued after this (a backlog,
+    # throttling) waits for the customer's next window instead of going out at night.
+    # None: no window (an operator's `comms send`).
+    send_before: datetime | None = _dt(nullable=True)
     attempts: int = 0
     last_error: str = Field(default="", sa_column=Column(sa.Text(), nullable=False, default=""))
     error_code: str = Field(default="", max_length=100)
