@@ -3,6 +3,7 @@ through the real Graph transport to the sandbox."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,11 @@ def test_outbox_commands_and_suppression(env: dict[str, Any], db: Database, tmp_
     assert missing.exit_code == 1 and "No outbox message 999" in missing.stderr
     suppressed = cli("contacts", "suppressed")
     assert "admin2@customer2.example" in suppressed.stdout
+    exported = cli("outbox", "export", str(tmp_path / "outbox.csv"), "--status", "sent")
+    assert exported.exit_code == 0 and "Wrote 2 message(s)" in exported.stdout
+    with (tmp_path / "outbox.csv").open(encoding="utf-8-sig") as fh:
+        rows_csv = list(csv.DictReader(fh))
+    assert len(rows_csv) == 2 and {r["status"] for r in rows_csv} == {"sent"}
 
 
 def test_resolve_unknown_by_hand(env: dict[str, Any], db: Database, tmp_path: Path,

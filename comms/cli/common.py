@@ -5,7 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import typer
@@ -45,7 +45,6 @@ class State:
     config_file: str | None = None
     _settings: Settings | None = None
     _db: Database | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _state = State()

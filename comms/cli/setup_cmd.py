@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import typer
@@ -95,4 +94,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(db_app, name="db")
 
 
-__all__ = ["register", "tomllib"]
+__all__ = ["register"]

@@ -9,6 +9,7 @@ due, renders it and inserts outbox rows in the same transaction that moves ``nex
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -452,8 +453,6 @@ def run(
     plan_progress: Callable[[int], None] | None = None,
 ) -> RunSummary:
     """The scheduled job. Holds the run lock for its whole duration."""
-    import time
-
     with RunLock(db):
         now = clock.now()
         queued = plan_and_queue(db, settings, campaign, renderer, now=now, tag=tag,
@@ -490,7 +489,5 @@ def dispatch_ids(
     clock: outbox.Clock, worker: str, max_minutes: float = 10.0,
 ) -> outbox.DispatchReport:
     """Send exactly these outbox rows now (within pacing), e.g. for `comms send`."""
-    import time
-
     dispatcher = outbox.Dispatcher(db, settings, transport, clock=clock, worker=worker)
     return dispatcher.run(deadline=time.monotonic() + max_minutes * 60, only_ids=frozenset(ids))
