@@ -185,13 +185,8 @@ def plan_stage_change(
     force: bool = False,
 ) -> list[StageChange]:
     """What ``set_stage`` would do, without changing anything (or ``StageMoveRefused``)."""
-    with db.session() as session:
-        planned = _plan(session, campaign, keys, stage, now=now, by=by, note=note,
-                        force=force, source="cli")
-        return [
-            StageChange(row.key, row.name, ev.from_stage or "", stage, ev.forced)
-            for row, ev in planned
-        ]
+    return set_stage(db, campaign, keys, stage, now=now, by=by, note=note, force=force,
+                     dry_run=True)
 
 
 def set_stage(
@@ -205,6 +200,7 @@ def set_stage(
     note: str = "",
     force: bool = False,
     source: str = "cli",
+    dry_run: bool = False,
 ) -> list[StageChange]:
     """Move every customer of ``keys`` to ``stage`` in one transaction: all or none.
 
@@ -214,11 +210,12 @@ def set_stage(
     """
     # Read-then-write: take the write lock up front (SQLite) / lock the rows (PostgreSQL), so a
     # concurrent `comms run` cannot move the same customers in between.
-    with db.session(immediate=True) as session:
+    with db.session(immediate=not dry_run) as session:
         planned = _plan(session, campaign, keys, stage, now=now, by=by, note=note,
-                        force=force, source=source, lock=True)
-        for row, event in planned:
-            apply_stage_event(session, row, event)
+                        force=force, source=source, lock=not dry_run)
+        if not dry_run:
+            for row, event in planned:
+                apply_stage_event(session, row, event)
         return [
             StageChange(row.key, row.name, ev.from_stage or "", stage, ev.forced)
             for row, ev in planned
