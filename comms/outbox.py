@@ -54,7 +54,7 @@ from comms.delivery.base import (
 )
 from comms.errors import CommsError, NotFound
 from comms.store.db import Database
-from comms.store.models import Customer, Message, Suppression
+from comms.store.models import Customer, CustomerTag, Message, Suppression
 
 PENDING = ("queued",)
 # error_code of an `unknown` row that waits for an operator's `comms outbox resolve`.
@@ -169,14 +169,16 @@ class Claimed:
     message: str
 
 
-def _claim_filter(
-    only_ids: frozenset[int] | None, customer_ids: frozenset[int] | None
-) -> list[Any]:
+def _claim_filter(only_ids: frozenset[int] | None, tag: str | None) -> list[Any]:
+    """Restrict to some outbox rows (a one-off send) or to a tagged group's customers (a
+    subquery, so a wave of any size stays one parameter)."""
     conds: list[Any] = []
     if only_ids is not None:
         conds.append(col(Message.id).in_(sorted(only_ids)))
-    if customer_ids is not None:
-        conds.append(col(Message.customer_id).in_(sorted(customer_ids)))
+    if tag is not None:
+        conds.append(col(Message.customer_id).in_(
+            select(CustomerTag.customer_id).where(CustomerTag.tag == tag)
+        ))
     return conds
 
 
@@ -189,7 +191,7 @@ def claim(
     worker: str,
     lease: timedelta,
     only_ids: frozenset[int] | None = None,
-    customer_ids: frozenset[int] | None = None,
+    tag: str | None = None,
     report: DispatchReport | None = None,
     window: SendWindow | None = None,
 ) -> Claimed | pacing.Wait | None:
@@ -206,7 +208,7 @@ def claim(
             .where(
                 col(Message.status) == "queued",
                 col(Message.send_after) <= clock.now(),
-                *_claim_filter(only_ids, customer_ids),
+                *_claim_filter(only_ids, tag),
             )
             .order_by(col(Message.send_after), col(Message.id))
             .limit(1)
@@ -387,7 +389,7 @@ def reconcile(
     grace: timedelta,
     report: DispatchReport,
     only_ids: frozenset[int] | None = None,
-    customer_ids: frozenset[int] | None = None,
+    tag: str | None = None,
     batch: int = 200,
 ) -> int:
     """Resolve `unknown` rows by looking their send id up in the sender's Sent Items.
@@ -405,7 +407,7 @@ def reconcile(
                 col(Message.error_code) != HELD,
                 sa.or_(col(Message.unknown_since).is_(None),
                        col(Message.unknown_since) <= real - grace),
-                *_claim_filter(only_ids, customer_ids),
+                *_claim_filter(only_ids, tag),
             )
             .order_by(col(Message.id))
             .limit(batch)
@@ -514,12 +516,12 @@ class Dispatcher:
             pacing.ensure_mailboxes(s, [lim.mailbox for lim in self.limits])
 
     def pending(
-        self, only_ids: frozenset[int] | None, customer_ids: frozenset[int] | None
+        self, only_ids: frozenset[int] | None, tag: str | None
     ) -> Counter[str]:
         with self.db.session() as s:
             rows = s.exec(
                 select(Message.status, sa.func.count())
-                .where(col(Message.status).in_(OPEN), *_claim_filter(only_ids, customer_ids))
+                .where(col(Message.status).in_(OPEN), *_claim_filter(only_ids, tag))
                 .group_by(col(Message.status))
             ).all()
         return Counter({status: int(n) for status, n in rows})
@@ -529,7 +531,7 @@ class Dispatcher:
         *,
         deadline: float,
         only_ids: frozenset[int] | None = None,
-        customer_ids: frozenset[int] | None = None,
+        tag: str | None = None,
         limit: int | None = None,
         report: DispatchReport | None = None,
     ) -> DispatchReport:
@@ -584,7 +586,7 @@ class Dispatcher:
                         got = claim(
                             self.db, lim, settings=self.settings, clock=self.clock,
                             worker=self.worker, lease=self.lease, only_ids=only_ids,
-                            customer_ids=customer_ids, report=report, window=self.window,
+                            tag=tag, report=report, window=self.window,
                         )
                         if isinstance(got, Claimed):
                             claimed = got
@@ -626,7 +628,7 @@ class Dispatcher:
         while time.monotonic() < deadline and not stop.is_set():
             expire_leases(self.db, clock=self.clock)
             reconcile(self.db, self.reconciler, clock=self.clock, grace=self.grace,
-                      report=report, only_ids=only_ids, customer_ids=customer_ids)
+                      report=report, only_ids=only_ids, tag=tag)
             threads = [threading.Thread(target=worker_loop, args=(i,), daemon=True)
                        for i in range(threads_n)]
             for t in threads:
@@ -637,14 +639,14 @@ class Dispatcher:
                 raise errors[0]
             if budget[0] == 0:
                 break
-            pause = self._more_to_do(only_ids, customer_ids, deadline)
+            pause = self._more_to_do(only_ids, tag, deadline)
             if pause is None:
                 break
             time.sleep(pause)
         return report
 
     def _more_to_do(
-        self, only_ids: frozenset[int] | None, customer_ids: frozenset[int] | None,
+        self, only_ids: frozenset[int] | None, tag: str | None,
         deadline: float,
     ) -> float | None:
         """Seconds to wait before work may be possible again, or None when nothing can
@@ -655,7 +657,7 @@ class Dispatcher:
         now = self.clock.now()
         real = self.clock.real()
         horizon = now + timedelta(seconds=left)
-        flt = _claim_filter(only_ids, customer_ids)
+        flt = _claim_filter(only_ids, tag)
         with self.db.session() as s:
             next_queued = s.exec(
                 select(sa.func.min(Message.send_after)).where(

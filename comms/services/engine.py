@@ -429,11 +429,6 @@ class RunSummary:
         return 1 if self.dispatch.failed else 0
 
 
-def tag_customer_ids(db: Database, tag: str) -> frozenset[int]:
-    with db.session() as s:
-        return frozenset(s.exec(select(CustomerTag.customer_id).where(CustomerTag.tag == tag)))
-
-
 def run(
     db: Database,
     settings: Settings,
@@ -459,13 +454,13 @@ def run(
                                 dry_run=dry_run, progress=plan_progress)
         if on_queued:
             on_queued(queued)
-        customer_ids = tag_customer_ids(db, tag) if tag else None
         summary = RunSummary(queue=queued, dispatch=outbox.DispatchReport(), dry_run=dry_run)
         if dry_run:
             with db.session() as s:
                 flt = [col(Message.status) == "queued"]
-                if customer_ids is not None:
-                    flt.append(col(Message.customer_id).in_(sorted(customer_ids)))
+                if tag:
+                    flt.append(col(Message.customer_id).in_(
+                        select(CustomerTag.customer_id).where(CustomerTag.tag == tag)))
                 already = s.exec(select(sa.func.count()).select_from(Message).where(*flt)).one()
             total = queued.queued + int(already)
             summary.pending["queued"] = total
@@ -476,9 +471,9 @@ def run(
         dispatcher = outbox.Dispatcher(db, settings, transport, clock=clock, worker=worker,
                                        on_progress=on_progress, window=campaign.window)
         end = deadline if deadline is not None else time.monotonic() + max_minutes * 60
-        dispatcher.run(deadline=end, customer_ids=customer_ids, limit=limit,
+        dispatcher.run(deadline=end, tag=tag, limit=limit,
                        report=summary.dispatch)
-        summary.pending = dispatcher.pending(None, customer_ids)
+        summary.pending = dispatcher.pending(None, tag)
         with db.session(immediate=True) as s:
             pacing.prune(s, now=clock.real(), keep=timedelta(days=2))
         return summary
