@@ -123,6 +123,9 @@ def test_send_one_customer_confirm_refuse_repeat_and_resend(
     assert repeat.exit_code == 1
     assert "partner_invitation is already sent for K0001" in repeat.stderr
     assert "add --resend --note" in repeat.stderr
+    internal = cli("send", "K0001", "--message", "account_manager_alert", "--yes", "--now", NOW)
+    assert internal.exit_code == 1
+    assert "account_manager_alert is an internal note to the account manager" in internal.stderr
     no_note = cli("send", "K0001", "--message", "partner_invitation", "--resend", "--yes")
     assert no_note.exit_code == 1 and "--resend needs --note" in no_note.stderr
     again = cli("send", "K0001", "--message", "partner_invitation", "--resend", "--note",

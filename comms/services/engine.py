@@ -359,6 +359,13 @@ def _explicit(
         raise NotFound(
             f"Unknown message {message!r}. Messages: {', '.join(campaign.messages())}."
         )
+    internal = {st.reminders.escalation_message for st in campaign.stages
+                if st.reminders and st.reminders.escalate_after}
+    if message in internal:
+        raise CommsError(
+            f"{message} is an internal note to the account manager; it goes out with the "
+            "escalated reminders, never to a customer. Name a customer message."
+        )
     stage = customer.stage
     for st in campaign.stages:
         if message in (st.on_enter, st.reminders.message if st.reminders else None):
