@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class DemoResult:
     database_url: str
     sandbox_dir: Path
     steps: list[tuple[datetime, str]] = field(default_factory=list)
+    ended_at: datetime = START
     runs: int = 0
     sent: int = 0
     failed: int = 0
@@ -172,6 +174,7 @@ def _simulate(
         if summary.dispatch.sent:
             by_msg = ", ".join(f"{m} {n}" for m, n in sorted(summary.queue.by_message.items()))
             echo(f"{t:%a %d %b %H:%M} UTC  sent {summary.dispatch.sent}: {by_msg}")
+        result.ended_at = t
         t += RUN_EVERY
 
 
@@ -227,8 +230,13 @@ def report_lines(result: DemoResult) -> list[str]:
         f"scheduled runs; duplicates: {dupes}; failed: {result.failed}."
     )
     lines.append(f"Every message as .eml: {result.sandbox_dir / 'eml'}")
-    lines.append(f"Explore the ledger: COMMS_HOME={result.workdir} comms customers list "
-                 "(or: comms status, comms outbox list)")
+    exe = sys.argv[0] if Path(sys.argv[0]).name == "comms" else "comms"
+    when = result.ended_at.strftime("%Y-%m-%dT%H:%M")
+    lines.append(f"Explore the ledger (the demo's clock ended at {when} UTC):")
+    lines.append(f"  export COMMS_HOME={result.workdir}")
+    lines.append(f"  {exe} customers list; {exe} customers show CUST-0020; "
+                 f"{exe} outbox list --status sent")
+    lines.append(f"  {exe} status --now {when}; {exe} report --out report.html --now {when}")
     return lines
 
 

@@ -173,3 +173,15 @@ def test_everything_queued_inside_the_customers_send_window(
             assert local.date() not in window.holidays, (key, local)
             checked += 1
     assert checked > 100
+
+
+def test_demo_report_shows_what_was_sent_to_whom(demo: DemoResult) -> None:
+    from comms.demo import report_lines
+
+    lines = report_lines(demo)
+    text = "\n".join(lines)
+    assert "CUST-0001 Contoso Dental Ltd [24 licences, completed]" in text
+    assert "  Mon 30 Nov 12:00  kickoff -> sarah.jones@contosodental.example" in text
+    assert f"{len(demo.received)} messages accepted by the sandbox Graph" in text
+    assert "duplicates: 0; failed: 0." in text
+    assert "status --now 2026-12-30T00:00" in text
