@@ -71,7 +71,7 @@ def measure(mailboxes: int, time_scale: float, seconds: float, work: Path) -> di
         })
         db = open_database(settings.database_url())
         campaign = load_campaign()
-        customer_service.import_file(db, seed_csv(work / "c.csv", n), settings=settings,
+        customer_service.import_customers(db, seed_csv(work / "c.csv", n), settings=settings,
                                      campaign=campaign, now=T0, by="bench")
         started = time.monotonic()
         summary = engine.run(db, settings, campaign, Renderer(settings), make_transport(settings),

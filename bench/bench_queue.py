@@ -52,7 +52,7 @@ def one(n: int) -> dict[str, float]:
         settings = load_settings(env={"COMMS_DATABASE_URL": f"sqlite:///{work / 'q.db'}"})
         db = open_database(settings.database_url())
         campaign = load_campaign()
-        customer_service.import_file(db, path, settings=settings, campaign=campaign, now=T0,
+        customer_service.import_customers(db, path, settings=settings, campaign=campaign, now=T0,
                                      by="bench")
         renderer = Renderer(settings)
         renderer.render  # noqa: B018 (templates compile lazily; the run pays that once)

@@ -8,7 +8,6 @@ sandbox); only the `comms demo` command and the tests do.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from collections import defaultdict
@@ -148,7 +147,7 @@ def _simulate(
     db: Database, settings: Settings, campaign: Campaign, csv_path: Path,
     result: DemoResult, echo: Callable[[str], None], days: int,
 ) -> None:
-    imported = customer_service.import_file(
+    imported = customer_service.import_customers(
         db, csv_path, settings=settings, campaign=campaign, now=START, by="demo"
     )
     echo(f"Imported {imported.created} customers from {csv_path.name}.")
@@ -238,8 +237,3 @@ def report_lines(result: DemoResult) -> list[str]:
                  f"{exe} outbox list --status sent")
     lines.append(f"  {exe} status --now {when}; {exe} report --out report.html --now {when}")
     return lines
-
-
-def dump_json(result: DemoResult) -> str:
-    return json.dumps({"runs": result.runs, "sent": result.sent, "failed": result.failed,
-                       "received": len(result.received)}, indent=2)

@@ -76,29 +76,27 @@ class Clock:
         return datetime.now(UTC)
 
 
+def _withdraw(session: Session, customer_id: int, reason: str, at: datetime,
+              *conditions: Any) -> int:
+    result = session.execute(
+        sa.update(Message)
+        .where(col(Message.customer_id) == customer_id, col(Message.status).in_(PENDING),
+               *conditions)
+        .values(status="withdrawn", last_error=reason, updated_at=at)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
 def withdraw_stale(session: Session, customer_id: int, stage: str, at: datetime) -> int:
     """Withdraw queued messages planned for another stage than ``stage`` (a stage change
     makes them moot: an approved customer gets no more invitation reminders)."""
-    result = session.execute(
-        sa.update(Message)
-        .where(
-            col(Message.customer_id) == customer_id,
-            col(Message.status).in_(PENDING),
-            col(Message.stage) != stage,
-        )
-        .values(status="withdrawn", last_error=f"stage changed to {stage}", updated_at=at)
-    )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return _withdraw(session, customer_id, f"stage changed to {stage}", at,
+                     col(Message.stage) != stage)
 
 
 def withdraw_all_queued(session: Session, customer_id: int, reason: str, at: datetime) -> int:
     """Withdraw every queued message of a customer (opted out, lost)."""
-    result = session.execute(
-        sa.update(Message)
-        .where(col(Message.customer_id) == customer_id, col(Message.status).in_(PENDING))
-        .values(status="withdrawn", last_error=reason, updated_at=at)
-    )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return _withdraw(session, customer_id, reason, at)
 
 
 # --------------------------------------------------------------------------- queueing
@@ -147,7 +145,6 @@ class DispatchReport:
     requeued: int = 0  # unknown -> queued, not found after the grace period
     held: int = 0  # unknown that needs an operator (no Mail.Read)
     failures: list[tuple[int, str, str, str]] = field(default_factory=list)
-    sent_ids: list[int] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **counts: int) -> None:
@@ -318,8 +315,6 @@ def record(
                 .values(next_due_at=now)
             )
             report.add(sent=1)
-            with report.lock:
-                report.sent_ids.append(claimed.message_id)
         elif not mine:
             return  # someone else owns this row now (lease expired); leave it to them
         elif result.outcome is Outcome.THROTTLED:

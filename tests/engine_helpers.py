@@ -46,7 +46,7 @@ def seed(db: Database, tmp_path: Path, n: int, *, stage: str = "invited",
          now: datetime = T0, settings: Settings | None = None) -> list[str]:
     path = write_customers_csv(tmp_path / f"seed-{n}.csv", n, stage=stage)
     settings = settings or load_settings(env={})
-    customer_service.import_file(db, path, settings=settings, campaign=load_campaign(),
+    customer_service.import_customers(db, path, settings=settings, campaign=load_campaign(),
                                  now=now, by="test")
     return [f"K{i:04d}" for i in range(n)]
 

@@ -55,7 +55,7 @@ def import_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and count; write nothing."),
 ) -> None:
     """Import or update customers from a CSV file (upsert by key, all or nothing)."""
-    r = svc.import_file(common.database(), file, settings=common.settings(),
+    r = svc.import_customers(common.database(), file, settings=common.settings(),
                         campaign=_campaign(), now=datetime.now(UTC), by=common.actor(),
                         skip_invalid=skip_invalid, dry_run=dry_run)
     verb = "would be" if dry_run else "were"
@@ -170,8 +170,8 @@ def set_stage_cmd(
     campaign, now, by = _campaign(), datetime.now(UTC), common.actor()
     bulk = len(keys) > 1 or bool(where_stage)
     if bulk or dry_run:
-        plan = svc.plan_stage_change(db, campaign, keys, stage, now=now, by=by, note=note,
-                                     force=force)
+        plan = svc.set_stage(db, campaign, keys, stage, now=now, by=by, note=note,
+                             force=force, dry_run=True)
         table = Table("key", "name", "from", "to", "forced")
         for p in plan:
             table.add_row(Text(p.key), Text(p.name), p.from_stage, p.to_stage,

@@ -259,6 +259,13 @@ def _call_msal(graph: GraphSettings, doing: str, call: Callable[[], Any]) -> Any
 # --- app-only ---------------------------------------------------------------------------------
 
 
+def _read(path: str, setting: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise AuthError(f"cannot read {setting} {path}: {exc.strerror}") from exc
+
+
 def certificate_credential(graph: GraphSettings) -> dict[str, str]:
     """msal's certificate credential: the private key PEM and the certificate's SHA-1 thumbprint.
 
@@ -275,18 +282,8 @@ def certificate_credential(graph: GraphSettings) -> dict[str, str]:
             "[graph] auth is 'certificate' but COMMS_GRAPH_PRIVATE_KEY_FILE is not set: point it "
             "at the certificate's private key (PEM)"
         )
-    try:
-        cert_pem = Path(graph.certificate_file).read_bytes()
-    except OSError as exc:
-        raise AuthError(
-            f"cannot read [graph] certificate_file {graph.certificate_file}: {exc.strerror}"
-        ) from exc
-    try:
-        key_pem = Path(graph.private_key_file).read_bytes()
-    except OSError as exc:
-        raise AuthError(
-            f"cannot read COMMS_GRAPH_PRIVATE_KEY_FILE {graph.private_key_file}: {exc.strerror}"
-        ) from exc
+    cert_pem = _read(graph.certificate_file, "[graph] certificate_file")
+    key_pem = _read(graph.private_key_file, "COMMS_GRAPH_PRIVATE_KEY_FILE")
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError as exc:

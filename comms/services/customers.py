@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 from sqlmodel import Session, col, select
 
 from comms import outbox, stages
 from comms.campaign import Campaign
-from comms.config import Settings
 from comms.domain import CustomerInfo
 from comms.errors import CommsError, StageMoveRefused
 from comms.services.importer import ImportResult, export_customers, import_customers
@@ -31,7 +29,6 @@ __all__ = [
     "export_customers",
     "import_customers",
     "list_customers",
-    "plan_stage_change",
     "select_keys",
     "set_stage",
     "show_customer",
@@ -173,22 +170,6 @@ def _plan(
     return planned
 
 
-def plan_stage_change(
-    db: Database,
-    campaign: Campaign,
-    keys: list[str],
-    stage: str,
-    *,
-    now: datetime,
-    by: str,
-    note: str = "",
-    force: bool = False,
-) -> list[StageChange]:
-    """What ``set_stage`` would do, without changing anything (or ``StageMoveRefused``)."""
-    return set_stage(db, campaign, keys, stage, now=now, by=by, note=note, force=force,
-                     dry_run=True)
-
-
 def set_stage(
     db: Database,
     campaign: Campaign,
@@ -255,19 +236,3 @@ def side_action(
             reason = "customer opted out" if action == "opt_out" else "customer marked lost"
             outbox.withdraw_all_queued(session, row.id, reason, now)
         return True
-
-
-def import_file(
-    db: Database,
-    path: Path,
-    *,
-    settings: Settings,
-    campaign: Campaign,
-    now: datetime,
-    by: str,
-    skip_invalid: bool = False,
-    dry_run: bool = False,
-) -> ImportResult:
-    """Import a customer CSV (see ``comms.services.importer.import_customers``)."""
-    return import_customers(db, path, settings=settings, campaign=campaign, now=now, by=by,
-                            skip_invalid=skip_invalid, dry_run=dry_run)

@@ -177,7 +177,6 @@ class QueueReport:
     queued: int = 0
     deferred: int = 0
     by_message: Counter[str] = field(default_factory=Counter)
-    message_ids: list[int] = field(default_factory=list)
     preview: list[tuple[str, str, int, str]] = field(default_factory=list)  # key, msg, seq, to
 
 

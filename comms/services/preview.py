@@ -10,7 +10,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
-from comms.campaign import Campaign
+from comms import planner
+from comms.campaign import Campaign, load_campaign
 from comms.config import Settings
 from comms.delivery.base import Address, OutgoingEmail
 from comms.delivery.eml import build_eml
@@ -113,13 +114,6 @@ def render_sample(
 # One customer from the ledger
 
 
-def _recipients(customer: CustomerInfo, campaign: Campaign | None) -> tuple[ContactInfo, ...]:
-    roles = campaign.recipients if campaign else ("primary", "billing")
-    usable = [c for c in customer.contacts if not c.suppressed]
-    chosen = [c for c in usable if c.role in roles]
-    return tuple(chosen or usable)
-
-
 def load_customer(db: Database, key: str) -> CustomerInfo:
     """The domain view of one ledger customer (``NotFound`` suggests close keys)."""
     from comms.store import repo
@@ -155,7 +149,8 @@ def preview_customer(
             for s in campaign.stages
         )
     )
-    recipients = _recipients(customer, campaign)
+    # The same recipients the planner picks, so the preview is what would be sent.
+    recipients = planner.recipients(customer, campaign or load_campaign())
     rendered = renderer.render(
         message, customer, now=now, reminder_number=reminder_number,
         recipient=None if internal else (recipients[0] if recipients else None),
