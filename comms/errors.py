@@ -14,6 +14,10 @@ turns any ``CommsError`` into one clear line on stderr and the exit code it carr
     ├── AuthError                   exit 2: no token could be obtained (names the setting to fix)
     ├── DeliveryError               a transport cannot be used at all (not one message's outcome)
     ├── AlreadySent                 a message was already sent; resending needs --resend --note
+    ├── UsageError                  exit 2: a bad argument or option combination (like click)
+    ├── StateConflict               the ledger is not in a state that allows this (names why)
+    ├── OutputError                 a file cannot be written (names the path and the fix)
+    ├── UnknownTimeZone             not an IANA time zone (suggests the closest one)
     └── RunLocked                   another `comms run` holds this database
 """
 
@@ -78,3 +82,19 @@ class AlreadySent(CommsError):
 
 class RunLocked(CommsError):
     exit_code = 3
+
+
+class UsageError(CommsError):
+    exit_code = 2
+
+
+class StateConflict(CommsError):
+    pass
+
+
+class OutputError(CommsError):
+    pass
+
+
+class UnknownTimeZone(CommsError):
+    exit_code = 2
