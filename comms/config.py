@@ -123,6 +123,16 @@ class GraphSettings(_Section):
     certificate_file: str = ""
     ca_file: str = ""
     timeout_seconds: float = Field(default=30.0, gt=0)
+    # How long Graph/Exchange may keep working on a request after it started. A request we gave
+    # up on (client timeout) keeps its mailbox concurrency slot until then, so the limit holds
+    # as Exchange counts it, and "not in Sent Items" is trusted only after it (Graph's front
+    # door answers 504 after about 100 s; the exact server-side bound is not documented).
+    # Unset: four request timeouts (120 s with the default 30 s timeout).
+    server_timeout_seconds: float | None = Field(default=None, gt=0)
+
+    @property
+    def server_timeout(self) -> float:
+        return self.server_timeout_seconds or 4 * self.timeout_seconds
     # With Mail.Read on the sender mailboxes, ambiguous sends are reconciled against Sent Items.
     reconcile: bool = True
     reconcile_grace_seconds: float = Field(default=120.0, ge=0)

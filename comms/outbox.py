@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -290,13 +291,17 @@ def _unsendable(s: Session, msg: Message, customer: Customer | None) -> str:
 
 def record(
     db: Database, claimed: Claimed, result: SendResult, *, clock: Clock, worker: str,
-    report: DispatchReport,
+    report: DispatchReport, server_hold: timedelta = timedelta(0),
 ) -> None:
-    """Write one send's outcome and give the pacing slot back, in one transaction."""
+    """Write one send's outcome and give the pacing slot back, in one transaction.
+
+    ``server_hold``: after a client-side timeout the request may still run at Exchange for
+    this long; its concurrency slot stays taken until then."""
     real = clock.real()
     now = clock.now()
     with db.session(immediate=True) as s:
-        pacing.release(s, claimed.slot, now=real, message_id=claimed.message_id)
+        pacing.release(s, claimed.slot, now=real, message_id=claimed.message_id,
+                       in_flight_until=real + server_hold if result.maybe_in_flight else None)
         msg = s.get(Message, claimed.message_id)
         assert msg is not None
         mine = msg.status == "sending" and msg.claimed_by == worker and (
@@ -336,6 +341,7 @@ def record(
                 )
         else:  # UNKNOWN
             msg.status, msg.lease_until, msg.unknown_since = "unknown", None, real
+            msg.ambiguous_from = _with_mailbox(msg.ambiguous_from, claimed.slot.mailbox)
             msg.last_error = f"outcome unknown: {result.message}".strip()
             msg.error_code = result.error_code
             if result.retry_after:
@@ -365,15 +371,155 @@ def expire_leases(db: Database, *, clock: Clock) -> int:
     """Rows left in `sending` by a worker that died: their outcome is unknown."""
     real = clock.real()
     with db.session(immediate=True) as s:
-        result = s.execute(
-            sa.update(Message)
+        stale = s.exec(
+            select(Message)
             .where(col(Message.status) == "sending", col(Message.lease_until) < real)
-            .values(
-                status="unknown", unknown_since=real, lease_until=None, updated_at=clock.now(),
-                last_error="lease expired: the worker stopped mid-send",
+            .order_by(col(Message.id))
+        ).all()
+        for msg in stale:
+            msg.status, msg.unknown_since, msg.lease_until = "unknown", real, None
+            msg.ambiguous_from = _with_mailbox(msg.ambiguous_from, msg.sender or "")
+            msg.last_error = "lease expired: the worker stopped mid-send"
+            msg.updated_at = clock.now()
+            s.add(msg)
+        return len(stale)
+
+
+def _with_mailbox(mailboxes: str, mailbox: str) -> str:
+    """Add ``mailbox`` to a space-separated set, keeping the order of first attempts."""
+    known = mailboxes.split()
+    if mailbox and mailbox not in known:
+        known.append(mailbox)
+    return " ".join(known)
+
+
+def ambiguous_mailboxes(msg: Message) -> list[str]:
+    """Every mailbox that may hold ``msg`` in its Sent Items (its ambiguous attempts)."""
+    boxes = msg.ambiguous_from.split()
+    if msg.sender and msg.sender not in boxes:  # rows from before migration 0003
+        boxes.append(msg.sender)
+    return boxes
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One ambiguous outcome of one row, as a reconcile pass read it: its verdict applies to
+    this episode only (same attempts, same unknown_since), never to a later one."""
+
+    message_id: int
+    send_id: str
+    attempts: int
+    unknown_since: datetime | None
+    mailboxes: tuple[str, ...]
+    token: str
+
+
+@dataclass
+class ReconcileLimits:
+    """What a reconcile pass needs to pace its Sent Items reads like any other request."""
+
+    limits: dict[str, pacing.Limits]
+    lease: timedelta  # how long a row stays with this pass; longer than its lookups take
+    server_hold: timedelta = timedelta(0)
+
+
+def _take_episode(
+    db: Database, *, clock: Clock, grace: timedelta, worker: str, lease: timedelta,
+    only_ids: frozenset[int] | None, tag: str | None, skip: set[int],
+) -> Episode | None:
+    """Lease the next `unknown` row to this pass, so one pass at a time looks a row up."""
+    real = clock.real()
+    token = f"reconcile:{worker}:{uuid.uuid4().hex[:12]}"
+    with db.session(immediate=True) as s:
+        due = (
+            select(Message)
+            .where(
+                col(Message.status) == "unknown",
+                col(Message.error_code) != HELD,
+                # Sent Items can lag a 202, and a request we gave up on may still be running
+                # at Exchange: look only once the grace period has passed.
+                sa.or_(col(Message.unknown_since).is_(None),
+                       col(Message.unknown_since) <= real - grace),
+                sa.or_(col(Message.lease_until).is_(None), col(Message.lease_until) < real),
+                col(Message.id).not_in(sorted(skip)),
+                *_claim_filter(only_ids, tag),
             )
+            .order_by(col(Message.id))
+            .limit(1)
         )
-        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        if db.engine.dialect.name == "postgresql":
+            due = due.with_for_update(skip_locked=True, of=Message)
+        msg = s.exec(due).first()
+        if msg is None:
+            return None
+        assert msg.id is not None
+        msg.claimed_by, msg.lease_until = token, real + lease
+        s.add(msg)
+        return Episode(msg.id, msg.send_id, msg.attempts, msg.unknown_since,
+                       tuple(ambiguous_mailboxes(msg)), token)
+
+
+def _same_episode(ep: Episode) -> list[Any]:
+    """Conditions that hold only while the row is still in the episode ``ep`` looked up."""
+    since = (col(Message.unknown_since).is_(None) if ep.unknown_since is None
+             else col(Message.unknown_since) == ep.unknown_since)
+    return [col(Message.id) == ep.message_id, col(Message.status) == "unknown",
+            col(Message.attempts) == ep.attempts, col(Message.claimed_by) == ep.token, since]
+
+
+class _Busy(Exception):
+    """A mailbox has no free request slot (or is throttled) now: look again on a later pass."""
+
+
+def _lookup(
+    db: Database, reconciler: Reconciler, mailbox: str, send_id: str, *, clock: Clock,
+    paced: ReconcileLimits,
+) -> bool | None:
+    """One Sent Items read, inside the mailbox's concurrency limit like any request."""
+    limits = paced.limits.get(mailbox)
+    slot: pacing.Slot | None = None
+    if limits is not None:  # a mailbox no longer configured is read unpaced, rarely
+        with db.session(immediate=True) as s:
+            got = pacing.try_acquire(s, limits, now=clock.real(), lease=paced.lease,
+                                     kind=pacing.LOOKUP)
+        if isinstance(got, pacing.Wait):
+            raise _Busy(got.reason)
+        slot = got
+    hold: datetime | None = None
+    try:
+        return reconciler.find_sent(mailbox, send_id)
+    except LookupUnavailable as exc:
+        if exc.maybe_in_flight:
+            hold = clock.real() + paced.server_hold
+        if exc.retry_after and slot is not None:
+            with db.session(immediate=True) as s:
+                pacing.block(s, mailbox, clock.real() + timedelta(seconds=exc.retry_after))
+        raise
+    finally:
+        if slot is not None:
+            with db.session(immediate=True) as s:
+                pacing.release(s, slot, now=clock.real(), in_flight_until=hold)
+
+
+def _verdict(
+    db: Database, reconciler: Reconciler | None, ep: Episode, *, clock: Clock,
+    paced: ReconcileLimits,
+) -> bool | str | None:
+    """True: found in one of the mailboxes. False: in none of them. None: some mailbox cannot
+    be read (no Mail.Read) and none had it. "later": a read failed for now."""
+    if reconciler is None or not ep.mailboxes:
+        return None
+    verdict: bool | None = False
+    for mailbox in ep.mailboxes:
+        try:
+            found = _lookup(db, reconciler, mailbox, ep.send_id, clock=clock, paced=paced)
+        except (LookupUnavailable, _Busy):
+            return "later"
+        if found is True:
+            return True
+        if found is None:
+            verdict = None
+    return verdict
 
 
 def reconcile(
@@ -383,64 +529,62 @@ def reconcile(
     clock: Clock,
     grace: timedelta,
     report: DispatchReport,
+    worker: str = "reconcile",
+    paced: ReconcileLimits | None = None,
     only_ids: frozenset[int] | None = None,
     tag: str | None = None,
     batch: int = 200,
 ) -> int:
-    """Resolve `unknown` rows by looking their send id up in the sender's Sent Items.
+    """Resolve `unknown` rows by looking their send id up in Sent Items.
 
-    Found -> sent. Not found once the grace period has passed -> queued again (same send id).
-    Cannot tell (no Mail.Read, or reconciliation off) -> held for an operator.
+    Each row is leased to one pass at a time, looked up in every mailbox that may have
+    accepted it (each read paced like a request), and its verdict is written only if the row
+    is still in the episode that was looked up (same attempts, unknown_since and lease):
+    found in any mailbox -> sent; in none once the grace period has passed -> queued again
+    (same send id); a mailbox that cannot be read and no copy found -> held for an operator.
     """
-    real = clock.real()
-    with db.session() as s:
-        # Sent Items can lag a 202 by a little: look only once the grace period has passed.
-        rows = s.exec(
-            select(Message)
-            .where(
-                col(Message.status) == "unknown",
-                col(Message.error_code) != HELD,
-                sa.or_(col(Message.unknown_since).is_(None),
-                       col(Message.unknown_since) <= real - grace),
-                *_claim_filter(only_ids, tag),
-            )
-            .order_by(col(Message.id))
-            .limit(batch)
-        ).all()
+    paced = paced or ReconcileLimits({}, timedelta(seconds=60))
     resolved = 0
-    for msg in rows:
-        found: bool | None = None
-        if reconciler is not None and msg.sender:
-            try:
-                found = reconciler.find_sent(msg.sender, msg.send_id)
-            except LookupUnavailable:
-                continue  # throttled or unreachable: the next pass asks again
+    seen: set[int] = set()
+    while len(seen) < batch:
+        ep = _take_episode(db, clock=clock, grace=grace, worker=worker, lease=paced.lease,
+                           only_ids=only_ids, tag=tag, skip=seen)
+        if ep is None:
+            break
+        seen.add(ep.message_id)
+        verdict = _verdict(db, reconciler, ep, clock=clock, paced=paced)
+        now = clock.now()
+        values: dict[str, Any]
+        if verdict == "later":
+            values = {"lease_until": None, "claimed_by": ""}  # the next pass asks again
+        elif verdict is True:
+            values = {"status": "sent", "sent_at": now, "lease_until": None,
+                      "note": sa.func.trim(col(Message.note) +
+                                           " confirmed in Sent Items after an unknown outcome.")}
+        elif verdict is False:
+            values = {"status": "queued", "send_after": now, "lease_until": None,
+                      "claimed_by": "",
+                      "last_error": "not found in Sent Items of "
+                      f"{', '.join(ep.mailboxes)} after the grace period; sending again"}
+        else:
+            values = {"error_code": HELD, "lease_until": None, "claimed_by": "",
+                      "last_error": "outcome unknown and Sent Items cannot be checked (no "
+                      "Mail.Read?): decide with `comms outbox resolve "
+                      f"{ep.message_id} --sent` or `--resend`"}
         with db.session(immediate=True) as s:
-            fresh = s.get(Message, msg.id)
-            if fresh is None or fresh.status != "unknown":
-                continue
-            if found is True:
-                fresh.status, fresh.sent_at = "sent", clock.now()
-                fresh.note = (fresh.note + " confirmed in Sent Items after an unknown outcome.")
-                fresh.note = fresh.note.strip()
-                report.add(confirmed=1)
-                resolved += 1
-            elif found is False:
-                fresh.status, fresh.send_after = "queued", clock.now()
-                fresh.last_error = "not found in Sent Items after the grace period; sending again"
-                report.add(requeued=1)
-                resolved += 1
-            elif found is None:
-                fresh.last_error = (
-                    "outcome unknown and Sent Items cannot be checked (no Mail.Read?): decide "
-                    f"with `comms outbox resolve {fresh.id} --sent` or `--resend`"
-                )
-                fresh.error_code = HELD
-                report.add(held=1)
-            else:
-                continue
-            fresh.updated_at = clock.now()
-            s.add(fresh)
+            changed = s.execute(
+                sa.update(Message).where(*_same_episode(ep)).values(updated_at=now, **values)
+            ).rowcount  # type: ignore[attr-defined]
+        if not changed or verdict == "later":
+            continue  # another pass or a new attempt owns the row now: our verdict is stale
+        if verdict is True:
+            report.add(confirmed=1)
+            resolved += 1
+        elif verdict is False:
+            report.add(requeued=1)
+            resolved += 1
+        else:
+            report.add(held=1)
     return resolved
 
 
@@ -500,11 +644,22 @@ class Dispatcher:
         self.lease = timedelta(
             seconds=max(settings.delivery.lease_seconds, 2 * settings.graph.timeout_seconds + 1)
         )
-        # A request we gave up on may still be processed by Graph for a while: only after the
-        # grace period does "not in Sent Items" mean "not sent". Never shorter than two
-        # request timeouts.
-        self.grace = timedelta(seconds=max(settings.graph.reconcile_grace_seconds,
-                                           2 * settings.graph.timeout_seconds))
+        graph = settings.graph
+        # A request we gave up on (client timeout) may still run at Exchange until
+        # server_timeout after it started: its concurrency slot stays taken that long.
+        self.server_hold = timedelta(
+            seconds=max(graph.server_timeout - graph.timeout_seconds, 0.0))
+        # Only after the grace period does "not in Sent Items" mean "not sent": never shorter
+        # than two request timeouts, nor than Exchange may still be working on a request.
+        self.grace = timedelta(seconds=max(graph.reconcile_grace_seconds,
+                                           2 * graph.timeout_seconds,
+                                           graph.server_timeout))
+        # A reconcile pass holds one row while it reads every mailbox that may have sent it.
+        self.paced = ReconcileLimits(
+            {lim.mailbox: lim for lim in self.limits},
+            lease=timedelta(seconds=2 * graph.timeout_seconds * max(len(self.limits), 1) + 5),
+            server_hold=self.server_hold,
+        )
         reconciler = transport if isinstance(transport, Reconciler) else None
         self.reconciler = reconciler if settings.graph.reconcile else None
         with db.session(immediate=True) as s:
@@ -529,9 +684,14 @@ class Dispatcher:
         tag: str | None = None,
         limit: int | None = None,
         report: DispatchReport | None = None,
+        stop: threading.Event | None = None,
     ) -> DispatchReport:
-        """Dispatch until nothing is due (or sendable before ``deadline``, a monotonic time)."""
+        """Dispatch until nothing is due (or sendable before ``deadline``, a monotonic time).
+
+        Setting ``stop`` (a signal handler does) ends the run cleanly: nothing new is claimed,
+        requests in flight finish and their outcomes are recorded, then it returns."""
         report = report or DispatchReport()
+        requested = stop or threading.Event()
         budget = [limit if limit is not None else -1]
         budget_lock = threading.Lock()
         stop = threading.Event()
@@ -567,7 +727,8 @@ class Dispatcher:
 
         def worker_loop(index: int) -> None:
             try:
-                while not stop.is_set() and time.monotonic() < deadline:
+                while (not stop.is_set() and not requested.is_set()
+                       and time.monotonic() < deadline):
                     if not take_budget():
                         return
                     claimed: Claimed | None = None
@@ -610,8 +771,14 @@ class Dispatcher:
                         # was accepted. Put the row back and stop the run with that error.
                         put_back(self.db, claimed, clock=self.clock, worker=self.worker)
                         raise
+                    except Exception as exc:  # a transport bug must not strand the row
+                        result = SendResult(
+                            Outcome.UNKNOWN, error_code=type(exc).__name__,
+                            message=f"the transport failed unexpectedly ({exc}); the request "
+                            "may have left: Sent Items is checked before any resend",
+                        )
                     record(self.db, claimed, result, clock=self.clock, worker=self.worker,
-                           report=report)
+                           report=report, server_hold=self.server_hold)
                     if result.outcome is not Outcome.SENT:
                         give_back()
                     if self.on_progress:
@@ -620,10 +787,13 @@ class Dispatcher:
                 errors.append(exc)
                 stop.set()
 
-        while time.monotonic() < deadline and not stop.is_set():
+        while time.monotonic() < deadline and not stop.is_set() and not requested.is_set():
             expire_leases(self.db, clock=self.clock)
             reconcile(self.db, self.reconciler, clock=self.clock, grace=self.grace,
-                      report=report, only_ids=only_ids, tag=tag)
+                      report=report, worker=self.worker, paced=self.paced,
+                      only_ids=only_ids, tag=tag)
+            if requested.is_set():
+                break
             threads = [threading.Thread(target=worker_loop, args=(i,), daemon=True)
                        for i in range(threads_n)]
             for t in threads:
@@ -637,7 +807,7 @@ class Dispatcher:
             pause = self._more_to_do(only_ids, tag, deadline)
             if pause is None:
                 break
-            time.sleep(pause)
+            requested.wait(pause)
         return report
 
     def _more_to_do(

@@ -4,7 +4,11 @@ Exchange Online allows each mailbox about 30 messages a minute, 4 concurrent req
 recipients a rolling day. Each send takes a *slot* (a ``send_slots`` row) before its request and
 gives it back after; a slot is granted only when, for that mailbox,
 
-- fewer than ``max_concurrent`` slots are in flight (unfinished, lease not expired),
+- fewer than ``max_concurrent`` requests are in flight (sends and Sent Items lookups alike:
+  Exchange counts every request against the mailbox's concurrency). A request is in flight
+  until it finished, or until its lease ran out (a killed worker); a request we gave up on
+  (client timeout) stays in flight until Exchange can no longer be working on it
+  (``release(..., in_flight_until=...)``),
 - the last start is at least ``interval`` ago (60 s / messages_per_minute, a little slack), and
   fewer than ``messages_per_minute`` slots started in the last minute,
 - the recipients of the last day plus this message stay within ``recipients_per_day``,
@@ -39,6 +43,10 @@ DAY = 86_400.0
 class Slot:
     id: int
     mailbox: str
+
+
+SEND = "send"  # a sendMail request: rate, recipients and concurrency
+LOOKUP = "lookup"  # a Sent Items read: concurrency only
 
 
 @dataclass(frozen=True)
@@ -92,10 +100,23 @@ def _lock_mailbox(session: Session, mailbox: str) -> SenderMailbox | None:
     return session.exec(stmt).first()
 
 
+def in_flight(session: Session, mailbox: str, now: datetime) -> int:
+    """Requests that may still be running at Exchange for ``mailbox``."""
+    return int(session.exec(
+        select(sa.func.count()).select_from(SendSlot).where(
+            col(SendSlot.mailbox) == mailbox,
+            sa.func.coalesce(col(SendSlot.finished_at), col(SendSlot.lease_until)) > now,
+        )
+    ).one())
+
+
 def try_acquire(
-    session: Session, limits: Limits, *, now: datetime, lease: timedelta, recipients: int = 1
+    session: Session, limits: Limits, *, now: datetime, lease: timedelta, recipients: int = 1,
+    kind: str = SEND,
 ) -> Slot | Wait:
-    """Take a slot on one mailbox if its limits allow (call inside an immediate session)."""
+    """Take a slot on one mailbox if its limits allow (call inside an immediate session).
+
+    A ``LOOKUP`` slot counts toward concurrency only; a ``SEND`` slot toward every limit."""
     box = _lock_mailbox(session, limits.mailbox)
     if box is None:
         box = SenderMailbox(address=limits.mailbox)
@@ -103,19 +124,16 @@ def try_acquire(
         session.flush()
     if box.blocked_until is not None and box.blocked_until > now:
         return Wait(box.blocked_until, "throttled by Graph")
-    in_flight = session.exec(
-        select(sa.func.count()).select_from(SendSlot).where(
-            col(SendSlot.mailbox) == limits.mailbox,
-            col(SendSlot.finished_at).is_(None),
-            col(SendSlot.lease_until) > now,
-        )
-    ).one()
-    if in_flight >= limits.max_concurrent:
+    if in_flight(session, limits.mailbox, now) >= limits.max_concurrent:
         return Wait(None, "concurrency limit")
+    if kind == LOOKUP:
+        return _grant(session, limits, now=now, lease=lease, recipients=0, kind=LOOKUP)
     window_start = now - limits.minute
+    is_send = col(SendSlot.kind) == SEND
     recent = session.exec(
         select(SendSlot.started_at)
-        .where(col(SendSlot.mailbox) == limits.mailbox, col(SendSlot.started_at) > window_start)
+        .where(col(SendSlot.mailbox) == limits.mailbox, col(SendSlot.started_at) > window_start,
+               is_send)
         .order_by(col(SendSlot.started_at).desc())
     ).all()
     if recent:
@@ -127,31 +145,40 @@ def try_acquire(
             return Wait(oldest_in_window + limits.minute, "rate limit")
     day_recipients = session.exec(
         select(sa.func.coalesce(sa.func.sum(SendSlot.recipients), 0)).where(
-            col(SendSlot.mailbox) == limits.mailbox, col(SendSlot.started_at) > now - limits.day
+            col(SendSlot.mailbox) == limits.mailbox, col(SendSlot.started_at) > now - limits.day,
+            is_send,
         )
     ).one()
     if int(day_recipients) + recipients > limits.recipients_per_day:
         first = session.exec(
             select(sa.func.min(SendSlot.started_at)).where(
                 col(SendSlot.mailbox) == limits.mailbox,
-                col(SendSlot.started_at) > now - limits.day,
+                col(SendSlot.started_at) > now - limits.day, is_send,
             )
         ).one()
         return Wait((first or now) + limits.day, "daily recipient limit")
-    slot = SendSlot(
-        mailbox=limits.mailbox, started_at=now, lease_until=now + lease, recipients=recipients
-    )
+    return _grant(session, limits, now=now, lease=lease, recipients=recipients, kind=SEND)
+
+
+def _grant(session: Session, limits: Limits, *, now: datetime, lease: timedelta,
+           recipients: int, kind: str) -> Slot:
+    slot = SendSlot(mailbox=limits.mailbox, started_at=now, lease_until=now + lease,
+                    recipients=recipients, kind=kind)
     session.add(slot)
     session.flush()
     assert slot.id is not None
     return Slot(slot.id, limits.mailbox)
 
 
-def release(session: Session, slot: Slot, *, now: datetime, message_id: int | None = None) -> None:
+def release(session: Session, slot: Slot, *, now: datetime, message_id: int | None = None,
+            in_flight_until: datetime | None = None) -> None:
+    """The request ended. ``in_flight_until``: we stopped waiting (client timeout) but Exchange
+    may still be working on it until then, so it keeps counting toward concurrency."""
+    finished = max(now, in_flight_until) if in_flight_until is not None else now
     session.execute(
         sa.update(SendSlot)
         .where(col(SendSlot.id) == slot.id)
-        .values(finished_at=now, message_id=message_id)
+        .values(finished_at=finished, message_id=message_id)
     )
 
 
@@ -170,7 +197,8 @@ def prune(session: Session, *, now: datetime, keep: timedelta) -> int:
     """Forget finished slots older than ``keep`` (they no longer count toward any window)."""
     result = session.execute(
         sa.delete(SendSlot).where(
-            col(SendSlot.started_at) < now - keep, col(SendSlot.finished_at).is_not(None)
+            col(SendSlot.started_at) < now - keep,
+            sa.func.coalesce(col(SendSlot.finished_at), col(SendSlot.lease_until)) < now,
         )
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -53,8 +53,12 @@ def seed(db: Database, tmp_path: Path, n: int, *, stage: str = "invited",
 
 def sandbox_env(sb: Sandbox, tmp_path: Path, database_url: str, *, senders: list[str],
                 time_scale: float, grace: float = 0.3, timeout: float = 1.0,
-                lease: float = 2.0, reconcile: bool = True, **extra: str) -> dict[str, str]:
-    """Environment for a `comms` process (or load_settings) aimed at ``sb``."""
+                lease: float = 2.0, reconcile: bool = True, server_timeout: float | None = None,
+                **extra: str) -> dict[str, str]:
+    """Environment for a `comms` process (or load_settings) aimed at ``sb``.
+
+    ``server_timeout`` (how long the sandbox may keep working on a request we gave up on)
+    defaults to two request timeouts here, which bounds every latency the tests inject."""
     for s in senders:
         sb.add_mailbox(s)
     sb.register_app(CLIENT_ID, secret=SECRET)
@@ -73,6 +77,7 @@ def sandbox_env(sb: Sandbox, tmp_path: Path, database_url: str, *, senders: list
         "COMMS_GRAPH_AUTH": "secret",
         "COMMS_GRAPH_CLIENT_SECRET": SECRET,
         "COMMS_GRAPH_TIMEOUT_SECONDS": str(timeout),
+        "COMMS_GRAPH_SERVER_TIMEOUT_SECONDS": str(server_timeout or 2 * timeout),
         "COMMS_GRAPH_RECONCILE": "true" if reconcile else "false",
         "COMMS_GRAPH_RECONCILE_GRACE_SECONDS": str(grace),
         "COMMS_DELIVERY_LEASE_SECONDS": str(lease),

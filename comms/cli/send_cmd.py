@@ -149,13 +149,17 @@ def run(
             last_log[0] = time.monotonic()
             typer.echo(f"sent {r.sent}, failed {r.failed}, throttled {r.throttled}")
 
-    with progress:
+    from comms.services.shutdown import graceful_stop
+
+    with progress, graceful_stop() as stop:
         summary = engine.run(
             db, settings, campaign, renderer, transport, clock=clock, worker=_worker_id(),
             tag=tag, dry_run=dry_run, limit=limit, max_minutes=max_minutes, on_queued=on_queued,
             on_progress=on_progress,
-            plan_progress=lambda n: progress.advance(plan_task, n),
+            plan_progress=lambda n: progress.advance(plan_task, n), stop=stop,
         )
+    if stop.is_set() and not as_json:
+        typer.echo("stopped on request: messages in flight were sent and recorded")
     _print_summary(summary, settings, as_json)
     raise typer.Exit(summary.exit_code)
 
@@ -237,17 +241,23 @@ def worker(
     clock = Clock(_parse_now(now))
     dispatcher = Dispatcher(db, settings, transport, clock=clock, worker=_worker_id(),
                             window=campaign.window)
+    from comms.services.shutdown import graceful_stop
+
     end = time.monotonic() + (max_minutes * 60 if max_minutes else 10 * 365 * 86400)
     total_sent = total_failed = 0
-    while time.monotonic() < end:
-        report = dispatcher.run(deadline=min(end, time.monotonic() + 60))
-        total_sent += report.sent
-        total_failed += report.failed
-        if report.sent or report.failed:
-            typer.echo(f"sent {report.sent}, failed {report.failed}, unknown {report.unknown}")
-        if once:
-            break
-        time.sleep(1.0)
+    with graceful_stop() as stop:
+        while time.monotonic() < end and not stop.is_set():
+            report = dispatcher.run(deadline=min(end, time.monotonic() + 60), stop=stop)
+            total_sent += report.sent
+            total_failed += report.failed
+            if report.sent or report.failed:
+                typer.echo(f"sent {report.sent}, failed {report.failed}, "
+                           f"unknown {report.unknown}")
+            if once:
+                break
+            stop.wait(1.0)
+    if stop.is_set():
+        typer.echo("worker stopped on request: messages in flight were sent and recorded")
     typer.echo(f"worker done: sent {total_sent}, failed {total_failed}")
     raise typer.Exit(1 if total_failed else 0)
 

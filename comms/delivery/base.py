@@ -57,6 +57,9 @@ class SendResult:
     message: str = ""
     request_id: str = ""
     details: dict[str, str] = field(default_factory=dict)
+    # We stopped waiting but the request may still be running at Exchange (a client-side
+    # timeout): its concurrency slot stays taken until Exchange can no longer be working on it.
+    maybe_in_flight: bool = False
 
 
 @runtime_checkable
@@ -67,7 +70,16 @@ class Transport(Protocol):
 
 
 class LookupUnavailable(Exception):
-    """A Sent Items lookup failed for now (throttled, 5xx, timeout): ask again later."""
+    """A Sent Items lookup failed for now (throttled, 5xx, timeout): ask again later.
+
+    ``retry_after``: Graph said when (429/503); ``maybe_in_flight``: we gave up waiting (a
+    timeout) and the read may still run at Exchange, holding a concurrency slot there."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None,
+                 maybe_in_flight: bool = False) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.maybe_in_flight = maybe_in_flight
 
 
 @runtime_checkable

@@ -302,6 +302,7 @@ class GraphTransport:
         except requests.exceptions.Timeout as exc:
             return SendResult(
                 Outcome.UNKNOWN,
+                maybe_in_flight=True,
                 error_code="Timeout",
                 message=f"no answer within {self.settings.graph.timeout_seconds:g} s "
                 f"({type(exc).__name__}); Graph may have accepted it: look the send id up in "
@@ -418,7 +419,10 @@ class GraphTransport:
             response = self._authorized("GET", url)
         except requests.exceptions.RequestException as exc:
             self.last_lookup_problem = f"Sent Items lookup failed ({type(exc).__name__}: {exc})"
-            raise LookupUnavailable(self.last_lookup_problem) from exc
+            raise LookupUnavailable(
+                self.last_lookup_problem,
+                maybe_in_flight=isinstance(exc, requests.exceptions.Timeout),
+            ) from exc
         if response.status_code == 200:
             try:
                 found = response.json().get("value") or []
@@ -437,7 +441,11 @@ class GraphTransport:
         self.last_lookup_problem = (
             f"Sent Items lookup for {sender} answered {response.status_code} {code}: {text}"
         )
-        raise LookupUnavailable(self.last_lookup_problem)
+        retry = response.headers.get("Retry-After")
+        raise LookupUnavailable(
+            self.last_lookup_problem,
+            retry_after=parse_retry_after(retry) if retry is not None else None,
+        )
 
     # -- comms auth check --------------------------------------------------------------------
 

@@ -487,7 +487,8 @@ def _send_mail(core: Core, req: Request, principal: Principal, user: User) -> Re
     if state.roll(faults.throttle_rate):
         state.count("throttled_injected")
         with state.lock:
-            retry = state.rng.uniform(0.5, 2.0) * min(1.0, max(state.time_scale, 0.02))
+            # Like every window here, Retry-After is scaled: a "second" is time_scale seconds.
+            retry = state.rng.uniform(0.5, 2.0) * state.time_scale
         return _throttled(
             req, 429, "TooManyRequests",
             "Too many requests: the service is throttling this application. Retry after the "
@@ -498,7 +499,7 @@ def _send_mail(core: Core, req: Request, principal: Principal, user: User) -> Re
         if state.roll(0.5):
             return graph_error(
                 req, 503, "ErrorServerBusy", "The server is busy. Try again later.",
-                headers={"Retry-After": "1"},
+                headers={"Retry-After": retry_after_text(1.0 * state.time_scale)},
             )
         return graph_error(
             req, 504, "UnknownError", "The operation has timed out (gateway timeout)."

@@ -216,7 +216,7 @@ class State:
                 return Throttle(
                     429, "ApplicationThrottled",
                     "Application is over its MailboxConcurrency limit.",
-                    min(2.0, max(0.05, 2.0 * self.time_scale)),
+                    2.0 * self.time_scale,
                     "throttled_concurrency",
                 )
             usage.in_flight += 1

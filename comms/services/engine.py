@@ -9,6 +9,7 @@ due, renders it and inserts outbox rows in the same transaction that moves ``nex
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -452,8 +453,10 @@ def run(
     on_queued: Callable[[QueueReport], None] | None = None,
     on_progress: outbox.ProgressFn | None = None,
     plan_progress: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> RunSummary:
-    """The scheduled job. Holds the run lock for its whole duration."""
+    """The scheduled job. Holds the run lock for its whole duration. ``stop`` (set by a
+    signal handler) ends dispatching cleanly: in-flight sends finish and are recorded."""
     with RunLock(db):
         now = clock.now()
         queued = plan_and_queue(db, settings, campaign, renderer, now=now, tag=tag,
@@ -478,7 +481,7 @@ def run(
                                        on_progress=on_progress, window=campaign.window)
         end = deadline if deadline is not None else time.monotonic() + max_minutes * 60
         dispatcher.run(deadline=end, tag=tag, limit=limit,
-                       report=summary.dispatch)
+                       report=summary.dispatch, stop=stop)
         summary.pending = dispatcher.pending(None, tag)
         with db.session(immediate=True) as s:
             pacing.prune(s, now=clock.real(), keep=timedelta(days=2))

@@ -158,6 +158,11 @@ class Message(SQLModel, table=True):
     claimed_by: str = Field(default="", max_length=200)
     # First moment the outcome became ambiguous; reconciliation waits a grace period from here.
     unknown_since: datetime | None = _dt(nullable=True)
+    # Sender mailboxes whose attempt ended ambiguously (space-separated): the message may sit
+    # in any of their Sent Items, so reconciliation looks in every one before a resend.
+    ambiguous_from: str = Field(
+        default="", sa_column=Column(sa.Text(), nullable=False, server_default="")
+    )
     sent_at: datetime | None = _dt(nullable=True)
     request_id: str = Field(default="", max_length=100)
     note: str = Field(default="", sa_column=Column(sa.Text(), nullable=False, default=""))
@@ -200,3 +205,7 @@ class SendSlot(SQLModel, table=True):
     finished_at: datetime | None = _dt(nullable=True)
     recipients: int = 1
     message_id: int | None = None
+    # send: counts toward rate, recipients and concurrency; lookup (Sent Items): concurrency only.
+    kind: str = Field(
+        default="send", sa_column=Column(sa.String(10), nullable=False, server_default="send")
+    )
