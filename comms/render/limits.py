@@ -29,6 +29,8 @@ from functools import wraps
 from typing import Any, Final
 
 from jinja2 import nodes, pass_context
+from jinja2.environment import Environment
+from jinja2.nodes import EvalContext
 from jinja2.runtime import Context
 from jinja2.exceptions import SecurityError
 from jinja2.visitor import NodeTransformer
@@ -164,7 +166,7 @@ def guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(func)  # keeps jinja_pass_arg (pass_context & co.)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         check_time()
-        values = [a for a in args if not isinstance(a, Context)]
+        values = [a for a in args if not isinstance(a, (Context, EvalContext, Environment))]
         if name in ("center", "indent"):
             if any(isinstance(v, int) and v > MAX_SIZE for v in (*values, *kwargs.values())):
                 raise RenderLimitExceeded(f"|{name} to a width of a million or more")
