@@ -23,13 +23,13 @@ from typing import Any, Final
 
 from jinja2 import (
     FileSystemLoader,
-    StrictUndefined,
     TemplateNotFound,
     nodes,
     pass_context,
     pass_eval_context,
     select_autoescape,
 )
+from jinja2 import StrictUndefined as _StrictUndefined
 from jinja2.nodes import EvalContext
 from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
@@ -50,6 +50,13 @@ _MONTHS: Final = {
     "de": ("Januar", "Februar", "März", "April", "Mai", "Juni", "Juli", "August",
            "September", "Oktober", "November", "Dezember"),
 }
+
+
+class StrictUndefined(_StrictUndefined):
+    """Also refuses ``repr``: ``{{ [customer.nmae] }}`` would otherwise print ``[Undefined]``."""
+
+    __slots__ = ()
+    __repr__ = _StrictUndefined._fail_with_undefined_error
 
 
 class TemplateOutsideFolders(TemplateNotFound):

@@ -30,9 +30,9 @@ from typing import Any, Final
 
 from jinja2 import nodes, pass_context
 from jinja2.environment import Environment
+from jinja2.exceptions import SecurityError
 from jinja2.nodes import EvalContext
 from jinja2.runtime import Context
-from jinja2.exceptions import SecurityError
 from jinja2.visitor import NodeTransformer
 
 MAX_RANGE: Final = 10_000  # items in one range()
