@@ -159,6 +159,11 @@ class DatabaseSettings(_Section):
 
 class TemplateSettings(_Section):
     folder: str = ""
+    # `comms templates check` fails on these (docs/templates.md, "What templates check refuses").
+    deny_hosts: list[str] = ["portal.office.com"]
+    forbidden_phrases: list[str] = []
+    # Customer locales to expect: each one without its own template is reported as falling back.
+    locales: list[str] = []
 
 
 class DefaultsSettings(_Section):
@@ -390,9 +395,20 @@ def _clean_msg(msg: str) -> str:
     return msg.removeprefix("Value error, ")
 
 
+def is_zero_id(value: str) -> bool:
+    """True for an unset id: only zeros (and dashes), like the default 00000000-0000-...."""
+    return bool(value.strip()) and set(value.strip()) <= {"0", "-"}
+
+
 def check_settings(settings: Settings) -> list[str]:
     """Problems that a valid-shaped config can still have (files missing, auth incomplete)."""
     problems: list[str] = []
+    if is_zero_id(settings.partner.id):
+        problems.append(
+            f"[partner] id is all zeros ({settings.partner.id}); set it to your Partner Center "
+            "partner id: the invitation link carries it, and an all-zero id invites the "
+            "customer to no partner"
+        )
     g = settings.graph
     if settings.delivery.transport == "graph":
         if g.auth == "certificate":

@@ -41,6 +41,34 @@ class CustomerInfo:
 
 
 @dataclass(frozen=True)
+class Observation:
+    """What stage sync saw about one customer's old direct subscription, when and where.
+
+    Templates may state a fact ("the old subscription is still active") only when it was
+    observed; without an observation every field is empty and the wording stays conditional.
+    ``direct_status`` is the status as the source reported it (``Enabled``, ``Disabled`` ...)."""
+
+    at: datetime | None = None
+    source: str = ""
+    direct_status: str = ""
+    assigned_licences: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.at is not None and self.at.tzinfo is None:
+            raise ValueError("Observation.at must be an aware datetime")
+
+    @property
+    def direct_active(self) -> bool:
+        """The old direct subscription was seen still Enabled."""
+        return self.direct_status.strip().lower() == "enabled"
+
+    @property
+    def direct_cancelled(self) -> bool:
+        """The old direct subscription was seen and it was no longer Enabled."""
+        return bool(self.direct_status.strip()) and not self.direct_active
+
+
+@dataclass(frozen=True)
 class SentMessage:
     """One entry of a customer's message history, as the planner sees it."""
 

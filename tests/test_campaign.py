@@ -308,6 +308,7 @@ def test_config_check_reports_campaign_problems(
     path.write_text(MINIMAL + "[window]\nstart = 18:00:00\nend = 08:00:00\n", encoding="utf-8")
     monkeypatch.setenv("COMMS_CAMPAIGN_FILE", str(path))
     monkeypatch.setenv("COMMS_DELIVERY_TRANSPORT", "outbox_dir")
+    monkeypatch.setenv("COMMS_PARTNER_ID", "4f8c2a51-1d3e-4b7a-9c6f-2e5d8a7b1c30")
     result = cli("config", "check")  # type: ignore[operator]
     assert result.exit_code == 2
     assert result.stderr == (

@@ -6,7 +6,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from comms.paths import builtin_templates_dir
+
+PARTNER_ID = "4f8c2a51-1d3e-4b7a-9c6f-2e5d8a7b1c30"
+# DESIGN.md §1: the current admin-center links (the seed's portal.office.com ones are outdated).
+CURRENT_LINKS = {
+    "COMMS_PARTNER_ID": PARTNER_ID,
+    "COMMS_PARTNER_BILLING_URL": "https://go.microsoft.com/fwlink/p/?linkid=842054",
+    "COMMS_PARTNER_SUPPORT_URL": "https://admin.microsoft.com/#/support",
+}
+
+
+@pytest.fixture
+def configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partner that set its id and the current links, as `comms templates check` expects."""
+    for name, value in CURRENT_LINKS.items():
+        monkeypatch.setenv(name, value)
 
 
 def write(folder: Path, name: str, text: str) -> Path:
@@ -16,7 +33,7 @@ def write(folder: Path, name: str, text: str) -> Path:
     return path
 
 
-def test_builtin_templates_pass(cli: Any) -> None:
+def test_builtin_templates_pass(cli: Any, configured: None) -> None:
     result = cli("templates", "check")
     assert result.exit_code == 0, result.output
     # 8 messages; 3 threshold branches each, x3 reminder numbers for the two reminder messages
@@ -24,7 +41,9 @@ def test_builtin_templates_pass(cli: Any) -> None:
     assert result.stdout.strip() == "Templates OK: 48 renders of 8 messages."
 
 
-def test_every_problem_is_listed_with_file_and_line(cli: Any, tmp_path: Path) -> None:
+def test_every_problem_is_listed_with_file_and_line(
+    cli: Any, tmp_path: Path, configured: None
+) -> None:
     folder = tmp_path / "mine"
     undefined = write(folder, "kickoff/body.txt",
                       "{% extends layout %}\n{% block content %}\n\n{{ customer.nickname }}\n"
@@ -83,3 +102,102 @@ def test_campaign_message_without_template(cli: Any, tmp_path: Path, monkeypatch
     assert result.exit_code == 1
     assert ("campaign message 'hello_there' has no template: create hello_there/subject.txt, "
             "body.html and body.txt") in result.stderr
+
+
+def config_file(tmp_path: Path, templates: str) -> Path:
+    path = tmp_path / "comms.toml"
+    path.write_text(f'[partner]\nid = "{PARTNER_ID}"\n[templates]\n{templates}', encoding="utf-8")
+    return path
+
+
+def test_unset_partner_id_and_denied_config_link_fail(
+    cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COMMS_PARTNER_BILLING_URL",
+                       "https://portal.office.com/admin/default.aspx#Billing")
+    monkeypatch.setenv("COMMS_PARTNER_SUPPORT_URL", CURRENT_LINKS["COMMS_PARTNER_SUPPORT_URL"])
+    result = cli("templates", "check")
+    assert result.exit_code == 1
+    assert ("[partner] id is all zeros (00000000-0000-0000-0000-000000000000): the invitation "
+            "link would carry it; set it to your Partner Center partner id") in result.stderr
+    assert ("[partner] billing_url (https://portal.office.com/admin/default.aspx#Billing): "
+            "mentions portal.office.com, a denied host ([templates] deny_hosts)") in result.stderr
+
+
+def test_denied_hosts_phrases_zero_ids_and_undefined_are_found(
+    cli: Any, tmp_path: Path, configured: None
+) -> None:
+    folder = tmp_path / "mine"
+    cfg = config_file(tmp_path, f'folder = "{folder}"\n'
+                                'deny_hosts = ["portal.office.com", "evil.example"]\n'
+                                'forbidden_phrases = ["we guarantee a refund"]\n')
+    html = write(folder, "transition_complete/body.html",
+                 "{% extends layout %}\n{% block content %}\n<p>Done</p>\n"
+                 '<p><a href="https://login.evil.example/x">Sign in</a></p>\n'
+                 '<p><a href="https://admin.microsoft.com/?partnerId=00000000-0000-0000-0000-'
+                 '000000000000">Accept</a></p>\n{% endblock %}\n')
+    text = write(folder, "transition_complete/body.txt",
+                 "{% extends layout %}\n{% block content %}\nDone.\n"
+                 "Remember: we\n  GUARANTEE a   refund.\nSee https://portal.office.com\n"
+                 "{% endblock %}\n")
+    subject = write(folder, "kickoff/subject.txt", "Hello {{ [customer.nmae] }}\n")
+    result = cli("--config", str(cfg), "templates", "check")
+    assert result.exit_code == 1
+    out = result.stderr
+    assert f"{html}:4: mentions evil.example, a denied host ([templates] deny_hosts)" in out
+    assert f"{text}:6: mentions portal.office.com, a denied host" in out
+    assert (f"{text}:4: says 'we guarantee a refund', a forbidden phrase "
+            "([templates] forbidden_phrases); reword it") in out
+    assert (f"{html}:5: link 'https://admin.microsoft.com/?partnerId=00000000-0000-0000-0000-"
+            "000000000000' holds an all-zero partner id") in out
+    assert f"{subject}:1: 'types.SimpleNamespace object' has no attribute 'nmae'" in out
+    assert "[partner] id" not in out  # the configured id is fine
+    assert out.count("a forbidden phrase") == 1  # the built-in templates do not say it
+
+
+def test_symlink_out_of_the_folder_is_reported(
+    cli: Any, tmp_path: Path, configured: None
+) -> None:
+    secret = tmp_path / "key.pem"
+    secret.write_text("SECRET-KEY-MATERIAL\n", encoding="utf-8")
+    folder = tmp_path / "mine"
+    write(folder, "kickoff/body.txt", "{% extends layout %}\n{% block content %}\n"
+                                     "{% include '_footer.txt' %}\n{% endblock %}\n")
+    (folder / "_footer.txt").symlink_to(secret)
+    result = cli("templates", "check", "--folder", str(folder))
+    assert result.exit_code == 1
+    assert "SECRET-KEY-MATERIAL" not in result.output
+    assert (f"{folder / '_footer.txt'}: leads to {secret.resolve()}, outside the template "
+            "folders; comms refuses to read it") in result.stderr
+    assert f"{folder / 'kickoff' / 'body.txt'}:3: template '_footer.txt' resolves to" \
+        in result.stderr
+
+
+def test_expected_locales_without_templates_are_noted_not_failed(
+    cli: Any, tmp_path: Path, configured: None
+) -> None:
+    cfg = config_file(tmp_path, 'locales = ["fr", "de-AT"]\n')
+    result = cli("--config", str(cfg), "templates", "check")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert ("Note: locale 'fr' falls back to 'en' for 8 message(s): account_manager_alert, "
+            "cancel_instructions, cancel_reminder, kickoff, lose_access_warning, "
+            "partner_invitation, partner_invitation_reminder, transition_complete") in lines
+    assert any(line.startswith("Note: locale 'de-AT' falls back to 'en' for 6 message(s)")
+               for line in lines), lines
+    assert any(line.startswith("Note: locale 'de-AT' falls back to 'de' for 2 message(s): "
+                               "cancel_instructions, lose_access_warning") for line in lines)
+    assert lines[-1] == "Templates OK: 48 renders of 8 messages."
+
+
+def test_config_check_refuses_an_all_zero_partner_id(
+    cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COMMS_DELIVERY_TRANSPORT", "outbox_dir")
+    result = cli("config", "check")
+    assert result.exit_code == 2
+    assert ("  - [partner] id is all zeros (00000000-0000-0000-0000-000000000000); set it to "
+            "your Partner Center partner id") in result.stderr
+    monkeypatch.setenv("COMMS_PARTNER_ID", PARTNER_ID)
+    ok = cli("config", "check")
+    assert ok.exit_code == 0, ok.output

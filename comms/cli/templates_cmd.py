@@ -77,6 +77,8 @@ def templates_check(
     settings = common.settings()
     result = check_templates(settings, now=datetime.now(UTC), folder=folder,
                              campaign=_campaign())
+    for note in result.notes:
+        console.print(f"Note: {note}", highlight=False, soft_wrap=True)
     if result.problems:
         raise TemplateError(f"{len(result.problems)} template problem(s):",
                             problems=result.problems)
