@@ -221,6 +221,10 @@ def build_context(
         # The planner sets this through ``extra`` when the account manager is copied.
         "escalated": False,
         "lifecycle": _ns(**LIFECYCLE),
+        # What the partner actually observed about the old subscription (stage sync); until a
+        # sync records one, nothing is observed and evidence-bound sentences stay conditional.
+        "observed": _ns(at=None, source="", direct_active=False, direct_cancelled=False,
+                        direct_status="", assigned_licences=None),
     }
 
 

@@ -14,8 +14,8 @@ import pytest
 from comms.store.db import Database
 from comms.store.models import Contact, Customer
 
-SUPPORT = "https://portal.office.com/Support/ContactUs.aspx"
-BILLING = "https://portal.office.com/admin/default.aspx#Billing"
+SUPPORT = "https://admin.microsoft.com/#/support"
+BILLING = "https://go.microsoft.com/fwlink/p/?linkid=842054"
 
 
 def add_customer(db: Database, key: str, licences: int, *, name: str = "Contoso Ltd",
