@@ -20,8 +20,8 @@ def test_builtin_templates_pass(cli: Any) -> None:
     result = cli("templates", "check")
     assert result.exit_code == 0, result.output
     # 8 messages; 3 threshold branches each, x3 reminder numbers for the two reminder messages
-    # and the escalation note; German variants of two messages.
-    assert result.stdout.strip() == "Templates OK: 48 renders of 8 messages."
+    # and the escalation note; in English and German.
+    assert result.stdout.strip() == "Templates OK: 84 renders of 8 messages."
 
 
 def test_every_problem_is_listed_with_file_and_line(cli: Any, tmp_path: Path) -> None:
