@@ -30,8 +30,10 @@ DEFAULT_INVITATION_URL = (
     "https://admin.microsoft.com/Adminportal/Home?invType=ResellerRelationship"
     "&partnerId={partner_id}&msppId=0&DAP=false#/BillingAccounts/partner-invitation"
 )
-DEFAULT_SUPPORT_URL = "https://portal.office.com/Support/ContactUs.aspx"
-DEFAULT_BILLING_URL = "https://portal.office.com/admin/default.aspx#Billing"
+# Admin center Billing > Your products and Microsoft support (DESIGN §1); the 2018
+# portal addresses are outdated and must never come back as defaults.
+DEFAULT_SUPPORT_URL = "https://admin.microsoft.com/#/support"
+DEFAULT_BILLING_URL = "https://go.microsoft.com/fwlink/p/?linkid=842054"
 
 # Environment variables that are not config keys (so they are not reported as unknown).
 RESERVED_ENV = {
@@ -72,8 +74,8 @@ class PartnerSettings(_Section):
         "Fabrikam Cloud Services, 1 Example Street, London EC1A 1AA, United Kingdom"
     )
     opt_out_text: str = (
-        "You receive this because your organisation is moving its Microsoft 365 subscription to "
-        "Fabrikam. Reply with \u201cunsubscribe\u201d and we will stop these emails."
+        "You receive these emails because your organisation is moving its Microsoft 365 "
+        "subscription to Fabrikam. To stop them, reply and tell us."
     )
     price_per_licence_month: float = Field(default=12.5, ge=0)
     currency: str = "GBP"

@@ -31,8 +31,8 @@ def test_defaults_without_a_file(tmp_path: Path) -> None:
     s = load_settings(None, env={})
     assert s.source == "built-in defaults"
     assert s.partner.licence_threshold == 25
-    assert s.partner.support_url == "https://portal.office.com/Support/ContactUs.aspx"
-    assert s.partner.billing_url == "https://portal.office.com/admin/default.aspx#Billing"
+    assert s.partner.support_url == "https://admin.microsoft.com/#/support"
+    assert s.partner.billing_url == "https://go.microsoft.com/fwlink/p/?linkid=842054"
     assert s.partner.invitation_link.endswith(
         "partnerId=00000000-0000-0000-0000-000000000000&msppId=0&DAP=false"
         "#/BillingAccounts/partner-invitation")

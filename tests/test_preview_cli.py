@@ -14,8 +14,8 @@ import pytest
 from comms.store.db import Database
 from comms.store.models import Contact, Customer
 
-SUPPORT = "https://portal.office.com/Support/ContactUs.aspx"
-BILLING = "https://portal.office.com/admin/default.aspx#Billing"
+SUPPORT = "https://admin.microsoft.com/#/support"
+BILLING = "https://go.microsoft.com/fwlink/p/?linkid=842054"
 
 
 def add_customer(db: Database, key: str, licences: int, *, name: str = "Contoso Ltd",
@@ -74,7 +74,7 @@ def test_preview_eml_is_the_message_as_sent(cli: Any, db: Database, tmp_path: Pa
                  "--out", str(out), "--reminder", "3")
     assert result.exit_code == 0, result.output
     msg = email.message_from_bytes(out.read_bytes(), policy=email.policy.default)
-    assert msg["Subject"] == ("Urgent: 4 days billed twice, no refunds. Please cancel your old "
+    assert msg["Subject"] == ("Urgent: 4 days billed twice. Please cancel your old "
                               "Microsoft 365 subscription today (Contoso Ltd)")
     # The campaign sends customer messages to primary and billing contacts, not technical.
     assert msg["To"] == "Ana Admin <ana@contoso.example>, Bill Payer <bill@contoso.example>"
@@ -147,9 +147,9 @@ def test_preview_all_writes_every_branch_and_an_index(cli: Any, tmp_path: Path) 
     out = tmp_path / "previews"
     result = cli("preview", "--all", "--out", str(out))
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() == f"Wrote 48 previews and {out / 'index.html'}"
+    assert result.stdout.strip() == f"Wrote 84 previews and {out / 'index.html'}"
     index = (out / "index.html").read_text(encoding="utf-8")
-    assert index.count('.html">') == 48 and index.count('.txt">text</a>') == 48
+    assert index.count('.html">') == 84 and index.count('.txt">text</a>') == 84
     for branch in ("24 licences", "25 licences", "26 licences", "reminder 3", "escalated"):
         assert branch in index
     small = (out / "cancel-instructions-en-24-licences.html").read_text(encoding="utf-8")

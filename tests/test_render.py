@@ -94,11 +94,11 @@ def test_days_billed_twice_and_escalating_reminders(renderer: Renderer) -> None:
     third = renderer.render("cancel_reminder", c, now=NOW, reminder_number=3,
                             extra={"escalated": True})
     assert first.subject.startswith("Reminder:")
-    assert "BILLED TWICE FOR 12 DAYS" in first.text
-    assert "You have now been billed twice for 12 days." in first.html
-    assert third.subject.startswith("Urgent: 12 days billed twice, no refunds")
+    assert "LIVE FOR 12 DAYS" in first.text
+    assert "The new subscription has been live for 12 days" in first.html
+    assert third.subject.startswith("Urgent: 12 days billed twice. ")
     assert "URGENT" in third.text and "reminded you 2 times" in third.text
-    assert "does not refund" in third.text
+    assert "do not count on a refund or credit" in third.text
     no_am = renderer.render("cancel_reminder", c, now=NOW, reminder_number=3,
                             extra={"escalated": True})
     assert "account manager" not in no_am.text  # the sample has no account manager
@@ -217,8 +217,9 @@ def test_locale_chain() -> None:
         ("lose_access_warning", "de", "de"),
         ("cancel_instructions", "de", "de"),
         ("cancel_instructions", "de-AT", "de"),
-        ("kickoff", "de", "en"),
-        ("cancel_reminder", "de-CH", "en"),
+        ("kickoff", "de", "de"),
+        ("cancel_reminder", "de-CH", "de"),
+        ("kickoff", "fr", "en"),
     ],
 )
 def test_locale_fallback(renderer: Renderer, message: str, locale: str, expected: str) -> None:

@@ -37,8 +37,8 @@ def test_builtin_templates_pass(cli: Any, configured: None) -> None:
     result = cli("templates", "check")
     assert result.exit_code == 0, result.output
     # 8 messages; 3 threshold branches each, x3 reminder numbers for the two reminder messages
-    # and the escalation note; German variants of two messages.
-    assert result.stdout.strip() == "Templates OK: 48 renders of 8 messages."
+    # and the escalation note; in English and German.
+    assert result.stdout.strip() == "Templates OK: 84 renders of 8 messages."
 
 
 def test_every_problem_is_listed_with_file_and_line(
@@ -183,11 +183,11 @@ def test_expected_locales_without_templates_are_noted_not_failed(
     assert ("Note: locale 'fr' falls back to 'en' for 8 message(s): account_manager_alert, "
             "cancel_instructions, cancel_reminder, kickoff, lose_access_warning, "
             "partner_invitation, partner_invitation_reminder, transition_complete") in lines
-    assert any(line.startswith("Note: locale 'de-AT' falls back to 'en' for 6 message(s)")
+    # Every built-in message has German: de-AT falls back to de, never to en.
+    assert not any(line.startswith("Note: locale 'de-AT' falls back to 'en'") for line in lines)
+    assert any(line.startswith("Note: locale 'de-AT' falls back to 'de' for 8 message(s): ")
                for line in lines), lines
-    assert any(line.startswith("Note: locale 'de-AT' falls back to 'de' for 2 message(s): "
-                               "cancel_instructions, lose_access_warning") for line in lines)
-    assert lines[-1] == "Templates OK: 48 renders of 8 messages."
+    assert lines[-1] == "Templates OK: 84 renders of 8 messages."
 
 
 def test_config_check_refuses_an_all_zero_partner_id(

@@ -34,7 +34,10 @@ def preview(
     all_: bool = typer.Option(False, "--all", help="Every message x branch for the sample "
                               "customers, into the --out folder, with an index.html."),
 ) -> None:
-    """Render one customer's email exactly as it would be sent (or every sample with --all)."""
+    """Render one customer's email exactly as it would be sent (or every sample with --all).
+
+    The text part is sent only by the .eml outbox transport: through Graph, Exchange makes the
+    plain text from the HTML (docs/templates.md)."""
     settings = common.settings()
     now = datetime.now(UTC)
     if all_:
@@ -49,6 +52,10 @@ def preview(
         raise CommsError("Give a customer KEY and --message NAME (or --all --out DIR).")
     if fmt not in ("html", "text", "eml"):
         raise CommsError(f"Unknown --format {fmt!r}; use html, text or eml.")
+    if fmt == "text":
+        # One line on stderr, so piped text stays the message itself.
+        typer.echo("Note: Graph sends the HTML body only (Exchange writes its own text part); "
+                   "this text is sent only by the .eml outbox transport.", err=True)
     customer = preview_service.load_customer(common.database(), key)
     data = preview_service.preview_customer(
         settings, customer, message, fmt=fmt,  # type: ignore[arg-type]
