@@ -200,3 +200,6 @@ class SendSlot(SQLModel, table=True):
     finished_at: datetime | None = _dt(nullable=True)
     recipients: int = 1
     message_id: int | None = None
+
+
+from comms.store import sync_models as _sync_models  # noqa: E402,F401  (stage-sync tables)
