@@ -165,6 +165,9 @@ def test_the_ledger_follows_partner_center_and_the_tenant(
     # B was never moved and is listed as not verifiable.
     assert _stage(db, "B").stage == "invited"
     assert any(c["key"] == "B" and "consent" in c["problem"] for c in data["customers"])
+    status = cli("status", "--now", _at(10))
+    assert "Stage sync: last checked" in status.output
+    assert "Cannot verify 1 customer(s)" in status.output and "B (tenant)" in status.output
 
 
 def test_a_stage_set_by_hand_stands_until_a_new_observation(
