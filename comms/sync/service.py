@@ -39,6 +39,7 @@ SOURCES = ("partner_center", "gdap", "tenant")
 OBSERVATION_SOURCE = {"relationship_accepted": "partner_center", "gdap_active": "gdap",
                       "csp_active": "partner_center", "direct_inactive": "tenant"}
 _CHUNK = 5000
+_APPLY_CHUNK = 200
 
 
 @dataclass
@@ -349,14 +350,29 @@ def _record(
     with db.session(immediate=not dry_run) as session:
         latest = _latest_evidence(session, ids)
         manual = _manual_moves(session, ids)
-        for start in range(0, len(ids), _CHUNK):
-            rows = repo.get_customers(session, [t.key for t in targets[start : start + _CHUNK]],
-                                      lock=not dry_run)
+        for start in range(0, len(ids), _APPLY_CHUNK):
+            keys = [t.key for t in targets[start : start + _APPLY_CHUNK]]
+            rows = repo.get_customers(session, keys, lock=not dry_run)
             infos = repo.customer_infos(session, rows)
-            for row, info in zip(rows, infos, strict=True):
-                assert row.id is not None
-                _apply(session, campaign, rules, allowed, now, row, info, results[row.id],
-                       fills.get(row.id, ""), latest, manual.get(row.id))
+            chunk_ids = [r.id for r in rows if r.id is not None]
+            checks = {(c.customer_id, c.source): c for c in session.exec(
+                select(SyncCheck).where(col(SyncCheck.customer_id).in_(chunk_ids)))}
+            # Evidence first, one flush for the chunk (ids for the notes), then the moves:
+            # a flush per row would make the session re-scan everything it holds each time.
+            with session.no_autoflush:
+                new = {r.id: _evidence(session, r, results[r.id or 0], now, latest)
+                       for r in rows}
+            session.flush()
+            with session.no_autoflush:
+                for row, info in zip(rows, infos, strict=True):
+                    assert row.id is not None
+                    _apply(session, campaign, rules, allowed, now, row, info, results[row.id],
+                           fills.get(row.id, ""), latest, manual.get(row.id), new[row.id],
+                           checks)
+            # The outbox's withdraw evaluates its UPDATE against every object the session
+            # holds: keep that small so ten thousand moves stay linear.
+            session.flush()
+            session.expunge_all()
         if dry_run:
             session.rollback()
 
@@ -373,6 +389,8 @@ def _apply(
     fill: str,
     latest: dict[tuple[int, str], SyncEvidence],
     manual_at: datetime | None,
+    new: dict[str, SyncEvidence],
+    checks: dict[tuple[int, str], SyncCheck],
 ) -> None:
     assert row.id is not None
     evidence: dict[str, int] = {}
@@ -382,21 +400,11 @@ def _apply(
         if prev is not None:
             evidence[src] = prev.id or 0
             observed_before = max(observed_before or prev.at, prev.at)
-        seen = res.seen.get(src)
-        if seen is None:
-            continue
-        digest = _digest(seen)
-        if prev is not None and prev.digest == digest:
-            continue
-        ev = SyncEvidence(customer_id=row.id, source=src, at=now,
-                          seen_json=json.dumps(seen, sort_keys=True), digest=digest)
-        session.add(ev)
-        session.flush()
-        evidence[src] = ev.id or 0
-        res.new_evidence += 1
+        if src in new:
+            evidence[src] = new[src].id or 0
     for src in SOURCES:
         if src in res.seen or src in res.problems:
-            _check(session, row.id, src, now, res.problems.get(src, ""))
+            _check(session, checks, row.id, src, now, res.problems.get(src, ""))
     if fill and not row.tenant_id:
         res.tenant_filled = fill
         repo.record_event(session, row, stages.Event(
@@ -432,8 +440,40 @@ def _apply(
         res.moved.append(f"{from_stage} -> {to_stage} ({observation})")
 
 
-def _check(session: Session, customer_id: int, source: str, now: datetime, problem: str) -> None:
-    row = session.get(SyncCheck, (customer_id, source))
+def _evidence(
+    session: Session,
+    row: Customer,
+    res: CustomerSync,
+    now: datetime,
+    latest: dict[tuple[int, str], SyncEvidence],
+) -> dict[str, SyncEvidence]:
+    """New evidence rows (not flushed) for what changed since each source's last evidence."""
+    out: dict[str, SyncEvidence] = {}
+    for src in SOURCES:
+        seen = res.seen.get(src)
+        if seen is None or row.id is None:
+            continue
+        digest = _digest(seen)
+        prev = latest.get((row.id, src))
+        if prev is not None and prev.digest == digest:
+            continue
+        ev = SyncEvidence(customer_id=row.id, source=src, at=now,
+                          seen_json=json.dumps(seen, sort_keys=True), digest=digest)
+        session.add(ev)
+        out[src] = ev
+        res.new_evidence += 1
+    return out
+
+
+def _check(
+    session: Session,
+    checks: dict[tuple[int, str], SyncCheck],
+    customer_id: int,
+    source: str,
+    now: datetime,
+    problem: str,
+) -> None:
+    row = checks.get((customer_id, source))
     if row is None:
         row = SyncCheck(customer_id=customer_id, source=source, checked_at=now, problem=problem)
     else:
