@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from comms.errors import CampaignError
 from comms.paths import builtin_config_dir
+from comms.sync.rules import SyncRules
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 ROLES = ("primary", "billing", "technical")
@@ -144,6 +145,7 @@ class Campaign(_Model):
     # none of these roles, all its contacts receive them.
     recipients: tuple[str, ...] = ("primary", "billing")
     stages: tuple[Stage, ...]
+    sync: SyncRules = SyncRules()  # stage sync: which observation moves which stage
 
     @field_validator("recipients")
     @classmethod

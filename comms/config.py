@@ -187,6 +187,32 @@ class DeliverySettings(_Section):
     time_scale: float = Field(default=1.0, gt=0)
 
 
+class SyncSettings(_Section):
+    """``[sync]``: which sources stage sync reads (each optional) and how hard it may push."""
+
+    partner_center: bool = False
+    gdap: bool = False
+    customer_tenants: bool = False
+    partner_center_url: str = "https://api.partnercenter.microsoft.com"
+    on_run: bool = False  # `comms run` syncs before planning
+    concurrency: int = Field(default=8, ge=1, le=64)
+    page_size: int = Field(default=500, ge=1, le=1000)
+    max_attempts: int = Field(default=8, ge=1, le=50)
+
+    @field_validator("partner_center_url")
+    @classmethod
+    def _https(cls, v: str) -> str:
+        if not v.startswith("https://"):
+            raise ValueError(f"must be an https:// URL, got {v!r}")
+        return v.rstrip("/")
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        names = (("partner_center", self.partner_center), ("gdap", self.gdap),
+                 ("tenant", self.customer_tenants))
+        return tuple(n for n, on in names if on)
+
+
 class Settings(_Section):
     partner: PartnerSettings = PartnerSettings()
     senders: list[SenderSettings] = Field(
@@ -197,6 +223,7 @@ class Settings(_Section):
     templates: TemplateSettings = TemplateSettings()
     defaults: DefaultsSettings = DefaultsSettings()
     delivery: DeliverySettings = DeliverySettings()
+    sync: SyncSettings = SyncSettings()
     campaign_file: str = ""
     # Where the settings came from, for messages; not a config key.
     source: str = Field(default="built-in defaults", exclude=True)
@@ -267,7 +294,7 @@ def find_config_file(explicit: str | Path | None = None) -> Path | None:
     return None
 
 
-_SECTIONS = ("partner", "graph", "database", "templates", "defaults", "delivery")
+_SECTIONS = ("partner", "graph", "database", "templates", "defaults", "delivery", "sync")
 
 
 def _env_overrides(

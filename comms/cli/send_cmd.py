@@ -117,6 +117,7 @@ def run(
     max_minutes: float = typer.Option(50.0, "--max-minutes", min=0.0, help="Stop dispatching after M minutes (queued mail waits for the next run)."),
     tag: str = typer.Option(None, "--tag", help="Only customers with this tag (a marketing wave)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    sync: bool = typer.Option(False, "--sync", help="Sync stages from Partner Center / Graph first (also [sync] on_run)."),
 ) -> None:
     """The scheduled run (cron / systemd timer): plan what is due, queue it, send it.
 
@@ -128,6 +129,10 @@ def run(
 
     settings, campaign, renderer, transport, db = _engine_parts(need_transport=not dry_run)
     clock = Clock(_parse_now(now))
+    if sync or settings.sync.on_run:
+        from comms.sync.service import sync_before_run
+        sync_before_run(db, settings, campaign, now=clock.now(), tag=tag, dry_run=dry_run,
+                        echo=None if as_json else typer.echo)
     interactive = common.is_tty() and not as_json
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, disable=not interactive)

@@ -35,10 +35,14 @@ def status(
     moment = parse_now(now, settings.defaults.time_zone)
     campaign = load_campaign(settings.campaign_file or None)
     report = compute_status(common.database(), settings, campaign, moment, days=days)
+    from comms.sync.status import sync_freshness
+    freshness = sync_freshness(common.database())
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(json.dumps({**report.to_dict(), "sync": freshness.to_dict()}, indent=2))
         return
     _print_status(report)
+    for line in freshness.lines():
+        console.print(line, highlight=False, markup=False)
 
 
 def _local(dt: datetime | None, tz: ZoneInfo) -> str:

@@ -319,7 +319,10 @@ class AppTokenProvider:
 
     delegated = False
 
-    def __init__(self, graph: GraphSettings, session: requests.Session) -> None:
+    def __init__(
+        self, graph: GraphSettings, session: requests.Session, *, resource: str | None = None
+    ) -> None:
+        """``resource``: another API than Graph (e.g. Partner Center) for the same app."""
         if graph.auth == "certificate":
             credential: str | dict[str, str] = certificate_credential(graph)
         elif graph.auth == "secret":
@@ -332,7 +335,7 @@ class AppTokenProvider:
         else:
             raise AuthError(f"[graph] auth {graph.auth!r} is not an app-only method")
         self._graph = graph
-        self._scopes = [f"{graph_resource(graph)}/.default"]
+        self._scopes = [f"{resource or graph_resource(graph)}/.default"]
         self._lock = threading.Lock()
         # Creating the app fetches the authority's OpenID configuration.
         self._app: Any = _call_msal(

@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 
 from comms.sandbox.state import State
+from comms.sandbox.tenants import Tenants
 from comms.sandbox.tokens import KNOWN_GRAPH_RESOURCES, DeviceCode, TokenService
 
 
@@ -15,6 +16,7 @@ class Core:
     tokens: TokenService
     tenant_id: str
     auto_approve_device_codes: bool
+    tenants: Tenants
     base_url: str = ""  # known once the server is bound
     stopping: threading.Event = field(default_factory=threading.Event)
     devices: dict[str, DeviceCode] = field(default_factory=dict)
@@ -32,13 +34,20 @@ class Core:
     def issuer(self) -> str:
         return f"{self.authority}/v2.0"
 
-    def token_endpoints(self) -> list[str]:
+    def is_tenant(self, tenant: str) -> bool:
+        """The partner tenant (or its aliases) or a customer tenant the sandbox knows."""
+        low = tenant.lower()
+        if low in (self.tenant_id.lower(), "organizations", "common"):
+            return True
+        return self.tenants.find(low) is not None
+
+    def token_endpoints(self, tenant: str | None = None) -> list[str]:
         """Audiences a client assertion may name: the v2 and v1 token endpoints."""
         out: list[str] = []
-        for tenant in (self.tenant_id, "organizations", "common"):
+        for name in (tenant or self.tenant_id, self.tenant_id, "organizations", "common"):
             out += [
-                f"{self.base_url}/{tenant}/oauth2/v2.0/token",
-                f"{self.base_url}/{tenant}/oauth2/token",
+                f"{self.base_url}/{name}/oauth2/v2.0/token",
+                f"{self.base_url}/{name}/oauth2/token",
             ]
         return out
 

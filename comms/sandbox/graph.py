@@ -1,4 +1,4 @@
-"""Microsoft Graph's mail endpoints as the sandbox serves them.
+"""Microsoft Graph's mail endpoints as the sandbox serves them (the Graph mail service).
 
 - ``POST /v1.0/users/{id}/sendMail`` (application ``Mail.Send``; the application access
   policy scope applies) and ``POST /v1.0/me/sendMail`` (delegated ``Mail.Send``), validated as
@@ -24,7 +24,7 @@ from urllib.parse import quote
 from comms.delivery.base import SEND_ID_HEADER, SEND_ID_PROPERTY_ID, Address, OutgoingEmail
 from comms.delivery.eml import build_eml
 from comms.sandbox.core import Core
-from comms.sandbox.state import User, retry_after_text
+from comms.sandbox.state import State, User, retry_after_text
 from comms.sandbox.tokens import InvalidToken, Principal
 from comms.sandbox.web import Request, Response, graph_error, json_response
 
@@ -74,6 +74,15 @@ class BadRequest(Exception):
 
 
 # -- entry point -------------------------------------------------------------------------
+
+
+def restore_sent_items(state: State) -> None:
+    """Rebuild Sent Items from the record of a sandbox restarted on the same state dir."""
+    for record in state.records():
+        if record.get("save_to_sent_items", True):
+            sender = str(record.get("sender", ""))
+            with state.lock:
+                state.sent_items.setdefault(sender, []).append(resource_from_record(record))
 
 
 def handle(core: Core, req: Request) -> Response:

@@ -29,6 +29,7 @@ from comms.sandbox.tokens import (
     GRAPH_APP_ID,
     GRAPH_RESOURCE,
     OIDC_SCOPES,
+    PARTNER_CENTER_RESOURCE,
     DeviceCode,
     OAuthError,
 )
@@ -37,6 +38,8 @@ from comms.sandbox.web import Request, Response, json_response
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 USER_CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ23456789"
 DEFAULT_DELEGATED = ("User.Read",)
+# Application permissions an admin of a customer tenant consents the partner's app to.
+CUSTOMER_TENANT_ROLES = frozenset({"Organization.Read.All", "Directory.Read.All"})
 
 
 def handle(core: Core, req: Request) -> Response | None:
@@ -58,7 +61,7 @@ def handle(core: Core, req: Request) -> Response | None:
     ):
         return None
     core.state.count("token_requests")
-    if tenant.lower() not in (core.tenant_id.lower(), "organizations", "common"):
+    if not core.is_tenant(tenant):
         return json_response(
             400,
             OAuthError(
@@ -68,7 +71,7 @@ def handle(core: Core, req: Request) -> Response | None:
             ).body(),
         )
     if rest.endswith("openid-configuration"):
-        return json_response(200, openid_configuration(core))
+        return json_response(200, openid_configuration(core, tenant))
     if rest.endswith("keys"):
         return json_response(200, core.tokens.jwks())
     if rest == "oauth2/v2.0/authorize":
@@ -87,13 +90,23 @@ def handle(core: Core, req: Request) -> Response | None:
     try:
         if rest == "oauth2/v2.0/devicecode":
             return json_response(200, _device_code(core, form))
-        return json_response(200, _token(core, req, form))
+        return json_response(200, _token(core, req, form, tenant))
     except OAuthError as exc:
         return json_response(exc.status, exc.body())
 
 
-def openid_configuration(core: Core) -> dict[str, Any]:
-    auth = core.authority
+def _customer_tenant(core: Core, tenant: str) -> str | None:
+    """The customer tenant id an authority names, or None for the partner tenant (and aliases)."""
+    low = tenant.lower()
+    if low in (core.tenant_id.lower(), "organizations", "common"):
+        return None
+    return low
+
+
+def openid_configuration(core: Core, tenant: str = "") -> dict[str, Any]:
+    customer = _customer_tenant(core, tenant) if tenant else None
+    auth = core.authority if customer is None else f"{core.base_url}/{customer}"
+    issuer = core.issuer if customer is None else f"{auth}/v2.0"
     return {
         "token_endpoint": f"{auth}/oauth2/v2.0/token",
         "token_endpoint_auth_methods_supported": [
@@ -105,7 +118,7 @@ def openid_configuration(core: Core) -> dict[str, Any]:
         "id_token_signing_alg_values_supported": ["RS256"],
         "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
         "scopes_supported": ["openid", "profile", "email", "offline_access"],
-        "issuer": core.issuer,
+        "issuer": issuer,
         "request_uri_parameter_supported": False,
         "userinfo_endpoint": f"{core.graph_url}/oidc/userinfo",
         "authorization_endpoint": f"{auth}/oauth2/v2.0/authorize",
@@ -142,7 +155,9 @@ def _app(core: Core, client_id: str) -> App:
     return app
 
 
-def _client_auth(core: Core, req: Request, form: dict[str, str], *, required: bool) -> str:
+def _client_auth(
+    core: Core, req: Request, form: dict[str, str], *, required: bool, tenant: str = ""
+) -> str:
     """Authenticate a confidential client; return ``appidacr`` ("1" secret, "2" certificate,
     "0" public client)."""
     client_id = form.get("client_id", "")
@@ -168,7 +183,7 @@ def _client_auth(core: Core, req: Request, form: dict[str, str], *, required: bo
             assertion,
             client_id=client_id,
             certificates=app.certificates,
-            audiences=core.token_endpoints(),
+            audiences=core.token_endpoints(tenant or None),
         )
         return "2"
     if secret is not None:
@@ -212,10 +227,10 @@ def _split_scopes(core: Core, raw: str) -> tuple[list[str], list[str]]:
 # -- grants ------------------------------------------------------------------------------
 
 
-def _token(core: Core, req: Request, form: dict[str, str]) -> dict[str, Any]:
+def _token(core: Core, req: Request, form: dict[str, str], tenant: str = "") -> dict[str, Any]:
     grant = form.get("grant_type", "")
     if grant == "client_credentials":
-        return _client_credentials(core, req, form)
+        return _client_credentials(core, req, form, tenant)
     if grant == DEVICE_GRANT:
         return _device_grant(core, req, form)
     if grant == "refresh_token":
@@ -226,8 +241,11 @@ def _token(core: Core, req: Request, form: dict[str, str]) -> dict[str, Any]:
     )
 
 
-def _client_credentials(core: Core, req: Request, form: dict[str, str]) -> dict[str, Any]:
-    app_auth = _client_auth(core, req, form, required=True)
+def _client_credentials(
+    core: Core, req: Request, form: dict[str, str], tenant: str = ""
+) -> dict[str, Any]:
+    app_auth = _client_auth(core, req, form, required=True, tenant=tenant)
+    customer = _customer_tenant(core, tenant) if tenant else None
     app = _app(core, form.get("client_id") or _basic_client_id(req))
     scope = form.get("scope", "").strip()
     resource = scope[: -len("/.default")] if scope.endswith("/.default") else ""
@@ -238,16 +256,23 @@ def _client_credentials(core: Core, req: Request, form: dict[str, str]) -> dict[
             "flows must have a scope value with /.default suffixed to the resource identifier "
             "(application ID URI).",
         )
-    if resource.rstrip("/") not in core.graph_resources():
+    partner_center = resource.rstrip("/") == PARTNER_CENTER_RESOURCE and customer is None
+    if resource.rstrip("/") not in core.graph_resources() and not partner_center:
         raise OAuthError(
             400, "invalid_resource", 500011,
             f"The resource principal named {resource} was not found in the tenant named "
-            f"{core.tenant_id}.",
+            f"{customer or core.tenant_id}.",
         )
     audience = GRAPH_RESOURCE if resource == GRAPH_APP_ID else resource.rstrip("/")
+    roles = sorted(app.roles)
+    if customer is not None:
+        # The multi-tenant app holds in a customer tenant only what an admin there consented
+        # to; without consent the token carries no roles and Graph answers 403.
+        consented = core.tenants.get(customer).consented
+        roles = sorted(r for r in app.roles if r in CUSTOMER_TENANT_ROLES) if consented else []
     token = core.tokens.access_token(
         audience=audience, app_id=app.client_id, app_name=app.name,
-        roles=sorted(app.roles), app_auth=app_auth,
+        roles=roles, app_auth=app_auth, tenant_id=customer,
     )
     lifetime = int(core.tokens.token_lifetime)
     return {

@@ -5,15 +5,13 @@ reuses connections), one daemon thread per connection; TLS is negotiated in that
 slow client never blocks the accept loop. ``stop()`` closes the listener and every open
 connection and wakes any injected latency, so shutdown is bounded.
 
-Admin endpoints (no token; loopback only) let other processes drive and inspect it:
-``GET /_sandbox/sent``, ``GET /_sandbox/stats``, ``GET|POST /_sandbox/faults``,
-``POST /_sandbox/device/approve`` (``{"user_code", "user"}``), ``POST /_sandbox/revoke``.
+Requests are dispatched to one module per emulated service by ``routes.route``; the admin
+endpoints (``admin``) let other processes drive and inspect it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import socket
 import ssl
@@ -28,9 +26,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from comms.sandbox import graph, identity
 from comms.sandbox.certs import load_client_certificate, make_certificate, tls_files
 from comms.sandbox.core import Core
+from comms.sandbox.routes import route
 from comms.sandbox.state import App, Faults, State
+from comms.sandbox.tenants import CustomerTenant, SyncFaults, Tenants
 from comms.sandbox.tokens import TokenService
-from comms.sandbox.web import Request, Response, graph_error, json_response
+from comms.sandbox.web import Request, Response, graph_error
 
 log = logging.getLogger("comms.sandbox")
 
@@ -181,48 +181,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(resp.body)
 
 
-def route(core: Core, req: Request) -> Response:
-    segs = req.segments
-    if segs and segs[0] == "_sandbox":
-        return _admin(core, req)
-    if segs and segs[0].lower() == "v1.0":
-        return graph.handle(core, req)
-    answer = identity.handle(core, req)
-    if answer is not None:
-        return answer
-    return json_response(404, {"error": {"code": "NotFound", "message": f"No route {req.path}"}})
-
-
-def _admin(core: Core, req: Request) -> Response:
-    what = "/".join(req.segments[1:])
-    state = core.state
-    try:
-        payload = json.loads(req.body) if req.body.strip() else {}
-    except json.JSONDecodeError:
-        return json_response(400, {"error": "body must be JSON"})
-    if what == "sent" and req.method == "GET":
-        return json_response(200, state.records())
-    if what == "stats" and req.method == "GET":
-        return json_response(200, state.stats())
-    if what == "faults":
-        if req.method == "POST":
-            try:
-                state.set_faults(**payload)
-            except (TypeError, ValueError) as exc:
-                return json_response(400, {"error": str(exc)})
-        return json_response(200, state.faults.as_dict())
-    if what == "device/approve" and req.method == "POST":
-        try:
-            identity.approve_device_code(core, str(payload["user_code"]), str(payload["user"]))
-        except KeyError as exc:
-            return json_response(404, {"error": str(exc.args[0])})
-        return json_response(200, {"approved": True})
-    if what == "revoke" and req.method == "POST":
-        core.tokens.revoke_all()
-        return json_response(200, {"revoked": True})
-    return json_response(404, {"error": f"no admin endpoint {req.method} /_sandbox/{what}"})
-
-
 class Sandbox:
     """A local Microsoft Graph + identity platform on ``https://127.0.0.1:PORT``.
 
@@ -245,6 +203,8 @@ class Sandbox:
         token_lifetime: float = 3600.0,
         auto_approve_device_codes: bool = False,
         port: int = 0,
+        pc_requests_per_minute: int = 300,
+        directory_requests_per_10s: int = 100,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -258,8 +218,13 @@ class Sandbox:
             max_concurrent=max_concurrent,
             recipients_per_day=recipients_per_day,
         )
+        graph.restore_sent_items(state)
         tokens = TokenService(self.state_dir, tenant_id, "", token_lifetime)
-        self._core = Core(state, tokens, tenant_id, auto_approve_device_codes)
+        tenants = Tenants(
+            tenant_id, time_scale=time_scale, pc_requests_per_minute=pc_requests_per_minute,
+            directory_requests_per_10s=directory_requests_per_10s,
+        )
+        self._core = Core(state, tokens, tenant_id, auto_approve_device_codes, tenants)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -328,6 +293,12 @@ class Sandbox:
     @property
     def time_scale(self) -> float:
         return self._core.state.time_scale
+
+    @property
+    def partner_center_url(self) -> str:
+        """Partner Center's REST base (``.../v1/customers`` ...), like
+        ``https://api.partnercenter.microsoft.com``."""
+        return self.base_url
 
     @property
     def ca_file(self) -> Path:
@@ -408,3 +379,37 @@ class Sandbox:
         """Access tokens issued so far are refused (401 InvalidAuthenticationToken) from now
         on. Refresh tokens stay valid, so a client that gets a new token recovers."""
         self._core.tokens.revoke_all()
+
+    # -- customer tenants (Partner Center, GDAP, the customers' directories) ---------------
+
+    def add_customer_tenant(
+        self,
+        tenant_id: str,
+        domain: str,
+        company_name: str = "",
+        *,
+        direct_licences: int = 0,
+        assigned: int | None = None,
+        consented: bool = True,
+    ) -> CustomerTenant:
+        """A customer tenant with an Enabled direct subscription of ``direct_licences``
+        (``assigned`` of them assigned; default all), not yet the partner's customer."""
+        return self._core.tenants.add(
+            tenant_id, domain, company_name, direct_licences=direct_licences,
+            assigned=assigned, consented=consented,
+        )
+
+    def tenant_change(self, tenant_id: str, action: str, **args: Any) -> dict[str, Any]:
+        """What the customer or Microsoft does: ``accept_relationship``, ``gdap``
+        (status=...), ``activate_csp`` (quantity=...), ``csp_status`` (status=...),
+        ``direct_status`` (status=Enabled|Warning|Suspended|Deleted|LockedOut|absent),
+        ``assigned`` (count=...), ``consent`` (granted=...)."""
+        return self._core.tenants.change(tenant_id, action, **args)
+
+    def set_sync_faults(self, **fields: Any) -> SyncFaults:
+        """429 storms / 5xx shares for Partner Center and the directory endpoints."""
+        return self._core.tenants.set_faults(**fields)
+
+    def sync_stats(self) -> dict[str, int]:
+        """Counters of the Partner Center and directory endpoints."""
+        return self._core.tenants.stats()

@@ -37,6 +37,7 @@ KNOWN_GRAPH_RESOURCES = (
     "https://dod-graph.microsoft.us",
     "https://microsoftgraph.chinacloudapi.cn",
 )
+PARTNER_CENTER_RESOURCE = "https://api.partnercenter.microsoft.com"
 OIDC_SCOPES = frozenset({"openid", "profile", "offline_access", "email"})
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 REFRESH_AUDIENCE = "urn:comms-sandbox:refresh-token"
@@ -157,22 +158,25 @@ class TokenService:
         user: str | None = None,
         user_oid: str | None = None,
         app_auth: str = "1",
+        tenant_id: str | None = None,
     ) -> str:
+        """An access token; ``tenant_id`` names a customer tenant (default: the partner's)."""
+        tid = tenant_id or self.tenant_id
         now = time.time()
         uti = _b64url(os.urandom(16))
         with self._lock:
             self._issued.add(uti)
         claims: dict[str, Any] = {
             "aud": audience,
-            "iss": f"https://sts.windows.net/{self.tenant_id}/",
+            "iss": f"https://sts.windows.net/{tid}/",
             "iat": int(now),
             "nbf": int(now),
             "exp": now + self.token_lifetime,
             "appid": app_id,
             "app_displayname": app_name,
             "appidacr": app_auth,
-            "idp": f"https://sts.windows.net/{self.tenant_id}/",
-            "tid": self.tenant_id,
+            "idp": f"https://sts.windows.net/{tid}/",
+            "tid": tid,
             "uti": uti,
             "ver": "1.0",
         }
@@ -259,7 +263,10 @@ class TokenService:
             self._revoked |= self._issued
             self._issued = set()
 
-    def verify_access_token(self, token: str, audiences: list[str]) -> Principal:
+    def verify_access_token(
+        self, token: str, audiences: list[str], tenants: frozenset[str] = frozenset()
+    ) -> Principal:
+        """The principal of a valid token issued in the partner tenant or one of ``tenants``."""
         if not token:
             raise InvalidToken("Access token is empty.")
         if token.count(".") != 2:
@@ -281,7 +288,7 @@ class TokenService:
             raise InvalidToken("Access token validation failure. Invalid audience.") from exc
         except jwt.PyJWTError as exc:
             raise InvalidToken("Access token validation failure. Invalid signature.") from exc
-        if claims.get("tid") != self.tenant_id:
+        if claims.get("tid") != self.tenant_id and str(claims.get("tid")) not in tenants:
             raise InvalidToken("Access token validation failure. Invalid issuer.")
         uti = str(claims.get("uti", ""))
         with self._lock:

@@ -209,3 +209,6 @@ class SendSlot(SQLModel, table=True):
     kind: str = Field(
         default="send", sa_column=Column(sa.String(10), nullable=False, server_default="send")
     )
+
+
+from comms.store import sync_models as _sync_models  # noqa: E402,F401  (stage-sync tables)

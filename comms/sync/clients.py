@@ -1,0 +1,290 @@
+"""The sources stage sync reads, one small client each, behind one interface (``Source``):
+
+- ``PartnerCenter``: ``GET /v1/customers`` (paged: ``links.next`` with its
+  ``MS-ContinuationToken`` header, followed to the end) and
+  ``GET /v1/customers/{tenant}/subscriptions``; app-only token for
+  ``https://api.partnercenter.microsoft.com/.default`` in the partner tenant.
+- ``Gdap``: Graph ``GET /tenantRelationships/delegatedAdminRelationships`` in the partner tenant
+  (``@odata.nextLink`` followed to the end).
+- ``CustomerTenant``: Graph ``GET /directory/subscriptions`` and ``GET /subscribedSkus`` with a
+  token issued in the customer's own tenant (authority ``{authority_host}/{customer tenant}``);
+  one msal application per tenant, all sharing the process's HTTP session, kept in a bounded
+  cache so ten thousand tenants do not keep ten thousand applications alive.
+
+Every request is a GET, so 429 (after ``Retry-After``), 503 and 504 are retried with backoff,
+unlike sendMail. The session (timeouts, ``[graph] ca_file`` trust, national-cloud resource) and
+the msal error mapping are the Graph transport's (``comms.delivery.auth``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import requests
+
+from comms.config import Settings
+from comms.delivery.auth import AppTokenProvider, make_session
+from comms.delivery.graph import parse_retry_after
+from comms.errors import AuthError, CommsError
+
+PARTNER_CENTER_RESOURCE = "https://api.partnercenter.microsoft.com"
+# Reads are idempotent: every transient answer is retried (500/502 too, which Partner Center
+# returns for its own transient faults).
+RETRIED = frozenset({429, 500, 502, 503, 504})
+TENANT_APPS_KEPT = 256
+
+
+class SourceFailed(CommsError):
+    """A read failed after its retries (a 5xx storm, an unexpected answer): try again later."""
+
+
+class NoAccess(CommsError):
+    """401/403 for a customer's data: it cannot be verified until consent/role is fixed."""
+
+
+@dataclass(frozen=True)
+class PartnerCustomer:
+    tenant_id: str
+    domain: str
+    company_name: str
+
+
+class Source(Protocol):
+    """A place sync reads. ``name`` is recorded as the evidence source (``sync:<name>``)."""
+
+    name: str
+
+    def close(self) -> None: ...
+
+
+class Reader:
+    """GET with retries: 429 waits ``Retry-After``; 503/504 and dropped connections back off
+    exponentially (``time_scale`` shortens the waits for the sandbox); 401 gets one fresh
+    token."""
+
+    def __init__(
+        self,
+        session: requests.Session,
+        *,
+        max_attempts: int = 8,
+        time_scale: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.session = session
+        self.max_attempts = max_attempts
+        self.time_scale = time_scale
+        self.sleep = sleep
+        self.retries = 0
+        self._lock = threading.Lock()
+
+    def get(
+        self,
+        url: str,
+        token: Callable[[], str],
+        refresh: Callable[[str], str],
+        headers: dict[str, str] | None = None,
+        what: str = "",
+    ) -> requests.Response:
+        bearer = token()
+        refreshed = False
+        last = ""
+        for attempt in range(self.max_attempts):
+            try:
+                response = self.session.get(
+                    url, headers={"Authorization": f"Bearer {bearer}", "Accept":
+                                  "application/json", **(headers or {})},
+                )
+            except requests.exceptions.SSLError as exc:
+                raise AuthError(
+                    f"{what or url}: the TLS certificate of {urlsplit(url).netloc} is not trusted "
+                    "; set [graph] ca_file to the CA bundle that signs it"
+                ) from exc
+            except requests.exceptions.RequestException as exc:
+                last = f"{type(exc).__name__}"
+                self._wait(min(30.0, 2.0 ** attempt))
+                continue
+            status = response.status_code
+            if status == 401 and not refreshed:
+                refreshed = True
+                bearer = refresh(bearer)
+                continue
+            if status in RETRIED:
+                last = f"HTTP {status}"
+                default = min(30.0, 2.0 ** attempt)
+                if response.headers.get("Retry-After"):
+                    # A server's Retry-After is already in its own time: not scaled.
+                    self._wait(parse_retry_after(response.headers["Retry-After"], default),
+                               scaled=False)
+                else:
+                    self._wait(default)
+                continue
+            if status in (401, 403):
+                raise NoAccess(f"{what}: HTTP {status} {error_text(response)}")
+            if status >= 400:
+                raise SourceFailed(f"{what}: HTTP {status} {error_text(response)}")
+            return response
+        raise SourceFailed(f"{what}: still failing after {self.max_attempts} attempts ({last}); "
+                           "run `comms sync` again later")
+
+    def _wait(self, seconds: float, *, scaled: bool = True) -> None:
+        with self._lock:
+            self.retries += 1
+        self.sleep(seconds * self.time_scale if scaled else seconds)
+
+
+def error_text(response: requests.Response) -> str:
+    """The error code and message of a Graph or Partner Center error body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200].strip()
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            return f"{err.get('code', '')}: {err.get('message', '')}".strip(": ")
+        if "description" in body:
+            return f"{body.get('code', '')}: {body['description']}"
+        if "message" in body:
+            return str(body["message"])
+    return str(body)[:200]
+
+
+class _Tokens:
+    """App-only tokens for one resource in one tenant (one msal application)."""
+
+    def __init__(self, settings: Settings, session: requests.Session, tenant_id: str,
+                 resource: str | None = None) -> None:
+        graph = settings.graph.model_copy(update={"tenant_id": tenant_id})
+        self.provider = AppTokenProvider(graph, session, resource=resource)
+
+    def token(self) -> str:
+        return self.provider.token()
+
+    def refresh(self, stale: str) -> str:
+        return self.provider.refresh(stale)
+
+
+class PartnerCenter:
+    name = "partner_center"
+
+    def __init__(self, settings: Settings, session: requests.Session, reader: Reader) -> None:
+        self.base = settings.sync.partner_center_url.rstrip("/") + "/v1"
+        self.page_size = settings.sync.page_size
+        self.reader = reader
+        self.tokens = _Tokens(settings, session, settings.graph.tenant_id, PARTNER_CENTER_RESOURCE)
+
+    def customers(self) -> Iterator[PartnerCustomer]:
+        url = f"{self.base}/customers?size={self.page_size}"
+        headers: dict[str, str] = {}
+        while True:
+            body = self.reader.get(url, self.tokens.token, self.tokens.refresh, headers,
+                                   "Partner Center customers").json()
+            for item in body.get("items") or []:
+                profile = item.get("companyProfile") or {}
+                yield PartnerCustomer(
+                    str(item.get("id") or profile.get("tenantId") or "").lower(),
+                    str(profile.get("domain") or "").lower(),
+                    str(profile.get("companyName") or ""),
+                )
+            nxt = (body.get("links") or {}).get("next")
+            if not nxt:
+                return
+            url = self.base + "/" + str(nxt["uri"]).lstrip("/")
+            headers = {h["key"]: h["value"] for h in nxt.get("headers") or []}
+
+    def subscriptions(self, tenant_id: str) -> list[dict[str, Any]]:
+        body = self.reader.get(f"{self.base}/customers/{tenant_id}/subscriptions",
+                               self.tokens.token, self.tokens.refresh, None,
+                               f"Partner Center subscriptions of {tenant_id}").json()
+        return list(body.get("items") or [])
+
+    def close(self) -> None:
+        pass
+
+
+class Gdap:
+    name = "gdap"
+
+    def __init__(self, settings: Settings, session: requests.Session, reader: Reader) -> None:
+        self.url = settings.graph.base_url + "/tenantRelationships/delegatedAdminRelationships"
+        self.reader = reader
+        self.tokens = _Tokens(settings, session, settings.graph.tenant_id)
+
+    def relationships(self) -> dict[str, str]:
+        """Customer tenant id -> the most advanced relationship status."""
+        rank = {"active": 3, "approved": 2, "activating": 2, "approvalPending": 1}
+        out: dict[str, str] = {}
+        url: str | None = self.url + "?$top=300"
+        while url:
+            body = self.reader.get(url, self.tokens.token, self.tokens.refresh, None,
+                                   "GDAP relationships").json()
+            for rel in body.get("value") or []:
+                tid = str((rel.get("customer") or {}).get("tenantId") or "").lower()
+                status = str(rel.get("status") or "")
+                if tid and rank.get(status, 0) >= rank.get(out.get(tid, ""), 0):
+                    out[tid] = status
+            url = body.get("@odata.nextLink")
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class CustomerTenant:
+    name = "tenant"
+
+    def __init__(self, settings: Settings, session: requests.Session, reader: Reader) -> None:
+        self.settings = settings
+        self.session = session
+        self.reader = reader
+        self.base = settings.graph.base_url
+        self._apps: OrderedDict[str, _Tokens] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _tokens(self, tenant_id: str) -> _Tokens:
+        with self._lock:
+            found = self._apps.get(tenant_id)
+            if found is not None:
+                self._apps.move_to_end(tenant_id)
+                return found
+        try:
+            made = _Tokens(self.settings, self.session, tenant_id)
+            made.token()
+        except AuthError as exc:
+            # The app cannot get a token in that tenant: not consented there (or no such
+            # tenant). That customer cannot be verified; it is not a configuration error.
+            raise NoAccess(f"no token for tenant {tenant_id}: {exc.message}") from exc
+        with self._lock:
+            self._apps[tenant_id] = made
+            while len(self._apps) > TENANT_APPS_KEPT:
+                self._apps.popitem(last=False)
+        return made
+
+    def read(self, tenant_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(companySubscriptions, subscribedSkus) of the tenant."""
+        tokens = self._tokens(tenant_id)
+        subs = self.reader.get(f"{self.base}/directory/subscriptions", tokens.token,
+                               tokens.refresh, None, f"subscriptions of tenant {tenant_id}")
+        skus = self.reader.get(f"{self.base}/subscribedSkus", tokens.token, tokens.refresh, None,
+                               f"subscribedSkus of tenant {tenant_id}")
+        return list(subs.json().get("value") or []), list(skus.json().get("value") or [])
+
+    def close(self) -> None:
+        with self._lock:
+            self._apps.clear()
+
+
+def open_session(settings: Settings) -> requests.Session:
+    """The Graph transport's session (timeouts, CA trust), sized for ``[sync] concurrency``."""
+    session = make_session(settings.graph)
+    adapter = requests.adapters.HTTPAdapter(
+        pool_connections=4, pool_maxsize=max(16, settings.sync.concurrency * 2), max_retries=0,
+    )
+    session.mount("https://", adapter)
+    return session

@@ -1,0 +1,54 @@
+"""Sync freshness for `comms status`: when each source last checked, who cannot be verified."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import col, select
+
+from comms.store.db import Database
+from comms.store.models import Customer
+from comms.store.sync_models import SyncCheck
+
+SHOWN = 20
+
+
+@dataclass(frozen=True)
+class SyncFreshness:
+    last_checked: dict[str, datetime]  # source -> latest check
+    cannot_verify: list[tuple[str, str, str]]  # (key, source, why)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "last_checked": {k: v.isoformat() for k, v in self.last_checked.items()},
+            "cannot_verify": [{"key": k, "source": s, "why": w} for k, s, w in self.cannot_verify],
+        }
+
+    def lines(self) -> list[str]:
+        if not self.last_checked:
+            return ["Stage sync: never run (see docs/sync.md)."]
+        out = ["Stage sync: last checked " + ", ".join(
+            f"{src} {at:%Y-%m-%d %H:%M} UTC" for src, at in sorted(self.last_checked.items()))]
+        if self.cannot_verify:
+            out.append(f"Cannot verify {len(self.cannot_verify)} customer(s):")
+            out += [f"  {k} ({s}): {w}" for k, s, w in self.cannot_verify[:SHOWN]]
+            if len(self.cannot_verify) > SHOWN:
+                out.append(f"  … and {len(self.cannot_verify) - SHOWN} more (`comms sync --json`)")
+        return out
+
+
+def sync_freshness(db: Database) -> SyncFreshness:
+    with db.session() as session:
+        last = dict(session.exec(
+            select(SyncCheck.source, sa.func.max(col(SyncCheck.checked_at)))
+            .group_by(col(SyncCheck.source))).all())
+        problems = session.exec(
+            select(Customer.key, SyncCheck.source, SyncCheck.problem)
+            .join(Customer, col(Customer.id) == col(SyncCheck.customer_id))
+            .where(col(SyncCheck.problem) != "")
+            .order_by(col(Customer.key), col(SyncCheck.source))).all()
+    return SyncFreshness({k: v for k, v in last.items() if v is not None},
+                         [(k, s, p) for k, s, p in problems])
