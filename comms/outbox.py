@@ -240,8 +240,7 @@ def claim(
                 if report:
                     report.add(deferred=1)
                 continue
-            to = _addresses(msg.to_json)
-            cc = _addresses(msg.cc_json)
+            to, cc = _deliverable(s, msg, clock.now())
             slot = pacing.try_acquire(
                 s, limits, now=real, lease=lease, recipients=len(to) + len(cc)
             )
@@ -279,14 +278,41 @@ def _unsendable(s: Session, msg: Message, customer: Customer | None) -> str:
         return "customer opted out"
     if customer.lost:
         return "customer marked lost"
-    addresses = [a.address.lower() for a in _addresses(msg.to_json)]
-    if addresses:
-        suppressed = set(
-            s.exec(select(Suppression.email).where(col(Suppression.email).in_(addresses))).all()
-        )
-        if suppressed and all(a in suppressed for a in addresses):
-            return "every recipient is on the suppression list"
+    to = _addresses(msg.to_json)
+    if to and all(a.address.lower() in _suppressed(s, msg) for a in to):
+        return "every To recipient is on the suppression list"
     return ""
+
+
+def _suppressed(s: Session, msg: Message) -> set[str]:
+    """The row's recipients (lower-cased) that must not be mailed (opted out, bounced)."""
+    if msg.internal:
+        return set()
+    everyone = sorted({a.address.lower() for a in (*_addresses(msg.to_json),
+                                                   *_addresses(msg.cc_json))})
+    if not everyone:
+        return set()
+    found = s.exec(select(Suppression.email)
+                   .where(sa.func.lower(col(Suppression.email)).in_(everyone))).all()
+    return {e.lower() for e in found}
+
+
+def _deliverable(s: Session, msg: Message, now: datetime
+                 ) -> tuple[tuple[Address, ...], tuple[Address, ...]]:
+    """To and Cc without suppressed addresses. An address suppressed after the message was
+    queued (an opt-out, a bounce) is dropped here, and the row records who it now goes to."""
+    to, cc = _addresses(msg.to_json), _addresses(msg.cc_json)
+    suppressed = _suppressed(s, msg)
+    if not suppressed:
+        return to, cc
+    keep_to = tuple(a for a in to if a.address.lower() not in suppressed)
+    keep_cc = tuple(a for a in cc if a.address.lower() not in suppressed)
+    dropped = [a.address for a in (*to, *cc) if a.address.lower() in suppressed]
+    msg.to_json = addresses_json((a.address, a.name) for a in keep_to)
+    msg.cc_json = addresses_json((a.address, a.name) for a in keep_cc)
+    msg.note = (msg.note + " not sent to suppressed " + ", ".join(dropped) + ".").strip()
+    msg.updated_at = now
+    return keep_to, keep_cc
 
 
 def record(

@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import T0, sandbox_env, seed, statuses
+from engine_helpers import T0, ledger, sandbox_env, seed, statuses
 from sqlmodel import select
 
+from comms.campaign import load_campaign
+from comms.config import load_settings
 from comms.sandbox import Sandbox
+from comms.services import customers as customer_service
 from comms.store.db import Database
 from comms.store.locks import RunLock
 from comms.store.models import Message, StageEvent
@@ -203,3 +206,35 @@ def test_resolve_unknown_by_hand(env: dict[str, Any], db: Database, tmp_path: Pa
     done = cli("outbox", "resolve", mid, "--sent")
     assert done.exit_code == 0 and f"Message {mid} is now sent." in done.stdout
     assert statuses(db) == {"sent": 1} and len(sb.sent()) == 1
+
+
+def test_an_address_opted_out_after_queueing_is_dropped_from_the_queued_message(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    """Issue 12: primary + billing, kickoff queued, billing opts out, run: only the primary
+    gets it, and the row says who it went to; with every To address suppressed, withdrawn."""
+    path = tmp_path / "two.csv"
+    path.write_text(
+        "key,name,licences,stage,primary_contact_email,billing_contact_email,"
+        "technical_contact_email\n"
+        "T1,Two Contacts Ltd,5,invited,boss@two.example,bills@two.example,\n"
+        "T2,Lone Ltd,5,invited,solo@lone.example,solo-bills@lone.example,\n",
+        encoding="utf-8")
+    customer_service.import_customers(db, path, settings=load_settings(env={}),
+                                      campaign=load_campaign(), now=T0, by="test")
+    queued = cli("run", "--now", NOW, "--limit", "0")
+    assert queued.exit_code == 0 and "queued 2" in queued.stdout, queued.output
+    assert cli("contacts", "opt-out", "BILLS@two.example").exit_code == 0
+    assert cli("contacts", "opt-out", "solo@lone.example").exit_code == 0
+    assert cli("contacts", "opt-out", "solo-bills@lone.example").exit_code == 0
+    r = cli("run", "--now", NOW)
+    assert r.exit_code == 0, r.output
+    sent = env["sandbox"].sent()
+    assert len(sent) == 1
+    assert [a.lower() for a in sent[0]["to"] + sent[0].get("cc", [])] == ["boss@two.example"]
+    rows = {row["key"]: row for row in ledger(db)}
+    assert rows["T2"]["status"] == "withdrawn" and rows["T1"]["status"] == "sent"
+    with db.session() as s:
+        t1 = s.exec(select(Message).where(Message.send_id == rows["T1"]["send_id"])).one()
+    assert "bills@two.example" not in (t1.to_json + t1.cc_json).lower()
+    assert "not sent to suppressed bills@two.example" in t1.note.lower()
