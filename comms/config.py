@@ -183,6 +183,10 @@ class DeliverySettings(_Section):
     transport: Literal["graph", "outbox_dir"] = "graph"
     outbox_dir: str = ""
     lease_seconds: float = Field(default=120.0, gt=0)
+    # Circuit breaker: after this many ambiguous outcomes in a row on one sender mailbox
+    # (timeouts, 5xx, dropped connections), stop sending from it for the rest of the run.
+    # Graph that stops answering must not turn a whole run into unknown outcomes.
+    max_consecutive_unknown: int = Field(default=5, ge=1)
     # Scales Exchange's time windows (a "minute" of 60 * time_scale seconds); 1.0 in production.
     time_scale: float = Field(default=1.0, gt=0)
 

@@ -145,6 +145,8 @@ class DispatchReport:
     confirmed: int = 0  # unknown -> sent, found in Sent Items
     requeued: int = 0  # unknown -> queued, not found after the grace period
     held: int = 0  # unknown that needs an operator (no Mail.Read)
+    # Mailboxes the circuit breaker stopped this run, with why.
+    tripped: dict[str, str] = field(default_factory=dict)
     failures: list[tuple[int, str, str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -720,7 +722,7 @@ class Dispatcher:
         requested = stop or threading.Event()
         budget = [limit if limit is not None else -1]
         budget_lock = threading.Lock()
-        stop = threading.Event()
+        halt = threading.Event()  # an error, or every mailbox tripped
         threads_n = max(1, min(sum(lim.max_concurrent for lim in self.limits), 8))
         errors: list[BaseException] = []
 
@@ -743,6 +745,23 @@ class Dispatcher:
         hints: dict[str, float] = {lim.mailbox: 0.0 for lim in self.limits}
         hints_lock = threading.Lock()
 
+        # Circuit breaker: ambiguous outcomes in a row per mailbox; past the limit the
+        # mailbox sends nothing more this run (Graph may be down: each further try would
+        # only add an unknown outcome to reconcile).
+        streak: dict[str, int] = dict.fromkeys(hints, 0)
+        trip_after = self.settings.delivery.max_consecutive_unknown
+
+        def note_outcome(mailbox: str, outcome: Outcome) -> None:
+            with hints_lock:
+                streak[mailbox] = streak[mailbox] + 1 if outcome is Outcome.UNKNOWN else 0
+                if streak[mailbox] >= trip_after and mailbox not in report.tripped:
+                    report.tripped[mailbox] = (
+                        f"{streak[mailbox]} ambiguous outcomes in a row (timeouts/5xx): "
+                        "stopped sending from it for this run")
+                    hints[mailbox] = float("inf")
+                    if len(report.tripped) == len(hints):
+                        halt.set()  # nothing left to send from
+
         def candidates() -> tuple[list[pacing.Limits], float]:
             now_m = time.monotonic()
             with hints_lock:
@@ -753,7 +772,7 @@ class Dispatcher:
 
         def worker_loop(index: int) -> None:
             try:
-                while (not stop.is_set() and not requested.is_set()
+                while (not halt.is_set() and not requested.is_set()
                        and time.monotonic() < deadline):
                     if not take_budget():
                         return
@@ -805,15 +824,16 @@ class Dispatcher:
                         )
                     record(self.db, claimed, result, clock=self.clock, worker=self.worker,
                            report=report, server_hold=self.server_hold)
+                    note_outcome(claimed.slot.mailbox, result.outcome)
                     if result.outcome is not Outcome.SENT:
                         give_back()
                     if self.on_progress:
                         self.on_progress(report)
             except BaseException as exc:  # surfaced to the caller below
                 errors.append(exc)
-                stop.set()
+                halt.set()
 
-        while time.monotonic() < deadline and not stop.is_set() and not requested.is_set():
+        while time.monotonic() < deadline and not halt.is_set() and not requested.is_set():
             expire_leases(self.db, clock=self.clock)
             reconcile(self.db, self.reconciler, clock=self.clock, grace=self.grace,
                       report=report, worker=self.worker, paced=self.paced,
@@ -830,7 +850,10 @@ class Dispatcher:
                 raise errors[0]
             if budget[0] == 0:
                 break
-            pause = self._more_to_do(only_ids, tag, deadline)
+            # Once a mailbox tripped, unknown outcomes are left to the next run: Graph is not
+            # answering, and waiting for it must not keep a scheduled run alive.
+            pause = self._more_to_do(only_ids, tag, deadline,
+                                     wait_for_unknown=not report.tripped)
             if pause is None:
                 break
             requested.wait(pause)
@@ -838,7 +861,7 @@ class Dispatcher:
 
     def _more_to_do(
         self, only_ids: frozenset[int] | None, tag: str | None,
-        deadline: float,
+        deadline: float, *, wait_for_unknown: bool = True,
     ) -> float | None:
         """Seconds to wait before work may be possible again, or None when nothing can
         get out before the deadline."""
@@ -870,7 +893,7 @@ class Dispatcher:
             waits.append((next_queued - now).total_seconds())
         if sending:
             waits.append(0.5)  # another worker's send, or a lease still to expire
-        if oldest_unknown is not None and self.reconciler is not None:
+        if oldest_unknown is not None and self.reconciler is not None and wait_for_unknown:
             waits.append((oldest_unknown + self.grace - real).total_seconds())
         if not waits:
             return None

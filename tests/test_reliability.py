@@ -141,3 +141,28 @@ def test_without_mail_read_unknown_outcomes_wait_for_the_operator(
     assert summary.dispatch.unknown == 2 and summary.dispatch.held == 2
     assert statuses(db)["unknown"] == 2
     assert len(sb.sent()) == 2  # they did arrive; only an operator can know that here
+
+
+def test_a_graph_that_stops_answering_trips_the_breaker_and_the_run_ends(
+    tmp_path: Path, db: Database, database_url: str, sandbox_factory: object
+) -> None:
+    """Issue 17: every request 5xx. Without a breaker the run kept going for as long as it had
+    work, turning the whole queue into unknown outcomes. Now each mailbox stops after N
+    ambiguous outcomes in a row, the run ends at once with exit code 1, and the rest stays
+    queued for the next run."""
+    sb: Sandbox = sandbox_factory(time_scale=SCALE)
+    sb.set_faults(error_rate=1.0, seed=3)
+    n = 40
+    seed(db, tmp_path, n)
+    env = sandbox_env(sb, tmp_path, database_url, senders=SENDERS, time_scale=SCALE,
+                      grace=0.2, timeout=1.0, lease=2.0,
+                      COMMS_DELIVERY_MAX_CONSECUTIVE_UNKNOWN="3")
+    started = time.monotonic()
+    summary = _run_in_process(env, db, minutes=50)  # the scheduled default: no short deadline
+    assert time.monotonic() - started < 30
+    assert summary.exit_code == 1
+    assert set(summary.dispatch.tripped) == set(SENDERS)
+    st = statuses(db)
+    # Each mailbox stops after 3 in a row (a few more were already in flight).
+    assert 6 <= st["unknown"] <= 6 + 8 and st["unknown"] == summary.dispatch.unknown
+    assert st["queued"] == n - st["unknown"] and st["sent"] == 0

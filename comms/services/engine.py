@@ -433,7 +433,7 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.dispatch.failed else 0
+        return 1 if self.dispatch.failed or self.dispatch.tripped else 0
 
 
 def run(
