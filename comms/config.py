@@ -217,6 +217,45 @@ class SyncSettings(_Section):
         return tuple(n for n, on in names if on)
 
 
+class TenantSettings(_Section):
+    """The partner tenant's external-recipient budget (Exchange Online's TERRL).
+
+    Exchange counts, per rolling 24 hours and for the whole tenant, every message x recipient
+    whose domain is not one of the tenant's accepted domains: about 500 x licences^0.7 + 9,500.
+    Past it the tenant's external mail is blocked, for everyone in the partner's company.
+    comms uses only ``share`` of it, so the partner's own people keep their headroom."""
+
+    # The partner tenant's licence count (0: unknown, the formula's floor of 9,500 applies).
+    licences: int = Field(default=0, ge=0)
+    # An explicit daily cap instead of the formula (0: use the formula).
+    external_recipients_per_day: int = Field(default=0, ge=0)
+    share: float = Field(default=0.5, gt=0, le=1)
+    # Internal recipients (e.g. the account manager's copy) do not count. The sender
+    # mailboxes' own domains are always accepted domains.
+    accepted_domains: list[str] = Field(default_factory=list)
+
+    @field_validator("accepted_domains", mode="before")
+    @classmethod
+    def _domains(cls, v: object) -> object:
+        if isinstance(v, str):  # COMMS_TENANT_ACCEPTED_DOMAINS="a.example,b.example"
+            v = [part for part in v.split(",") if part.strip()]
+        if isinstance(v, list):
+            return [str(d).strip().lower().lstrip("@") for d in v]
+        return v
+
+    @property
+    def cap(self) -> int:
+        """Exchange's limit for this tenant, external recipients per rolling 24 hours."""
+        if self.external_recipients_per_day:
+            return self.external_recipients_per_day
+        return int(500 * self.licences ** 0.7 + 9_500)
+
+    @property
+    def budget(self) -> int:
+        """The part of the cap comms may use."""
+        return max(1, int(self.cap * self.share))
+
+
 class Settings(_Section):
     partner: PartnerSettings = PartnerSettings()
     senders: list[SenderSettings] = Field(
@@ -228,9 +267,16 @@ class Settings(_Section):
     defaults: DefaultsSettings = DefaultsSettings()
     delivery: DeliverySettings = DeliverySettings()
     sync: SyncSettings = SyncSettings()
+    tenant: TenantSettings = TenantSettings()
     campaign_file: str = ""
     # Where the settings came from, for messages; not a config key.
     source: str = Field(default="built-in defaults", exclude=True)
+
+    @property
+    def accepted_domains(self) -> frozenset[str]:
+        """The partner tenant's accepted domains: configured ones and the senders' own."""
+        return frozenset(self.tenant.accepted_domains) | {
+            s.address.rsplit("@", 1)[1] for s in self.senders}
 
     @field_validator("senders")
     @classmethod
@@ -298,7 +344,8 @@ def find_config_file(explicit: str | Path | None = None) -> Path | None:
     return None
 
 
-_SECTIONS = ("partner", "graph", "database", "templates", "defaults", "delivery", "sync")
+_SECTIONS = ("partner", "graph", "database", "templates", "defaults", "delivery", "sync",
+             "tenant")
 
 
 def _env_overrides(

@@ -147,6 +147,8 @@ class DispatchReport:
     held: int = 0  # unknown that needs an operator (no Mail.Read)
     # Mailboxes the circuit breaker stopped this run, with why.
     tripped: dict[str, str] = field(default_factory=dict)
+    # Why messages waited (a limit's name) and when that limit frees up next (the latest seen).
+    waiting: dict[str, datetime] = field(default_factory=dict)
     failures: list[tuple[int, str, str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -243,8 +245,11 @@ def claim(
                     report.add(deferred=1)
                 continue
             to, cc = _deliverable(s, msg, clock.now())
+            external = (limits.tenant.external([a.address for a in (*to, *cc)])
+                        if limits.tenant is not None else 0)
             slot = pacing.try_acquire(
-                s, limits, now=real, lease=lease, recipients=len(to) + len(cc)
+                s, limits, now=real, lease=lease, recipients=len(to) + len(cc),
+                external=external,
             )
             if isinstance(slot, pacing.Wait):
                 return slot
@@ -281,8 +286,12 @@ def _unsendable(s: Session, msg: Message, customer: Customer | None) -> str:
     if customer.lost:
         return "customer marked lost"
     to = _addresses(msg.to_json)
-    if to and all(a.address.lower() in _suppressed(s, msg) for a in to):
-        return "every To recipient is on the suppression list"
+    suppressed = _suppressed(s, msg) if to else set()
+    if to and all(a.address.lower() in suppressed for a in to):
+        cc = _addresses(msg.cc_json)
+        if all(a.address.lower() in suppressed for a in cc):
+            return "every recipient is on the suppression list"
+        return "every To recipient is on the suppression list (a Cc alone is not mailed)"
     return ""
 
 
@@ -667,7 +676,8 @@ class Dispatcher:
         self.worker = worker
         self.on_progress = on_progress
         scale = settings.delivery.time_scale
-        self.limits = [pacing.Limits.of(s, scale) for s in settings.senders]
+        tenant = pacing.TenantBudget.of(settings)
+        self.limits = [pacing.Limits.of(s, scale, tenant) for s in settings.senders]
         # A lease must outlast any request, or a live worker's row could look abandoned.
         self.lease = timedelta(
             seconds=max(settings.delivery.lease_seconds, 2 * settings.graph.timeout_seconds + 1)
@@ -799,6 +809,9 @@ class Dispatcher:
                             (got.until - self.clock.real()).total_seconds()
                             if got.until is not None else 0.01
                         )
+                        if got.until is not None and pause > 1.0:
+                            with report.lock:
+                                report.waiting[got.reason] = got.until
                         with hints_lock:
                             hints[lim.mailbox] = time.monotonic() + max(pause, 0.0)
                     if claimed is None:
@@ -807,6 +820,8 @@ class Dispatcher:
                             return
                         if ready:
                             _, wait_for = candidates()
+                        if time.monotonic() + wait_for >= deadline:
+                            return  # nothing can be claimed before the deadline
                         time.sleep(min(max(wait_for, 0.002), 0.5))
                         continue
                     try:
@@ -850,6 +865,8 @@ class Dispatcher:
                 raise errors[0]
             if budget[0] == 0:
                 break
+            if min(hints.values()) >= deadline:
+                break  # every mailbox waits for a limit past the deadline: the next run sends
             # Once a mailbox tripped, unknown outcomes are left to the next run: Graph is not
             # answering, and waiting for it must not keep a scheduled run alive.
             pause = self._more_to_do(only_ids, tag, deadline,

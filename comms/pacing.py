@@ -12,7 +12,10 @@ gives it back after; a slot is granted only when, for that mailbox,
 - the last start is at least ``interval`` ago (60 s / messages_per_minute, a little slack), and
   fewer than ``messages_per_minute`` slots started in the last minute,
 - the recipients of the last day plus this message stay within ``recipients_per_day``,
-- Graph has not throttled the mailbox (``blocked_until``).
+- Graph has not throttled the mailbox (``blocked_until``),
+- and, tenant-wide across every mailbox, worker and host: the external recipients of the last
+  day plus this message's stay within the partner tenant's budget (a share of Exchange's
+  tenant external recipient rate limit, TERRL; ``TenantBudget``).
 
 Decisions are serialised per database: SQLite takes its write lock at BEGIN (``immediate``),
 PostgreSQL locks the mailbox row ``FOR UPDATE``. So N workers on N hosts never exceed a limit.
@@ -29,7 +32,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from comms.config import SenderSettings
+from comms.config import SenderSettings, Settings
 from comms.store.models import SenderMailbox, SendSlot
 
 # Aim just under the limit: requests leave here at exact intervals but reach Exchange with
@@ -58,12 +61,36 @@ class Wait:
 
 
 @dataclass(frozen=True)
+class TenantBudget:
+    """External recipients the whole partner tenant may send per rolling (scaled) day."""
+
+    per_day: int
+    accepted_domains: frozenset[str]
+    time_scale: float = 1.0
+
+    @property
+    def day(self) -> timedelta:
+        return timedelta(seconds=DAY * self.time_scale)
+
+    def external(self, addresses: Sequence[str]) -> int:
+        """How many of ``addresses`` Exchange counts toward the tenant limit."""
+        return sum(1 for a in addresses
+                   if a.rsplit("@", 1)[-1].lower() not in self.accepted_domains)
+
+    @classmethod
+    def of(cls, settings: Settings) -> TenantBudget:
+        return cls(settings.tenant.budget, settings.accepted_domains,
+                   settings.delivery.time_scale)
+
+
+@dataclass(frozen=True)
 class Limits:
     mailbox: str
     messages_per_minute: int
     max_concurrent: int
     recipients_per_day: int
     time_scale: float = 1.0
+    tenant: TenantBudget | None = None
 
     @property
     def minute(self) -> timedelta:
@@ -78,10 +105,11 @@ class Limits:
         return timedelta(seconds=MINUTE * self.time_scale * RATE_SLACK / self.messages_per_minute)
 
     @classmethod
-    def of(cls, sender: SenderSettings, time_scale: float) -> Limits:
+    def of(cls, sender: SenderSettings, time_scale: float,
+           tenant: TenantBudget | None = None) -> Limits:
         return cls(
             sender.address, sender.messages_per_minute, sender.max_concurrent,
-            sender.recipients_per_day, time_scale,
+            sender.recipients_per_day, time_scale, tenant,
         )
 
 
@@ -112,7 +140,7 @@ def in_flight(session: Session, mailbox: str, now: datetime) -> int:
 
 def try_acquire(
     session: Session, limits: Limits, *, now: datetime, lease: timedelta, recipients: int = 1,
-    kind: str = SEND,
+    kind: str = SEND, external: int = 0,
 ) -> Slot | Wait:
     """Take a slot on one mailbox if its limits allow (call inside an immediate session).
 
@@ -157,13 +185,57 @@ def try_acquire(
             )
         ).one()
         return Wait((first or now) + limits.day, "daily recipient limit")
-    return _grant(session, limits, now=now, lease=lease, recipients=recipients, kind=SEND)
+    if external and limits.tenant is not None:
+        wait = _tenant_wait(session, limits.tenant, now=now, external=external)
+        if wait is not None:
+            return wait
+    return _grant(session, limits, now=now, lease=lease, recipients=recipients, kind=SEND,
+                  external=external)
+
+
+TENANT_LOCK = 0x636F6D6D73  # PostgreSQL advisory lock key for the tenant-wide budget ("comms")
+
+
+def _tenant_wait(session: Session, tenant: TenantBudget, *, now: datetime,
+                 external: int) -> Wait | None:
+    """None if ``external`` more external recipients fit the tenant's rolling day."""
+    if session.get_bind().dialect.name == "postgresql":
+        # Claims on different mailboxes lock different mailbox rows: the tenant-wide sum
+        # needs one lock of its own (taken after the mailbox's, always in that order).
+        session.execute(sa.select(sa.func.pg_advisory_xact_lock(TENANT_LOCK)))
+    since = now - tenant.day
+    window = session.exec(
+        select(SendSlot.started_at, SendSlot.external)
+        .where(col(SendSlot.started_at) > since, col(SendSlot.external) > 0)
+        .order_by(col(SendSlot.started_at))
+    ).all()
+    used = sum(n for _, n in window)
+    if used + external <= tenant.per_day:
+        return None
+    freed = 0
+    for started, n in window:  # the moment enough of the window has aged out
+        freed += n
+        if used - freed + external <= tenant.per_day:
+            return Wait(started + tenant.day, "tenant external-recipient budget")
+    return Wait(now + tenant.day, "tenant external-recipient budget")
+
+
+def tenant_usage(session: Session, tenant: TenantBudget, *, now: datetime
+                 ) -> tuple[int, datetime | None]:
+    """External recipients sent in the rolling day, and when the oldest of them ages out."""
+    since = now - tenant.day
+    used, oldest = session.exec(
+        select(sa.func.coalesce(sa.func.sum(SendSlot.external), 0),
+               sa.func.min(SendSlot.started_at))
+        .where(col(SendSlot.started_at) > since, col(SendSlot.external) > 0)
+    ).one()
+    return int(used), (oldest + tenant.day if oldest is not None else None)
 
 
 def _grant(session: Session, limits: Limits, *, now: datetime, lease: timedelta,
-           recipients: int, kind: str) -> Slot:
+           recipients: int, kind: str, external: int = 0) -> Slot:
     slot = SendSlot(mailbox=limits.mailbox, started_at=now, lease_until=now + lease,
-                    recipients=recipients, kind=kind)
+                    recipients=recipients, kind=kind, external=external)
     session.add(slot)
     session.flush()
     assert slot.id is not None

@@ -205,6 +205,7 @@ class Sandbox:
         port: int = 0,
         pc_requests_per_minute: int = 300,
         directory_requests_per_10s: int = 100,
+        tenant_external_per_day: int = 0,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -217,6 +218,7 @@ class Sandbox:
             messages_per_minute=messages_per_minute,
             max_concurrent=max_concurrent,
             recipients_per_day=recipients_per_day,
+            tenant_external_per_day=tenant_external_per_day,
         )
         graph.restore_sent_items(state)
         tokens = TokenService(self.state_dir, tenant_id, "", token_lifetime)

@@ -124,6 +124,7 @@ class State:
         messages_per_minute: int,
         max_concurrent: int,
         recipients_per_day: int,
+        tenant_external_per_day: int = 0,
     ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
@@ -132,6 +133,11 @@ class State:
         self.messages_per_minute = messages_per_minute
         self.max_concurrent = max_concurrent
         self.recipients_per_day = recipients_per_day
+        # Exchange's tenant external recipient rate limit (TERRL), 0: not enforced. Past it,
+        # Exchange still answers 202 but blocks the tenant's external mail (the sender gets
+        # NDRs): here such a message is counted as blocked and never delivered.
+        self.tenant_external_per_day = tenant_external_per_day
+        self.tenant_external: deque[tuple[float, int]] = deque()
         self.lock = threading.Lock()
         self.users: dict[str, User] = {}
         self.apps: dict[str, App] = {}
@@ -144,6 +150,7 @@ class State:
                 "requests", "token_requests", "accepted", "throttled_rate",
                 "throttled_concurrency", "throttled_recipients", "throttled_injected",
                 "errors_injected", "dropped", "rejected", "unauthorized", "connections",
+                "terrl_blocked", "external_recipients",
             ),
             0,
         )
@@ -265,6 +272,9 @@ class State:
                     "rolling 24 hours).",
                     wait, "throttled_recipients",
                 )
+            if self._over_tenant_budget(record, now, day):
+                self.counters["terrl_blocked"] += 1
+                return None  # accepted by the API, never delivered (an NDR in real life)
             usage.sends.append(now)
             usage.recipients.append((now, recipients))
             usage.recipient_total += recipients
@@ -274,6 +284,21 @@ class State:
             if resource:
                 self.sent_items.setdefault(mailbox, []).append(resource)
             return None
+
+    def _over_tenant_budget(self, record: dict[str, Any], now: float, day: float) -> bool:
+        """Count the message's external recipients against the tenant's rolling day."""
+        internal = {u.address.rsplit("@", 1)[1] for u in self.users.values()}
+        external = sum(1 for key in ("to", "cc", "bcc") for a in record.get(key, [])
+                       if a.rsplit("@", 1)[-1].lower() not in internal)
+        while self.tenant_external and self.tenant_external[0][0] <= now - day:
+            self.tenant_external.popleft()
+        used = sum(n for _, n in self.tenant_external)
+        if self.tenant_external_per_day and used + external > self.tenant_external_per_day:
+            return True
+        if external:
+            self.tenant_external.append((now, external))
+            self.counters["external_recipients"] += external
+        return False
 
     # -- record -------------------------------------------------------------------------
 

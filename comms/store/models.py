@@ -195,7 +195,10 @@ class SendSlot(SQLModel, table=True):
     """A send request to a mailbox: counts toward its rate, concurrency and daily recipients."""
 
     __tablename__ = "send_slots"
-    __table_args__ = (sa.Index("ix_send_slots_mailbox_started", "mailbox", "started_at"),)
+    __table_args__ = (
+        sa.Index("ix_send_slots_mailbox_started", "mailbox", "started_at"),
+        sa.Index("ix_send_slots_started", "started_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     mailbox: str = Field(sa_column=Column(sa.String(320), nullable=False))
@@ -208,6 +211,10 @@ class SendSlot(SQLModel, table=True):
     # send: counts toward rate, recipients and concurrency; lookup (Sent Items): concurrency only.
     kind: str = Field(
         default="send", sa_column=Column(sa.String(10), nullable=False, server_default="send")
+    )
+    # Recipients outside the partner tenant's accepted domains: the tenant-wide budget (TERRL).
+    external: int = Field(
+        default=0, sa_column=Column(sa.Integer(), nullable=False, server_default="0")
     )
 
 
