@@ -47,13 +47,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from functools import lru_cache
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from comms.campaign import Campaign, Reminders, SendWindow, Stage
 from comms.domain import ContactInfo, CustomerInfo, PlannedMessage, SentMessage
-from comms.errors import CommsError
+from comms.errors import CampaignError
 from comms.stages import is_sendable
+from comms.timezones import zone
 
 PENDING = frozenset({"queued", "sending", "unknown"})
 ACCOUNT_MANAGER_ROLE = "account_manager"
@@ -74,15 +74,8 @@ class Plan:
 # --- send window -----------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=256)
 def _zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise CommsError(
-            f"Unknown time zone {name!r}; give the customer an IANA time zone such as "
-            "Europe/London or America/New_York."
-        ) from exc
+    return zone(name)  # the one time-zone policy: UnknownTimeZone names the closest zones
 
 
 def _utc(at: datetime, what: str = "now") -> datetime:
@@ -153,7 +146,7 @@ def next_window_start(now: datetime, window: SendWindow, time_zone: str) -> date
         for at in _openings(day, window, zone):
             if at >= now and in_window(at, window, time_zone):
                 return at
-    raise CommsError(  # pragma: no cover - unreachable with a validated window
+    raise CampaignError(  # pragma: no cover - unreachable with a validated window
         f"The send window {window.days} {window.start}-{window.end} never opens in {time_zone}; "
         "check [window] in the campaign file."
     )

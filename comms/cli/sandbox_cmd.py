@@ -61,7 +61,7 @@ def sandbox(
 
     if auth not in AUTH_KINDS:
         raise ConfigError(f"--auth must be one of {', '.join(AUTH_KINDS)}, got {auth!r}.")
-    senders = [s.address for s in common.settings().senders]
+    senders = [s.address for s in common.app().settings.senders]
     folder = state_dir or home_dir() / "sandbox"
     try:
         sb = Sandbox(folder, time_scale=time_scale, messages_per_minute=messages_per_minute,

@@ -11,7 +11,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from comms.campaign import load_campaign
 from comms.cli import common
 from comms.cli.common import console
 from comms.services.report import write_report
@@ -31,10 +30,9 @@ def status(
     days: int = typer.Option(14, "--days", min=1, help="Days of messages-per-day history."),
 ) -> None:
     """Where every customer stands: funnel, stuck customers, messages, exposure."""
-    settings = common.settings()
-    moment = parse_now(now, settings.defaults.time_zone)
-    campaign = load_campaign(settings.campaign_file or None)
-    report = compute_status(common.database(), settings, campaign, moment, days=days)
+    app = common.app()
+    moment = parse_now(now, app.settings.defaults.time_zone)
+    report = compute_status(app.database, app.settings, app.campaign, moment, days=days)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -131,11 +129,10 @@ def report(
     days: int = typer.Option(30, "--days", min=1, help="Days of messages-per-day history."),
 ) -> None:
     """Write one self-contained HTML report (charts, sortable customer table; no network)."""
-    settings = common.settings()
+    app = common.app()
     generated = datetime.now(UTC)
-    moment = parse_now(now, settings.defaults.time_zone) if now else generated
-    campaign = load_campaign(settings.campaign_file or None)
-    path = write_report(common.database(), settings, campaign, out, moment,
+    moment = parse_now(now, app.settings.defaults.time_zone) if now else generated
+    path = write_report(app.database, app.settings, app.campaign, out, moment,
                         generated_at=generated, days=days)
     console.print(f"Wrote {escape(str(path))} ({path.stat().st_size:,} bytes).", highlight=False,
                   soft_wrap=True)

@@ -9,18 +9,14 @@ from pathlib import Path
 
 import typer
 
-from comms.campaign import Campaign, load_campaign
 from comms.cli import common
 from comms.cli.common import console, new_app
-from comms.errors import CommsError, TemplateError
+from comms.errors import RequestRefused, TemplateError
+from comms.fileio import write_atomic
 from comms.services import preview as preview_service
 from comms.services.template_check import check_templates
 
 templates_app = new_app("Check and preview the email templates.")
-
-
-def _campaign() -> Campaign:
-    return load_campaign(common.settings().campaign_file or None)
 
 
 def preview(
@@ -35,34 +31,37 @@ def preview(
                               "customers, into the --out folder, with an index.html."),
 ) -> None:
     """Render one customer's email exactly as it would be sent (or every sample with --all)."""
-    settings = common.settings()
-    now = datetime.now(UTC)
+    app, now = common.app(), datetime.now(UTC)
     if all_:
         if out is None:
-            raise CommsError("--all needs --out DIR (the folder to write the previews to).")
-        files = preview_service.preview_all(settings, out, now=now, campaign=_campaign())
+            raise RequestRefused("--all needs --out DIR (the folder to write the previews to).")
+        files = preview_service.preview_all(app.settings, out, now=now, campaign=app.campaign)
         typer.echo(f"Wrote {len(files)} previews and {out / 'index.html'}")
         if open_:
             webbrowser.open((out / "index.html").resolve().as_uri())
         return
     if not key or not message:
-        raise CommsError("Give a customer KEY and --message NAME (or --all --out DIR).")
+        raise RequestRefused("Give a customer KEY and --message NAME (or --all --out DIR).")
     if fmt not in ("html", "text", "eml"):
-        raise CommsError(f"Unknown --format {fmt!r}; use html, text or eml.")
-    customer = preview_service.load_customer(common.database(), key)
+        raise RequestRefused(f"Unknown --format {fmt!r}; use html, text or eml.")
+    customer = preview_service.load_customer(app.database, key)
     data = preview_service.preview_customer(
-        settings, customer, message, fmt=fmt,  # type: ignore[arg-type]
-        now=now, campaign=_campaign(), reminder_number=reminder,
+        app.settings, customer, message, fmt=fmt,  # type: ignore[arg-type]
+        now=now, campaign=app.campaign, reminder_number=reminder, renderer=app.renderer,
     )
+    _deliver(data, out, open_, prefix=f"comms-{key}-", fmt=fmt)
+
+
+def _deliver(data: bytes, out: Path | None, open_: bool, *, prefix: str, fmt: str) -> None:
+    """Print the preview, or write it to ``out`` (a temporary file for --open alone)."""
     if out is None and open_:
         suffix = {"html": ".html", "text": ".txt", "eml": ".eml"}[fmt]
-        with tempfile.NamedTemporaryFile(prefix=f"comms-{key}-", suffix=suffix,
-                                         delete=False) as f:
+        with tempfile.NamedTemporaryFile(prefix=prefix, suffix=suffix, delete=False) as f:
             out = Path(f.name)
     if out is None:
         typer.echo(data.decode("utf-8"), nl=False)
         return
-    out.write_bytes(data)
+    write_atomic(out, data, mode=0o644)
     typer.echo(f"Wrote {out}")
     if open_:
         webbrowser.open(out.resolve().as_uri())
@@ -74,9 +73,9 @@ def templates_check(
                                 "[templates] folder from the config) on top of the built-ins."),
 ) -> None:
     """Render every message x locale x branch and report every problem with file and line."""
-    settings = common.settings()
-    result = check_templates(settings, now=datetime.now(UTC), folder=folder,
-                             campaign=_campaign())
+    app = common.app()
+    result = check_templates(app.settings, now=datetime.now(UTC), folder=folder,
+                             campaign=app.campaign)
     if result.problems:
         raise TemplateError(f"{len(result.problems)} template problem(s):",
                             problems=result.problems)

@@ -7,7 +7,7 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
-from comms.errors import CommsError, DatabaseError
+from comms.errors import DatabaseError, OutputError
 from comms.store.db import Database
 
 
@@ -26,7 +26,7 @@ def backup_database(db: Database, target: Path, *, force: bool = False) -> Path:
         )
     target = Path(target)
     if target.exists() and not force:
-        raise CommsError(f"{target} already exists; choose another file or add --force.")
+        raise OutputError(f"{target} already exists; choose another file or add --force.")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".backup-", suffix=".db", dir=target.parent)
     os.close(fd)

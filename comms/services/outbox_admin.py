@@ -10,7 +10,7 @@ from email_validator import EmailNotValidError, validate_email
 from sqlmodel import col, select
 
 from comms import outbox
-from comms.errors import CommsError, NotFound
+from comms.errors import NotFound, RequestRefused, StateConflict
 from comms.store.db import Database
 from comms.store.models import Contact, Customer, Message, Suppression
 
@@ -25,7 +25,7 @@ def list_messages(
     db: Database, *, status: str | None = None, customer_key: str | None = None, limit: int = 200
 ) -> list[OutboxRow]:
     if status and status not in Message.STATUSES:
-        raise CommsError(f"Unknown status {status!r}. Statuses: {', '.join(Message.STATUSES)}.")
+        raise RequestRefused(f"Unknown status {status!r}. Statuses: {', '.join(Message.STATUSES)}.")
     with db.session() as s:
         q = select(Message, Customer.key).join(
             Customer, col(Customer.id) == col(Message.customer_id)
@@ -59,7 +59,7 @@ def _transition(
         if msg is None:
             raise NotFound(f"No outbox message {message_id}. See `comms outbox list`.")
         if msg.status not in allowed:
-            raise CommsError(f"Message {message_id} is {msg.status}; {hint}")
+            raise StateConflict(f"Message {message_id} is {msg.status}; {hint}")
         msg.status = to
         msg.updated_at = now
         if to == "queued":
@@ -90,7 +90,7 @@ def normalise_email(email: str) -> str:
         checked = validate_email(email, check_deliverability=False, test_environment=True)
         return checked.normalized.lower()
     except EmailNotValidError as exc:
-        raise CommsError(f"{email!r} is not a valid email address: {exc}") from None
+        raise RequestRefused(f"{email!r} is not a valid email address: {exc}") from None
 
 
 def suppress(db: Database, email: str, *, reason: str, now: datetime, by: str) -> tuple[str, int]:

@@ -25,7 +25,8 @@ from sqlmodel import col
 
 from comms.campaign import Campaign
 from comms.config import Settings
-from comms.errors import CommsError
+from comms.errors import OutputError, RequestRefused
+from comms.fileio import write_atomic
 from comms.services.status import (
     DAYS_PER_MONTH,
     DOUBLE_BILLING_STAGE,
@@ -329,16 +330,8 @@ def write_report(
     """Build the report and write it to ``out`` (UTF-8), replacing the file atomically."""
     html = build_report(db, settings, campaign, now, generated_at=generated_at, days=days)
     out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(html, encoding="utf-8")
-        tmp.replace(out)
-    except OSError as exc:
-        raise CommsError(
-            f"Cannot write the report to {out}: {exc.strerror}. Choose another --out path."
-        ) from exc
-    return out
+    # A unique temporary name per write: two runs writing the same report never collide.
+    return write_atomic(out, html, make_parents=True)
 
 
 # ----------------------------------------------------------------------------- CSV exports
@@ -390,7 +383,7 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]])
                 writer.writerow([_cell(v) for v in row])
                 count += 1
     except OSError as exc:
-        raise CommsError(f"Cannot write {path}: {exc.strerror}. Choose another file.") from exc
+        raise OutputError(f"Cannot write {path}: {exc.strerror}. Choose another file.") from exc
     return count
 
 
@@ -405,7 +398,7 @@ def export_outbox_csv(db: Database, path: str | Path, status: str | None = None)
     """Write the outbox (optionally only messages in ``status``) to a CSV file; return the
     number of messages written. Rows stream from the database (memory stays flat)."""
     if status is not None and status not in STATUSES:
-        raise CommsError(
+        raise RequestRefused(
             f"Unknown message status {status!r}; use one of: {', '.join(STATUSES)}."
         )
     q = (

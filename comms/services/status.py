@@ -39,7 +39,7 @@ from sqlmodel import Session, col
 
 from comms.campaign import Campaign
 from comms.config import Settings
-from comms.errors import CommsError
+from comms.errors import RequestRefused
 from comms.store.db import Database
 from comms.store.models import Customer, Message
 
@@ -207,7 +207,7 @@ def parse_now(text: str | None, time_zone: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
     except ValueError as exc:
-        raise CommsError(
+        raise RequestRefused(
             f"--now {text!r} is not an ISO 8601 date-time; use e.g. 2026-03-02T09:30 or "
             "2026-03-02T09:30:00+00:00."
         ) from exc
@@ -407,7 +407,7 @@ def messages_per_day(
 ) -> list[DayCount]:
     """Messages queued, sent and failed per local calendar day, oldest first, today last."""
     if days < 1:
-        raise CommsError(f"--days must be at least 1, got {days}.")
+        raise RequestRefused(f"--days must be at least 1, got {days}.")
     now = _aware(now)
     today = now.astimezone(tz).date()
     dates = [today - timedelta(days=days - 1 - i) for i in range(days)]
