@@ -50,12 +50,12 @@ from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from comms.campaign import Campaign, Reminders, SendWindow, Stage
-from comms.domain import ContactInfo, CustomerInfo, PlannedMessage, SentMessage
+from comms.domain import ContactInfo, CustomerInfo, MessageStatus, PlannedMessage, SentMessage
 from comms.errors import CampaignError
 from comms.stages import is_sendable
 from comms.timezones import zone
 
-PENDING = frozenset({"queued", "sending", "unknown"})
+PENDING = frozenset({MessageStatus.QUEUED, MessageStatus.SENDING, MessageStatus.UNKNOWN})
 ACCOUNT_MANAGER_ROLE = "account_manager"
 
 
@@ -213,16 +213,16 @@ class _Entry:
 
 
 def _index(history: Iterable[SentMessage]) -> dict[tuple[str, int], _Entry]:
-    rank = {"sent": 3, "pending": 2, "failed": 1}
+    rank = {MessageStatus.SENT: 3, "pending": 2, MessageStatus.FAILED: 1}
     out: dict[tuple[str, int], _Entry] = {}
     for h in history:
-        if h.status == "withdrawn":
+        if h.status == MessageStatus.WITHDRAWN:
             continue
         status = "pending" if h.status in PENDING else h.status
         if status not in rank:
             # An unknown status is treated as pending: never resend what we cannot account for.
             status = "pending"
-        when = (h.sent_at or h.planned_at) if status == "sent" else h.planned_at
+        when = (h.sent_at or h.planned_at) if status == MessageStatus.SENT else h.planned_at
         at = _utc(when, "history time")
         key = (h.message, h.sequence)
         old = out.get(key)
@@ -273,7 +273,7 @@ def plan(
             # The following reminder counts from the moment this goes out, which is >= now.
             base = None
             follow_up = _first_reminder_after(stage, now)
-        elif entry.status == "sent":
+        elif entry.status == MessageStatus.SENT:
             # Sent during an earlier visit of this stage: count reminders from the re-entry.
             base = max(entry.at, entered)
         elif entry.status == "pending":
@@ -364,7 +364,7 @@ def _reminder_step(
                 sent_from + _days(r.every_days),
             )
             return [], follow
-        if entry.status == "failed":
+        if entry.status == MessageStatus.FAILED:
             return [], None
         prev_sent = entry.at
     return [], None

@@ -48,10 +48,8 @@ def _print_report(report: auth_check.AccessReport) -> None:
     for box in report.mailboxes:
         typer.echo(f"  {box.address}: {box.detail}")
         if box.test is not None:
-            if box.test.outcome == "sent":
-                typer.echo(f"    test message: accepted ({box.test.status})")
-            else:
-                typer.echo(f"    test message: {box.test.outcome.value}: {box.test.message}")
+            typer.echo(f"    test message: accepted ({box.test.status})" if box.test_accepted
+                       else f"    test message: {box.test.outcome.value}: {box.test.message}")
 
 
 @auth_app.command("check")

@@ -21,9 +21,7 @@ import binascii
 import contextlib
 import hashlib
 import json
-import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -38,6 +36,7 @@ from requests.adapters import HTTPAdapter
 
 from comms.config import GraphSettings, Settings
 from comms.errors import AuthError
+from comms.fileio import write_atomic
 from comms.paths import home_dir
 
 # msal asks Microsoft's instance-discovery endpoint about any authority host it does not know;
@@ -382,23 +381,6 @@ def token_cache_path(graph: GraphSettings) -> Path:
     )
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, readable and writable by the owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)  # mkstemp already uses 0600; make it explicit whatever the umask
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 class DelegatedTokenProvider:
     """Tokens for a signed-in user: device code sign-in, refresh tokens in a 0600 cache file."""
 
@@ -433,7 +415,8 @@ class DelegatedTokenProvider:
 
     def _save(self) -> None:
         if self._cache.has_state_changed:
-            _write_private(self.cache_path, self._cache.serialize())
+            # Owner-only: the cache holds refresh tokens.
+            write_atomic(self.cache_path, self._cache.serialize(), mode=0o600, make_parents=True)
             self._cache.has_state_changed = False
 
     def login(self, show: Callable[[dict[str, Any]], None]) -> dict[str, Any]:

@@ -38,6 +38,10 @@ class MailboxCheck:
     detail: str = ""
     test: SendResult | None = None
 
+    @property
+    def test_accepted(self) -> bool:
+        return self.test is not None and self.test.outcome is Outcome.SENT
+
 
 @dataclass
 class AccessReport:

@@ -42,8 +42,6 @@ __all__ = [
     "side_action",
 ]
 
-# Entering this stage starts the double-billing clock (the CSP subscription is live).
-CSP_LIVE_STAGE = "awaiting_cancellation"
 
 
 @dataclass(frozen=True)
@@ -124,7 +122,9 @@ def select_keys(db: Database, *, where_stage: str, tag: str | None = None) -> li
         return [r.key for r in repo.find_customers(session, stage=where_stage, tag=tag)]
 
 
-def apply_stage_event(session: Session, customer: Customer, event: Event) -> int:
+def apply_stage_event(
+    session: Session, customer: Customer, event: Event, *, csp_live_stage: str
+) -> int:
     """Record a stage event and update the customer: stage, times, CSP-live clock; withdraw
     queued messages planned for other stages. Returns how many messages were withdrawn."""
     assert customer.id is not None and event.to_stage is not None
@@ -134,7 +134,8 @@ def apply_stage_event(session: Session, customer: Customer, event: Event) -> int
     # The planner looks at the customer straight away in its new stage.
     customer.next_due_at = event.at
     customer.updated_at = event.at
-    if event.to_stage == CSP_LIVE_STAGE and customer.csp_live_at is None:
+    # Entering the CSP-live stage starts the double-billing clock (once).
+    if event.to_stage == csp_live_stage and customer.csp_live_at is None:
         customer.csp_live_at = event.at
     session.add(customer)
     return outbox.withdraw_stale(session, customer.id, event.to_stage, event.at)
@@ -203,7 +204,7 @@ def set_stage(
                         force=force, source=source, lock=not dry_run)
         if not dry_run:
             for row, event in planned:
-                apply_stage_event(session, row, event)
+                apply_stage_event(session, row, event, csp_live_stage=campaign.csp_live_stage)
         return [
             StageChange(row.key, row.name, ev.from_stage or "", stage, ev.forced)
             for row, ev in planned

@@ -23,6 +23,7 @@ from comms.campaign import Campaign, load_campaign
 from comms.config import Settings, load_settings
 from comms.delivery.base import Transport
 from comms.delivery.factory import make_transport
+from comms.domain import MessageStatus
 from comms.outbox import Clock
 from comms.paths import examples_dir
 from comms.render import Renderer
@@ -211,7 +212,7 @@ def report_lines(result: DemoResult) -> list[str]:
             rows = s.exec(
                 select(Message, Customer)
                 .join(Customer, col(Customer.id) == col(Message.customer_id))
-                .where(Message.status == "sent")
+                .where(Message.status == MessageStatus.SENT)
                 .order_by(col(Customer.key), col(Message.created_at), col(Message.id))
             ).all()
     finally:

@@ -10,6 +10,7 @@ from email_validator import EmailNotValidError, validate_email
 from sqlmodel import col, select
 
 from comms import outbox
+from comms.domain import MessageStatus
 from comms.errors import NotFound, RequestRefused, StateConflict
 from comms.store.db import Database
 from comms.store.models import Contact, Customer, Message, Suppression
@@ -60,9 +61,9 @@ def _transition(
             raise NotFound(f"No outbox message {message_id}. See `comms outbox list`.")
         if msg.status not in allowed:
             raise StateConflict(f"Message {message_id} is {msg.status}; {hint}")
-        msg.status = to
+        msg.status = str(to)
         msg.updated_at = now
-        if to == "queued":
+        if to == MessageStatus.QUEUED:
             msg.send_after = now
             msg.error_code = ""
         msg.note = (msg.note + " " + note).strip()
@@ -72,12 +73,14 @@ def _transition(
 
 def retry(db: Database, message_id: int, *, now: datetime, by: str) -> Message:
     """A failed message goes back to the queue (after the cause was fixed)."""
-    return _transition(db, message_id, ("failed",), "queued", now, f"retried by {by}.",
+    return _transition(db, message_id, (MessageStatus.FAILED,), MessageStatus.QUEUED, now,
+                       f"retried by {by}.",
                        "only failed messages are retried (unknown ones: `comms outbox resolve`).")
 
 
 def withdraw(db: Database, message_id: int, *, now: datetime, by: str) -> Message:
-    return _transition(db, message_id, ("queued", "failed"), "withdrawn", now,
+    return _transition(db, message_id, (MessageStatus.QUEUED, MessageStatus.FAILED),
+                       MessageStatus.WITHDRAWN, now,
                        f"withdrawn by {by}.", "only queued or failed messages can be withdrawn.")
 
 

@@ -19,7 +19,7 @@ Definitions (docs/reporting.md explains them for users):
   ``updated_at``. "total" counts every message now in that status, whenever.
 - Reminders exhausted: the customer is still in a stage whose campaign reminders are all sent,
   i.e. the reminder message with ``sequence == reminders.max`` has status ``sent``.
-- Double-billing exposure: for each customer in ``awaiting_cancellation``,
+- Double-billing exposure: for each customer in the campaign's ``csp_live_stage``,
   ``days since csp_live_at x licences x price_per_licence_month / 30`` (the monthly price
   prorated per day over a 30-day month; days are fractional). Without ``csp_live_at`` the moment
   the customer entered the stage is used and the row is marked estimated.
@@ -39,11 +39,11 @@ from sqlmodel import Session, col
 
 from comms.campaign import Campaign
 from comms.config import Settings
+from comms.domain import MessageStatus
 from comms.errors import RequestRefused
 from comms.store.db import Database
 from comms.store.models import Customer, Message
 
-DOUBLE_BILLING_STAGE = "awaiting_cancellation"
 # Days per billing month for the exposure proration (see module docstring).
 DAYS_PER_MONTH = 30.0
 STATUSES: tuple[str, ...] = Message.STATUSES
@@ -139,6 +139,8 @@ class StatusReport:
     exhausted: list[ExhaustedCustomer]
     exposure: list[Exposure]
     daily: list[DayCount] = field(default_factory=list)
+    # The campaign's stage in which the CSP subscription is live (the exposure's stage).
+    csp_live_stage: str = "awaiting_cancellation"
 
     @property
     def exposure_total(self) -> float:
@@ -148,6 +150,7 @@ class StatusReport:
         """A JSON-ready dict (datetimes as ISO 8601 strings, dates as YYYY-MM-DD)."""
         data = _jsonable(asdict(self))
         assert isinstance(data, dict)
+        data.pop("csp_live_stage")  # configuration, not a figure
         data["exposure_total"] = self.exposure_total
         for row, item in zip(data["stuck"], self.stuck, strict=True):
             row["days_over"] = round(item.days_over, 2)
@@ -294,9 +297,10 @@ def _status_time() -> Any:
     """When a message reached its current status (see the module docstring)."""
     m = Message
     return sa.case(
-        (col(m.status) == "queued", col(m.created_at)),
-        (col(m.status) == "sent", sa.func.coalesce(col(m.sent_at), col(m.updated_at))),
-        (col(m.status) == "unknown", sa.func.coalesce(col(m.unknown_since), col(m.updated_at))),
+        (col(m.status) == MessageStatus.QUEUED, col(m.created_at)),
+        (col(m.status) == MessageStatus.SENT, sa.func.coalesce(col(m.sent_at), col(m.updated_at))),
+        (col(m.status) == MessageStatus.UNKNOWN,
+         sa.func.coalesce(col(m.unknown_since), col(m.updated_at))),
         else_=col(m.updated_at),
     )
 
@@ -352,7 +356,7 @@ def exhausted_reminders(
             sa.func.max(col(Message.sent_at)).label("last_at"),
         )
         .join(Message, col(Message.customer_id) == col(Customer.id))
-        .where(col(Message.status) == "sent", sa.or_(*conds))
+        .where(col(Message.status) == MessageStatus.SENT, sa.or_(*conds))
         .group_by(
             col(Customer.id), col(Customer.key), col(Customer.name), col(Customer.stage),
             col(Customer.stage_entered_at), col(Customer.licences),
@@ -378,16 +382,17 @@ def exhausted_reminders(
 
 
 def double_billing_exposure(
-    session: Session, now: datetime, price_per_licence_month: float
+    session: Session, now: datetime, price_per_licence_month: float,
+    stage: str = "awaiting_cancellation",
 ) -> list[Exposure]:
-    """Per customer in ``awaiting_cancellation``: days live x licences x monthly price / 30,
-    highest first (ties by key)."""
+    """Per customer in the CSP-live ``stage`` (the campaign's ``csp_live_stage``): days live x
+    licences x monthly price / 30, highest first (ties by key)."""
     now = _aware(now)
     rows = session.execute(
         sa.select(
             col(Customer.key), col(Customer.name), col(Customer.licences),
             col(Customer.csp_live_at), col(Customer.stage_entered_at),
-        ).where(col(Customer.stage) == DOUBLE_BILLING_STAGE)
+        ).where(col(Customer.stage) == stage)
     ).all()
     out: list[Exposure] = []
     for r in rows:
@@ -455,6 +460,7 @@ def compute_status(
             stuck=stuck_customers(s, campaign, now),
             messages=message_counts(s, now, tz),
             exhausted=exhausted_reminders(s, campaign, now),
-            exposure=double_billing_exposure(s, now, price),
+            exposure=double_billing_exposure(s, now, price, campaign.csp_live_stage),
             daily=messages_per_day(s, now, tz, days),
+            csp_live_stage=campaign.csp_live_stage,
         )

@@ -13,6 +13,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlmodel import Column, Field, SQLModel
 
+from comms.domain import MessageStatus
+
 
 class UTCDateTime(sa.types.TypeDecorator[datetime]):
     """Stores naive UTC, returns aware UTC; refuses naive datetimes so no local time slips in."""
@@ -125,7 +127,7 @@ class Message(SQLModel, table=True):
         sa.Index("ix_messages_status_send_after", "status", "send_after"),
     )
     STATUSES: ClassVar[tuple[str, ...]] = (
-        "queued", "sending", "sent", "failed", "unknown", "withdrawn",
+        *(s.value for s in MessageStatus),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -137,7 +139,7 @@ class Message(SQLModel, table=True):
     sequence: int = 0
     stage: str = Field(max_length=64)
     internal: bool = False
-    status: str = Field(default="queued", max_length=20)
+    status: str = Field(default=MessageStatus.QUEUED.value, max_length=20)
     to_json: str = Field(sa_column=Column(sa.Text(), nullable=False))
     cc_json: str = Field(default="[]", sa_column=Column(sa.Text(), nullable=False, default="[]"))
     reply_to: str = Field(default="", max_length=320)
