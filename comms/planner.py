@@ -304,6 +304,36 @@ def _first_reminder_after(stage: Stage, sent_at: datetime) -> datetime | None:
     return sent_at + _days(r.first_after_days)
 
 
+def _reminder(
+    customer: CustomerInfo, stage: Stage, r: Reminders, n: int,
+    seen: dict[tuple[str, int], _Entry], to: tuple[ContactInfo, ...], am: ContactInfo | None,
+) -> list[PlannedMessage]:
+    """Reminder ``n``; from ``escalate_after`` on, copied to the account manager, with the
+    internal note to them (once per reminder)."""
+    escalate = r.escalate_after is not None and n >= r.escalate_after and am is not None
+    context: dict[str, object] = {
+        "reminder_number": n,
+        "reminders_max": r.max,
+        "escalated": escalate,
+    }
+    out = [
+        PlannedMessage(
+            message=r.message, sequence=n, stage=stage.name, to=to,
+            cc=(am,) if escalate and am is not None else (),
+            reminder_number=n, context=context,
+        )
+    ]
+    if escalate and am is not None and (r.escalation_message, n) not in seen:
+        out.append(
+            PlannedMessage(
+                message=r.escalation_message, sequence=n, stage=stage.name, to=(am,),
+                internal=True, reminder_number=n,
+                context={**context, "customer_key": customer.key},
+            )
+        )
+    return out
+
+
 def _reminder_step(
     customer: CustomerInfo,
     stage: Stage,
@@ -327,27 +357,7 @@ def _reminder_step(
         if entry is None:
             if due_at > now:
                 return [], due_at
-            escalate = r.escalate_after is not None and n >= r.escalate_after and am is not None
-            context: dict[str, object] = {
-                "reminder_number": n,
-                "reminders_max": r.max,
-                "escalated": escalate,
-            }
-            out = [
-                PlannedMessage(
-                    message=r.message, sequence=n, stage=stage.name, to=to,
-                    cc=(am,) if escalate and am is not None else (),
-                    reminder_number=n, context=context,
-                )
-            ]
-            if escalate and am is not None and (r.escalation_message, n) not in seen:
-                out.append(
-                    PlannedMessage(
-                        message=r.escalation_message, sequence=n, stage=stage.name, to=(am,),
-                        internal=True, reminder_number=n,
-                        context={**context, "customer_key": customer.key},
-                    )
-                )
+            out = _reminder(customer, stage, r, n, seen, to, am)
             follow = None
             if n < r.max:
                 follow = max(

@@ -66,7 +66,12 @@ def _print_status(r: StatusReport) -> None:
             f"{s.expected_days:g}" if s.expected_days else "-",
         )
     console.print(funnel)
+    _print_messages(r)
+    _print_stuck(r, tz)
+    _print_exposure(r)
 
+
+def _print_messages(r: StatusReport) -> None:
     msgs = Table(title="Messages by status", title_justify="left")
     msgs.add_column("status")
     for name in ("today", "this week", "all"):
@@ -76,6 +81,8 @@ def _print_status(r: StatusReport) -> None:
                      str(r.messages.total[st]))
     console.print(msgs)
 
+
+def _print_stuck(r: StatusReport, tz: ZoneInfo) -> None:
     stuck = Table(title=f"Stuck past expected time: {len(r.stuck)}", title_justify="left")
     for name, just in (("key", "left"), ("name", "left"), ("stage", "left"),
                        ("days in stage", "right"), ("expected", "right"),
@@ -99,6 +106,8 @@ def _print_status(r: StatusReport) -> None:
     console.print(ex)
     _more(SHOW, len(r.exhausted))
 
+
+def _print_exposure(r: StatusReport) -> None:
     cur = r.currency
     console.print(
         f"[bold]Double-billing exposure: {cur} {r.exposure_total:,.2f}[/] "

@@ -4,7 +4,8 @@
 (stage, next_due_at) makes this cheap at a million customers), asks the pure planner what each is
 due, renders it and inserts outbox rows in the same transaction that moves ``next_due_at`` on.
 ``run`` is the scheduled job: one at a time per database, plan + queue + dispatch + summary.
-``prepare_send`` / ``send_prepared`` serve `comms send` for one customer or a tagged group.
+``prepare_send`` / ``queue_prepared`` / ``dispatch_ids`` serve `comms send` (through
+``comms.services.sending``) for one customer or a tagged group.
 """
 
 from __future__ import annotations

@@ -97,8 +97,10 @@ def normalise_email(email: str) -> str:
 
 
 def suppress(db: Database, email: str, *, reason: str, now: datetime, by: str) -> tuple[str, int]:
-    """Put an address on the suppression list; withdraw queued mail whose only recipients are
-    suppressed. Returns the normalised address and how many customers it is a contact of."""
+    """Put an address on the suppression list. Nothing is withdrawn here: from now on the
+    planner leaves the address out, and the dispatcher withdraws a queued message when it
+    reaches one whose every recipient is suppressed. Returns the normalised address and how many
+    customers it is a contact of."""
     address = normalise_email(email)
     with db.session(immediate=True) as s:
         existing = s.get(Suppression, address)

@@ -30,7 +30,7 @@ Definitions (docs/reporting.md explains them for users):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -41,6 +41,12 @@ from comms.campaign import Campaign
 from comms.config import Settings
 from comms.domain import MessageStatus
 from comms.errors import RequestRefused
+from comms.services.calendar import aware_utc as _aware
+from comms.services.calendar import day_bounds as day_bounds
+from comms.services.calendar import days_between as _days_between
+from comms.services.calendar import local_midnight as local_midnight
+from comms.services.calendar import parse_now as parse_now
+from comms.services.calendar import week_bounds as week_bounds
 from comms.store.db import Database
 from comms.store.models import Customer, Message
 
@@ -167,56 +173,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 2)
     return value
-
-
-# ----------------------------------------------------------------------------- time helpers
-
-
-def _aware(now: datetime) -> datetime:
-    if now.tzinfo is None:
-        raise ValueError(f"naive datetime {now!r}; pass an aware one")
-    return now.astimezone(UTC)
-
-
-def local_midnight(day: date, tz: ZoneInfo) -> datetime:
-    """The instant (UTC) local ``day`` begins in ``tz``."""
-    return datetime.combine(day, time(0), tzinfo=tz).astimezone(UTC)
-
-
-def day_bounds(now: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
-    """[start, end) of the local calendar day containing ``now``, in UTC."""
-    today = now.astimezone(tz).date()
-    return local_midnight(today, tz), local_midnight(today + timedelta(days=1), tz)
-
-
-def week_bounds(now: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
-    """[start, end) of the local ISO week (Monday 00:00 to next Monday 00:00), in UTC."""
-    today = now.astimezone(tz).date()
-    monday = today - timedelta(days=today.weekday())
-    return local_midnight(monday, tz), local_midnight(monday + timedelta(days=7), tz)
-
-
-def _days_between(start: datetime, end: datetime) -> float:
-    return (end - start).total_seconds() / SECONDS_PER_DAY
-
-
-def parse_now(text: str | None, time_zone: str) -> datetime:
-    """``--now`` as an aware UTC datetime; ISO 8601, a naive value is read in ``time_zone``.
-
-    Without ``text`` this is the real clock (only the CLI calls it that way).
-    """
-    if not text:
-        return datetime.now(UTC)
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise RequestRefused(
-            f"--now {text!r} is not an ISO 8601 date-time; use e.g. 2026-03-02T09:30 or "
-            "2026-03-02T09:30:00+00:00."
-        ) from exc
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=ZoneInfo(time_zone))
-    return value.astimezone(UTC)
 
 
 def _flags(c: Any) -> tuple[str, ...]:
