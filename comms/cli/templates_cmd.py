@@ -12,7 +12,6 @@ import typer
 from comms.cli import common
 from comms.cli.common import console, new_app
 from comms.errors import RequestRefused, TemplateError
-from comms.fileio import write_atomic
 from comms.services import preview as preview_service
 from comms.services.template_check import check_templates
 
@@ -61,7 +60,7 @@ def _deliver(data: bytes, out: Path | None, open_: bool, *, prefix: str, fmt: st
     if out is None:
         typer.echo(data.decode("utf-8"), nl=False)
         return
-    write_atomic(out, data, mode=0o644)
+    preview_service.save(out, data)
     typer.echo(f"Wrote {out}")
     if open_:
         webbrowser.open(out.resolve().as_uri())

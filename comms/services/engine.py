@@ -11,7 +11,6 @@ due, renders it and inserts outbox rows in the same transaction that moves ``nex
 from __future__ import annotations
 
 import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from comms.render import Renderer
 from comms.store import repo
 from comms.store.db import Database
 from comms.store.locks import RunLock
-from comms.store.models import Customer, CustomerTag, Message, StageEvent
+from comms.store.models import Customer, CustomerTag, Message, StageEvent, new_message_row
 
 BATCH = 1000  # customers planned per write transaction
 ID_BATCH = 5000  # due customer ids read per query (a few bytes each)
@@ -132,36 +131,14 @@ def _row(
     send_before: datetime | None = None,
 ) -> dict[str, Any]:
     assert customer.id is not None
-    return {
-        "send_id": uuid.uuid4().hex,
-        "customer_id": customer.id,
-        "message": pm.message,
-        "sequence": pm.sequence,
-        "stage": pm.stage,
-        "internal": pm.internal,
-        "status": MessageStatus.QUEUED.value,
-        "to_json": outbox.addresses_json((c.email, c.name) for c in pm.to),
-        "cc_json": outbox.addresses_json((c.email, c.name) for c in pm.cc),
-        "reply_to": settings.partner.reply_to,
-        "subject": rendered.subject,
-        "html": rendered.html,
-        "text": rendered.text,
-        "locale": rendered.locale,
-        "sender": None,
-        "send_after": now,
-        "send_before": send_before,
-        "attempts": 0,
-        "last_error": "",
-        "error_code": "",
-        "lease_until": None,
-        "claimed_by": "",
-        "unknown_since": None,
-        "sent_at": None,
-        "request_id": "",
-        "note": "",
-        "created_at": now,
-        "updated_at": now,
-    }
+    return new_message_row(
+        customer_id=customer.id, message=pm.message, sequence=pm.sequence, stage=pm.stage,
+        to_json=outbox.addresses_json((c.email, c.name) for c in pm.to),
+        subject=rendered.subject, html=rendered.html, text=rendered.text, now=now,
+        internal=pm.internal,
+        cc_json=outbox.addresses_json((c.email, c.name) for c in pm.cc),
+        reply_to=settings.partner.reply_to, locale=rendered.locale, send_before=send_before,
+    )
 
 
 def _render(renderer: Renderer, customer: CustomerInfo, pm: PlannedMessage, now: datetime) -> Any:

@@ -17,6 +17,7 @@ from comms.delivery.base import Address, OutgoingEmail
 from comms.delivery.eml import build_eml
 from comms.domain import ContactInfo, CustomerInfo
 from comms.errors import NotFound
+from comms.fileio import write_atomic
 from comms.render import RenderedEmail, Renderer
 from comms.store import repo
 from comms.store.db import Database
@@ -117,6 +118,11 @@ def load_customer(db: Database, key: str) -> CustomerInfo:
     (so contacts come in the order they are mailed); ``NotFound`` suggests close keys."""
     with db.session() as session:
         return repo.customer_info(session, repo.get_customer(session, key))
+
+
+def save(path: Path, data: bytes) -> Path:
+    """Write a preview for people to open (world-readable, like a saved email), atomically."""
+    return write_atomic(path, data, mode=0o644)
 
 
 def preview_customer(
