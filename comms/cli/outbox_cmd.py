@@ -11,8 +11,12 @@ from rich.table import Table
 
 from comms.cli import common
 from comms.cli.common import console, new_app
+from comms.domain import MessageStatus
 from comms.errors import RequestRefused
 from comms.services import outbox_admin, report
+
+_STATUSES_HELP = ", ".join(s.value for s in list(MessageStatus)[:-1]) + \
+    f" or {list(MessageStatus)[-1].value}."
 
 outbox_app = new_app("Inspect and act on queued, sent, failed and unknown messages.")
 
@@ -23,7 +27,7 @@ def _when(dt: datetime | None) -> str:
 
 @outbox_app.command("list")
 def list_(
-    status: str = typer.Option(None, "--status", "-s", help="queued, sending, sent, failed, unknown or withdrawn."),
+    status: str = typer.Option(None, "--status", "-s", help=_STATUSES_HELP),
     customer: str = typer.Option(None, "--customer", help="Only this customer key."),
     limit: int = typer.Option(200, "--limit", min=1, help="Newest N rows."),
     as_json: bool = typer.Option(False, "--json", help="JSON for machines."),
