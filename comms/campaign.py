@@ -144,6 +144,9 @@ class Campaign(_Model):
     # Contact roles that receive customer messages, in order of preference; if a customer has
     # none of these roles, all its contacts receive them.
     recipients: tuple[str, ...] = ("primary", "billing")
+    # Entering this stage means the customer's CSP subscription is live: it starts the
+    # double-billing clock (``csp_live_at``) that `comms status` and the report count.
+    csp_live_stage: str = "awaiting_cancellation"
     stages: tuple[Stage, ...]
     sync: SyncRules = SyncRules()  # stage sync: which observation moves which stage
 
@@ -162,6 +165,10 @@ class Campaign(_Model):
             raise ValueError(f"stage names repeat: {names}")
         if self.initial_stage not in names:
             raise ValueError(f"initial_stage {self.initial_stage!r} is not a stage ({names})")
+        # The default names a stage of the built-in campaign; a campaign without it simply has
+        # no go-live clock. Set explicitly, it must name one of the stages.
+        if "csp_live_stage" in self.model_fields_set and self.csp_live_stage not in names:
+            raise ValueError(f"csp_live_stage {self.csp_live_stage!r} is not a stage ({names})")
         for s in self.stages:
             unknown = [n for n in s.next if n not in names]
             if unknown:
@@ -199,6 +206,23 @@ class Campaign(_Model):
 
     def has_stage(self, name: str) -> bool:
         return name in self.stage_names
+
+    def internal_messages(self) -> frozenset[str]:
+        """Notes to the account manager (escalation messages): never sent to a customer."""
+        return frozenset(
+            s.reminders.escalation_message for s in self.stages
+            if s.reminders and s.reminders.escalate_after
+        )
+
+    def stage_of(self, message: str) -> str | None:
+        """The stage whose entry, reminder or escalation sends ``message`` (None: no stage)."""
+        for s in self.stages:
+            r = s.reminders
+            if message == s.on_enter or (r is not None and message in (
+                r.message, r.escalation_message if r.escalate_after else None
+            )):
+                return s.name
+        return None
 
     def messages(self) -> list[str]:
         """Every message name the campaign can send, in stage order."""

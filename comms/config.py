@@ -19,12 +19,13 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from comms.errors import ConfigError
+from comms.errors import ConfigError, UnknownTimeZone
 from comms.paths import home_dir
+from comms.timezones import canonical, zone
 
 DEFAULT_INVITATION_URL = (
     "https://admin.microsoft.com/Adminportal/Home?invType=ResellerRelationship"
@@ -176,7 +177,7 @@ class DefaultsSettings(_Section):
     @classmethod
     def _tz(cls, v: str) -> str:
         check_time_zone(v)
-        return v
+        return canonical(v)
 
 
 class DeliverySettings(_Section):
@@ -318,9 +319,11 @@ def mask_url(url: str) -> str:
 
 
 def check_time_zone(name: str) -> ZoneInfo:
+    """The zone for ``name`` under the one policy (``comms.timezones``), as a ValueError for
+    the settings validators, which collect every problem of the file."""
     try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+        return zone(name)
+    except UnknownTimeZone as exc:
         raise ValueError(
             f"unknown time zone {name!r}; use an IANA name such as Europe/London"
         ) from exc

@@ -5,8 +5,44 @@ The store converts its SQLModel rows to these, so the core never touches a sessi
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Literal
+
+
+class MessageStatus(enum.StrEnum):
+    """Where an outbox message stands (the values are stored in the ledger: never rename)."""
+
+    QUEUED = "queued"  # frozen, waiting for its send window and a sender slot
+    SENDING = "sending"  # claimed by a dispatcher; its request may be in flight
+    SENT = "sent"  # accepted by Graph (or written to the outbox folder)
+    FAILED = "failed"  # definitely rejected; an operator retries after fixing the cause
+    UNKNOWN = "unknown"  # may have been accepted; looked up in Sent Items before any resend
+    WITHDRAWN = "withdrawn"  # will never be sent (stage moved on, opted out, by hand)
+
+
+# Statuses that mean "this decision was acted on": the message must not be queued again.
+ACTED_ON = frozenset({MessageStatus.QUEUED, MessageStatus.SENDING, MessageStatus.SENT,
+                      MessageStatus.UNKNOWN})
+
+EventKind = Literal[
+    "stage", "pause", "resume", "opt_out", "opt_in", "lost", "found", "update", "resend", "import"
+]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One audit-trail entry; the store appends it and never rewrites it."""
+
+    kind: EventKind
+    at: datetime
+    by: str
+    source: str
+    from_stage: str | None = None
+    to_stage: str | None = None
+    note: str = ""
+    forced: bool = False
 
 
 @dataclass(frozen=True)
@@ -35,7 +71,8 @@ class CustomerInfo:
     account_manager_email: str = ""
     tags: tuple[str, ...] = ()
     contacts: tuple[ContactInfo, ...] = ()
-    # When the CSP subscription went live (entered awaiting_cancellation); drives double billing.
+    # When the CSP subscription went live (entered the campaign's csp_live_stage); drives the
+    # double-billing exposure.
     csp_live_at: datetime | None = None
     id: int | None = None
 
@@ -74,7 +111,7 @@ class SentMessage:
 
     message: str
     sequence: int
-    status: str  # queued | sending | sent | failed | unknown | withdrawn
+    status: str  # a MessageStatus value
     stage: str
     planned_at: datetime
     sent_at: datetime | None = None

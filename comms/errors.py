@@ -14,11 +14,19 @@ turns any ``CommsError`` into one clear line on stderr and the exit code it carr
     ├── AuthError                   exit 2: no token could be obtained (names the setting to fix)
     ├── DeliveryError               a transport cannot be used at all (not one message's outcome)
     ├── AlreadySent                 a message was already sent; resending needs --resend --note
-    ├── UsageError                  exit 2: a bad argument or option combination (like click)
+    ├── UsageError                  exit 2: a bad argument or option value (like click)
+    ├── RequestRefused              a command asks for something that cannot be done as given
+    │                               (missing --note, both keys and --where-stage...): exit 1
+    │                               as before; issue 11 decides whether it joins exit 2
     ├── StateConflict               the ledger is not in a state that allows this (names why)
     ├── OutputError                 a file cannot be written (names the path and the fix)
     ├── UnknownTimeZone             not an IANA time zone (suggests the closest one)
-    └── RunLocked                   another `comms run` holds this database
+    └── RunLocked                   exit 3: another `comms run` holds this database
+
+Exit codes of every command: 0 done; 1 the command ran into something a user must act on (a
+message failed, no such customer, a refused move...); 2 configuration, credentials or a bad
+argument (click's own usage errors exit 2 as well); 3 another run holds the database. Product
+code raises a specific class, never ``CommsError`` itself (tests/test_errors.py checks).
 """
 
 from __future__ import annotations
@@ -86,6 +94,10 @@ class RunLocked(CommsError):
 
 class UsageError(CommsError):
     exit_code = 2
+
+
+class RequestRefused(CommsError):
+    pass
 
 
 class StateConflict(CommsError):

@@ -47,15 +47,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from functools import lru_cache
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from comms.campaign import Campaign, Reminders, SendWindow, Stage
-from comms.domain import ContactInfo, CustomerInfo, PlannedMessage, SentMessage
-from comms.errors import CommsError
+from comms.domain import ContactInfo, CustomerInfo, MessageStatus, PlannedMessage, SentMessage
+from comms.errors import CampaignError
 from comms.stages import is_sendable
+from comms.timezones import zone
 
-PENDING = frozenset({"queued", "sending", "unknown"})
+PENDING = frozenset({MessageStatus.QUEUED, MessageStatus.SENDING, MessageStatus.UNKNOWN})
 ACCOUNT_MANAGER_ROLE = "account_manager"
 
 
@@ -74,15 +74,8 @@ class Plan:
 # --- send window -----------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=256)
 def _zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise CommsError(
-            f"Unknown time zone {name!r}; give the customer an IANA time zone such as "
-            "Europe/London or America/New_York."
-        ) from exc
+    return zone(name)  # the one time-zone policy: UnknownTimeZone names the closest zones
 
 
 def _utc(at: datetime, what: str = "now") -> datetime:
@@ -153,7 +146,7 @@ def next_window_start(now: datetime, window: SendWindow, time_zone: str) -> date
         for at in _openings(day, window, zone):
             if at >= now and in_window(at, window, time_zone):
                 return at
-    raise CommsError(  # pragma: no cover - unreachable with a validated window
+    raise CampaignError(  # pragma: no cover - unreachable with a validated window
         f"The send window {window.days} {window.start}-{window.end} never opens in {time_zone}; "
         "check [window] in the campaign file."
     )
@@ -220,16 +213,16 @@ class _Entry:
 
 
 def _index(history: Iterable[SentMessage]) -> dict[tuple[str, int], _Entry]:
-    rank = {"sent": 3, "pending": 2, "failed": 1}
+    rank = {MessageStatus.SENT: 3, "pending": 2, MessageStatus.FAILED: 1}
     out: dict[tuple[str, int], _Entry] = {}
     for h in history:
-        if h.status == "withdrawn":
+        if h.status == MessageStatus.WITHDRAWN:
             continue
         status = "pending" if h.status in PENDING else h.status
         if status not in rank:
             # An unknown status is treated as pending: never resend what we cannot account for.
             status = "pending"
-        when = (h.sent_at or h.planned_at) if status == "sent" else h.planned_at
+        when = (h.sent_at or h.planned_at) if status == MessageStatus.SENT else h.planned_at
         at = _utc(when, "history time")
         key = (h.message, h.sequence)
         old = out.get(key)
@@ -280,7 +273,7 @@ def plan(
             # The following reminder counts from the moment this goes out, which is >= now.
             base = None
             follow_up = _first_reminder_after(stage, now)
-        elif entry.status == "sent":
+        elif entry.status == MessageStatus.SENT:
             # Sent during an earlier visit of this stage: count reminders from the re-entry.
             base = max(entry.at, entered)
         elif entry.status == "pending":
@@ -311,6 +304,36 @@ def _first_reminder_after(stage: Stage, sent_at: datetime) -> datetime | None:
     return sent_at + _days(r.first_after_days)
 
 
+def _reminder(
+    customer: CustomerInfo, stage: Stage, r: Reminders, n: int,
+    seen: dict[tuple[str, int], _Entry], to: tuple[ContactInfo, ...], am: ContactInfo | None,
+) -> list[PlannedMessage]:
+    """Reminder ``n``; from ``escalate_after`` on, copied to the account manager, with the
+    internal note to them (once per reminder)."""
+    escalate = r.escalate_after is not None and n >= r.escalate_after and am is not None
+    context: dict[str, object] = {
+        "reminder_number": n,
+        "reminders_max": r.max,
+        "escalated": escalate,
+    }
+    out = [
+        PlannedMessage(
+            message=r.message, sequence=n, stage=stage.name, to=to,
+            cc=(am,) if escalate and am is not None else (),
+            reminder_number=n, context=context,
+        )
+    ]
+    if escalate and am is not None and (r.escalation_message, n) not in seen:
+        out.append(
+            PlannedMessage(
+                message=r.escalation_message, sequence=n, stage=stage.name, to=(am,),
+                internal=True, reminder_number=n,
+                context={**context, "customer_key": customer.key},
+            )
+        )
+    return out
+
+
 def _reminder_step(
     customer: CustomerInfo,
     stage: Stage,
@@ -334,27 +357,7 @@ def _reminder_step(
         if entry is None:
             if due_at > now:
                 return [], due_at
-            escalate = r.escalate_after is not None and n >= r.escalate_after and am is not None
-            context: dict[str, object] = {
-                "reminder_number": n,
-                "reminders_max": r.max,
-                "escalated": escalate,
-            }
-            out = [
-                PlannedMessage(
-                    message=r.message, sequence=n, stage=stage.name, to=to,
-                    cc=(am,) if escalate and am is not None else (),
-                    reminder_number=n, context=context,
-                )
-            ]
-            if escalate and am is not None and (r.escalation_message, n) not in seen:
-                out.append(
-                    PlannedMessage(
-                        message=r.escalation_message, sequence=n, stage=stage.name, to=(am,),
-                        internal=True, reminder_number=n,
-                        context={**context, "customer_key": customer.key},
-                    )
-                )
+            out = _reminder(customer, stage, r, n, seen, to, am)
             follow = None
             if n < r.max:
                 follow = max(
@@ -371,7 +374,7 @@ def _reminder_step(
                 sent_from + _days(r.every_days),
             )
             return [], follow
-        if entry.status == "failed":
+        if entry.status == MessageStatus.FAILED:
             return [], None
         prev_sent = entry.at
     return [], None

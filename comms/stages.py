@@ -7,17 +7,16 @@ and are changed by their own events. Nothing here reads the clock or touches the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
 from comms.campaign import Campaign
-from comms.domain import CustomerInfo
+from comms.domain import CustomerInfo, Event, EventKind
 from comms.errors import StageMoveRefused
 
-EventKind = Literal[
-    "stage", "pause", "resume", "opt_out", "opt_in", "lost", "found", "update", "resend", "import"
-]
+__all__ = ["Event", "EventKind", "SideAction", "allowed_moves", "is_sendable", "move",
+           "side_event", "side_flag"]
+
 SideAction = Literal["pause", "resume", "opt_out", "opt_in", "lost", "found"]
 
 # Side action -> (flag, value it sets)
@@ -29,20 +28,6 @@ _SIDE: dict[str, tuple[str, bool]] = {
     "lost": ("lost", True),
     "found": ("lost", False),
 }
-
-
-@dataclass(frozen=True)
-class Event:
-    """One audit-trail entry; the store appends it and never rewrites it."""
-
-    kind: EventKind
-    at: datetime
-    by: str
-    source: str
-    from_stage: str | None = None
-    to_stage: str | None = None
-    note: str = ""
-    forced: bool = False
 
 
 def allowed_moves(campaign: Campaign, stage: str) -> tuple[str, ...]:

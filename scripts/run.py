@@ -2,7 +2,8 @@
 """Set everything up and run one job. Needs only Python >= 3.11.
 
     python3 scripts/run.py demo    # venv + install, then the main job on embedded defaults
-    python3 scripts/run.py test    # venv + install, then lint, types and the whole test suite
+    python3 scripts/run.py test    # venv + install, then layer contracts, lint, types, sizes and
+                                   # the whole test suite
 
 `test` runs the suite on SQLite, then again on a throwaway PostgreSQL cluster on a loopback port
 when PostgreSQL's server binaries are installed (required when CI=1 or COMMS_REQUIRE_ALL=1).
@@ -98,8 +99,11 @@ def test(args: list[str]) -> int:
     # The whole suite: plain `pytest` leaves out the `slow` marker (the full crash trials).
     if not any(a == "-m" or a.startswith("-m") for a in args):
         args = ["-m", "slow or not slow", *args]
+    # The layer contracts first (pyproject [tool.importlinter]): an upward import fails the build.
+    sh(BIN / "lint-imports")
     sh(BIN / "ruff", "check", "comms", "tests", "bench", "scripts")
     sh(BIN / "mypy", "comms")
+    sh(PY, ROOT / "scripts" / "check_sizes.py")
     env = dict(os.environ)
     env.pop("COMMS_TEST_POSTGRES_URL", None)
     print("== test suite on SQLite ==", flush=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from comms.cli import app, common
+from comms.cli import app
 from comms.store.db import Database, open_database
 
 pytest_plugins = ["sandbox_fixtures"]
@@ -42,9 +42,7 @@ def comms_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     monkeypatch.setenv("COMMS_HOME", str(home))
     monkeypatch.setenv("COMMS_ACTOR", "tester")
     monkeypatch.chdir(tmp_path)
-    common.reset()
     yield home
-    common.reset()
 
 
 _PG_TEMPLATE: str | None = None
@@ -96,7 +94,6 @@ def database_url(comms_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         url, name = _fresh_postgres_db()
         monkeypatch.setenv("COMMS_DATABASE_URL", url)
         yield url
-        common.reset()
         _drop_postgres_db(name)
     else:
         url = f"sqlite:///{comms_home / 'test.db'}"
@@ -128,9 +125,8 @@ def cli() -> object:
     runner = CliRunner()
 
     def invoke(*args: str, input: str | None = None) -> CliResult:
-        common.reset()
+        # Each invocation builds its own AppContext and closes it (database disposed) on exit.
         result = runner.invoke(app, list(args), input=input, catch_exceptions=False)
-        common.reset()
         return CliResult(result.exit_code, result.stdout, result.stderr)
 
     return invoke

@@ -120,7 +120,7 @@ def test_bad_environment_values_name_the_variable(tmp_path: Path) -> None:
         "environment variable COMMS_GRAPH_TENANTID: graph has no setting 'tenantid'",
         "environment variable COMMS_PARTNR_NAME is not a comms setting (expected "
         "COMMS_<SECTION>_<KEY>, sections: partner, graph, database, templates, defaults, "
-        "delivery, sync)",
+        "delivery, sync, tenant)",
         "environment variable COMMS_PARTNER_LICENCE_THRESHOLD: [partner] licence_threshold: "
         "Input should be a valid integer, unable to parse string as an integer (got 'lots')",
     ]

@@ -14,7 +14,7 @@ from sqlmodel import col, select
 
 from comms.campaign import load_campaign
 from comms.config import load_settings
-from comms.demo import DemoResult, run_demo, scenario
+from comms.services.demo import DemoResult, run_demo, scenario
 from comms.store.db import open_database
 from comms.store.models import Customer, Message
 
@@ -176,7 +176,7 @@ def test_everything_queued_inside_the_customers_send_window(
 
 
 def test_demo_report_shows_what_was_sent_to_whom(demo: DemoResult) -> None:
-    from comms.demo import report_lines
+    from comms.services.demo import report_lines
 
     lines = report_lines(demo)
     text = "\n".join(lines)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections import deque
 from datetime import UTC, datetime, timedelta
 
+import factories
 import pytest
 from sqlmodel import select
 
@@ -18,7 +18,7 @@ from comms.config import Settings
 from comms.delivery.base import Outcome, OutgoingEmail, SendResult
 from comms.errors import CommsError
 from comms.store.db import Database
-from comms.store.models import Customer, Message, SendSlot, Suppression
+from comms.store.models import Message, SendSlot, Suppression
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
@@ -57,30 +57,12 @@ def settings_for(**delivery: float) -> Settings:
 
 
 def add_customer(db: Database, key: str = "C1", **flags: bool) -> int:
-    with db.session() as s:
-        c = Customer(key=key, name=f"Customer {key}", stage="invited", stage_entered_at=T0,
-                     created_at=T0, updated_at=T0, licences=5, **flags)
-        s.add(c)
-        s.flush()
-        assert c.id is not None
-        return c.id
+    return factories.customer(db, key, **flags)
 
 
 def queue(db: Database, customer_id: int, message: str = "partner_invitation", seq: int = 0,
           to: str = "it@contoso.example", stage: str = "invited") -> int:
-    row = {
-        "send_id": uuid.uuid4().hex, "customer_id": customer_id, "message": message,
-        "sequence": seq, "stage": stage, "internal": False, "status": "queued",
-        "to_json": outbox.addresses_json([(to, "IT")]), "cc_json": "[]", "reply_to": "",
-        "subject": f"{message} {seq}", "html": "<p>hi</p>", "text": "hi", "locale": "en",
-        "sender": None, "send_after": T0, "attempts": 0, "last_error": "", "error_code": "",
-        "lease_until": None, "claimed_by": "", "unknown_since": None, "sent_at": None,
-        "request_id": "", "note": "", "created_at": T0, "updated_at": T0,
-    }
-    with db.session() as s:
-        ids = outbox.insert_messages(s, [row])
-        assert len(ids) == 1
-        return ids[0]
+    return factories.queued(db, customer_id, message, seq, to=to, stage=stage)
 
 
 def status_of(db: Database, mid: int) -> Message:

@@ -17,6 +17,7 @@ app = new_app(
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     config: str = typer.Option(
         None, "--config", "-c", envvar="COMMS_CONFIG", help="Config file (default: ./comms.toml)."
     ),
@@ -25,7 +26,7 @@ def _root(
     if version:
         typer.echo(__version__)
         raise typer.Exit(0)
-    common.set_config_file(config)
+    common.open_context(ctx, config)
 
 
 def _register() -> None:

@@ -1,11 +1,11 @@
-"""What every command shares: the loaded settings, the database, the console, error handling."""
+"""What every command shares: the application context, the console, error handling."""
 
 from __future__ import annotations
 
 import getpass
 import os
 import sys
-from dataclasses import dataclass
+from contextvars import ContextVar
 from typing import Any
 
 import typer
@@ -13,9 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from comms.config import Settings, load_settings
-from comms.errors import CommsError
-from comms.store.db import Database, open_database
+from comms.errors import CommsError, RequestRefused
+from comms.services.context import AppContext
 
 console = Console()
 err_console = Console(stderr=True)
@@ -40,42 +39,31 @@ def new_app(help: str, **kwargs: Any) -> typer.Typer:
     )
 
 
-@dataclass
-class State:
-    config_file: str | None = None
-    _settings: Settings | None = None
-    _db: Database | None = None
+# The context of the command running now: set by the root callback for one invocation and
+# cleared when it ends (a ContextVar, so in-process invocations never see each other's).
+_current: ContextVar[AppContext | None] = ContextVar("comms_app_context", default=None)
 
 
-_state = State()
+def open_context(ctx: typer.Context, config_file: str | None) -> AppContext:
+    """Build the invocation's ``AppContext``; it is closed when the command ends."""
+    obj = AppContext(config_file=config_file)
+    ctx.obj = obj
+    token = _current.set(obj)
+
+    def close() -> None:
+        obj.close()
+        _current.reset(token)
+
+    ctx.call_on_close(close)
+    return obj
 
 
-def set_config_file(path: str | None) -> None:
-    _state.config_file = path
-    _state._settings = None
-    _state._db = None
-
-
-def settings() -> Settings:
-    if _state._settings is None:
-        _state._settings = load_settings(_state.config_file)
-    return _state._settings
-
-
-def database() -> Database:
-    """The ledger database, upgraded to the newest schema on first use."""
-    if _state._db is None:
-        _state._db = open_database(settings().database_url())
-    return _state._db
-
-
-def reset() -> None:
-    """Forget loaded settings and database (tests call this between invocations)."""
-    if _state._db is not None:
-        _state._db.dispose()
-    _state._settings = None
-    _state._db = None
-    _state.config_file = None
+def app() -> AppContext:
+    """The context of the running command (built by the root callback, ``comms --config``)."""
+    obj = _current.get()
+    if obj is None:
+        raise RuntimeError("no comms command is running (the root callback builds the context)")
+    return obj
 
 
 def actor() -> str:
@@ -95,6 +83,6 @@ def confirm_or_abort(question: str, yes: bool) -> None:
     if yes:
         return
     if not sys.stdin.isatty():
-        raise CommsError(f"{question} Refusing to continue without a terminal; add --yes.")
+        raise RequestRefused(f"{question} Refusing to continue without a terminal; add --yes.")
     if not typer.confirm(question, default=False):
         raise typer.Exit(1)

@@ -21,7 +21,7 @@ def opt_out(
 ) -> None:
     """Never mail this address again (the planner and the dispatcher both honour it)."""
     address, customers = outbox_admin.suppress(
-        common.database(), email, reason=reason, now=datetime.now(UTC), by=common.actor()
+        common.app().database, email, reason=reason, now=datetime.now(UTC), by=common.actor()
     )
     console.print(f"{address} suppressed (a contact of {customers} customer(s)).")
 
@@ -29,7 +29,7 @@ def opt_out(
 @contacts_app.command("opt-in")
 def opt_in(email: str = typer.Argument(..., help="The address to mail again.")) -> None:
     """Remove an address from the suppression list."""
-    address = outbox_admin.unsuppress(common.database(), email)
+    address = outbox_admin.unsuppress(common.app().database, email)
     console.print(f"{address} removed from the suppression list.")
 
 
@@ -37,7 +37,7 @@ def opt_in(email: str = typer.Argument(..., help="The address to mail again.")) 
 def suppressed() -> None:
     """List suppressed addresses."""
     table = Table("email", "since", "by", "reason")
-    for row in outbox_admin.suppressions(common.database()):
+    for row in outbox_admin.suppressions(common.app().database):
         table.add_row(row.email, row.at.strftime("%Y-%m-%d"), row.by, row.reason)
     console.print(table)
 

@@ -12,31 +12,23 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from comms.campaign import Campaign, load_campaign
 from comms.cli import common
 from comms.cli.common import confirm_or_abort, console, new_app
-from comms.domain import CustomerInfo
-from comms.errors import CommsError
 from comms.services import customers as svc
-from comms.stages import SideAction
 
 customers_app = new_app("The customer ledger: import, list, show, move between stages, export.")
-
-
-def _campaign() -> Campaign:
-    return load_campaign(common.settings().campaign_file or None)
 
 
 def _when(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value else "-"
 
 
-def _flags(info: CustomerInfo) -> str:
+def _flags(info: svc.CustomerInfo) -> str:
     return ", ".join(f for f, on in (("paused", info.paused), ("opted out", info.opted_out),
                                      ("lost", info.lost)) if on)
 
 
-def _as_json(info: CustomerInfo) -> dict[str, Any]:
+def _as_json(info: svc.CustomerInfo) -> dict[str, Any]:
     data = dataclasses.asdict(info)
     data.pop("id", None)
     data["tags"] = list(info.tags)
@@ -55,9 +47,10 @@ def import_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and count; write nothing."),
 ) -> None:
     """Import or update customers from a CSV file (upsert by key, all or nothing)."""
-    r = svc.import_customers(common.database(), file, settings=common.settings(),
-                        campaign=_campaign(), now=datetime.now(UTC), by=common.actor(),
-                        skip_invalid=skip_invalid, dry_run=dry_run)
+    app = common.app()
+    r = svc.import_customers(app.database, file, settings=app.settings, campaign=app.campaign,
+                             now=datetime.now(UTC), by=common.actor(),
+                             skip_invalid=skip_invalid, dry_run=dry_run)
     verb = "would be" if dry_run else "were"
     head = f"Dry run of {file.name}, nothing written" if dry_run else f"Imported {file.name}"
     console.print(
@@ -79,7 +72,7 @@ def list_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
 ) -> None:
     """List customers with their stage, licences, flags and tags."""
-    infos = svc.list_customers(common.database(), stage=stage, tag=tag)
+    infos = svc.list_customers(common.app().database, stage=stage, tag=tag)
     if as_json:
         typer.echo(json.dumps([_as_json(i) for i in infos], indent=2, ensure_ascii=False))
         return
@@ -97,7 +90,7 @@ def show_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
 ) -> None:
     """Show a customer's details, contacts, tags and timeline (events and messages)."""
-    d = svc.show_customer(common.database(), key)
+    d = svc.show_customer(common.app().database, key)
     i = d.info
     if as_json:
         data = _as_json(i)
@@ -107,6 +100,11 @@ def show_cmd(
         ]
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
+    _print_detail(d)
+
+
+def _print_detail(d: svc.CustomerDetail) -> None:
+    i = d.info
     details = Table.grid(padding=(0, 2))
     for label, value in (
         ("key", i.key), ("name", i.name),
@@ -155,49 +153,44 @@ def set_stage_cmd(
 ) -> None:
     """Move customers to another stage: by key, or in bulk with --where-stage [--tag]."""
     *keys, stage = args
-    db = common.database()
-    if where_stage:
-        if keys:
-            raise CommsError("Give either customer keys or --where-stage, not both.")
-        keys = svc.select_keys(db, where_stage=where_stage, tag=tag)
-        if not keys:
-            which = f" with tag {tag!r}" if tag else ""
-            raise CommsError(f"No customers in stage {where_stage!r}{which}; nothing to move.")
-    elif tag:
-        raise CommsError("--tag selects customers only together with --where-stage.")
-    if not keys:
-        raise CommsError("Give the keys of the customers to move, or --where-stage.")
-    campaign, now, by = _campaign(), datetime.now(UTC), common.actor()
-    bulk = len(keys) > 1 or bool(where_stage)
-    if bulk or dry_run:
-        plan = svc.set_stage(db, campaign, keys, stage, now=now, by=by, note=note,
-                             force=force, dry_run=True)
-        table = Table("key", "name", "from", "to", "forced")
-        for p in plan:
-            table.add_row(Text(p.key), Text(p.name), p.from_stage, p.to_stage,
-                          "yes" if p.forced else "")
-        console.print(table)
+    app = common.app()
+
+    def review(plan: list[svc.StageChange]) -> None:
+        _print_moves(plan)
         if dry_run:
             console.print(f"Dry run: {len(plan)} customer(s) would move to {stage}; nothing "
                           "changed.", highlight=False, soft_wrap=True)
-            return
-        confirm_or_abort(f"Move {len(plan)} customer(s) to {stage}?", yes)
-    done = svc.set_stage(db, campaign, keys, stage, now=now, by=by, note=note, force=force)
-    if len(done) == 1:
-        c = done[0]
+        else:
+            confirm_or_abort(f"Move {len(plan)} customer(s) to {stage}?", yes)
+
+    result = svc.move_customers(app.database, app.campaign, keys, stage, where_stage=where_stage,
+                                tag=tag, now=datetime.now(UTC), by=common.actor(), note=note,
+                                force=force, dry_run=dry_run, review=review)
+    if not result.applied:
+        return
+    if len(result.changes) == 1:
+        c = result.changes[0]
         console.print(f"Moved {c.key} from {c.from_stage} to {c.to_stage}"
                       f"{' (forced)' if c.forced else ''}.", highlight=False, soft_wrap=True)
     else:
-        console.print(f"Moved {len(done)} customer(s) to {stage}.", highlight=False,
+        console.print(f"Moved {len(result.changes)} customer(s) to {stage}.", highlight=False,
                       soft_wrap=True)
 
 
-def _side(action: SideAction, done: str, already: str) -> Any:
+def _print_moves(plan: list[svc.StageChange]) -> None:
+    table = Table("key", "name", "from", "to", "forced")
+    for p in plan:
+        table.add_row(Text(p.key), Text(p.name), p.from_stage, p.to_stage,
+                      "yes" if p.forced else "")
+    console.print(table)
+
+
+def _side(action: svc.SideAction, done: str, already: str) -> Any:
     def command(
         key: str = typer.Argument(..., help="The customer's key."),
         note: str = typer.Option("", "--note", help="Why; recorded in the audit trail."),
     ) -> None:
-        changed = svc.side_action(common.database(), key, action, now=datetime.now(UTC),
+        changed = svc.side_action(common.app().database, key, action, now=datetime.now(UTC),
                                   by=common.actor(), note=note)
         console.print(Text(f"{done} {key}." if changed else f"{key} {already}; nothing changed."),
                       soft_wrap=True)
@@ -221,7 +214,7 @@ def export_cmd(
     file: Path = typer.Argument(..., help="CSV file to write (overwritten)."),
 ) -> None:
     """Export every customer in the columns import reads (round-trips unchanged)."""
-    count = svc.export_customers(common.database(), file)
+    count = svc.export_customers(common.app().database, file)
     console.print(Text(f"Exported {count} customer(s) to {file}."), soft_wrap=True)
 
 

@@ -17,7 +17,7 @@ def demo(
     """Walk the sample customers through the whole transition on a simulated clock, sending
     through the local Graph sandbox (nothing leaves this machine), and show what was sent to
     whom."""
-    from comms.demo import report_lines, run_demo
+    from comms.services.demo import report_lines, run_demo
 
     console.print(f"Demo in {workdir.resolve()} (local Graph sandbox, SQLite, simulated clock)")
     result = run_demo(workdir.resolve(), csv_path=csv, days=days,

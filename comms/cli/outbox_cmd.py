@@ -11,8 +11,12 @@ from rich.table import Table
 
 from comms.cli import common
 from comms.cli.common import console, new_app
-from comms.errors import CommsError
-from comms.services import outbox_admin
+from comms.domain import MessageStatus
+from comms.errors import RequestRefused
+from comms.services import outbox_admin, report
+
+_STATUSES_HELP = ", ".join(s.value for s in list(MessageStatus)[:-1]) + \
+    f" or {list(MessageStatus)[-1].value}."
 
 outbox_app = new_app("Inspect and act on queued, sent, failed and unknown messages.")
 
@@ -23,13 +27,13 @@ def _when(dt: datetime | None) -> str:
 
 @outbox_app.command("list")
 def list_(
-    status: str = typer.Option(None, "--status", "-s", help="queued, sending, sent, failed, unknown or withdrawn."),
+    status: str = typer.Option(None, "--status", "-s", help=_STATUSES_HELP),
     customer: str = typer.Option(None, "--customer", help="Only this customer key."),
     limit: int = typer.Option(200, "--limit", min=1, help="Newest N rows."),
     as_json: bool = typer.Option(False, "--json", help="JSON for machines."),
 ) -> None:
     """List outbox messages, newest first."""
-    rows = outbox_admin.list_messages(common.database(), status=status, customer_key=customer,
+    rows = outbox_admin.list_messages(common.app().database, status=status, customer_key=customer,
                                       limit=limit)
     if as_json:
         typer.echo(json.dumps([{
@@ -51,7 +55,7 @@ def list_(
 @outbox_app.command("show")
 def show(message_id: int = typer.Argument(..., help="Outbox id (see `comms outbox list`).")) -> None:
     """Show one message: recipients, status history fields, subject and text body."""
-    r = outbox_admin.get_message(common.database(), message_id)
+    r = outbox_admin.get_message(common.app().database, message_id)
     m = r.message
     for label, value in (
         ("id", m.id), ("send id", m.send_id), ("customer", r.customer_key),
@@ -70,14 +74,14 @@ def show(message_id: int = typer.Argument(..., help="Outbox id (see `comms outbo
 @outbox_app.command("retry")
 def retry(message_id: int = typer.Argument(..., help="Outbox id of a failed message.")) -> None:
     """Queue a failed message again (after fixing its cause)."""
-    m = outbox_admin.retry(common.database(), message_id, now=datetime.now(UTC), by=common.actor())
+    m = outbox_admin.retry(common.app().database, message_id, now=datetime.now(UTC), by=common.actor())
     console.print(f"Message {m.id} queued again; the next `comms run` sends it.")
 
 
 @outbox_app.command("withdraw")
 def withdraw(message_id: int = typer.Argument(..., help="Outbox id of a queued message.")) -> None:
     """Withdraw a queued (or failed) message so it is never sent."""
-    m = outbox_admin.withdraw(common.database(), message_id, now=datetime.now(UTC),
+    m = outbox_admin.withdraw(common.app().database, message_id, now=datetime.now(UTC),
                               by=common.actor())
     console.print(f"Message {m.id} withdrawn.")
 
@@ -90,8 +94,8 @@ def resolve(
 ) -> None:
     """Decide an unknown outcome by hand (needed when the app has no Mail.Read to check)."""
     if sent == resend:
-        raise CommsError("Say either --sent or --resend.")
-    m = outbox_admin.resolve(common.database(), message_id, sent=sent, now=datetime.now(UTC),
+        raise RequestRefused("Say either --sent or --resend.")
+    m = outbox_admin.resolve(common.app().database, message_id, sent=sent, now=datetime.now(UTC),
                              by=common.actor())
     console.print(f"Message {m.id} is now {m.status}.")
 
@@ -102,9 +106,7 @@ def export(
     status: str = typer.Option(None, "--status", "-s", help="Only this status."),
 ) -> None:
     """Export the outbox as CSV for spreadsheets."""
-    from comms.services.report import export_outbox_csv
-
-    n = export_outbox_csv(common.database(), path, status=status)
+    n = report.export_outbox_csv(common.app().database, path, status=status)
     console.print(f"Wrote {n} message(s) to {path}.")
 
 

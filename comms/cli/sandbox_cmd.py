@@ -7,12 +7,16 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from comms.cli import common
 from comms.errors import ConfigError
 from comms.paths import home_dir
+
+if TYPE_CHECKING:
+    from comms.sandbox import Sandbox
 
 
 def sandbox(
@@ -56,23 +60,38 @@ def sandbox(
     Registers the configured sender mailboxes and a demo app (client secret and certificate
     in the state dir), then prints the COMMS_* variables that point comms at it.
     """
-    from comms.sandbox import Sandbox
-    from comms.sandbox.demo_app import AUTH_KINDS, prepare_demo
+    from comms.sandbox.demo_app import AUTH_KINDS
 
     if auth not in AUTH_KINDS:
         raise ConfigError(f"--auth must be one of {', '.join(AUTH_KINDS)}, got {auth!r}.")
-    senders = [s.address for s in common.settings().senders]
-    folder = state_dir or home_dir() / "sandbox"
+    senders = [s.address for s in common.app().settings.senders]
+    sb = _start(state_dir or home_dir() / "sandbox", port, time_scale=time_scale,
+                messages_per_minute=messages_per_minute, max_concurrent=max_concurrent,
+                recipients_per_day=recipients_per_day, auto_approve_device_codes=auto_approve)
+    sb.set_faults(error_rate=error_rate, latency=latency, drop_after_accept_rate=drop_rate,
+                  throttle_rate=throttle_rate)
+    _serve(sb, senders, auth)
+    typer.echo("# comms sandbox stopped.")
+
+
+def _start(folder: Path, port: int, **options: Any) -> Sandbox:
+    from comms.sandbox import Sandbox
+
     try:
-        sb = Sandbox(folder, time_scale=time_scale, messages_per_minute=messages_per_minute,
-                     max_concurrent=max_concurrent, recipients_per_day=recipients_per_day,
-                     auto_approve_device_codes=auto_approve, port=port)
+        sb = Sandbox(folder, port=port, **options)
         sb.start()
     except OSError as exc:
         raise ConfigError(
             f"Cannot start the sandbox on 127.0.0.1:{port}: {exc.strerror or exc}. "
             "Choose another port with --port (0 picks a free one)."
         ) from exc
+    return sb
+
+
+def _serve(sb: Sandbox, senders: list[str], auth: str) -> None:
+    """Print the environment that points comms at ``sb``; serve until Ctrl-C or SIGTERM."""
+    from comms.sandbox.demo_app import prepare_demo
+
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -80,8 +99,6 @@ def sandbox(
 
     previous = signal.signal(signal.SIGTERM, _on_signal)
     try:
-        sb.set_faults(error_rate=error_rate, latency=latency, drop_after_accept_rate=drop_rate,
-                      throttle_rate=throttle_rate)
         demo = prepare_demo(sb, senders, auth=auth)
         typer.echo(f"# comms sandbox: Microsoft Graph at {sb.graph_url}, "
                    f"identity at {sb.authority}")
@@ -99,7 +116,6 @@ def sandbox(
     finally:
         signal.signal(signal.SIGTERM, previous)
         sb.stop()
-    typer.echo("# comms sandbox stopped.")
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,6 @@ import typer
 
 from comms.cli import common
 from comms.cli.common import console, new_app
-from comms.config import load_settings
 from comms.errors import ConfigError
 from comms.services import backup, setup
 
@@ -33,7 +32,7 @@ def config_show(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of TOML-like text."),
 ) -> None:
     """Print the effective configuration (file + COMMS_* environment), secrets masked."""
-    s = common.settings()
+    s = common.app().settings
     data = s.masked()
     if as_json:
         typer.echo(json.dumps(data, indent=2, default=str))
@@ -56,14 +55,7 @@ def config_show(
 @config_app.command("check")
 def config_check() -> None:
     """Validate the configuration and the campaign; report every problem at once."""
-    from comms.campaign import load_campaign
-
-    settings = load_settings(common._state.config_file)
-    problems = setup.config_problems(settings)
-    try:
-        load_campaign(settings.campaign_file or None)
-    except ConfigError as exc:
-        problems.extend(exc.problems or [exc.message])
+    settings, problems = setup.check_config(common.app().config_file)
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in {settings.source}:", problems=problems)
     console.print(f"Configuration OK ({settings.source}).")
@@ -72,7 +64,7 @@ def config_check() -> None:
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply any pending schema migrations."""
-    db = common.database()
+    db = common.app().database
     db.upgrade()
     console.print(f"Database at revision {db.current_revision()}.")
 
@@ -83,7 +75,7 @@ def db_backup(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Copy the SQLite ledger to FILE while it is in use (PostgreSQL: use pg_dump)."""
-    target = backup.backup_database(common.database(), file, force=force)
+    target = backup.backup_database(common.app().database, file, force=force)
     console.print(f"Backed up the ledger to {target}. Restore: see docs/operations.md.",
                   highlight=False, soft_wrap=True)
 

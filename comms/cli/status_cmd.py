@@ -11,7 +11,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from comms.campaign import load_campaign
 from comms.cli import common
 from comms.cli.common import console
 from comms.services.report import write_report
@@ -31,12 +30,11 @@ def status(
     days: int = typer.Option(14, "--days", min=1, help="Days of messages-per-day history."),
 ) -> None:
     """Where every customer stands: funnel, stuck customers, messages, exposure."""
-    settings = common.settings()
-    moment = parse_now(now, settings.defaults.time_zone)
-    campaign = load_campaign(settings.campaign_file or None)
-    report = compute_status(common.database(), settings, campaign, moment, days=days)
+    app = common.app()
+    moment = parse_now(now, app.settings.defaults.time_zone)
+    report = compute_status(app.database, app.settings, app.campaign, moment, days=days)
     from comms.sync.status import sync_freshness
-    freshness = sync_freshness(common.database())
+    freshness = sync_freshness(app.database)
     if as_json:
         typer.echo(json.dumps({**report.to_dict(), "sync": freshness.to_dict()}, indent=2))
         return
@@ -72,7 +70,12 @@ def _print_status(r: StatusReport) -> None:
             f"{s.expected_days:g}" if s.expected_days else "-",
         )
     console.print(funnel)
+    _print_messages(r)
+    _print_stuck(r, tz)
+    _print_exposure(r)
 
+
+def _print_messages(r: StatusReport) -> None:
     msgs = Table(title="Messages by status", title_justify="left")
     msgs.add_column("status")
     for name in ("today", "this week", "all"):
@@ -82,6 +85,8 @@ def _print_status(r: StatusReport) -> None:
                      str(r.messages.total[st]))
     console.print(msgs)
 
+
+def _print_stuck(r: StatusReport, tz: ZoneInfo) -> None:
     stuck = Table(title=f"Stuck past expected time: {len(r.stuck)}", title_justify="left")
     for name, just in (("key", "left"), ("name", "left"), ("stage", "left"),
                        ("days in stage", "right"), ("expected", "right"),
@@ -105,6 +110,8 @@ def _print_status(r: StatusReport) -> None:
     console.print(ex)
     _more(SHOW, len(r.exhausted))
 
+
+def _print_exposure(r: StatusReport) -> None:
     cur = r.currency
     console.print(
         f"[bold]Double-billing exposure: {cur} {r.exposure_total:,.2f}[/] "
@@ -135,11 +142,10 @@ def report(
     days: int = typer.Option(30, "--days", min=1, help="Days of messages-per-day history."),
 ) -> None:
     """Write one self-contained HTML report (charts, sortable customer table; no network)."""
-    settings = common.settings()
+    app = common.app()
     generated = datetime.now(UTC)
-    moment = parse_now(now, settings.defaults.time_zone) if now else generated
-    campaign = load_campaign(settings.campaign_file or None)
-    path = write_report(common.database(), settings, campaign, out, moment,
+    moment = parse_now(now, app.settings.defaults.time_zone) if now else generated
+    path = write_report(app.database, app.settings, app.campaign, out, moment,
                         generated_at=generated, days=days)
     console.print(f"Wrote {escape(str(path))} ({path.stat().st_size:,} bytes).", highlight=False,
                   soft_wrap=True)

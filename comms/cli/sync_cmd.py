@@ -26,20 +26,16 @@ def sync(
     Exit codes: 0 synced (customers that cannot be verified are listed, not failures); 1 some
     customers failed to sync (try again later); 2 configuration or sign-in error.
     """
-    from comms.campaign import load_campaign
-    from comms.cli.send_cmd import _parse_now
-    from comms.outbox import Clock
     from comms.sync.service import run_sync
 
-    settings = common.settings()
-    campaign = load_campaign(settings.campaign_file or None)
+    app = common.app()
     interactive = common.is_tty() and not as_json
     progress = Progress(TextColumn("syncing"), BarColumn(), MofNCompleteColumn(),
                         console=console, disable=not interactive)
     task = progress.add_task("sync", total=None)
     with progress:
         report = run_sync(
-            common.database(), settings, campaign, now=Clock(_parse_now(now)).now(),
+            app.database, app.settings, app.campaign, now=app.simulate(now).now(),
             keys=customer or None, tag=tag, source=source, dry_run=dry_run,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )

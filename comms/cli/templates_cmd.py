@@ -9,18 +9,13 @@ from pathlib import Path
 
 import typer
 
-from comms.campaign import Campaign, load_campaign
 from comms.cli import common
 from comms.cli.common import console, new_app
-from comms.errors import CommsError, TemplateError
+from comms.errors import RequestRefused, TemplateError
 from comms.services import preview as preview_service
 from comms.services.template_check import check_templates
 
 templates_app = new_app("Check and preview the email templates.")
-
-
-def _campaign() -> Campaign:
-    return load_campaign(common.settings().campaign_file or None)
 
 
 def preview(
@@ -38,38 +33,41 @@ def preview(
 
     The text part is sent only by the .eml outbox transport: through Graph, Exchange makes the
     plain text from the HTML (docs/templates.md)."""
-    settings = common.settings()
-    now = datetime.now(UTC)
+    app, now = common.app(), datetime.now(UTC)
     if all_:
         if out is None:
-            raise CommsError("--all needs --out DIR (the folder to write the previews to).")
-        files = preview_service.preview_all(settings, out, now=now, campaign=_campaign())
+            raise RequestRefused("--all needs --out DIR (the folder to write the previews to).")
+        files = preview_service.preview_all(app.settings, out, now=now, campaign=app.campaign)
         typer.echo(f"Wrote {len(files)} previews and {out / 'index.html'}")
         if open_:
             webbrowser.open((out / "index.html").resolve().as_uri())
         return
     if not key or not message:
-        raise CommsError("Give a customer KEY and --message NAME (or --all --out DIR).")
+        raise RequestRefused("Give a customer KEY and --message NAME (or --all --out DIR).")
     if fmt not in ("html", "text", "eml"):
-        raise CommsError(f"Unknown --format {fmt!r}; use html, text or eml.")
+        raise RequestRefused(f"Unknown --format {fmt!r}; use html, text or eml.")
     if fmt == "text":
         # One line on stderr, so piped text stays the message itself.
         typer.echo("Note: Graph sends the HTML body only (Exchange writes its own text part); "
                    "this text is sent only by the .eml outbox transport.", err=True)
-    customer = preview_service.load_customer(common.database(), key)
+    customer = preview_service.load_customer(app.database, key)
     data = preview_service.preview_customer(
-        settings, customer, message, fmt=fmt,  # type: ignore[arg-type]
-        now=now, campaign=_campaign(), reminder_number=reminder,
+        app.settings, customer, message, fmt=fmt,  # type: ignore[arg-type]
+        now=now, campaign=app.campaign, reminder_number=reminder, renderer=app.renderer,
     )
+    _deliver(data, out, open_, prefix=f"comms-{key}-", fmt=fmt)
+
+
+def _deliver(data: bytes, out: Path | None, open_: bool, *, prefix: str, fmt: str) -> None:
+    """Print the preview, or write it to ``out`` (a temporary file for --open alone)."""
     if out is None and open_:
         suffix = {"html": ".html", "text": ".txt", "eml": ".eml"}[fmt]
-        with tempfile.NamedTemporaryFile(prefix=f"comms-{key}-", suffix=suffix,
-                                         delete=False) as f:
+        with tempfile.NamedTemporaryFile(prefix=prefix, suffix=suffix, delete=False) as f:
             out = Path(f.name)
     if out is None:
         typer.echo(data.decode("utf-8"), nl=False)
         return
-    out.write_bytes(data)
+    preview_service.save(out, data)
     typer.echo(f"Wrote {out}")
     if open_:
         webbrowser.open(out.resolve().as_uri())
@@ -81,9 +79,9 @@ def templates_check(
                                 "[templates] folder from the config) on top of the built-ins."),
 ) -> None:
     """Render every message x locale x branch and report every problem with file and line."""
-    settings = common.settings()
-    result = check_templates(settings, now=datetime.now(UTC), folder=folder,
-                             campaign=_campaign())
+    app = common.app()
+    result = check_templates(app.settings, now=datetime.now(UTC), folder=folder,
+                             campaign=app.campaign)
     for note in result.notes:
         console.print(f"Note: {note}", highlight=False, soft_wrap=True)
     if result.problems:

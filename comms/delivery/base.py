@@ -1,4 +1,4 @@
-"""The transport interface: one method, send one rendered message, return its outcome.
+"""The transport interface: send one rendered message and return its outcome; close.
 
 Transports never raise for one message's fate; they return a ``SendResult``. They raise
 ``DeliveryError``/``AuthError`` only when the transport cannot be used at all (bad config,
@@ -64,9 +64,15 @@ class SendResult:
 
 @runtime_checkable
 class Transport(Protocol):
-    """Sends one message. Implementations: GraphTransport, OutboxDirTransport."""
+    """Sends one message. Implementations: GraphTransport, OutboxDirTransport.
+
+    One transport object is shared by the dispatch threads: it keeps no per-call state that
+    another thread could see. ``close`` releases its connections; whoever built it closes it.
+    """
 
     def send(self, email: OutgoingEmail) -> SendResult: ...
+
+    def close(self) -> None: ...
 
 
 class LookupUnavailable(Exception):

@@ -30,7 +30,6 @@ import logging
 import math
 import threading
 import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -147,55 +146,6 @@ def _never_left(exc: requests.exceptions.ConnectionError) -> bool:
     return isinstance(reason, NewConnectionError | ConnectTimeoutError)
 
 
-@dataclass
-class MailboxCheck:
-    """What ``comms auth check`` found for one sender mailbox."""
-
-    address: str
-    exists: bool | None  # None: cannot tell (no permission to read users)
-    detail: str = ""
-    test: SendResult | None = None
-
-
-@dataclass
-class AccessReport:
-    """What ``comms auth check`` reports: who the token is for, and each sender mailbox."""
-
-    auth: str
-    tenant: str
-    app_id: str
-    app_name: str
-    user: str
-    permissions: list[str]
-    reconcile: bool = True
-    mailboxes: list[MailboxCheck] = field(default_factory=list)
-
-    @property
-    def warnings(self) -> list[str]:
-        if self.reconcile and not {"Mail.Read", "Mail.ReadWrite"} & set(self.permissions):
-            return [
-                "no Mail.Read: ambiguous sends cannot be looked up in Sent Items and wait for an "
-                "operator; grant Mail.Read on the sender mailboxes, or set [graph] reconcile = "
-                "false"
-            ]
-        return []
-
-    @property
-    def problems(self) -> list[str]:
-        out: list[str] = []
-        if not {"Mail.Send", "Mail.Send.Shared"} & set(self.permissions):
-            out.append(
-                "the token carries no Mail.Send permission: grant Mail.Send to the app "
-                "registration (application permission with admin consent for app-only auth)"
-            )
-        for m in self.mailboxes:
-            if m.exists is False:
-                out.append(f"{m.address}: {m.detail}")
-            if m.test is not None and m.test.outcome is not Outcome.SENT:
-                out.append(f"{m.address}: test message {m.test.outcome}: {m.test.message}")
-        return out
-
-
 class GraphTransport:
     """Sends through ``sendMail`` and finds sent messages in Sent Items (``Transport`` and
     ``Reconciler``). Safe to share between threads."""
@@ -212,8 +162,17 @@ class GraphTransport:
         self.session = session or make_session(settings.graph)
         self._tokens: TokenProvider | None = token_provider
         self._tokens_lock = threading.Lock()
-        # Why the last find_sent() could not tell, for the operator.
-        self.last_lookup_problem = ""
+        # Why the last find_sent() of the calling thread could not tell, for the operator:
+        # per thread, because one transport is shared by the dispatch threads.
+        self._local = threading.local()
+
+    @property
+    def last_lookup_problem(self) -> str:
+        return str(getattr(self._local, "problem", ""))
+
+    def _lookup_problem(self, text: str) -> str:
+        self._local.problem = text
+        return text
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -414,11 +373,11 @@ class GraphTransport:
         )
         query = f"$filter={quote(flt, safe='')}&$select=id&$top=1"
         url = f"{self._mailbox_path(sender)}/mailFolders/sentitems/messages?{query}"
-        self.last_lookup_problem = ""
+        self._lookup_problem("")
         try:
             response = self._authorized("GET", url)
         except requests.exceptions.RequestException as exc:
-            self.last_lookup_problem = f"Sent Items lookup failed ({type(exc).__name__}: {exc})"
+            self._lookup_problem(f"Sent Items lookup failed ({type(exc).__name__}: {exc})")
             raise LookupUnavailable(
                 self.last_lookup_problem,
                 maybe_in_flight=isinstance(exc, requests.exceptions.Timeout),
@@ -427,18 +386,18 @@ class GraphTransport:
             try:
                 found = response.json().get("value") or []
             except (ValueError, AttributeError) as exc:
-                self.last_lookup_problem = "Sent Items lookup returned a body that is not JSON"
+                self._lookup_problem("Sent Items lookup returned a body that is not JSON")
                 raise LookupUnavailable(self.last_lookup_problem) from exc
             return bool(found)
         code, text = _graph_error(response)
         if response.status_code == 403:
-            self.last_lookup_problem = (
+            self._lookup_problem(
                 f"no permission to read Sent Items of {sender} (403 {code}: {text}): grant "
                 "Mail.Read on that mailbox, or decide unknown messages by hand"
             )
             log.warning("find_sent(%s, %s): %s", sender, send_id, self.last_lookup_problem)
             return None
-        self.last_lookup_problem = (
+        self._lookup_problem(
             f"Sent Items lookup for {sender} answered {response.status_code} {code}: {text}"
         )
         retry = response.headers.get("Retry-After")
@@ -447,76 +406,29 @@ class GraphTransport:
             retry_after=parse_retry_after(retry) if retry is not None else None,
         )
 
-    # -- comms auth check --------------------------------------------------------------------
+    # -- diagnostics (used by the auth-check service) ---------------------------------------
 
-    def mailbox_exists(self, address: str) -> tuple[bool | None, str]:
-        """Whether ``address`` is a user in the tenant (``GET /users/{address}``)."""
+    def token_claims(self) -> dict[str, Any]:
+        """The claims of the current access token (who it is for, which permissions)."""
+        return dict(token_claims(self.tokens.token()))
+
+    def user_lookup(self, address: str) -> tuple[int | None, str, str]:
+        """``GET /users/{address}``: (HTTP status or None when no answer, error code, text)."""
         url = f"{self.base_url}/users/{quote(address, safe='@')}"
         try:
             response = self._authorized("GET", url)
         except requests.exceptions.RequestException as exc:
-            return None, f"cannot tell: {type(exc).__name__}"
+            return None, type(exc).__name__, str(exc)
         code, text = _graph_error(response) if response.status_code >= 300 else ("", "")
-        if response.status_code == 200:
-            return True, "exists"
-        if response.status_code == 404:
-            return False, (
-                f"does not exist in tenant {self.settings.graph.tenant_id} "
-                f"(404 {code}): check the [[senders]] address"
-            )
-        if response.status_code == 403:
-            return None, (
-                f"cannot tell (403 {code}: the app may not read users; User.Read.All would "
-                "allow it, --send-test checks the mailbox instead)"
-            )
-        return None, f"cannot tell ({response.status_code} {code}: {text})"
-
-    def check_access(self, *, send_test: bool = False) -> AccessReport:
-        """Token, permissions and sender mailboxes, for ``comms auth check``."""
-        claims = token_claims(self.tokens.token())
-        permissions = list(claims.get("roles") or []) + str(claims.get("scp") or "").split()
-        report = AccessReport(
-            auth=self.settings.graph.auth,
-            tenant=str(claims.get("tid") or self.settings.graph.tenant_id),
-            app_id=str(claims.get("appid") or claims.get("azp") or self.settings.graph.client_id),
-            app_name=str(claims.get("app_displayname") or ""),
-            user=str(claims.get("upn") or claims.get("preferred_username") or ""),
-            permissions=sorted(set(permissions)),
-            reconcile=self.settings.graph.reconcile,
-        )
-        for sender in self.settings.senders:
-            exists, detail = self.mailbox_exists(sender.address)
-            check = MailboxCheck(sender.address, exists, detail)
-            if send_test:
-                check.test = self.send(self_test_message(sender.address, sender.name))
-            report.mailboxes.append(check)
-        return report
+        return response.status_code, code, text
 
     def close(self) -> None:
         self.session.close()
 
 
-def self_test_message(address: str, name: str = "") -> OutgoingEmail:
-    """A short message from a sender mailbox to itself (``comms auth check --send-test``)."""
-    send_id = f"auth-check-{uuid.uuid4().hex}"
-    return OutgoingEmail(
-        send_id=send_id,
-        sender=address,
-        to=(Address(address, name),),
-        subject="comms auth check: test message",
-        html="<p>This mailbox can send through Microsoft Graph with comms. "
-        "You can delete this message.</p>",
-        text="This mailbox can send through Microsoft Graph with comms. "
-        "You can delete this message.",
-    )
-
-
 __all__ = [
     "DEFAULT_RETRY_AFTER",
-    "AccessReport",
     "GraphTransport",
-    "MailboxCheck",
     "message_payload",
     "parse_retry_after",
-    "self_test_message",
 ]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import tempfile
 from pathlib import Path
 
-from comms.errors import CommsError, DatabaseError
+from comms.errors import DatabaseError, OutputError
+from comms.fileio import write_atomic_stream
 from comms.store.db import Database
 
 
@@ -26,15 +26,25 @@ def backup_database(db: Database, target: Path, *, force: bool = False) -> Path:
         )
     target = Path(target)
     if target.exists() and not force:
-        raise CommsError(f"{target} already exists; choose another file or add --force.")
+        raise OutputError(f"{target} already exists; choose another file or add --force.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".backup-", suffix=".db", dir=target.parent)
-    os.close(fd)
+    # SQLite's backup API needs a database file to copy into; the finished snapshot is then
+    # streamed through the one atomic writer (fsync, owner-only mode, rename), so the target
+    # appears whole or not at all and memory stays flat whatever the ledger's size.
+    with tempfile.TemporaryDirectory(prefix=".backup-", dir=target.parent) as work:
+        snapshot = Path(work) / "snapshot.db"
+        _snapshot(db, snapshot, target)
+        with snapshot.open("rb") as fh:
+            write_atomic_stream(target, iter(lambda: fh.read(1 << 20), b""))
+    return target
+
+
+def _snapshot(db: Database, path: Path, target: Path) -> None:
     raw = db.engine.raw_connection()
     try:
         source = raw.driver_connection
         assert isinstance(source, sqlite3.Connection)
-        copy = sqlite3.connect(tmp_name)
+        copy = sqlite3.connect(path)
         try:
             source.backup(copy)
             copy.execute("PRAGMA journal_mode=DELETE")
@@ -43,10 +53,7 @@ def backup_database(db: Database, target: Path, *, force: bool = False) -> Path:
                 raise DatabaseError(f"The backup copy failed its integrity check: {problems}")
         finally:
             copy.close()
-        os.replace(tmp_name, target)
     except sqlite3.Error as exc:
         raise DatabaseError(f"Backing up the database to {target} failed: {exc}") from exc
     finally:
         raw.close()
-        Path(tmp_name).unlink(missing_ok=True)
-    return target

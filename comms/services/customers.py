@@ -7,6 +7,7 @@ in as ``now`` and ``by``. Errors are ``comms.errors`` exceptions whose message s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -14,29 +15,33 @@ from sqlmodel import Session, col, select
 
 from comms import outbox, stages
 from comms.campaign import Campaign
-from comms.domain import CustomerInfo
-from comms.errors import CommsError, StageMoveRefused
+from comms.domain import CustomerInfo, Event
+from comms.errors import NotFound, RequestRefused, StageMoveRefused
 from comms.services.importer import ImportResult, export_customers, import_customers
+from comms.stages import SideAction
 from comms.store import repo
 from comms.store.db import Database
 from comms.store.models import Customer, Message
 
 __all__ = [
+    "CustomerDetail",
+    "CustomerInfo",
     "ImportResult",
+    "SideAction",
     "StageChange",
+    "StageMoveResult",
     "TimelineEntry",
     "apply_stage_event",
     "export_customers",
     "import_customers",
     "list_customers",
+    "move_customers",
     "select_keys",
     "set_stage",
     "show_customer",
     "side_action",
 ]
 
-# Entering this stage starts the double-billing clock (the CSP subscription is live).
-CSP_LIVE_STAGE = "awaiting_cancellation"
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,9 @@ def select_keys(db: Database, *, where_stage: str, tag: str | None = None) -> li
         return [r.key for r in repo.find_customers(session, stage=where_stage, tag=tag)]
 
 
-def apply_stage_event(session: Session, customer: Customer, event: stages.Event) -> int:
+def apply_stage_event(
+    session: Session, customer: Customer, event: Event, *, csp_live_stage: str
+) -> int:
     """Record a stage event and update the customer: stage, times, CSP-live clock; withdraw
     queued messages planned for other stages. Returns how many messages were withdrawn."""
     assert customer.id is not None and event.to_stage is not None
@@ -127,7 +134,8 @@ def apply_stage_event(session: Session, customer: Customer, event: stages.Event)
     # The planner looks at the customer straight away in its new stage.
     customer.next_due_at = event.at
     customer.updated_at = event.at
-    if event.to_stage == CSP_LIVE_STAGE and customer.csp_live_at is None:
+    # Entering the CSP-live stage starts the double-billing clock (once).
+    if event.to_stage == csp_live_stage and customer.csp_live_at is None:
         customer.csp_live_at = event.at
     session.add(customer)
     return outbox.withdraw_stale(session, customer.id, event.to_stage, event.at)
@@ -145,11 +153,11 @@ def _plan(
     force: bool,
     source: str,
     lock: bool = False,
-) -> list[tuple[Customer, stages.Event]]:
+) -> list[tuple[Customer, Event]]:
     if not keys:
-        raise CommsError("No customers to move: give one or more keys, or --where-stage.")
+        raise RequestRefused("No customers to move: give one or more keys, or --where-stage.")
     rows = repo.get_customers(session, keys, lock=lock)
-    planned: list[tuple[Customer, stages.Event]] = []
+    planned: list[tuple[Customer, Event]] = []
     refused: list[str] = []
     for row, info in zip(rows, repo.customer_infos(session, rows), strict=True):
         try:
@@ -196,11 +204,57 @@ def set_stage(
                         force=force, source=source, lock=not dry_run)
         if not dry_run:
             for row, event in planned:
-                apply_stage_event(session, row, event)
+                apply_stage_event(session, row, event, csp_live_stage=campaign.csp_live_stage)
         return [
             StageChange(row.key, row.name, ev.from_stage or "", stage, ev.forced)
             for row, ev in planned
         ]
+
+
+@dataclass(frozen=True)
+class StageMoveResult:
+    changes: list[StageChange]
+    applied: bool  # False: a dry run, nothing changed
+
+
+def move_customers(
+    db: Database,
+    campaign: Campaign,
+    keys: list[str],
+    stage: str,
+    *,
+    where_stage: str | None = None,
+    tag: str | None = None,
+    now: datetime,
+    by: str,
+    note: str = "",
+    force: bool = False,
+    dry_run: bool = False,
+    review: Callable[[list[StageChange]], None] | None = None,
+) -> StageMoveResult:
+    """`comms customers set-stage`: pick the customers (by key, or every one in
+    ``where_stage`` [with ``tag``]) and move them. A bulk move or a dry run is planned first and
+    shown to ``review``, which may abort (by raising) before anything changes."""
+    if where_stage:
+        if keys:
+            raise RequestRefused("Give either customer keys or --where-stage, not both.")
+        keys = select_keys(db, where_stage=where_stage, tag=tag)
+        if not keys:
+            which = f" with tag {tag!r}" if tag else ""
+            raise NotFound(f"No customers in stage {where_stage!r}{which}; nothing to move.")
+    elif tag:
+        raise RequestRefused("--tag selects customers only together with --where-stage.")
+    if not keys:
+        raise RequestRefused("Give the keys of the customers to move, or --where-stage.")
+    if len(keys) > 1 or where_stage or dry_run:
+        plan = set_stage(db, campaign, keys, stage, now=now, by=by, note=note, force=force,
+                         dry_run=True)
+        if review is not None:
+            review(plan)
+        if dry_run:
+            return StageMoveResult(plan, applied=False)
+    done = set_stage(db, campaign, keys, stage, now=now, by=by, note=note, force=force)
+    return StageMoveResult(done, applied=True)
 
 
 def side_action(

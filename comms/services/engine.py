@@ -4,14 +4,14 @@
 (stage, next_due_at) makes this cheap at a million customers), asks the pure planner what each is
 due, renders it and inserts outbox rows in the same transaction that moves ``next_due_at`` on.
 ``run`` is the scheduled job: one at a time per database, plan + queue + dispatch + summary.
-``prepare_send`` / ``send_prepared`` serve `comms send` for one customer or a tagged group.
+``prepare_send`` / ``queue_prepared`` / ``dispatch_ids`` serve `comms send` (through
+``comms.services.sending``) for one customer or a tagged group.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,12 +25,13 @@ from comms import outbox, pacing, planner, stages
 from comms.campaign import Campaign
 from comms.config import Settings
 from comms.delivery.base import Transport
-from comms.domain import ContactInfo, CustomerInfo, PlannedMessage, SentMessage
-from comms.errors import AlreadySent, CommsError, NotFound
+from comms.domain import ACTED_ON, CustomerInfo, MessageStatus, PlannedMessage, SentMessage
+from comms.errors import AlreadySent, NotFound, RequestRefused, StateConflict
 from comms.render import Renderer
+from comms.store import repo
 from comms.store.db import Database
 from comms.store.locks import RunLock
-from comms.store.models import Contact, Customer, CustomerTag, Message, StageEvent, Suppression
+from comms.store.models import Customer, CustomerTag, Message, StageEvent, new_message_row
 
 BATCH = 1000  # customers planned per write transaction
 ID_BATCH = 5000  # due customer ids read per query (a few bytes each)
@@ -92,62 +93,7 @@ def due_batches(
                 break
 
 
-def load_customers(session: Session, ids: Sequence[int]) -> dict[int, CustomerInfo]:
-    """CustomerInfo for many customers in four Core queries (no ORM objects: this runs for
-    every due customer of a scheduled run)."""
-    if not ids:
-        return {}
-    id_list = list(ids)
-    customers = Customer.__table__  # type: ignore[attr-defined]
-    contacts_t = Contact.__table__  # type: ignore[attr-defined]
-    tags_t = CustomerTag.__table__  # type: ignore[attr-defined]
-    rows = session.execute(sa.select(customers).where(customers.c.id.in_(id_list))).all()
-    contacts: dict[int, list[Any]] = defaultdict(list)
-    for c in session.execute(
-        sa.select(contacts_t.c.customer_id, contacts_t.c.name, contacts_t.c.email,
-                  contacts_t.c.role)
-        .where(contacts_t.c.customer_id.in_(id_list))
-        .order_by(contacts_t.c.id)
-    ).all():
-        contacts[c.customer_id].append(c)
-    tags: dict[int, list[str]] = defaultdict(list)
-    for t in session.execute(
-        sa.select(tags_t.c.customer_id, tags_t.c.tag).where(tags_t.c.customer_id.in_(id_list))
-    ).all():
-        tags[t.customer_id].append(t.tag)
-    emails = sorted({c.email.lower() for cs in contacts.values() for c in cs})
-    suppressed: set[str] = set()
-    for chunk_start in range(0, len(emails), 900):
-        chunk = emails[chunk_start : chunk_start + 900]
-        suppressed.update(
-            session.exec(select(Suppression.email).where(col(Suppression.email).in_(chunk))).all()
-        )
-    out: dict[int, CustomerInfo] = {}
-    for r in rows:
-        out[r.id] = CustomerInfo(
-            id=r.id,
-            key=r.key,
-            name=r.name,
-            licences=r.licences,
-            stage=r.stage,
-            stage_entered_at=r.stage_entered_at,
-            locale=r.locale,
-            time_zone=r.time_zone,
-            tenant_id=r.tenant_id,
-            primary_domain=r.primary_domain,
-            paused=r.paused,
-            opted_out=r.opted_out,
-            lost=r.lost,
-            account_manager_name=r.account_manager_name,
-            account_manager_email=r.account_manager_email,
-            tags=tuple(sorted(tags.get(r.id, []))),
-            contacts=tuple(
-                ContactInfo(c.name, c.email, c.role, c.email.lower() in suppressed)
-                for c in contacts.get(r.id, [])
-            ),
-            csp_live_at=r.csp_live_at,
-        )
-    return out
+load_customers = repo.load_customers  # the one customer loader (see comms.store.repo)
 
 
 def load_history(session: Session, ids: Sequence[int]) -> dict[int, list[SentMessage]]:
@@ -186,36 +132,14 @@ def _row(
     send_before: datetime | None = None,
 ) -> dict[str, Any]:
     assert customer.id is not None
-    return {
-        "send_id": uuid.uuid4().hex,
-        "customer_id": customer.id,
-        "message": pm.message,
-        "sequence": pm.sequence,
-        "stage": pm.stage,
-        "internal": pm.internal,
-        "status": "queued",
-        "to_json": outbox.addresses_json((c.email, c.name) for c in pm.to),
-        "cc_json": outbox.addresses_json((c.email, c.name) for c in pm.cc),
-        "reply_to": settings.partner.reply_to,
-        "subject": rendered.subject,
-        "html": rendered.html,
-        "text": rendered.text,
-        "locale": rendered.locale,
-        "sender": None,
-        "send_after": now,
-        "send_before": send_before,
-        "attempts": 0,
-        "last_error": "",
-        "error_code": "",
-        "lease_until": None,
-        "claimed_by": "",
-        "unknown_since": None,
-        "sent_at": None,
-        "request_id": "",
-        "note": "",
-        "created_at": now,
-        "updated_at": now,
-    }
+    return new_message_row(
+        customer_id=customer.id, message=pm.message, sequence=pm.sequence, stage=pm.stage,
+        to_json=outbox.addresses_json((c.email, c.name) for c in pm.to),
+        subject=rendered.subject, html=rendered.html, text=rendered.text, now=now,
+        internal=pm.internal,
+        cc_json=outbox.addresses_json((c.email, c.name) for c in pm.cc),
+        reply_to=settings.partner.reply_to, locale=rendered.locale, send_before=send_before,
+    )
 
 
 def _render(renderer: Renderer, customer: CustomerInfo, pm: PlannedMessage, now: datetime) -> Any:
@@ -328,14 +252,14 @@ def prepare_send(
         existing = s.exec(select(Message).where(Message.customer_id == row.id)).all()
     if customer.opted_out or customer.lost:
         state = "opted out" if customer.opted_out else "marked lost"
-        raise CommsError(f"Customer {key} is {state}; nothing may be sent to it.")
+        raise StateConflict(f"Customer {key} is {state}; nothing may be sent to it.")
     if customer.paused:
-        raise CommsError(f"Customer {key} is paused; `comms customers resume {key}` first.")
+        raise StateConflict(f"Customer {key} is paused; `comms customers resume {key}` first.")
     if message is None:
         p = planner.plan(customer, history, now, campaign)
         items = list(p.due) + list(p.deferred)
         if not items:
-            raise CommsError(
+            raise StateConflict(
                 f"Nothing is due for {key} in stage {customer.stage!r} now. Name a message "
                 f"with --message (one of: {', '.join(campaign.messages())})."
             )
@@ -359,19 +283,14 @@ def _explicit(
         raise NotFound(
             f"Unknown message {message!r}. Messages: {', '.join(campaign.messages())}."
         )
-    internal = {st.reminders.escalation_message for st in campaign.stages
-                if st.reminders and st.reminders.escalate_after}
-    if message in internal:
-        raise CommsError(
+    if message in campaign.internal_messages():
+        raise RequestRefused(
             f"{message} is an internal note to the account manager; it goes out with the "
             "escalated reminders, never to a customer. Name a customer message."
         )
-    stage = customer.stage
-    for st in campaign.stages:
-        if message in (st.on_enter, st.reminders.message if st.reminders else None):
-            stage = st.name
-    same = [m for m in existing if m.message == message and m.status != "withdrawn"]
-    done = [m for m in same if m.status in ("sent", "queued", "sending", "unknown")]
+    stage = campaign.stage_of(message) or customer.stage
+    same = [m for m in existing if m.message == message and m.status != MessageStatus.WITHDRAWN]
+    done = [m for m in same if m.status in ACTED_ON]
     if done and not resend_note:
         last = done[-1]
         when = f" on {last.sent_at:%Y-%m-%d %H:%M} UTC" if last.sent_at else ""
@@ -387,7 +306,7 @@ def _explicit(
         sequence = max([m.sequence for m in same] + [-1]) + 1
     recipients = planner.recipients(customer, campaign)
     if not recipients:
-        raise CommsError(
+        raise StateConflict(
             f"Customer {customer.key} has no contact that may be mailed (none, or all "
             "suppressed). Add a contact with `comms customers import`."
         )
@@ -466,7 +385,7 @@ def run(
         summary = RunSummary(queue=queued, dispatch=outbox.DispatchReport(), dry_run=dry_run)
         if dry_run:
             with db.session() as s:
-                flt = [col(Message.status) == "queued"]
+                flt = [col(Message.status) == MessageStatus.QUEUED]
                 if tag:
                     flt.append(col(Message.customer_id).in_(
                         select(CustomerTag.customer_id).where(CustomerTag.tag == tag)))

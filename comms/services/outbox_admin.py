@@ -10,7 +10,8 @@ from email_validator import EmailNotValidError, validate_email
 from sqlmodel import col, select
 
 from comms import outbox
-from comms.errors import CommsError, NotFound
+from comms.domain import MessageStatus
+from comms.errors import NotFound, RequestRefused, StateConflict
 from comms.store.db import Database
 from comms.store.models import Contact, Customer, Message, Suppression
 
@@ -25,7 +26,7 @@ def list_messages(
     db: Database, *, status: str | None = None, customer_key: str | None = None, limit: int = 200
 ) -> list[OutboxRow]:
     if status and status not in Message.STATUSES:
-        raise CommsError(f"Unknown status {status!r}. Statuses: {', '.join(Message.STATUSES)}.")
+        raise RequestRefused(f"Unknown status {status!r}. Statuses: {', '.join(Message.STATUSES)}.")
     with db.session() as s:
         q = select(Message, Customer.key).join(
             Customer, col(Customer.id) == col(Message.customer_id)
@@ -59,10 +60,10 @@ def _transition(
         if msg is None:
             raise NotFound(f"No outbox message {message_id}. See `comms outbox list`.")
         if msg.status not in allowed:
-            raise CommsError(f"Message {message_id} is {msg.status}; {hint}")
-        msg.status = to
+            raise StateConflict(f"Message {message_id} is {msg.status}; {hint}")
+        msg.status = str(to)
         msg.updated_at = now
-        if to == "queued":
+        if to == MessageStatus.QUEUED:
             msg.send_after = now
             msg.error_code = ""
         msg.note = (msg.note + " " + note).strip()
@@ -72,12 +73,14 @@ def _transition(
 
 def retry(db: Database, message_id: int, *, now: datetime, by: str) -> Message:
     """A failed message goes back to the queue (after the cause was fixed)."""
-    return _transition(db, message_id, ("failed",), "queued", now, f"retried by {by}.",
+    return _transition(db, message_id, (MessageStatus.FAILED,), MessageStatus.QUEUED, now,
+                       f"retried by {by}.",
                        "only failed messages are retried (unknown ones: `comms outbox resolve`).")
 
 
 def withdraw(db: Database, message_id: int, *, now: datetime, by: str) -> Message:
-    return _transition(db, message_id, ("queued", "failed"), "withdrawn", now,
+    return _transition(db, message_id, (MessageStatus.QUEUED, MessageStatus.FAILED),
+                       MessageStatus.WITHDRAWN, now,
                        f"withdrawn by {by}.", "only queued or failed messages can be withdrawn.")
 
 
@@ -90,12 +93,14 @@ def normalise_email(email: str) -> str:
         checked = validate_email(email, check_deliverability=False, test_environment=True)
         return checked.normalized.lower()
     except EmailNotValidError as exc:
-        raise CommsError(f"{email!r} is not a valid email address: {exc}") from None
+        raise RequestRefused(f"{email!r} is not a valid email address: {exc}") from None
 
 
 def suppress(db: Database, email: str, *, reason: str, now: datetime, by: str) -> tuple[str, int]:
-    """Put an address on the suppression list; withdraw queued mail whose only recipients are
-    suppressed. Returns the normalised address and how many customers it is a contact of."""
+    """Put an address on the suppression list. Nothing is withdrawn here: from now on the
+    planner leaves the address out, and the dispatcher withdraws a queued message when it
+    reaches one whose every recipient is suppressed. Returns the normalised address and how many
+    customers it is a contact of."""
     address = normalise_email(email)
     with db.session(immediate=True) as s:
         existing = s.get(Suppression, address)

@@ -17,7 +17,9 @@ from comms.delivery.base import Address, OutgoingEmail
 from comms.delivery.eml import build_eml
 from comms.domain import ContactInfo, CustomerInfo
 from comms.errors import NotFound
+from comms.fileio import write_atomic
 from comms.render import RenderedEmail, Renderer
+from comms.store import repo
 from comms.store.db import Database
 
 Format = Literal["html", "text", "eml"]
@@ -76,10 +78,7 @@ class Branch:
 def reminder_messages(campaign: Campaign | None) -> dict[str, int | None]:
     """Message -> escalate_after for every reminder or escalation message of the campaign."""
     out: dict[str, int | None] = {}
-    if campaign is None:
-        return {"partner_invitation_reminder": None, "cancel_reminder": 2,
-                "account_manager_alert": 2}
-    for stage in campaign.stages:
+    for stage in (campaign or load_campaign()).stages:
         r = stage.reminders
         if r is None:
             continue
@@ -115,11 +114,15 @@ def render_sample(
 
 
 def load_customer(db: Database, key: str) -> CustomerInfo:
-    """The domain view of one ledger customer (``NotFound`` suggests close keys)."""
-    from comms.store import repo
-
+    """The domain view of one ledger customer, from the same loader planning and sending use
+    (so contacts come in the order they are mailed); ``NotFound`` suggests close keys."""
     with db.session() as session:
         return repo.customer_info(session, repo.get_customer(session, key))
+
+
+def save(path: Path, data: bytes) -> Path:
+    """Write a preview for people to open (world-readable, like a saved email), atomically."""
+    return write_atomic(path, data, mode=0o644)
 
 
 def preview_customer(
@@ -135,6 +138,7 @@ def preview_customer(
 ) -> bytes:
     """The email for one customer in the requested format, as it would be sent."""
     renderer = renderer or Renderer(settings)
+    campaign = campaign or load_campaign()
     if not renderer.has_message(message):
         raise NotFound(
             f"No message named {message!r}. Messages: {', '.join(renderer.messages())}."
@@ -143,14 +147,9 @@ def preview_customer(
     if reminder_number is None:
         reminder_number = 1 if message in reminders else 0
     esc = reminders.get(message)
-    internal = message == "account_manager_alert" or (
-        campaign is not None and any(
-            s.reminders and s.reminders.escalate_after and s.reminders.escalation_message == message
-            for s in campaign.stages
-        )
-    )
+    internal = message in campaign.internal_messages()
     # The same recipients the planner picks, so the preview is what would be sent.
-    recipients = planner.recipients(customer, campaign or load_campaign())
+    recipients = planner.recipients(customer, campaign)
     rendered = renderer.render(
         message, customer, now=now, reminder_number=reminder_number,
         recipient=None if internal else (recipients[0] if recipients else None),

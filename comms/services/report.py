@@ -9,6 +9,7 @@ page, ``markupsafe.escape`` inside the SVG).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,10 +26,11 @@ from sqlmodel import col
 
 from comms.campaign import Campaign
 from comms.config import Settings
-from comms.errors import CommsError
+from comms.domain import MessageStatus
+from comms.errors import OutputError, RequestRefused
+from comms.fileio import write_atomic, write_atomic_stream
 from comms.services.status import (
     DAYS_PER_MONTH,
-    DOUBLE_BILLING_STAGE,
     STATUSES,
     DayCount,
     Exposure,
@@ -209,7 +211,7 @@ def _customer_rows(
             sa.func.count().label("n"),
             sa.func.max(col(Message.sent_at)).label("last"),
         )
-        .where(col(Message.status) == "sent", col(Message.internal) == sa.false())
+        .where(col(Message.status) == MessageStatus.SENT, col(Message.internal) == sa.false())
         .group_by(col(Message.customer_id))
         .subquery()
     )
@@ -270,7 +272,7 @@ def render_report(
         return dt.astimezone(tz).strftime(fmt) if dt else ""
 
     completed = sum(s.customers for s in report.funnel if s.stage == "completed")
-    awaiting = sum(s.customers for s in report.funnel if s.stage == DOUBLE_BILLING_STAGE)
+    awaiting = sum(s.customers for s in report.funnel if s.stage == report.csp_live_stage)
     template = _environment().get_template("report.html.j2")
     return template.render(
         r=report,
@@ -294,7 +296,8 @@ def render_report(
         list_limit=LIST_LIMIT,
         customers=customers,
         days_per_month=int(DAYS_PER_MONTH),
-        attention=report.messages.total["failed"] + report.messages.total["unknown"],
+        attention=(report.messages.total[MessageStatus.FAILED]
+                   + report.messages.total[MessageStatus.UNKNOWN]),
     )
 
 
@@ -329,16 +332,14 @@ def write_report(
     """Build the report and write it to ``out`` (UTF-8), replacing the file atomically."""
     html = build_report(db, settings, campaign, now, generated_at=generated_at, days=days)
     out = Path(out)
+    # A unique temporary name per write: two runs writing the same report never collide.
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(html, encoding="utf-8")
-        tmp.replace(out)
-    except OSError as exc:
-        raise CommsError(
-            f"Cannot write the report to {out}: {exc.strerror}. Choose another --out path."
+        return write_atomic(out, html, make_parents=True)
+    except OutputError as exc:
+        why = exc.message.removeprefix(f"Cannot write {out}: ").rstrip(".")
+        raise OutputError(
+            f"Cannot write the report to {out}: {why}. Choose another --out path."
         ) from exc
-    return out
 
 
 # ----------------------------------------------------------------------------- CSV exports
@@ -380,17 +381,28 @@ def _addresses(raw: str) -> str:
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
     count = 0
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def lines() -> Iterator[str]:
+        nonlocal count
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
         # utf-8-sig: Excel reads non-ASCII names correctly only with the byte-order mark.
-        with path.open("w", newline="", encoding="utf-8-sig") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            for row in rows:
-                writer.writerow([_cell(v) for v in row])
-                count += 1
-    except OSError as exc:
-        raise CommsError(f"Cannot write {path}: {exc.strerror}. Choose another file.") from exc
+        buffer.write("\ufeff")
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow([_cell(v) for v in row])
+            count += 1
+            if buffer.tell() > 1 << 16:
+                yield buffer.getvalue()
+                buffer.seek(0)
+                buffer.truncate()
+        yield buffer.getvalue()
+
+    try:
+        write_atomic_stream(path, lines(), make_parents=True)
+    except OutputError as exc:
+        why = exc.message.removeprefix(f"Cannot write {path}: ").rstrip(".")
+        raise OutputError(f"Cannot write {path}: {why}. Choose another file.") from exc
     return count
 
 
@@ -405,7 +417,7 @@ def export_outbox_csv(db: Database, path: str | Path, status: str | None = None)
     """Write the outbox (optionally only messages in ``status``) to a CSV file; return the
     number of messages written. Rows stream from the database (memory stays flat)."""
     if status is not None and status not in STATUSES:
-        raise CommsError(
+        raise RequestRefused(
             f"Unknown message status {status!r}; use one of: {', '.join(STATUSES)}."
         )
     q = (

@@ -19,7 +19,7 @@ Definitions (docs/reporting.md explains them for users):
   ``updated_at``. "total" counts every message now in that status, whenever.
 - Reminders exhausted: the customer is still in a stage whose campaign reminders are all sent,
   i.e. the reminder message with ``sequence == reminders.max`` has status ``sent``.
-- Double-billing exposure: for each customer in ``awaiting_cancellation``,
+- Double-billing exposure: for each customer in the campaign's ``csp_live_stage``,
   ``days since csp_live_at x licences x price_per_licence_month / 30`` (the monthly price
   prorated per day over a 30-day month; days are fractional). Without ``csp_live_at`` the moment
   the customer entered the stage is used and the row is marked estimated.
@@ -30,7 +30,7 @@ Definitions (docs/reporting.md explains them for users):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -39,11 +39,17 @@ from sqlmodel import Session, col
 
 from comms.campaign import Campaign
 from comms.config import Settings
-from comms.errors import CommsError
+from comms.domain import MessageStatus
+from comms.errors import RequestRefused
+from comms.services.calendar import aware_utc as _aware
+from comms.services.calendar import day_bounds as day_bounds
+from comms.services.calendar import days_between as _days_between
+from comms.services.calendar import local_midnight as local_midnight
+from comms.services.calendar import parse_now as parse_now
+from comms.services.calendar import week_bounds as week_bounds
 from comms.store.db import Database
 from comms.store.models import Customer, Message
 
-DOUBLE_BILLING_STAGE = "awaiting_cancellation"
 # Days per billing month for the exposure proration (see module docstring).
 DAYS_PER_MONTH = 30.0
 STATUSES: tuple[str, ...] = Message.STATUSES
@@ -139,6 +145,8 @@ class StatusReport:
     exhausted: list[ExhaustedCustomer]
     exposure: list[Exposure]
     daily: list[DayCount] = field(default_factory=list)
+    # The campaign's stage in which the CSP subscription is live (the exposure's stage).
+    csp_live_stage: str = "awaiting_cancellation"
 
     @property
     def exposure_total(self) -> float:
@@ -148,6 +156,7 @@ class StatusReport:
         """A JSON-ready dict (datetimes as ISO 8601 strings, dates as YYYY-MM-DD)."""
         data = _jsonable(asdict(self))
         assert isinstance(data, dict)
+        data.pop("csp_live_stage")  # configuration, not a figure
         data["exposure_total"] = self.exposure_total
         for row, item in zip(data["stuck"], self.stuck, strict=True):
             row["days_over"] = round(item.days_over, 2)
@@ -164,56 +173,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 2)
     return value
-
-
-# ----------------------------------------------------------------------------- time helpers
-
-
-def _aware(now: datetime) -> datetime:
-    if now.tzinfo is None:
-        raise ValueError(f"naive datetime {now!r}; pass an aware one")
-    return now.astimezone(UTC)
-
-
-def local_midnight(day: date, tz: ZoneInfo) -> datetime:
-    """The instant (UTC) local ``day`` begins in ``tz``."""
-    return datetime.combine(day, time(0), tzinfo=tz).astimezone(UTC)
-
-
-def day_bounds(now: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
-    """[start, end) of the local calendar day containing ``now``, in UTC."""
-    today = now.astimezone(tz).date()
-    return local_midnight(today, tz), local_midnight(today + timedelta(days=1), tz)
-
-
-def week_bounds(now: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
-    """[start, end) of the local ISO week (Monday 00:00 to next Monday 00:00), in UTC."""
-    today = now.astimezone(tz).date()
-    monday = today - timedelta(days=today.weekday())
-    return local_midnight(monday, tz), local_midnight(monday + timedelta(days=7), tz)
-
-
-def _days_between(start: datetime, end: datetime) -> float:
-    return (end - start).total_seconds() / SECONDS_PER_DAY
-
-
-def parse_now(text: str | None, time_zone: str) -> datetime:
-    """``--now`` as an aware UTC datetime; ISO 8601, a naive value is read in ``time_zone``.
-
-    Without ``text`` this is the real clock (only the CLI calls it that way).
-    """
-    if not text:
-        return datetime.now(UTC)
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise CommsError(
-            f"--now {text!r} is not an ISO 8601 date-time; use e.g. 2026-03-02T09:30 or "
-            "2026-03-02T09:30:00+00:00."
-        ) from exc
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=ZoneInfo(time_zone))
-    return value.astimezone(UTC)
 
 
 def _flags(c: Any) -> tuple[str, ...]:
@@ -294,9 +253,10 @@ def _status_time() -> Any:
     """When a message reached its current status (see the module docstring)."""
     m = Message
     return sa.case(
-        (col(m.status) == "queued", col(m.created_at)),
-        (col(m.status) == "sent", sa.func.coalesce(col(m.sent_at), col(m.updated_at))),
-        (col(m.status) == "unknown", sa.func.coalesce(col(m.unknown_since), col(m.updated_at))),
+        (col(m.status) == MessageStatus.QUEUED, col(m.created_at)),
+        (col(m.status) == MessageStatus.SENT, sa.func.coalesce(col(m.sent_at), col(m.updated_at))),
+        (col(m.status) == MessageStatus.UNKNOWN,
+         sa.func.coalesce(col(m.unknown_since), col(m.updated_at))),
         else_=col(m.updated_at),
     )
 
@@ -352,7 +312,7 @@ def exhausted_reminders(
             sa.func.max(col(Message.sent_at)).label("last_at"),
         )
         .join(Message, col(Message.customer_id) == col(Customer.id))
-        .where(col(Message.status) == "sent", sa.or_(*conds))
+        .where(col(Message.status) == MessageStatus.SENT, sa.or_(*conds))
         .group_by(
             col(Customer.id), col(Customer.key), col(Customer.name), col(Customer.stage),
             col(Customer.stage_entered_at), col(Customer.licences),
@@ -378,16 +338,17 @@ def exhausted_reminders(
 
 
 def double_billing_exposure(
-    session: Session, now: datetime, price_per_licence_month: float
+    session: Session, now: datetime, price_per_licence_month: float,
+    stage: str = "awaiting_cancellation",
 ) -> list[Exposure]:
-    """Per customer in ``awaiting_cancellation``: days live x licences x monthly price / 30,
-    highest first (ties by key)."""
+    """Per customer in the CSP-live ``stage`` (the campaign's ``csp_live_stage``): days live x
+    licences x monthly price / 30, highest first (ties by key)."""
     now = _aware(now)
     rows = session.execute(
         sa.select(
             col(Customer.key), col(Customer.name), col(Customer.licences),
             col(Customer.csp_live_at), col(Customer.stage_entered_at),
-        ).where(col(Customer.stage) == DOUBLE_BILLING_STAGE)
+        ).where(col(Customer.stage) == stage)
     ).all()
     out: list[Exposure] = []
     for r in rows:
@@ -407,7 +368,7 @@ def messages_per_day(
 ) -> list[DayCount]:
     """Messages queued, sent and failed per local calendar day, oldest first, today last."""
     if days < 1:
-        raise CommsError(f"--days must be at least 1, got {days}.")
+        raise RequestRefused(f"--days must be at least 1, got {days}.")
     now = _aware(now)
     today = now.astimezone(tz).date()
     dates = [today - timedelta(days=days - 1 - i) for i in range(days)]
@@ -455,6 +416,7 @@ def compute_status(
             stuck=stuck_customers(s, campaign, now),
             messages=message_counts(s, now, tz),
             exhausted=exhausted_reminders(s, campaign, now),
-            exposure=double_billing_exposure(s, now, price),
+            exposure=double_billing_exposure(s, now, price, campaign.csp_live_stage),
             daily=messages_per_day(s, now, tz, days),
+            csp_live_stage=campaign.csp_live_stage,
         )

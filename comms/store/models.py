@@ -6,12 +6,15 @@ PostgreSQL alike.
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlmodel import Column, Field, SQLModel
+
+from comms.domain import MessageStatus
 
 
 class UTCDateTime(sa.types.TypeDecorator[datetime]):
@@ -125,7 +128,7 @@ class Message(SQLModel, table=True):
         sa.Index("ix_messages_status_send_after", "status", "send_after"),
     )
     STATUSES: ClassVar[tuple[str, ...]] = (
-        "queued", "sending", "sent", "failed", "unknown", "withdrawn",
+        *(s.value for s in MessageStatus),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -137,7 +140,7 @@ class Message(SQLModel, table=True):
     sequence: int = 0
     stage: str = Field(max_length=64)
     internal: bool = False
-    status: str = Field(default="queued", max_length=20)
+    status: str = Field(default=MessageStatus.QUEUED.value, max_length=20)
     to_json: str = Field(sa_column=Column(sa.Text(), nullable=False))
     cc_json: str = Field(default="[]", sa_column=Column(sa.Text(), nullable=False, default="[]"))
     reply_to: str = Field(default="", max_length=320)
@@ -168,6 +171,35 @@ class Message(SQLModel, table=True):
     note: str = Field(default="", sa_column=Column(sa.Text(), nullable=False, default=""))
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+# The bookkeeping columns of a freshly queued outbox row (Core inserts bypass the model's
+# defaults, so every writer of rows starts from these).
+_NEW_MESSAGE: dict[str, Any] = {
+    "internal": False, "status": MessageStatus.QUEUED.value, "cc_json": "[]", "reply_to": "",
+    "locale": "en", "sender": None, "send_before": None, "attempts": 0, "last_error": "",
+    "error_code": "", "lease_until": None, "claimed_by": "", "unknown_since": None,
+    "sent_at": None, "request_id": "", "note": "",
+}
+
+
+def new_message_row(
+    *, customer_id: int, message: str, sequence: int, stage: str, to_json: str, subject: str,
+    html: str, text: str, now: datetime, **fields: Any,
+) -> dict[str, Any]:
+    """A complete row for ``outbox.insert_messages``: a fresh send id, queued at ``now``;
+    ``fields`` override any column (cc_json, internal, send_before, note...)."""
+    row: dict[str, Any] = {
+        **_NEW_MESSAGE, "send_id": uuid.uuid4().hex, "customer_id": customer_id,
+        "message": message, "sequence": sequence, "stage": stage, "to_json": to_json,
+        "subject": subject, "html": html, "text": text, "send_after": now, "created_at": now,
+        "updated_at": now,
+    }
+    unknown = set(fields) - set(Message.model_fields)
+    if unknown:
+        raise TypeError(f"not outbox columns: {sorted(unknown)}")
+    row.update(fields)
+    return row
 
 
 class Suppression(SQLModel, table=True):

@@ -9,13 +9,13 @@ from __future__ import annotations
 import difflib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from comms.domain import ContactInfo, CustomerInfo
+from comms.domain import ContactInfo, CustomerInfo, Event
 from comms.errors import NotFound
-from comms.stages import Event
 from comms.store.models import Contact, Customer, CustomerTag, StageEvent, Suppression
 
 # Contact roles in the order they are listed and exported.
@@ -29,67 +29,78 @@ def _role_rank(role: str) -> int:
     return ROLE_ORDER.index(role) if role in ROLE_ORDER else len(ROLE_ORDER)
 
 
-def customer_infos(session: Session, rows: Sequence[Customer]) -> list[CustomerInfo]:
-    """Domain views of many customers with three queries in all (contacts, tags, suppressions)."""
-    ids = [r.id for r in rows if r.id is not None]
-    contacts: dict[int, list[Contact]] = defaultdict(list)
+# Rows per IN (...) list: within every database's parameter limit.
+_CHUNK = 5000
+
+
+def load_customers(session: Session, ids: Sequence[int]) -> dict[int, CustomerInfo]:
+    """The domain view of many customers by id: the one loader behind planning, sending,
+    preview, `customers show/list` and the account manager's note.
+
+    Core queries (no ORM objects: this runs for every due customer of a scheduled run).
+    Contacts come in role order (primary, billing, technical), then in the order they were
+    added, so every reader sees the same recipients in the same order. Suppressions are stored
+    normalised (lower case), so contacts are matched by their lower-cased address.
+    """
+    id_list = list(dict.fromkeys(ids))
+    if not id_list:
+        return {}
+    customers_t = Customer.__table__  # type: ignore[attr-defined]
+    contacts_t = Contact.__table__  # type: ignore[attr-defined]
+    tags_t = CustomerTag.__table__  # type: ignore[attr-defined]
+    rows: list[Any] = []
+    contacts: dict[int, list[Any]] = defaultdict(list)
     tags: dict[int, list[str]] = defaultdict(list)
-    suppressed: set[str] = set()
-    # Chunked so a 100,000-customer list stays within every database's parameter limit.
-    for start in range(0, len(ids), 5000):
-        chunk = ids[start : start + 5000]
-        for c in session.exec(
-            select(Contact).where(col(Contact.customer_id).in_(chunk)).order_by(col(Contact.id))
-        ):
+    for start in range(0, len(id_list), _CHUNK):
+        chunk = id_list[start : start + _CHUNK]
+        rows += session.execute(sa.select(customers_t).where(customers_t.c.id.in_(chunk))).all()
+        for c in session.execute(
+            sa.select(contacts_t.c.id, contacts_t.c.customer_id, contacts_t.c.name,
+                      contacts_t.c.email, contacts_t.c.role)
+            .where(contacts_t.c.customer_id.in_(chunk))
+        ).all():
             contacts[c.customer_id].append(c)
-        for t in session.exec(
-            select(CustomerTag).where(col(CustomerTag.customer_id).in_(chunk))
-        ):
+        for t in session.execute(
+            sa.select(tags_t.c.customer_id, tags_t.c.tag).where(tags_t.c.customer_id.in_(chunk))
+        ).all():
             tags[t.customer_id].append(t.tag)
-        emails = sorted({c.email.lower() for cid in chunk for c in contacts[cid]})
-        for e_start in range(0, len(emails), 5000):
-            suppressed.update(
-                session.exec(
-                    select(Suppression.email).where(
-                        sa.func.lower(col(Suppression.email)).in_(emails[e_start : e_start + 5000])
-                    )
-                ).all()
-            )
-    suppressed = {e.lower() for e in suppressed}
+    suppressed = _suppressed(session, {c.email.lower() for cs in contacts.values() for c in cs})
+    out: dict[int, CustomerInfo] = {}
+    for r in rows:
+        cs = sorted(contacts.get(r.id, []), key=lambda c: (_role_rank(c.role), c.id))
+        out[r.id] = CustomerInfo(
+            id=r.id, key=r.key, name=r.name, licences=r.licences, stage=r.stage,
+            stage_entered_at=r.stage_entered_at, locale=r.locale, time_zone=r.time_zone,
+            tenant_id=r.tenant_id, primary_domain=r.primary_domain, paused=r.paused,
+            opted_out=r.opted_out, lost=r.lost, account_manager_name=r.account_manager_name,
+            account_manager_email=r.account_manager_email, tags=tuple(sorted(tags[r.id])),
+            contacts=tuple(
+                ContactInfo(c.name, c.email, c.role, c.email.lower() in suppressed) for c in cs
+            ),
+            csp_live_at=r.csp_live_at,
+        )
+    return out
+
+
+def _suppressed(session: Session, emails: set[str]) -> set[str]:
+    """Which of these lower-cased addresses are on the suppression list."""
+    ordered = sorted(emails)
+    found: set[str] = set()
+    for start in range(0, len(ordered), _CHUNK):
+        found.update(session.exec(
+            select(Suppression.email).where(
+                col(Suppression.email).in_(ordered[start : start + _CHUNK]))
+        ).all())
+    return {e.lower() for e in found}
+
+
+def customer_infos(session: Session, rows: Sequence[Customer]) -> list[CustomerInfo]:
+    """Domain views of these customer rows, in their order (see ``load_customers``)."""
+    loaded = load_customers(session, [r.id for r in rows if r.id is not None])
     out: list[CustomerInfo] = []
     for row in rows:
         assert row.id is not None, "customer row must be flushed before conversion"
-        cs = sorted(contacts[row.id], key=lambda c: (_role_rank(c.role), c.id or 0))
-        out.append(
-            CustomerInfo(
-                id=row.id,
-                key=row.key,
-                name=row.name,
-                licences=row.licences,
-                stage=row.stage,
-                stage_entered_at=row.stage_entered_at,
-                locale=row.locale,
-                time_zone=row.time_zone,
-                tenant_id=row.tenant_id,
-                primary_domain=row.primary_domain,
-                paused=row.paused,
-                opted_out=row.opted_out,
-                lost=row.lost,
-                account_manager_name=row.account_manager_name,
-                account_manager_email=row.account_manager_email,
-                tags=tuple(sorted(tags[row.id])),
-                contacts=tuple(
-                    ContactInfo(
-                        name=c.name,
-                        email=c.email,
-                        role=c.role,
-                        suppressed=c.email.lower() in suppressed,
-                    )
-                    for c in cs
-                ),
-                csp_live_at=row.csp_live_at,
-            )
-        )
+        out.append(loaded[row.id])
     return out
 
 

@@ -436,7 +436,7 @@ def _apply(
             kind="stage", at=now, by=f"sync:{src}", source="sync", from_stage=from_stage,
             to_stage=to_stage, note=f"observed {observation} (evidence #{evidence.get(src, 0)})",
         )
-        apply_stage_event(session, row, event)
+        apply_stage_event(session, row, event, csp_live_stage=campaign.csp_live_stage)
         res.moved.append(f"{from_stage} -> {to_stage} ({observation})")
 
 

@@ -2,8 +2,9 @@
 on a simulated clock, showing what was sent to whom. The README's first command runs it.
 
 It is also the scenario of the end-to-end test, which checks the sandbox's record against what
-each customer's history calls for. Product code never imports this module (it starts the
-sandbox); only the `comms demo` command and the tests do.
+each customer's history calls for. It is the one service allowed to import ``comms.sandbox`` (the
+import-linter contract names this exception); no other service imports this module, only the
+`comms demo` command and the tests do.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shutil
 import sys
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +21,9 @@ from typing import Any
 
 from comms.campaign import Campaign, load_campaign
 from comms.config import Settings, load_settings
+from comms.delivery.base import Transport
 from comms.delivery.factory import make_transport
+from comms.domain import MessageStatus
 from comms.outbox import Clock
 from comms.paths import examples_dir
 from comms.render import Renderer
@@ -154,7 +158,15 @@ def _simulate(
     keys = [c.key for c in customer_service.list_customers(db)]
     steps = sorted(scenario(keys), key=lambda s: s.day)
     renderer = Renderer(settings)
-    transport = make_transport(settings)
+    with closing(make_transport(settings)) as transport:
+        _run_days(db, settings, campaign, renderer, transport, steps, result, echo, days)
+
+
+def _run_days(
+    db: Database, settings: Settings, campaign: Campaign, renderer: Renderer,
+    transport: Transport, steps: list[Step], result: DemoResult, echo: Callable[[str], None],
+    days: int,
+) -> None:
     t = START
     end = START + timedelta(days=days)
     pending = list(steps)
@@ -200,7 +212,7 @@ def report_lines(result: DemoResult) -> list[str]:
             rows = s.exec(
                 select(Message, Customer)
                 .join(Customer, col(Customer.id) == col(Message.customer_id))
-                .where(Message.status == "sent")
+                .where(Message.status == MessageStatus.SENT)
                 .order_by(col(Customer.key), col(Message.created_at), col(Message.id))
             ).all()
     finally:

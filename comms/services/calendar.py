@@ -1,0 +1,62 @@
+"""The local calendar of `comms status` and the report: day and ISO-week bounds in a time
+zone, fractional days between instants, and the ``--now`` option (a naive value is local time).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from comms.errors import RequestRefused
+
+SECONDS_PER_DAY = 86_400.0
+
+__all__ = ["aware_utc", "day_bounds", "days_between", "local_midnight", "parse_now",
+           "week_bounds"]
+
+
+def aware_utc(now: datetime) -> datetime:
+    if now.tzinfo is None:
+        raise ValueError(f"naive datetime {now!r}; pass an aware one")
+    return now.astimezone(UTC)
+
+
+def local_midnight(day: date, tz: ZoneInfo) -> datetime:
+    """The instant (UTC) local ``day`` begins in ``tz``."""
+    return datetime.combine(day, time(0), tzinfo=tz).astimezone(UTC)
+
+
+def day_bounds(now: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    """[start, end) of the local calendar day containing ``now``, in UTC."""
+    today = now.astimezone(tz).date()
+    return local_midnight(today, tz), local_midnight(today + timedelta(days=1), tz)
+
+
+def week_bounds(now: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    """[start, end) of the local ISO week (Monday 00:00 to next Monday 00:00), in UTC."""
+    today = now.astimezone(tz).date()
+    monday = today - timedelta(days=today.weekday())
+    return local_midnight(monday, tz), local_midnight(monday + timedelta(days=7), tz)
+
+
+def days_between(start: datetime, end: datetime) -> float:
+    return (end - start).total_seconds() / SECONDS_PER_DAY
+
+
+def parse_now(text: str | None, time_zone: str) -> datetime:
+    """``--now`` as an aware UTC datetime; ISO 8601, a naive value is read in ``time_zone``.
+
+    Without ``text`` this is the real clock (only the CLI calls it that way).
+    """
+    if not text:
+        return datetime.now(UTC)
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise RequestRefused(
+            f"--now {text!r} is not an ISO 8601 date-time; use e.g. 2026-03-02T09:30 or "
+            "2026-03-02T09:30:00+00:00."
+        ) from exc
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=ZoneInfo(time_zone))
+    return value.astimezone(UTC)
