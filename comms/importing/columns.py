@@ -73,9 +73,8 @@ class HeaderMap:
     # 0-based positions of blank header cells (a value under one is an error).
     blank: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-
-    def has(self, column: str) -> bool:
-        return column in self.columns
+    # How many problems there are (``problems`` lists the first ``MAX_PROBLEMS``).
+    total: int = 0
 
 
 def _unknown(i: int, raw: str, name: str, strict: bool, out: HeaderMap) -> None:
@@ -98,7 +97,7 @@ def _unknown(i: int, raw: str, name: str, strict: bool, out: HeaderMap) -> None:
 def map_header(header: Sequence[str], *, strict: bool = False) -> HeaderMap:
     """Map a header row; ``problems`` lists what makes it unusable (empty when fine)."""
     if len(header) > MAX_COLUMNS:
-        return HeaderMap([], problems=[
+        return HeaderMap([], total=1, problems=[
             f"the header row has {len(header):,} columns; the format has {len(COLUMNS)} "
             f"(files with up to {MAX_COLUMNS:,} columns are read, extra columns are ignored)"
         ])
@@ -121,6 +120,7 @@ def map_header(header: Sequence[str], *, strict: bool = False) -> HeaderMap:
             mapped = name
         out.columns.append(mapped)
     out.problems.extend(_missing(seen))
+    out.total = len(out.problems)
     out.problems = capped(out.problems)
     return out
 

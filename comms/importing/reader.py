@@ -81,10 +81,9 @@ class CustomerCsv:
         self.header = header[1]
         self.map: HeaderMap = map_header(self.header, strict=strict_columns)
         if self.map.problems:
-            count = len(self.map.problems)
             raise ImportRejected(
-                f"{path.name} was not imported: its header row has "
-                f"{'more than ' if count > 100 else ''}{min(count, 100)} problem(s). See "
+                f"{path.name} was not imported: its header row has {self.map.total:,} "
+                "problem(s). See "
                 "docs/csv-format.md for the columns.",
                 problems=self.map.problems,
             )

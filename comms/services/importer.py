@@ -78,9 +78,11 @@ class ImportResult:
         verb = "would update" if self.dry_run else "updated"
         lines: list[str] = []
         if self.ignored_columns:
+            names = ", ".join(self.ignored_columns[:_SHARED_SHOWN])
+            more = len(self.ignored_columns) - _SHARED_SHOWN
+            names += f" and {more} more" if more > 0 else ""
             lines.append(f"Ignored {len(self.ignored_columns)} column(s) that are not part of "
-                         f"the format: {', '.join(self.ignored_columns)} (--strict-columns "
-                         "refuses them).")
+                         f"the format: {names} (--strict-columns refuses them).")
         for row, key, stored in self.case_matches[:_SHARED_SHOWN]:
             lines.append(f"Row {row}: key {key} {verb} the existing customer {stored} (keys are "
                          f"compared ignoring case; the key stays {stored}).")

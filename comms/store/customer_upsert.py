@@ -131,6 +131,7 @@ class CustomerWriter:
         found: dict[str, Any] = {}
         for m in self.session.execute(
             sa.select(CUSTOMERS).where(sa.func.lower(CUSTOMERS.c.key).in_(lower_keys))
+            .order_by(CUSTOMERS.c.id)
         ).mappings():
             found.setdefault(m["key"].lower(), m)
         return found
