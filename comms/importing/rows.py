@@ -45,6 +45,7 @@ class RowValidator:
         self.duplicates = duplicates or {}
         self.email = fields.EmailChecker()
         self._row = 0
+        self._suspect = False
         self._zones: dict[str, tuple[str, str | None]] = {}
         self._checks: dict[str, Callable[[str], Any]] = {
             "key": self._key,
@@ -100,7 +101,8 @@ class RowValidator:
         out: dict[str, Any] = {}
         # One search over the whole row; cell by cell only when something is there to name.
         joined = ",".join(values.values())
-        suspect = len(joined) > fields.MAX_CELL or fields.CONTROL.search(joined) is not None
+        self._suspect = suspect = (len(joined) > fields.MAX_CELL
+                                   or fields.CONTROL.search(joined) is not None)
         for column, check in self._checks.items():
             raw = (values.get(column) or "").strip() or self._defaults.get(column, "")
             try:
@@ -134,16 +136,13 @@ class RowValidator:
               values: Mapping[str, str]) -> list[ContactRow]:
         ncol, ecol = f"{role}_contact_name", f"{role}_contact_email"
         names_raw, emails_raw = (values.get(ncol) or "").strip(), (values.get(ecol) or "").strip()
-        try:
-            fields.check_text(names_raw)
-        except FieldError as exc:
-            p.bad(ncol, names_raw if exc.shown is None else exc.shown, exc.why)
-            return []
-        try:
-            fields.check_text(emails_raw)
-        except FieldError as exc:
-            p.bad(ecol, emails_raw if exc.shown is None else exc.shown, exc.why)
-            return []
+        for column, raw in ((ncol, names_raw), (ecol, emails_raw)):
+            try:
+                if self._suspect:
+                    fields.check_text(raw)
+            except FieldError as exc:
+                p.bad(column, raw if exc.shown is None else exc.shown, exc.why)
+                return []
         emails = [e for e in fields.split(emails_raw) if e] if emails_raw else []
         names = fields.split(names_raw) if names_raw else []
         if names and not emails:
