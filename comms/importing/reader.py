@@ -8,8 +8,8 @@ second yields the records to validate and write. Memory stays flat apart from th
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Generator, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -74,7 +74,8 @@ class CustomerCsv:
                 raise not_utf8(path, exc) from exc
         # Excel writes semicolons where the decimal separator is a comma; the header decides.
         self.delimiter = ";" if first.count(";") > first.count(",") else ","
-        header = next(self._rows(with_header=True), None)
+        with closing(self._rows(with_header=True)) as rows:
+            header = next(rows, None)
         if header is None or not any(h.strip() for h in header[1]):
             raise ImportRejected(f"{path.name} is empty; its first row must be the header, "
                                  f"e.g. {','.join(COLUMNS)}")
@@ -88,7 +89,7 @@ class CustomerCsv:
                 problems=self.map.problems,
             )
 
-    def _rows(self, *, with_header: bool = False) -> Iterator[tuple[int, list[str]]]:
+    def _rows(self, *, with_header: bool = False) -> Generator[tuple[int, list[str]], None, None]:
         """(spreadsheet row number, cells) of every row; the header is row 1."""
         with _open(self.path) as handle, _field_limit(_READ_LIMIT):
             reader = csv.reader(handle, delimiter=self.delimiter, strict=True)
