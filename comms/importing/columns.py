@@ -82,12 +82,12 @@ def _unknown(i: int, raw: str, name: str, strict: bool, out: HeaderMap) -> None:
     shown = visible(raw.strip())
     if close:
         out.problems.append(
-            f"header column {i} {shown!r} is not a known column; did you mean {close[0]!r}? "
+            f"header column {i} '{shown}' is not a known column; did you mean {close[0]!r}? "
             "Rename it (a misspelt column would lose its values)"
         )
     elif strict:
         out.problems.append(
-            f"header column {i} {shown!r} is not a known column (--strict-columns); known "
+            f"header column {i} '{shown}' is not a known column (--strict-columns); known "
             f"columns: {', '.join(COLUMNS)}"
         )
     else:
