@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from comms.store import repo
-from comms.store.db import Database
+from comms.store.db import Database, alembic_config
 from comms.store.models import Customer
 
 Cli = Callable[..., Any]
@@ -86,6 +87,24 @@ def test_the_ledger_refuses_a_second_key_differing_only_in_case(db: Database) ->
     with pytest.raises(IntegrityError):
         add("cust-1")
     assert keys(db) == ["CUST-1"]
+
+
+def test_upgrading_a_ledger_that_already_has_such_keys_still_works(db: Database) -> None:
+    cfg = alembic_config(db.url)
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0002")
+    with db.engine.begin() as conn:
+        for key in ("CUST-1", "cust-1"):
+            conn.execute(sa.text(
+                "INSERT INTO customers (key, name, tenant_id, primary_domain, licences, locale, "
+                "time_zone, stage, stage_entered_at, paused, opted_out, lost, "
+                "account_manager_name, account_manager_email, created_at, updated_at) VALUES "
+                "(:k, :k, '', '', 1, 'en', 'Europe/London', 'imported', :t, false, false, false, "
+                "'', '', :t, :t)"), {"k": key, "t": datetime(2026, 3, 2)})
+    db.upgrade()  # a plain index instead of the unique one: the upgrade must not fail
+    assert db.current_revision() == db.head_revision()
+    assert keys(db) == ["CUST-1", "cust-1"]
 
 
 # ---------------------------------------------------------------- shared contact addresses
