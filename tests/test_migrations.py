@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -18,6 +19,12 @@ import comms.store.models  # noqa: F401  (registers every table on SQLModel.meta
 from comms.store.db import Database, alembic_config, open_database
 
 Cli = Callable[..., Any]
+# SQLite's reflection cannot read the expression index on lower(key) (migration 0003) and says
+# so; the index itself is checked in tests/test_import_keys.py.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Skipped unsupported reflection of expression-based index"),
+    pytest.mark.filterwarnings("ignore:autogenerate skipping metadata-specified expression-based"),
+]
 FIRST_RELEASE = "0001"
 
 
@@ -64,7 +71,11 @@ def test_upgrade_from_empty_matches_the_models(database_url: str) -> None:
         for table in SQLModel.metadata.sorted_tables:
             columns, indexes = shape(db)[table.name]
             assert [c for c, _ in columns] == sorted(c.name for c in table.columns)
-            assert {i[0] for i in indexes} >= {i.name for i in table.indexes}
+            # Expression indexes (lower(key)) are not reflected on SQLite; test_import_keys.py
+            # checks that one by what it refuses.
+            plain = {i.name for i in table.indexes
+                     if all(isinstance(e, sa.Column) for e in i.expressions)}
+            assert {i[0] for i in indexes} >= plain
     finally:
         db.dispose()
 

@@ -45,12 +45,17 @@ def import_cmd(
         help="Import the valid rows; write the invalid ones to <file>.rejects.csv.",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and count; write nothing."),
+    strict_columns: bool = typer.Option(
+        False, "--strict-columns",
+        help="Refuse the file if it has a column that is not part of the format (default: ignore it and say so).",
+    ),
 ) -> None:
     """Import or update customers from a CSV file (upsert by key, all or nothing)."""
     app = common.app()
     r = svc.import_customers(app.database, file, settings=app.settings, campaign=app.campaign,
                              now=datetime.now(UTC), by=common.actor(),
-                             skip_invalid=skip_invalid, dry_run=dry_run)
+                             skip_invalid=skip_invalid, dry_run=dry_run,
+                             strict_columns=strict_columns)
     verb = "would be" if dry_run else "were"
     head = f"Dry run of {file.name}, nothing written" if dry_run else f"Imported {file.name}"
     console.print(
@@ -59,6 +64,8 @@ def import_cmd(
     )
     for key, change in list(r.changes.items())[:20]:
         console.print(Text(f"  {key}: {change}"), soft_wrap=True)
+    for line in r.summary_lines():
+        console.print(Text(line), soft_wrap=True)
     if r.rejected:
         console.print(f"{r.rejected} invalid row(s) {verb} skipped; they are in "
                       f"{r.rejects_file} with a 'problems' column.", highlight=False,
@@ -70,8 +77,15 @@ def list_cmd(
     stage: str = typer.Option(None, "--stage", help="Only customers in this stage."),
     tag: str = typer.Option(None, "--tag", help="Only customers with this tag."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
+    shared_contacts: bool = typer.Option(
+        False, "--shared-contacts",
+        help="List instead the contact addresses that several customers share (ignoring case).",
+    ),
 ) -> None:
     """List customers with their stage, licences, flags and tags."""
+    if shared_contacts:
+        _print_shared(svc.shared_contacts(common.app().database), as_json)
+        return
     infos = svc.list_customers(common.app().database, stage=stage, tag=tag)
     if as_json:
         typer.echo(json.dumps([_as_json(i) for i in infos], indent=2, ensure_ascii=False))
@@ -82,6 +96,19 @@ def list_cmd(
                       Text(", ".join(i.tags)), str(len(i.contacts)))
     console.print(table)
     console.print(f"{len(infos)} customer(s).", highlight=False)
+
+
+def _print_shared(shared: list[svc.SharedContact], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps([{"email": s.email, "customers": [
+            {"key": k, "name": n} for k, n in s.customers]} for s in shared], indent=2,
+            ensure_ascii=False))
+        return
+    table = Table("email", "customers")
+    for s in shared:
+        table.add_row(Text(s.email), Text(", ".join(f"{k} ({n})" for k, n in s.customers)))
+    console.print(table)
+    console.print(f"{len(shared)} address(es) shared by several customers.", highlight=False)
 
 
 @customers_app.command("show")

@@ -20,6 +20,8 @@ from comms.errors import NotFound, RequestRefused, StageMoveRefused
 from comms.services.importer import ImportResult, export_customers, import_customers
 from comms.stages import SideAction
 from comms.store import repo
+from comms.store.customer_upsert import SharedContact
+from comms.store.customer_upsert import shared_contacts as _shared_contacts
 from comms.store.db import Database
 from comms.store.models import Customer, Message
 
@@ -27,6 +29,7 @@ __all__ = [
     "CustomerDetail",
     "CustomerInfo",
     "ImportResult",
+    "SharedContact",
     "SideAction",
     "StageChange",
     "StageMoveResult",
@@ -38,6 +41,7 @@ __all__ = [
     "move_customers",
     "select_keys",
     "set_stage",
+    "shared_contacts",
     "show_customer",
     "side_action",
 ]
@@ -82,6 +86,12 @@ def list_customers(
     """Customers (with contacts and tags), filtered by stage and/or tag, ordered by key."""
     with db.session() as session:
         return repo.customer_infos(session, repo.find_customers(session, stage=stage, tag=tag))
+
+
+def shared_contacts(db: Database) -> list[SharedContact]:
+    """Contact addresses (ignoring case) that several customers share, with those customers."""
+    with db.session() as session:
+        return _shared_contacts(session)
 
 
 def show_customer(db: Database, key: str) -> CustomerDetail:

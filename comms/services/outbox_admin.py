@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+import sqlalchemy as sa
 from email_validator import EmailNotValidError, validate_email
 from sqlmodel import col, select
 
@@ -107,7 +108,8 @@ def suppress(db: Database, email: str, *, reason: str, now: datetime, by: str) -
         if existing is None:
             s.add(Suppression(email=address, reason=reason, at=now, by=by))
         contacts = s.exec(
-            select(Contact.customer_id).where(col(Contact.email).ilike(address))
+            # Equality, not LIKE: "_" and "%" are ordinary characters in an address.
+            select(Contact.customer_id).where(sa.func.lower(col(Contact.email)) == address)
         ).all()
         return address, len(set(contacts))
 

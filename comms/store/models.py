@@ -49,7 +49,11 @@ def _dt(nullable: bool = False, index: bool = False) -> Any:
 
 class Customer(SQLModel, table=True):
     __tablename__ = "customers"
-    __table_args__ = (sa.Index("ix_customers_stage_next_due", "stage", "next_due_at"),)
+    __table_args__ = (
+        sa.Index("ix_customers_stage_next_due", "stage", "next_due_at"),
+        # Keys compare ignoring case (CUST-1 is cust-1); stored as given (migration 0003).
+        sa.Index("uq_customers_key_lower", sa.text("lower(key)"), unique=True),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     key: str = Field(sa_column=Column(sa.String(100), unique=True, nullable=False))
