@@ -4,14 +4,14 @@ Errors from msal, requests and SQLAlchemy are translated into these at their bou
 turns any ``CommsError`` into one clear line on stderr and the exit code it carries.
 
     CommsError                      exit 1 unless stated
-    ├── ConfigError                 exit 2: bad or missing configuration (lists every problem)
-    ├── CampaignError               exit 2: bad campaign definition
+    ├── ConfigError                 exit 3: bad or missing configuration (lists every problem)
+    ├── CampaignError               exit 3: bad campaign definition
     ├── DatabaseError               the database cannot be opened or migrated
     ├── NotFound                    no such customer / message / outbox row
     ├── StageMoveRefused            a stage move the campaign does not allow (names allowed ones)
     ├── ImportRejected              a CSV with invalid rows (lists every problem)
     ├── TemplateError               a template cannot be rendered (names file and line)
-    ├── AuthError                   exit 2: no token could be obtained (names the setting to fix)
+    ├── AuthError                   exit 3: no token could be obtained (names the setting to fix)
     ├── DeliveryError               a transport cannot be used at all (not one message's outcome)
     ├── AlreadySent                 a message was already sent; resending needs --resend --note
     ├── UsageError                  exit 2: a bad argument or option value (like click)
@@ -20,12 +20,14 @@ turns any ``CommsError`` into one clear line on stderr and the exit code it carr
     │                               as before; issue 11 decides whether it joins exit 2
     ├── StateConflict               the ledger is not in a state that allows this (names why)
     ├── OutputError                 a file cannot be written (names the path and the fix)
-    ├── UnknownTimeZone             not an IANA time zone (suggests the closest one)
-    └── RunLocked                   exit 3: another `comms run` holds this database
+    ├── UnknownTimeZone             exit 3: not an IANA time zone (suggests the closest one)
+    └── RunLocked                   exit 4: another `comms run` holds this database
 
-Exit codes of every command: 0 done; 1 the command ran into something a user must act on (a
-message failed, no such customer, a refused move...); 2 configuration, credentials or a bad
-argument (click's own usage errors exit 2 as well); 3 another run holds the database. Product
+Exit codes of every command, distinct for cron: 0 done; 1 some work failed or the command ran
+into something a user must act on (a message failed, no such customer, a refused move...);
+2 usage: a bad argument or option (click's own usage errors exit 2 as well); 3 configuration or
+credentials (config, campaign, sign-in, permissions, time zones); 4 locked: another run holds
+the database. Product
 code raises a specific class, never ``CommsError`` itself (tests/test_errors.py checks).
 """
 
@@ -49,7 +51,7 @@ class CommsError(Exception):
 
 
 class ConfigError(CommsError):
-    exit_code = 2
+    exit_code = 3
 
 
 class CampaignError(ConfigError):
@@ -77,7 +79,7 @@ class TemplateError(CommsError):
 
 
 class AuthError(CommsError):
-    exit_code = 2  # a credential or permission problem is a configuration problem
+    exit_code = 3  # a credential or permission problem is a configuration problem
 
 
 class DeliveryError(CommsError):
@@ -89,7 +91,7 @@ class AlreadySent(CommsError):
 
 
 class RunLocked(CommsError):
-    exit_code = 3
+    exit_code = 4
 
 
 class UsageError(CommsError):
@@ -109,4 +111,4 @@ class OutputError(CommsError):
 
 
 class UnknownTimeZone(CommsError):
-    exit_code = 2
+    exit_code = 3

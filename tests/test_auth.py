@@ -366,7 +366,7 @@ def test_auth_check_with_a_wrong_secret_exits_with_the_fix(
                   (SENDER,))
     monkeypatch.setenv("COMMS_GRAPH_CLIENT_SECRET", "nope-" + client_id)
     result = cli("auth", "check")
-    assert result.exit_code == 2  # a credential problem is a configuration error
+    assert result.exit_code == 3  # a credential problem is a configuration error
     assert "Error: Getting a token failed: the client secret is wrong: check " \
            "COMMS_GRAPH_CLIENT_SECRET" in result.stderr
     assert result.stdout == ""
@@ -413,7 +413,7 @@ def test_auth_login_and_logout(cli: Any, tmp_path: Path) -> None:
 def test_auth_login_refuses_app_only_config(cli: Any, tmp_path: Path) -> None:
     (tmp_path / "comms.toml").write_text('[graph]\nauth = "secret"\n')
     result = cli("auth", "login")
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert result.stderr.startswith(
         "Error: `comms auth login` is for delegated sign-in, but [graph] auth is 'secret'"
     )

@@ -29,7 +29,7 @@ def problems_of(tmp_path: Path, text: str) -> list[str]:
     path.write_text(text, encoding="utf-8")
     with pytest.raises(CampaignError) as info:
         load_campaign(path)
-    assert info.value.exit_code == 2
+    assert info.value.exit_code == 3
     assert info.value.message == (
         f"The campaign definition has {len(info.value.problems)} problem(s); fix them and run "
         "`comms config check`:"
@@ -310,7 +310,7 @@ def test_config_check_reports_campaign_problems(
     monkeypatch.setenv("COMMS_DELIVERY_TRANSPORT", "outbox_dir")
     monkeypatch.setenv("COMMS_PARTNER_ID", "4f8c2a51-1d3e-4b7a-9c6f-2e5d8a7b1c30")
     result = cli("config", "check")  # type: ignore[operator]
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert result.stderr == (
         "Error: 1 problem(s) in built-in defaults:\n"
         f"  - {path}: window: start 18:00:00 must be before end 08:00:00 (a window cannot "

@@ -173,7 +173,7 @@ def test_config_check_reports_every_problem(cli: Cli, tmp_path: Path) -> None:
     path = tmp_path / "comms.toml"
     path.write_text('[partner]\nnmae = "x"\n[graph]\nclient_secret = "s"\n')
     result = cli("--config", str(path), "config", "check")
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert result.stderr == (
         "Error: The configuration has 2 problem(s); fix them and run `comms config check`:\n"
         f"  - {path}: [graph] client_secret must not be in a config file; set "

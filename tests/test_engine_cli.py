@@ -91,11 +91,11 @@ def test_run_exit_1_names_the_failure(env: dict[str, Any], db: Database, tmp_pat
     assert "nobody@fabrikam.example" in r.stderr
 
 
-def test_run_exit_2_on_configuration_error(env: dict[str, Any], cli: Any,
+def test_run_exit_3_on_configuration_error(env: dict[str, Any], cli: Any,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMMS_PARTNER_LICENCE_THRESHOLD", "many")
     r = cli("run")
-    assert r.exit_code == 2
+    assert r.exit_code == 3
     assert "COMMS_PARTNER_LICENCE_THRESHOLD: [partner] licence_threshold" in r.stderr
 
 
@@ -103,7 +103,7 @@ def test_second_concurrent_run_exits_at_once(env: dict[str, Any], db: Database,
                                              cli: Any) -> None:
     with RunLock(db):
         r = cli("run", "--now", NOW)
-    assert r.exit_code == 3
+    assert r.exit_code == 4
     assert "Another `comms run` is using this database" in r.stderr
 
 

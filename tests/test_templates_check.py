@@ -195,7 +195,7 @@ def test_config_check_refuses_an_all_zero_partner_id(
 ) -> None:
     monkeypatch.setenv("COMMS_DELIVERY_TRANSPORT", "outbox_dir")
     result = cli("config", "check")
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert ("  - [partner] id is all zeros (00000000-0000-0000-0000-000000000000); set it to "
             "your Partner Center partner id") in result.stderr
     monkeypatch.setenv("COMMS_PARTNER_ID", PARTNER_ID)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from comms.cli import common
-from comms.errors import ConfigError
+from comms.errors import ConfigError, UsageError
 from comms.paths import home_dir
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def sandbox(
     from comms.sandbox.demo_app import AUTH_KINDS
 
     if auth not in AUTH_KINDS:
-        raise ConfigError(f"--auth must be one of {', '.join(AUTH_KINDS)}, got {auth!r}.")
+        raise UsageError(f"--auth must be one of {', '.join(AUTH_KINDS)}, got {auth!r}.")
     senders = [s.address for s in common.app().settings.senders]
     sb = _start(state_dir or home_dir() / "sandbox", port, time_scale=time_scale,
                 messages_per_minute=messages_per_minute, max_concurrent=max_concurrent,

@@ -54,8 +54,9 @@ def run(
 ) -> None:
     """The scheduled run (cron / systemd timer): plan what is due, queue it, send it.
 
-    Exit codes: 0 all well; 1 a message failed; 2 configuration error; 3 another run holds the
-    database. Re-running never sends anything twice.
+    Exit codes: 0 all well; 1 a message failed or a mailbox stopped answering; 2 bad usage;
+    3 configuration or sign-in error; 4 another run holds the database. Re-running never sends
+    anything twice.
     """
     app = common.app()
     clock = app.simulate(now)

@@ -24,7 +24,7 @@ def sync(
     """Sync stages from what Microsoft sees: per customer, what was seen and what moved.
 
     Exit codes: 0 synced (customers that cannot be verified are listed, not failures); 1 some
-    customers failed to sync (try again later); 2 configuration or sign-in error.
+    customers failed to sync (try again later); 3 configuration or sign-in error.
     """
     from comms.sync.service import run_sync
 
