@@ -75,6 +75,9 @@ class CustomerInfo:
     # double-billing exposure.
     csp_live_at: datetime | None = None
     id: int | None = None
+    # What stage sync last saw of the customer's own tenant (None: never observed): the only
+    # ground for wording that states a fact about the old subscription.
+    observation: Observation | None = None
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,10 @@ def test_the_ledger_follows_partner_center_and_the_tenant(
     assert _stage(db, "A").stage == "completed"
     r = cli("run", "--sync", "--now", _at(10))
     assert _sent(db, "A").count("transition_complete") == 1
+    # Its wording rests on what sync saw: "we can see it is cancelled", with the check's date.
+    done = [m for m in world.sent() if "admin@alpha.example" in m["to"]
+            and "We can see that the old Microsoft 365 subscription" in (m["html"] or "")]
+    assert len(done) == 1
 
     # Nothing new: a second sync records nothing and moves nothing.
     before = _counts(db)
@@ -168,6 +172,25 @@ def test_the_ledger_follows_partner_center_and_the_tenant(
     status = cli("status", "--now", _at(10))
     assert "Stage sync: last checked" in status.output
     assert "Cannot verify 1 customer(s)" in status.output and "B (tenant)" in status.output
+
+
+def test_completion_set_by_hand_does_not_claim_an_observation(
+    world: Sandbox, db: Database, cli: Any
+) -> None:
+    """Issue 11/13: without sync evidence the completion email stays conditional."""
+    r = cli("customers", "set-stage", "B", "completed", "--force", "--note", "phoned",
+            "--yes")
+    if r.exit_code != 0:  # the stage machine may refuse a jump: walk it there step by step
+        for stage in ("announced", "approved", "awaiting_cancellation", "completed"):
+            cli("customers", "set-stage", "B", stage, "--note", "by hand", "--yes")
+    assert _stage(db, "B").stage == "completed"
+    r = cli("run", "--now", _at(30))
+    assert r.exit_code == 0, r.output
+    done = [m for m in world.sent() if "admin@beta.example" in m["to"]
+            and (m.get("subject") or "").startswith("Done:")]
+    assert len(done) == 1, [m["subject"] for m in world.sent()]
+    assert not any("We can see that the old Microsoft 365 subscription" in (m["html"] or "")
+                   for m in done)
 
 
 def test_a_stage_set_by_hand_stands_until_a_new_observation(

@@ -219,7 +219,8 @@ class Renderer:
         """Render ``message`` for ``customer`` (subject, inlined HTML, text)."""
         ctx = build_context(self.settings, customer, message=message, now=now,
                             reminder_number=reminder_number, recipient=recipient,
-                            branding=self._branding, observation=observation)
+                            branding=self._branding,
+                            observation=observation or customer.observation)
         fold = True
         if extra:
             ctx.update(extra)

@@ -7,16 +7,19 @@ clock: times come in as arguments.
 from __future__ import annotations
 
 import difflib
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from datetime import UTC
 from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from comms.domain import ContactInfo, CustomerInfo, Event
+from comms.domain import ContactInfo, CustomerInfo, Event, Observation
 from comms.errors import NotFound
 from comms.store.models import Contact, Customer, CustomerTag, StageEvent, Suppression
+from comms.store.sync_models import SyncEvidence
 
 # Contact roles in the order they are listed and exported.
 ROLE_ORDER = ("primary", "billing", "technical")
@@ -65,6 +68,7 @@ def load_customers(session: Session, ids: Sequence[int]) -> dict[int, CustomerIn
         ).all():
             tags[t.customer_id].append(t.tag)
     suppressed = _suppressed(session, {c.email.lower() for cs in contacts.values() for c in cs})
+    seen = latest_observations(session, id_list)
     out: dict[int, CustomerInfo] = {}
     for r in rows:
         cs = sorted(contacts.get(r.id, []), key=lambda c: (_role_rank(c.role), c.id))
@@ -77,8 +81,31 @@ def load_customers(session: Session, ids: Sequence[int]) -> dict[int, CustomerIn
             contacts=tuple(
                 ContactInfo(c.name, c.email, c.role, c.email.lower() in suppressed) for c in cs
             ),
-            csp_live_at=r.csp_live_at,
+            csp_live_at=r.csp_live_at, observation=seen.get(r.id),
         )
+    return out
+
+
+def latest_observations(session: Session, ids: Sequence[int]) -> dict[int, Observation]:
+    """What stage sync last saw of each customer's own tenant (evidence source ``tenant``)."""
+    evidence_t = SyncEvidence.__table__  # type: ignore[attr-defined]
+    out: dict[int, Observation] = {}
+    for start in range(0, len(ids), _CHUNK):
+        chunk = list(ids[start : start + _CHUNK])
+        for ev in session.execute(
+            sa.select(evidence_t.c.customer_id, evidence_t.c.at, evidence_t.c.source,
+                      evidence_t.c.seen_json)
+            .where(evidence_t.c.customer_id.in_(chunk), evidence_t.c.source == "tenant")
+            .order_by(evidence_t.c.customer_id, evidence_t.c.id)
+        ).all():
+            seen = json.loads(ev.seen_json)
+            assigned = seen.get("assigned")
+            at = ev.at if ev.at.tzinfo is not None else ev.at.replace(tzinfo=UTC)
+            out[ev.customer_id] = Observation(  # the last one per customer wins
+                at=at, source=f"sync:{ev.source}",
+                direct_status=str(seen.get("status") or "absent"),
+                assigned_licences=int(assigned) if assigned is not None else None,
+            )
     return out
 
 
