@@ -158,6 +158,13 @@ def test_the_ledger_follows_partner_center_and_the_tenant(
     done = [m for m in world.sent() if "admin@alpha.example" in m["to"]
             and "We can see that the old Microsoft 365 subscription" in (m["html"] or "")]
     assert len(done) == 1
+    # The evidence is on the customer's timeline and beside the message it worded.
+    shown = cli("customers", "show", "A")
+    assert "observed by sync:tenant" in shown.stdout and "Suspended" in shown.stdout
+    listed = json.loads(cli("outbox", "list", "--json").stdout)
+    final = next(m for m in listed if m["message"] == "transition_complete")
+    detail = cli("outbox", "show", str(final["id"])).stdout
+    assert "evidence: direct subscription Suspended" in detail
 
     # Nothing new: a second sync records nothing and moves nothing.
     before = _counts(db)

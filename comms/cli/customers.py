@@ -157,6 +157,8 @@ def _print_detail(d: svc.CustomerDetail) -> None:
         if t.kind == "event":
             line = f"  {_when(t.at)}  {t.title}  {t.detail}  by {t.by} via {t.source}"
             line += f": {t.note}" if t.note else ""
+        elif t.kind == "observed":
+            line = f"  {_when(t.at)}  observed by {t.title} ({t.note}): {t.detail}"
         else:
             line = f"  {_when(t.at)}  message {t.title} {t.detail}"
             line += f" (last error: {t.note})" if t.note else ""

@@ -65,6 +65,7 @@ def show(message_id: int = typer.Argument(..., help="Outbox id (see `comms outbo
         ("sender", m.sender or ""), ("attempts", m.attempts), ("queued", _when(m.created_at)),
         ("send after", _when(m.send_after)), ("sent", _when(m.sent_at)),
         ("graph request id", m.request_id), ("last error", m.last_error), ("note", m.note),
+        ("evidence", r.evidence or "none observed (wording stays conditional)"),
         ("subject", m.subject),
     ):
         typer.echo(f"{label:>16}: {value}")

@@ -117,6 +117,10 @@ def show_customer(db: Database, key: str) -> CustomerDetail:
             detail = f"#{m.sequence} {m.status}" + (" (internal)" if m.internal else "")
             entries.append(TimelineEntry(at=at, kind="message", title=m.message, detail=detail,
                                          note=m.last_error))
+        for ev in repo.evidence_of(session, row.id):
+            entries.append(TimelineEntry(at=ev.at, kind="observed", title=f"sync:{ev.source}",
+                                         detail=ev.summary, by="sync", source="sync",
+                                         note=f"evidence #{ev.id}"))
         entries.sort(key=lambda t: t.at)
         return CustomerDetail(
             info=repo.customer_info(session, row),

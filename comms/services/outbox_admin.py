@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
 from email_validator import EmailNotValidError, validate_email
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from comms import outbox
 from comms.domain import MessageStatus
 from comms.errors import NotFound, RequestRefused, StateConflict
 from comms.store.db import Database
 from comms.store.models import Contact, Customer, Message, Suppression
+from comms.store.sync_models import SyncEvidence
 
 
 @dataclass(frozen=True)
 class OutboxRow:
     message: Message
     customer_key: str
+    # What stage sync had observed of the customer's old subscription when the message was
+    # rendered (its wording rests on it), e.g. "direct subscription Enabled, 26 assigned
+    # (sync:tenant, 2026-12-01 10:00 UTC)"; "" when nothing had been observed.
+    evidence: str = ""
 
 
 def list_messages(
@@ -47,9 +53,25 @@ def get_message(db: Database, message_id: int) -> OutboxRow:
             .join(Customer, col(Customer.id) == col(Message.customer_id))
             .where(Message.id == message_id)
         ).first()
-    if row is None:
-        raise NotFound(f"No outbox message {message_id}. See `comms outbox list`.")
-    return OutboxRow(row[0], row[1])
+        if row is None:
+            raise NotFound(f"No outbox message {message_id}. See `comms outbox list`.")
+        return OutboxRow(row[0], row[1], _evidence_at(s, row[0]))
+
+
+def _evidence_at(s: Session, m: Message) -> str:
+    ev = s.exec(
+        select(SyncEvidence)
+        .where(col(SyncEvidence.customer_id) == m.customer_id,
+               col(SyncEvidence.source) == "tenant", col(SyncEvidence.at) <= m.created_at)
+        .order_by(col(SyncEvidence.id).desc()).limit(1)
+    ).first()
+    if ev is None:
+        return ""
+    seen = json.loads(ev.seen_json)
+    assigned = seen.get("assigned")
+    return (f"direct subscription {seen.get('status') or 'absent'}"
+            + (f", {assigned} licences assigned" if assigned is not None else "")
+            + f" (evidence #{ev.id}, sync:{ev.source}, {ev.at:%Y-%m-%d %H:%M} UTC)")
 
 
 def _transition(

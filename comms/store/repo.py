@@ -10,7 +10,8 @@ import difflib
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from datetime import UTC
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -226,3 +227,37 @@ def events_of(session: Session, customer_id: int) -> list[StageEvent]:
             .order_by(col(StageEvent.at), col(StageEvent.id))
         ).all()
     )
+
+
+@dataclass(frozen=True)
+class EvidenceEntry:
+    """One observation stage sync stored for a customer (what was seen, where, when)."""
+
+    id: int
+    source: str
+    at: datetime
+    summary: str
+
+
+def evidence_of(session: Session, customer_id: int) -> list[EvidenceEntry]:
+    """Every observation of one customer, oldest first, summarised for a timeline."""
+    out: list[EvidenceEntry] = []
+    for ev in session.exec(
+        select(SyncEvidence).where(col(SyncEvidence.customer_id) == customer_id)
+        .order_by(col(SyncEvidence.id))
+    ).all():
+        assert ev.id is not None
+        seen = json.loads(ev.seen_json)
+        parts = [f"{k}={_brief(v)}" for k, v in seen.items()]
+        text = ", ".join(parts)
+        out.append(EvidenceEntry(ev.id, ev.source, ev.at,
+                                 text if len(text) <= 160 else text[:157] + "..."))
+    return out
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, list):
+        return f"[{len(value)} item(s)]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in list(value.items())[:4]) + "}"
+    return str(value)
