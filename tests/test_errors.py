@@ -10,7 +10,7 @@ import comms.errors as errors
 
 PACKAGE = Path(__file__).resolve().parent.parent / "comms"
 # Rewritten right now in the lead's branch (issue 10); emptied after that merge.
-NOT_YET = {"outbox.py"}
+NOT_YET: set[str] = set()
 
 
 def _bare_raises(source: str, where: str) -> list[str]:

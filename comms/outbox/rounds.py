@@ -1,0 +1,164 @@
+"""One dispatch run's shared state: the send budget, per-mailbox hints and circuit breaker,
+and the loop each sending thread runs (claim, send, record)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from comms import pacing
+from comms.delivery.base import Outcome, SendResult
+from comms.errors import CommsError
+from comms.outbox.claims import Claimed, DispatchReport, claim, put_back, record
+
+if TYPE_CHECKING:
+    from comms.outbox.dispatcher import Dispatcher
+
+
+@dataclass
+class RunState:
+    """What the sending threads of one ``Dispatcher.run`` share."""
+
+    dispatcher: Dispatcher
+    report: DispatchReport
+    deadline: float  # monotonic
+    requested: threading.Event  # a clean stop was asked for (a signal)
+    only_ids: frozenset[int] | None = None
+    tag: str | None = None
+    budget: int = -1  # messages still allowed this run; -1: no limit
+    halt: threading.Event = field(default_factory=threading.Event)  # an error, or all tripped
+    errors: list[BaseException] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Per-mailbox "not before" hints (monotonic): a local shortcut that spares the database a
+    # claim attempt on a mailbox known to be at its limit. The database stays the authority.
+    hints: dict[str, float] = field(default_factory=dict)
+    # Circuit breaker: ambiguous outcomes in a row per mailbox.
+    streak: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for lim in self.dispatcher.limits:
+            self.hints.setdefault(lim.mailbox, 0.0)
+            self.streak.setdefault(lim.mailbox, 0)
+
+    # -- budget (--limit) -----------------------------------------------------------------
+
+    def take_budget(self) -> bool:
+        with self.lock:
+            if self.budget == 0:
+                return False
+            if self.budget > 0:
+                self.budget -= 1
+            return True
+
+    def give_back(self) -> None:
+        with self.lock:
+            if self.budget >= 0:
+                self.budget += 1
+
+    # -- mailboxes ----------------------------------------------------------------------
+
+    def note_outcome(self, mailbox: str, outcome: Outcome) -> None:
+        """Past ``max_consecutive_unknown`` ambiguous outcomes in a row the mailbox sends
+        nothing more this run: Graph may be down, and each try only adds an unknown."""
+        trip_after = self.dispatcher.settings.delivery.max_consecutive_unknown
+        with self.lock:
+            self.streak[mailbox] = self.streak[mailbox] + 1 if outcome is Outcome.UNKNOWN else 0
+            if self.streak[mailbox] >= trip_after and mailbox not in self.report.tripped:
+                self.report.tripped[mailbox] = (
+                    f"{self.streak[mailbox]} ambiguous outcomes in a row (timeouts/5xx): "
+                    "stopped sending from it for this run")
+                self.hints[mailbox] = float("inf")
+                if len(self.report.tripped) == len(self.hints):
+                    self.halt.set()  # nothing left to send from
+
+    def candidates(self, index: int) -> tuple[list[pacing.Limits], float]:
+        """Mailboxes that may have a slot now (spread over threads), and the seconds until
+        the soonest hint."""
+        now_m = time.monotonic()
+        with self.lock:
+            ready = [lim for lim in self.dispatcher.limits if self.hints[lim.mailbox] <= now_m]
+            soonest = min(self.hints.values())
+        ready.sort(key=lambda lim: self.hints[lim.mailbox])
+        if ready:
+            shift = index % len(ready)
+            ready = ready[shift:] + ready[:shift]
+        return ready, soonest - now_m
+
+    def _wait_on(self, lim: pacing.Limits, got: pacing.Wait) -> None:
+        d = self.dispatcher
+        pause = (got.until - d.clock.real()).total_seconds() if got.until is not None else 0.01
+        if got.until is not None and pause > 1.0:
+            with self.report.lock:
+                self.report.waiting[got.reason] = got.until
+        with self.lock:
+            self.hints[lim.mailbox] = time.monotonic() + max(pause, 0.0)
+
+    # -- the sending threads --------------------------------------------------------------
+
+    def running(self) -> bool:
+        return (not self.halt.is_set() and not self.requested.is_set()
+                and time.monotonic() < self.deadline)
+
+    def claim_next(self, index: int) -> Claimed | bool:
+        """A claimed message; True when nothing is claimable now (wait), False when nothing
+        is due at all or nothing can be claimed before the deadline (this thread ends)."""
+        d = self.dispatcher
+        ready, wait_for = self.candidates(index)
+        for lim in ready:
+            got = claim(d.db, lim, settings=d.settings, clock=d.clock, worker=d.worker,
+                        lease=d.lease, only_ids=self.only_ids, tag=self.tag,
+                        report=self.report, window=d.window)
+            if isinstance(got, Claimed):
+                return got
+            if got is None:
+                return False  # nothing due on any mailbox
+            self._wait_on(lim, got)
+        if ready:
+            _, wait_for = self.candidates(index)
+        if time.monotonic() + wait_for >= self.deadline:
+            return False
+        time.sleep(min(max(wait_for, 0.002), 0.5))
+        return True
+
+    def send(self, claimed: Claimed) -> None:
+        d = self.dispatcher
+        try:
+            result = d.transport.send(claimed.email)
+        except CommsError:
+            # The transport cannot be used at all (no token, bad config): nothing was
+            # accepted. Put the row back and stop the run with that error.
+            put_back(d.db, claimed, clock=d.clock, worker=d.worker)
+            raise
+        except Exception as exc:  # a transport bug must not strand the row in `sending`
+            result = SendResult(
+                Outcome.UNKNOWN, error_code=type(exc).__name__,
+                message=f"the transport failed unexpectedly ({exc}); the request may have "
+                "left: Sent Items is checked before any resend",
+            )
+        record(d.db, claimed, result, clock=d.clock, worker=d.worker, report=self.report,
+               server_hold=d.server_hold)
+        self.note_outcome(claimed.slot.mailbox, result.outcome)
+        if result.outcome is not Outcome.SENT:
+            self.give_back()
+        if d.on_progress:
+            d.on_progress(self.report)
+
+    def loop(self, index: int) -> None:
+        """One sending thread: claim and send until nothing is due, the budget is spent, the
+        deadline passes or a stop is requested (in-flight sends always finish)."""
+        try:
+            while self.running():
+                if not self.take_budget():
+                    return
+                claimed = self.claim_next(index)
+                if not isinstance(claimed, Claimed):
+                    self.give_back()
+                    if claimed:
+                        continue
+                    return
+                self.send(claimed)
+        except BaseException as exc:  # surfaced to the caller by Dispatcher.run
+            self.errors.append(exc)
+            self.halt.set()
