@@ -8,6 +8,7 @@ from typing import Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from comms.cli import common
 from comms.cli.common import console
@@ -29,9 +30,8 @@ def sync(
     from comms.sync.service import run_sync
 
     app = common.app()
-    interactive = common.is_tty() and not as_json
     progress = Progress(TextColumn("syncing"), BarColumn(), MofNCompleteColumn(),
-                        console=console, disable=not interactive)
+                        console=console, disable=not common.is_tty() or as_json)
     task = progress.add_task("sync", total=None)
     with progress:
         report = run_sync(
@@ -39,6 +39,11 @@ def sync(
             keys=customer or None, tag=tag, source=source, dry_run=dry_run,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
+    _print_report(report, as_json=as_json, dry_run=dry_run)
+    raise typer.Exit(report.exit_code)
+
+
+def _print_report(report: Any, *, as_json: bool, dry_run: bool) -> None:
     if as_json:
         typer.echo(json.dumps({
             "at": report.at.isoformat(), "sources": list(report.sources), "dry_run": dry_run,
@@ -50,21 +55,21 @@ def sync(
                            "licences": list(c.licences) if c.licences else None}
                           for c in report.customers],
         }, indent=2, default=str))
-        raise typer.Exit(report.exit_code)
+        return
     table = Table("customer", "seen", "moved", "status")
     for c in report.customers:
         seen = "; ".join(f"{k}: {_short(v)}" for k, v in c.seen.items())
         moved = ", ".join(c.moved) + (f" (licences {c.licences[0]} -> {c.licences[1]})"
                                       if c.licences else "")
         note = c.held or "; ".join(c.problems.values())
-        table.add_row(c.key, seen, moved, c.status + (f": {note}" if note else ""))
+        table.add_row(Text(c.key), Text(seen), Text(moved),
+                      Text(c.status + (f": {note}" if note else "")))
     console.print(table)
     for line in report.unmatched:
         typer.echo(f"unmatched in Partner Center: {line}")
     for line in report.ambiguous:
         typer.echo(f"ambiguous: {line}")
     typer.echo(report.summary())
-    raise typer.Exit(report.exit_code)
 
 
 def _short(seen: dict[str, Any]) -> str:

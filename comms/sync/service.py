@@ -11,61 +11,25 @@ note naming the evidence id). With nothing new, nothing is written but each cust
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import sqlalchemy as sa
-from sqlmodel import Session, col, select
-
-from comms import stages
 from comms.campaign import Campaign
 from comms.config import Settings
 from comms.errors import CampaignError, ConfigError, UsageError
-from comms.services.customers import apply_stage_event
 from comms.store import repo
 from comms.store.db import Database
-from comms.store.models import Customer, StageEvent
-from comms.store.sync_models import SyncCheck, SyncEvidence
 from comms.sync import clients
-from comms.sync.rules import OBSERVATIONS, Decision, Facts, SyncRules, decide
-
-SOURCES = ("partner_center", "gdap", "tenant")
-# Which source an observation comes from (the evidence a move cites).
-OBSERVATION_SOURCE = {"relationship_accepted": "partner_center", "gdap_active": "gdap",
-                      "csp_active": "partner_center", "direct_inactive": "tenant"}
-_CHUNK = 5000
-_APPLY_CHUNK = 200
-
-
-@dataclass
-class CustomerSync:
-    key: str
-    name: str
-    seen: dict[str, dict[str, Any]] = field(default_factory=dict)  # source -> what was seen
-    problems: dict[str, str] = field(default_factory=dict)  # source -> cannot verify / failed
-    failed: bool = False
-    moved: list[str] = field(default_factory=list)
-    held: str = ""
-    new_evidence: int = 0
-    licences: tuple[int, int] | None = None  # (before, after)
-    tenant_filled: str = ""
-
-    @property
-    def status(self) -> str:
-        if self.failed:
-            return "failed"
-        if self.moved:
-            return "moved"
-        if self.problems:
-            return "cannot verify"
-        if self.held:
-            return "held"
-        return "seen"
+from comms.sync.ledger import (
+    SOURCES,
+    CustomerSync,
+    _record,
+    _Target,
+)
+from comms.sync.rules import OBSERVATIONS, SyncRules
 
 
 @dataclass
@@ -97,10 +61,6 @@ class SyncReport:
         )
 
 
-def _digest(seen: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(seen, sort_keys=True).encode()).hexdigest()
-
-
 def check_rules(campaign: Campaign) -> SyncRules:
     rules = campaign.sync
     for name in OBSERVATIONS:
@@ -111,15 +71,6 @@ def check_rules(campaign: Campaign) -> SyncRules:
                 f"({', '.join(campaign.stage_names)}); fix it or set it to \"\" to turn it off"
             )
     return rules
-
-
-@dataclass
-class _Target:
-    id: int
-    key: str
-    name: str
-    tenant_id: str
-    domain: str
 
 
 def _targets(db: Database, keys: list[str] | None, tag: str | None) -> list[_Target]:
@@ -292,193 +243,6 @@ def _direct(
                 "status": main.get("status"), "total": main.get("totalLicenses"),
                 "assigned": sku.get("consumedUnits") if sku else None}
     res.seen["tenant"] = seen
-
-
-def facts_of(seen: dict[str, dict[str, Any]]) -> Facts:
-    pc, gdap, tenant = seen.get("partner_center"), seen.get("gdap"), seen.get("tenant")
-    active = [s for s in (pc or {}).get("subscriptions", []) if s.get("status") == "active"]
-    return Facts(
-        relationship_accepted=None if pc is None else bool(pc.get("listed")),
-        gdap_status=None if gdap is None else str(gdap.get("status")),
-        csp_active=None if pc is None or "subscriptions" not in pc else bool(active),
-        csp_quantity=sum(int(s.get("quantity") or 0) for s in active) if active else None,
-        direct_status=None if tenant is None else str(tenant.get("status")),
-        direct_total=None if tenant is None else tenant.get("total"),
-        assigned=None if tenant is None else tenant.get("assigned"),
-    )
-
-
-def _latest_evidence(session: Session, ids: list[int]) -> dict[tuple[int, str], SyncEvidence]:
-    out: dict[tuple[int, str], SyncEvidence] = {}
-    for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start : start + _CHUNK]
-        latest = (select(sa.func.max(col(SyncEvidence.id)))
-                  .where(col(SyncEvidence.customer_id).in_(chunk))
-                  .group_by(col(SyncEvidence.customer_id), col(SyncEvidence.source)))
-        for ev in session.exec(select(SyncEvidence).where(col(SyncEvidence.id).in_(latest))):
-            out[(ev.customer_id, ev.source)] = ev
-    return out
-
-
-def _manual_moves(session: Session, ids: list[int]) -> dict[int, datetime]:
-    out: dict[int, datetime] = {}
-    for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start : start + _CHUNK]
-        rows = session.exec(
-            select(StageEvent.customer_id, sa.func.max(col(StageEvent.at)))
-            .where(col(StageEvent.customer_id).in_(chunk), col(StageEvent.kind) == "stage",
-                   sa.not_(col(StageEvent.by).startswith("sync:")),
-                   col(StageEvent.source) != "import")
-            .group_by(col(StageEvent.customer_id))
-        ).all()
-        out.update({cid: at for cid, at in rows if at is not None})
-    return out
-
-
-def _record(
-    db: Database,
-    campaign: Campaign,
-    rules: SyncRules,
-    now: datetime,
-    targets: list[_Target],
-    results: dict[int, CustomerSync],
-    fills: dict[int, str],
-    dry_run: bool,
-) -> None:
-    allowed = {s.name: s.next for s in campaign.stages}
-    ids = [t.id for t in targets]
-    with db.session(immediate=not dry_run) as session:
-        latest = _latest_evidence(session, ids)
-        manual = _manual_moves(session, ids)
-        for start in range(0, len(ids), _APPLY_CHUNK):
-            keys = [t.key for t in targets[start : start + _APPLY_CHUNK]]
-            rows = repo.get_customers(session, keys, lock=not dry_run)
-            infos = repo.customer_infos(session, rows)
-            chunk_ids = [r.id for r in rows if r.id is not None]
-            checks = {(c.customer_id, c.source): c for c in session.exec(
-                select(SyncCheck).where(col(SyncCheck.customer_id).in_(chunk_ids)))}
-            # Evidence first, one flush for the chunk (ids for the notes), then the moves:
-            # a flush per row would make the session re-scan everything it holds each time.
-            with session.no_autoflush:
-                new = {r.id: _evidence(session, r, results[r.id or 0], now, latest)
-                       for r in rows}
-            session.flush()
-            with session.no_autoflush:
-                for row, info in zip(rows, infos, strict=True):
-                    assert row.id is not None
-                    _apply(session, campaign, rules, allowed, now, row, info, results[row.id],
-                           fills.get(row.id, ""), latest, manual.get(row.id), new[row.id],
-                           checks)
-            # The outbox's withdraw evaluates its UPDATE against every object the session
-            # holds: keep that small so ten thousand moves stay linear.
-            session.flush()
-            session.expunge_all()
-        if dry_run:
-            session.rollback()
-
-
-def _apply(
-    session: Session,
-    campaign: Campaign,
-    rules: SyncRules,
-    allowed: dict[str, tuple[str, ...]],
-    now: datetime,
-    row: Customer,
-    info: Any,
-    res: CustomerSync,
-    fill: str,
-    latest: dict[tuple[int, str], SyncEvidence],
-    manual_at: datetime | None,
-    new: dict[str, SyncEvidence],
-    checks: dict[tuple[int, str], SyncCheck],
-) -> None:
-    assert row.id is not None
-    evidence: dict[str, int] = {}
-    observed_before: datetime | None = None
-    for src in SOURCES:
-        prev = latest.get((row.id, src))
-        if prev is not None:
-            evidence[src] = prev.id or 0
-            observed_before = max(observed_before or prev.at, prev.at)
-        if src in new:
-            evidence[src] = new[src].id or 0
-    for src in SOURCES:
-        if src in res.seen or src in res.problems:
-            _check(session, checks, row.id, src, now, res.problems.get(src, ""))
-    if fill and not row.tenant_id:
-        res.tenant_filled = fill
-        repo.record_event(session, row, stages.Event(
-            kind="update", at=now, by="sync:partner_center", source="sync",
-            note=f"tenant id {fill} filled from Partner Center (unique domain match "
-                 f"{row.primary_domain}, evidence #{evidence.get('partner_center', 0)})"))
-        row.tenant_id = fill
-    facts = facts_of(res.seen)
-    count = facts.assigned if facts.assigned is not None else facts.direct_total
-    if count is not None and facts.direct_status not in (None, "absent") \
-            and int(count) != row.licences:
-        which = "assigned licences" if facts.assigned is not None else "totalLicenses"
-        res.licences = (row.licences, int(count))
-        repo.record_event(session, row, stages.Event(
-            kind="update", at=now, by="sync:tenant", source="sync",
-            note=f"licences {row.licences} -> {count} ({which} of the direct subscription "
-                 f"observed in the tenant, evidence #{evidence.get('tenant', 0)})"))
-        row.licences = int(count)
-        row.updated_at = now
-        session.add(row)
-    decision: Decision = decide(
-        campaign.stage_names, allowed, rules, info, facts, manual_at=manual_at,
-        observed_before=observed_before, new_evidence=res.new_evidence > 0,
-    )
-    res.held = decision.held
-    for from_stage, to_stage, observation in decision.moves:
-        src = OBSERVATION_SOURCE[observation]
-        event = stages.Event(
-            kind="stage", at=now, by=f"sync:{src}", source="sync", from_stage=from_stage,
-            to_stage=to_stage, note=f"observed {observation} (evidence #{evidence.get(src, 0)})",
-        )
-        apply_stage_event(session, row, event, csp_live_stage=campaign.csp_live_stage)
-        res.moved.append(f"{from_stage} -> {to_stage} ({observation})")
-
-
-def _evidence(
-    session: Session,
-    row: Customer,
-    res: CustomerSync,
-    now: datetime,
-    latest: dict[tuple[int, str], SyncEvidence],
-) -> dict[str, SyncEvidence]:
-    """New evidence rows (not flushed) for what changed since each source's last evidence."""
-    out: dict[str, SyncEvidence] = {}
-    for src in SOURCES:
-        seen = res.seen.get(src)
-        if seen is None or row.id is None:
-            continue
-        digest = _digest(seen)
-        prev = latest.get((row.id, src))
-        if prev is not None and prev.digest == digest:
-            continue
-        ev = SyncEvidence(customer_id=row.id, source=src, at=now,
-                          seen_json=json.dumps(seen, sort_keys=True), digest=digest)
-        session.add(ev)
-        out[src] = ev
-        res.new_evidence += 1
-    return out
-
-
-def _check(
-    session: Session,
-    checks: dict[tuple[int, str], SyncCheck],
-    customer_id: int,
-    source: str,
-    now: datetime,
-    problem: str,
-) -> None:
-    row = checks.get((customer_id, source))
-    if row is None:
-        row = SyncCheck(customer_id=customer_id, source=source, checked_at=now, problem=problem)
-    else:
-        row.checked_at, row.problem = now, problem
-    session.add(row)
 
 
 def sync_before_run(
