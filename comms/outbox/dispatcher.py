@@ -127,8 +127,9 @@ class Dispatcher:
                 raise state.errors[0]
             if state.budget == 0 or min(state.hints.values()) >= deadline:
                 break  # --limit spent, or every mailbox waits past the deadline
-            # Once a mailbox tripped, unknown outcomes are left to the next run: Graph is not
-            # answering, and waiting for it must not keep a scheduled run alive.
+            # Once a mailbox tripped, each unknown outcome gets one reconcile pass after its
+            # grace period, then is left to the next run: Graph may not be answering, and
+            # waiting for it must not keep a scheduled run alive.
             pause = self._more_to_do(only_ids, tag, deadline,
                                      wait_for_unknown=not state.report.tripped)
             if pause is None:
@@ -160,18 +161,20 @@ class Dispatcher:
                     col(Message.status) == "sending", *flt
                 )
             ).one()
-            oldest_unknown = s.exec(
-                select(sa.func.min(Message.unknown_since)).where(
-                    col(Message.status) == "unknown", col(Message.error_code) != HELD, *flt
-                )
+            oldest_unknown, newest_unknown = s.exec(
+                select(sa.func.min(Message.unknown_since), sa.func.max(Message.unknown_since))
+                .where(col(Message.status) == "unknown", col(Message.error_code) != HELD, *flt)
             ).one()
         waits: list[float] = []
         if next_queued is not None:
             waits.append((next_queued - now).total_seconds())
         if sending:
             waits.append(0.5)  # another worker's send, or a lease still to expire
-        if oldest_unknown is not None and self.reconciler is not None and wait_for_unknown:
-            waits.append((oldest_unknown + self.grace - real).total_seconds())
+        if oldest_unknown is not None and self.reconciler is not None:
+            if wait_for_unknown:
+                waits.append((oldest_unknown + self.grace - real).total_seconds())
+            elif newest_unknown is not None and newest_unknown + self.grace > real:
+                waits.append((oldest_unknown + self.grace - real).total_seconds())
         if not waits:
             return None
         wait = max(min(waits), 0.02)
