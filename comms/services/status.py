@@ -49,6 +49,7 @@ from comms.services.calendar import parse_now as parse_now
 from comms.services.calendar import week_bounds as week_bounds
 from comms.store.db import Database
 from comms.store.models import Customer, Message
+from comms.store.wave_models import not_proof
 
 # Days per billing month for the exposure proration (see module docstring).
 DAYS_PER_MONTH = 30.0
@@ -273,6 +274,7 @@ def message_counts(session: Session, now: datetime, tz: ZoneInfo) -> MessageCoun
 
     rows = session.execute(
         sa.select(col(Message.status), _in(d0, d1), _in(w0, w1), sa.func.count())
+        .where(not_proof())  # wave proofs went to the operator, not to customers
         .group_by(col(Message.status))
     ).all()
     today = dict.fromkeys(STATUSES, 0)
@@ -383,7 +385,8 @@ def messages_per_day(
         bucket = sa.case(
             *((ts < b, i) for i, b in enumerate(bounds[1:-1])), else_=days - 1
         ) if days > 1 else sa.literal(0)
-        q = sa.select(bucket.label("b"), sa.func.count()).where(ts >= bounds[0], ts < bounds[-1])
+        q = sa.select(bucket.label("b"), sa.func.count()).where(
+            ts >= bounds[0], ts < bounds[-1], not_proof())
         if status is not None:
             q = q.where(col(Message.status) == status)
         # Group by the output name: repeating the CASE would bind its parameters twice, which
