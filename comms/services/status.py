@@ -47,6 +47,7 @@ from comms.services.calendar import days_between as _days_between
 from comms.services.calendar import local_midnight as local_midnight
 from comms.services.calendar import parse_now as parse_now
 from comms.services.calendar import week_bounds as week_bounds
+from comms.services.managers import ManagerReport, compute_manager_report
 from comms.store.db import Database
 from comms.store.models import Customer, Message
 from comms.store.wave_models import not_proof
@@ -148,6 +149,8 @@ class StatusReport:
     daily: list[DayCount] = field(default_factory=list)
     # The campaign's stage in which the CSP subscription is live (the exposure's stage).
     csp_live_stage: str = "awaiting_cancellation"
+    # Manager figures (reached funnel, durations, incurred cost, breakdowns): services.managers.
+    managers: ManagerReport | None = None
 
     @property
     def exposure_total(self) -> float:
@@ -422,4 +425,5 @@ def compute_status(
             exposure=double_billing_exposure(s, now, price, campaign.csp_live_stage),
             daily=messages_per_day(s, now, tz, days),
             csp_live_stage=campaign.csp_live_stage,
+            managers=compute_manager_report(s, campaign, now, price),
         )
