@@ -228,3 +228,4 @@ def _pct(values: list[float]) -> Percentiles:
     med, p90 = percentile(values, 0.5), percentile(values, 0.9)
     return Percentiles(len(values), None if med is None else round(med, 2),
                        None if p90 is None else round(p90, 2))
+

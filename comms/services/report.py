@@ -9,7 +9,6 @@ page, ``markupsafe.escape`` inside the SVG).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import math
@@ -30,7 +29,6 @@ from comms.config import Settings
 from comms.domain import MessageStatus
 from comms.errors import OutputError, RequestRefused
 from comms.fileio import write_atomic, write_atomic_stream
-from comms.services.managers import compute_manager_report
 from comms.services.status import (
     DAYS_PER_MONTH,
     STATUSES,
@@ -311,17 +309,11 @@ def build_report(
     *,
     generated_at: datetime | None = None,
     days: int = 30,
-    tag: str | None = None,
-    since: datetime | None = None,
+    **scope: Any,
 ) -> str:
     """The whole report as one HTML string: the figures as of ``now``, stamped ``generated_at``
-    (defaults to ``now``; the CLI passes the real clock). ``tag``/``since`` narrow the manager
-    figures (funnel, durations, cost, breakdowns) to one wave / customers imported since."""
-    report = compute_status(db, settings, campaign, now, days=days)
-    if tag or since:
-        with db.session() as s:
-            report = dataclasses.replace(report, managers=compute_manager_report(
-                s, campaign, now, settings.partner.price_per_licence_month, tag=tag, since=since))
+    (defaults to ``now``; the CLI passes the real clock)."""
+    report = compute_status(db, settings, campaign, now, days=days, **scope)  # tag, since
     rows = _customer_rows(db, report, campaign)
     return render_report(
         report, rows, partner_name=settings.partner.name, generated_at=generated_at or now
@@ -336,13 +328,10 @@ def write_report(
     now: datetime,
     *,
     generated_at: datetime | None = None,
-    days: int = 30,
-    tag: str | None = None,
-    since: datetime | None = None,
+    days: int = 30, **scope: Any,
 ) -> Path:
     """Build the report and write it to ``out`` (UTF-8), replacing the file atomically."""
-    html = build_report(db, settings, campaign, now, generated_at=generated_at, days=days,
-                        tag=tag, since=since)
+    html = build_report(db, settings, campaign, now, generated_at=generated_at, days=days, **scope)
     out = Path(out)
     # A unique temporary name per write: two runs writing the same report never collide.
     try:

@@ -404,7 +404,8 @@ def messages_per_day(
 
 
 def compute_status(
-    db: Database, settings: Settings, campaign: Campaign, now: datetime, *, days: int = 14
+    db: Database, settings: Settings, campaign: Campaign, now: datetime, *, days: int = 14,
+    tag: str | None = None, since: datetime | None = None,
 ) -> StatusReport:
     """Every figure of `comms status` as of ``now``, read in one transaction."""
     now = _aware(now)
@@ -425,5 +426,5 @@ def compute_status(
             exposure=double_billing_exposure(s, now, price, campaign.csp_live_stage),
             daily=messages_per_day(s, now, tz, days),
             csp_live_stage=campaign.csp_live_stage,
-            managers=compute_manager_report(s, campaign, now, price),
+            managers=compute_manager_report(s, campaign, now, price, tag=tag, since=since),
         )
