@@ -147,6 +147,8 @@ class Campaign(_Model):
     # Entering this stage means the customer's CSP subscription is live: it starts the
     # double-billing clock (``csp_live_at``) that `comms status` and the report count.
     csp_live_stage: str = "awaiting_cancellation"
+    # Waves (tags) need `comms wave approve` before their first customer message goes out.
+    require_approval: Annotated[bool, Field(strict=True)] = False
     stages: tuple[Stage, ...]
     sync: SyncRules = SyncRules()  # stage sync: which observation moves which stage
 

@@ -45,6 +45,7 @@ def _register() -> None:
         "comms.cli.status_cmd",
         "comms.cli.demo",
         "comms.cli.sync_cmd",
+        "comms.cli.wave_cmd",
     ):
         importlib.import_module(name).register(app)
 

@@ -85,6 +85,7 @@ def print_run_summary(summary: Any, settings: Settings, as_json: bool) -> None:
         + (f", re-sent after check {d.requeued}" if d.requeued else "")
         + (f", held for an operator {d.held}" if d.held else "")
         + (f", moved to the next send window {d.deferred}" if d.deferred else "")
+        + (f", held: awaiting approval ({q.held})" if q.held else "")
     )
     for mid, key, msg, why in d.failures:
         typer.echo(f"  failed #{mid} {key} {msg}: {why}", err=True)
@@ -100,6 +101,7 @@ def _summary_data(summary: Any) -> dict[str, Any]:
         "customers_planned": q.customers,
         "queued": q.queued,
         "deferred_to_window": q.deferred,
+        "held_awaiting_approval": q.held,
         "by_message": dict(q.by_message),
         "sent": d.sent,
         "throttled": d.throttled,
@@ -134,6 +136,8 @@ def _print_forecast(summary: Any, settings: Settings) -> None:
     )
     for msg, n in sorted(q.by_message.items()):
         typer.echo(f"  {msg}: {n}")
+    if q.held:
+        typer.echo(f"held: awaiting approval ({q.held}); see `comms wave list`")
 
 
 def _human_minutes(minutes: float) -> str:

@@ -73,6 +73,7 @@ def _print_status(r: StatusReport) -> None:
     _print_messages(r)
     _print_stuck(r, tz)
     _print_exposure(r)
+    _print_managers(r)
 
 
 def _print_messages(r: StatusReport) -> None:
@@ -140,15 +141,50 @@ def report(
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write."),
     now: str = typer.Option(None, "--now", help=NOW_HELP),
     days: int = typer.Option(30, "--days", min=1, help="Days of messages-per-day history."),
+    tag: str = typer.Option(None, "--tag", help="Manager figures for this wave (tag) only."),
+    since: str = typer.Option(None, "--since", help="Manager figures for customers imported "
+                              "since this moment (ISO 8601)."),
 ) -> None:
     """Write one self-contained HTML report (charts, sortable customer table; no network)."""
     app = common.app()
     generated = datetime.now(UTC)
-    moment = parse_now(now, app.settings.defaults.time_zone) if now else generated
+    tz = app.settings.defaults.time_zone
+    moment = parse_now(now, tz) if now else generated
     path = write_report(app.database, app.settings, app.campaign, out, moment,
-                        generated_at=generated, days=days)
+                        generated_at=generated, days=days, tag=tag,
+                        since=parse_now(since, tz) if since else None)
     console.print(f"Wrote {escape(str(path))} ({path.stat().st_size:,} bytes).", highlight=False,
                   soft_wrap=True)
+
+
+def _print_managers(r: StatusReport) -> None:
+    """The manager section (issue 15): reached funnel, durations, cost so far, breakdowns."""
+    m = r.managers
+    if m is None:
+        return
+    t = Table(title="Funnel: customers who reached each stage", title_justify="left")
+    for name, right in (("stage", False), ("reached", True), ("conversion", True)):
+        t.add_column(name, justify="right" if right else "left")
+    for f in m.funnel:
+        conv = "-" if f.conversion is None else f"{100 * f.conversion:.0f}%"
+        t.add_row(escape(f.label), str(f.reached), conv)
+    console.print(t)
+    for what, p in (("invitation to acceptance", m.invitation_to_acceptance),
+                    ("CSP live to cancellation", m.live_to_cancellation)):
+        med = "-" if p.median_days is None else f"{p.median_days:g}"
+        p90 = "-" if p.p90_days is None else f"{p.p90_days:g}"
+        console.print(f"Days {what}: median {med}, 90th percentile {p90} ({p.count} customers)")
+    console.print(f"Double billing incurred to date: {r.currency} {m.incurred_total:,.2f} "
+                  f"(today's exposure {r.currency} {m.exposure_today:,.2f})", highlight=False)
+    for title, rows in (("Per account manager", m.by_account_manager), ("Per wave", m.by_wave)):
+        b = Table(title=title, title_justify="left")
+        for name in ("", "customers", "completed", "exposure today", "incurred"):
+            b.add_column(name, justify="right" if name else "left")
+        for g in rows:
+            done = "-" if g.completed_rate is None else f"{100 * g.completed_rate:.0f}%"
+            b.add_row(escape(g.group), str(g.customers), done, f"{g.exposure_today:,.2f}",
+                      f"{g.incurred:,.2f}")
+        console.print(b)
 
 
 def register(app: typer.Typer) -> None:

@@ -28,6 +28,7 @@ from comms.delivery.base import Transport
 from comms.domain import ACTED_ON, CustomerInfo, MessageStatus, PlannedMessage, SentMessage
 from comms.errors import AlreadySent, NotFound, RequestRefused, StateConflict
 from comms.render import Renderer
+from comms.services import wave_gate
 from comms.store import repo
 from comms.store.db import Database
 from comms.store.locks import RunLock
@@ -123,6 +124,7 @@ class QueueReport:
     customers: int = 0
     queued: int = 0
     deferred: int = 0
+    held: int = 0  # customers whose wave awaits `comms wave approve` (require_approval)
     by_message: Counter[str] = field(default_factory=Counter)
     preview: list[tuple[str, str, int, str]] = field(default_factory=list)  # key, msg, seq, to
 
@@ -164,6 +166,7 @@ def plan_and_queue(
 ) -> QueueReport:
     """Plan every due customer and queue what is due, batch by batch (memory stays flat)."""
     report = QueueReport()
+    gate = wave_gate.load_gate(db, settings, campaign, renderer)
     for ids in due_batches(db, campaign, now, tag=tag, keys=keys):
         with db.session(immediate=not dry_run) as s:
             customers = load_customers(s, ids)
@@ -176,6 +179,10 @@ def plan_and_queue(
                     continue  # changed since the ids were read
                 p = planner.plan(customer, history.get(cid, []), now, campaign)
                 report.customers += 1
+                if gate is not None and gate.holds(customer, history.get(cid, []),
+                                                   (*p.due, *p.deferred)):
+                    report.held += 1  # next_due_at stays: the next run looks again
+                    continue
                 report.deferred += len(p.deferred)
                 closes = planner.window_end(now, campaign.window, customer.time_zone)
                 for pm in p.due:

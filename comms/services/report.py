@@ -309,10 +309,11 @@ def build_report(
     *,
     generated_at: datetime | None = None,
     days: int = 30,
+    **scope: Any,
 ) -> str:
     """The whole report as one HTML string: the figures as of ``now``, stamped ``generated_at``
     (defaults to ``now``; the CLI passes the real clock)."""
-    report = compute_status(db, settings, campaign, now, days=days)
+    report = compute_status(db, settings, campaign, now, days=days, **scope)  # tag, since
     rows = _customer_rows(db, report, campaign)
     return render_report(
         report, rows, partner_name=settings.partner.name, generated_at=generated_at or now
@@ -327,10 +328,10 @@ def write_report(
     now: datetime,
     *,
     generated_at: datetime | None = None,
-    days: int = 30,
+    days: int = 30, **scope: Any,
 ) -> Path:
     """Build the report and write it to ``out`` (UTF-8), replacing the file atomically."""
-    html = build_report(db, settings, campaign, now, generated_at=generated_at, days=days)
+    html = build_report(db, settings, campaign, now, generated_at=generated_at, days=days, **scope)
     out = Path(out)
     # A unique temporary name per write: two runs writing the same report never collide.
     try:

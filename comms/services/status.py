@@ -47,8 +47,10 @@ from comms.services.calendar import days_between as _days_between
 from comms.services.calendar import local_midnight as local_midnight
 from comms.services.calendar import parse_now as parse_now
 from comms.services.calendar import week_bounds as week_bounds
+from comms.services.managers import ManagerReport, compute_manager_report
 from comms.store.db import Database
 from comms.store.models import Customer, Message
+from comms.store.wave_models import not_proof
 
 # Days per billing month for the exposure proration (see module docstring).
 DAYS_PER_MONTH = 30.0
@@ -147,6 +149,8 @@ class StatusReport:
     daily: list[DayCount] = field(default_factory=list)
     # The campaign's stage in which the CSP subscription is live (the exposure's stage).
     csp_live_stage: str = "awaiting_cancellation"
+    # Manager figures (reached funnel, durations, incurred cost, breakdowns): services.managers.
+    managers: ManagerReport | None = None
 
     @property
     def exposure_total(self) -> float:
@@ -273,6 +277,7 @@ def message_counts(session: Session, now: datetime, tz: ZoneInfo) -> MessageCoun
 
     rows = session.execute(
         sa.select(col(Message.status), _in(d0, d1), _in(w0, w1), sa.func.count())
+        .where(not_proof())  # wave proofs went to the operator, not to customers
         .group_by(col(Message.status))
     ).all()
     today = dict.fromkeys(STATUSES, 0)
@@ -383,7 +388,8 @@ def messages_per_day(
         bucket = sa.case(
             *((ts < b, i) for i, b in enumerate(bounds[1:-1])), else_=days - 1
         ) if days > 1 else sa.literal(0)
-        q = sa.select(bucket.label("b"), sa.func.count()).where(ts >= bounds[0], ts < bounds[-1])
+        q = sa.select(bucket.label("b"), sa.func.count()).where(
+            ts >= bounds[0], ts < bounds[-1], not_proof())
         if status is not None:
             q = q.where(col(Message.status) == status)
         # Group by the output name: repeating the CASE would bind its parameters twice, which
@@ -398,7 +404,8 @@ def messages_per_day(
 
 
 def compute_status(
-    db: Database, settings: Settings, campaign: Campaign, now: datetime, *, days: int = 14
+    db: Database, settings: Settings, campaign: Campaign, now: datetime, *, days: int = 14,
+    tag: str | None = None, since: datetime | None = None,
 ) -> StatusReport:
     """Every figure of `comms status` as of ``now``, read in one transaction."""
     now = _aware(now)
@@ -419,4 +426,5 @@ def compute_status(
             exposure=double_billing_exposure(s, now, price, campaign.csp_live_stage),
             daily=messages_per_day(s, now, tz, days),
             csp_live_stage=campaign.csp_live_stage,
+            managers=compute_manager_report(s, campaign, now, price, tag=tag, since=since),
         )

@@ -1,0 +1,77 @@
+"""Manager figures (issue 15): reached funnel, durations, double billing incurred to date."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from comms.campaign import load_campaign
+from comms.services import demo
+from comms.services.managers import compute_manager_report, percentile
+from comms.store.db import Database, open_database
+from comms.store.models import Customer, StageEvent
+
+T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+
+
+def _customer(s: object, key: str, stage: str, licences: int, manager: str,
+              moves: list[tuple[str, float]], live_day: float | None) -> None:
+    c = Customer(key=key, name=key, licences=licences, stage=stage,
+                 stage_entered_at=T0 + timedelta(days=moves[-1][1]),
+                 account_manager_name=manager, account_manager_email=f"{manager}@p.example",
+                 csp_live_at=None if live_day is None else T0 + timedelta(days=live_day),
+                 created_at=T0, updated_at=T0)
+    s.add(c)  # type: ignore[attr-defined]
+    s.flush()  # type: ignore[attr-defined]
+    for to, day in moves:
+        s.add(StageEvent(customer_id=c.id, kind="stage", to_stage=to,  # type: ignore[attr-defined]
+                         at=T0 + timedelta(days=day), source="test"))
+
+
+def test_incurred_cost_matches_a_hand_computation_for_three_customers(db: Database) -> None:
+    campaign = load_campaign()
+    now = T0 + timedelta(days=40)
+    with db.session() as s:
+        # A: live day 10, cancelled day 16 -> 6 days x 30 licences.
+        _customer(s, "A", "completed", 30, "ann", [("imported", 0), ("invited", 1),
+                  ("approved", 5), ("awaiting_cancellation", 10), ("completed", 16)], 10)
+        # B: live day 20 (go-live recorded), still paying at day 40 -> 20 days x 10 licences.
+        _customer(s, "B", "awaiting_cancellation", 10, "ann", [("imported", 0), ("invited", 2),
+                  ("approved", 4), ("awaiting_cancellation", 20)], 20)
+        # C: invited, never accepted: nothing billed twice.
+        _customer(s, "C", "invited", 50, "bob", [("imported", 0), ("invited", 3)], None)
+    with db.session() as s:
+        m = compute_manager_report(s, campaign, now, 12.5)
+    a, b = 6 * 30 * 12.5 / 30, 20 * 10 * 12.5 / 30
+    assert m.incurred_total == round(a + b, 2) == 158.33
+    assert m.exposure_today == round(b, 2)
+    assert [f.reached for f in m.funnel] == [3, 3, 3, 2, 2, 1]
+    assert m.invitation_to_acceptance.count == 2 and m.invitation_to_acceptance.median_days == 3
+    assert m.live_to_cancellation.count == 1 and m.live_to_cancellation.median_days == 6
+    by = {g.group: g for g in m.by_account_manager}
+    assert by["ann <ann@p.example>"].incurred == round(a + b, 2)
+    assert by["bob <bob@p.example>"].incurred == 0 and by["bob <bob@p.example>"].customers == 1
+    assert "approved" not in {f.label for f in m.funnel}  # descriptions, not stage names
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    assert percentile([], 0.5) is None
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    assert percentile([float(i) for i in range(1, 11)], 0.9) == 9.1
+
+
+def test_reached_funnel_never_rises_on_the_demo_data(tmp_path: Path) -> None:
+    result = demo.run_demo(tmp_path / "work", echo=lambda _line: None)
+    db = open_database(result.database_url)
+    try:
+        with db.session() as s:
+            m = compute_manager_report(s, load_campaign(), result.ended_at, 12.5)
+    finally:
+        db.dispose()
+    counts = [f.reached for f in m.funnel]
+    assert counts[0] > 0 and all(a >= b for a, b in itertools.pairwise(counts))
+    assert counts[-1] > 0  # the demo completes customers: the funnel is not trivially flat
+    for wave in m.by_wave:
+        w = [f.reached for f in wave.funnel]
+        assert all(a >= b for a, b in itertools.pairwise(w))
