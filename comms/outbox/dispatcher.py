@@ -170,11 +170,10 @@ class Dispatcher:
             waits.append((next_queued - now).total_seconds())
         if sending:
             waits.append(0.5)  # another worker's send, or a lease still to expire
-        if oldest_unknown is not None and self.reconciler is not None:
-            if wait_for_unknown:
-                waits.append((oldest_unknown + self.grace - real).total_seconds())
-            elif newest_unknown is not None and newest_unknown + self.grace > real:
-                waits.append((oldest_unknown + self.grace - real).total_seconds())
+        one_more_pass = newest_unknown is not None and newest_unknown + self.grace > real
+        if oldest_unknown is not None and self.reconciler is not None and (
+                wait_for_unknown or one_more_pass):
+            waits.append((oldest_unknown + self.grace - real).total_seconds())
         if not waits:
             return None
         wait = max(min(waits), 0.02)

@@ -1,6 +1,6 @@
 """wave_events: proofs, approvals and holds of a wave (tag), append-only
 
-Revision ID: 0008
+Revision ID: 0007
 Revises: 0006
 Create Date: 2026-12-01
 """
@@ -12,7 +12,7 @@ from alembic import op
 
 from comms.store.models import UTCDateTime
 
-revision = "0008"
+revision = "0007"
 down_revision = "0006"
 branch_labels = None
 depends_on = None
