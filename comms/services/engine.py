@@ -118,13 +118,26 @@ def load_history(session: Session, ids: Sequence[int]) -> dict[int, list[SentMes
 # --------------------------------------------------------------------------- planning
 
 
+@dataclass(frozen=True)
+class PreviewRow:
+    """One message a dry run would queue: who gets what, in which locale, from when (UTC)."""
+
+    key: str
+    message: str
+    sequence: int
+    locale: str
+    send_after: datetime
+    time_zone: str
+    to: tuple[str, ...]
+
+
 @dataclass
 class QueueReport:
     customers: int = 0
     queued: int = 0
     deferred: int = 0
     by_message: Counter[str] = field(default_factory=Counter)
-    preview: list[tuple[str, str, int, str]] = field(default_factory=list)  # key, msg, seq, to
+    preview: list[PreviewRow] = field(default_factory=list)  # dry runs only
 
 
 def _row(
@@ -182,11 +195,8 @@ def plan_and_queue(
                     rows.append(_row(settings, customer, pm, _render(renderer, customer, pm, now),
                                      now, closes))
                     report.by_message[pm.message] += 1
-                    if dry_run:
-                        report.preview.append(
-                            (customer.key, pm.message, pm.sequence,
-                             ", ".join(c.email for c in pm.to))
-                        )
+                if dry_run:
+                    report.preview += _preview(renderer, customer, p, now, rows)
                 next_due.append({"id": cid, "next_due_at": p.next_due_at})
             if dry_run:
                 report.queued += len(rows)
@@ -197,6 +207,23 @@ def plan_and_queue(
         if progress:
             progress(len(ids))
     return report
+
+
+def _preview(renderer: Renderer, customer: CustomerInfo, p: planner.Plan, now: datetime,
+             rows: list[dict[str, Any]]) -> list[PreviewRow]:
+    """The dry run's rows for one customer: due messages now, deferred ones at the window's
+    opening (rendered only to learn their locale)."""
+    out = []
+    due_locales = [r["locale"] for r in rows[len(rows) - len(p.due):]] if p.due else []
+    for pm, loc in zip(p.due, due_locales, strict=True):
+        out.append(PreviewRow(customer.key, pm.message, pm.sequence, loc, now,
+                              customer.time_zone, tuple(c.email for c in pm.to)))
+    for pm in p.deferred:
+        loc = _render(renderer, customer, pm, now).locale
+        out.append(PreviewRow(customer.key, pm.message, pm.sequence, loc,
+                              p.next_due_at or now, customer.time_zone,
+                              tuple(c.email for c in pm.to)))
+    return out
 
 
 # --------------------------------------------------------------------------- one-off sends
@@ -241,9 +268,13 @@ def prepare_send(
     now: datetime,
     message: str | None = None,
     resend_note: str | None = None,
+    force_note: str | None = None,
 ) -> list[Prepared]:
     """What `comms send KEY` would send now: the stage's due messages (send window ignored:
-    an operator decided), or the named message. Nothing is written."""
+    an operator decided), or the named message. Nothing is written.
+
+    A named message of another stage is refused unless ``force_note`` says why; a forced send
+    takes a negative sequence (as a resend does), so it never uses up the staged message."""
     with db.session() as s:
         row = _customer_by_key(s, key)
         assert row.id is not None
@@ -264,20 +295,24 @@ def prepare_send(
                 f"with --message (one of: {', '.join(campaign.messages())})."
             )
     else:
-        items = [_explicit(customer, campaign, message, existing, resend_note)]
+        items = [_explicit(customer, campaign, message, existing, resend_note, force_note)]
     out = []
     for pm in items:
         rendered = _render(renderer, customer, pm, now)
         r = _row(settings, customer, pm, rendered, now)
+        notes = []
+        if pm.sequence < 0 and pm.stage != customer.stage and force_note:
+            notes.append(f"forced out of stage {customer.stage}: {force_note}")
         if resend_note:
-            r["note"] = f"resend: {resend_note}"
+            notes.append(f"resend: {resend_note}")
+        r["note"] = "; ".join(notes)
         out.append(Prepared(customer, pm, rendered.subject, r))
     return out
 
 
 def _explicit(
     customer: CustomerInfo, campaign: Campaign, message: str, existing: Sequence[Message],
-    resend_note: str | None,
+    resend_note: str | None, force_note: str | None = None,
 ) -> PlannedMessage:
     if message not in campaign.messages():
         raise NotFound(
@@ -289,6 +324,13 @@ def _explicit(
             "escalated reminders, never to a customer. Name a customer message."
         )
     stage = campaign.stage_of(message) or customer.stage
+    out_of_stage = not _stage_sends(campaign, customer.stage, message)
+    if out_of_stage and not force_note:
+        raise StateConflict(
+            f"{message} belongs to stage {stage!r}; {customer.key} is in stage "
+            f"{customer.stage!r}. To send it anyway add --force --note \"why\" (the staged "
+            f"message still goes out when {customer.key} reaches {stage!r})."
+        )
     same = [m for m in existing if m.message == message and m.status != MessageStatus.WITHDRAWN]
     done = [m for m in same if m.status in ACTED_ON]
     if done and not resend_note:
@@ -298,9 +340,10 @@ def _explicit(
             f"{message} is already {last.status} for {customer.key}{when} (outbox id "
             f"{last.id}). To send it again, add --resend --note \"why\"."
         )
-    if resend_note:
-        # Resends take negative sequences so the (customer, message, sequence) key still
-        # guarantees each decision is queued once, and the planner never counts them.
+    if resend_note or out_of_stage:
+        # Resends and forced out-of-stage sends take negative sequences so the (customer,
+        # message, sequence) key still guarantees each decision is queued once, and the planner
+        # (sequences 0..max) never counts them: the staged message still goes out later.
         sequence = min([m.sequence for m in existing if m.message == message] + [0]) - 1
     else:
         sequence = max([m.sequence for m in same] + [-1]) + 1
@@ -312,6 +355,15 @@ def _explicit(
         )
     return PlannedMessage(message=message, sequence=sequence, stage=stage, to=recipients,
                           reminder_number=max(sequence, 0))
+
+
+def _stage_sends(campaign: Campaign, stage_name: str, message: str) -> bool:
+    """Whether the customer's current stage itself sends ``message``."""
+    if not campaign.has_stage(stage_name):
+        return False
+    st = campaign.stage(stage_name)
+    r = st.reminders
+    return message == st.on_enter or (r is not None and message == r.message)
 
 
 def queue_prepared(
@@ -331,7 +383,9 @@ def queue_prepared(
             if p.row["note"]:
                 assert p.customer.id is not None
                 s.add(StageEvent(
-                    customer_id=p.customer.id, kind="resend", from_stage=p.customer.stage,
+                    customer_id=p.customer.id,
+                    kind="forced_send" if p.row["note"].startswith("forced") else "resend",
+                    from_stage=p.customer.stage,
                     to_stage=p.customer.stage, at=now, by=by, source="send",
                     note=f"{p.planned.message}: {p.row['note']}",
                 ))
