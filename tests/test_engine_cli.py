@@ -176,7 +176,7 @@ def test_outbox_commands_and_suppression(env: dict[str, Any], db: Database, tmp_
     shown = cli("outbox", "show", str(rows[0]["id"]))
     assert "status: sent" in shown.stdout and "partner_invitation #0" in shown.stdout
     bad = cli("outbox", "list", "--status", "lost")
-    assert bad.exit_code == 1 and "Unknown status 'lost'" in bad.stderr
+    assert bad.exit_code == 2 and "Unknown status 'lost'" in bad.stderr
     retry = cli("outbox", "retry", str(rows[0]["id"]))
     assert retry.exit_code == 1
     assert "is sent; only failed messages are retried" in retry.stderr

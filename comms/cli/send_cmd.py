@@ -53,7 +53,7 @@ def run(
     limit: int = typer.Option(None, "--limit", min=0, help="Send at most N messages this run."),
     max_minutes: float = typer.Option(50.0, "--max-minutes", min=0.0, help="Stop dispatching after M minutes (queued mail waits for the next run)."),
     tag: str = typer.Option(None, "--tag", help="Only customers with this tag (a marketing wave)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
     sync: bool = typer.Option(False, "--sync", help="Sync stages from Partner Center / Graph first (also [sync] on_run)."),
 ) -> None:
     """The scheduled run (cron / systemd timer): plan what is due, queue it, send it.

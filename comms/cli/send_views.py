@@ -15,7 +15,7 @@ from comms.cli import present
 from comms.cli.common import console, err_console, is_tty
 from comms.config import Settings
 from comms.services import sending
-from comms.services.engine import PreviewRow
+from comms.services.run_preview import PreviewRow
 from comms.services.sending import SendPlan
 from comms.timezones import zone
 

@@ -28,6 +28,7 @@ from comms.delivery.base import Transport
 from comms.domain import ACTED_ON, CustomerInfo, MessageStatus, PlannedMessage, SentMessage
 from comms.errors import AlreadySent, NotFound, RequestRefused, StateConflict
 from comms.render import Renderer
+from comms.services.run_preview import PreviewRow, preview_rows
 from comms.store import repo
 from comms.store.db import Database
 from comms.store.locks import RunLock
@@ -118,19 +119,6 @@ def load_history(session: Session, ids: Sequence[int]) -> dict[int, list[SentMes
 # --------------------------------------------------------------------------- planning
 
 
-@dataclass(frozen=True)
-class PreviewRow:
-    """One message a dry run would queue: who gets what, in which locale, from when (UTC)."""
-
-    key: str
-    message: str
-    sequence: int
-    locale: str
-    send_after: datetime
-    time_zone: str
-    to: tuple[str, ...]
-
-
 @dataclass
 class QueueReport:
     customers: int = 0
@@ -196,7 +184,8 @@ def plan_and_queue(
                                      now, closes))
                     report.by_message[pm.message] += 1
                 if dry_run:
-                    report.preview += _preview(renderer, customer, p, now, rows)
+                    later = [_render(renderer, customer, pm, now).locale for pm in p.deferred]
+                    report.preview += preview_rows(customer, p, now, rows, later)
                 next_due.append({"id": cid, "next_due_at": p.next_due_at})
             if dry_run:
                 report.queued += len(rows)
@@ -207,23 +196,6 @@ def plan_and_queue(
         if progress:
             progress(len(ids))
     return report
-
-
-def _preview(renderer: Renderer, customer: CustomerInfo, p: planner.Plan, now: datetime,
-             rows: list[dict[str, Any]]) -> list[PreviewRow]:
-    """The dry run's rows for one customer: due messages now, deferred ones at the window's
-    opening (rendered only to learn their locale)."""
-    out = []
-    due_locales = [r["locale"] for r in rows[len(rows) - len(p.due):]] if p.due else []
-    for pm, loc in zip(p.due, due_locales, strict=True):
-        out.append(PreviewRow(customer.key, pm.message, pm.sequence, loc, now,
-                              customer.time_zone, tuple(c.email for c in pm.to)))
-    for pm in p.deferred:
-        loc = _render(renderer, customer, pm, now).locale
-        out.append(PreviewRow(customer.key, pm.message, pm.sequence, loc,
-                              p.next_due_at or now, customer.time_zone,
-                              tuple(c.email for c in pm.to)))
-    return out
 
 
 # --------------------------------------------------------------------------- one-off sends
