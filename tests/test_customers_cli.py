@@ -233,8 +233,8 @@ def test_bulk_where_stage_with_dry_run_and_confirmation(cli: Cli, loaded: Databa
     assert customer(loaded, "CUST-0010").stage == "imported"
     unconfirmed = cli("customers", "set-stage", "--where-stage", "imported", "--tag", "apac",
                       "invited")
-    assert unconfirmed.exit_code == 1
-    assert unconfirmed.stderr == ("Error: Move 4 customer(s) to invited? Refusing to continue "
+    assert unconfirmed.exit_code == 2
+    assert unconfirmed.stderr == ("Error: Move 4 customers to invited? Refusing to continue "
                                   "without a terminal; add --yes.\n")
     assert customer(loaded, "CUST-0010").stage == "imported"
     done = cli("customers", "set-stage", "--where-stage", "imported", "--tag", "apac",

@@ -117,7 +117,7 @@ def test_send_one_customer_confirm_refuse_repeat_and_resend(
     assert dry.exit_code == 0 and "Dry run: 1 message would be sent" in dry.stdout
     assert "partner_invitation" in dry.stdout and env["sandbox"].sent() == []
     no = cli("send", "K0001", "--now", NOW, input="n\n")
-    assert no.exit_code == 1 and env["sandbox"].sent() == []
+    assert no.exit_code == 2 and env["sandbox"].sent() == []  # no terminal, no --yes
     ok = cli("send", "K0001", "--yes", "--now", NOW)
     assert ok.exit_code == 0, ok.output
     assert "sent 1, failed 0" in ok.stdout
@@ -129,7 +129,7 @@ def test_send_one_customer_confirm_refuse_repeat_and_resend(
     assert "partner_invitation is already sent for K0001" in repeat.stderr
     assert "add --resend --note" in repeat.stderr
     internal = cli("send", "K0001", "--message", "account_manager_alert", "--yes", "--now", NOW)
-    assert internal.exit_code == 1
+    assert internal.exit_code == 2
     assert "account_manager_alert is an internal note to the account manager" in internal.stderr
     no_note = cli("send", "K0001", "--message", "partner_invitation", "--resend", "--yes")
     assert no_note.exit_code == 2 and "--resend needs --note" in no_note.stderr

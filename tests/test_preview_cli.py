@@ -113,7 +113,7 @@ def test_preview_errors_are_one_clear_line(cli: Any, db: Database) -> None:
     assert bad_format.exit_code == 2
     assert bad_format.stderr.strip() == "Error: Unknown --format 'pdf'; use html, text or eml."
     no_args = cli("preview")
-    assert no_args.exit_code == 1
+    assert no_args.exit_code == 2
     assert "Give a customer KEY and --message NAME" in no_args.stderr
 
 

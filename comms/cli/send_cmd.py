@@ -20,7 +20,7 @@ def send(
     yes: bool = present.yes_option(),
     resend: bool = typer.Option(False, "--resend", help="Send a message again that was already sent (needs --note)."),
     force: bool = typer.Option(False, "--force", help="Send a message of another stage than the customer's (needs --note)."),
-    note: str = typer.Option("", "--note", "--reason", help="Why (required with --resend and --force; recorded)."),
+    note: str = typer.Option("", "--note", help="Why (required with --resend and --force; recorded)."),
     now: str = typer.Option(None, "--now", help="Pretend it is this time (ISO); default: now."),
 ) -> None:
     """Send one customer (or a tagged group) what its stage calls for now, or a named message.
