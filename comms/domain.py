@@ -27,7 +27,8 @@ ACTED_ON = frozenset({MessageStatus.QUEUED, MessageStatus.SENDING, MessageStatus
                       MessageStatus.UNKNOWN})
 
 EventKind = Literal[
-    "stage", "pause", "resume", "opt_out", "opt_in", "lost", "found", "update", "resend", "import"
+    "stage", "pause", "resume", "opt_out", "opt_in", "lost", "found", "update", "resend", "import",
+    "forced_send",
 ]
 
 

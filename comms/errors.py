@@ -15,9 +15,9 @@ turns any ``CommsError`` into one clear line on stderr and the exit code it carr
     ├── DeliveryError               a transport cannot be used at all (not one message's outcome)
     ├── AlreadySent                 a message was already sent; resending needs --resend --note
     ├── UsageError                  exit 2: a bad argument or option value (like click)
-    ├── RequestRefused              a command asks for something that cannot be done as given
-    │                               (missing --note, both keys and --where-stage...): exit 1
-    │                               as before; issue 11 decides whether it joins exit 2
+    ├── RequestRefused              exit 2: a command asks for something that cannot be done
+    │                               as given (missing --note, both keys and --where-stage,
+    │                               no terminal to confirm without --yes): usage, like click
     ├── StateConflict               the ledger is not in a state that allows this (names why)
     ├── OutputError                 a file cannot be written (names the path and the fix)
     ├── UnknownTimeZone             exit 3: not an IANA time zone (suggests the closest one)
@@ -98,8 +98,8 @@ class UsageError(CommsError):
     exit_code = 2
 
 
-class RequestRefused(CommsError):
-    pass
+class RequestRefused(UsageError):
+    """A usage-type refusal (options that need or exclude each other): exit 2 like click."""
 
 
 class StateConflict(CommsError):

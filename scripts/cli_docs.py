@@ -50,7 +50,8 @@ def render() -> str:
         if text:
             lines.append(text)
             lines.append("")
-        opts = [p for p in cmd.params if p.param_type_name == "option" and p.help]
+        opts = [p for p in cmd.params if p.param_type_name == "option" and p.help
+                and not getattr(p, "hidden", False)]
         for p in opts:
             lines.append(f"- `{', '.join(p.opts)}`: {p.help}")
         if opts:

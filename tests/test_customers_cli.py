@@ -229,12 +229,12 @@ def test_bulk_where_stage_with_dry_run_and_confirmation(cli: Cli, loaded: Databa
     for key in ("CUST-0010", "CUST-0014", "CUST-0018", "CUST-0021"):
         assert key in dry.stdout
     assert dry.stdout.endswith(
-        "Dry run: 4 customer(s) would move to invited; nothing changed.\n")
+        "Dry run: 4 customers would move to invited; nothing changed.\n")
     assert customer(loaded, "CUST-0010").stage == "imported"
     unconfirmed = cli("customers", "set-stage", "--where-stage", "imported", "--tag", "apac",
                       "invited")
-    assert unconfirmed.exit_code == 1
-    assert unconfirmed.stderr == ("Error: Move 4 customer(s) to invited? Refusing to continue "
+    assert unconfirmed.exit_code == 2
+    assert unconfirmed.stderr == ("Error: Move 4 customers to invited? Refusing to continue "
                                   "without a terminal; add --yes.\n")
     assert customer(loaded, "CUST-0010").stage == "imported"
     done = cli("customers", "set-stage", "--where-stage", "imported", "--tag", "apac",

@@ -39,9 +39,11 @@ def test_run_dry_run_forecasts_and_sends_nothing(env: dict[str, Any], db: Databa
     seed(db, tmp_path, 12)
     r = cli("run", "--dry-run", "--now", NOW)
     assert r.exit_code == 0, r.output
-    assert ("Dry run: 12 message(s) would be queued for 12 customer(s) (0 deferred to the "
-            "send window). 12 message(s), 2 sender mailbox(es): about less than a minute; "
-            "20,000/day cap not reached. Nothing was queued or sent.") in r.stdout
+    assert ("Dry run: 12 messages would be queued now for 12 customers (0 more when the send "
+            "window opens); 12 messages to send in all, 2 sender mailboxes.") in r.stdout
+    assert "Forecast: 12 at 60 a minute: under a minute (mailbox rate binds)." in r.stdout
+    assert "This was a dry run: the outbox and the ledger are unchanged." in r.stdout
+    assert "Nothing was queued" not in r.stdout
     assert "partner_invitation: 12" in r.stdout
     assert env["sandbox"].sent() == [] and statuses(db) == {}
 
@@ -112,10 +114,10 @@ def test_send_one_customer_confirm_refuse_repeat_and_resend(
 ) -> None:
     seed(db, tmp_path, 3)
     dry = cli("send", "K0001", "--dry-run", "--now", NOW)
-    assert dry.exit_code == 0 and "Dry run: 1 message(s) would be sent" in dry.stdout
+    assert dry.exit_code == 0 and "Dry run: 1 message would be sent" in dry.stdout
     assert "partner_invitation" in dry.stdout and env["sandbox"].sent() == []
     no = cli("send", "K0001", "--now", NOW, input="n\n")
-    assert no.exit_code == 1 and env["sandbox"].sent() == []
+    assert no.exit_code == 2 and env["sandbox"].sent() == []  # no terminal, no --yes
     ok = cli("send", "K0001", "--yes", "--now", NOW)
     assert ok.exit_code == 0, ok.output
     assert "sent 1, failed 0" in ok.stdout
@@ -127,10 +129,10 @@ def test_send_one_customer_confirm_refuse_repeat_and_resend(
     assert "partner_invitation is already sent for K0001" in repeat.stderr
     assert "add --resend --note" in repeat.stderr
     internal = cli("send", "K0001", "--message", "account_manager_alert", "--yes", "--now", NOW)
-    assert internal.exit_code == 1
+    assert internal.exit_code == 2
     assert "account_manager_alert is an internal note to the account manager" in internal.stderr
     no_note = cli("send", "K0001", "--message", "partner_invitation", "--resend", "--yes")
-    assert no_note.exit_code == 1 and "--resend needs --note" in no_note.stderr
+    assert no_note.exit_code == 2 and "--resend needs --note" in no_note.stderr
     again = cli("send", "K0001", "--message", "partner_invitation", "--resend", "--note",
                 "customer deleted it by mistake", "--yes", "--now", NOW)
     assert again.exit_code == 0, again.output
@@ -162,9 +164,9 @@ def test_send_to_a_tagged_group(env: dict[str, Any], db: Database, tmp_path: Pat
 def test_outbox_commands_and_suppression(env: dict[str, Any], db: Database, tmp_path: Path,
                                          cli: Any) -> None:
     seed(db, tmp_path, 3)
-    out = cli("contacts", "opt-out", "Admin2@Customer2.example", "--reason", "asked by phone")
+    out = cli("contacts", "opt-out", "Admin2@Customer2.example", "--note", "asked by phone")
     assert out.exit_code == 0
-    assert "admin2@customer2.example suppressed (a contact of 1 customer(s))." in out.stdout
+    assert "admin2@customer2.example suppressed (a contact of 1 customer)." in out.stdout
     r = cli("run", "--now", NOW, "--json")
     assert json.loads(r.stdout)["sent"] == 2
     assert all(rec["to"] != ["admin2@customer2.example"] for rec in env["sandbox"].sent())
@@ -174,7 +176,7 @@ def test_outbox_commands_and_suppression(env: dict[str, Any], db: Database, tmp_
     shown = cli("outbox", "show", str(rows[0]["id"]))
     assert "status: sent" in shown.stdout and "partner_invitation #0" in shown.stdout
     bad = cli("outbox", "list", "--status", "lost")
-    assert bad.exit_code == 1 and "Unknown status 'lost'" in bad.stderr
+    assert bad.exit_code == 2 and "Unknown status 'lost'" in bad.stderr
     retry = cli("outbox", "retry", str(rows[0]["id"]))
     assert retry.exit_code == 1
     assert "is sent; only failed messages are retried" in retry.stderr
@@ -202,7 +204,7 @@ def test_resolve_unknown_by_hand(env: dict[str, Any], db: Database, tmp_path: Pa
     mid = str(listed[0]["id"])
     assert f"comms outbox resolve {mid} --sent" in listed[0]["last_error"]
     both = cli("outbox", "resolve", mid)
-    assert both.exit_code == 1 and "Say either --sent or --resend." in both.stderr
+    assert both.exit_code == 2 and "Say either --sent or --resend." in both.stderr
     done = cli("outbox", "resolve", mid, "--sent")
     assert done.exit_code == 0 and f"Message {mid} is now sent." in done.stdout
     assert statuses(db) == {"sent": 1} and len(sb.sent()) == 1

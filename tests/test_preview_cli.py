@@ -110,10 +110,10 @@ def test_preview_errors_are_one_clear_line(cli: Any, db: Database) -> None:
     assert unknown.stderr.startswith("Error: No message named 'kickof'. Messages: "
                                      "account_manager_alert, cancel_instructions")
     bad_format = cli("preview", "contoso", "--message", "kickoff", "--format", "pdf")
-    assert bad_format.exit_code == 1
+    assert bad_format.exit_code == 2
     assert bad_format.stderr.strip() == "Error: Unknown --format 'pdf'; use html, text or eml."
     no_args = cli("preview")
-    assert no_args.exit_code == 1
+    assert no_args.exit_code == 2
     assert "Give a customer KEY and --message NAME" in no_args.stderr
 
 
@@ -158,6 +158,6 @@ def test_preview_all_writes_every_branch_and_an_index(cli: Any, tmp_path: Path) 
     assert "Microsoft-Support" in big and SUPPORT in big
     assert "&lt;b&gt;Contoso &amp; Sons&lt;/b&gt;" in small
     needs_out = cli("preview", "--all")
-    assert needs_out.exit_code == 1
+    assert needs_out.exit_code == 2
     assert needs_out.stderr.strip() == \
         "Error: --all needs --out DIR (the folder to write the previews to)."

@@ -397,7 +397,7 @@ def test_cli_status_json(ledger: Ledger, cli: Any, ny: None) -> None:
 
 def test_cli_status_rejects_a_bad_now(db: Database, cli: Any) -> None:
     r = cli("status", "--now", "tomorrow")
-    assert r.exit_code == 1
+    assert r.exit_code == 2
     assert r.stderr.strip() == (
         "Error: --now 'tomorrow' is not an ISO 8601 date-time; use e.g. 2026-03-02T09:30 or "
         "2026-03-02T09:30:00+00:00."

@@ -15,17 +15,22 @@ app = new_app(
 )
 
 
+def _print_version(value: bool) -> None:
+    # Eager, so it answers before click asks for a command.
+    if value:
+        typer.echo(f"comms {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
     config: str = typer.Option(
         None, "--config", "-c", envvar="COMMS_CONFIG", help="Config file (default: ./comms.toml)."
     ),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print the version and exit."),
 ) -> None:
-    if version:
-        typer.echo(__version__)
-        raise typer.Exit(0)
     common.open_context(ctx, config)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 import typer
@@ -57,10 +59,14 @@ def check(
     send_test: bool = typer.Option(
         False, "--send-test", help="Also send a test message from each sender mailbox to itself."
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
 ) -> None:
     """Get a token; show tenant, app and permissions; check each sender mailbox."""
     report = auth_check.check_access(common.app().settings, send_test=send_test)
-    _print_report(report)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(report), indent=2, default=str))
+    else:
+        _print_report(report)
     report.raise_problems()
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
-from comms.cli import common
+from comms.cli import common, present
 from comms.cli.common import console, new_app
 from comms.services import outbox_admin
 
@@ -17,13 +18,16 @@ contacts_app = new_app("Contact addresses that must never be mailed (suppression
 @contacts_app.command("opt-out")
 def opt_out(
     email: str = typer.Argument(..., help="The address to suppress."),
-    reason: str = typer.Option("", "--reason", help="Why (recorded)."),
+    note: str = typer.Option("", "--note", help="Why; recorded."),
+    reason: str = typer.Option("", "--reason", hidden=True, help="Old name of --note."),
 ) -> None:
     """Never mail this address again (the planner and the dispatcher both honour it)."""
     address, customers = outbox_admin.suppress(
-        common.app().database, email, reason=reason, now=datetime.now(UTC), by=common.actor()
+        common.app().database, email, reason=note or reason, now=datetime.now(UTC),
+        by=common.actor(),
     )
-    console.print(f"{address} suppressed (a contact of {customers} customer(s)).")
+    console.print(Text(f"{address} suppressed (a contact of "
+                       f"{present.plural(customers, 'customer')})."), soft_wrap=True)
 
 
 @contacts_app.command("opt-in")
@@ -34,12 +38,18 @@ def opt_in(email: str = typer.Argument(..., help="The address to mail again.")) 
 
 
 @contacts_app.command("suppressed")
-def suppressed() -> None:
+def suppressed(as_json: bool = present.json_option()) -> None:
     """List suppressed addresses."""
-    table = Table("email", "since", "by", "reason")
-    for row in outbox_admin.suppressions(common.app().database):
-        table.add_row(row.email, row.at.strftime("%Y-%m-%d"), row.by, row.reason)
-    console.print(table)
+    rows = outbox_admin.suppressions(common.app().database)
+    if as_json:
+        typer.echo(json.dumps([{"email": r.email, "since": r.at.isoformat(), "by": r.by,
+                                "note": r.reason} for r in rows], indent=2))
+        return
+    table = present.table("email", "since", "by", "note", keys=("email",), dates=("since",))
+    for row in rows:
+        table.add_row(Text(row.email), row.at.strftime("%Y-%m-%d"), Text(row.by),
+                      Text(row.reason))
+    console.print(present.fit(table))
 
 
 def register(app: typer.Typer) -> None:

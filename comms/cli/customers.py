@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from comms.cli import common
+from comms.cli import common, present
 from comms.cli.common import confirm_or_abort, console, new_app
 from comms.services import customers as svc
 
@@ -185,12 +185,13 @@ def set_stage_cmd(
     app = common.app()
 
     def review(plan: list[svc.StageChange]) -> None:
-        _print_moves(plan)
+        _print_moves(plan, dry_run)
+        who = present.plural(len(plan), "customer")
         if dry_run:
-            console.print(f"Dry run: {len(plan)} customer(s) would move to {stage}; nothing "
-                          "changed.", highlight=False, soft_wrap=True)
+            console.print(f"Dry run: {who} would move to {stage}; nothing changed.",
+                          highlight=False, soft_wrap=True)
         else:
-            confirm_or_abort(f"Move {len(plan)} customer(s) to {stage}?", yes)
+            confirm_or_abort(f"Move {who} to {stage}?", yes)
 
     result = svc.move_customers(app.database, app.campaign, keys, stage, where_stage=where_stage,
                                 tag=tag, now=datetime.now(UTC), by=common.actor(), note=note,
@@ -206,12 +207,14 @@ def set_stage_cmd(
                       soft_wrap=True)
 
 
-def _print_moves(plan: list[svc.StageChange]) -> None:
-    table = Table("key", "name", "from", "to", "forced")
+def _print_moves(plan: list[svc.StageChange], dry_run: bool = False) -> None:
+    cols = ("key", "name", "from", "to", "forced") + (("would send",) if dry_run else ())
+    table = present.table(*cols)
     for p in plan:
+        extra = (", ".join(p.triggers) or "nothing",) if dry_run else ()
         table.add_row(Text(p.key), Text(p.name), p.from_stage, p.to_stage,
-                      "yes" if p.forced else "")
-    console.print(table)
+                      "yes" if p.forced else "", *extra)
+    console.print(present.fit(table))
 
 
 def _side(action: svc.SideAction, done: str, already: str) -> Any:

@@ -10,7 +10,7 @@ from comms.cli.common import console
 
 
 def demo(
-    workdir: Path = typer.Option(Path("demo"), "--dir", help="Working folder (wiped first)."),
+    workdir: Path = typer.Option(Path("demo"), "--dir", help="Working folder: new, empty, or an earlier demo's (wiped); any other is refused."),
     csv: Path = typer.Option(None, "--csv", help="Customer CSV (default: the bundled sample)."),
     days: int = typer.Option(30, "--days", min=1, max=120, help="Simulated days."),
 ) -> None:

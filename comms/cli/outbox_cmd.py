@@ -30,7 +30,7 @@ def list_(
     status: str = typer.Option(None, "--status", "-s", help=_STATUSES_HELP),
     customer: str = typer.Option(None, "--customer", help="Only this customer key."),
     limit: int = typer.Option(200, "--limit", min=1, help="Newest N rows."),
-    as_json: bool = typer.Option(False, "--json", help="JSON for machines."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
 ) -> None:
     """List outbox messages, newest first."""
     rows = outbox_admin.list_messages(common.app().database, status=status, customer_key=customer,
@@ -53,10 +53,18 @@ def list_(
 
 
 @outbox_app.command("show")
-def show(message_id: int = typer.Argument(..., help="Outbox id (see `comms outbox list`).")) -> None:
+def show(
+    message_id: int = typer.Argument(..., help="Outbox id (see `comms outbox list`)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
+) -> None:
     """Show one message: recipients, status history fields, subject and text body."""
     r = outbox_admin.get_message(common.app().database, message_id)
     m = r.message
+    if as_json:
+        data = m.model_dump(exclude={"html"})
+        data["customer"] = r.customer_key
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
     for label, value in (
         ("id", m.id), ("send id", m.send_id), ("customer", r.customer_key),
         ("message", f"{m.message} #{m.sequence} (stage {m.stage})"), ("status", m.status),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from comms.cli import common
+from comms.cli import common, present
 from comms.cli.common import console
 from comms.cli.send_views import RunProgress, print_run_summary, print_send_plan, print_send_report
 from comms.services import sending
@@ -17,26 +17,30 @@ def send(
     message: str = typer.Option(None, "--message", "-m", help="Send this message instead of what the stage calls for."),
     tag: str = typer.Option(None, "--tag", help="Send to every customer with this tag (a wave)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be sent; send nothing."),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    yes: bool = present.yes_option(),
     resend: bool = typer.Option(False, "--resend", help="Send a message again that was already sent (needs --note)."),
-    note: str = typer.Option("", "--note", help="Why (required with --resend; recorded)."),
+    force: bool = typer.Option(False, "--force", help="Send a message of another stage than the customer's (needs --note)."),
+    note: str = typer.Option("", "--note", help="Why (required with --resend and --force; recorded)."),
     now: str = typer.Option(None, "--now", help="Pretend it is this time (ISO); default: now."),
 ) -> None:
     """Send one customer (or a tagged group) what its stage calls for now, or a named message.
 
-    Shows a summary and asks before sending. A message already sent is refused unless
-    --resend --note WHY is given; the resend is recorded in the customer's audit trail.
+    Shows each customer's local time (inside the send window or not) and the template locale,
+    then asks before sending. A message already sent is refused unless --resend --note WHY; a
+    message of another stage is refused unless --force --note WHY (the staged message still
+    goes out when the customer reaches that stage). Both are recorded in the audit trail.
     """
     app = common.app()
     clock = app.simulate(now)
     plan = sending.prepare_send(app.database, app.settings, app.campaign, app.renderer,
                                 keys=keys or [], tag=tag, clock=clock, message=message,
-                                resend=resend, note=note)
+                                resend=resend, note=note, force=force)
     print_send_plan(plan)
+    count = present.plural(len(plan.prepared), "message")
     if dry_run:
-        console.print(f"Dry run: {len(plan.prepared)} message(s) would be sent; nothing was sent.")
+        console.print(f"Dry run: {count} would be sent; nothing was sent.")
         return
-    common.confirm_or_abort(f"Send {len(plan.prepared)} message(s)?", yes)
+    common.confirm_or_abort(f"Send {count}?", yes)
     report, queued = sending.send_now(app.database, app.settings, app.transport(), plan,
                                       by=common.actor(), clock=clock)
     print_send_report(report, queued)
@@ -49,7 +53,7 @@ def run(
     limit: int = typer.Option(None, "--limit", min=0, help="Send at most N messages this run."),
     max_minutes: float = typer.Option(50.0, "--max-minutes", min=0.0, help="Stop dispatching after M minutes (queued mail waits for the next run)."),
     tag: str = typer.Option(None, "--tag", help="Only customers with this tag (a marketing wave)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
     sync: bool = typer.Option(False, "--sync", help="Sync stages from Partner Center / Graph first (also [sync] on_run)."),
 ) -> None:
     """The scheduled run (cron / systemd timer): plan what is due, queue it, send it.

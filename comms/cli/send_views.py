@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.text import Text
 
+from comms.cli import present
 from comms.cli.common import console, err_console, is_tty
 from comms.config import Settings
+from comms.services import sending
+from comms.services.run_preview import PreviewRow
 from comms.services.sending import SendPlan
+from comms.timezones import zone
 
 
 class RunProgress:
@@ -41,24 +46,35 @@ class RunProgress:
         self.bars.update(self.plan_task, completed=q.customers, total=q.customers)
         self.bars.update(self.send_task, total=q.queued or None, visible=not self.dry_run)
         if not self.interactive and not self.as_json:
-            typer.echo(f"planned {q.customers} customer(s): {q.queued} queued, "
-                       f"{q.deferred} deferred to the send window")
+            verb = "would be queued" if self.dry_run else "queued"
+            typer.echo(f"planned {present.plural(q.customers, 'customer')}: {q.queued} "
+                       f"{verb}, {q.deferred} deferred to the send window")
 
     def on_progress(self, r: Any) -> None:
         self.bars.update(self.send_task, completed=r.sent + r.failed)
         if not self.interactive and not self.as_json and time.monotonic() - self._last_log > 10:
             self._last_log = time.monotonic()
-            typer.echo(f"sent {r.sent}, failed {r.failed}, throttled {r.throttled}")
+            typer.echo(f"sent {r.sent}, failed {r.failed}, unknown {r.unknown}, "
+                       f"throttled {r.throttled}")
+            for line in limit_lines(r):
+                typer.echo("  " + line)
 
 
 def print_send_plan(plan: SendPlan) -> None:
     for key, why in plan.skipped:
         err_console.print(f"skip {key}: {why}", highlight=False, markup=False)
-    table = Table("customer", "message", "#", "to", "subject", title="About to send")
+    table = present.table("customer", "message", "#", "to", "subject", title="About to send")
     for p in plan.prepared:
-        table.add_row(p.customer.key, p.planned.message, str(p.planned.sequence),
-                      ", ".join(c.email for c in p.planned.to), p.subject)
-    console.print(table)
+        table.add_row(Text(p.customer.key), p.planned.message, str(p.planned.sequence),
+                      Text(", ".join(c.email for c in p.planned.to)), Text(p.subject))
+    console.print(present.fit(table))
+    for t in plan.times:
+        window = "inside the send window" if t.in_window else "OUTSIDE the send window"
+        line = (f"{t.key}: local time {t.local_time:%a %Y-%m-%d %H:%M} ({t.time_zone}), "
+                f"{window}")
+        if t.falls_back:
+            line += (f"; no {t.wanted_locale!r} template, falls back to {t.used_locale!r}")
+        console.print(Text(line), soft_wrap=True)
 
 
 def print_send_report(report: Any, queued: int) -> None:
@@ -73,7 +89,7 @@ def print_send_report(report: Any, queued: int) -> None:
 def print_run_summary(summary: Any, settings: Settings, as_json: bool) -> None:
     q, d = summary.queue, summary.dispatch
     if as_json:
-        typer.echo(json.dumps(_summary_data(summary), indent=2))
+        typer.echo(json.dumps(_summary_data(summary, settings), indent=2))
         return
     if summary.dry_run:
         _print_forecast(summary, settings)
@@ -89,12 +105,26 @@ def print_run_summary(summary: Any, settings: Settings, as_json: bool) -> None:
     )
     for mid, key, msg, why in d.failures:
         typer.echo(f"  failed #{mid} {key} {msg}: {why}", err=True)
+    for line in limit_lines(d):
+        typer.echo(line)
     pend = {k: v for k, v in summary.pending.items() if v}
     if pend:
         typer.echo("still pending: " + ", ".join(f"{k} {v}" for k, v in sorted(pend.items())))
 
 
-def _summary_data(summary: Any) -> dict[str, Any]:
+def limit_lines(d: Any) -> list[str]:
+    """Why sending stopped or waited: mailboxes the circuit breaker stopped, limits reached."""
+    lines = [f"mailbox {box} stopped for this run: {why}" for box, why in sorted(d.tripped.items())]
+    lines += [f"{name} reached: waiting until {_clock(until)}"
+              for name, until in sorted(d.waiting.items())]
+    return lines
+
+
+def _clock(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _summary_data(summary: Any, settings: Settings) -> dict[str, Any]:
     q, d = summary.queue, summary.dispatch
     data: dict[str, Any] = {
         "dry_run": summary.dry_run,
@@ -114,35 +144,52 @@ def _summary_data(summary: Any) -> dict[str, Any]:
         "held_for_operator": d.held,
         "failures": [{"id": i, "customer": k, "message": m, "error": e}
                      for i, k, m, e in d.failures],
+        "stopped_mailboxes": dict(d.tripped),
+        "waiting": {k: v.isoformat() for k, v in d.waiting.items()},
         "still_pending": dict(summary.pending),
     }
     if summary.dry_run:
+        f = sending.forecast(summary, settings)
         data["forecast_minutes"] = round(summary.forecast_minutes, 1)
         data["daily_cap_reached"] = summary.daily_cap_reached
+        data["forecast"] = {"binding": f.binding.name, "minutes": round(f.binding.minutes, 1),
+                            "external_recipients": f.external, "recipients": f.recipients,
+                            "limits": {x.name: round(x.minutes, 1) for x in f.limits}}
+        data["messages"] = [_row_data(r) for r in q.preview]
     return data
+
+
+def _local(r: PreviewRow) -> datetime:
+    return r.send_after.astimezone(zone(r.time_zone))
+
+
+def _row_data(r: PreviewRow) -> dict[str, Any]:
+    return {"customer": r.key, "message": r.message, "sequence": r.sequence,
+            "locale": r.locale, "send_after_local": _local(r).isoformat(),
+            "time_zone": r.time_zone, "recipients": list(r.to)}
 
 
 def _print_forecast(summary: Any, settings: Settings) -> None:
     q = summary.queue
-    total = summary.pending.get("queued", 0)
-    per_day = sum(x.recipients_per_day for x in settings.senders)
-    cap = "reached: some mail waits for tomorrow" if summary.daily_cap_reached else "not reached"
+    if q.preview:
+        t = present.table("customer", "message", "locale", "send after (local)", "recipients",
+                          dates=("send after (local)",))
+        for r in q.preview:
+            t.add_row(Text(r.key), r.message, r.locale, f"{_local(r):%Y-%m-%d %H:%M %Z}",
+                      Text(", ".join(r.to)))
+        console.print(present.fit(t))
+    f = sending.forecast(summary, settings)
+    b = f.binding
     typer.echo(
-        f"Dry run: {q.queued} message(s) would be queued for {q.customers} customer(s) "
-        f"({q.deferred} deferred to the send window). {total:,} message(s), "
-        f"{len(settings.senders)} sender mailbox(es): about "
-        f"{_human_minutes(summary.forecast_minutes)}; {per_day:,}/day cap {cap}. "
-        "Nothing was queued or sent."
+        f"Dry run: {present.plural(q.queued, 'message')} would be queued now for "
+        f"{present.plural(q.customers, 'customer')} "
+        f"({q.deferred} more when the send window opens); "
+        f"{present.plural(f.messages, 'message')} to send in all, "
+        f"{present.plural(len(settings.senders), 'sender mailbox', 'sender mailboxes')}."
     )
+    typer.echo(f"Forecast: {b.detail}: {present.human_minutes(b.minutes)} ({b.name} binds).")
     for msg, n in sorted(q.by_message.items()):
         typer.echo(f"  {msg}: {n}")
     if q.held:
         typer.echo(f"held: awaiting approval ({q.held}); see `comms wave list`")
-
-
-def _human_minutes(minutes: float) -> str:
-    if minutes < 1:
-        return "less than a minute"
-    if minutes < 90:
-        return f"{minutes:.0f} minutes"
-    return f"{minutes / 60:.1f} hours"
+    typer.echo("This was a dry run: the outbox and the ledger are unchanged.")

@@ -29,7 +29,7 @@ def init(
 
 @config_app.command("show")
 def config_show(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of TOML-like text."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
 ) -> None:
     """Print the effective configuration (file + COMMS_* environment), secrets masked."""
     s = common.app().settings
@@ -53,9 +53,15 @@ def config_show(
 
 
 @config_app.command("check")
-def config_check() -> None:
+def config_check(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
+) -> None:
     """Validate the configuration and the campaign; report every problem at once."""
     settings, problems = setup.check_config(common.app().config_file)
+    if as_json:
+        typer.echo(json.dumps({"ok": not problems, "source": str(settings.source),
+                               "problems": list(problems)}, indent=2))
+        raise typer.Exit(ConfigError.exit_code if problems else 0)
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in {settings.source}:", problems=problems)
     console.print(f"Configuration OK ({settings.source}).")

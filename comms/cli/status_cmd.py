@@ -25,7 +25,7 @@ NOW_HELP = (
 
 
 def status(
-    as_json: bool = typer.Option(False, "--json", help="Print every figure as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
     now: str = typer.Option(None, "--now", help=NOW_HELP),
     days: int = typer.Option(14, "--days", min=1, help="Days of messages-per-day history."),
 ) -> None:

@@ -16,7 +16,7 @@ from comms.cli.common import console
 
 def sync(
     dry_run: bool = typer.Option(False, "--dry-run", help="Read and show what would move; record nothing."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
     customer: list[str] = typer.Option(None, "--customer", help="Only this customer key (repeatable)."),
     tag: str = typer.Option(None, "--tag", help="Only customers with this tag."),
     source: str = typer.Option(None, "--source", help="Only this source: partner_center, gdap or tenant."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import webbrowser
 from datetime import UTC, datetime
@@ -77,11 +78,17 @@ def _deliver(data: bytes, out: Path | None, open_: bool, *, prefix: str, fmt: st
 def templates_check(
     folder: Path = typer.Option(None, "--folder", help="Template folder to check (default: "
                                 "[templates] folder from the config) on top of the built-ins."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
 ) -> None:
     """Render every message x locale x branch and report every problem with file and line."""
     app = common.app()
     result = check_templates(app.settings, now=datetime.now(UTC), folder=folder,
                              campaign=app.campaign)
+    if as_json:
+        typer.echo(json.dumps({"ok": not result.problems, "renders": result.renders,
+                               "messages": result.messages, "notes": list(result.notes),
+                               "problems": list(result.problems)}, indent=2))
+        raise typer.Exit(1 if result.problems else 0)
     for note in result.notes:
         console.print(f"Note: {note}", highlight=False, soft_wrap=True)
     if result.problems:

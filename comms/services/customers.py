@@ -7,16 +7,18 @@ in as ``now`` and ``by``. Errors are ``comms.errors`` exceptions whose message s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlmodel import Session, col, select
 
-from comms import outbox, stages
+from comms import outbox, planner, stages
 from comms.campaign import Campaign
 from comms.domain import CustomerInfo, Event
 from comms.errors import NotFound, RequestRefused, StageMoveRefused
+from comms.services.engine import load_history
 from comms.services.importer import ImportResult, export_customers, import_customers
 from comms.stages import SideAction
 from comms.store import repo
@@ -78,6 +80,8 @@ class StageChange:
     from_stage: str
     to_stage: str
     forced: bool
+    # Dry runs: the messages entering the stage would send now (or at the window's opening).
+    triggers: tuple[str, ...] = ()
 
 
 def list_customers(
@@ -219,10 +223,25 @@ def set_stage(
         if not dry_run:
             for row, event in planned:
                 apply_stage_event(session, row, event, csp_live_stage=campaign.csp_live_stage)
+        triggers = _triggers(session, campaign, [r for r, _ in planned], stage, now) \
+            if dry_run else {}
         return [
-            StageChange(row.key, row.name, ev.from_stage or "", stage, ev.forced)
+            StageChange(row.key, row.name, ev.from_stage or "", stage, ev.forced,
+                        triggers.get(row.key, ()))
             for row, ev in planned
         ]
+
+
+def _triggers(session: Session, campaign: Campaign, rows: list[Customer], stage: str,
+              now: datetime) -> dict[str, tuple[str, ...]]:
+    """What the planner would send each customer right after the move (nothing is written)."""
+    history = load_history(session, [r.id for r in rows if r.id is not None])
+    out: dict[str, tuple[str, ...]] = {}
+    for row, info in zip(rows, repo.customer_infos(session, rows), strict=True):
+        moved = dataclasses.replace(info, stage=stage, stage_entered_at=now)
+        p = planner.plan(moved, history.get(row.id or 0, []), now, campaign)
+        out[row.key] = tuple(pm.message for pm in (*p.due, *p.deferred))
+    return out
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from comms.config import Settings, load_settings
 from comms.delivery.base import Transport
 from comms.delivery.factory import make_transport
 from comms.domain import MessageStatus
+from comms.errors import UsageError
 from comms.outbox import Clock
 from comms.paths import examples_dir
 from comms.render import Renderer
@@ -112,6 +113,27 @@ def _write_config(workdir: Path) -> Path:
     return path
 
 
+MARKER = ".comms-demo"  # written into every folder the demo creates; only those are ever wiped
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Make ``workdir`` empty for a fresh demo without ever deleting someone's files: a missing
+    or empty folder is used, a folder with the demo's marker (an earlier demo) is wiped, any
+    other folder is refused."""
+    if workdir.exists() and not workdir.is_dir():
+        raise UsageError(f"--dir {workdir} is a file, not a folder; choose a new folder.")
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / MARKER).is_file():
+            raise UsageError(
+                f"--dir {workdir} is not empty and was not created by `comms demo` (it has no "
+                f"{MARKER} marker); nothing was deleted. Choose a new or empty folder."
+            )
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("created by `comms demo`; the demo may wipe this folder\n",
+                                  encoding="utf-8")
+
+
 def run_demo(
     workdir: Path,
     *,
@@ -119,10 +141,9 @@ def run_demo(
     echo: Callable[[str], None] = print,
     days: int = DAYS,
 ) -> DemoResult:
-    """Run the whole simulated transition in ``workdir`` (wiped first)."""
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    """Run the whole simulated transition in ``workdir`` (wiped first, only if the demo made
+    it: see ``prepare_workdir``)."""
+    prepare_workdir(workdir)
     sandbox_dir = workdir / "sandbox"
     csv_path = csv_path or examples_dir() / "customers.csv"
     _write_config(workdir)

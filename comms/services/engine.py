@@ -29,6 +29,7 @@ from comms.domain import ACTED_ON, CustomerInfo, MessageStatus, PlannedMessage, 
 from comms.errors import AlreadySent, NotFound, RequestRefused, StateConflict
 from comms.render import Renderer
 from comms.services import wave_gate
+from comms.services.run_preview import PreviewRow, preview_rows
 from comms.store import repo
 from comms.store.db import Database
 from comms.store.locks import RunLock
@@ -126,7 +127,7 @@ class QueueReport:
     deferred: int = 0
     held: int = 0  # customers whose wave awaits `comms wave approve` (require_approval)
     by_message: Counter[str] = field(default_factory=Counter)
-    preview: list[tuple[str, str, int, str]] = field(default_factory=list)  # key, msg, seq, to
+    preview: list[PreviewRow] = field(default_factory=list)  # dry runs only
 
 
 def _row(
@@ -189,11 +190,9 @@ def plan_and_queue(
                     rows.append(_row(settings, customer, pm, _render(renderer, customer, pm, now),
                                      now, closes))
                     report.by_message[pm.message] += 1
-                    if dry_run:
-                        report.preview.append(
-                            (customer.key, pm.message, pm.sequence,
-                             ", ".join(c.email for c in pm.to))
-                        )
+                if dry_run:
+                    later = [_render(renderer, customer, pm, now).locale for pm in p.deferred]
+                    report.preview += preview_rows(customer, p, now, rows, later)
                 next_due.append({"id": cid, "next_due_at": p.next_due_at})
             if dry_run:
                 report.queued += len(rows)
@@ -248,9 +247,13 @@ def prepare_send(
     now: datetime,
     message: str | None = None,
     resend_note: str | None = None,
+    force_note: str | None = None,
 ) -> list[Prepared]:
     """What `comms send KEY` would send now: the stage's due messages (send window ignored:
-    an operator decided), or the named message. Nothing is written."""
+    an operator decided), or the named message. Nothing is written.
+
+    A named message of another stage is refused unless ``force_note`` says why; a forced send
+    takes a negative sequence (as a resend does), so it never uses up the staged message."""
     with db.session() as s:
         row = _customer_by_key(s, key)
         assert row.id is not None
@@ -271,20 +274,24 @@ def prepare_send(
                 f"with --message (one of: {', '.join(campaign.messages())})."
             )
     else:
-        items = [_explicit(customer, campaign, message, existing, resend_note)]
+        items = [_explicit(customer, campaign, message, existing, resend_note, force_note)]
     out = []
     for pm in items:
         rendered = _render(renderer, customer, pm, now)
         r = _row(settings, customer, pm, rendered, now)
+        notes = []
+        if pm.sequence < 0 and pm.stage != customer.stage and force_note:
+            notes.append(f"forced out of stage {customer.stage}: {force_note}")
         if resend_note:
-            r["note"] = f"resend: {resend_note}"
+            notes.append(f"resend: {resend_note}")
+        r["note"] = "; ".join(notes)
         out.append(Prepared(customer, pm, rendered.subject, r))
     return out
 
 
 def _explicit(
     customer: CustomerInfo, campaign: Campaign, message: str, existing: Sequence[Message],
-    resend_note: str | None,
+    resend_note: str | None, force_note: str | None = None,
 ) -> PlannedMessage:
     if message not in campaign.messages():
         raise NotFound(
@@ -296,6 +303,13 @@ def _explicit(
             "escalated reminders, never to a customer. Name a customer message."
         )
     stage = campaign.stage_of(message) or customer.stage
+    out_of_stage = not _stage_sends(campaign, customer.stage, message)
+    if out_of_stage and not force_note:
+        raise StateConflict(
+            f"{message} belongs to stage {stage!r}; {customer.key} is in stage "
+            f"{customer.stage!r}. To send it anyway add --force --note \"why\" (the staged "
+            f"message still goes out when {customer.key} reaches {stage!r})."
+        )
     same = [m for m in existing if m.message == message and m.status != MessageStatus.WITHDRAWN]
     done = [m for m in same if m.status in ACTED_ON]
     if done and not resend_note:
@@ -305,9 +319,10 @@ def _explicit(
             f"{message} is already {last.status} for {customer.key}{when} (outbox id "
             f"{last.id}). To send it again, add --resend --note \"why\"."
         )
-    if resend_note:
-        # Resends take negative sequences so the (customer, message, sequence) key still
-        # guarantees each decision is queued once, and the planner never counts them.
+    if resend_note or out_of_stage:
+        # Resends and forced out-of-stage sends take negative sequences so the (customer,
+        # message, sequence) key still guarantees each decision is queued once, and the planner
+        # (sequences 0..max) never counts them: the staged message still goes out later.
         sequence = min([m.sequence for m in existing if m.message == message] + [0]) - 1
     else:
         sequence = max([m.sequence for m in same] + [-1]) + 1
@@ -319,6 +334,15 @@ def _explicit(
         )
     return PlannedMessage(message=message, sequence=sequence, stage=stage, to=recipients,
                           reminder_number=max(sequence, 0))
+
+
+def _stage_sends(campaign: Campaign, stage_name: str, message: str) -> bool:
+    """Whether the customer's current stage itself sends ``message``."""
+    if not campaign.has_stage(stage_name):
+        return False
+    st = campaign.stage(stage_name)
+    r = st.reminders
+    return message == st.on_enter or (r is not None and message == r.message)
 
 
 def queue_prepared(
@@ -338,7 +362,9 @@ def queue_prepared(
             if p.row["note"]:
                 assert p.customer.id is not None
                 s.add(StageEvent(
-                    customer_id=p.customer.id, kind="resend", from_stage=p.customer.stage,
+                    customer_id=p.customer.id,
+                    kind="forced_send" if p.row["note"].startswith("forced") else "resend",
+                    from_stage=p.customer.stage,
                     to_stage=p.customer.stage, at=now, by=by, source="send",
                     note=f"{p.planned.message}: {p.row['note']}",
                 ))

@@ -9,7 +9,9 @@ import threading
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
+from datetime import datetime
 
+from comms import pacing, planner
 from comms.campaign import Campaign
 from comms.config import Settings
 from comms.delivery.base import Transport
@@ -19,14 +21,82 @@ from comms.render import Renderer
 from comms.services import engine
 from comms.services.engine import Prepared, QueueReport, RunSummary
 from comms.store.db import Database
+from comms.timezones import zone
 
-__all__ = ["Prepared", "RunSummary", "SendPlan", "prepare_send", "run_scheduled", "send_now",
-           "worker_id"]
+__all__ = ["Forecast", "LimitForecast", "Prepared", "RecipientTime", "RunSummary", "SendPlan",
+           "forecast", "prepare_send", "run_scheduled", "send_now", "worker_id"]
+
+
+@dataclass(frozen=True)
+class LimitForecast:
+    name: str  # mailbox rate | mailbox daily recipients | tenant budget
+    minutes: float
+    detail: str  # e.g. "14,230 external recipients at 8,600 a day"
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """How long a dry run's mail takes and which limit binds."""
+
+    messages: int
+    recipients: int
+    external: int
+    limits: tuple[LimitForecast, ...]
+
+    @property
+    def binding(self) -> LimitForecast:
+        return max(self.limits, key=lambda x: x.minutes)
+
+
+def forecast(summary: RunSummary, settings: Settings) -> Forecast:
+    """The dry run's forecast under each limit: the mailboxes' rate, their daily recipient
+    limits and the tenant's external-recipient budget. Recipients are counted from the messages
+    this run would queue; messages queued earlier count as one external recipient each."""
+    rows = summary.queue.preview
+    earlier = max(summary.pending.get("queued", 0) - summary.queue.queued, 0)
+    messages = len(rows) + earlier
+    addresses = [a for r in rows for a in r.to]
+    external = pacing.TenantBudget.of(settings).external(addresses) + earlier
+    recipients = len(addresses) + earlier
+    per_minute = sum(x.messages_per_minute for x in settings.senders)
+    per_day = sum(x.recipients_per_day for x in settings.senders)
+    budget = settings.tenant.budget
+    day = 24 * 60.0
+
+    def days(n: int, cap: int) -> float:
+        # A daily limit only stretches the run when there is more than one day's worth.
+        return n / cap * day if cap and n > cap else 0.0
+
+    return Forecast(messages, recipients, external, (
+        LimitForecast("mailbox rate", pacing.forecast_minutes(messages, settings.senders),
+                      f"{messages:,} at {per_minute:,} a minute"),
+        LimitForecast("mailbox daily recipients", days(recipients, per_day),
+                      f"{recipients:,} recipients at {per_day:,} a day"),
+        LimitForecast("tenant budget", days(external, budget),
+                      f"{external:,} external recipients at {budget:,} a day"),
+    ))
 
 
 def worker_id() -> str:
     """Who claims outbox rows: host and process, so a lease names the process holding it."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class RecipientTime:
+    """What the operator should know before sending to one customer: its local time, whether
+    that is inside the send window, and the template locale used for its language."""
+
+    key: str
+    local_time: datetime
+    time_zone: str
+    in_window: bool
+    wanted_locale: str
+    used_locale: str
+
+    @property
+    def falls_back(self) -> bool:
+        return self.used_locale.lower() != (self.wanted_locale or "en").lower()
 
 
 @dataclass
@@ -35,19 +105,38 @@ class SendPlan:
 
     prepared: list[Prepared] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    times: list[RecipientTime] = field(default_factory=list)
+
+
+def _recipient_times(prepared: Sequence[Prepared], campaign: Campaign,
+                     now: datetime) -> list[RecipientTime]:
+    out: dict[str, RecipientTime] = {}
+    for p in prepared:
+        c = p.customer
+        if c.key not in out:
+            out[c.key] = RecipientTime(
+                c.key, now.astimezone(zone(c.time_zone)), c.time_zone,
+                planner.in_window(now, campaign.window, c.time_zone), c.locale,
+                str(p.row.get("locale") or "en"),
+            )
+    return list(out.values())
 
 
 def prepare_send(
     db: Database, settings: Settings, campaign: Campaign, renderer: Renderer, *,
     keys: Sequence[str], tag: str | None, clock: Clock, message: str | None = None,
-    resend: bool = False, note: str = "",
+    resend: bool = False, note: str = "", force: bool = False,
 ) -> SendPlan:
     """Render what each named (or tagged) customer gets now; nothing is written.
 
     With a tag, a customer that cannot be sent to is skipped (and listed); by key it is an error.
+    A message of another stage than the customer's is refused unless ``force`` with a note.
     """
-    if resend and not note.strip():
-        raise RequestRefused("--resend needs --note saying why; it is recorded in the audit trail.")
+    if (resend or force) and not note.strip():
+        flag = "--resend" if resend else "--force"
+        raise RequestRefused(f"{flag} needs --note saying why; it is recorded in the audit trail.")
+    if force and not message:
+        raise RequestRefused("--force goes with --message NAME (a message of another stage).")
     if not keys and not tag:
         raise RequestRefused("Name a customer key, or a group with --tag.")
     targets = list(keys) + (engine.tagged_keys(db, tag) if tag else [])
@@ -56,7 +145,7 @@ def prepare_send(
         try:
             plan.prepared += engine.prepare_send(
                 db, settings, campaign, renderer, key, now=clock.now(), message=message,
-                resend_note=note if resend else None,
+                resend_note=note if resend else None, force_note=note if force else None,
             )
         except CommsError as exc:
             if not tag:
@@ -64,6 +153,7 @@ def prepare_send(
             plan.skipped.append((key, str(exc)))
     if not plan.prepared:
         raise NotFound("Nothing to send.")
+    plan.times = _recipient_times(plan.prepared, campaign, clock.now())
     return plan
 
 

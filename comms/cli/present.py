@@ -1,0 +1,68 @@
+"""Presentation helpers every command shares: plurals, durations, tables that stay readable at
+80 columns, and the one wording of the shared options (--json, --note, --out, --yes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.table import Table
+
+JSON_HELP = "Print JSON (for scripts)."
+YES_HELP = "Do not ask for confirmation."
+
+# Words whose plural is not word + "s".
+_IRREGULAR = {"mailbox": "mailboxes", "entry": "entries", "reply": "replies", "day": "days",
+              "address": "addresses", "is": "are", "was": "were"}
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 message``, ``2 messages``, ``1,240 customers``, ``1 mailbox``, ``3 mailboxes``."""
+    if n == 1:
+        return f"{n:,} {word}"
+    return f"{n:,} {many or _IRREGULAR.get(word) or word + 's'}"
+
+
+def human_minutes(minutes: float) -> str:
+    """A duration for people: ``under a minute``, ``about 1 minute``, ``about 21 minutes``,
+    ``about 2.5 hours``, ``about 1.7 days``."""
+    if minutes != minutes or minutes == float("inf"):
+        return "never (no sender mailbox can send)"
+    if minutes < 1:
+        return "under a minute"
+    if minutes < 90:
+        return "about " + plural(round(minutes), "minute")
+    if minutes < 24 * 60:
+        return f"about {minutes / 60:.1f} hours"
+    return f"about {minutes / 1440:.1f} days"
+
+
+def json_option() -> Any:
+    return typer.Option(False, "--json", help=JSON_HELP)
+
+
+def yes_option() -> Any:
+    return typer.Option(False, "--yes", "-y", help=YES_HELP)
+
+
+def table(*columns: str, title: str | None = None, keys: tuple[str, ...] = ("key", "customer", "message"),
+          dates: tuple[str, ...] = ()) -> Table:
+    """A table whose key and date columns never wrap or get cut (``CUST-0…``): those are
+    no_wrap with room reserved; other columns fold instead of truncating."""
+    t = Table(title=title)
+    for name in columns:
+        if name in keys or name in dates:
+            t.add_column(name, no_wrap=True, overflow="fold")
+        else:
+            t.add_column(name, overflow="fold")
+    return t
+
+
+def fit(t: Table) -> Table:
+    """Reserve the full width of every no_wrap (key, date) column before printing, so a narrow
+    terminal shrinks the other columns instead of cutting keys to ``CUST-0…``."""
+    for column in t.columns:
+        if column.no_wrap:
+            widest = max([len(str(c)) for c in column.cells] + [len(str(column.header))])
+            column.min_width = widest
+    return t
