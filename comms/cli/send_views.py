@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from comms.cli.common import console, err_console, is_tty
+from comms.cli.common import console, err_console, is_tty, safe, visible
 from comms.config import Settings
 from comms.services.sending import SendPlan
 
@@ -53,11 +53,11 @@ class RunProgress:
 
 def print_send_plan(plan: SendPlan) -> None:
     for key, why in plan.skipped:
-        err_console.print(f"skip {key}: {why}", highlight=False, markup=False)
+        err_console.print(f"skip {visible(key)}: {visible(why)}", highlight=False, markup=False)
     table = Table("customer", "message", "#", "to", "subject", title="About to send")
     for p in plan.prepared:
-        table.add_row(p.customer.key, p.planned.message, str(p.planned.sequence),
-                      ", ".join(c.email for c in p.planned.to), p.subject)
+        table.add_row(safe(p.customer.key), safe(p.planned.message), str(p.planned.sequence),
+                      safe(", ".join(c.email for c in p.planned.to)), safe(p.subject))
     console.print(table)
 
 
@@ -65,7 +65,8 @@ def print_send_report(report: Any, queued: int) -> None:
     console.print(f"sent {report.sent}, failed {report.failed}, unknown {report.unknown}, "
                   f"throttled (retried) {report.throttled}")
     for mid, key, msg, why in report.failures:
-        err_console.print(f"failed: #{mid} {key} {msg}: {why}", highlight=False, markup=False)
+        err_console.print(f"failed: #{mid} {visible(key)} {visible(msg)}: {visible(why)}",
+                          highlight=False, markup=False)
     if not report.failed and report.sent < queued:
         console.print("Some messages are still queued or unknown; `comms run` finishes them.")
 
@@ -87,7 +88,7 @@ def print_run_summary(summary: Any, settings: Settings, as_json: bool) -> None:
         + (f", moved to the next send window {d.deferred}" if d.deferred else "")
     )
     for mid, key, msg, why in d.failures:
-        typer.echo(f"  failed #{mid} {key} {msg}: {why}", err=True)
+        typer.echo(f"  failed #{mid} {visible(key)} {visible(msg)}: {visible(why)}", err=True)
     pend = {k: v for k, v in summary.pending.items() if v}
     if pend:
         typer.echo("still pending: " + ", ".join(f"{k} {v}" for k, v in sorted(pend.items())))

@@ -8,11 +8,10 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from comms.cli import common
-from comms.cli.common import console
+from comms.cli.common import console, safe
 from comms.services.report import write_report
 from comms.services.status import StatusReport, compute_status, parse_now
 
@@ -93,7 +92,7 @@ def _print_stuck(r: StatusReport, tz: ZoneInfo) -> None:
                        ("over by", "right"), ("flags", "left")):
         stuck.add_column(name, justify=just)  # type: ignore[arg-type]
     for k in r.stuck[:SHOW]:
-        stuck.add_row(escape(k.key), escape(k.name), k.stage, f"{k.days_in_stage:.1f}",
+        stuck.add_row(safe(k.key), safe(k.name), k.stage, f"{k.days_in_stage:.1f}",
                       f"{k.expected_days:g}", f"{k.days_over:.1f}", ", ".join(k.flags))
     console.print(stuck)
     _more(SHOW, len(r.stuck))
@@ -105,7 +104,7 @@ def _print_stuck(r: StatusReport, tz: ZoneInfo) -> None:
                        ("days in stage", "right")):
         ex.add_column(name, justify=just)  # type: ignore[arg-type]
     for e in r.exhausted[:SHOW]:
-        ex.add_row(escape(e.key), escape(e.name), e.stage, str(e.reminders),
+        ex.add_row(safe(e.key), safe(e.name), e.stage, str(e.reminders),
                    _local(e.last_reminder_at, tz), f"{e.days_in_stage:.1f}")
     console.print(ex)
     _more(SHOW, len(r.exhausted))
@@ -127,7 +126,7 @@ def _print_exposure(r: StatusReport) -> None:
                        ("days live", "right"), ("exposure", "right")):
         exp.add_column(name, justify=just)  # type: ignore[arg-type]
     for x in r.exposure[:SHOW]:
-        exp.add_row(escape(x.key), escape(x.name), str(x.licences),
+        exp.add_row(safe(x.key), safe(x.name), str(x.licences),
                     f"{x.days:.1f}" + ("*" if x.estimated else ""), f"{cur} {x.amount:,.2f}")
     console.print(exp)
     _more(SHOW, len(r.exposure))
@@ -147,7 +146,7 @@ def report(
     moment = parse_now(now, app.settings.defaults.time_zone) if now else generated
     path = write_report(app.database, app.settings, app.campaign, out, moment,
                         generated_at=generated, days=days)
-    console.print(f"Wrote {escape(str(path))} ({path.stat().st_size:,} bytes).", highlight=False,
+    console.print(f"Wrote {safe(str(path))} ({path.stat().st_size:,} bytes).", highlight=False,
                   soft_wrap=True)
 
 

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from comms.cli import common
-from comms.cli.common import console
+from comms.cli.common import console, safe
 
 
 def sync(
@@ -57,7 +57,8 @@ def sync(
         moved = ", ".join(c.moved) + (f" (licences {c.licences[0]} -> {c.licences[1]})"
                                       if c.licences else "")
         note = c.held or "; ".join(c.problems.values())
-        table.add_row(c.key, seen, moved, c.status + (f": {note}" if note else ""))
+        table.add_row(safe(c.key), safe(seen), safe(moved),
+                      safe(c.status + (f": {note}" if note else "")))
     console.print(table)
     for line in report.unmatched:
         typer.echo(f"unmatched in Partner Center: {line}")

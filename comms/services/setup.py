@@ -6,7 +6,13 @@ import shutil
 from pathlib import Path
 
 from comms.campaign import load_campaign
-from comms.config import Settings, check_settings, load_settings
+from comms.config import (
+    Settings,
+    check_settings,
+    load_settings,
+    permission_warnings,
+    tenant_budget_line,
+)
 from comms.errors import ConfigError, OutputError
 from comms.paths import builtin_config_dir
 from comms.store.db import Database, open_database
@@ -40,3 +46,9 @@ def check_config(config_file: str | None) -> tuple[Settings, list[str]]:
     except ConfigError as exc:
         problems.extend(exc.problems or [exc.message])
     return settings, problems
+
+
+def config_notes(settings: Settings) -> tuple[list[str], str]:
+    """What `config check` shows besides problems: warnings about credential files others can
+    read, and the tenant's external-recipient budget line."""
+    return permission_warnings(settings), tenant_budget_line(settings)
