@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -468,10 +467,9 @@ def load_settings(
             data = tomllib.loads(_read_utf8(path))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-        except _NotUtf8 as exc:
-            raise ConfigError(f"Config file {path} {exc}.") from None
-        except OSError as exc:
-            raise ConfigError(f"Cannot read config file {path}: {exc.strerror}") from exc
+        except (_NotUtf8, OSError) as exc:
+            why = str(exc) if isinstance(exc, _NotUtf8) else f"cannot be read: {exc.strerror}"
+            raise ConfigError(f"Config file {path} {why}.") from None
         graph = data.get("graph")
         if isinstance(graph, dict):
             for secret in ("client_secret", "private_key_file"):
@@ -501,10 +499,9 @@ def load_settings(
         for err in exc.errors():
             loc = _format_loc(err["loc"])
             got = err.get("input")
-            # A misspelled key may be a misplaced secret (`client_secrets = "..."`): its value
-            # is never echoed; other values only with URL credentials masked.
-            shown = ("" if isinstance(got, dict | list) or err["type"] == "extra_forbidden"
-                     else f" (got {mask_secrets(got)!r})")
+            # A misspelled key may hold a secret: its value is never echoed (URLs masked).
+            hide = isinstance(got, dict | list) or err["type"] == "extra_forbidden"
+            shown = "" if hide else f" (got {mask_secrets(got)!r})"
             origin = origins.get(tuple(str(x) for x in err["loc"]), where)
             problems.append(f"{origin}: {loc}: {_clean_msg(err['msg'])}{shown}")
     if problems or settings is None:
@@ -575,42 +572,3 @@ def check_settings(settings: Settings) -> list[str]:
         problems.append(f"campaign_file {settings.campaign_file} does not exist")
     return problems
 
-
-def _exposed(path: str) -> bool:
-    try:
-        mode = Path(path).stat().st_mode
-    except OSError:
-        return False  # a missing file is reported by check_settings
-    return bool(mode & (stat.S_IRWXG | stat.S_IRWXO))
-
-
-def permission_warnings(settings: Settings, env: Mapping[str, str] | None = None) -> list[str]:
-    """Credential files that other users on this machine can read (or write): the certificate's
-    private key, the client secret file and the token cache should be owner-only (chmod 600)."""
-    env = os.environ if env is None else env
-    files = [
-        ("COMMS_GRAPH_PRIVATE_KEY_FILE", settings.graph.private_key_file),
-        ("COMMS_GRAPH_CLIENT_SECRET_FILE", env.get("COMMS_GRAPH_CLIENT_SECRET_FILE", "")),
-        ("[graph] token_cache_file", settings.graph.token_cache_file),
-    ]
-    out: list[str] = []
-    for what, path in files:
-        if path and _exposed(path):
-            mode = stat.S_IMODE(Path(path).stat().st_mode)
-            out.append(
-                f"{what} {path} is readable by other users (mode {mode:04o}); it holds a "
-                f"credential: run `chmod 600 {path}`"
-            )
-    return out
-
-
-def tenant_budget_line(settings: Settings) -> str:
-    """The partner tenant's external-recipient budget in one line (for `config check`)."""
-    t = settings.tenant
-    source = (f"explicit {t.external_recipients_per_day:,}/day"
-              if t.external_recipients_per_day
-              else f"formula for {t.licences:,} licence(s)" if t.licences
-              else "formula floor, [tenant] licences not set")
-    domains = ", ".join(sorted(settings.accepted_domains)) or "-"
-    return (f"Tenant external recipients: cap {t.cap:,} per rolling 24 h ({source}); comms uses "
-            f"{t.share:.0%} = {t.budget:,}; accepted (internal) domains: {domains}.")

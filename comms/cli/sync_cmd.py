@@ -57,8 +57,7 @@ def sync(
         moved = ", ".join(c.moved) + (f" (licences {c.licences[0]} -> {c.licences[1]})"
                                       if c.licences else "")
         note = c.held or "; ".join(c.problems.values())
-        table.add_row(safe(c.key), safe(seen), safe(moved),
-                      safe(c.status + (f": {note}" if note else "")))
+        table.add_row(safe(c.key), safe(seen), safe(moved), safe(c.status + (f": {note}" if note else "")))
     console.print(table)
     for line in report.unmatched:
         typer.echo(f"unmatched in Partner Center: {line}")

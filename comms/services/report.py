@@ -8,9 +8,7 @@ page, ``markupsafe.escape`` inside the SVG).
 
 from __future__ import annotations
 
-import base64
 import csv
-import hashlib
 import io
 import json
 import math
@@ -31,6 +29,7 @@ from comms.config import Settings
 from comms.domain import MessageStatus
 from comms.errors import OutputError, RequestRefused
 from comms.fileio import write_atomic, write_atomic_stream
+from comms.services.report_script import TEMPLATES_DIR, script_context
 from comms.services.status import (
     DAYS_PER_MONTH,
     STATUSES,
@@ -43,7 +42,6 @@ from comms.services.status import (
 from comms.store.db import Database
 from comms.store.models import Customer, Message
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "report_templates"
 EXPOSURE_CHART_TOP = 20
 LIST_LIMIT = 50  # rows shown in the stuck / exhausted tables (the customer table has them all)
 
@@ -249,14 +247,6 @@ def _customer_rows(
     return out
 
 
-def sorting_script() -> tuple[str, str]:
-    """The report's one inline script and its CSP source (``'sha256-…'``), computed from the
-    exact text shipped, so the policy allows this script and no other (no 'unsafe-inline')."""
-    script = (TEMPLATES_DIR / "report.js").read_text(encoding="utf-8")
-    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
-    return script, f"sha256-{digest}"
-
-
 def _environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(str(TEMPLATES_DIR)),
@@ -284,10 +274,8 @@ def render_report(
     completed = sum(s.customers for s in report.funnel if s.stage == "completed")
     awaiting = sum(s.customers for s in report.funnel if s.stage == report.csp_live_stage)
     template = _environment().get_template("report.html.j2")
-    script, script_hash = sorting_script()
     return template.render(
-        script=Markup(script),  # our own file, never data: autoescaping would change its hash
-        script_hash=script_hash,
+        **script_context(),
         r=report,
         partner_name=partner_name,
         generated_at=local(generated_at.astimezone(UTC), "%Y-%m-%d %H:%M:%S"),
