@@ -15,6 +15,7 @@ wrong type is an error naming the key and the file; every problem is reported at
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -297,25 +298,51 @@ class Settings(_Section):
         return f"sqlite:///{home_dir() / 'comms.db'}"
 
     def masked(self) -> dict[str, Any]:
-        """The effective settings as a dict, secrets replaced by a mask."""
+        """The effective settings as a dict, secrets replaced by a mask and credentials inside
+        any URL (``postgresql://u:secret@h/db``, ``?password=``) masked."""
         data = self.model_dump()
         for key in ("client_secret", "private_key_file"):
             if data["graph"][key]:
                 data["graph"][key] = MASK
-        data["database"]["url"] = mask_url(self.database_url())
-        return data
+        data["database"]["url"] = self.database_url()
+        masked = mask_secrets(data)
+        assert isinstance(masked, dict)
+        return masked
+
+
+_SECRET_PARAMS = re.compile(
+    r"(?i)([?&;](?:password|passwd|pwd|secret|client_secret|token|access_token|sig|key)=)"
+    r"[^&;#]*"
+)
 
 
 def mask_url(url: str) -> str:
-    """Hide a password in a database URL (``postgresql://u:secret@h/db``)."""
+    """Hide a password in a URL (``postgresql://u:secret@h/db``) and in secret-looking query
+    parameters (``?password=...``)."""
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    if not sep:
         return url
-    creds, _, host = rest.rpartition("@")
-    if ":" in creds:
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:{MASK}@{host}"
-    return url
+    rest = _SECRET_PARAMS.sub(lambda m: m.group(1) + MASK, rest)
+    # The last "@" before any query: a password may hold "/" or "@" when not percent-encoded;
+    # masking too much is better than showing part of a password.
+    head, query = re.match(r"([^?#]*)(.*)", rest, re.S).groups()  # type: ignore[union-attr]
+    if "@" in head:
+        creds, _, host = head.rpartition("@")
+        if ":" in creds:
+            creds = creds.split(":", 1)[0] + ":" + MASK
+        head = f"{creds}@{host}"
+    return f"{scheme}://{head}{query}"
+
+
+def mask_secrets(value: Any) -> Any:
+    """``value`` (a string, or dicts and lists of them) with every URL's credentials masked."""
+    if isinstance(value, str):
+        return mask_url(value) if "://" in value else value
+    if isinstance(value, dict):
+        return {k: mask_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(v) for v in value]
+    return value
 
 
 def check_time_zone(name: str) -> ZoneInfo:
@@ -394,9 +421,32 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+class _NotUtf8(ValueError):
+    """A text file comms reads is not UTF-8 (the message says how to fix it)."""
+
+
+def _read_utf8(path: Path) -> str:
+    """A UTF-8 text file (a BOM is allowed); UTF-16 and legacy code pages are refused with the
+    fix, never decoded by guesswork. The error never quotes the file's content (it may be a
+    secret)."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
+        raise _NotUtf8("is UTF-16 (or has NUL bytes); save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise _NotUtf8(
+            f"is not UTF-8 (an invalid byte on line {line}); save it as UTF-8"
+        ) from None
+
+
 def _read_secret_file(path: str, what: str, problems: list[str]) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8").strip()
+        return _read_utf8(Path(path)).strip()
+    except _NotUtf8 as exc:
+        problems.append(f"{what}: {path} {exc}")
+        return ""
     except OSError as exc:
         problems.append(f"{what}: cannot read {path}: {exc.strerror}")
         return ""
@@ -414,11 +464,12 @@ def load_settings(
     if path is not None:
         where = str(path)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+            data = tomllib.loads(_read_utf8(path))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-        except OSError as exc:
-            raise ConfigError(f"Cannot read config file {path}: {exc.strerror}") from exc
+        except (_NotUtf8, OSError) as exc:
+            why = str(exc) if isinstance(exc, _NotUtf8) else f"cannot be read: {exc.strerror}"
+            raise ConfigError(f"Config file {path} {why}.") from None
         graph = data.get("graph")
         if isinstance(graph, dict):
             for secret in ("client_secret", "private_key_file"):
@@ -448,7 +499,9 @@ def load_settings(
         for err in exc.errors():
             loc = _format_loc(err["loc"])
             got = err.get("input")
-            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            # A misspelled key may hold a secret: its value is never echoed (URLs masked).
+            hide = isinstance(got, dict | list) or err["type"] == "extra_forbidden"
+            shown = "" if hide else f" (got {mask_secrets(got)!r})"
             origin = origins.get(tuple(str(x) for x in err["loc"]), where)
             problems.append(f"{origin}: {loc}: {_clean_msg(err['msg'])}{shown}")
     if problems or settings is None:
@@ -475,6 +528,8 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
 
 def _clean_msg(msg: str) -> str:
     msg = msg.replace("Extra inputs are not permitted", "unknown key (check its spelling)")
+    # Validators quote the bad value: mask any URL credentials in it.
+    msg = re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+", lambda m: mask_url(m.group()), msg)
     return msg.removeprefix("Value error, ")
 
 
@@ -516,3 +571,4 @@ def check_settings(settings: Settings) -> list[str]:
     if settings.campaign_file and not Path(settings.campaign_file).exists():
         problems.append(f"campaign_file {settings.campaign_file} does not exist")
     return problems
+

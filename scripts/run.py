@@ -12,6 +12,7 @@ Extra arguments after `test` go to pytest.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -39,11 +40,21 @@ def setup() -> None:
     if not PY.exists():
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
+    # The tested versions (constraints.txt) on every machine; installed again whenever the
+    # dependencies (pyproject.toml) or the pins (constraints.txt) change.
     stamp = VENV / ".installed"
-    pyproject = ROOT / "pyproject.toml"
-    if not stamp.exists() or stamp.stat().st_mtime < pyproject.stat().st_mtime:
-        sh(PY, "-m", "pip", "install", "--quiet", "-e", ".[dev]")
-        stamp.touch()
+    wanted = _install_key()
+    if not stamp.exists() or stamp.read_text(encoding="utf-8") != wanted:
+        sh(PY, "-m", "pip", "install", "--quiet", "-c", "constraints.txt", "-e", ".[dev]")
+        stamp.write_text(wanted, encoding="utf-8")
+
+
+def _install_key() -> str:
+    """A digest of what decides the installed packages."""
+    digest = hashlib.sha256()
+    for name in ("pyproject.toml", "constraints.txt"):
+        digest.update((ROOT / name).read_bytes())
+    return digest.hexdigest()
 
 
 def _free_port() -> int:

@@ -47,12 +47,12 @@ def test_example_config_is_valid() -> None:
 
 def test_typo_in_a_key_names_key_and_file(tmp_path: Path) -> None:
     assert problems(tmp_path, '[partner]\nnmae = "Fabrikam"\n') == [
-        "FILE: [partner] nmae: unknown key (check its spelling) (got 'Fabrikam')"]
+        "FILE: [partner] nmae: unknown key (check its spelling)"]
 
 
 def test_typo_in_a_top_level_key(tmp_path: Path) -> None:
     assert problems(tmp_path, 'campain_file = "x.toml"\n') == [
-        "FILE: campain_file: unknown key (check its spelling) (got 'x.toml')"]
+        "FILE: campain_file: unknown key (check its spelling)"]
 
 
 def test_typo_in_a_section_name(tmp_path: Path) -> None:
@@ -178,5 +178,5 @@ def test_config_check_reports_every_problem(cli: Cli, tmp_path: Path) -> None:
         "Error: The configuration has 2 problem(s); fix them and run `comms config check`:\n"
         f"  - {path}: [graph] client_secret must not be in a config file; set "
         "COMMS_GRAPH_CLIENT_SECRET in the environment instead\n"
-        f"  - {path}: [partner] nmae: unknown key (check its spelling) (got 'x')\n"
+        f"  - {path}: [partner] nmae: unknown key (check its spelling)\n"
     )

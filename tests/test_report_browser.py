@@ -164,12 +164,16 @@ def test_report_in_chromium_draws_charts_without_errors(
 
 def test_probe_catches_script_errors(chromium: str, report_html: str, tmp_path: Path) -> None:
     """The harness itself can fail: a broken script and a blocked fetch are reported."""
+    # Before the policy (as the probe itself): it runs and fails. After it, an injected inline
+    # script is refused by the policy's script hash (no 'unsafe-inline'), like the fetch.
     broken = report_html.replace(
-        "</body>", '<script>undefinedFunction();</script><img src="https://example.com/x.png">'
-        "</body>")
+        "<head>", "<head>\n<script>undefinedFunction();</script>", 1).replace(
+        "</body>", '<script>document.title = "injected";</script>'
+        '<img src="https://example.com/x.png"></body>')
     data = probe(chromium, tmp_path, broken)
     assert any("undefinedFunction" in e for e in data["errors"]), data["errors"]
-    assert any(e.startswith("csp:") for e in data["errors"]), data["errors"]
+    assert any(e.startswith("csp: img-src") for e in data["errors"]), data["errors"]
+    assert any(e.startswith("csp: script-src") for e in data["errors"]), data["errors"]
 
 
 @pytest.mark.parametrize(("width", "height", "name"), [(1280, 900, "laptop"),

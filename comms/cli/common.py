@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import sys
 from contextvars import ContextVar
 from typing import Any
@@ -19,6 +20,28 @@ from comms.services.context import AppContext
 console = Console()
 err_console = Console(stderr=True)
 
+# What a terminal would act on instead of showing: C0 and C1 controls (ESC starts ANSI/OSC
+# sequences, e.g. a hidden hyperlink), DEL, and the bidirectional overrides that reorder text.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _show_control(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def visible(value: object) -> str:
+    """``value`` as text with every control character shown as an escape (``\\x1b``)."""
+    return _CONTROL.sub(_show_control, str(value))
+
+
+def safe(value: object) -> str:
+    """Data from outside (customer keys, names, addresses, error texts) ready to print with
+    Rich: control characters shown visibly and markup escaped, so ``[link=...]`` or an OSC
+    sequence in a customer name is printed as written and never acted on. Every command prints
+    customer data through this (or ``visible`` where the output is plain text)."""
+    return escape(visible(value))
+
 
 class CommsGroup(TyperGroup):
     """Turns any ``CommsError`` into one clear line on stderr and the error's exit code."""
@@ -27,7 +50,9 @@ class CommsGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except CommsError as exc:
-            err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False,
+            # An error's own lines (a message, then its problems) stay lines.
+            text = "\n".join(safe(line) for line in str(exc).split("\n"))
+            err_console.print(f"[bold red]Error:[/] {text}", highlight=False,
                               soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
 

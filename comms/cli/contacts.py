@@ -9,7 +9,7 @@ import typer
 from rich.text import Text
 
 from comms.cli import common, present
-from comms.cli.common import console, new_app
+from comms.cli.common import console, new_app, safe, visible
 from comms.services import outbox_admin
 
 contacts_app = new_app("Contact addresses that must never be mailed (suppression list).")
@@ -26,7 +26,7 @@ def opt_out(
         common.app().database, email, reason=note or reason, now=datetime.now(UTC),
         by=common.actor(),
     )
-    console.print(Text(f"{address} suppressed (a contact of "
+    console.print(Text(f"{visible(address)} suppressed (a contact of "
                        f"{present.plural(customers, 'customer')})."), soft_wrap=True)
 
 
@@ -34,7 +34,7 @@ def opt_out(
 def opt_in(email: str = typer.Argument(..., help="The address to mail again.")) -> None:
     """Remove an address from the suppression list."""
     address = outbox_admin.unsuppress(common.app().database, email)
-    console.print(f"{address} removed from the suppression list.")
+    console.print(f"{safe(address)} removed from the suppression list.")
 
 
 @contacts_app.command("suppressed")
@@ -47,8 +47,8 @@ def suppressed(as_json: bool = present.json_option()) -> None:
         return
     table = present.table("email", "since", "by", "note", keys=("email",), dates=("since",))
     for row in rows:
-        table.add_row(Text(row.email), row.at.strftime("%Y-%m-%d"), Text(row.by),
-                      Text(row.reason))
+        table.add_row(Text(visible(row.email)), row.at.strftime("%Y-%m-%d"),
+                      Text(visible(row.by)), Text(visible(row.reason)))
     console.print(present.fit(table))
 
 

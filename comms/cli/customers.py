@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from comms.cli import common, present
-from comms.cli.common import confirm_or_abort, console, new_app
+from comms.cli.common import confirm_or_abort, console, new_app, safe, visible
 from comms.services import customers as svc
 
 customers_app = new_app("The customer ledger: import, list, show, move between stages, export.")
@@ -63,9 +63,9 @@ def import_cmd(
         f"unchanged, {r.rejected} rejected.", highlight=False, soft_wrap=True,
     )
     for key, change in list(r.changes.items())[:20]:
-        console.print(Text(f"  {key}: {change}"), soft_wrap=True)
+        console.print(safe(f"  {key}: {change}"), soft_wrap=True)
     for line in r.summary_lines():
-        console.print(Text(line), soft_wrap=True)
+        console.print(safe(line), soft_wrap=True)
     if r.rejected:
         console.print(f"{r.rejected} invalid row(s) {verb} skipped; they are in "
                       f"{r.rejects_file} with a 'problems' column.", highlight=False,
@@ -92,8 +92,8 @@ def list_cmd(
         return
     table = Table("key", "name", "stage", "licences", "flags", "tags", "contacts")
     for i in infos:
-        table.add_row(Text(i.key), Text(i.name), i.stage, str(i.licences), _flags(i),
-                      Text(", ".join(i.tags)), str(len(i.contacts)))
+        table.add_row(safe(i.key), safe(i.name), safe(i.stage), str(i.licences), _flags(i),
+                      safe(", ".join(i.tags)), str(len(i.contacts)))
     console.print(table)
     console.print(f"{len(infos)} customer(s).", highlight=False)
 
@@ -106,7 +106,7 @@ def _print_shared(shared: list[svc.SharedContact], as_json: bool) -> None:
         return
     table = Table("email", "customers")
     for s in shared:
-        table.add_row(Text(s.email), Text(", ".join(f"{k} ({n})" for k, n in s.customers)))
+        table.add_row(safe(s.email), safe(", ".join(f"{k} ({n})" for k, n in s.customers)))
     console.print(table)
     console.print(f"{len(shared)} address(es) shared by several customers.", highlight=False)
 
@@ -145,11 +145,12 @@ def _print_detail(d: svc.CustomerDetail) -> None:
         ("tags", ", ".join(i.tags) or "-"),
         ("CSP live since", _when(i.csp_live_at)), ("next due", _when(d.next_due_at)),
     ):
-        details.add_row(label, Text(value))
+        details.add_row(label, safe(value))
     console.print(details)
     contacts = Table("role", "name", "email", "suppressed", title="Contacts")
     for c in i.contacts:
-        contacts.add_row(c.role, Text(c.name), Text(c.email), "yes" if c.suppressed else "")
+        contacts.add_row(safe(c.role), safe(c.name), safe(c.email),
+                         "yes" if c.suppressed else "")
     console.print(contacts)
     # One line per entry rather than a table: notes are long and terminals narrow.
     console.print("Timeline", style="bold")
@@ -162,7 +163,7 @@ def _print_detail(d: svc.CustomerDetail) -> None:
         else:
             line = f"  {_when(t.at)}  message {t.title} {t.detail}"
             line += f" (last error: {t.note})" if t.note else ""
-        console.print(Text(line), soft_wrap=True)
+        console.print(safe(line), soft_wrap=True)
 
 
 @customers_app.command("set-stage")
@@ -200,7 +201,7 @@ def set_stage_cmd(
         return
     if len(result.changes) == 1:
         c = result.changes[0]
-        console.print(f"Moved {c.key} from {c.from_stage} to {c.to_stage}"
+        console.print(f"Moved {safe(c.key)} from {c.from_stage} to {c.to_stage}"
                       f"{' (forced)' if c.forced else ''}.", highlight=False, soft_wrap=True)
     else:
         console.print(f"Moved {len(result.changes)} customer(s) to {stage}.", highlight=False,
@@ -212,8 +213,8 @@ def _print_moves(plan: list[svc.StageChange], dry_run: bool = False) -> None:
     table = present.table(*cols)
     for p in plan:
         extra = (", ".join(p.triggers) or "nothing",) if dry_run else ()
-        table.add_row(Text(p.key), Text(p.name), p.from_stage, p.to_stage,
-                      "yes" if p.forced else "", *extra)
+        table.add_row(Text(visible(p.key)), Text(visible(p.name)), Text(visible(p.from_stage)),
+                      p.to_stage, "yes" if p.forced else "", *extra)
     console.print(present.fit(table))
 
 
@@ -224,7 +225,7 @@ def _side(action: svc.SideAction, done: str, already: str) -> Any:
     ) -> None:
         changed = svc.side_action(common.app().database, key, action, now=datetime.now(UTC),
                                   by=common.actor(), note=note)
-        console.print(Text(f"{done} {key}." if changed else f"{key} {already}; nothing changed."),
+        console.print(safe(f"{done} {key}." if changed else f"{key} {already}; nothing changed."),
                       soft_wrap=True)
 
     return command
@@ -247,7 +248,7 @@ def export_cmd(
 ) -> None:
     """Export every customer in the columns import reads (round-trips unchanged)."""
     count = svc.export_customers(common.app().database, file)
-    console.print(Text(f"Exported {count} customer(s) to {file}."), soft_wrap=True)
+    console.print(safe(f"Exported {count} customer(s) to {file}."), soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

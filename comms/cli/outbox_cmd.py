@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from comms.cli import common
-from comms.cli.common import console, new_app
+from comms.cli.common import console, new_app, safe, visible
 from comms.domain import MessageStatus
 from comms.errors import RequestRefused
 from comms.services import outbox_admin, report
@@ -47,8 +47,9 @@ def list_(
                   "last error")
     for r in rows:
         m = r.message
-        table.add_row(str(m.id), r.customer_key, m.message, str(m.sequence), m.status,
-                      m.sender or "", _when(m.created_at), _when(m.sent_at), m.last_error[:60])
+        table.add_row(str(m.id), safe(r.customer_key), safe(m.message), str(m.sequence),
+                      m.status, safe(m.sender or ""), _when(m.created_at), _when(m.sent_at),
+                      safe(m.last_error[:60]))
     console.print(table)
 
 
@@ -76,8 +77,8 @@ def show(
         ("evidence", r.evidence or "none observed (wording stays conditional)"),
         ("subject", m.subject),
     ):
-        typer.echo(f"{label:>16}: {value}")
-    typer.echo("\n" + m.text)
+        typer.echo(f"{label:>16}: {visible(value)}")
+    typer.echo("\n" + "\n".join(visible(line) for line in m.text.split("\n")))
 
 
 @outbox_app.command("retry")
@@ -116,7 +117,7 @@ def export(
 ) -> None:
     """Export the outbox as CSV for spreadsheets."""
     n = report.export_outbox_csv(common.app().database, path, status=status)
-    console.print(f"Wrote {n} message(s) to {path}.")
+    console.print(f"Wrote {n} message(s) to {safe(path)}.", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

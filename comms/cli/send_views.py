@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from comms.cli import present
-from comms.cli.common import console, err_console, is_tty
+from comms.cli.common import console, err_console, is_tty, visible
 from comms.config import Settings
 from comms.services import sending
 from comms.services.run_preview import PreviewRow
@@ -62,16 +62,17 @@ class RunProgress:
 
 def print_send_plan(plan: SendPlan) -> None:
     for key, why in plan.skipped:
-        err_console.print(f"skip {key}: {why}", highlight=False, markup=False)
+        err_console.print(f"skip {visible(key)}: {visible(why)}", highlight=False, markup=False)
     table = present.table("customer", "message", "#", "to", "subject", title="About to send")
     for p in plan.prepared:
-        table.add_row(Text(p.customer.key), p.planned.message, str(p.planned.sequence),
-                      Text(", ".join(c.email for c in p.planned.to)), Text(p.subject))
+        table.add_row(Text(visible(p.customer.key)), p.planned.message, str(p.planned.sequence),
+                      Text(visible(", ".join(c.email for c in p.planned.to))),
+                      Text(visible(p.subject)))
     console.print(present.fit(table))
     for t in plan.times:
         window = "inside the send window" if t.in_window else "OUTSIDE the send window"
-        line = (f"{t.key}: local time {t.local_time:%a %Y-%m-%d %H:%M} ({t.time_zone}), "
-                f"{window}")
+        line = (f"{visible(t.key)}: local time {t.local_time:%a %Y-%m-%d %H:%M} "
+                f"({t.time_zone}), {window}")
         if t.falls_back:
             line += (f"; no {t.wanted_locale!r} template, falls back to {t.used_locale!r}")
         console.print(Text(line), soft_wrap=True)
@@ -81,7 +82,8 @@ def print_send_report(report: Any, queued: int) -> None:
     console.print(f"sent {report.sent}, failed {report.failed}, unknown {report.unknown}, "
                   f"throttled (retried) {report.throttled}")
     for mid, key, msg, why in report.failures:
-        err_console.print(f"failed: #{mid} {key} {msg}: {why}", highlight=False, markup=False)
+        err_console.print(f"failed: #{mid} {visible(key)} {visible(msg)}: {visible(why)}",
+                          highlight=False, markup=False)
     if not report.failed and report.sent < queued:
         console.print("Some messages are still queued or unknown; `comms run` finishes them.")
 
@@ -104,7 +106,7 @@ def print_run_summary(summary: Any, settings: Settings, as_json: bool) -> None:
         + (f", held: awaiting approval ({q.held})" if q.held else "")
     )
     for mid, key, msg, why in d.failures:
-        typer.echo(f"  failed #{mid} {key} {msg}: {why}", err=True)
+        typer.echo(f"  failed #{mid} {visible(key)} {visible(msg)}: {visible(why)}", err=True)
     for line in limit_lines(d):
         typer.echo(line)
     pend = {k: v for k, v in summary.pending.items() if v}

@@ -8,7 +8,8 @@ from pathlib import Path
 import typer
 
 from comms.cli import common
-from comms.cli.common import console, new_app
+from comms.cli.common import console, err_console, new_app, safe
+from comms.config import mask_url
 from comms.errors import ConfigError
 from comms.services import backup, setup
 
@@ -22,7 +23,8 @@ def init(
 ) -> None:
     """Write a starter config (documented line by line) and create the database."""
     written, db = setup.init_project(path, force=force)
-    console.print(f"Wrote {written}; database ready at {db.url.split('@')[-1]}")
+    console.print(f"Wrote {safe(written)}; database ready at {safe(mask_url(db.url))}",
+                  highlight=False, soft_wrap=True)
     console.print("Next: edit the config, then `comms config check` and "
                   "`comms customers import FILE.csv`.")
 
@@ -58,13 +60,20 @@ def config_check(
 ) -> None:
     """Validate the configuration and the campaign; report every problem at once."""
     settings, problems = setup.check_config(common.app().config_file)
+    warnings, budget = setup.config_notes(settings)
     if as_json:
         typer.echo(json.dumps({"ok": not problems, "source": str(settings.source),
-                               "problems": list(problems)}, indent=2))
+                               "problems": list(problems), "warnings": list(warnings),
+                               "tenant_budget": budget}, indent=2))
         raise typer.Exit(ConfigError.exit_code if problems else 0)
+    for warning in warnings:
+        err_console.print(f"[yellow]Warning:[/] {safe(warning)}", highlight=False,
+                          soft_wrap=True)
+    console.print(safe(budget), highlight=False, soft_wrap=True)
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in {settings.source}:", problems=problems)
-    console.print(f"Configuration OK ({settings.source}).")
+    console.print(f"Configuration OK ({safe(settings.source)}).", highlight=False,
+                  soft_wrap=True)
 
 
 @db_app.command("upgrade")

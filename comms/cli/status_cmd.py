@@ -8,11 +8,10 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from comms.cli import common
-from comms.cli.common import console
+from comms.cli.common import console, safe
 from comms.services.report import write_report
 from comms.services.status import StatusReport, compute_status, parse_now
 
@@ -94,7 +93,7 @@ def _print_stuck(r: StatusReport, tz: ZoneInfo) -> None:
                        ("over by", "right"), ("flags", "left")):
         stuck.add_column(name, justify=just)  # type: ignore[arg-type]
     for k in r.stuck[:SHOW]:
-        stuck.add_row(escape(k.key), escape(k.name), k.stage, f"{k.days_in_stage:.1f}",
+        stuck.add_row(safe(k.key), safe(k.name), k.stage, f"{k.days_in_stage:.1f}",
                       f"{k.expected_days:g}", f"{k.days_over:.1f}", ", ".join(k.flags))
     console.print(stuck)
     _more(SHOW, len(r.stuck))
@@ -106,7 +105,7 @@ def _print_stuck(r: StatusReport, tz: ZoneInfo) -> None:
                        ("days in stage", "right")):
         ex.add_column(name, justify=just)  # type: ignore[arg-type]
     for e in r.exhausted[:SHOW]:
-        ex.add_row(escape(e.key), escape(e.name), e.stage, str(e.reminders),
+        ex.add_row(safe(e.key), safe(e.name), e.stage, str(e.reminders),
                    _local(e.last_reminder_at, tz), f"{e.days_in_stage:.1f}")
     console.print(ex)
     _more(SHOW, len(r.exhausted))
@@ -128,7 +127,7 @@ def _print_exposure(r: StatusReport) -> None:
                        ("days live", "right"), ("exposure", "right")):
         exp.add_column(name, justify=just)  # type: ignore[arg-type]
     for x in r.exposure[:SHOW]:
-        exp.add_row(escape(x.key), escape(x.name), str(x.licences),
+        exp.add_row(safe(x.key), safe(x.name), str(x.licences),
                     f"{x.days:.1f}" + ("*" if x.estimated else ""), f"{cur} {x.amount:,.2f}")
     console.print(exp)
     _more(SHOW, len(r.exposure))
@@ -153,7 +152,7 @@ def report(
     path = write_report(app.database, app.settings, app.campaign, out, moment,
                         generated_at=generated, days=days, tag=tag,
                         since=parse_now(since, tz) if since else None)
-    console.print(f"Wrote {escape(str(path))} ({path.stat().st_size:,} bytes).", highlight=False,
+    console.print(f"Wrote {safe(str(path))} ({path.stat().st_size:,} bytes).", highlight=False,
                   soft_wrap=True)
 
 
@@ -167,7 +166,7 @@ def _print_managers(r: StatusReport) -> None:
         t.add_column(name, justify="right" if right else "left")
     for f in m.funnel:
         conv = "-" if f.conversion is None else f"{100 * f.conversion:.0f}%"
-        t.add_row(escape(f.label), str(f.reached), conv)
+        t.add_row(safe(f.label), str(f.reached), conv)
     console.print(t)
     for what, p in (("invitation to acceptance", m.invitation_to_acceptance),
                     ("CSP live to cancellation", m.live_to_cancellation)):
@@ -182,7 +181,7 @@ def _print_managers(r: StatusReport) -> None:
             b.add_column(name, justify="right" if name else "left")
         for g in rows:
             done = "-" if g.completed_rate is None else f"{100 * g.completed_rate:.0f}%"
-            b.add_row(escape(g.group), str(g.customers), done, f"{g.exposure_today:,.2f}",
+            b.add_row(safe(g.group), str(g.customers), done, f"{g.exposure_today:,.2f}",
                       f"{g.incurred:,.2f}")
         console.print(b)
 

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from comms.cli import common
-from comms.cli.common import console
+from comms.cli.common import console, visible
 
 
 def sync(
@@ -62,8 +62,8 @@ def _print_report(report: Any, *, as_json: bool, dry_run: bool) -> None:
         moved = ", ".join(c.moved) + (f" (licences {c.licences[0]} -> {c.licences[1]})"
                                       if c.licences else "")
         note = c.held or "; ".join(c.problems.values())
-        table.add_row(Text(c.key), Text(seen), Text(moved),
-                      Text(c.status + (f": {note}" if note else "")))
+        table.add_row(Text(visible(c.key)), Text(visible(seen)), Text(visible(moved)),
+                      Text(visible(c.status + (f": {note}" if note else ""))))
     console.print(table)
     for line in report.unmatched:
         typer.echo(f"unmatched in Partner Center: {line}")

@@ -25,6 +25,11 @@ def backup_database(db: Database, target: Path, *, force: bool = False) -> Path:
             "(see docs/operations.md)."
         )
     target = Path(target)
+    if target.is_dir():
+        raise OutputError(
+            f"Cannot write {target}: it is a directory; give a file name (e.g. "
+            f"{target / 'comms-backup.db'})."
+        )
     if target.exists() and not force:
         raise OutputError(f"{target} already exists; choose another file or add --force.")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from comms.errors import RequestRefused
+from comms.errors import RequestRefused, UsageError
 
 SECONDS_PER_DAY = 86_400.0
 
@@ -59,4 +59,22 @@ def parse_now(text: str | None, time_zone: str) -> datetime:
         ) from exc
     if value.tzinfo is None:
         value = value.replace(tzinfo=ZoneInfo(time_zone))
+    check_now_range(value, text)
     return value.astimezone(UTC)
+
+
+# Weeks, reminders and history are computed around --now: near datetime's limits (year 1 or
+# 9999) that arithmetic overflows, so such a moment is refused as a usage error.
+NOW_MIN, NOW_MAX = datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def check_now_range(value: datetime, text: str) -> None:
+    try:
+        inside = NOW_MIN <= value <= NOW_MAX
+    except OverflowError:
+        inside = False
+    if not inside:
+        raise UsageError(
+            f"--now {text!r} is out of range; give a moment between 1970 and 9000 "
+            "(e.g. 2026-03-02T09:30)."
+        )

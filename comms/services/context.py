@@ -17,6 +17,7 @@ from comms.campaign import Campaign, load_campaign
 from comms.config import Settings, load_settings
 from comms.errors import UsageError
 from comms.outbox import Clock
+from comms.services.calendar import check_now_range
 from comms.store.db import Database, open_database
 
 if TYPE_CHECKING:
@@ -35,7 +36,9 @@ def parse_now(value: str | None) -> datetime | None:
             f"--now {value!r} is not an ISO date/time; use e.g. 2026-12-01T09:30 or "
             "2026-12-01T09:30+01:00 (no zone means UTC)."
         ) from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+    parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+    check_now_range(parsed, value)
+    return parsed
 
 
 def _default_transport_factory(settings: Settings) -> Transport:

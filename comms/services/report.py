@@ -29,6 +29,7 @@ from comms.config import Settings
 from comms.domain import MessageStatus
 from comms.errors import OutputError, RequestRefused
 from comms.fileio import write_atomic, write_atomic_stream
+from comms.services.report_script import TEMPLATES_DIR, script_context
 from comms.services.status import (
     DAYS_PER_MONTH,
     STATUSES,
@@ -41,7 +42,6 @@ from comms.services.status import (
 from comms.store.db import Database
 from comms.store.models import Customer, Message
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "report_templates"
 EXPOSURE_CHART_TOP = 20
 LIST_LIMIT = 50  # rows shown in the stuck / exhausted tables (the customer table has them all)
 
@@ -275,6 +275,7 @@ def render_report(
     awaiting = sum(s.customers for s in report.funnel if s.stage == report.csp_live_stage)
     template = _environment().get_template("report.html.j2")
     return template.render(
+        **script_context(),
         r=report,
         partner_name=partner_name,
         generated_at=local(generated_at.astimezone(UTC), "%Y-%m-%d %H:%M:%S"),
@@ -400,7 +401,7 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]])
         yield buffer.getvalue()
 
     try:
-        write_atomic_stream(path, lines(), make_parents=True)
+        write_atomic_stream(path, lines())  # like `customers export`: a missing folder is an error
     except OutputError as exc:
         why = exc.message.removeprefix(f"Cannot write {path}: ").rstrip(".")
         raise OutputError(f"Cannot write {path}: {why}. Choose another file.") from exc

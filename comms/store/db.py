@@ -7,6 +7,7 @@ uses row locks (``FOR UPDATE [SKIP LOCKED]``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Session
 
+from comms.config import mask_url
 from comms.errors import DatabaseError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -38,6 +40,32 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _create_private(path: Path) -> None:
+    """Create a new SQLite ledger file owner-only (0600) before SQLite opens it: it holds
+    customer data, and SQLite gives its -wal and -shm files the database file's mode."""
+    if path.exists():
+        return
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    except OSError as exc:
+        raise DatabaseError(
+            f"Cannot create the ledger {path}: {exc.strerror}. Choose a folder you can write "
+            "to (COMMS_HOME or [database] url)."
+        ) from exc
+
+
+def _unreachable(url: str, exc: OperationalError) -> DatabaseError:
+    """An OperationalError when connecting: the server is down, the address or the password is
+    wrong. One line naming where and what to check; the URL's password is never shown."""
+    where = mask_url(url).split("@")[-1]
+    why = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else ""
+    return DatabaseError(
+        f"Cannot use the database at {where}: {why}. Check that the server is running and "
+        "reachable, and COMMS_DATABASE_URL or [database] url (host, port, user, password)."
+    )
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("postgres://"):
         url = "postgresql://" + url[len("postgres://") :]
@@ -46,8 +74,8 @@ def make_engine(url: str) -> Engine:
     try:
         if url.startswith("sqlite"):
             path = url.split("///", 1)[1] if "///" in url else ""
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if path and path != ":memory:" and not path.startswith("file:"):
+                _create_private(Path(path))
             engine = sa.create_engine(url, connect_args={"timeout": 30})
             event.listen(engine, "connect", _sqlite_pragmas)
 
@@ -102,8 +130,11 @@ class Database:
             raise DatabaseError(f"Database error: {exc.orig}") from exc
 
     def current_revision(self) -> str | None:
-        with self.engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+        try:
+            with self.engine.connect() as conn:
+                return MigrationContext.configure(conn).get_current_revision()
+        except OperationalError as exc:
+            raise _unreachable(self.url, exc) from exc
 
     def head_revision(self) -> str | None:
         return ScriptDirectory.from_config(alembic_config(self.url)).get_current_head()
