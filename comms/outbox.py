@@ -44,7 +44,6 @@ from comms import pacing, planner
 from comms.campaign import SendWindow
 from comms.config import Settings
 from comms.delivery.base import (
-    SEND_ID_HEADER,
     Address,
     LookupUnavailable,
     Outcome,
@@ -52,6 +51,7 @@ from comms.delivery.base import (
     Reconciler,
     SendResult,
     Transport,
+    compose_email,
 )
 from comms.errors import CommsError, NotFound
 from comms.store.db import Database
@@ -261,16 +261,10 @@ def claim(
             msg.updated_at = clock.now()
             s.add(msg)
             sender = next(x for x in settings.senders if x.address == limits.mailbox)
-            email = OutgoingEmail(
-                send_id=msg.send_id,
-                sender=limits.mailbox,
-                to=to,
-                cc=cc,
-                reply_to=(Address(msg.reply_to, sender.name),) if msg.reply_to else (),
-                subject=msg.subject,
-                html=msg.html,
+            email = compose_email(
+                send_id=msg.send_id, sender=limits.mailbox, sender_name=sender.name, to=to,
+                cc=cc, reply_to=msg.reply_to, subject=msg.subject, html=msg.html,
                 text=msg.text,
-                headers=((SEND_ID_HEADER, msg.send_id),),
             )
             return Claimed(msg.id, msg.attempts, slot, email, customer.key, msg.message)
         return pacing.Wait(None, "many rows withdrawn or re-timed; claiming again")

@@ -202,7 +202,7 @@ def test_cli_report_writes_the_file(db: Database, cli: Any, tmp_path: Path,
 
 def test_cli_report_rejects_a_bad_now(db: Database, cli: Any) -> None:
     r = cli("report", "--now", "03/04/2026")
-    assert r.exit_code == 1
+    assert r.exit_code == 2
     assert "Error: --now '03/04/2026' is not an ISO 8601 date-time" in r.stderr
 
 

@@ -41,6 +41,7 @@ from comms.campaign import Campaign
 from comms.config import Settings
 from comms.domain import MessageStatus
 from comms.errors import RequestRefused
+from comms.pacing import TenantBudget, tenant_usage
 from comms.services.calendar import aware_utc as _aware
 from comms.services.calendar import day_bounds as day_bounds
 from comms.services.calendar import days_between as _days_between
@@ -131,6 +132,40 @@ class DayCount:
 
 
 @dataclass(frozen=True)
+class TenantBudgetStatus:
+    """The partner tenant's external-recipient budget (TERRL): what comms used in the rolling
+    day, its share, Exchange's cap, and when the oldest counted recipients age out."""
+
+    used: int
+    budget: int
+    cap: int
+    share: float
+    licences: int
+    window_hours: float  # 24; shorter under [delivery] time_scale (tests, the demo)
+    frees_at: datetime | None  # None: nothing counted in the window
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.budget - self.used)
+
+    @property
+    def full(self) -> bool:
+        return self.used >= self.budget
+
+    def line(self, tz: ZoneInfo) -> str:
+        """One line for the terminal: used vs budget vs cap, and when it frees up."""
+        window = ("24 hours" if round(self.window_hours, 3) == 24
+                  else f"{self.window_hours:g} hours (scaled)")
+        text = (f"Tenant budget: {self.used:,} of {self.budget:,} external recipients used in "
+                f"the last {window} ({self.share:.0%} of Exchange's {self.cap:,}/day cap)")
+        if self.frees_at is not None:
+            when = self.frees_at.astimezone(tz).strftime("%Y-%m-%d %H:%M")
+            text += (f"; full: sending waits until {when}" if self.full
+                     else f"; the oldest free up at {when}")
+        return text
+
+
+@dataclass(frozen=True)
 class StatusReport:
     """Everything `comms status` shows, as of ``now``."""
 
@@ -147,6 +182,7 @@ class StatusReport:
     daily: list[DayCount] = field(default_factory=list)
     # The campaign's stage in which the CSP subscription is live (the exposure's stage).
     csp_live_stage: str = "awaiting_cancellation"
+    tenant: TenantBudgetStatus | None = None
 
     @property
     def exposure_total(self) -> float:
@@ -160,6 +196,8 @@ class StatusReport:
         data["exposure_total"] = self.exposure_total
         for row, item in zip(data["stuck"], self.stuck, strict=True):
             row["days_over"] = round(item.days_over, 2)
+        if self.tenant is not None:
+            data["tenant"].update(remaining=self.tenant.remaining, full=self.tenant.full)
         return data
 
 
@@ -397,10 +435,26 @@ def messages_per_day(
     ]
 
 
+def tenant_budget(session: Session, settings: Settings, now: datetime) -> TenantBudgetStatus:
+    """The tenant budget as the dispatcher sees it (``pacing.tenant_usage``) at ``now``."""
+    budget = TenantBudget.of(settings)
+    used, frees_at = tenant_usage(session, budget, now=_aware(now))
+    if frees_at is not None and frees_at.tzinfo is None:
+        frees_at = frees_at.replace(tzinfo=UTC)  # SQLite returns naive UTC
+    t = settings.tenant
+    return TenantBudgetStatus(used=used, budget=t.budget, cap=t.cap, share=t.share,
+                              licences=t.licences,
+                              window_hours=budget.day.total_seconds() / 3600, frees_at=frees_at)
+
+
 def compute_status(
-    db: Database, settings: Settings, campaign: Campaign, now: datetime, *, days: int = 14
+    db: Database, settings: Settings, campaign: Campaign, now: datetime, *, days: int = 14,
+    sending_now: datetime | None = None,
 ) -> StatusReport:
-    """Every figure of `comms status` as of ``now``, read in one transaction."""
+    """Every figure of `comms status` as of ``now``, read in one transaction.
+
+    The tenant budget is read at ``sending_now`` (default ``now``): the dispatcher stamps its
+    send slots with the real clock even under ``--now``, so the CLI passes the real clock."""
     now = _aware(now)
     tz = ZoneInfo(settings.defaults.time_zone)
     price = settings.partner.price_per_licence_month
@@ -419,4 +473,5 @@ def compute_status(
             exposure=double_billing_exposure(s, now, price, campaign.csp_live_stage),
             daily=messages_per_day(s, now, tz, days),
             csp_live_stage=campaign.csp_live_stage,
+            tenant=tenant_budget(s, settings, sending_now or now),
         )
