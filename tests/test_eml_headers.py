@@ -52,7 +52,7 @@ def _headers(msg: EmailMessage) -> list[tuple[str, str]]:
             continue
         if name.lower() == "content-type":
             value = msg.get_content_type()  # the multipart boundary is random
-        out.append((name, str(value)))
+        out.append((name, " ".join(str(value).split())))  # folding: CRLF vs LF on stdout
     return out
 
 
