@@ -41,13 +41,13 @@ from comms.campaign import Campaign
 from comms.config import Settings
 from comms.domain import MessageStatus
 from comms.errors import RequestRefused
-from comms.pacing import TenantBudget, tenant_usage
 from comms.services.calendar import aware_utc as _aware
 from comms.services.calendar import day_bounds as day_bounds
 from comms.services.calendar import days_between as _days_between
 from comms.services.calendar import local_midnight as local_midnight
 from comms.services.calendar import parse_now as parse_now
 from comms.services.calendar import week_bounds as week_bounds
+from comms.services.tenant_budget import TenantBudgetStatus, tenant_budget
 from comms.store.db import Database
 from comms.store.models import Customer, Message
 
@@ -129,40 +129,6 @@ class DayCount:
     queued: int = 0
     sent: int = 0
     failed: int = 0
-
-
-@dataclass(frozen=True)
-class TenantBudgetStatus:
-    """The partner tenant's external-recipient budget (TERRL): what comms used in the rolling
-    day, its share, Exchange's cap, and when the oldest counted recipients age out."""
-
-    used: int
-    budget: int
-    cap: int
-    share: float
-    licences: int
-    window_hours: float  # 24; shorter under [delivery] time_scale (tests, the demo)
-    frees_at: datetime | None  # None: nothing counted in the window
-
-    @property
-    def remaining(self) -> int:
-        return max(0, self.budget - self.used)
-
-    @property
-    def full(self) -> bool:
-        return self.used >= self.budget
-
-    def line(self, tz: ZoneInfo) -> str:
-        """One line for the terminal: used vs budget vs cap, and when it frees up."""
-        window = ("24 hours" if round(self.window_hours, 3) == 24
-                  else f"{self.window_hours:g} hours (scaled)")
-        text = (f"Tenant budget: {self.used:,} of {self.budget:,} external recipients used in "
-                f"the last {window} ({self.share:.0%} of Exchange's {self.cap:,}/day cap)")
-        if self.frees_at is not None:
-            when = self.frees_at.astimezone(tz).strftime("%Y-%m-%d %H:%M")
-            text += (f"; full: sending waits until {when}" if self.full
-                     else f"; the oldest free up at {when}")
-        return text
 
 
 @dataclass(frozen=True)
@@ -433,18 +399,6 @@ def messages_per_day(
                  series["failed"].get(i, 0))
         for i, d in enumerate(dates)
     ]
-
-
-def tenant_budget(session: Session, settings: Settings, now: datetime) -> TenantBudgetStatus:
-    """The tenant budget as the dispatcher sees it (``pacing.tenant_usage``) at ``now``."""
-    budget = TenantBudget.of(settings)
-    used, frees_at = tenant_usage(session, budget, now=_aware(now))
-    if frees_at is not None and frees_at.tzinfo is None:
-        frees_at = frees_at.replace(tzinfo=UTC)  # SQLite returns naive UTC
-    t = settings.tenant
-    return TenantBudgetStatus(used=used, budget=t.budget, cap=t.cap, share=t.share,
-                              licences=t.licences,
-                              window_hours=budget.day.total_seconds() / 3600, frees_at=frees_at)
 
 
 def compute_status(
