@@ -85,11 +85,14 @@ def test_run_exit_1_names_the_failure(env: dict[str, Any], db: Database, tmp_pat
                                       cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = Path(env["env"]["COMMS_CONFIG"])
     cfg.write_text('[[senders]]\naddress = "nobody@fabrikam.example"\n', encoding="utf-8")
+    # A directory user without an Exchange mailbox: the run's preflight finds the user (a
+    # missing one stops the run with exit 3, tests/test_preflight.py), the send fails.
+    env["sandbox"]._core.state.add_user("nobody@fabrikam.example", mailbox=False)
     seed(db, tmp_path, 1)
     r = cli("run", "--now", NOW)
     assert r.exit_code == 1
     assert "failed 1" in r.stdout
-    assert "failed #1 K0000 partner_invitation: ErrorInvalidUser:" in r.stderr
+    assert "failed #1 K0000 partner_invitation: MailboxNotEnabledForRESTAPI:" in r.stderr
     assert "nobody@fabrikam.example" in r.stderr
 
 

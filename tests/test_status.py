@@ -397,8 +397,8 @@ def test_cli_status_json(ledger: Ledger, cli: Any, ny: None) -> None:
 
 def test_cli_status_rejects_a_bad_now(db: Database, cli: Any) -> None:
     r = cli("status", "--now", "tomorrow")
-    assert r.exit_code == 2
+    assert r.exit_code == 2  # a bad option value is a usage error, as in every command
     assert r.stderr.strip() == (
-        "Error: --now 'tomorrow' is not an ISO 8601 date-time; use e.g. 2026-03-02T09:30 or "
-        "2026-03-02T09:30:00+00:00."
+        "Error: --now 'tomorrow' is not an ISO 8601 date-time; use e.g. 2026-03-02T09:30 (read "
+        "in Europe/London, [defaults] time_zone) or 2026-03-02T09:30:00+00:00."
     )

@@ -49,11 +49,12 @@ def import_cmd(
         False, "--strict-columns",
         help="Refuse the file if it has a column that is not part of the format (default: ignore it and say so).",
     ),
+    now: str = typer.Option(None, "--now", help="Record the import at this simulated time (ISO 8601; without an offset it is read in [defaults] time_zone), for `comms run --now`; default: now."),
 ) -> None:
     """Import or update customers from a CSV file (upsert by key, all or nothing)."""
     app = common.app()
     r = svc.import_customers(app.database, file, settings=app.settings, campaign=app.campaign,
-                             now=datetime.now(UTC), by=common.actor(),
+                             now=app.at(now), by=common.actor(),
                              skip_invalid=skip_invalid, dry_run=dry_run,
                              strict_columns=strict_columns)
     verb = "would be" if dry_run else "were"
@@ -180,6 +181,7 @@ def set_stage_cmd(
         False, "--force", help="Allow a move the campaign does not allow (needs --note)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would move; change nothing."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    now: str = typer.Option(None, "--now", help="Record the move at this simulated time (ISO 8601; without an offset it is read in [defaults] time_zone), for `comms run --now`; default: now."),
 ) -> None:
     """Move customers to another stage: by key, or in bulk with --where-stage [--tag]."""
     *keys, stage = args
@@ -195,8 +197,8 @@ def set_stage_cmd(
             confirm_or_abort(f"Move {who} to {stage}?", yes)
 
     result = svc.move_customers(app.database, app.campaign, keys, stage, where_stage=where_stage,
-                                tag=tag, now=datetime.now(UTC), by=common.actor(), note=note,
-                                force=force, dry_run=dry_run, review=review)
+                                tag=tag, now=app.at(now), by=common.actor(),
+                                note=note, force=force, dry_run=dry_run, review=review)
     if not result.applied:
         return
     if len(result.changes) == 1:

@@ -17,10 +17,8 @@ from comms.services.status import StatusReport, compute_status, parse_now
 
 SHOW = 20  # rows per list in the terminal; `comms report` has everyone
 
-NOW_HELP = (
-    "Compute the figures as of this moment (ISO 8601, e.g. 2026-03-02T09:30; without an offset "
-    "it is read in [defaults] time_zone). Default: now."
-)
+NOW_HELP = ("Figures as of this time (ISO 8601; without an offset it is read in [defaults] "
+            "time_zone); default: now.")
 
 
 def status(
@@ -30,8 +28,10 @@ def status(
 ) -> None:
     """Where every customer stands: funnel, stuck customers, messages, exposure."""
     app = common.app()
-    moment = parse_now(now, app.settings.defaults.time_zone)
-    report = compute_status(app.database, app.settings, app.campaign, moment, days=days)
+    real = datetime.now(UTC)
+    moment = parse_now(now, app.settings.defaults.time_zone) or real
+    report = compute_status(app.database, app.settings, app.campaign, moment, days=days,
+                            sending_now=real)
     from comms.sync.status import sync_freshness
     freshness = sync_freshness(app.database)
     if as_json:
@@ -72,6 +72,8 @@ def _print_status(r: StatusReport) -> None:
     _print_messages(r)
     _print_stuck(r, tz)
     _print_exposure(r)
+    if r.tenant is not None:
+        console.print(r.tenant.line(tz), highlight=False, markup=False)
     _print_managers(r)
 
 
@@ -148,7 +150,7 @@ def report(
     app = common.app()
     generated = datetime.now(UTC)
     tz = app.settings.defaults.time_zone
-    moment = parse_now(now, tz) if now else generated
+    moment = parse_now(now, tz) or generated
     path = write_report(app.database, app.settings, app.campaign, out, moment,
                         generated_at=generated, days=days, tag=tag,
                         since=parse_now(since, tz) if since else None)

@@ -20,7 +20,7 @@ def sync(
     customer: list[str] = typer.Option(None, "--customer", help="Only this customer key (repeatable)."),
     tag: str = typer.Option(None, "--tag", help="Only customers with this tag."),
     source: str = typer.Option(None, "--source", help="Only this source: partner_center, gdap or tenant."),
-    now: str = typer.Option(None, "--now", help="Simulated time (ISO) of the observation; default: now."),
+    now: str = typer.Option(None, "--now", help="Simulated time of the observation (ISO 8601; without an offset it is read in [defaults] time_zone); default: now."),
 ) -> None:
     """Sync stages from what Microsoft sees: per customer, what was seen and what moved.
 

@@ -41,6 +41,25 @@ class OutgoingEmail:
         return len(self.to) + len(self.cc)
 
 
+def compose_email(
+    *, send_id: str, sender: str, sender_name: str, to: tuple[Address, ...],
+    cc: tuple[Address, ...] = (), reply_to: str, subject: str, html: str, text: str,
+) -> OutgoingEmail:
+    """The one way a message becomes an ``OutgoingEmail``: the dispatcher's send and
+    ``comms preview -f eml`` both call it, so the previewed headers are the sent ones."""
+    return OutgoingEmail(
+        send_id=send_id,
+        sender=sender,
+        to=to,
+        cc=cc,
+        reply_to=(Address(reply_to, sender_name),) if reply_to else (),
+        subject=subject,
+        html=html,
+        text=text,
+        headers=((SEND_ID_HEADER, send_id),),
+    )
+
+
 class Outcome(enum.StrEnum):
     SENT = "sent"  # accepted (Graph 202)
     THROTTLED = "throttled"  # not accepted; try again after retry_after

@@ -15,11 +15,11 @@ from comms import pacing, planner
 from comms.campaign import SendWindow
 from comms.config import Settings
 from comms.delivery.base import (
-    SEND_ID_HEADER,
     Address,
     Outcome,
     OutgoingEmail,
     SendResult,
+    compose_email,
 )
 from comms.outbox.queue import Clock, _addresses, addresses_json
 from comms.store.db import Database
@@ -122,16 +122,9 @@ def _set_aside(s: Session, msg: Message, customer: Customer | None, *, clock: Cl
 def _email(msg: Message, settings: Settings, mailbox: str, to: tuple[Address, ...],
            cc: tuple[Address, ...]) -> OutgoingEmail:
     sender = next(x for x in settings.senders if x.address == mailbox)
-    return OutgoingEmail(
-        send_id=msg.send_id,
-        sender=mailbox,
-        to=to,
-        cc=cc,
-        reply_to=(Address(msg.reply_to, sender.name),) if msg.reply_to else (),
-        subject=msg.subject,
-        html=msg.html,
-        text=msg.text,
-        headers=((SEND_ID_HEADER, msg.send_id),),
+    return compose_email(
+        send_id=msg.send_id, sender=mailbox, sender_name=sender.name, to=to, cc=cc,
+        reply_to=msg.reply_to, subject=msg.subject, html=msg.html, text=msg.text,
     )
 
 

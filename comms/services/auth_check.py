@@ -25,8 +25,8 @@ from comms.delivery.base import Address, Outcome, OutgoingEmail, SendResult
 from comms.delivery.graph import GraphTransport
 from comms.errors import AuthError, DeliveryError
 
-__all__ = ["AccessReport", "MailboxCheck", "check_access", "login", "logout",
-           "self_test_message"]
+__all__ = ["AccessReport", "MailboxCheck", "check_access", "inspect_access", "login",
+           "logout", "self_test_message"]
 
 
 @dataclass
@@ -156,21 +156,28 @@ def check_access(settings: Settings, *, send_test: bool = False,
     """Token, permissions and sender mailboxes. Raises ``DeliveryError`` listing the problems
     only after the report is complete (call ``AccessReport.raise_problems``)."""
     with closing(transport or GraphTransport(settings)) as graph:
-        claims = graph.token_claims()
-        permissions = list(claims.get("roles") or []) + str(claims.get("scp") or "").split()
-        g = settings.graph
-        report = AccessReport(
-            auth=g.auth,
-            tenant=str(claims.get("tid") or g.tenant_id),
-            app_id=str(claims.get("appid") or claims.get("azp") or g.client_id),
-            app_name=str(claims.get("app_displayname") or ""),
-            user=str(claims.get("upn") or claims.get("preferred_username") or ""),
-            permissions=sorted(set(permissions)),
-            reconcile=g.reconcile,
-        )
-        for sender in settings.senders:
-            check = _mailbox(graph, settings, sender.address)
-            if send_test:
-                check.test = graph.send(self_test_message(sender.address, sender.name))
-            report.mailboxes.append(check)
+        return inspect_access(graph, settings, send_test=send_test)
+
+
+def inspect_access(graph: GraphTransport, settings: Settings, *,
+                   send_test: bool = False) -> AccessReport:
+    """What ``check_access`` does, on a transport the caller keeps open (the run's preflight
+    goes on to send with it)."""
+    claims = graph.token_claims()
+    permissions = list(claims.get("roles") or []) + str(claims.get("scp") or "").split()
+    g = settings.graph
+    report = AccessReport(
+        auth=g.auth,
+        tenant=str(claims.get("tid") or g.tenant_id),
+        app_id=str(claims.get("appid") or claims.get("azp") or g.client_id),
+        app_name=str(claims.get("app_displayname") or ""),
+        user=str(claims.get("upn") or claims.get("preferred_username") or ""),
+        permissions=sorted(set(permissions)),
+        reconcile=g.reconcile,
+    )
+    for sender in settings.senders:
+        check = _mailbox(graph, settings, sender.address)
+        if send_test:
+            check.test = graph.send(self_test_message(sender.address, sender.name))
+        report.mailboxes.append(check)
     return report

@@ -1,5 +1,6 @@
 """The local calendar of `comms status` and the report: day and ISO-week bounds in a time
-zone, fractional days between instants, and the ``--now`` option (a naive value is local time).
+zone, fractional days between instants, and the ``--now`` option of every command (a value
+without an offset is local time in ``[defaults] time_zone``).
 """
 
 from __future__ import annotations
@@ -7,7 +8,8 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from comms.errors import RequestRefused, UsageError
+from comms.errors import UsageError
+from comms.timezones import zone
 
 SECONDS_PER_DAY = 86_400.0
 
@@ -43,22 +45,22 @@ def days_between(start: datetime, end: datetime) -> float:
     return (end - start).total_seconds() / SECONDS_PER_DAY
 
 
-def parse_now(text: str | None, time_zone: str) -> datetime:
-    """``--now`` as an aware UTC datetime; ISO 8601, a naive value is read in ``time_zone``.
-
-    Without ``text`` this is the real clock (only the CLI calls it that way).
+def parse_now(text: str | None, time_zone: str) -> datetime | None:
+    """The one reading of every command's ``--now``: an ISO 8601 date-time as an aware UTC
+    datetime; without an offset it is local time in ``time_zone`` (``[defaults] time_zone``:
+    a partner's operator thinks in local time). None when not given (the real clock).
     """
     if not text:
-        return datetime.now(UTC)
+        return None
     try:
         value = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise RequestRefused(
-            f"--now {text!r} is not an ISO 8601 date-time; use e.g. 2026-03-02T09:30 or "
-            "2026-03-02T09:30:00+00:00."
-        ) from exc
+    except ValueError:
+        raise UsageError(
+            f"--now {text!r} is not an ISO 8601 date-time; use e.g. 2026-03-02T09:30 (read in "
+            f"{time_zone}, [defaults] time_zone) or 2026-03-02T09:30:00+00:00."
+        ) from None
     if value.tzinfo is None:
-        value = value.replace(tzinfo=ZoneInfo(time_zone))
+        value = value.replace(tzinfo=zone(time_zone))
     check_now_range(value, text)
     return value.astimezone(UTC)
 

@@ -15,30 +15,13 @@ from typing import TYPE_CHECKING
 
 from comms.campaign import Campaign, load_campaign
 from comms.config import Settings, load_settings
-from comms.errors import UsageError
 from comms.outbox import Clock
-from comms.services.calendar import check_now_range
+from comms.services.calendar import parse_now
 from comms.store.db import Database, open_database
 
 if TYPE_CHECKING:
     from comms.delivery.base import Transport
     from comms.render import Renderer
-
-
-def parse_now(value: str | None) -> datetime | None:
-    """An ``--now`` option: ISO date/time, UTC when no offset is given; None for "now"."""
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise UsageError(
-            f"--now {value!r} is not an ISO date/time; use e.g. 2026-12-01T09:30 or "
-            "2026-12-01T09:30+01:00 (no zone means UTC)."
-        ) from None
-    parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
-    check_now_range(parsed, value)
-    return parsed
 
 
 def _default_transport_factory(settings: Settings) -> Transport:
@@ -92,10 +75,15 @@ class AppContext:
 
     def simulate(self, now: str | None) -> Clock:
         """Shift the clock to start at ``now`` (an ``--now`` option); returns the clock."""
-        start = parse_now(now)
+        start = parse_now(now, self.settings.defaults.time_zone)
         if start is not None:
             self._clock = Clock(start)
         return self._clock
+
+    def at(self, now: str | None) -> datetime:
+        """The moment an ``--now`` option names (exactly), or the real clock: what an import or
+        a stage move records."""
+        return parse_now(now, self.settings.defaults.time_zone) or datetime.now(UTC)
 
     def transport(self) -> Transport:
         """A new transport; the caller closes it."""

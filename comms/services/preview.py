@@ -13,7 +13,7 @@ from typing import Literal
 from comms import planner
 from comms.campaign import Campaign, load_campaign
 from comms.config import Settings
-from comms.delivery.base import Address, OutgoingEmail
+from comms.delivery.base import Address, compose_email
 from comms.delivery.eml import build_eml
 from comms.domain import ContactInfo, CustomerInfo
 from comms.errors import NotFound
@@ -160,20 +160,20 @@ def preview_customer(
     if fmt == "text":
         return rendered.text.encode("utf-8")
     to: tuple[Address, ...]
+    cc: tuple[Address, ...] = ()
     if internal:
         to = (Address(customer.account_manager_email, customer.account_manager_name),) \
             if customer.account_manager_email else (Address(settings.partner.reply_to),)
     else:
         to = tuple(Address(c.email, c.name) for c in recipients)
+        if esc and reminder_number >= esc and customer.account_manager_email:
+            cc = (Address(customer.account_manager_email, customer.account_manager_name),)
     sender = settings.senders[0]
-    email = OutgoingEmail(
-        send_id=f"preview-{customer.key}-{message}",
-        sender=sender.address,
-        to=to,
-        subject=rendered.subject,
-        html=rendered.html,
-        text=rendered.text,
-        reply_to=(Address(settings.partner.reply_to, settings.partner.name),),
+    # The dispatcher's own composition, so every header here is the one that is sent.
+    email = compose_email(
+        send_id=f"preview-{customer.key}-{message}", sender=sender.address,
+        sender_name=sender.name, to=to, cc=cc, reply_to=settings.partner.reply_to,
+        subject=rendered.subject, html=rendered.html, text=rendered.text,
     )
     return build_eml(email, date=now, sender_name=sender.name)
 

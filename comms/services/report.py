@@ -314,7 +314,8 @@ def build_report(
 ) -> str:
     """The whole report as one HTML string: the figures as of ``now``, stamped ``generated_at``
     (defaults to ``now``; the CLI passes the real clock)."""
-    report = compute_status(db, settings, campaign, now, days=days, **scope)  # tag, since
+    report = compute_status(db, settings, campaign, now, days=days,
+                            sending_now=generated_at or now, **scope)  # tag, since
     rows = _customer_rows(db, report, campaign)
     return render_report(
         report, rows, partner_name=settings.partner.name, generated_at=generated_at or now

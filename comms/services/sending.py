@@ -18,7 +18,7 @@ from comms.delivery.base import Transport
 from comms.errors import CommsError, NotFound, RequestRefused
 from comms.outbox import Clock, DispatchReport, ProgressFn
 from comms.render import Renderer
-from comms.services import engine
+from comms.services import engine, preflight
 from comms.services.engine import Prepared, QueueReport, RunSummary
 from comms.store.db import Database
 from comms.timezones import zone
@@ -185,6 +185,7 @@ def run_scheduled(
     ``sync`` (or ``[sync] on_run``): stage sync first, so the run plans on what Microsoft
     sees. ``stop`` (a signal) ends dispatching cleanly."""
     try:
+        preflight.before_run(settings, transport)  # exit 3 before any row when sign-in fails
         if sync or settings.sync.on_run:
             from comms.sync.service import sync_before_run
 

@@ -48,6 +48,7 @@ from comms.services.calendar import local_midnight as local_midnight
 from comms.services.calendar import parse_now as parse_now
 from comms.services.calendar import week_bounds as week_bounds
 from comms.services.managers import ManagerReport, compute_manager_report
+from comms.services.tenant_budget import TenantBudgetStatus, tenant_budget
 from comms.store.db import Database
 from comms.store.models import Customer, Message
 from comms.store.wave_models import not_proof
@@ -151,6 +152,7 @@ class StatusReport:
     csp_live_stage: str = "awaiting_cancellation"
     # Manager figures (reached funnel, durations, incurred cost, breakdowns): services.managers.
     managers: ManagerReport | None = None
+    tenant: TenantBudgetStatus | None = None
 
     @property
     def exposure_total(self) -> float:
@@ -164,6 +166,8 @@ class StatusReport:
         data["exposure_total"] = self.exposure_total
         for row, item in zip(data["stuck"], self.stuck, strict=True):
             row["days_over"] = round(item.days_over, 2)
+        if self.tenant is not None:
+            data["tenant"].update(remaining=self.tenant.remaining, full=self.tenant.full)
         return data
 
 
@@ -406,8 +410,12 @@ def messages_per_day(
 def compute_status(
     db: Database, settings: Settings, campaign: Campaign, now: datetime, *, days: int = 14,
     tag: str | None = None, since: datetime | None = None,
+    sending_now: datetime | None = None,
 ) -> StatusReport:
-    """Every figure of `comms status` as of ``now``, read in one transaction."""
+    """Every figure of `comms status` as of ``now``, read in one transaction.
+
+    The tenant budget is read at ``sending_now`` (default ``now``): the dispatcher stamps its
+    send slots with the real clock even under ``--now``, so the CLI passes the real clock."""
     now = _aware(now)
     tz = ZoneInfo(settings.defaults.time_zone)
     price = settings.partner.price_per_licence_month
@@ -427,4 +435,5 @@ def compute_status(
             daily=messages_per_day(s, now, tz, days),
             csp_live_stage=campaign.csp_live_stage,
             managers=compute_manager_report(s, campaign, now, price, tag=tag, since=since),
+            tenant=tenant_budget(s, settings, sending_now or now),
         )

@@ -1,0 +1,37 @@
+"""Before a run queues anything: can it get a token and reach each sender mailbox?
+
+A run with broken sign-in (the starter config's certificate settings left empty, a wrong
+secret) used to plan and queue every due message and then fail them one by one at dispatch.
+The preflight asks Graph the same cheap questions as ``comms auth check`` (a token, its
+permissions, ``GET /users/{mailbox}``) and stops the run with the configuration exit code (3)
+before a single row is written. Sending nothing, it cannot send anything twice.
+"""
+
+from __future__ import annotations
+
+from comms.config import Settings
+from comms.delivery.base import Transport
+from comms.delivery.graph import GraphTransport
+from comms.errors import AuthError
+from comms.services.auth_check import inspect_access
+
+__all__ = ["before_run"]
+
+
+def before_run(settings: Settings, transport: Transport | None) -> None:
+    """Raise ``AuthError`` (exit 3) listing what stops ``transport`` from sending.
+
+    No transport (a dry run) and the outbox-folder transport (nothing to sign in to; a folder
+    it cannot write is reported by the first write) are not checked. A mailbox lookup Graph
+    cannot answer now (403 without User.Read.All, a timeout, a 5xx) does not stop the run:
+    only what is certainly wrong does.
+    """
+    if not isinstance(transport, GraphTransport):
+        return
+    report = inspect_access(transport, settings)  # AuthError here: no token at all
+    if report.problems:
+        raise AuthError(
+            "The run stopped before queueing anything: the check of Graph access found "
+            f"{len(report.problems)} problem(s) (`comms auth check` shows the details):",
+            problems=report.problems,
+        )

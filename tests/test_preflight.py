@@ -1,0 +1,90 @@
+"""A run that will send first checks it can sign in and reach each sender mailbox (issue 17):
+through the real CLI, the real msal + requests, against the sandbox over HTTPS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from engine_helpers import T0, sandbox_env, seed, statuses
+
+from comms.sandbox import Sandbox
+from comms.store.db import Database
+
+SENDERS = ["transition@fabrikam.example", "transition2@fabrikam.example"]
+NOW = T0.isoformat()
+
+
+@pytest.fixture
+def env(tmp_path: Path, database_url: str, sandbox_factory: Any,
+        monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    sb: Sandbox = sandbox_factory(time_scale=0.005)
+    values = sandbox_env(sb, tmp_path, database_url, senders=SENDERS, time_scale=0.005)
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    return {"sandbox": sb, "env": values, "config": Path(values["COMMS_CONFIG"])}
+
+
+def test_wrong_secret_stops_the_run_before_any_row(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seed(db, tmp_path, 4)
+    monkeypatch.setenv("COMMS_GRAPH_CLIENT_SECRET", "not-the-secret")
+    r = cli("run", "--now", NOW)
+    assert r.exit_code == 3, r.output
+    assert "client secret is wrong" in r.stderr
+    assert statuses(db) == {}  # nothing planned, queued or failed
+    assert env["sandbox"].sent() == []
+
+
+def test_empty_certificate_settings_stop_the_run_before_any_row(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The starter config's certificate auth with its file settings left empty.
+    seed(db, tmp_path, 3)
+    monkeypatch.setenv("COMMS_GRAPH_AUTH", "certificate")
+    monkeypatch.delenv("COMMS_GRAPH_CLIENT_SECRET")
+    monkeypatch.setenv("COMMS_GRAPH_CERTIFICATE_FILE", "")
+    monkeypatch.setenv("COMMS_GRAPH_PRIVATE_KEY_FILE", "")
+    r = cli("run", "--now", NOW)
+    assert r.exit_code == 3, r.output
+    assert "certificate" in r.stderr.lower()
+    assert statuses(db) == {}
+    assert env["sandbox"].sent() == []
+
+
+def test_a_sender_mailbox_that_does_not_exist_stops_the_run(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any,
+) -> None:
+    seed(db, tmp_path, 3)
+    config: Path = env["config"]
+    config.write_text(config.read_text() + '[[senders]]\naddress = "ghost@fabrikam.example"\n')
+    r = cli("run", "--now", NOW)
+    assert r.exit_code == 3, r.output
+    assert "The run stopped before queueing anything" in r.stderr
+    assert "ghost@fabrikam.example: does not exist in tenant" in r.stderr
+    assert statuses(db) == {}
+    assert env["sandbox"].sent() == []
+
+
+def test_dry_run_does_not_sign_in(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seed(db, tmp_path, 2)
+    monkeypatch.setenv("COMMS_GRAPH_CLIENT_SECRET", "not-the-secret")
+    r = cli("run", "--dry-run", "--now", NOW)
+    assert r.exit_code == 0, r.output
+    assert "2 messages would be queued now" in r.stdout
+
+
+def test_a_good_configuration_passes_the_check_and_sends(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any,
+) -> None:
+    seed(db, tmp_path, 2)
+    r = cli("run", "--now", NOW)
+    assert r.exit_code == 0, r.output
+    assert statuses(db) == {"sent": 2}
