@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from comms.errors import CampaignError
+from comms.inbox.policy import InboxPolicy
 from comms.paths import builtin_config_dir
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -144,6 +145,7 @@ class Campaign(_Model):
     # none of these roles, all its contacts receive them.
     recipients: tuple[str, ...] = ("primary", "billing")
     stages: tuple[Stage, ...]
+    inbox: InboxPolicy = InboxPolicy()  # [inbox]: reading replies and bounces
 
     @field_validator("recipients")
     @classmethod

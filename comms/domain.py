@@ -38,6 +38,8 @@ class CustomerInfo:
     # When the CSP subscription went live (entered awaiting_cancellation); drives double billing.
     csp_live_at: datetime | None = None
     id: int | None = None
+    # A human reply came in (comms inbox): no reminder falls due before this.
+    reminders_held_until: datetime | None = None
 
 
 @dataclass(frozen=True)

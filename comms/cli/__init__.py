@@ -43,6 +43,7 @@ def _register() -> None:
         "comms.cli.outbox_cmd",
         "comms.cli.status_cmd",
         "comms.cli.demo",
+        "comms.cli.inbox_cmd",
     ):
         importlib.import_module(name).register(app)
 

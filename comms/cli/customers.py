@@ -132,6 +132,8 @@ def show_cmd(
         if t.kind == "event":
             line = f"  {_when(t.at)}  {t.title}  {t.detail}  by {t.by} via {t.source}"
             line += f": {t.note}" if t.note else ""
+        elif t.kind == "inbound":
+            line = f"  {_when(t.at)}  inbound {t.title} {t.detail}" + (f": {t.note}" if t.note else "")
         else:
             line = f"  {_when(t.at)}  message {t.title} {t.detail}"
             line += f" (last error: {t.note})" if t.note else ""

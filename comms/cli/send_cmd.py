@@ -13,7 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from comms.cli import common
+from comms.cli import common, inbox_cmd
 from comms.cli.common import console, err_console
 from comms.errors import CommsError, ConfigError
 
@@ -117,6 +117,7 @@ def run(
     max_minutes: float = typer.Option(50.0, "--max-minutes", min=0.0, help="Stop dispatching after M minutes (queued mail waits for the next run)."),
     tag: str = typer.Option(None, "--tag", help="Only customers with this tag (a marketing wave)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    inbox: bool = typer.Option(False, "--inbox", help="Read replies and bounces first (`comms inbox sync`); also [inbox] on_run."),
 ) -> None:
     """The scheduled run (cron / systemd timer): plan what is due, queue it, send it.
 
@@ -128,6 +129,7 @@ def run(
 
     settings, campaign, renderer, transport, db = _engine_parts(need_transport=not dry_run)
     clock = Clock(_parse_now(now))
+    inbox_cmd.before_run(inbox, dry_run=dry_run, now=clock.now(), quiet=as_json)
     interactive = common.is_tty() and not as_json
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, disable=not interactive)

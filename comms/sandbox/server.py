@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from comms.sandbox import graph, identity
+from comms.sandbox import graph, identity, inbox
 from comms.sandbox.certs import load_client_certificate, make_certificate, tls_files
 from comms.sandbox.core import Core
 from comms.sandbox.state import App, Faults, State
@@ -200,6 +200,8 @@ def _admin(core: Core, req: Request) -> Response:
         payload = json.loads(req.body) if req.body.strip() else {}
     except json.JSONDecodeError:
         return json_response(400, {"error": "body must be JSON"})
+    if (answer := inbox.admin(core, req, what, payload)) is not None:
+        return answer
     if what == "sent" and req.method == "GET":
         return json_response(200, state.records())
     if what == "stats" and req.method == "GET":

@@ -28,6 +28,7 @@ from comms.domain import ContactInfo, CustomerInfo, PlannedMessage, SentMessage
 from comms.errors import AlreadySent, CommsError, NotFound
 from comms.render import Renderer
 from comms.store.db import Database
+from comms.store.inbox_models import reminder_holds
 from comms.store.locks import RunLock
 from comms.store.models import Contact, Customer, CustomerTag, Message, StageEvent, Suppression
 
@@ -121,6 +122,7 @@ def load_customers(session: Session, ids: Sequence[int]) -> dict[int, CustomerIn
         suppressed.update(
             session.exec(select(Suppression.email).where(col(Suppression.email).in_(chunk))).all()
         )
+    held = reminder_holds(session, id_list)
     out: dict[int, CustomerInfo] = {}
     for r in rows:
         out[r.id] = CustomerInfo(
@@ -145,6 +147,7 @@ def load_customers(session: Session, ids: Sequence[int]) -> dict[int, CustomerIn
                 for c in contacts.get(r.id, [])
             ),
             csp_live_at=r.csp_live_at,
+            reminders_held_until=held.get(r.id),
         )
     return out
 

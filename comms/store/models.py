@@ -200,3 +200,6 @@ class SendSlot(SQLModel, table=True):
     finished_at: datetime | None = _dt(nullable=True)
     recipients: int = 1
     message_id: int | None = None
+
+
+from comms.store.inbox_models import InboundMessage, InboxCustomerState, InboxMailbox  # noqa: E402,F401

@@ -1,0 +1,542 @@
+"""`comms inbox sync`: read each sender mailbox's new Inbox messages, classify them, apply their
+effects; and the queries behind `comms inbox list/show`, the timeline and `comms status`.
+
+Crash safety: each inbound message is recorded (unique by mailbox + Graph id) in the same
+transaction as its effects, so a message is either fully applied or not at all; the mailbox's
+delta link is stored only after every message of its page was applied. A crash mid-page re-reads
+that page on the next sync and skips what was already recorded.
+
+Effects (``[inbox]`` in campaign.toml, see ``comms.inbox.policy``):
+
+- hard bounce: the outbox row ``bounced`` with the status code, the address suppressed (reason
+  ``bounce``), the customer flagged, one internal note to the account manager per customer per
+  day at most;
+- soft bounce: counted; the address suppressed after ``soft_bounce_limit`` in
+  ``soft_bounce_window_days``;
+- reply: the customer's reminders held ``hold_reminders_days``, the account manager notified
+  (same one-a-day note), subject and first lines kept for the timeline;
+- opt-out reply: the address suppressed with the reply as the reason;
+- auto-reply, unmatched: recorded only.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from comms import outbox
+from comms.config import Settings
+from comms.errors import NotFound, UsageError
+from comms.inbox.classify import Inbound, SentRow, Verdict, classify, own_text
+from comms.inbox.policy import InboxPolicy
+from comms.inbox.reader import InboxReader
+from comms.store.db import Database
+from comms.store.inbox_models import InboundMessage, InboxCustomerState, InboxMailbox
+from comms.store.models import Contact, Customer, Message, Suppression
+
+NOTE_MESSAGE = "inbox_account_manager_note"
+BOUNCED = "bounced"  # outbox status of a message an NDR came back for
+
+
+@dataclass
+class SyncReport:
+    mailboxes: list[str] = field(default_factory=list)
+    read: int = 0
+    new: int = 0  # classified and applied (or, dry run, would be)
+    skipped: int = 0  # already processed
+    kinds: Counter[str] = field(default_factory=Counter)
+    effects: Counter[str] = field(default_factory=Counter)
+    dry_run: bool = False
+    requests: int = 0
+    retries: int = 0
+    items: list[dict[str, Any]] = field(default_factory=list)  # dry run: what would happen
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mailboxes": self.mailboxes, "read": self.read, "new": self.new,
+            "skipped": self.skipped, "kinds": dict(self.kinds), "effects": dict(self.effects),
+            "dry_run": self.dry_run, "requests": self.requests, "retries": self.retries,
+            "items": self.items,
+        }
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _address(value: Any) -> str:
+    if isinstance(value, dict):
+        return str((value.get("emailAddress") or {}).get("address") or "").strip().lower()
+    return ""
+
+
+def _parse_time(text: Any) -> datetime | None:
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _html_text(markup: str) -> str:
+    """Readable text of an HTML body (Graph sends text when asked; this covers when not)."""
+    text = re.sub(r"(?is)<(script|style|head)\b.*?</\1>", "", markup)
+    text = re.sub(r"(?i)<br\s*/?>|</(p|div|tr|li|h[1-6])>", "\n", text)
+    text = html.unescape(re.sub(r"<[^>]+>", "", text))
+    return "\n".join(line.strip() for line in text.splitlines())
+
+
+def inbound_from_graph(mailbox: str, item: dict[str, Any]) -> Inbound:
+    """A Graph message resource -> the classifier's view (headers lower-cased)."""
+    headers: dict[str, str] = {}
+    for h in item.get("internetMessageHeaders") or []:
+        name = str(h.get("name") or "").lower()
+        if name and name not in headers:
+            headers[name] = str(h.get("value") or "")
+    body = item.get("body") or {}
+    text = str(body.get("content") or "") if isinstance(body, dict) else ""
+    if text and str(body.get("contentType", "")).lower() == "html":
+        text = _html_text(text)
+    return Inbound(
+        mailbox=mailbox.lower(),
+        graph_id=str(item["id"]),
+        subject=str(item.get("subject") or ""),
+        from_address=_address(item.get("from")) or _address(item.get("sender")),
+        text=text or str(item.get("bodyPreview") or ""),
+        headers=headers,
+        internet_message_id=str(item.get("internetMessageId") or ""),
+        conversation_id=str(item.get("conversationId") or ""),
+        received_at=_parse_time(item.get("receivedDateTime")),
+    )
+
+
+# --------------------------------------------------------------------------- resolver
+
+
+class LedgerResolver:
+    """Answers the classifier from the ledger, and Sent Items through Graph (cached)."""
+
+    def __init__(self, session: Session, reader: InboxReader | None) -> None:
+        self.session = session
+        self.reader = reader
+        self.sent_cache: dict[tuple[str, str, str], str | None] = {}
+        self.contacts: dict[str, list[int]] = {}
+
+    def prefetch_contacts(self, addresses: Sequence[str]) -> None:
+        wanted = sorted({a.lower() for a in addresses if a} - set(self.contacts))
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            for a in chunk:
+                self.contacts[a] = []
+            rows = self.session.execute(
+                sa.select(sa.func.lower(col(Contact.email)), col(Contact.customer_id))
+                .where(sa.func.lower(col(Contact.email)).in_(chunk))
+            ).all()
+            for email, cid in rows:
+                self.contacts.setdefault(email, []).append(cid)
+
+    def row_by_send_id(self, send_id: str) -> SentRow | None:
+        row = self.session.execute(
+            sa.select(col(Message.id), col(Message.customer_id), col(Message.to_json),
+                      col(Message.cc_json), col(Message.message))
+            .where(col(Message.send_id) == send_id)
+        ).first()
+        if row is None:
+            return None
+        recipients = [d["address"].lower() for d in json.loads(row.to_json or "[]")]
+        recipients += [d["address"].lower() for d in json.loads(row.cc_json or "[]")]
+        return SentRow(int(row.id), int(row.customer_id), tuple(recipients), row.message)
+
+    def _sent(self, mailbox: str, field_name: str, value: str) -> str | None:
+        key = (mailbox, field_name, value)
+        if key not in self.sent_cache:
+            self.sent_cache[key] = (
+                self.reader.sent_send_id(mailbox, field_name, value) if self.reader else None
+            )
+        return self.sent_cache[key]
+
+    def send_id_by_internet_message_id(self, mailbox: str, internet_message_id: str
+                                       ) -> str | None:
+        return self._sent(mailbox, "internetMessageId", internet_message_id)
+
+    def customer_by_conversation(self, mailbox: str, conversation_id: str) -> int | None:
+        known = self.session.execute(
+            sa.select(col(InboundMessage.customer_id)).where(
+                col(InboundMessage.conversation_id) == conversation_id,
+                col(InboundMessage.customer_id).is_not(None),
+            ).limit(1)
+        ).scalar()
+        if known is not None:
+            return int(known)
+        send_id = self._sent(mailbox, "conversationId", conversation_id)
+        row = self.row_by_send_id(send_id) if send_id else None
+        return row.customer_id if row else None
+
+    def customers_by_contact(self, address: str) -> Sequence[int]:
+        if address not in self.contacts:
+            self.prefetch_contacts([address])
+        return self.contacts.get(address, [])
+
+
+# --------------------------------------------------------------------------- effects
+
+
+def _note_row(
+    settings: Settings, customer: Customer, subject: str, lines: list[str], now: datetime,
+) -> dict[str, Any] | None:
+    """The account manager's internal note: one per customer per day (the sequence is the
+    day, so the outbox's unique key refuses a second one)."""
+    am = customer.account_manager_email.strip()
+    if not am:
+        return None
+    assert customer.id is not None
+    text = "\n".join(lines)
+    markup = "".join(f"<p>{html.escape(line)}</p>" for line in lines)
+    return {
+        "send_id": uuid.uuid4().hex, "customer_id": customer.id, "message": NOTE_MESSAGE,
+        "sequence": now.date().toordinal(), "stage": customer.stage, "internal": True,
+        "status": "queued",
+        "to_json": outbox.addresses_json([(am, customer.account_manager_name)]),
+        "cc_json": "[]", "reply_to": settings.partner.reply_to, "subject": subject,
+        "html": f"<html><body>{markup}</body></html>", "text": text, "locale": "en",
+        "sender": None, "send_after": now, "send_before": None, "attempts": 0,
+        "last_error": "", "error_code": "", "lease_until": None, "claimed_by": "",
+        "unknown_since": None, "sent_at": None, "request_id": "", "note": "inbox",
+        "created_at": now, "updated_at": now,
+    }
+
+
+def _state(s: Session, customer_id: int) -> InboxCustomerState:
+    state = s.get(InboxCustomerState, customer_id)
+    if state is None:
+        state = InboxCustomerState(customer_id=customer_id)
+        s.add(state)
+    return state
+
+
+def _suppress(s: Session, address: str, reason: str, now: datetime, by: str) -> bool:
+    if not address or s.get(Suppression, address) is not None:
+        return False
+    s.add(Suppression(email=address, reason=reason, at=now, by=by))
+    return True
+
+
+def apply_effects(
+    s: Session, settings: Settings, policy: InboxPolicy, msg: Inbound, verdict: Verdict,
+    record: InboundMessage, now: datetime,
+) -> list[str]:
+    """The verdict's effects, in ``s`` (the caller's transaction); returns what was done."""
+    done: list[str] = []
+    customer = s.get(Customer, verdict.customer_id) if verdict.customer_id else None
+    by = f"inbox:{msg.mailbox}"
+    if verdict.kind == "bounce" and customer is not None:
+        assert customer.id is not None
+        row = s.get(Message, verdict.message_id) if verdict.message_id else None
+        address = verdict.address
+        if verdict.hard:
+            if row is not None and row.status != "withdrawn":
+                row.status, row.error_code = BOUNCED, verdict.status_code
+                row.last_error = f"bounced for {address or 'a recipient'}: {verdict.detail}"
+                row.updated_at = now
+                done.append(f"outbox #{row.id} bounced ({verdict.status_code})")
+            if _suppress(s, address, "bounce", now, f"{by} {verdict.status_code}"):
+                done.append(f"{address} suppressed (bounce)")
+            state = _state(s, customer.id)
+            state.flagged = True
+            state.flag_reason = f"hard bounce {verdict.status_code} for {address}"
+            state.updated_at = now
+            done.append("customer flagged")
+            if policy.notify_account_manager:
+                note = _note_row(
+                    settings, customer,
+                    f"[comms] {customer.name} ({customer.key}): an email bounced",
+                    [f"An email to {customer.name} ({customer.key}) bounced.",
+                     f"Address: {address or 'unknown'}; status {verdict.status_code} "
+                     f"({verdict.detail}).",
+                     "The address is suppressed; please find a working contact and add it "
+                     "with `comms customers import`."], now)
+                if note and outbox.insert_messages(s, [note]):
+                    done.append("account manager note queued")
+        else:
+            window = now - timedelta(days=policy.soft_bounce_window_days)
+            earlier = s.execute(
+                sa.select(sa.func.count()).select_from(InboundMessage).where(
+                    col(InboundMessage.kind) == "bounce", col(InboundMessage.hard).is_(False),
+                    col(InboundMessage.address) == address,
+                    col(InboundMessage.processed_at) >= window,
+                    col(InboundMessage.id) != record.id,
+                )
+            ).scalar_one()
+            count = int(earlier) + 1
+            done.append(f"soft bounce {count} of {policy.soft_bounce_limit} for {address}")
+            if address and count >= policy.soft_bounce_limit and _suppress(
+                s, address, "bounce",
+                now, f"{by} {count} soft bounces in {policy.soft_bounce_window_days:g} days",
+            ):
+                done.append(f"{address} suppressed (bounce, {count} soft bounces)")
+    elif verdict.kind == "optout" and customer is not None:
+        reason = f"opt-out reply: {msg.subject} | {own_text(msg.text, 3)}"[:1000]
+        if _suppress(s, verdict.address, reason, now, by):
+            done.append(f"{verdict.address} suppressed (opt-out reply)")
+    elif verdict.kind == "reply" and customer is not None:
+        assert customer.id is not None
+        state = _state(s, customer.id)
+        until = now + timedelta(days=policy.hold_reminders_days)
+        if state.reminders_held_until is None or state.reminders_held_until < until:
+            state.reminders_held_until = until
+        state.updated_at = now
+        done.append(f"reminders held until {until:%Y-%m-%d %H:%M} UTC")
+        if policy.notify_account_manager:
+            first = own_text(msg.text, policy.timeline_lines or 3)
+            note = _note_row(
+                settings, customer, f"[comms] {customer.name} ({customer.key}) replied",
+                [f"{msg.from_address} replied: {msg.subject}", *first.splitlines(),
+                 f"Reminders are held for {policy.hold_reminders_days:g} days."], now)
+            if note and outbox.insert_messages(s, [note]):
+                done.append("account manager note queued")
+    return done
+
+
+# --------------------------------------------------------------------------- sync
+
+
+def _senders(settings: Settings, mailbox: str | None) -> list[str]:
+    senders = [x.address.lower() for x in settings.senders]
+    if mailbox is None:
+        return senders
+    if mailbox.lower() not in senders:
+        raise UsageError(
+            f"{mailbox} is not a sender mailbox; configured: {', '.join(senders)} ([[senders]])."
+        )
+    return [mailbox.lower()]
+
+
+def _record(msg: Inbound, verdict: Verdict, lines: int, now: datetime) -> InboundMessage:
+    return InboundMessage(
+        mailbox=msg.mailbox, graph_id=msg.graph_id,
+        internet_message_id=msg.internet_message_id[:998],
+        conversation_id=msg.conversation_id[:400], received_at=msg.received_at,
+        from_address=msg.from_address[:320], subject=msg.subject,
+        preview=own_text(msg.text, max(lines, 1)) if verdict.kind in ("reply", "optout")
+        else msg.text[:500],
+        kind=verdict.kind, rule=verdict.rule[:100], detail=verdict.detail,
+        status_code=verdict.status_code, hard=verdict.hard, address=verdict.address[:320],
+        customer_id=verdict.customer_id, message_id=verdict.message_id, processed_at=now,
+    )
+
+
+def _needs_attachments(item: dict[str, Any], msg: Inbound) -> bool:
+    from comms.inbox.classify import is_ndr
+
+    return bool(item.get("hasAttachments")) and is_ndr(msg)
+
+
+def sync(
+    db: Database, settings: Settings, policy: InboxPolicy, *, now: datetime,
+    mailbox: str | None = None, dry_run: bool = False, restart: bool = False,
+    progress: Callable[[int], None] | None = None, reader: InboxReader | None = None,
+) -> SyncReport:
+    """Read, classify and apply every new Inbox message of the sender mailboxes."""
+    report = SyncReport(dry_run=dry_run)
+    own_reader = reader is None
+    reader = reader or InboxReader(settings, read_body=policy.read_body,
+                                   page_size=policy.page_size)
+    try:
+        for box in _senders(settings, mailbox):
+            report.mailboxes.append(box)
+            _sync_mailbox(db, settings, policy, reader, box, now=now, dry_run=dry_run,
+                          restart=restart, report=report, progress=progress)
+    finally:
+        report.requests, report.retries = reader.requests, reader.retries
+        if own_reader:
+            reader.close()
+    return report
+
+
+def _sync_mailbox(
+    db: Database, settings: Settings, policy: InboxPolicy, reader: InboxReader, box: str, *,
+    now: datetime, dry_run: bool, restart: bool, report: SyncReport,
+    progress: Callable[[int], None] | None,
+) -> None:
+    with db.session() as s:
+        stored = s.get(InboxMailbox, box)
+        link = None if (restart or stored is None) else (stored.delta_link or None)
+    for page in reader.pages(box, link):
+        report.read += len(page.messages)
+        ids = [str(m["id"]) for m in page.messages]
+        with db.session() as s:
+            seen = set(s.execute(
+                sa.select(col(InboundMessage.graph_id)).where(
+                    col(InboundMessage.mailbox) == box, col(InboundMessage.graph_id).in_(ids))
+            ).scalars().all()) if ids else set()
+        fresh = [m for m in page.messages if str(m["id"]) not in seen and "@removed" not in m]
+        report.skipped += len(page.messages) - len(fresh)
+        for item in fresh:
+            msg = inbound_from_graph(box, item)
+            if policy.read_body and _needs_attachments(item, msg):
+                msg = Inbound(**{**msg.__dict__,
+                                 "attachments": tuple(reader.attachments(box, msg.graph_id))})
+            _process(db, settings, policy, reader, msg, now=now, dry_run=dry_run,
+                     report=report)
+        if progress:
+            progress(len(page.messages))
+        if page.delta_link and not dry_run:
+            # Only now, with every message of the round applied, may the next sync skip them.
+            with db.session() as s:
+                row = s.get(InboxMailbox, box) or InboxMailbox(mailbox=box)
+                row.delta_link, row.synced_at = page.delta_link, now
+                s.add(row)
+
+
+class _DryRun(Exception):
+    """Raised inside a dry run's transaction so that nothing it did is kept."""
+
+
+def _process(
+    db: Database, settings: Settings, policy: InboxPolicy, reader: InboxReader, msg: Inbound,
+    *, now: datetime, dry_run: bool, report: SyncReport,
+) -> None:
+    effects: list[str] = []
+    try:
+        with db.session(immediate=True) as s:
+            resolver = LedgerResolver(s, reader)
+            verdict = classify(msg, resolver, policy.optout_keywords if policy.read_body else [])
+            record = _record(msg, verdict, policy.timeline_lines, now)
+            s.add(record)
+            s.flush()  # the unique key: a message processed meanwhile fails here
+            effects = apply_effects(s, settings, policy, msg, verdict, record, now)
+            record.effects = "; ".join(effects)
+            if dry_run:
+                report.items.append({"graph_id": msg.graph_id, "from": msg.from_address,
+                                     "subject": msg.subject, "kind": verdict.kind,
+                                     "rule": verdict.rule, "effects": effects})
+                raise _DryRun
+    except _DryRun:
+        pass
+    except IntegrityError:
+        report.skipped += 1
+        return
+    report.new += 1
+    report.kinds[verdict.kind] += 1
+    report.effects.update(_effect_keys(effects))
+
+
+def _effect_keys(effects: list[str]) -> list[str]:
+    keys = []
+    for e in effects:
+        if e.startswith("outbox #"):
+            keys.append("bounced")
+        elif "suppressed" in e:
+            keys.append("suppressed")
+        elif "note queued" in e:
+            keys.append("notes")
+        elif "held" in e:
+            keys.append("held")
+        elif "flagged" in e:
+            keys.append("flagged")
+        elif e.startswith("soft bounce"):
+            keys.append("soft_bounces")
+    return keys
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def list_inbound(db: Database, *, kind: str | None = None, limit: int = 200
+                 ) -> list[dict[str, Any]]:
+    with db.session() as s:
+        q = (sa.select(InboundMessage, col(Customer.key))
+             .join(Customer, col(Customer.id) == col(InboundMessage.customer_id), isouter=True)
+             .order_by(col(InboundMessage.id).desc()).limit(limit))
+        if kind:
+            q = q.where(col(InboundMessage.kind) == kind)
+        return [_row_dict(m, key) for m, key in s.execute(q).all()]
+
+
+def show_inbound(db: Database, inbound_id: int) -> dict[str, Any]:
+    with db.session() as s:
+        found = s.execute(
+            sa.select(InboundMessage, col(Customer.key))
+            .join(Customer, col(Customer.id) == col(InboundMessage.customer_id), isouter=True)
+            .where(col(InboundMessage.id) == inbound_id)
+        ).first()
+    if found is None:
+        raise NotFound(f"No inbound message #{inbound_id}. See `comms inbox list`.")
+    return _row_dict(found[0], found[1], full=True)
+
+
+def _row_dict(m: InboundMessage, key: str | None, *, full: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": m.id, "mailbox": m.mailbox, "received_at": m.received_at, "kind": m.kind,
+        "from": m.from_address, "subject": m.subject, "customer": key, "rule": m.rule,
+        "status_code": m.status_code, "address": m.address, "outbox_id": m.message_id,
+        "effects": m.effects,
+    }
+    if full:
+        out.update({"graph_id": m.graph_id, "internet_message_id": m.internet_message_id,
+                    "conversation_id": m.conversation_id, "detail": m.detail, "hard": m.hard,
+                    "preview": m.preview, "processed_at": m.processed_at})
+    return out
+
+
+def timeline_entries(session: Session, customer_id: int) -> list[InboundMessage]:
+    """Inbound messages of one customer, oldest first (for `customers show`)."""
+    return list(session.exec(
+        select(InboundMessage).where(col(InboundMessage.customer_id) == customer_id)
+        .order_by(col(InboundMessage.id))
+    ).all())
+
+
+@dataclass(frozen=True)
+class InboxCounts:
+    bounces: int
+    hard_bounces: int
+    replies: int
+    optouts: int
+    auto: int
+    unmatched: int
+    unreachable: list[str]  # customer keys with no deliverable address left
+    awaiting_operator: list[str]  # customers whose reminders are held after a reply
+
+
+def counts(session: Session, now: datetime) -> InboxCounts:
+    """Inbox numbers for `comms status`."""
+    by_kind: Counter[str] = Counter()
+    hard = 0
+    for kind, is_hard, n in session.execute(
+        sa.select(col(InboundMessage.kind), col(InboundMessage.hard), sa.func.count())
+        .group_by(col(InboundMessage.kind), col(InboundMessage.hard))
+    ).all():
+        by_kind[kind] += n
+        if kind == "bounce" and is_hard:
+            hard += n
+    deliverable = (
+        sa.select(col(Contact.customer_id))
+        .where(sa.func.lower(col(Contact.email)).not_in(sa.select(col(Suppression.email))))
+    )
+    unreachable = session.execute(
+        sa.select(col(Customer.key)).where(
+            col(Customer.id).in_(sa.select(col(Contact.customer_id))),
+            col(Customer.id).not_in(deliverable),
+            col(Customer.lost).is_(False),
+        ).order_by(col(Customer.key))
+    ).scalars().all()
+    awaiting = session.execute(
+        sa.select(col(Customer.key))
+        .join(InboxCustomerState, col(InboxCustomerState.customer_id) == col(Customer.id))
+        .where(col(InboxCustomerState.reminders_held_until) > now).order_by(col(Customer.key))
+    ).scalars().all()
+    return InboxCounts(by_kind["bounce"], hard, by_kind["reply"], by_kind["optout"],
+                       by_kind["auto"], by_kind["unmatched"], list(unreachable), list(awaiting))
