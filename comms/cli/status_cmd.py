@@ -101,6 +101,7 @@ def _print_status(r: StatusReport) -> None:
     console.print(ex)
     _more(SHOW, len(r.exhausted))
 
+    _print_inbox(r)
     cur = r.currency
     console.print(
         f"[bold]Double-billing exposure: {cur} {r.exposure_total:,.2f}[/] "
@@ -139,6 +140,24 @@ def report(
                         generated_at=generated, days=days)
     console.print(f"Wrote {escape(str(path))} ({path.stat().st_size:,} bytes).", highlight=False,
                   soft_wrap=True)
+
+
+def _print_inbox(r: StatusReport) -> None:
+    i = r.inbox
+    if i is None:
+        return
+    console.print(
+        f"[bold]Inbox:[/] bounces {i.bounces} ({i.hard_bounces} hard), replies {i.replies}, "
+        f"opt-outs {i.optouts}, auto-replies {i.auto}, unmatched {i.unmatched}", highlight=False)
+    for stage, kinds in sorted(i.by_stage.items()):
+        console.print(f"  {stage}: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
+                      highlight=False)
+    console.print(f"Unreachable customers (no deliverable address): {len(i.unreachable)}"
+                  + (f": {', '.join(i.unreachable[:SHOW])}" if i.unreachable else ""),
+                  highlight=False)
+    console.print(f"Awaiting an operator after a reply: {len(i.awaiting_operator)}"
+                  + (f": {', '.join(i.awaiting_operator[:SHOW])}" if i.awaiting_operator
+                     else ""), highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -509,6 +509,7 @@ class InboxCounts:
     unmatched: int
     unreachable: list[str]  # customer keys with no deliverable address left
     awaiting_operator: list[str]  # customers whose reminders are held after a reply
+    by_stage: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> kind -> n
 
 
 def counts(session: Session, now: datetime) -> InboxCounts:
@@ -538,5 +539,13 @@ def counts(session: Session, now: datetime) -> InboxCounts:
         .join(InboxCustomerState, col(InboxCustomerState.customer_id) == col(Customer.id))
         .where(col(InboxCustomerState.reminders_held_until) > now).order_by(col(Customer.key))
     ).scalars().all()
+    by_stage: dict[str, dict[str, int]] = {}
+    for stage, kind, n in session.execute(
+        sa.select(col(Customer.stage), col(InboundMessage.kind), sa.func.count())
+        .join(Customer, col(Customer.id) == col(InboundMessage.customer_id))
+        .group_by(col(Customer.stage), col(InboundMessage.kind))
+    ).all():
+        by_stage.setdefault(stage, {})[kind] = int(n)
     return InboxCounts(by_kind["bounce"], hard, by_kind["reply"], by_kind["optout"],
-                       by_kind["auto"], by_kind["unmatched"], list(unreachable), list(awaiting))
+                       by_kind["auto"], by_kind["unmatched"], list(unreachable), list(awaiting),
+                       by_stage)

@@ -40,6 +40,8 @@ from sqlmodel import Session, col
 from comms.campaign import Campaign
 from comms.config import Settings
 from comms.errors import CommsError
+from comms.inbox.service import InboxCounts
+from comms.inbox.service import counts as inbox_counts
 from comms.store.db import Database
 from comms.store.models import Customer, Message
 
@@ -139,6 +141,7 @@ class StatusReport:
     exhausted: list[ExhaustedCustomer]
     exposure: list[Exposure]
     daily: list[DayCount] = field(default_factory=list)
+    inbox: InboxCounts | None = None  # replies and bounces (`comms inbox sync`)
 
     @property
     def exposure_total(self) -> float:
@@ -457,4 +460,5 @@ def compute_status(
             exhausted=exhausted_reminders(s, campaign, now),
             exposure=double_billing_exposure(s, now, price),
             daily=messages_per_day(s, now, tz, days),
+            inbox=inbox_counts(s, now),
         )
