@@ -142,5 +142,45 @@ def before_run(flag: bool, *, dry_run: bool, now: datetime, quiet: bool) -> None
         typer.echo(_summary(report))
 
 
+def sandbox_inject(
+    kind: str = typer.Argument(..., help="reply, auto_reply, ndr or dead (addresses that bounce by themselves)."),
+    mailbox: str = typer.Option(None, "--mailbox", "-m", help="Sender mailbox (default: the first [[senders]])."),
+    send_id: str = typer.Option(None, "--send-id", help="The message answered or bounced (see `comms outbox show`)."),
+    sender: str = typer.Option(None, "--from", help="Who replies (reply, auto_reply)."),
+    body: str = typer.Option("", "--body", help="Text of the reply."),
+    recipient: str = typer.Option(None, "--recipient", help="The address that bounced (ndr), or the dead address."),
+    status: str = typer.Option("5.1.1", "--status", help="NDR status code: 5.x.x hard, 4.x.x soft."),
+    attach: str = typer.Option("item", "--attach", help="How the NDR carries the original: item, file, headers, none."),
+) -> None:
+    """Put a reply, auto-reply or NDR into a running `comms sandbox`'s Inbox (testing only).
+
+    Talks to the sandbox's admin endpoint at [graph] base_url, trusting [graph] ca_file.
+    """
+    import requests
+
+    settings = common.settings()
+    base = settings.graph.base_url.rsplit("/v1.0", 1)[0]
+    box = mailbox or (settings.senders[0].address if settings.senders else "")
+    payload: dict[str, Any]
+    if kind == "dead":
+        url, payload = f"{base}/_sandbox/inbox/dead", {"addresses": [recipient]}
+    elif kind in ("reply", "auto_reply", "ndr"):
+        url = f"{base}/_sandbox/inbox/inject"
+        payload = {"kind": kind, "mailbox": box, "send_id": send_id, "from": sender,
+                   "body": body, "recipient": recipient, "status": status, "attach": attach}
+    else:
+        raise UsageError(f"KIND must be reply, auto_reply, ndr or dead, got {kind!r}.")
+    try:
+        response = requests.post(url, json=payload, timeout=10,
+                                 verify=settings.graph.ca_file or True)
+    except requests.exceptions.RequestException as exc:
+        raise UsageError(f"No sandbox answers at {base} ({type(exc).__name__}); start "
+                         "`comms sandbox` and export the variables it prints.") from exc
+    if response.status_code != 200:
+        raise UsageError(f"The sandbox refused: {response.status_code} {response.text[:300]}")
+    typer.echo(json.dumps(response.json(), indent=2)[:2000])
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(inbox_app, name="inbox")
+    app.command("sandbox-inject")(sandbox_inject)

@@ -17,6 +17,7 @@ import base64
 import binascii
 import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -75,12 +76,14 @@ class InboxReader:
         self.scale = max(getattr(settings.delivery, "time_scale", 1.0), 0.001)
         self.requests = 0
         self.retries = 0
+        self._lock = threading.Lock()
 
     @property
     def tokens(self) -> TokenProvider:
-        if self._tokens is None:
-            self._tokens = token_provider_for(self.settings)
-        return self._tokens
+        with self._lock:
+            if self._tokens is None:
+                self._tokens = token_provider_for(self.settings)
+            return self._tokens
 
     def close(self) -> None:
         self.session.close()
@@ -99,7 +102,8 @@ class InboxReader:
             headers["Accept"] = "*/*" if raw else "application/json"
             if prefer:
                 headers["Prefer"] = prefer
-            self.requests += 1
+            with self._lock:
+                self.requests += 1
             try:
                 response = self.session.get(url, headers=headers, allow_redirects=False)
             except requests.exceptions.SSLError as exc:
@@ -129,7 +133,8 @@ class InboxReader:
                          "`comms inbox sync` again later")
 
     def _backoff(self, attempt: int, retry_after: str | None) -> None:
-        self.retries += 1
+        with self._lock:
+            self.retries += 1
         if retry_after is not None:
             wait = parse_retry_after(retry_after)
         else:

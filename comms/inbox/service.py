@@ -27,7 +27,8 @@ import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -128,11 +129,14 @@ def inbound_from_graph(mailbox: str, item: dict[str, Any]) -> Inbound:
 class LedgerResolver:
     """Answers the classifier from the ledger, and Sent Items through Graph (cached)."""
 
-    def __init__(self, session: Session, reader: InboxReader | None) -> None:
+    def __init__(self, session: Session, reader: InboxReader | None,
+                 sent_cache: dict[tuple[str, str, str], str | None] | None = None,
+                 contacts: dict[str, list[int]] | None = None) -> None:
         self.session = session
         self.reader = reader
-        self.sent_cache: dict[tuple[str, str, str], str | None] = {}
-        self.contacts: dict[str, list[int]] = {}
+        # Shared by the whole sync (and filled ahead, page by page).
+        self.sent_cache = sent_cache if sent_cache is not None else {}
+        self.contacts = contacts if contacts is not None else {}
 
     def prefetch_contacts(self, addresses: Sequence[str]) -> None:
         wanted = sorted({a.lower() for a in addresses if a} - set(self.contacts))
@@ -276,7 +280,7 @@ def apply_effects(
                     col(InboundMessage.kind) == "bounce", col(InboundMessage.hard).is_(False),
                     col(InboundMessage.address) == address,
                     col(InboundMessage.processed_at) >= window,
-                    col(InboundMessage.id) != record.id,
+                    col(InboundMessage.graph_id) != record.graph_id,
                 )
             ).scalar_one()
             count = int(earlier) + 1
@@ -373,6 +377,7 @@ def _sync_mailbox(
     with db.session() as s:
         stored = s.get(InboxMailbox, box)
         link = None if (restart or stored is None) else (stored.delta_link or None)
+    sent_cache: dict[tuple[str, str, str], str | None] = {}
     for page in reader.pages(box, link):
         report.read += len(page.messages)
         ids = [str(m["id"]) for m in page.messages]
@@ -383,13 +388,15 @@ def _sync_mailbox(
             ).scalars().all()) if ids else set()
         fresh = [m for m in page.messages if str(m["id"]) not in seen and "@removed" not in m]
         report.skipped += len(page.messages) - len(fresh)
-        for item in fresh:
-            msg = inbound_from_graph(box, item)
-            if policy.read_body and _needs_attachments(item, msg):
-                msg = Inbound(**{**msg.__dict__,
-                                 "attachments": tuple(reader.attachments(box, msg.graph_id))})
+        messages = _prefetch(settings, policy, reader, box, fresh, sent_cache)
+        # Contacts change only through imports; one lookup per page, not per message.
+        contacts: dict[str, list[int]] = {}
+        with db.session() as s:
+            LedgerResolver(s, None, contacts=contacts).prefetch_contacts(
+                [m.from_address for m in messages])
+        for msg in messages:
             _process(db, settings, policy, reader, msg, now=now, dry_run=dry_run,
-                     report=report)
+                     report=report, sent_cache=sent_cache, contacts=contacts)
         if progress:
             progress(len(page.messages))
         if page.delta_link and not dry_run:
@@ -404,20 +411,62 @@ class _DryRun(Exception):
     """Raised inside a dry run's transaction so that nothing it did is kept."""
 
 
+def _prefetch(
+    settings: Settings, policy: InboxPolicy, reader: InboxReader, box: str,
+    items: list[dict[str, Any]], sent_cache: dict[tuple[str, str, str], str | None],
+) -> list[Inbound]:
+    """A page's Graph reads done ahead, a few at a time (within the mailbox's concurrency
+    limit): NDR attachments, and the Sent Items lookup of each reply's In-Reply-To."""
+    messages = [inbound_from_graph(box, item) for item in items]
+    jobs: list[tuple[int, str]] = []  # (index, what): "attachments" or an In-Reply-To id
+    for i, (item, msg) in enumerate(zip(items, messages, strict=True)):
+        if policy.read_body and _needs_attachments(item, msg):
+            jobs.append((i, "attachments"))
+        else:
+            for mid in re.findall(r"<[^<>\s]+>", msg.headers.get("in-reply-to", ""))[:1]:
+                if (box, "internetMessageId", mid) not in sent_cache:
+                    sent_cache[(box, "internetMessageId", mid)] = None
+                    jobs.append((i, mid))
+    if not jobs:
+        return messages
+    limit = next((x.max_concurrent for x in settings.senders if x.address == box), 4)
+
+    def run(job: tuple[int, str]) -> tuple[int, str, Any]:
+        i, what = job
+        if what == "attachments":
+            return i, what, tuple(reader.attachments(box, messages[i].graph_id))
+        return i, what, reader.sent_send_id(box, "internetMessageId", what)
+
+    # One slot stays free for the dispatcher when a run sends from the same mailbox.
+    with ThreadPoolExecutor(max_workers=max(1, min(3, limit - 1))) as pool:
+        for i, what, value in pool.map(run, jobs):
+            if what == "attachments":
+                messages[i] = replace(messages[i], attachments=value)
+            else:
+                sent_cache[(box, "internetMessageId", what)] = value
+    return messages
+
+
 def _process(
     db: Database, settings: Settings, policy: InboxPolicy, reader: InboxReader, msg: Inbound,
     *, now: datetime, dry_run: bool, report: SyncReport,
+    sent_cache: dict[tuple[str, str, str], str | None], contacts: dict[str, list[int]],
 ) -> None:
     effects: list[str] = []
     try:
         with db.session(immediate=True) as s:
-            resolver = LedgerResolver(s, reader)
-            verdict = classify(msg, resolver, policy.optout_keywords if policy.read_body else [])
-            record = _record(msg, verdict, policy.timeline_lines, now)
-            s.add(record)
-            s.flush()  # the unique key: a message processed meanwhile fails here
-            effects = apply_effects(s, settings, policy, msg, verdict, record, now)
-            record.effects = "; ".join(effects)
+            resolver = LedgerResolver(s, reader, sent_cache, contacts)
+            # One flush at commit instead of one per query: nothing below reads its own writes
+            # except through the session's identity map.
+            with s.no_autoflush:
+                verdict = classify(msg, resolver,
+                                   policy.optout_keywords if policy.read_body else [])
+                record = _record(msg, verdict, policy.timeline_lines, now)
+                effects = apply_effects(s, settings, policy, msg, verdict, record, now)
+                record.effects = "; ".join(effects)
+                # Added last: a message processed meanwhile by another sync fails on the
+                # unique key at commit, and its effects roll back with it.
+                s.add(record)
             if dry_run:
                 report.items.append({"graph_id": msg.graph_id, "from": msg.from_address,
                                      "subject": msg.subject, "kind": verdict.kind,
