@@ -148,8 +148,12 @@ def test_bounce_reply_auto_and_german_optout(env: dict[str, Any], db: Database, 
     # Three days on: BNC's reminder goes to the remaining address only; RPL's reminder
     # (due on day 2) is held; the account manager's note went out once.
     sb: Sandbox = env["sandbox"]
-    r = cli("run", "--now", (T0 + timedelta(days=3, hours=1)).isoformat())
+    admin.inject(kind="auto_reply", mailbox=SENDER, send_id=ids["BNC"],
+                 **{"from": "billing@bnc.example"}, body="Out of office")
+    r = cli("run", "--inbox", "--now", (T0 + timedelta(days=3, hours=1)).isoformat())
     assert r.exit_code == 0, r.output
+    assert "Inbox: read 1 message(s) from 1 mailbox(es), 1 new (bounce 0, reply 0, auto 1" \
+        in r.stdout
     later = sb.sent()[4:]
     by_subject = [(rec["to"], rec["subject"]) for rec in later]
     bnc_sends = [to for to, _ in by_subject if any("bnc.example" in a for a in to)]
