@@ -237,3 +237,31 @@ def test_paging_throttling_and_sigkill_mid_sync_processes_each_message_once(
     assert len(graph_ids) == 300 == len(set(graph_ids))
     assert len(notes) == 1  # one account-manager note a day, however many replies
     assert report["new"] == 300 - partial
+
+
+def test_soft_bounces_suppress_only_after_the_limit(env: dict[str, Any], db: Database,
+                                                    tmp_path: Path, cli: Any) -> None:
+    _seed_and_send(env, db, tmp_path, cli)
+    ids = _send_ids(db)
+    admin: InboxAdmin = env["admin"]
+    for _ in range(2):
+        admin.inject(kind="ndr", mailbox=SENDER, send_id=ids["RPL"],
+                     recipient="admin@rpl.example", status="4.2.2")
+    assert cli("inbox", "sync", "--now", T0.isoformat()).exit_code == 0
+    with db.session() as s:
+        assert s.get(Suppression, "admin@rpl.example") is None
+    admin.inject(kind="ndr", mailbox=SENDER, send_id=ids["RPL"], recipient="admin@rpl.example",
+                 status="4.2.2")
+    r = cli("inbox", "sync", "--now", (T0 + timedelta(days=1)).isoformat())
+    assert "suppressed 1" in r.stdout, r.stdout
+    with db.session() as s:
+        sup = s.get(Suppression, "admin@rpl.example")
+        row = s.exec(select(Message).where(Message.send_id == ids["RPL"])).one()
+        assert sup is not None and sup.reason == "bounce"
+        assert row.status == "sent"  # a soft bounce never marks the row bounced
+    # A dry run shows and changes nothing.
+    admin.inject(kind="ndr", mailbox=SENDER, send_id=ids["OPT"], recipient="admin@opt.example")
+    before = _counts(db)
+    dry = cli("inbox", "sync", "--dry-run")
+    assert "bounce" in dry.stdout and "would apply" in dry.stdout
+    assert _counts(db) == before
