@@ -239,7 +239,7 @@ def _suppress(s: Session, address: str, reason: str, now: datetime, by: str) -> 
 
 def apply_effects(
     s: Session, settings: Settings, policy: InboxPolicy, msg: Inbound, verdict: Verdict,
-    record: InboundMessage, now: datetime,
+    now: datetime,
 ) -> list[str]:
     """The verdict's effects, in ``s`` (the caller's transaction); returns what was done."""
     done: list[str] = []
@@ -280,7 +280,7 @@ def apply_effects(
                     col(InboundMessage.kind) == "bounce", col(InboundMessage.hard).is_(False),
                     col(InboundMessage.address) == address,
                     col(InboundMessage.processed_at) >= window,
-                    col(InboundMessage.graph_id) != record.graph_id,
+                    col(InboundMessage.graph_id) != msg.graph_id,
                 )
             ).scalar_one()
             count = int(earlier) + 1
@@ -327,18 +327,20 @@ def _senders(settings: Settings, mailbox: str | None) -> list[str]:
     return [mailbox.lower()]
 
 
-def _record(msg: Inbound, verdict: Verdict, lines: int, now: datetime) -> InboundMessage:
-    return InboundMessage(
-        mailbox=msg.mailbox, graph_id=msg.graph_id,
-        internet_message_id=msg.internet_message_id[:998],
-        conversation_id=msg.conversation_id[:400], received_at=msg.received_at,
-        from_address=msg.from_address[:320], subject=msg.subject,
-        preview=own_text(msg.text, max(lines, 1)) if verdict.kind in ("reply", "optout")
+def _record(msg: Inbound, verdict: Verdict, lines: int, now: datetime) -> dict[str, Any]:
+    """The inbound_messages row (a dict: inserted with Core, thousands per sync)."""
+    return {
+        "mailbox": msg.mailbox, "graph_id": msg.graph_id,
+        "internet_message_id": msg.internet_message_id[:998],
+        "conversation_id": msg.conversation_id[:400], "received_at": msg.received_at,
+        "from_address": msg.from_address[:320], "subject": msg.subject,
+        "preview": own_text(msg.text, max(lines, 1)) if verdict.kind in ("reply", "optout")
         else msg.text[:500],
-        kind=verdict.kind, rule=verdict.rule[:100], detail=verdict.detail,
-        status_code=verdict.status_code, hard=verdict.hard, address=verdict.address[:320],
-        customer_id=verdict.customer_id, message_id=verdict.message_id, processed_at=now,
-    )
+        "kind": verdict.kind, "rule": verdict.rule[:100], "detail": verdict.detail,
+        "status_code": verdict.status_code, "hard": verdict.hard,
+        "address": verdict.address[:320], "customer_id": verdict.customer_id,
+        "message_id": verdict.message_id, "effects": "", "processed_at": now,
+    }
 
 
 def _needs_attachments(item: dict[str, Any], msg: Inbound) -> bool:
@@ -394,9 +396,8 @@ def _sync_mailbox(
         with db.session() as s:
             LedgerResolver(s, None, contacts=contacts).prefetch_contacts(
                 [m.from_address for m in messages])
-        for msg in messages:
-            _process(db, settings, policy, reader, msg, now=now, dry_run=dry_run,
-                     report=report, sent_cache=sent_cache, contacts=contacts)
+        _process(db, settings, policy, reader, messages, now=now, dry_run=dry_run,
+                 report=report, sent_cache=sent_cache, contacts=contacts)
         if progress:
             progress(len(page.messages))
         if page.delta_link and not dry_run:
@@ -447,39 +448,54 @@ def _prefetch(
     return messages
 
 
+CHUNK = 100  # inbound messages per write transaction (each in its own savepoint)
+
+
 def _process(
-    db: Database, settings: Settings, policy: InboxPolicy, reader: InboxReader, msg: Inbound,
-    *, now: datetime, dry_run: bool, report: SyncReport,
+    db: Database, settings: Settings, policy: InboxPolicy, reader: InboxReader,
+    messages: list[Inbound], *, now: datetime, dry_run: bool, report: SyncReport,
     sent_cache: dict[tuple[str, str, str], str | None], contacts: dict[str, list[int]],
 ) -> None:
-    effects: list[str] = []
-    try:
-        with db.session(immediate=True) as s:
-            resolver = LedgerResolver(s, reader, sent_cache, contacts)
-            # One flush at commit instead of one per query: nothing below reads its own writes
-            # except through the session's identity map.
-            with s.no_autoflush:
-                verdict = classify(msg, resolver,
-                                   policy.optout_keywords if policy.read_body else [])
-                record = _record(msg, verdict, policy.timeline_lines, now)
-                effects = apply_effects(s, settings, policy, msg, verdict, record, now)
-                record.effects = "; ".join(effects)
-                # Added last: a message processed meanwhile by another sync fails on the
-                # unique key at commit, and its effects roll back with it.
-                s.add(record)
-            if dry_run:
-                report.items.append({"graph_id": msg.graph_id, "from": msg.from_address,
-                                     "subject": msg.subject, "kind": verdict.kind,
-                                     "rule": verdict.rule, "effects": effects})
-                raise _DryRun
-    except _DryRun:
-        pass
-    except IntegrityError:
-        report.skipped += 1
-        return
-    report.new += 1
-    report.kinds[verdict.kind] += 1
-    report.effects.update(_effect_keys(effects))
+    """Classify and apply ``messages`` (a page), a chunk per transaction.
+
+    Each message's effects and its inbound_messages row are written in one savepoint, so they
+    commit together or not at all: a message another sync recorded meanwhile fails on the
+    unique key and only its own savepoint rolls back. A crash loses the uncommitted chunk
+    whole, and the next sync (same delta link) applies it again."""
+    table = InboundMessage.__table__  # type: ignore[attr-defined]
+    for start in range(0, len(messages), CHUNK):
+        done: list[tuple[Verdict, list[str]]] = []
+        try:
+            with db.session(immediate=True) as s:
+                resolver = LedgerResolver(s, reader, sent_cache, contacts)
+                for msg in messages[start:start + CHUNK]:
+                    try:
+                        with s.begin_nested(), s.no_autoflush:
+                            verdict = classify(
+                                msg, resolver, policy.optout_keywords if policy.read_body else []
+                            )
+                            row = _record(msg, verdict, policy.timeline_lines, now)
+                            effects = apply_effects(s, settings, policy, msg, verdict, now)
+                            row["effects"] = "; ".join(effects)
+                            s.flush()
+                            s.execute(sa.insert(table).values(**row))
+                    except IntegrityError:
+                        report.skipped += 1  # recorded meanwhile by another sync
+                        continue
+                    done.append((verdict, effects))
+                    if dry_run:
+                        report.items.append({
+                            "graph_id": msg.graph_id, "from": msg.from_address,
+                            "subject": msg.subject, "kind": verdict.kind, "rule": verdict.rule,
+                            "effects": effects})
+                if dry_run:
+                    raise _DryRun
+        except _DryRun:
+            pass
+        for verdict, effects in done:
+            report.new += 1
+            report.kinds[verdict.kind] += 1
+            report.effects.update(_effect_keys(effects))
 
 
 def _effect_keys(effects: list[str]) -> list[str]:
