@@ -27,7 +27,7 @@ import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -126,14 +126,22 @@ def inbound_from_graph(mailbox: str, item: dict[str, Any]) -> Inbound:
 # --------------------------------------------------------------------------- resolver
 
 
+def _sent_row(row: Any) -> SentRow:
+    recipients = [d["address"].lower() for d in json.loads(row.to_json or "[]")]
+    recipients += [d["address"].lower() for d in json.loads(row.cc_json or "[]")]
+    return SentRow(int(row.id), int(row.customer_id), tuple(recipients), row.message)
+
+
 class LedgerResolver:
     """Answers the classifier from the ledger, and Sent Items through Graph (cached)."""
 
     def __init__(self, session: Session, reader: InboxReader | None,
                  sent_cache: dict[tuple[str, str, str], str | None] | None = None,
-                 contacts: dict[str, list[int]] | None = None) -> None:
+                 contacts: dict[str, list[int]] | None = None,
+                 rows: dict[str, SentRow | None] | None = None) -> None:
         self.session = session
         self.reader = reader
+        self.rows = rows if rows is not None else {}
         # Shared by the whole sync (and filled ahead, page by page).
         self.sent_cache = sent_cache if sent_cache is not None else {}
         self.contacts = contacts if contacts is not None else {}
@@ -151,17 +159,29 @@ class LedgerResolver:
             for email, cid in rows:
                 self.contacts.setdefault(email, []).append(cid)
 
+    def prefetch_rows(self, send_ids: Sequence[str]) -> None:
+        """Load many outbox rows in one query per 500 (a page's NDRs and threaded replies)."""
+        wanted = sorted({x for x in send_ids if x} - set(self.rows))
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            for send_id in chunk:
+                self.rows[send_id] = None
+            for row in self.session.execute(
+                sa.select(col(Message.send_id), col(Message.id), col(Message.customer_id),
+                          col(Message.to_json), col(Message.cc_json), col(Message.message))
+                .where(col(Message.send_id).in_(chunk))
+            ).all():
+                self.rows[row.send_id] = _sent_row(row)
+
     def row_by_send_id(self, send_id: str) -> SentRow | None:
+        if send_id in self.rows:
+            return self.rows[send_id]
         row = self.session.execute(
             sa.select(col(Message.id), col(Message.customer_id), col(Message.to_json),
                       col(Message.cc_json), col(Message.message))
             .where(col(Message.send_id) == send_id)
         ).first()
-        if row is None:
-            return None
-        recipients = [d["address"].lower() for d in json.loads(row.to_json or "[]")]
-        recipients += [d["address"].lower() for d in json.loads(row.cc_json or "[]")]
-        return SentRow(int(row.id), int(row.customer_id), tuple(recipients), row.message)
+        return None if row is None else _sent_row(row)
 
     def _sent(self, mailbox: str, field_name: str, value: str) -> str | None:
         key = (mailbox, field_name, value)
@@ -197,15 +217,33 @@ class LedgerResolver:
 # --------------------------------------------------------------------------- effects
 
 
+@dataclass(frozen=True)
+class _Customer:
+    id: int
+    key: str
+    name: str
+    stage: str
+    account_manager_name: str
+    account_manager_email: str
+
+
+def _customer(s: Session, customer_id: int) -> _Customer | None:
+    row = s.execute(
+        sa.select(col(Customer.id), col(Customer.key), col(Customer.name), col(Customer.stage),
+                  col(Customer.account_manager_name), col(Customer.account_manager_email))
+        .where(col(Customer.id) == customer_id)
+    ).first()
+    return None if row is None else _Customer(*row)
+
+
 def _note_row(
-    settings: Settings, customer: Customer, subject: str, lines: list[str], now: datetime,
+    settings: Settings, customer: _Customer, subject: str, lines: list[str], now: datetime,
 ) -> dict[str, Any] | None:
     """The account manager's internal note: one per customer per day (the sequence is the
     day, so the outbox's unique key refuses a second one)."""
     am = customer.account_manager_email.strip()
     if not am:
         return None
-    assert customer.id is not None
     text = "\n".join(lines)
     markup = "".join(f"<p>{html.escape(line)}</p>" for line in lines)
     return {
@@ -222,18 +260,36 @@ def _note_row(
     }
 
 
-def _state(s: Session, customer_id: int) -> InboxCustomerState:
-    state = s.get(InboxCustomerState, customer_id)
-    if state is None:
-        state = InboxCustomerState(customer_id=customer_id)
-        s.add(state)
-    return state
+def _set_state(s: Session, customer_id: int, now: datetime, **values: Any) -> None:
+    """Update (or create) the customer's inbox state row."""
+    table = InboxCustomerState.__table__  # type: ignore[attr-defined]
+    done = s.execute(sa.update(table).where(table.c.customer_id == customer_id)
+                     .values(updated_at=now, **values))
+    if not done.rowcount:  # type: ignore[attr-defined]
+        row = {"customer_id": customer_id, "flagged": False, "flag_reason": "",
+               "reminders_held_until": None, "updated_at": now, **values}
+        s.execute(sa.insert(table).values(**row))
+
+
+def _hold_until(s: Session, customer_id: int, until: datetime, now: datetime) -> None:
+    current = s.execute(
+        sa.select(col(InboxCustomerState.reminders_held_until))
+        .where(col(InboxCustomerState.customer_id) == customer_id)
+    ).scalar()
+    if current is None or current < until:
+        _set_state(s, customer_id, now, reminders_held_until=until)
 
 
 def _suppress(s: Session, address: str, reason: str, now: datetime, by: str) -> bool:
-    if not address or s.get(Suppression, address) is not None:
+    """Put ``address`` on the suppression list; False when it already was."""
+    if not address:
         return False
-    s.add(Suppression(email=address, reason=reason, at=now, by=by))
+    exists = s.execute(sa.select(col(Suppression.email)).where(col(Suppression.email) == address)
+                       ).first()
+    if exists is not None:
+        return False
+    s.execute(sa.insert(Suppression.__table__).values(  # type: ignore[attr-defined]
+        email=address, reason=reason, at=now, by=by))
     return True
 
 
@@ -243,24 +299,30 @@ def apply_effects(
 ) -> list[str]:
     """The verdict's effects, in ``s`` (the caller's transaction); returns what was done."""
     done: list[str] = []
-    customer = s.get(Customer, verdict.customer_id) if verdict.customer_id else None
+    if verdict.kind not in ("bounce", "optout", "reply") or verdict.customer_id is None:
+        return done
+    customer = _customer(s, verdict.customer_id)
+    if customer is None:
+        return done
     by = f"inbox:{msg.mailbox}"
-    if verdict.kind == "bounce" and customer is not None:
-        assert customer.id is not None
-        row = s.get(Message, verdict.message_id) if verdict.message_id else None
+    if verdict.kind == "bounce":
         address = verdict.address
         if verdict.hard:
-            if row is not None and row.status != "withdrawn":
-                row.status, row.error_code = BOUNCED, verdict.status_code
-                row.last_error = f"bounced for {address or 'a recipient'}: {verdict.detail}"
-                row.updated_at = now
-                done.append(f"outbox #{row.id} bounced ({verdict.status_code})")
+            if verdict.message_id is not None:
+                changed = s.execute(
+                    sa.update(Message.__table__)  # type: ignore[attr-defined]
+                    .where(sa.column("id") == verdict.message_id,
+                           sa.column("status") != "withdrawn")
+                    .values(status=BOUNCED, error_code=verdict.status_code, updated_at=now,
+                            last_error=f"bounced for {address or 'a recipient'}: "
+                                       f"{verdict.detail}")
+                )
+                if changed.rowcount:  # type: ignore[attr-defined]
+                    done.append(f"outbox #{verdict.message_id} bounced ({verdict.status_code})")
             if _suppress(s, address, "bounce", now, f"{by} {verdict.status_code}"):
                 done.append(f"{address} suppressed (bounce)")
-            state = _state(s, customer.id)
-            state.flagged = True
-            state.flag_reason = f"hard bounce {verdict.status_code} for {address}"
-            state.updated_at = now
+            _set_state(s, customer.id, now, flagged=True,
+                       flag_reason=f"hard bounce {verdict.status_code} for {address}")
             done.append("customer flagged")
             if policy.notify_account_manager:
                 note = _note_row(
@@ -290,17 +352,13 @@ def apply_effects(
                 now, f"{by} {count} soft bounces in {policy.soft_bounce_window_days:g} days",
             ):
                 done.append(f"{address} suppressed (bounce, {count} soft bounces)")
-    elif verdict.kind == "optout" and customer is not None:
+    elif verdict.kind == "optout":
         reason = f"opt-out reply: {msg.subject} | {own_text(msg.text, 3)}"[:1000]
         if _suppress(s, verdict.address, reason, now, by):
             done.append(f"{verdict.address} suppressed (opt-out reply)")
-    elif verdict.kind == "reply" and customer is not None:
-        assert customer.id is not None
-        state = _state(s, customer.id)
+    else:  # reply
         until = now + timedelta(days=policy.hold_reminders_days)
-        if state.reminders_held_until is None or state.reminders_held_until < until:
-            state.reminders_held_until = until
-        state.updated_at = now
+        _hold_until(s, customer.id, until, now)
         done.append(f"reminders held until {until:%Y-%m-%d %H:%M} UTC")
         if policy.notify_account_manager:
             first = own_text(msg.text, policy.timeline_lines or 3)
@@ -379,82 +437,115 @@ def _sync_mailbox(
     with db.session() as s:
         stored = s.get(InboxMailbox, box)
         link = None if (restart or stored is None) else (stored.delta_link or None)
-    sent_cache: dict[tuple[str, str, str], str | None] = {}
-    for page in reader.pages(box, link):
-        report.read += len(page.messages)
-        ids = [str(m["id"]) for m in page.messages]
-        with db.session() as s:
-            seen = set(s.execute(
-                sa.select(col(InboundMessage.graph_id)).where(
-                    col(InboundMessage.mailbox) == box, col(InboundMessage.graph_id).in_(ids))
-            ).scalars().all()) if ids else set()
-        fresh = [m for m in page.messages if str(m["id"]) not in seen and "@removed" not in m]
-        report.skipped += len(page.messages) - len(fresh)
-        messages = _prefetch(settings, policy, reader, box, fresh, sent_cache)
-        # Contacts change only through imports; one lookup per page, not per message.
-        contacts: dict[str, list[int]] = {}
-        with db.session() as s:
-            LedgerResolver(s, None, contacts=contacts).prefetch_contacts(
-                [m.from_address for m in messages])
-        _process(db, settings, policy, reader, messages, now=now, dry_run=dry_run,
-                 report=report, sent_cache=sent_cache, contacts=contacts)
-        if progress:
-            progress(len(page.messages))
-        if page.delta_link and not dry_run:
-            # Only now, with every message of the round applied, may the next sync skip them.
+    caches = _Caches()
+    limit = next((x.max_concurrent for x in settings.senders if x.address == box), 4)
+    # Graph reads of a page (attachments, Sent Items lookups) run a few at a time, ahead of the
+    # chunk being applied; one slot stays free for a run sending from the same mailbox.
+    pool = ThreadPoolExecutor(max_workers=max(1, min(3, limit - 1)))
+    try:
+        for page in reader.pages(box, link):
+            report.read += len(page.messages)
+            ids = [str(m["id"]) for m in page.messages]
             with db.session() as s:
-                row = s.get(InboxMailbox, box) or InboxMailbox(mailbox=box)
-                row.delta_link, row.synced_at = page.delta_link, now
-                s.add(row)
+                seen = set(s.execute(
+                    sa.select(col(InboundMessage.graph_id)).where(
+                        col(InboundMessage.mailbox) == box,
+                        col(InboundMessage.graph_id).in_(ids))
+                ).scalars().all()) if ids else set()
+            fresh = [m for m in page.messages
+                     if str(m["id"]) not in seen and "@removed" not in m]
+            report.skipped += len(page.messages) - len(fresh)
+            messages = [inbound_from_graph(box, item) for item in fresh]
+            pending = _submit(pool, policy, reader, box, fresh, messages, caches)
+            for start in range(0, len(messages), CHUNK):
+                _collect(pending, messages, caches, upto=start + CHUNK)
+                _process(db, settings, policy, reader, messages[start:start + CHUNK], now=now,
+                         dry_run=dry_run, report=report, caches=caches)
+            if progress:
+                progress(len(page.messages))
+            if page.delta_link and not dry_run:
+                # Only now, with every message of the round applied, may the next sync skip
+                # them.
+                with db.session() as s:
+                    row = s.get(InboxMailbox, box) or InboxMailbox(mailbox=box)
+                    row.delta_link, row.synced_at = page.delta_link, now
+                    s.add(row)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 class _DryRun(Exception):
     """Raised inside a dry run's transaction so that nothing it did is kept."""
 
 
-def _prefetch(
-    settings: Settings, policy: InboxPolicy, reader: InboxReader, box: str,
-    items: list[dict[str, Any]], sent_cache: dict[tuple[str, str, str], str | None],
-) -> list[Inbound]:
-    """A page's Graph reads done ahead, a few at a time (within the mailbox's concurrency
-    limit): NDR attachments, and the Sent Items lookup of each reply's In-Reply-To."""
-    messages = [inbound_from_graph(box, item) for item in items]
-    jobs: list[tuple[int, str]] = []  # (index, what): "attachments" or an In-Reply-To id
+@dataclass
+class _Caches:
+    """What one mailbox's sync learned, shared by its chunks: Sent Items lookups, outbox rows
+    by send id, contacts by address."""
+
+    sent: dict[tuple[str, str, str], str | None] = field(default_factory=dict)
+    rows: dict[str, SentRow | None] = field(default_factory=dict)
+    contacts: dict[str, list[int]] = field(default_factory=dict)
+
+
+_IN_REPLY_TO = re.compile(r"<[^<>\s]+>")
+
+
+def _submit(
+    pool: ThreadPoolExecutor, policy: InboxPolicy, reader: InboxReader, box: str,
+    items: list[dict[str, Any]], messages: list[Inbound], caches: _Caches,
+) -> list[tuple[int, str, Future[Any]]]:
+    """Start a page's Graph reads: NDR attachments, and the Sent Items lookup of each reply's
+    In-Reply-To (each id once)."""
+    out: list[tuple[int, str, Future[Any]]] = []
     for i, (item, msg) in enumerate(zip(items, messages, strict=True)):
         if policy.read_body and _needs_attachments(item, msg):
-            jobs.append((i, "attachments"))
-        else:
-            for mid in re.findall(r"<[^<>\s]+>", msg.headers.get("in-reply-to", ""))[:1]:
-                if (box, "internetMessageId", mid) not in sent_cache:
-                    sent_cache[(box, "internetMessageId", mid)] = None
-                    jobs.append((i, mid))
-    if not jobs:
-        return messages
-    limit = next((x.max_concurrent for x in settings.senders if x.address == box), 4)
+            out.append((i, "attachments", pool.submit(reader.attachments, box, msg.graph_id)))
+            continue
+        for mid in _IN_REPLY_TO.findall(msg.headers.get("in-reply-to", ""))[:1]:
+            key = (box, "internetMessageId", mid)
+            if key not in caches.sent:
+                caches.sent[key] = None
+                out.append((i, mid, pool.submit(reader.sent_send_id, box,
+                                                "internetMessageId", mid)))
+    out.reverse()  # popped from the end, lowest index first
+    return out
 
-    def run(job: tuple[int, str]) -> tuple[int, str, Any]:
-        i, what = job
+
+def _collect(pending: list[tuple[int, str, Future[Any]]], messages: list[Inbound],
+             caches: _Caches, *, upto: int) -> None:
+    """Wait for the reads of messages before ``upto`` and put their results in place."""
+    box = messages[0].mailbox if messages else ""
+    while pending and pending[-1][0] < upto:
+        i, what, future = pending.pop()
         if what == "attachments":
-            return i, what, tuple(reader.attachments(box, messages[i].graph_id))
-        return i, what, reader.sent_send_id(box, "internetMessageId", what)
-
-    # One slot stays free for the dispatcher when a run sends from the same mailbox.
-    with ThreadPoolExecutor(max_workers=max(1, min(3, limit - 1))) as pool:
-        for i, what, value in pool.map(run, jobs):
-            if what == "attachments":
-                messages[i] = replace(messages[i], attachments=value)
-            else:
-                sent_cache[(box, "internetMessageId", what)] = value
-    return messages
+            messages[i] = replace(messages[i], attachments=tuple(future.result()))
+        else:
+            caches.sent[(box, "internetMessageId", what)] = future.result()
 
 
+def _referenced_send_ids(messages: Sequence[Inbound], caches: _Caches) -> list[str]:
+    """Send ids these messages will ask for: in NDR attachments and resolved In-Reply-To."""
+    out = [m.group(1) for msg in messages for a in msg.attachments
+           for m in [_SEND_ID_IN_TEXT.search(a.text)] if m]
+    for msg in messages:
+        for mid in _IN_REPLY_TO.findall(msg.headers.get("in-reply-to", ""))[:1]:
+            found = caches.sent.get((msg.mailbox, "internetMessageId", mid))
+            if found:
+                out.append(found)
+    return out
+
+
+_SEND_ID_IN_TEXT = re.compile(r"^\s*x-comms-send-id:\s*([A-Za-z0-9._-]+)", re.I | re.M)
 CHUNK = 100  # inbound messages per write transaction (each in its own savepoint)
 
 
 def _process(
     db: Database, settings: Settings, policy: InboxPolicy, reader: InboxReader,
     messages: list[Inbound], *, now: datetime, dry_run: bool, report: SyncReport,
-    sent_cache: dict[tuple[str, str, str], str | None], contacts: dict[str, list[int]],
+    caches: _Caches,
 ) -> None:
     """Classify and apply ``messages`` (a page), a chunk per transaction.
 
@@ -465,10 +556,13 @@ def _process(
     table = InboundMessage.__table__  # type: ignore[attr-defined]
     for start in range(0, len(messages), CHUNK):
         done: list[tuple[Verdict, list[str]]] = []
+        chunk = messages[start:start + CHUNK]
         try:
             with db.session(immediate=True) as s:
-                resolver = LedgerResolver(s, reader, sent_cache, contacts)
-                for msg in messages[start:start + CHUNK]:
+                resolver = LedgerResolver(s, reader, caches.sent, caches.contacts, caches.rows)
+                resolver.prefetch_contacts([m.from_address for m in chunk])
+                resolver.prefetch_rows(_referenced_send_ids(chunk, caches))
+                for msg in chunk:
                     try:
                         with s.begin_nested(), s.no_autoflush:
                             verdict = classify(
