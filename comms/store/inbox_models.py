@@ -28,6 +28,7 @@ class InboundMessage(SQLModel, table=True):
     __table_args__ = (
         sa.UniqueConstraint("mailbox", "graph_id", name="uq_inbound_mailbox_graph_id"),
         sa.Index("ix_inbound_kind", "kind"),
+        sa.Index("ix_inbound_address_kind", "address", "kind"),  # soft bounces per address
     )
 
     id: int | None = Field(default=None, primary_key=True)

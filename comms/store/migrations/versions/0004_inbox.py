@@ -54,6 +54,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('inbound_messages', schema=None) as batch_op:
         batch_op.create_index('ix_inbound_kind', ['kind'], unique=False)
+        batch_op.create_index('ix_inbound_address_kind', ['address', 'kind'], unique=False)
         batch_op.create_index(batch_op.f('ix_inbound_messages_conversation_id'), ['conversation_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_inbound_messages_customer_id'), ['customer_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_inbound_messages_internet_message_id'), ['internet_message_id'], unique=False)
@@ -76,6 +77,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_inbound_messages_customer_id'))
         batch_op.drop_index(batch_op.f('ix_inbound_messages_conversation_id'))
         batch_op.drop_index('ix_inbound_kind')
+        batch_op.drop_index('ix_inbound_address_kind')
 
     op.drop_table('inbound_messages')
     op.drop_table('inbox_mailboxes')
