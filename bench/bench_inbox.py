@@ -189,7 +189,7 @@ def main() -> None:
     lines = [
         f"- {args.messages:,} inbound messages ({mix}): "
         f"**{first_s:.1f} s** ({args.messages / first_s:,.0f}/s; {first.requests:,} Graph "
-        f"requests); target <= 30 s",
+        f"requests, {first.retries} retried); target <= 30 s",
         f"- re-run with nothing new: **{second_s:.2f} s** ({second.requests} request); "
         "target <= 1 s",
         f"- setup (ledger + sandbox inbox): {setup:.1f} s, not counted",

@@ -547,49 +547,243 @@ def _process(
     messages: list[Inbound], *, now: datetime, dry_run: bool, report: SyncReport,
     caches: _Caches,
 ) -> None:
-    """Classify and apply ``messages`` (a page), a chunk per transaction.
+    """Classify and apply ``messages`` (at most a chunk) in one transaction.
 
-    Each message's effects and its inbound_messages row are written in one savepoint, so they
-    commit together or not at all: a message another sync recorded meanwhile fails on the
-    unique key and only its own savepoint rolls back. A crash loses the uncommitted chunk
-    whole, and the next sync (same delta link) applies it again."""
+    The effects and the inbound_messages rows are written set-based for the whole chunk and
+    commit together, so a crash loses the uncommitted chunk whole and the next sync (same
+    delta link) applies it again. If another sync recorded one of these messages meanwhile,
+    the chunk's insert fails on the unique key, everything rolls back, and the chunk is applied
+    again one message per savepoint (the taken ones skipped)."""
+    keywords = policy.optout_keywords if policy.read_body else []
+    done: list[tuple[Inbound, Verdict, list[str]]] = []
+    try:
+        with db.session(immediate=True) as s:
+            resolver = LedgerResolver(s, reader, caches.sent, caches.contacts, caches.rows)
+            resolver.prefetch_contacts([m.from_address for m in messages])
+            resolver.prefetch_rows(_referenced_send_ids(messages, caches))
+            verdicts = [classify(msg, resolver, keywords) for msg in messages]
+            effects = apply_chunk(s, settings, policy, list(zip(messages, verdicts,
+                                                                strict=True)), now)
+            rows = []
+            for msg, verdict, eff in zip(messages, verdicts, effects, strict=True):
+                row = _record(msg, verdict, policy.timeline_lines, now)
+                row["effects"] = "; ".join(eff)
+                rows.append(row)
+                done.append((msg, verdict, eff))
+            if rows:
+                s.execute(sa.insert(InboundMessage.__table__), rows)  # type: ignore[attr-defined]
+            if dry_run:
+                raise _DryRun
+    except _DryRun:
+        pass
+    except IntegrityError:
+        _process_one_by_one(db, settings, policy, reader, messages, now=now, dry_run=dry_run,
+                            report=report, caches=caches)
+        return
+    _count(report, done, dry_run)
+
+
+def _count(report: SyncReport, done: list[tuple[Inbound, Verdict, list[str]]],
+           dry_run: bool) -> None:
+    for msg, verdict, effects in done:
+        report.new += 1
+        report.kinds[verdict.kind] += 1
+        report.effects.update(_effect_keys(effects))
+        if dry_run:
+            report.items.append({"graph_id": msg.graph_id, "from": msg.from_address,
+                                 "subject": msg.subject, "kind": verdict.kind,
+                                 "rule": verdict.rule, "effects": effects})
+
+
+def _process_one_by_one(
+    db: Database, settings: Settings, policy: InboxPolicy, reader: InboxReader,
+    messages: list[Inbound], *, now: datetime, dry_run: bool, report: SyncReport,
+    caches: _Caches,
+) -> None:
+    """The fallback: each message's effects and record in its own savepoint."""
     table = InboundMessage.__table__  # type: ignore[attr-defined]
-    for start in range(0, len(messages), CHUNK):
-        done: list[tuple[Verdict, list[str]]] = []
-        chunk = messages[start:start + CHUNK]
-        try:
-            with db.session(immediate=True) as s:
-                resolver = LedgerResolver(s, reader, caches.sent, caches.contacts, caches.rows)
-                resolver.prefetch_contacts([m.from_address for m in chunk])
-                resolver.prefetch_rows(_referenced_send_ids(chunk, caches))
-                for msg in chunk:
-                    try:
-                        with s.begin_nested(), s.no_autoflush:
-                            verdict = classify(
-                                msg, resolver, policy.optout_keywords if policy.read_body else []
-                            )
-                            row = _record(msg, verdict, policy.timeline_lines, now)
-                            effects = apply_effects(s, settings, policy, msg, verdict, now)
-                            row["effects"] = "; ".join(effects)
-                            s.flush()
-                            s.execute(sa.insert(table).values(**row))
-                    except IntegrityError:
-                        report.skipped += 1  # recorded meanwhile by another sync
-                        continue
-                    done.append((verdict, effects))
-                    if dry_run:
-                        report.items.append({
-                            "graph_id": msg.graph_id, "from": msg.from_address,
-                            "subject": msg.subject, "kind": verdict.kind, "rule": verdict.rule,
-                            "effects": effects})
-                if dry_run:
-                    raise _DryRun
-        except _DryRun:
-            pass
-        for verdict, effects in done:
-            report.new += 1
-            report.kinds[verdict.kind] += 1
-            report.effects.update(_effect_keys(effects))
+    keywords = policy.optout_keywords if policy.read_body else []
+    done: list[tuple[Inbound, Verdict, list[str]]] = []
+    try:
+        with db.session(immediate=True) as s:
+            resolver = LedgerResolver(s, reader, caches.sent, caches.contacts, caches.rows)
+            for msg in messages:
+                try:
+                    with s.begin_nested(), s.no_autoflush:
+                        verdict = classify(msg, resolver, keywords)
+                        effects = apply_effects(s, settings, policy, msg, verdict, now)
+                        row = _record(msg, verdict, policy.timeline_lines, now)
+                        row["effects"] = "; ".join(effects)
+                        s.flush()
+                        s.execute(sa.insert(table).values(**row))
+                except IntegrityError:
+                    report.skipped += 1  # recorded meanwhile by another sync
+                    continue
+                done.append((msg, verdict, effects))
+            if dry_run:
+                raise _DryRun
+    except _DryRun:
+        pass
+    _count(report, done, dry_run)
+
+
+def apply_chunk(
+    s: Session, settings: Settings, policy: InboxPolicy, items: list[tuple[Inbound, Verdict]],
+    now: datetime,
+) -> list[list[str]]:
+    """``apply_effects`` for many messages at once, with a few set-based statements; the
+    result per message is the same as applying them one after the other."""
+    effects: list[list[str]] = [[] for _ in items]
+    acting = [(i, m, v) for i, (m, v) in enumerate(items)
+              if v.kind in ("bounce", "optout", "reply") and v.customer_id is not None]
+    if not acting:
+        return effects
+    cids = sorted({v.customer_id for _, _, v in acting if v.customer_id is not None})
+    customers = {
+        row[0]: _Customer(*row) for row in s.execute(
+            sa.select(col(Customer.id), col(Customer.key), col(Customer.name),
+                      col(Customer.stage), col(Customer.account_manager_name),
+                      col(Customer.account_manager_email))
+            .where(col(Customer.id).in_(cids)))
+    }
+    addresses = sorted({v.address for _, _, v in acting if v.address})
+    suppressed = set(s.execute(
+        sa.select(col(Suppression.email)).where(col(Suppression.email).in_(addresses))
+    ).scalars()) if addresses else set()
+    new_sup: dict[str, dict[str, Any]] = {}
+    soft = sorted({v.address for _, _, v in acting
+                   if v.kind == "bounce" and not v.hard and v.address})
+    window = now - timedelta(days=policy.soft_bounce_window_days)
+    soft_counts: Counter[str] = Counter(dict(s.execute(
+        sa.select(col(InboundMessage.address), sa.func.count())
+        .where(col(InboundMessage.kind) == "bounce", col(InboundMessage.hard).is_(False),
+               col(InboundMessage.address).in_(soft),
+               col(InboundMessage.processed_at) >= window)
+        .group_by(col(InboundMessage.address))
+    ).all())) if soft else Counter()
+    bounce_ids = sorted({v.message_id for _, _, v in acting
+                         if v.kind == "bounce" and v.hard and v.message_id is not None})
+    status = dict(s.execute(
+        sa.select(col(Message.id), col(Message.status)).where(col(Message.id).in_(bounce_ids))
+    ).all()) if bounce_ids else {}
+    bounced: dict[int, dict[str, Any]] = {}
+    states = {r[0]: {"flagged": r[1], "flag_reason": r[2], "reminders_held_until": r[3]}
+              for r in s.execute(
+                  sa.select(col(InboxCustomerState.customer_id), col(InboxCustomerState.flagged),
+                            col(InboxCustomerState.flag_reason),
+                            col(InboxCustomerState.reminders_held_until))
+                  .where(col(InboxCustomerState.customer_id).in_(cids)))}
+    existing_states = set(states)
+    changed_states: set[int] = set()
+    day = now.date().toordinal()
+    noted = set(s.execute(
+        sa.select(col(Message.customer_id)).where(
+            col(Message.message) == NOTE_MESSAGE, col(Message.sequence) == day,
+            col(Message.customer_id).in_(cids))
+    ).scalars())
+    notes: list[dict[str, Any]] = []
+
+    def suppress(address: str, reason: str, by: str) -> bool:
+        if not address or address in suppressed or address in new_sup:
+            return False
+        new_sup[address] = {"email": address, "reason": reason, "at": now, "by": by}
+        return True
+
+    def state(cid: int) -> dict[str, Any]:
+        changed_states.add(cid)
+        return states.setdefault(cid, {"flagged": False, "flag_reason": "",
+                                       "reminders_held_until": None})
+
+    def note(customer: _Customer, subject: str, lines: list[str]) -> bool:
+        if not policy.notify_account_manager or customer.id in noted:
+            return False
+        row = _note_row(settings, customer, subject, lines, now)
+        if row is None:
+            return False
+        noted.add(customer.id)
+        notes.append(row)
+        return True
+
+    for i, msg, v in acting:
+        customer = customers.get(v.customer_id or -1)
+        if customer is None:
+            continue
+        done = effects[i]
+        by = f"inbox:{msg.mailbox}"
+        if v.kind == "bounce" and v.hard:
+            if v.message_id is not None and status.get(v.message_id, "withdrawn") != "withdrawn":
+                bounced[v.message_id] = {
+                    "b_id": v.message_id, "b_code": v.status_code,
+                    "b_error": f"bounced for {v.address or 'a recipient'}: {v.detail}"}
+                done.append(f"outbox #{v.message_id} bounced ({v.status_code})")
+            if suppress(v.address, "bounce", f"{by} {v.status_code}"):
+                done.append(f"{v.address} suppressed (bounce)")
+            st = state(customer.id)
+            st["flagged"] = True
+            st["flag_reason"] = f"hard bounce {v.status_code} for {v.address}"
+            done.append("customer flagged")
+            if note(customer, f"[comms] {customer.name} ({customer.key}): an email bounced",
+                    [f"An email to {customer.name} ({customer.key}) bounced.",
+                     f"Address: {v.address or 'unknown'}; status {v.status_code} "
+                     f"({v.detail}).",
+                     "The address is suppressed; please find a working contact and add it "
+                     "with `comms customers import`."]):
+                done.append("account manager note queued")
+        elif v.kind == "bounce":
+            soft_counts[v.address] += 1
+            count = soft_counts[v.address]
+            done.append(f"soft bounce {count} of {policy.soft_bounce_limit} for {v.address}")
+            if v.address and count >= policy.soft_bounce_limit and suppress(
+                v.address, "bounce",
+                f"{by} {count} soft bounces in {policy.soft_bounce_window_days:g} days",
+            ):
+                done.append(f"{v.address} suppressed (bounce, {count} soft bounces)")
+        elif v.kind == "optout":
+            reason = f"opt-out reply: {msg.subject} | {own_text(msg.text, 3)}"[:1000]
+            if suppress(v.address, reason, by):
+                done.append(f"{v.address} suppressed (opt-out reply)")
+        else:
+            until = now + timedelta(days=policy.hold_reminders_days)
+            st = state(customer.id)
+            if st["reminders_held_until"] is None or st["reminders_held_until"] < until:
+                st["reminders_held_until"] = until
+            done.append(f"reminders held until {until:%Y-%m-%d %H:%M} UTC")
+            first = own_text(msg.text, policy.timeline_lines or 3)
+            if note(customer, f"[comms] {customer.name} ({customer.key}) replied",
+                    [f"{msg.from_address} replied: {msg.subject}", *first.splitlines(),
+                     f"Reminders are held for {policy.hold_reminders_days:g} days."]):
+                done.append("account manager note queued")
+
+    messages_t = Message.__table__  # type: ignore[attr-defined]
+    if bounced:
+        s.execute(
+            sa.update(messages_t).where(messages_t.c.id == sa.bindparam("b_id"))
+            .values(status=BOUNCED, error_code=sa.bindparam("b_code"),
+                    last_error=sa.bindparam("b_error"), updated_at=now),
+            list(bounced.values()),
+        )
+    if new_sup:
+        s.execute(sa.insert(Suppression.__table__),  # type: ignore[attr-defined]
+                  list(new_sup.values()))
+    states_t = InboxCustomerState.__table__  # type: ignore[attr-defined]
+    updates = [{"s_id": cid, "s_flagged": states[cid]["flagged"],
+                "s_reason": states[cid]["flag_reason"],
+                "s_held": states[cid]["reminders_held_until"]}
+               for cid in sorted(changed_states & existing_states)]
+    if updates:
+        s.execute(
+            sa.update(states_t).where(states_t.c.customer_id == sa.bindparam("s_id"))
+            .values(flagged=sa.bindparam("s_flagged"), flag_reason=sa.bindparam("s_reason"),
+                    reminders_held_until=sa.bindparam("s_held"), updated_at=now),
+            updates,
+        )
+    inserts = [{"customer_id": cid, **states[cid], "updated_at": now}
+               for cid in sorted(changed_states - existing_states)]
+    if inserts:
+        s.execute(sa.insert(states_t), inserts)
+    if notes:
+        outbox.insert_messages(s, notes)
+    return effects
 
 
 def _effect_keys(effects: list[str]) -> list[str]:
