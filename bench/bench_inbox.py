@@ -93,6 +93,7 @@ def fill_inbox(sb: Sandbox, sent: list[dict[str, str]], n: int, seed: int = 3) -
             "internetMessageHeaders": [{"name": SEND_ID_HEADER, "value": s["send_id"]}],
             "_properties": [{"id": SEND_ID_PROPERTY_ID, "value": s["send_id"]}],
             "@odata.etag": 'W/"x"', "body": {"contentType": "text", "content": "x"},
+            "sentDateTime": "2026-12-01T10:00:00Z",
         }
         sent_items.append(original)
     for i in range(n):

@@ -265,3 +265,28 @@ def test_soft_bounces_suppress_only_after_the_limit(env: dict[str, Any], db: Dat
     dry = cli("inbox", "sync", "--dry-run")
     assert "bounce" in dry.stdout and "would apply" in dry.stdout
     assert _counts(db) == before
+
+
+def test_threaded_replies_matched_through_one_sent_items_listing(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from comms.inbox import service as inbox_service
+    from comms.inbox.reader import InboxReader
+
+    _seed_and_send(env, db, tmp_path, cli)
+    ids = _send_ids(db)
+    index = InboxReader(settings_from(env["env"])).sent_index(SENDER, T0 - timedelta(days=1))
+    assert sorted(index.values()) == sorted(ids.values())
+    monkeypatch.setattr(inbox_service, "SENT_INDEX_THRESHOLD", 2)
+    admin: InboxAdmin = env["admin"]
+    for key in ("RPL", "AUT", "OPT"):
+        admin.inject(kind="reply", mailbox=SENDER, send_id=ids[key],
+                     **{"from": "someone@forwarded.example"}, body="done")
+    r = cli("inbox", "sync", "--now", T0.isoformat(), "--json")
+    report = json.loads(r.stdout)
+    assert report["kinds"] == {"reply": 3}
+    assert report["requests"] == 2  # the delta page and the Sent Items listing
+    with db.session() as s:
+        rules = set(s.exec(select(InboundMessage.rule)).all())
+    assert rules == {"reply:In-Reply-To/References"}

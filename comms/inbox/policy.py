@@ -48,6 +48,9 @@ class InboxPolicy(BaseModel):
     soft_bounce_window_days: Annotated[float, Field(gt=0)] = 14.0
     # Phrases that make a reply an opt-out (any language).
     optout_keywords: list[str] = Field(default_factory=lambda: list(DEFAULT_OPTOUT_KEYWORDS))
+    # When a page holds many threaded replies, Sent Items of this many days is listed once
+    # (1,000 a request) instead of looking each reply's In-Reply-To up on its own.
+    sent_index_days: Annotated[float, Field(ge=0)] = 60.0
     # Lines of a reply kept on the customer's timeline.
     timeline_lines: Annotated[int, Field(ge=0, le=50, strict=True)] = 3
 

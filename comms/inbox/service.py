@@ -456,6 +456,12 @@ def _sync_mailbox(
                      if str(m["id"]) not in seen and "@removed" not in m]
             report.skipped += len(page.messages) - len(fresh)
             messages = [inbound_from_graph(box, item) for item in fresh]
+            threaded = sum(1 for m in messages if "in-reply-to" in m.headers)
+            if caches.index is None and policy.sent_index_days > 0 and (
+                threaded >= SENT_INDEX_THRESHOLD
+            ):
+                caches.index = reader.sent_index(
+                    box, now - timedelta(days=policy.sent_index_days))
             pending = _submit(pool, policy, reader, box, fresh, messages, caches)
             for start in range(0, len(messages), CHUNK):
                 _collect(pending, messages, caches, upto=start + CHUNK)
@@ -488,6 +494,10 @@ class _Caches:
     sent: dict[tuple[str, str, str], str | None] = field(default_factory=dict)
     rows: dict[str, SentRow | None] = field(default_factory=dict)
     contacts: dict[str, list[int]] = field(default_factory=dict)
+    index: dict[str, str] | None = None  # Sent Items listing, once per sync when worth it
+
+
+SENT_INDEX_THRESHOLD = 50  # threaded replies on a page that make one listing cheaper
 
 
 _IN_REPLY_TO = re.compile(r"<[^<>\s]+>")
@@ -506,6 +516,8 @@ def _submit(
             continue
         for mid in _IN_REPLY_TO.findall(msg.headers.get("in-reply-to", ""))[:1]:
             key = (box, "internetMessageId", mid)
+            if key not in caches.sent and caches.index is not None and mid in caches.index:
+                caches.sent[key] = caches.index[mid]
             if key not in caches.sent:
                 caches.sent[key] = None
                 out.append((i, mid, pool.submit(reader.sent_send_id, box,
