@@ -2,9 +2,11 @@
 effects; and the queries behind `comms inbox list/show`, the timeline and `comms status`.
 
 Crash safety: each inbound message is recorded (unique by mailbox + Graph id) in the same
-transaction as its effects, so a message is either fully applied or not at all; the mailbox's
-delta link is stored only after every message of its page was applied. A crash mid-page re-reads
-that page on the next sync and skips what was already recorded.
+transaction as its effects (100 messages a transaction, effects written set-based), so a message
+is either fully applied or not at all; the mailbox's delta link is stored only after every
+message of its page was applied. A crash mid-page re-reads that page on the next sync and skips
+what was already recorded. A message another sync recorded meanwhile makes the chunk roll back
+and be applied again one message per savepoint, skipping the taken one.
 
 Effects (``[inbox]`` in campaign.toml, see ``comms.inbox.policy``):
 
@@ -227,15 +229,6 @@ class _Customer:
     account_manager_email: str
 
 
-def _customer(s: Session, customer_id: int) -> _Customer | None:
-    row = s.execute(
-        sa.select(col(Customer.id), col(Customer.key), col(Customer.name), col(Customer.stage),
-                  col(Customer.account_manager_name), col(Customer.account_manager_email))
-        .where(col(Customer.id) == customer_id)
-    ).first()
-    return None if row is None else _Customer(*row)
-
-
 def _note_row(
     settings: Settings, customer: _Customer, subject: str, lines: list[str], now: datetime,
 ) -> dict[str, Any] | None:
@@ -258,117 +251,6 @@ def _note_row(
         "unknown_since": None, "sent_at": None, "request_id": "", "note": "inbox",
         "created_at": now, "updated_at": now,
     }
-
-
-def _set_state(s: Session, customer_id: int, now: datetime, **values: Any) -> None:
-    """Update (or create) the customer's inbox state row."""
-    table = InboxCustomerState.__table__  # type: ignore[attr-defined]
-    done = s.execute(sa.update(table).where(table.c.customer_id == customer_id)
-                     .values(updated_at=now, **values))
-    if not done.rowcount:  # type: ignore[attr-defined]
-        row = {"customer_id": customer_id, "flagged": False, "flag_reason": "",
-               "reminders_held_until": None, "updated_at": now, **values}
-        s.execute(sa.insert(table).values(**row))
-
-
-def _hold_until(s: Session, customer_id: int, until: datetime, now: datetime) -> None:
-    current = s.execute(
-        sa.select(col(InboxCustomerState.reminders_held_until))
-        .where(col(InboxCustomerState.customer_id) == customer_id)
-    ).scalar()
-    if current is None or current < until:
-        _set_state(s, customer_id, now, reminders_held_until=until)
-
-
-def _suppress(s: Session, address: str, reason: str, now: datetime, by: str) -> bool:
-    """Put ``address`` on the suppression list; False when it already was."""
-    if not address:
-        return False
-    exists = s.execute(sa.select(col(Suppression.email)).where(col(Suppression.email) == address)
-                       ).first()
-    if exists is not None:
-        return False
-    s.execute(sa.insert(Suppression.__table__).values(  # type: ignore[attr-defined]
-        email=address, reason=reason, at=now, by=by))
-    return True
-
-
-def apply_effects(
-    s: Session, settings: Settings, policy: InboxPolicy, msg: Inbound, verdict: Verdict,
-    now: datetime,
-) -> list[str]:
-    """The verdict's effects, in ``s`` (the caller's transaction); returns what was done."""
-    done: list[str] = []
-    if verdict.kind not in ("bounce", "optout", "reply") or verdict.customer_id is None:
-        return done
-    customer = _customer(s, verdict.customer_id)
-    if customer is None:
-        return done
-    by = f"inbox:{msg.mailbox}"
-    if verdict.kind == "bounce":
-        address = verdict.address
-        if verdict.hard:
-            if verdict.message_id is not None:
-                changed = s.execute(
-                    sa.update(Message.__table__)  # type: ignore[attr-defined]
-                    .where(sa.column("id") == verdict.message_id,
-                           sa.column("status") != "withdrawn")
-                    .values(status=BOUNCED, error_code=verdict.status_code, updated_at=now,
-                            last_error=f"bounced for {address or 'a recipient'}: "
-                                       f"{verdict.detail}")
-                )
-                if changed.rowcount:  # type: ignore[attr-defined]
-                    done.append(f"outbox #{verdict.message_id} bounced ({verdict.status_code})")
-            if _suppress(s, address, "bounce", now, f"{by} {verdict.status_code}"):
-                done.append(f"{address} suppressed (bounce)")
-            _set_state(s, customer.id, now, flagged=True,
-                       flag_reason=f"hard bounce {verdict.status_code} for {address}")
-            done.append("customer flagged")
-            if policy.notify_account_manager:
-                note = _note_row(
-                    settings, customer,
-                    f"[comms] {customer.name} ({customer.key}): an email bounced",
-                    [f"An email to {customer.name} ({customer.key}) bounced.",
-                     f"Address: {address or 'unknown'}; status {verdict.status_code} "
-                     f"({verdict.detail}).",
-                     "The address is suppressed; please find a working contact and add it "
-                     "with `comms customers import`."], now)
-                if note and outbox.insert_messages(s, [note]):
-                    done.append("account manager note queued")
-        else:
-            window = now - timedelta(days=policy.soft_bounce_window_days)
-            earlier = s.execute(
-                sa.select(sa.func.count()).select_from(InboundMessage).where(
-                    col(InboundMessage.kind) == "bounce", col(InboundMessage.hard).is_(False),
-                    col(InboundMessage.address) == address,
-                    col(InboundMessage.processed_at) >= window,
-                    col(InboundMessage.graph_id) != msg.graph_id,
-                )
-            ).scalar_one()
-            count = int(earlier) + 1
-            done.append(f"soft bounce {count} of {policy.soft_bounce_limit} for {address}")
-            if address and count >= policy.soft_bounce_limit and _suppress(
-                s, address, "bounce",
-                now, f"{by} {count} soft bounces in {policy.soft_bounce_window_days:g} days",
-            ):
-                done.append(f"{address} suppressed (bounce, {count} soft bounces)")
-    elif verdict.kind == "optout":
-        reason = f"opt-out reply: {msg.subject} | {own_text(msg.text, 3)}"[:1000]
-        if _suppress(s, verdict.address, reason, now, by):
-            done.append(f"{verdict.address} suppressed (opt-out reply)")
-    else:  # reply
-        until = now + timedelta(days=policy.hold_reminders_days)
-        _hold_until(s, customer.id, until, now)
-        done.append(f"reminders held until {until:%Y-%m-%d %H:%M} UTC")
-        if policy.notify_account_manager:
-            first = own_text(msg.text, policy.timeline_lines or 3)
-            note = _note_row(
-                settings, customer, f"[comms] {customer.name} ({customer.key}) replied",
-                [f"{msg.from_address} replied: {msg.subject}", *first.splitlines(),
-                 f"Reminders are held for {policy.hold_reminders_days:g} days."], now)
-            if note and outbox.insert_messages(s, [note]):
-                done.append("account manager note queued")
-    return done
 
 
 # --------------------------------------------------------------------------- sync
@@ -623,7 +505,7 @@ def _process_one_by_one(
                 try:
                     with s.begin_nested(), s.no_autoflush:
                         verdict = classify(msg, resolver, keywords)
-                        effects = apply_effects(s, settings, policy, msg, verdict, now)
+                        effects = apply_chunk(s, settings, policy, [(msg, verdict)], now)[0]
                         row = _record(msg, verdict, policy.timeline_lines, now)
                         row["effects"] = "; ".join(effects)
                         s.flush()
@@ -643,8 +525,9 @@ def apply_chunk(
     s: Session, settings: Settings, policy: InboxPolicy, items: list[tuple[Inbound, Verdict]],
     now: datetime,
 ) -> list[list[str]]:
-    """``apply_effects`` for many messages at once, with a few set-based statements; the
-    result per message is the same as applying them one after the other."""
+    """The effects of many classified messages, with a few set-based statements (in ``s``,
+    the caller's transaction); the result per message is the same as applying them one after
+    the other. Returns what was done, per message."""
     effects: list[list[str]] = [[] for _ in items]
     acting = [(i, m, v) for i, (m, v) in enumerate(items)
               if v.kind in ("bounce", "optout", "reply") and v.customer_id is not None]
