@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from comms.errors import CampaignError
+from comms.inbox.policy import InboxPolicy
 from comms.paths import builtin_config_dir
 from comms.sync.rules import SyncRules
 
@@ -151,6 +152,7 @@ class Campaign(_Model):
     require_approval: Annotated[bool, Field(strict=True)] = False
     stages: tuple[Stage, ...]
     sync: SyncRules = SyncRules()  # stage sync: which observation moves which stage
+    inbox: InboxPolicy = InboxPolicy()  # [inbox]: reading replies and bounces
 
     @field_validator("recipients")
     @classmethod

@@ -20,6 +20,7 @@ class MessageStatus(enum.StrEnum):
     FAILED = "failed"  # definitely rejected; an operator retries after fixing the cause
     UNKNOWN = "unknown"  # may have been accepted; looked up in Sent Items before any resend
     WITHDRAWN = "withdrawn"  # will never be sent (stage moved on, opted out, by hand)
+    BOUNCED = "bounced"  # accepted, then a non-delivery report came back (comms inbox)
 
 
 # Statuses that mean "this decision was acted on": the message must not be queued again.
@@ -79,6 +80,8 @@ class CustomerInfo:
     # What stage sync last saw of the customer's own tenant (None: never observed): the only
     # ground for wording that states a fact about the old subscription.
     observation: Observation | None = None
+    # A human reply came in (comms inbox): no reminder falls due before this.
+    reminders_held_until: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -219,6 +219,8 @@ def _index(history: Iterable[SentMessage]) -> dict[tuple[str, int], _Entry]:
         if h.status == MessageStatus.WITHDRAWN:
             continue
         status = "pending" if h.status in PENDING else h.status
+        if status == "bounced":  # accepted and sent; an NDR came back for (some) recipients
+            status = "sent"
         if status not in rank:
             # An unknown status is treated as pending: never resend what we cannot account for.
             status = "pending"
@@ -349,6 +351,8 @@ def _reminder_step(
     for n in range(1, r.max + 1):
         scheduled = base + _days(r.first_after_days + (n - 1) * r.every_days)
         due_at = scheduled if prev_sent is None else max(scheduled, prev_sent + _days(r.every_days))
+        if customer.reminders_held_until is not None:  # the customer answered: do not nag
+            due_at = max(due_at, _utc(customer.reminders_held_until, "reminders_held_until"))
         entry = seen.get((r.message, n))
         if entry is not None and entry.stage != stage.name:
             # The key is taken by another stage (the campaign was edited): it cannot be sent

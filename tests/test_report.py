@@ -96,7 +96,8 @@ def test_report_carries_the_figures(html: str) -> None:
                       r'<td class="num">(\d+)</td><td class="num">(\d+)</td></tr>', html)
     assert rows == [("queued", "1", "2", "2"), ("sending", "0", "0", "0"),
                     ("sent", "2", "6", "21"), ("failed", "1", "1", "1"),
-                    ("unknown", "0", "0", "1"), ("withdrawn", "1", "1", "1")]
+                    ("unknown", "0", "0", "1"), ("withdrawn", "1", "1", "1"),
+                    ("bounced", "0", "0", "0")]
     assert "Stuck past expected time (4)" in html
     assert "Reminders exhausted without progress (2)" in html
     assert "Top 4 of 4 customers in awaiting_cancellation" in html
@@ -250,10 +251,10 @@ def test_export_outbox_csv_neutralises_formulas(db: Database, tmp_path: Path) ->
 
 def test_export_outbox_csv_unknown_status(db: Database, tmp_path: Path) -> None:
     with pytest.raises(CommsError) as exc:
-        export_outbox_csv(db, tmp_path / "x.csv", status="bounced")
+        export_outbox_csv(db, tmp_path / "x.csv", status="lost")
     assert str(exc.value) == (
-        "Unknown message status 'bounced'; use one of: queued, sending, sent, failed, "
-        "unknown, withdrawn."
+        "Unknown message status 'lost'; use one of: queued, sending, sent, failed, "
+        "unknown, withdrawn, bounced."
     )
     assert not (tmp_path / "x.csv").exists()
 

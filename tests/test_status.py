@@ -195,11 +195,11 @@ def test_message_counts_today_week_total_in_configured_time_zone(ledger: Ledger)
     assert counts.day_start == Z("2026-03-04T05:00")  # local midnight in New York
     assert counts.week_start == Z("2026-03-02T05:00")  # Monday local midnight
     assert counts.today == {"queued": 1, "sending": 0, "sent": 2, "failed": 1, "unknown": 0,
-                            "withdrawn": 1}
+                            "withdrawn": 1, "bounced": 0}
     assert counts.week == {"queued": 2, "sending": 0, "sent": 6, "failed": 1, "unknown": 0,
-                           "withdrawn": 1}
+                           "withdrawn": 1, "bounced": 0}
     assert counts.total == {"queued": 2, "sending": 0, "sent": 21, "failed": 1, "unknown": 1,
-                            "withdrawn": 1}
+                            "withdrawn": 1, "bounced": 0}
 
 
 def test_message_counts_follow_the_time_zone(ledger: Ledger) -> None:
@@ -358,6 +358,7 @@ def test_cli_status_shows_every_figure(
         ["failed", "1", "1", "1"],
         ["unknown", "0", "0", "1"],
         ["withdrawn", "1", "1", "1"],
+        ["bounced", "0", "0", "0"],
     ]
     assert table_rows(out, "Stuck past expected time: 4") == [
         ["C04", "Customer C04", "invited", "30.0", "14", "16.0", ""],

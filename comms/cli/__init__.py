@@ -51,6 +51,7 @@ def _register() -> None:
         "comms.cli.demo",
         "comms.cli.sync_cmd",
         "comms.cli.wave_cmd",
+        "comms.cli.inbox_cmd",
     ):
         importlib.import_module(name).register(app)
 

@@ -161,6 +161,8 @@ def _print_detail(d: svc.CustomerDetail) -> None:
             line += f": {t.note}" if t.note else ""
         elif t.kind == "observed":
             line = f"  {_when(t.at)}  observed by {t.title} ({t.note}): {t.detail}"
+        elif t.kind == "inbound":
+            line = f"  {_when(t.at)}  inbound {t.title} {t.detail}" + (f": {t.note}" if t.note else "")
         else:
             line = f"  {_when(t.at)}  message {t.title} {t.detail}"
             line += f" (last error: {t.note})" if t.note else ""

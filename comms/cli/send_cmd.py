@@ -55,6 +55,7 @@ def run(
     tag: str = typer.Option(None, "--tag", help="Only customers with this tag (a marketing wave)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
     sync: bool = typer.Option(False, "--sync", help="Sync stages from Partner Center / Graph first (also [sync] on_run)."),
+    inbox: bool = typer.Option(False, "--inbox", help="Read replies and bounces first (`comms inbox sync`); also [inbox] on_run."),
 ) -> None:
     """The scheduled run (cron / systemd timer): plan what is due, queue it, send it.
 
@@ -70,7 +71,7 @@ def run(
             app.database, app.settings, app.campaign, app.renderer, transport, clock=clock,
             tag=tag, dry_run=dry_run, limit=limit, max_minutes=max_minutes,
             on_queued=progress.on_queued, on_progress=progress.on_progress,
-            plan_progress=progress.planned, stop=stop, sync=sync,
+            plan_progress=progress.planned, stop=stop, sync=sync, inbox=inbox,
             echo=None if as_json else typer.echo,
         )
     if stop.is_set() and not as_json:

@@ -75,6 +75,7 @@ def _print_status(r: StatusReport) -> None:
     if r.tenant is not None:
         console.print(r.tenant.line(tz), highlight=False, markup=False)
     _print_managers(r)
+    _print_inbox(r)
 
 
 def _print_messages(r: StatusReport) -> None:
@@ -186,6 +187,24 @@ def _print_managers(r: StatusReport) -> None:
             b.add_row(safe(g.group), str(g.customers), done, f"{g.exposure_today:,.2f}",
                       f"{g.incurred:,.2f}")
         console.print(b)
+
+
+def _print_inbox(r: StatusReport) -> None:
+    i = r.inbox
+    if i is None:
+        return
+    console.print(
+        f"[bold]Inbox:[/] bounces {i.bounces} ({i.hard_bounces} hard), replies {i.replies}, "
+        f"opt-outs {i.optouts}, auto-replies {i.auto}, unmatched {i.unmatched}", highlight=False)
+    for stage, kinds in sorted(i.by_stage.items()):
+        console.print(f"  {stage}: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
+                      highlight=False)
+    console.print(f"Unreachable customers (no deliverable address): {len(i.unreachable)}"
+                  + (f": {', '.join(i.unreachable[:SHOW])}" if i.unreachable else ""),
+                  highlight=False)
+    console.print(f"Awaiting an operator after a reply: {len(i.awaiting_operator)}"
+                  + (f": {', '.join(i.awaiting_operator[:SHOW])}" if i.awaiting_operator
+                     else ""), highlight=False)
 
 
 def register(app: typer.Typer) -> None:

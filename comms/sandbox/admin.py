@@ -30,6 +30,10 @@ def handle(core: Core, req: Request) -> Response:
         payload = json.loads(req.body) if req.body.strip() else {}
     except json.JSONDecodeError:
         return json_response(400, {"error": "body must be JSON"})
+    from comms.sandbox import inbox  # /_sandbox/inbox/...: inject replies, NDRs, dead addresses
+
+    if (answer := inbox.admin(core, req, what, payload)) is not None:
+        return answer
     if what == "sent" and req.method == "GET":
         return json_response(200, state.records())
     if what == "stats" and req.method == "GET":

@@ -138,6 +138,10 @@ def _route(core: Core, req: Request, delay: _Delay) -> Response:
         _method(req, "GET")
         delay.wait()
         return _get_user(core, req, principal, ident)
+    from comms.sandbox import inbox  # Inbox delta, attachments, lookup by internetMessageId
+
+    if (answer := inbox.route(core, req, principal, ident, rest, delay)) is not None:
+        return answer
     if rest == ["sendmail"]:
         _method(req, "POST")
         return _mailbox_call(core, req, principal, ident, delay, write=True)
@@ -520,6 +524,9 @@ def _send_mail(core: Core, req: Request, principal: Principal, user: User) -> Re
     if throttle is not None:
         return _throttled(req, throttle.status, throttle.code, throttle.message,
                           throttle.retry_after)
+    from comms.sandbox import inbox  # a recipient on the dead list bounces (an NDR arrives)
+
+    inbox.after_accept(core, user.address, record)
     if state.roll(faults.drop_after_accept_rate):
         state.count("dropped")
         return Response(0, drop=True)

@@ -84,6 +84,20 @@ class StageChange:
     triggers: tuple[str, ...] = ()
 
 
+def inbound_timeline(session: Session, customer_id: int) -> list[TimelineEntry]:
+    """Replies, bounces and auto-replies read from the sender mailboxes (`comms inbox`)."""
+    from comms.inbox.service import timeline_entries
+
+    return [
+        TimelineEntry(at=m.received_at or m.processed_at, kind="inbound", title=m.kind,
+                      detail=f"from {m.from_address}: {m.subject}",
+                      note=" | ".join(x for x in (m.preview.replace("\n", " / ")
+                                                  if m.kind in ("reply", "optout") else "",
+                                                  m.effects) if x))
+        for m in timeline_entries(session, customer_id)
+    ]
+
+
 def list_customers(
     db: Database, *, stage: str | None = None, tag: str | None = None
 ) -> list[CustomerInfo]:
@@ -125,6 +139,7 @@ def show_customer(db: Database, key: str) -> CustomerDetail:
             entries.append(TimelineEntry(at=ev.at, kind="observed", title=f"sync:{ev.source}",
                                          detail=ev.summary, by="sync", source="sync",
                                          note=f"evidence #{ev.id}"))
+        entries += inbound_timeline(session, row.id)
         entries.sort(key=lambda t: t.at)
         return CustomerDetail(
             info=repo.customer_info(session, row),

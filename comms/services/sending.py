@@ -177,15 +177,25 @@ def run_scheduled(
     limit: int | None = None, max_minutes: float = 50.0,
     on_queued: Callable[[QueueReport], None] | None = None,
     on_progress: ProgressFn | None = None, plan_progress: Callable[[int], None] | None = None,
-    stop: threading.Event | None = None, sync: bool = False,
+    stop: threading.Event | None = None, sync: bool = False, inbox: bool = False,
     echo: Callable[[str], None] | None = None,
 ) -> RunSummary:
     """The scheduled run (`comms run`); closes ``transport`` (None on a dry run).
 
-    ``sync`` (or ``[sync] on_run``): stage sync first, so the run plans on what Microsoft
-    sees. ``stop`` (a signal) ends dispatching cleanly."""
+    ``inbox`` (or ``[inbox] on_run``): replies and bounces are read first; ``sync`` (or
+    ``[sync] on_run``): stage sync next, so the run plans on what Microsoft sees. ``stop`` (a
+    signal) ends dispatching cleanly."""
     try:
         preflight.before_run(settings, transport)  # exit 3 before any row when sign-in fails
+        if inbox or campaign.inbox.on_run:
+            # Replies and bounces first: a bounced address or an answered reminder changes
+            # what this run may send.
+            from comms.inbox import service as inbox_service
+
+            got = inbox_service.sync(db, settings, campaign.inbox, now=clock.now(),
+                                     dry_run=dry_run)
+            if echo is not None:
+                echo(inbox_service.summary_line(got))
         if sync or settings.sync.on_run:
             from comms.sync.service import sync_before_run
 

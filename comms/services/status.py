@@ -41,6 +41,8 @@ from comms.campaign import Campaign
 from comms.config import Settings
 from comms.domain import MessageStatus
 from comms.errors import RequestRefused
+from comms.inbox.service import InboxCounts
+from comms.inbox.service import counts as inbox_counts
 from comms.services.calendar import aware_utc as _aware
 from comms.services.calendar import day_bounds as day_bounds
 from comms.services.calendar import days_between as _days_between
@@ -153,6 +155,7 @@ class StatusReport:
     # Manager figures (reached funnel, durations, incurred cost, breakdowns): services.managers.
     managers: ManagerReport | None = None
     tenant: TenantBudgetStatus | None = None
+    inbox: InboxCounts | None = None  # replies and bounces (`comms inbox sync`)
 
     @property
     def exposure_total(self) -> float:
@@ -436,4 +439,5 @@ def compute_status(
             csp_live_stage=campaign.csp_live_stage,
             managers=compute_manager_report(s, campaign, now, price, tag=tag, since=since),
             tenant=tenant_budget(s, settings, sending_now or now),
+            inbox=inbox_counts(s, now),
         )

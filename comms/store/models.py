@@ -254,5 +254,6 @@ class SendSlot(SQLModel, table=True):
     )
 
 
+from comms.store import inbox_models as _inbox_models  # noqa: E402,F401  (inbox tables)
 from comms.store import sync_models as _sync_models  # noqa: E402,F401  (stage-sync tables)
 from comms.store import wave_models as _wave_models  # noqa: E402,F401  (wave approvals)

@@ -19,6 +19,7 @@ from sqlmodel import Session, col, select
 
 from comms.domain import ContactInfo, CustomerInfo, Event, Observation
 from comms.errors import NotFound
+from comms.store.inbox_models import reminder_holds
 from comms.store.models import Contact, Customer, CustomerTag, StageEvent, Suppression
 from comms.store.sync_models import SyncEvidence
 
@@ -70,6 +71,7 @@ def load_customers(session: Session, ids: Sequence[int]) -> dict[int, CustomerIn
             tags[t.customer_id].append(t.tag)
     suppressed = _suppressed(session, {c.email.lower() for cs in contacts.values() for c in cs})
     seen = latest_observations(session, id_list)
+    held = reminder_holds(session, id_list)
     out: dict[int, CustomerInfo] = {}
     for r in rows:
         cs = sorted(contacts.get(r.id, []), key=lambda c: (_role_rank(c.role), c.id))
@@ -83,6 +85,7 @@ def load_customers(session: Session, ids: Sequence[int]) -> dict[int, CustomerIn
                 ContactInfo(c.name, c.email, c.role, c.email.lower() in suppressed) for c in cs
             ),
             csp_live_at=r.csp_live_at, observation=seen.get(r.id),
+            reminders_held_until=held.get(r.id),
         )
     return out
 

@@ -1,0 +1,297 @@
+"""The inbox classifier (pure): one inbound message -> what it is, for which outbox row or
+customer, and the rule that decided. No I/O: what the ledger or Sent Items know comes through a
+``Resolver`` the caller passes (the sync service's asks the database and Graph, tests pass
+dicts).
+
+Rules, first match wins:
+
+1. **bounce** — a non-delivery report (``X-MS-Exchange-Message-Is-Ndr``, a
+   ``multipart/report; report-type=delivery-status``, or from postmaster / mailer-daemon /
+   Exchange's system mailbox with an "Undeliverable"-like subject). Status code from the
+   delivery-status part (``Status: 5.1.1``), else from the text (``550 5.1.1``); 5.x.x hard,
+   4.x.x soft, none found: soft. Matched to the outbox row by ``x-comms-send-id`` in the
+   attached original (or its headers, or the NDR's text), else by the original's Message-ID
+   looked up in Sent Items. An NDR that matches no row is *unmatched*.
+2. **auto** — ``Auto-Submitted`` other than ``no``, ``X-Auto-Response-Suppress``,
+   ``Precedence: auto_reply``, or an "Automatic reply:"-like subject (several languages).
+3. **optout** / **reply** — from a customer found by ``In-Reply-To``/``References`` (a message
+   we sent), else the conversation, else the sender being one customer's contact. Opt-out when
+   the reply's own text (not the quoted original) contains an opt-out keyword.
+4. **unmatched** — anything else; listed for an operator, never acted on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+SEND_ID_HEADER = "x-comms-send-id"
+NDR_SENDERS = ("postmaster", "mailer-daemon", "microsoftexchange329e71ec88ae4615bbc36ab6ce41109e")
+_NDR_SUBJECT = re.compile(
+    r"^\s*(undeliverable|undelivered mail|delivery status notification|delivery has failed|"
+    r"failure notice|mail delivery failed|returned mail|unzustellbar|nicht zustellbar|"
+    r"non remis|non distribuable|onbestelbaar|no se puede entregar|non recapitabile)",
+    re.IGNORECASE,
+)
+_AUTO_SUBJECT = re.compile(
+    r"^\s*(automatic reply|auto(matic)?[- ]?reply|autoreply|out of (the )?office|"
+    r"abwesenheitsnotiz|automatische antwort|réponse automatique|automatisch antwoord|"
+    r"respuesta automática|risposta automatica)\b",
+    re.IGNORECASE,
+)
+_STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
+_DSN_STATUS = re.compile(r"^\s*Status:\s*([245]\.\d{1,3}\.\d{1,3})", re.IGNORECASE | re.MULTILINE)
+_FINAL_RECIPIENT = re.compile(
+    r"^\s*(?:Final|Original)-Recipient:\s*rfc822;\s*<?([^\s>]+@[^\s>]+)>?",
+    re.IGNORECASE | re.MULTILINE,
+)
+_SEND_ID_LINE = re.compile(
+    r"^\s*x-comms-send-id:\s*([A-Za-z0-9._-]+)", re.IGNORECASE | re.MULTILINE
+)
+_MESSAGE_ID_LINE = re.compile(r"^\s*Message-ID:\s*(<[^>\s]+>)", re.IGNORECASE | re.MULTILINE)
+_ANGLE_ID = re.compile(r"<[^<>\s]+>")
+_ADDRESS = re.compile(r"[A-Za-z0-9._%+'-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+# Where the quoted original starts in a reply (Outlook, Gmail, Apple Mail; en/de/fr/nl/es).
+_QUOTE_START = re.compile(
+    r"^\s*(>|-{2,}\s*(original message|ursprüngliche nachricht|message d'origine)|"
+    r"_{5,}|(from|von|de|van|sent|gesendet|envoyé)\s*:|"
+    r"on .{0,200}wrote:|am .{0,200}schrieb|le .{0,200}a écrit)",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """An attachment as the reader decoded it: its content type and text (headers, DSN, MIME)."""
+
+    content_type: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One message read from a sender mailbox's Inbox."""
+
+    mailbox: str
+    graph_id: str
+    subject: str = ""
+    from_address: str = ""
+    text: str = ""  # body as plain text (or bodyPreview); "" without Mail.Read
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    internet_message_id: str = ""
+    conversation_id: str = ""
+    received_at: datetime | None = None
+    attachments: tuple[Attachment, ...] = ()
+
+
+@dataclass(frozen=True)
+class SentRow:
+    """An outbox row as the classifier needs it."""
+
+    message_id: int
+    customer_id: int
+    recipients: tuple[str, ...]  # lower-case to + cc
+    message: str = ""
+
+
+class Resolver(Protocol):
+    """What the classifier may ask about the ledger and Sent Items (all lookups may miss)."""
+
+    def row_by_send_id(self, send_id: str) -> SentRow | None: ...
+
+    def send_id_by_internet_message_id(self, mailbox: str, internet_message_id: str
+                                       ) -> str | None: ...
+
+    def customer_by_conversation(self, mailbox: str, conversation_id: str) -> int | None: ...
+
+    def customers_by_contact(self, address: str) -> Sequence[int]: ...
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kind: str  # bounce | auto | reply | optout | unmatched
+    rule: str  # which rule decided, e.g. "bounce:send-id in attached original"
+    detail: str = ""
+    customer_id: int | None = None
+    message_id: int | None = None  # outbox row (bounces; replies found by In-Reply-To)
+    address: str = ""  # bounced recipient, or the replying address
+    status_code: str = ""
+    hard: bool = False
+    keyword: str = ""
+
+
+def _from_localpart(address: str) -> str:
+    return address.partition("@")[0].lower()
+
+
+def is_ndr(msg: Inbound) -> bool:
+    headers = msg.headers
+    if "x-ms-exchange-message-is-ndr" in headers:
+        return True
+    ctype = headers.get("content-type", "").lower()
+    if "multipart/report" in ctype and "delivery-status" in ctype:
+        return True
+    return _from_localpart(msg.from_address) in NDR_SENDERS and bool(
+        _NDR_SUBJECT.match(msg.subject)
+    )
+
+
+def is_auto_reply(msg: Inbound) -> bool:
+    headers = msg.headers
+    auto = headers.get("auto-submitted", "").strip().lower()
+    if auto and auto != "no":
+        return True
+    if "x-auto-response-suppress" in headers or "x-autoreply" in headers:
+        return True
+    if headers.get("precedence", "").strip().lower() in ("auto_reply", "auto-reply"):
+        return True
+    return bool(_AUTO_SUBJECT.match(msg.subject))
+
+
+def status_code(msg: Inbound) -> tuple[str, str]:
+    """The NDR's enhanced status code and where it was found ("" when none)."""
+    for a in msg.attachments:
+        if "delivery-status" in a.content_type.lower():
+            m = _DSN_STATUS.search(a.text)
+            if m:
+                return m.group(1), "delivery-status part"
+    m = _STATUS.search(msg.text)
+    if m:
+        return m.group(0), "report text"
+    m = _STATUS.search(msg.subject)
+    if m:
+        return m.group(0), "subject"
+    return "", ""
+
+
+def _original_send_id(msg: Inbound) -> tuple[str, str]:
+    for a in msg.attachments:
+        m = _SEND_ID_LINE.search(a.text)
+        if m:
+            return m.group(1), "send id in the attached original"
+    value = msg.headers.get(SEND_ID_HEADER, "").strip()
+    if value:
+        return value, "send id in the report's headers"
+    m = _SEND_ID_LINE.search(msg.text)
+    if m:
+        return m.group(1), "send id in the report's text"
+    return "", ""
+
+
+def _original_message_ids(msg: Inbound) -> list[str]:
+    out: list[str] = []
+    for a in msg.attachments:
+        out += _MESSAGE_ID_LINE.findall(a.text)
+    for name in ("in-reply-to", "references"):
+        out += _ANGLE_ID.findall(msg.headers.get(name, ""))
+    return list(dict.fromkeys(out))
+
+
+def _bounced_address(msg: Inbound, row: SentRow) -> str:
+    found: list[str] = []
+    for a in msg.attachments:
+        found += _FINAL_RECIPIENT.findall(a.text)
+    found += _ADDRESS.findall(msg.text) + _ADDRESS.findall(msg.subject)
+    for address in found:
+        if address.lower() in row.recipients:
+            return address.lower()
+    return row.recipients[0] if len(row.recipients) == 1 else ""
+
+
+def own_text(text: str, lines: int | None = None) -> str:
+    """The reply's own text: the lines above the quoted original, blank lines dropped."""
+    out: list[str] = []
+    for line in text.splitlines():
+        if _QUOTE_START.match(line):
+            break
+        if line.strip():
+            out.append(line.strip())
+        if lines is not None and len(out) >= lines:
+            break
+    return "\n".join(out)
+
+
+def optout_keyword(msg: Inbound, keywords: Sequence[str]) -> str:
+    """The first opt-out keyword in the subject (minus RE:/AW:) or the reply's own text."""
+    subject = re.sub(r"^\s*((re|aw|wg|fw|fwd|tr|antw)\s*:\s*)+", "", msg.subject, flags=re.I)
+    haystack = f"{subject}\n{own_text(msg.text)}".lower()
+    for kw in keywords:
+        if re.search(rf"(?<!\w){re.escape(kw.lower())}(?!\w)", haystack):
+            return kw
+    return ""
+
+
+def _classify_bounce(msg: Inbound, resolver: Resolver) -> Verdict:
+    code, code_where = status_code(msg)
+    hard = code.startswith("5")
+    send_id, where = _original_send_id(msg)
+    row = resolver.row_by_send_id(send_id) if send_id else None
+    if row is None:
+        for mid in _original_message_ids(msg):
+            found = resolver.send_id_by_internet_message_id(msg.mailbox, mid)
+            row = resolver.row_by_send_id(found) if found else None
+            if row is not None:
+                where = f"original Message-ID {mid} found in Sent Items"
+                break
+    severity = ("hard" if hard else "soft") if code else "soft (no status code)"
+    detail = f"{code or 'no code'} ({code_where or 'not found'}), {severity}"
+    if row is None:
+        return Verdict("unmatched", "bounce-unmatched: no send id or known Message-ID",
+                       detail=detail, status_code=code, hard=hard)
+    address = _bounced_address(msg, row)
+    return Verdict(
+        "bounce", f"bounce:{where}", detail=detail, customer_id=row.customer_id,
+        message_id=row.message_id, address=address, status_code=code, hard=hard,
+    )
+
+
+def _find_customer(msg: Inbound, resolver: Resolver) -> tuple[int | None, int | None, str]:
+    """(customer, outbox row, rule) for a reply or auto-reply."""
+    ids = _ANGLE_ID.findall(msg.headers.get("in-reply-to", ""))
+    ids += list(reversed(_ANGLE_ID.findall(msg.headers.get("references", ""))))
+    for mid in dict.fromkeys(ids):
+        send_id = resolver.send_id_by_internet_message_id(msg.mailbox, mid)
+        row = resolver.row_by_send_id(send_id) if send_id else None
+        if row is not None:
+            return row.customer_id, row.message_id, "In-Reply-To/References"
+    if msg.conversation_id:
+        cid = resolver.customer_by_conversation(msg.mailbox, msg.conversation_id)
+        if cid is not None:
+            return cid, None, "conversation"
+    if msg.from_address:
+        customers = list(dict.fromkeys(resolver.customers_by_contact(msg.from_address.lower())))
+        if len(customers) == 1:
+            return customers[0], None, "sender is a contact"
+        if len(customers) > 1:
+            return None, None, f"sender is a contact of {len(customers)} customers (ambiguous)"
+    return None, None, ""
+
+
+def classify(msg: Inbound, resolver: Resolver, optout_keywords: Sequence[str]) -> Verdict:
+    """What ``msg`` is (see the module docstring for the rules, applied in order)."""
+    if is_ndr(msg):
+        return _classify_bounce(msg, resolver)
+    customer, row, how = _find_customer(msg, resolver)
+    sender = msg.from_address.lower()
+    if is_auto_reply(msg):
+        return Verdict("auto", "auto-reply: " + _auto_reason(msg), customer_id=customer,
+                       message_id=row, address=sender)
+    if customer is None:
+        return Verdict("unmatched", f"unmatched: {how or 'no reference, unknown sender'}",
+                       address=sender)
+    keyword = optout_keyword(msg, optout_keywords)
+    if keyword:
+        return Verdict("optout", f"optout:keyword {keyword!r}; customer by {how}",
+                       customer_id=customer, message_id=row, address=sender, keyword=keyword)
+    return Verdict("reply", f"reply:{how}", customer_id=customer, message_id=row, address=sender)
+
+
+def _auto_reason(msg: Inbound) -> str:
+    headers = msg.headers
+    for name in ("auto-submitted", "x-auto-response-suppress", "x-autoreply", "precedence"):
+        if name in headers:
+            return f"{name}: {headers[name]}".strip()
+    return "subject"

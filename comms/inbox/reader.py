@@ -1,0 +1,261 @@
+"""Reading a sender mailbox's Inbox through Microsoft Graph (msal token + requests, the same
+session, CA trust and token provider as the Graph transport).
+
+- ``pages(mailbox, delta_link)``: one round of ``/mailFolders/inbox/messages/delta``, page by
+  page; the last page carries the ``@odata.deltaLink`` to store for the next round.
+- ``attachments(mailbox, message_id)``: the NDR's attached original / delivery status, decoded.
+- ``send_id_by_internet_message_id`` / ``conversation_send_id``: Sent Items lookups.
+
+Reads are idempotent, so unlike ``sendMail`` they are retried: 429 and 503/504 after
+``Retry-After`` (or a growing backoff), a broken connection after a backoff, up to
+``MAX_ATTEMPTS``; 401 once with a fresh token. Anything else raises ``InboxError`` naming the fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from email.parser import BytesHeaderParser
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from comms.config import Settings
+from comms.delivery.auth import TokenProvider, make_session, token_provider_for
+from comms.delivery.base import SEND_ID_PROPERTY_ID
+from comms.delivery.graph import parse_retry_after
+from comms.errors import DeliveryError
+from comms.inbox.classify import Attachment
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 8
+BACKOFF_BASE = 0.5  # seconds, doubled per attempt (scaled by [delivery] time_scale), capped
+BACKOFF_CAP = 30.0
+RETRIABLE = frozenset({429, 503, 504})
+SELECT_BASIC = (
+    "subject", "from", "sender", "toRecipients", "receivedDateTime", "internetMessageId",
+    "conversationId", "internetMessageHeaders", "hasAttachments",
+)
+SELECT_BODY = ("bodyPreview", "body")
+
+
+class InboxError(DeliveryError):
+    """Reading a mailbox failed in a way a retry does not fix."""
+
+
+@dataclass
+class Page:
+    messages: list[dict[str, Any]]
+    next_link: str | None
+    delta_link: str | None
+
+
+class InboxReader:
+    """Graph reads for one sync; safe to share between threads."""
+
+    def __init__(
+        self, settings: Settings, *, read_body: bool = True, page_size: int = 100,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings = settings
+        self.base_url = settings.graph.base_url.rstrip("/")
+        self.session = make_session(settings.graph)
+        self._tokens: TokenProvider | None = None
+        self.read_body = read_body
+        self.page_size = page_size
+        self.sleep = sleep
+        self.scale = max(getattr(settings.delivery, "time_scale", 1.0), 0.001)
+        self.requests = 0
+        self.retries = 0
+        self._lock = threading.Lock()
+
+    @property
+    def tokens(self) -> TokenProvider:
+        with self._lock:
+            if self._tokens is None:
+                self._tokens = token_provider_for(self.settings)
+            return self._tokens
+
+    def close(self) -> None:
+        self.session.close()
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _user(self, mailbox: str) -> str:
+        return f"{self.base_url}/users/{quote(mailbox, safe='@')}"
+
+    def get(self, url: str, *, prefer: str = "", raw: bool = False) -> requests.Response:
+        """GET with the retry policy above; returns the 2xx response."""
+        token = self.tokens.token()
+        refreshed = False
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            headers = {"Authorization": f"Bearer {token}", "client-request-id": str(uuid.uuid4())}
+            headers["Accept"] = "*/*" if raw else "application/json"
+            if prefer:
+                headers["Prefer"] = prefer
+            with self._lock:
+                self.requests += 1
+            try:
+                response = self.session.get(url, headers=headers, allow_redirects=False)
+            except requests.exceptions.SSLError as exc:
+                raise InboxError(
+                    f"the TLS certificate of {url.split('/')[2]} is not trusted ({exc}); set "
+                    "[graph] ca_file to the CA bundle that signs it"
+                ) from exc
+            except requests.exceptions.RequestException as exc:
+                if attempt == MAX_ATTEMPTS:
+                    raise InboxError(
+                        f"reading {_short(url)} failed {attempt} times ({type(exc).__name__}); "
+                        "check that Graph is reachable and run `comms inbox sync` again"
+                    ) from exc
+                self._backoff(attempt, None)
+                continue
+            status = response.status_code
+            if status == 401 and not refreshed:
+                token, refreshed = self.tokens.refresh(token), True
+                continue
+            if status in RETRIABLE and attempt < MAX_ATTEMPTS:
+                self._backoff(attempt, response.headers.get("Retry-After"))
+                continue
+            if 200 <= status < 300:
+                return response
+            raise InboxError(_explain(status, response, url))
+        raise InboxError(f"reading {_short(url)} was throttled {MAX_ATTEMPTS} times; run "
+                         "`comms inbox sync` again later")
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> None:
+        with self._lock:
+            self.retries += 1
+        if retry_after is not None:
+            wait = parse_retry_after(retry_after)
+        else:
+            wait = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)) * self.scale
+            wait *= 0.5 + random.random()  # jitter: concurrent readers do not retry in step
+        self.sleep(wait)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def first_url(self, mailbox: str) -> str:
+        fields = SELECT_BASIC + (SELECT_BODY if self.read_body else ())
+        return (f"{self._user(mailbox)}/mailFolders/inbox/messages/delta"
+                f"?$select={','.join(fields)}")
+
+    def page(self, url: str) -> Page:
+        prefer = f"odata.maxpagesize={self.page_size}"
+        if self.read_body:
+            prefer += ', outlook.body-content-type="text"'
+        body = self.get(url, prefer=prefer).json()
+        return Page(list(body.get("value") or []), body.get("@odata.nextLink"),
+                    body.get("@odata.deltaLink"))
+
+    def pages(self, mailbox: str, delta_link: str | None) -> Iterator[Page]:
+        """One delta round from ``delta_link`` (None: from the start of the Inbox)."""
+        url: str | None = delta_link or self.first_url(mailbox)
+        while url:
+            page = self.page(url)
+            yield page
+            url = page.next_link
+
+    def attachments(self, mailbox: str, message_id: str) -> list[Attachment]:
+        """The attachments' text: headers/MIME of an attached original, a delivery status."""
+        base = f"{self._user(mailbox)}/messages/{quote(message_id, safe='')}/attachments"
+        items = self.get(base).json().get("value") or []
+        out: list[Attachment] = []
+        for item in items:
+            ctype = str(item.get("contentType") or "")
+            kind = str(item.get("@odata.type") or "")
+            if kind.endswith("itemAttachment"):
+                url = f"{base}/{quote(str(item['id']), safe='')}/$value"
+                out.append(Attachment("message/rfc822", _headers_only(self.get(url, raw=True)
+                                                                      .content)))
+            elif item.get("contentBytes"):
+                try:
+                    data = base64.b64decode(item["contentBytes"])
+                except (binascii.Error, ValueError):
+                    continue
+                text = _headers_only(data) if ctype == "message/rfc822" else data.decode(
+                    "utf-8", "replace")
+                out.append(Attachment(ctype, text))
+        return out
+
+    def sent_send_id(self, mailbox: str, field: str, value: str) -> str | None:
+        """The comms send id of the Sent Items message whose ``field`` (internetMessageId or
+        conversationId) is ``value``; None when there is none (or it was not sent by comms)."""
+        literal = value.replace("'", "''")
+        prop = SEND_ID_PROPERTY_ID.replace("'", "''")
+        flt = f"{field} eq '{literal}'"
+        expand = f"singleValueExtendedProperties($filter=id eq '{prop}')"
+        query = (f"$filter={quote(flt, safe='')}&$select=id&$top=1"
+                 f"&$expand={quote(expand, safe='')}")
+        body = self.get(f"{self._user(mailbox)}/mailFolders/sentitems/messages?{query}").json()
+        for item in body.get("value") or []:
+            for p in item.get("singleValueExtendedProperties") or []:
+                if str(p.get("id", "")).lower() == SEND_ID_PROPERTY_ID.lower():
+                    return str(p.get("value") or "") or None
+        return None
+
+
+    def sent_index(self, mailbox: str, since: datetime) -> dict[str, str]:
+        """internetMessageId -> send id of the comms messages in Sent Items sent since
+        ``since``: one listing of 1,000 a page (newest first) instead of a lookup per reply."""
+        prop = SEND_ID_PROPERTY_ID.replace("'", "''")
+        expand = quote(f"singleValueExtendedProperties($filter=id eq '{prop}')", safe="")
+        url: str | None = (
+            f"{self._user(mailbox)}/mailFolders/sentitems/messages?$select=internetMessageId,"
+            f"sentDateTime&$top=1000&$expand={expand}"
+        )
+        out: dict[str, str] = {}
+        while url:
+            body = self.get(url).json()
+            for item in body.get("value") or []:
+                sent = str(item.get("sentDateTime") or "")
+                if sent and sent.replace("Z", "+00:00") < since.isoformat():
+                    return out
+                for p in item.get("singleValueExtendedProperties") or []:
+                    if str(p.get("id", "")).lower() == SEND_ID_PROPERTY_ID.lower():
+                        out[str(item.get("internetMessageId") or "")] = str(p.get("value"))
+            url = body.get("@odata.nextLink")
+        return out
+
+
+def _headers_only(data: bytes) -> str:
+    """The header block of a MIME message (the part that carries x-comms-send-id)."""
+    try:
+        parsed = BytesHeaderParser().parsebytes(data)
+    except (ValueError, TypeError):
+        return data[:20000].decode("utf-8", "replace")
+    return "".join(f"{k}: {v}\n" for k, v in parsed.items())
+
+
+def _short(url: str) -> str:
+    return url.split("?")[0]
+
+
+def _explain(status: int, response: requests.Response, url: str) -> str:
+    try:
+        error = response.json().get("error") or {}
+        code, text = str(error.get("code") or ""), str(error.get("message") or "")
+    except (ValueError, AttributeError):
+        code, text = "", response.text[:200]
+    where = f"({status} {code}: {text})"
+    if status == 403:
+        return (f"no permission to read {_short(url)} {where}: grant Mail.Read (or "
+                "Mail.ReadBasic with [inbox] read_body = false) on the sender mailboxes, scoped "
+                "with Exchange RBAC for Applications")
+    if status == 404:
+        return f"mailbox or message not found {where}: check the [[senders]] address"
+    if status == 400 and code in ("SyncStateNotFound", "SyncStateInvalid"):
+        return (f"Graph no longer knows the stored delta link {where}: run `comms inbox sync "
+                "--restart` to read the Inbox from the start (already processed messages are "
+                "skipped)")
+    return f"reading {_short(url)} failed {where}"

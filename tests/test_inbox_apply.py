@@ -1,0 +1,79 @@
+"""Applying inbox effects against the real ledger (SQLite or PostgreSQL), no Graph needed:
+the set-based chunk path equals the one-by-one path, and a message another sync recorded
+meanwhile is skipped with none of its effects applied twice."""
+
+from __future__ import annotations
+
+import csv
+from datetime import timedelta
+from pathlib import Path
+
+from engine_helpers import T0
+from sqlmodel import select
+
+from comms.campaign import load_campaign
+from comms.config import load_settings
+from comms.inbox import service
+from comms.inbox.classify import Inbound
+from comms.services import customers as customer_service
+from comms.store.db import Database
+from comms.store.inbox_models import InboundMessage, InboxCustomerState
+from comms.store.models import Customer, Message, Suppression
+
+BOX = "transition@fabrikam.example"
+
+
+def _seed(db: Database, tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", "name", "licences", "stage", "account_manager_email",
+                    "primary_contact_name", "primary_contact_email"])
+        for key in ("A", "B", "C"):
+            w.writerow([key, f"{key} Ltd", 5, "invited", "am@f.example", "Admin",
+                        f"admin@{key.lower()}.example"])
+    customer_service.import_customers(db, path, settings=load_settings(env={}),
+                                      campaign=load_campaign(), now=T0, by="test")
+
+
+def _reply(graph_id: str, sender: str, text: str = "done") -> Inbound:
+    return Inbound(BOX, graph_id, subject="RE: x", from_address=sender, text=text)
+
+
+def _run(db: Database, messages: list[Inbound]) -> service.SyncReport:
+    report = service.SyncReport()
+    service._process(db, load_settings(env={}), load_campaign().inbox, None,  # type: ignore[arg-type]
+                     messages, now=T0, dry_run=False, report=report, caches=service._Caches())
+    return report
+
+
+def test_a_message_recorded_meanwhile_is_skipped_with_its_effects(
+    db: Database, tmp_path: Path
+) -> None:
+    _seed(db, tmp_path)
+    with db.session() as s:
+        s.add(InboundMessage(mailbox=BOX, graph_id="g1", kind="reply", processed_at=T0))
+    report = _run(db, [_reply("g1", "admin@a.example"), _reply("g2", "admin@b.example"),
+                       _reply("g3", "admin@c.example", "Bitte abmelden")])
+    assert (report.new, report.skipped) == (2, 1)
+    assert report.kinds == {"reply": 1, "optout": 1}
+    with db.session() as s:
+        held = {c.key: s.get(InboxCustomerState, c.id) for c in s.exec(select(Customer)).all()}
+        notes = s.exec(select(Message.customer_id).where(Message.message == service.NOTE_MESSAGE)
+                       ).all()
+        sup = s.exec(select(Suppression.email)).all()
+    assert held["A"] is None  # the other sync's message: no effect applied here
+    b = held["B"]
+    assert b is not None and b.reminders_held_until == T0 + timedelta(days=7)
+    assert len(notes) == 1 and sup == ["admin@c.example"]
+
+
+def test_chunk_counts_soft_bounces_and_notes_once_per_customer_per_day(
+    db: Database, tmp_path: Path
+) -> None:
+    _seed(db, tmp_path)
+    replies = [_reply(f"r{i}", "admin@a.example", f"answer {i}") for i in range(5)]
+    report = _run(db, replies)
+    assert report.new == 5 and report.effects["notes"] == 1 and report.effects["held"] == 5
+    again = _run(db, [_reply("r9", "admin@a.example")])
+    assert again.effects["notes"] == 0  # same day: the account manager already has a note

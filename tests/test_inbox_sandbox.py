@@ -1,0 +1,137 @@
+"""The sandbox's Inbox as Graph serves it, read by the product's reader over HTTPS with the real
+msal + requests: delta paging (nextLink, then deltaLink), $select honoured, Prefer:
+odata.maxpagesize, rounds that return only what is new, attachments, throttled reads retried,
+and reads counted toward the mailbox concurrency limit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import requests
+
+from comms.config import Settings
+from comms.inbox.reader import InboxError, InboxReader
+from comms.sandbox import Sandbox
+from comms.sandbox.inbox import InboxAdmin
+
+BOX = "transition@fabrikam.example"
+
+
+def _fill(sb: Sandbox, n: int) -> None:
+    admin = InboxAdmin(sb)
+    for i in range(n):
+        admin.inject(kind="reply", mailbox=BOX, **{"from": f"c{i}@x.example"}, body=f"n{i}")
+
+
+def test_delta_pages_then_delta_link_returns_only_new(
+    sandbox: Sandbox, sandbox_settings: Settings
+) -> None:
+    _fill(sandbox, 23)
+    reader = InboxReader(sandbox_settings, page_size=10)
+    pages = list(reader.pages(BOX, None))
+    assert [len(p.messages) for p in pages] == [10, 10, 3]
+    assert all(p.next_link and not p.delta_link for p in pages[:-1])
+    assert pages[-1].delta_link and not pages[-1].next_link
+    first = pages[0].messages[0]
+    # $select honoured: the selected fields, headers included, nothing else.
+    assert "internetMessageHeaders" in first and "body" in first
+    assert "isRead" not in first and "parentFolderId" not in first
+    seen = [m["id"] for p in pages for m in p.messages]
+    assert len(set(seen)) == 23
+    again = list(reader.pages(BOX, pages[-1].delta_link))
+    assert [len(p.messages) for p in again] == [0]
+    _fill(sandbox, 2)
+    newer = list(reader.pages(BOX, again[-1].delta_link))
+    assert [m["body"]["content"] for p in newer for m in p.messages] == ["n0", "n1"]
+    reader.close()
+
+
+def test_page_size_preference_is_applied_and_headers_only_select(
+    sandbox: Sandbox, sandbox_settings: Settings, sandbox_app: Any
+) -> None:
+    _fill(sandbox, 3)
+    reader = InboxReader(sandbox_settings, read_body=False, page_size=2)
+    url = reader.first_url(BOX)
+    response = reader.get(url, prefer="odata.maxpagesize=2")
+    assert response.headers["Preference-Applied"] == "odata.maxpagesize=2"
+    body = response.json()
+    assert len(body["value"]) == 2 and "@odata.nextLink" in body
+    assert "body" not in body["value"][0] and "bodyPreview" not in body["value"][0]
+    bad = requests.get(f"{sandbox.graph_url}/users/{BOX}/mailFolders/inbox/messages/delta"
+                       "?$select=nope", verify=str(sandbox.ca_file),
+                       headers={"Authorization": f"Bearer {reader.tokens.token()}"})
+    assert bad.status_code == 400
+    reader.close()
+
+
+def test_ndr_attachments_item_and_file(sandbox: Sandbox, sandbox_settings: Settings) -> None:
+    from comms.sandbox import inbox as sandbox_inbox
+
+    core = sandbox._core
+    original = {"subject": "Hi", "internetMessageId": "<o1@f.example>", "conversationId": "c1",
+                "toRecipients": [{"emailAddress": {"address": "a@x.example"}}],
+                "internetMessageHeaders": [{"name": "x-comms-send-id", "value": "abc123"}],
+                "body": {"contentType": "text", "content": "hello"}}
+    item = sandbox_inbox.ndr(core, BOX, recipient="a@x.example", original=original)
+    file = sandbox_inbox.ndr(core, BOX, recipient="a@x.example", original=original,
+                             attach="file", status="4.4.7")
+    reader = InboxReader(sandbox_settings)
+    for message in (item, file):
+        found = reader.attachments(BOX, message["id"])
+        kinds = [a.content_type for a in found]
+        assert kinds == ["message/delivery-status", "message/rfc822"]
+        assert "x-comms-send-id: abc123" in found[1].text
+        assert "Message-ID: <o1@f.example>" in found[1].text
+    reader.close()
+
+
+def test_throttled_and_failing_reads_are_retried_then_give_up(
+    sandbox: Sandbox, sandbox_settings: Settings
+) -> None:
+    _fill(sandbox, 5)
+    admin = InboxAdmin(sandbox)
+    admin.set_faults(read_throttle_rate=0.5, read_error_rate=0.2)
+    reader = InboxReader(sandbox_settings, page_size=1, sleep=lambda s: None)
+    pages = list(reader.pages(BOX, None))
+    assert sum(len(p.messages) for p in pages) == 5
+    assert reader.retries > 0 and admin.stats()["read_throttled"] > 0
+    admin.set_faults(read_throttle_rate=1.0)
+    with pytest.raises(InboxError, match=r"throttled|failed"):
+        list(reader.pages(BOX, None))
+    reader.close()
+
+
+@pytest.mark.sandbox(max_concurrent=1)
+def test_reads_count_toward_the_mailbox_concurrency_limit(
+    sandbox: Sandbox, sandbox_settings: Settings
+) -> None:
+    _fill(sandbox, 1)
+    sandbox.set_faults(latency=0.3)
+    reader = InboxReader(sandbox_settings, sleep=lambda s: None)
+    token = reader.tokens.token()
+    import threading
+
+    statuses: list[int] = []
+
+    def read() -> None:
+        r = requests.get(reader.first_url(BOX), verify=str(sandbox.ca_file),
+                         headers={"Authorization": f"Bearer {token}"})
+        statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=read) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 429 in statuses and 200 in statuses
+    reader.close()
+
+
+def test_no_read_permission_names_the_fix(sandbox: Sandbox, sandbox_settings: Settings,
+                                          sandbox_app: Any) -> None:
+    sandbox.register_app(sandbox_app.client_id, roles=("Mail.Send",))
+    reader = InboxReader(sandbox_settings)
+    with pytest.raises(InboxError, match=r"Mail\.Read"):
+        list(reader.pages(BOX, None))
+    reader.close()
