@@ -211,3 +211,21 @@ def test_plurals() -> None:
     assert human_minutes(1.2) == "about 1 minute" and human_minutes(21) == "about 21 minutes"
     assert human_minutes(150) == "about 2.5 hours" and human_minutes(1.7 * 1440) == \
         "about 1.7 days"
+
+
+def test_every_file_output_takes_out(db: Database, tmp_path: Path, cli: Any) -> None:
+    """Issue 11: `--out FILE` for every file output (the positional FILE still works)."""
+    seed(db, tmp_path, 2)
+    for args, name in ((("customers", "export"), "c.csv"), (("outbox", "export"), "o.csv"),
+                       (("db", "backup"), "b.db"), (("report",), "r.html")):
+        target = tmp_path / "out" / name
+        target.parent.mkdir(exist_ok=True)
+        r = cli(*args, "--out", str(target))
+        assert r.exit_code == 0, (args, r.output)
+        assert target.exists() and target.stat().st_size > 0, args
+    both = cli("customers", "export", str(tmp_path / "a.csv"), "--out", str(tmp_path / "b.csv"))
+    assert both.exit_code == 2 and "Give the file once" in both.stderr
+    neither = cli("outbox", "export")
+    assert neither.exit_code == 2 and "--out FILE" in neither.stderr
+    shown = json.loads(cli("customers", "show", "K0001", "--json").stdout)
+    assert shown["key"] == "K0001" and isinstance(shown["timeline"], list)

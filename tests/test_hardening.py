@@ -309,7 +309,8 @@ def test_ledger_backup_and_export_are_owner_only(cli, comms_home: Path, tmp_path
         assert cli("db", "backup", str(tmp_path / "b.db")).exit_code == 0
         assert cli("customers", "export", str(tmp_path / "c.csv")).exit_code == 0
         assert cli("outbox", "export", str(tmp_path / "o.csv")).exit_code == 0
-        for name in ("b.db", "c.csv", "o.csv"):
+        assert cli("report", "--out", str(tmp_path / "r.html")).exit_code == 0
+        for name in ("b.db", "c.csv", "o.csv", "r.html"):
             assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
     finally:
         os.umask(old)

@@ -248,9 +248,11 @@ customers_app.command("opt-out")(opt_out_cmd)
 
 @customers_app.command("export")
 def export_cmd(
-    file: Path = typer.Argument(..., help="CSV file to write (overwritten)."),
+    file: Path = typer.Argument(None, help="CSV file to write (overwritten); or --out FILE."),
+    out: Path = present.out_option("CSV file to write (overwritten)."),
 ) -> None:
     """Export every customer in the columns import reads (round-trips unchanged)."""
+    file = present.out_path(file, out)
     count = svc.export_customers(common.app().database, file)
     console.print(safe(f"Exported {count} customer(s) to {file}."), soft_wrap=True)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from comms.cli import common
+from comms.cli import common, present
 from comms.cli.common import console, new_app, safe, visible
 from comms.domain import MessageStatus
 from comms.errors import RequestRefused
@@ -112,10 +112,12 @@ def resolve(
 
 @outbox_app.command("export")
 def export(
-    path: Path = typer.Argument(..., help="CSV file to write."),
+    path: Path = typer.Argument(None, help="CSV file to write; or --out FILE."),
     status: str = typer.Option(None, "--status", "-s", help="Only this status."),
+    out: Path = present.out_option("CSV file to write (overwritten)."),
 ) -> None:
     """Export the outbox as CSV for spreadsheets."""
+    path = present.out_path(path, out)
     n = report.export_outbox_csv(common.app().database, path, status=status)
     console.print(f"Wrote {n} message(s) to {safe(path)}.", highlight=False, soft_wrap=True)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -66,3 +67,21 @@ def fit(t: Table) -> Table:
             widest = max([len(str(c)) for c in column.cells] + [len(str(column.header))])
             column.min_width = widest
     return t
+
+
+def out_option(help_text: str) -> Any:
+    """``--out FILE``: every command that writes a file takes it (the positional FILE of older
+    releases still works)."""
+    return typer.Option(None, "--out", "-o", help=help_text)
+
+
+def out_path(positional: Path | None, out: Path | None) -> Path:
+    """The file to write, from ``--out FILE`` or the positional FILE; exactly one of them."""
+    from comms.errors import UsageError
+
+    if positional is not None and out is not None and positional != out:
+        raise UsageError(f"Give the file once: --out {out} or {positional}, not both.")
+    chosen = out or positional
+    if chosen is None:
+        raise UsageError("Give the file to write with --out FILE.")
+    return chosen

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from comms.cli import common
+from comms.cli import common, present
 from comms.cli.common import console, err_console, new_app, safe
 from comms.config import mask_url
 from comms.errors import ConfigError
@@ -86,11 +86,13 @@ def db_upgrade() -> None:
 
 @db_app.command("backup")
 def db_backup(
-    file: Path = typer.Argument(..., help="Where to write the copy (a SQLite file)."),
+    file: Path = typer.Argument(None, help="Where to write the copy (a SQLite file); or --out FILE."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    out: Path = present.out_option("Where to write the copy (a SQLite file)."),
 ) -> None:
     """Copy the SQLite ledger to FILE while it is in use (PostgreSQL: use pg_dump)."""
-    target = backup.backup_database(common.app().database, file, force=force)
+    target = backup.backup_database(common.app().database, present.out_path(file, out),
+                                    force=force)
     console.print(f"Backed up the ledger to {target}. Restore: see docs/operations.md.",
                   highlight=False, soft_wrap=True)
 
