@@ -234,9 +234,9 @@ def test_opt_out_does_not_treat_underscore_as_a_wildcard(cli: Cli, db: Database,
                                ["K2", "Two", "5", "b%b@y.example"]])
     assert cli("customers", "import", str(path)).exit_code == 0
     out = cli("contacts", "opt-out", "b_b@x.example")
-    assert out.stdout.strip() == "b_b@x.example suppressed (a contact of 0 customer(s))."
+    assert out.stdout.strip() == "b_b@x.example suppressed (a contact of 0 customers)."
     out = cli("contacts", "opt-out", "BOB@x.example")
-    assert out.stdout.strip() == "bob@x.example suppressed (a contact of 1 customer(s))."
+    assert out.stdout.strip() == "bob@x.example suppressed (a contact of 1 customer)."
     with db.session() as s:
         assert sorted(s.exec(select(Suppression.email)).all()) == [
             "b_b@x.example", "bob@x.example"]

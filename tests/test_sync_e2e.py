@@ -65,14 +65,14 @@ def world(sandbox_factory: Any, tmp_path: Path, database_url: str,
     sb.add_customer_tenant(TENANT_B, "beta.example", "Beta Ltd", direct_licences=10,
                            consented=False)
     sb.add_customer_tenant(TENANT_C, "gamma.example", "Gamma Ltd", direct_licences=5)
-    r = cli("customers", "import", str(_csv(tmp_path / "c.csv")))
+    r = cli("customers", "import", str(_csv(tmp_path / "c.csv")), "--now", BASE.isoformat())
     assert r.exit_code == 0, r.output
     return sb
 
 
-# Import records the real time, so the simulated runs start from it (weekday offsets only:
-# 0 is today, 7 a week later, so every run is inside the send window of a weekday).
-BASE = datetime.now(UTC) + timedelta(minutes=1)
+# Import and every run are on the simulated clock (weekday offsets only: 0 is a Tuesday, 7 a
+# week later, so every run is inside the send window whatever the real time of day).
+BASE = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)  # a Tuesday, inside the send window
 
 
 def _at(days: float) -> str:
@@ -106,7 +106,7 @@ def test_the_ledger_follows_partner_center_and_the_tenant(
 ) -> None:
     r = cli("run", "--sync", "--now", _at(0))
     assert r.exit_code == 0, r.output
-    assert _sent(db, "A") == ["partner_invitation"]
+    assert _sent(db, "A") == ["partner_invitation"], r.output
     assert "2 cannot be verified" in r.output  # B: no consent; C: no tenant id yet
 
     # A accepts; C accepts too (matched by domain, its tenant id filled in).
