@@ -73,10 +73,12 @@ class InboxCounts:
     unreachable: list[str]  # customer keys with no deliverable address left
     awaiting_operator: list[str]  # customers whose reminders are held after a reply
     by_stage: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> kind -> n
+    hard_by_stage: dict[str, int] = field(default_factory=dict)  # stage -> hard bounces
 
 
 def counts(session: Session, now: datetime) -> InboxCounts:
-    """Inbox numbers for `comms status`."""
+    """Inbox numbers for `comms status` and the report; per stage by the customer's current
+    stage."""
     by_kind: Counter[str] = Counter()
     hard = 0
     for kind, is_hard, n in session.execute(
@@ -103,12 +105,17 @@ def counts(session: Session, now: datetime) -> InboxCounts:
         .where(col(InboxCustomerState.reminders_held_until) > now).order_by(col(Customer.key))
     ).scalars().all()
     by_stage: dict[str, dict[str, int]] = {}
-    for stage, kind, n in session.execute(
-        sa.select(col(Customer.stage), col(InboundMessage.kind), sa.func.count())
+    hard_by_stage: Counter[str] = Counter()
+    for stage, kind, is_hard, n in session.execute(
+        sa.select(col(Customer.stage), col(InboundMessage.kind), col(InboundMessage.hard),
+                  sa.func.count())
         .join(Customer, col(Customer.id) == col(InboundMessage.customer_id))
-        .group_by(col(Customer.stage), col(InboundMessage.kind))
+        .group_by(col(Customer.stage), col(InboundMessage.kind), col(InboundMessage.hard))
     ).all():
-        by_stage.setdefault(stage, {})[kind] = int(n)
+        kinds = by_stage.setdefault(stage, {})
+        kinds[kind] = kinds.get(kind, 0) + int(n)
+        if kind == "bounce" and is_hard:
+            hard_by_stage[stage] += int(n)
     return InboxCounts(by_kind["bounce"], hard, by_kind["reply"], by_kind["optout"],
                        by_kind["auto"], by_kind["unmatched"], list(unreachable), list(awaiting),
-                       by_stage)
+                       by_stage, dict(hard_by_stage))

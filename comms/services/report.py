@@ -247,6 +247,33 @@ def _customer_rows(
     return out
 
 
+@dataclass(frozen=True)
+class InboxStageRow:
+    stage: str
+    hard_bounces: int
+    soft_bounces: int
+    replies: int
+
+
+def inbox_rows(report: StatusReport) -> list[InboxStageRow]:
+    """Bounces (hard, soft) and replies per stage, campaign order (a stage that left the
+    campaign last), only stages that have any."""
+    inbox = report.inbox
+    if inbox is None:
+        return []
+    order = [s.stage for s in report.funnel]
+    stages = sorted(inbox.by_stage, key=lambda st: (order.index(st) if st in order
+                                                    else len(order), st))
+    rows = []
+    for stage in stages:
+        kinds = inbox.by_stage[stage]
+        hard = inbox.hard_by_stage.get(stage, 0)
+        row = InboxStageRow(stage, hard, kinds.get("bounce", 0) - hard, kinds.get("reply", 0))
+        if row.hard_bounces or row.soft_bounces or row.replies:
+            rows.append(row)
+    return rows
+
+
 def _environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(str(TEMPLATES_DIR)),
@@ -297,6 +324,7 @@ def render_report(
         list_limit=LIST_LIMIT,
         customers=customers,
         days_per_month=int(DAYS_PER_MONTH),
+        inbox_rows=inbox_rows(report),
         attention=(report.messages.total[MessageStatus.FAILED]
                    + report.messages.total[MessageStatus.UNKNOWN]),
     )
