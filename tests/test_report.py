@@ -259,3 +259,57 @@ def test_export_outbox_csv_unknown_status(db: Database, tmp_path: Path) -> None:
     assert not (tmp_path / "x.csv").exists()
 
 
+
+
+def test_report_inbox_section_counts_bounces_replies_and_who_needs_someone(
+    db: Database, settings: Settings, campaign: Any
+) -> None:
+    """One hard bounce (an NDR for an invitation to A1's only contact) and one reply (from B1)
+    through the inbox service: the section shows them per stage, A1 unreachable, B1 awaiting
+    an operator; C1, untouched, in neither list."""
+    from comms.inbox import service as inbox_service
+    from comms.inbox.classify import Attachment, Inbound
+    from comms.store.models import Contact
+
+    box = settings.senders[0].address
+    with db.session() as s:
+        a = add_customer(s, "A1", "invited", ago(10))
+        b = add_customer(s, "B1", "announced", ago(5))
+        c = add_customer(s, "C1", "announced", ago(5))
+        for cust in (a, b, c):
+            assert cust.id is not None
+            s.add(Contact(customer_id=cust.id, name="IT", email=f"it@{cust.key.lower()}.example"))
+        send_id = add_message(s, a, "invitation", 1, "sent", at=ago(1)).send_id
+    before = parse(build_report(db, settings, campaign, NOW, generated_at=GENERATED))
+    assert "Bounces 0 (0 hard, 0 soft), replies 0" in before.text_by_id["inbox-totals"]
+    assert "No bounces or replies" in before.text_by_id["inbox"]
+
+    ndr = Inbound(
+        box, "g-ndr", subject="Undeliverable: Your invitation",
+        from_address="postmaster@fabrikam.example",
+        text="Your message to it@a1.example couldn't be delivered. Remote Server returned "
+             "'550 5.1.1 RESOLVER.ADR.RecipNotFound; not found'",
+        headers={"x-ms-exchange-message-is-ndr": "", "auto-submitted": "auto-replied"},
+        attachments=(
+            Attachment("message/delivery-status",
+                       "Final-Recipient: rfc822;it@a1.example\nAction: failed\nStatus: 5.1.1\n"),
+            Attachment("message/rfc822", f"x-comms-send-id: {send_id}\n"),
+        ),
+    )
+    reply = Inbound(box, "g-reply", subject="RE: Your invitation", from_address="it@b1.example",
+                    text="We will accept it next week.")
+    got = inbox_service.SyncReport()
+    inbox_service._process(db, settings, campaign.inbox, None,  # type: ignore[arg-type]
+                           [ndr, reply], now=NOW, dry_run=False, report=got,
+                           caches=inbox_service._Caches())
+    assert got.kinds == {"bounce": 1, "reply": 1}
+
+    html = build_report(db, settings, campaign, NOW, generated_at=GENERATED)
+    page = parse(html)
+    assert "Bounces 1 (1 hard, 0 soft), replies 1," in page.text_by_id["inbox-totals"]
+    rows = re.findall(r'<tr data-stage="(\w+)">.*?data-kind="hard">(\d+)<.*?'
+                      r'data-kind="soft">(\d+)<.*?data-kind="reply">(\d+)<', html)
+    assert rows == [("announced", "0", "0", "1"), ("invited", "1", "0", "0")]  # campaign order
+    assert page.text_by_id["inbox-unreachable"] == (
+        "Unreachable customers (no deliverable address): 1: A1")
+    assert page.text_by_id["inbox-awaiting"] == "Awaiting an operator after a reply: 1: B1"

@@ -1,0 +1,308 @@
+"""What classified inbound messages do to the ledger (``[inbox]`` in campaign.toml, see
+``comms.inbox.policy``), written set-based for a whole chunk in the caller's transaction:
+
+- hard bounce: the outbox row ``bounced`` with the status code, the address suppressed (reason
+  ``bounce``), the customer flagged, one internal note to the account manager per customer per
+  day at most;
+- soft bounce: counted; the address suppressed after ``soft_bounce_limit`` in
+  ``soft_bounce_window_days``;
+- reply: the customer's reminders held ``hold_reminders_days``, the account manager notified
+  (same one-a-day note);
+- opt-out reply: the address suppressed with the reply as the reason;
+- auto-reply, unmatched: nothing.
+"""
+
+from __future__ import annotations
+
+import html
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Session, col
+
+from comms import outbox
+from comms.config import Settings
+from comms.inbox.classify import Inbound, Verdict, own_text
+from comms.inbox.policy import InboxPolicy
+from comms.store.inbox_models import InboundMessage, InboxCustomerState
+from comms.store.models import Customer, Message, Suppression
+
+NOTE_MESSAGE = "inbox_account_manager_note"
+BOUNCED = "bounced"  # outbox status of a message an NDR came back for
+
+_Acting = list[tuple[int, Inbound, Verdict]]
+
+
+@dataclass(frozen=True)
+class _Customer:
+    id: int
+    key: str
+    name: str
+    stage: str
+    account_manager_name: str
+    account_manager_email: str
+
+
+def _note_row(
+    settings: Settings, customer: _Customer, subject: str, lines: list[str], now: datetime,
+) -> dict[str, Any] | None:
+    """The account manager's internal note: one per customer per day (the sequence is the
+    day, so the outbox's unique key refuses a second one)."""
+    am = customer.account_manager_email.strip()
+    if not am:
+        return None
+    text = "\n".join(lines)
+    markup = "".join(f"<p>{html.escape(line)}</p>" for line in lines)
+    return {
+        "send_id": uuid.uuid4().hex, "customer_id": customer.id, "message": NOTE_MESSAGE,
+        "sequence": now.date().toordinal(), "stage": customer.stage, "internal": True,
+        "status": "queued",
+        "to_json": outbox.addresses_json([(am, customer.account_manager_name)]),
+        "cc_json": "[]", "reply_to": settings.partner.reply_to, "subject": subject,
+        "html": f"<html><body>{markup}</body></html>", "text": text, "locale": "en",
+        "sender": None, "send_after": now, "send_before": None, "attempts": 0,
+        "last_error": "", "error_code": "", "lease_until": None, "claimed_by": "",
+        "unknown_since": None, "sent_at": None, "request_id": "", "note": "inbox",
+        "created_at": now, "updated_at": now,
+    }
+
+
+@dataclass
+class _Chunk:
+    """What a chunk's effects read up front, and what they will write at the end."""
+
+    settings: Settings
+    policy: InboxPolicy
+    now: datetime
+    customers: dict[int, _Customer]
+    suppressed: set[str]  # addresses already in the suppression list
+    soft_counts: Counter[str]  # soft bounces per address inside the window
+    status: dict[int, str]  # outbox status of the messages hard bounces name
+    states: dict[int, dict[str, Any]]  # inbox state per customer (flag, reminders held)
+    noted: set[int]  # customers whose account manager has today's note
+    existing_states: set[int] = field(default_factory=set)
+    changed_states: set[int] = field(default_factory=set)
+    new_sup: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bounced: dict[int, dict[str, Any]] = field(default_factory=dict)
+    notes: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.existing_states = set(self.states)
+
+    def suppress(self, address: str, reason: str, by: str) -> bool:
+        if not address or address in self.suppressed or address in self.new_sup:
+            return False
+        self.new_sup[address] = {"email": address, "reason": reason, "at": self.now, "by": by}
+        return True
+
+    def state(self, cid: int) -> dict[str, Any]:
+        self.changed_states.add(cid)
+        return self.states.setdefault(cid, {"flagged": False, "flag_reason": "",
+                                            "reminders_held_until": None})
+
+
+def apply_chunk(
+    s: Session, settings: Settings, policy: InboxPolicy, items: list[tuple[Inbound, Verdict]],
+    now: datetime,
+) -> list[list[str]]:
+    """The effects of many classified messages, with a few set-based statements (in ``s``,
+    the caller's transaction); the result per message is the same as applying them one after
+    the other. Returns what was done, per message."""
+    effects: list[list[str]] = [[] for _ in items]
+    acting = [(i, m, v) for i, (m, v) in enumerate(items)
+              if v.kind in ("bounce", "optout", "reply") and v.customer_id is not None]
+    if not acting:
+        return effects
+    chunk = _load(s, settings, policy, acting, now)
+    for i, msg, v in acting:
+        customer = chunk.customers.get(v.customer_id or -1)
+        if customer is None:
+            continue
+        done = effects[i]
+        if v.kind == "bounce" and v.hard:
+            _hard_bounce(chunk, msg, v, customer, done)
+        elif v.kind == "bounce":
+            _soft_bounce(chunk, msg, v, done)
+        elif v.kind == "optout":
+            _optout(chunk, msg, v, done)
+        else:
+            _reply(chunk, msg, customer, done)
+    _write(s, chunk)
+    return effects
+
+
+def _load(s: Session, settings: Settings, policy: InboxPolicy, acting: _Acting,
+          now: datetime) -> _Chunk:
+    """Read, in one query each, what the chunk's effects depend on."""
+    cids = sorted({v.customer_id for _, _, v in acting if v.customer_id is not None})
+    customers = {
+        row[0]: _Customer(*row) for row in s.execute(
+            sa.select(col(Customer.id), col(Customer.key), col(Customer.name),
+                      col(Customer.stage), col(Customer.account_manager_name),
+                      col(Customer.account_manager_email))
+            .where(col(Customer.id).in_(cids)))
+    }
+    addresses = sorted({v.address for _, _, v in acting if v.address})
+    suppressed = set(s.execute(
+        sa.select(col(Suppression.email)).where(col(Suppression.email).in_(addresses))
+    ).scalars()) if addresses else set()
+    bounce_ids = sorted({v.message_id for _, _, v in acting
+                         if v.kind == "bounce" and v.hard and v.message_id is not None})
+    status = dict(s.execute(
+        sa.select(col(Message.id), col(Message.status)).where(col(Message.id).in_(bounce_ids))
+    ).all()) if bounce_ids else {}
+    states = {r[0]: {"flagged": r[1], "flag_reason": r[2], "reminders_held_until": r[3]}
+              for r in s.execute(
+                  sa.select(col(InboxCustomerState.customer_id), col(InboxCustomerState.flagged),
+                            col(InboxCustomerState.flag_reason),
+                            col(InboxCustomerState.reminders_held_until))
+                  .where(col(InboxCustomerState.customer_id).in_(cids)))}
+    noted = set(s.execute(
+        sa.select(col(Message.customer_id)).where(
+            col(Message.message) == NOTE_MESSAGE, col(Message.sequence) == now.date().toordinal(),
+            col(Message.customer_id).in_(cids))
+    ).scalars())
+    return _Chunk(settings, policy, now, customers, suppressed,
+                  _soft_counts(s, policy, acting, now), status, states, noted)
+
+
+def _soft_counts(s: Session, policy: InboxPolicy, acting: _Acting,
+                 now: datetime) -> Counter[str]:
+    """Soft bounces already recorded per address inside the policy's window."""
+    soft = sorted({v.address for _, _, v in acting
+                   if v.kind == "bounce" and not v.hard and v.address})
+    if not soft:
+        return Counter()
+    window = now - timedelta(days=policy.soft_bounce_window_days)
+    return Counter(dict(s.execute(
+        sa.select(col(InboundMessage.address), sa.func.count())
+        .where(col(InboundMessage.kind) == "bounce", col(InboundMessage.hard).is_(False),
+               col(InboundMessage.address).in_(soft),
+               col(InboundMessage.processed_at) >= window)
+        .group_by(col(InboundMessage.address))
+    ).all()))
+
+
+def _hard_bounce(c: _Chunk, msg: Inbound, v: Verdict, customer: _Customer,
+                 done: list[str]) -> None:
+    by = f"inbox:{msg.mailbox}"
+    if v.message_id is not None and c.status.get(v.message_id, "withdrawn") != "withdrawn":
+        c.bounced[v.message_id] = {
+            "b_id": v.message_id, "b_code": v.status_code,
+            "b_error": f"bounced for {v.address or 'a recipient'}: {v.detail}"}
+        done.append(f"outbox #{v.message_id} bounced ({v.status_code})")
+    if c.suppress(v.address, "bounce", f"{by} {v.status_code}"):
+        done.append(f"{v.address} suppressed (bounce)")
+    st = c.state(customer.id)
+    st["flagged"] = True
+    st["flag_reason"] = f"hard bounce {v.status_code} for {v.address}"
+    done.append("customer flagged")
+    _note_account_manager(
+        c, customer, f"[comms] {customer.name} ({customer.key}): an email bounced",
+        [f"An email to {customer.name} ({customer.key}) bounced.",
+         f"Address: {v.address or 'unknown'}; status {v.status_code} ({v.detail}).",
+         "The address is suppressed; please find a working contact and add it "
+         "with `comms customers import`."],
+        done)
+
+
+def _soft_bounce(c: _Chunk, msg: Inbound, v: Verdict, done: list[str]) -> None:
+    limit, days = c.policy.soft_bounce_limit, c.policy.soft_bounce_window_days
+    c.soft_counts[v.address] += 1
+    count = c.soft_counts[v.address]
+    done.append(f"soft bounce {count} of {limit} for {v.address}")
+    if v.address and count >= limit and c.suppress(
+        v.address, "bounce", f"inbox:{msg.mailbox} {count} soft bounces in {days:g} days",
+    ):
+        done.append(f"{v.address} suppressed (bounce, {count} soft bounces)")
+
+
+def _optout(c: _Chunk, msg: Inbound, v: Verdict, done: list[str]) -> None:
+    reason = f"opt-out reply: {msg.subject} | {own_text(msg.text, 3)}"[:1000]
+    if c.suppress(v.address, reason, f"inbox:{msg.mailbox}"):
+        done.append(f"{v.address} suppressed (opt-out reply)")
+
+
+def _reply(c: _Chunk, msg: Inbound, customer: _Customer, done: list[str]) -> None:
+    until = c.now + timedelta(days=c.policy.hold_reminders_days)
+    st = c.state(customer.id)
+    if st["reminders_held_until"] is None or st["reminders_held_until"] < until:
+        st["reminders_held_until"] = until
+    done.append(f"reminders held until {until:%Y-%m-%d %H:%M} UTC")
+    first = own_text(msg.text, c.policy.timeline_lines or 3)
+    _note_account_manager(
+        c, customer, f"[comms] {customer.name} ({customer.key}) replied",
+        [f"{msg.from_address} replied: {msg.subject}", *first.splitlines(),
+         f"Reminders are held for {c.policy.hold_reminders_days:g} days."],
+        done)
+
+
+def _note_account_manager(c: _Chunk, customer: _Customer, subject: str, lines: list[str],
+                          done: list[str]) -> None:
+    """Queue the account manager's note, unless notes are off, the customer has none, or
+    today's note is already queued."""
+    if not c.policy.notify_account_manager or customer.id in c.noted:
+        return
+    row = _note_row(c.settings, customer, subject, lines, c.now)
+    if row is None:
+        return
+    c.noted.add(customer.id)
+    c.notes.append(row)
+    done.append("account manager note queued")
+
+
+def _write(s: Session, c: _Chunk) -> None:
+    """The chunk's writes: a statement per kind, each for every row at once."""
+    now = c.now
+    messages_t = Message.__table__  # type: ignore[attr-defined]
+    if c.bounced:
+        s.execute(
+            sa.update(messages_t).where(messages_t.c.id == sa.bindparam("b_id"))
+            .values(status=BOUNCED, error_code=sa.bindparam("b_code"),
+                    last_error=sa.bindparam("b_error"), updated_at=now),
+            list(c.bounced.values()),
+        )
+    if c.new_sup:
+        s.execute(sa.insert(Suppression.__table__),  # type: ignore[attr-defined]
+                  list(c.new_sup.values()))
+    states_t = InboxCustomerState.__table__  # type: ignore[attr-defined]
+    updates = [{"s_id": cid, "s_flagged": c.states[cid]["flagged"],
+                "s_reason": c.states[cid]["flag_reason"],
+                "s_held": c.states[cid]["reminders_held_until"]}
+               for cid in sorted(c.changed_states & c.existing_states)]
+    if updates:
+        s.execute(
+            sa.update(states_t).where(states_t.c.customer_id == sa.bindparam("s_id"))
+            .values(flagged=sa.bindparam("s_flagged"), flag_reason=sa.bindparam("s_reason"),
+                    reminders_held_until=sa.bindparam("s_held"), updated_at=now),
+            updates,
+        )
+    inserts = [{"customer_id": cid, **c.states[cid], "updated_at": now}
+               for cid in sorted(c.changed_states - c.existing_states)]
+    if inserts:
+        s.execute(sa.insert(states_t), inserts)
+    if c.notes:
+        outbox.insert_messages(s, c.notes)
+
+
+def effect_keys(effects: list[str]) -> list[str]:
+    """The report's counter keys for what was done to one message."""
+    keys = []
+    for e in effects:
+        if e.startswith("outbox #"):
+            keys.append("bounced")
+        elif "suppressed" in e:
+            keys.append("suppressed")
+        elif "note queued" in e:
+            keys.append("notes")
+        elif "held" in e:
+            keys.append("held")
+        elif "flagged" in e:
+            keys.append("flagged")
+        elif e.startswith("soft bounce"):
+            keys.append("soft_bounces")
+    return keys
