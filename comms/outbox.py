@@ -268,8 +268,8 @@ def claim(
                 cc=cc,
                 reply_to=(Address(msg.reply_to, sender.name),) if msg.reply_to else (),
                 subject=msg.subject,
-                html=msg.html,
-                text=msg.text,
+                html=msg.body_html(),
+                text=msg.body_text(),
                 headers=((SEND_ID_HEADER, msg.send_id),),
             )
             return Claimed(msg.id, msg.attempts, slot, email, customer.key, msg.message)

@@ -68,7 +68,7 @@ def show(message_id: int = typer.Argument(..., help="Outbox id (see `comms outbo
         ("subject", m.subject),
     ):
         typer.echo(f"{label:>16}: {value}")
-    typer.echo("\n" + m.text)
+    typer.echo("\n" + m.body_text())
 
 
 @outbox_app.command("retry")

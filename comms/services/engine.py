@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -28,7 +29,7 @@ from comms.delivery.base import Transport
 from comms.domain import ACTED_ON, CustomerInfo, MessageStatus, PlannedMessage, SentMessage
 from comms.errors import AlreadySent, NotFound, RequestRefused, StateConflict
 from comms.render import Renderer
-from comms.store import repo
+from comms.store import bodies, repo
 from comms.store.db import Database
 from comms.store.locks import RunLock
 from comms.store.models import Customer, CustomerTag, Message, StageEvent, new_message_row
@@ -129,13 +130,13 @@ class QueueReport:
 
 def _row(
     settings: Settings, customer: CustomerInfo, pm: PlannedMessage, rendered: Any, now: datetime,
-    send_before: datetime | None = None,
+    send_before: datetime | None = None, body: bytes | None = None,
 ) -> dict[str, Any]:
     assert customer.id is not None
     return new_message_row(
         customer_id=customer.id, message=pm.message, sequence=pm.sequence, stage=pm.stage,
         to_json=outbox.addresses_json((c.email, c.name) for c in pm.to),
-        subject=rendered.subject, html=rendered.html, text=rendered.text, now=now,
+        subject=rendered.subject, html=rendered.html, text=rendered.text, body=body, now=now,
         internal=pm.internal,
         cc_json=outbox.addresses_json((c.email, c.name) for c in pm.cc),
         reply_to=settings.partner.reply_to, locale=rendered.locale, send_before=send_before,
@@ -162,41 +163,67 @@ def plan_and_queue(
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> QueueReport:
-    """Plan every due customer and queue what is due, batch by batch (memory stays flat)."""
+    """Plan every due customer and queue what is due, batch by batch (memory stays flat).
+
+    Each batch is read, planned, rendered and written in one transaction. Compressing the
+    bodies costs about as much CPU as rendering them, so it runs on a helper thread, a chunk
+    at a time, while this thread renders the next messages (zlib releases the GIL)."""
     report = QueueReport()
-    for ids in due_batches(db, campaign, now, tag=tag, keys=keys):
-        with db.session(immediate=not dry_run) as s:
-            customers = load_customers(s, ids)
-            history = load_history(s, ids)
-            rows: list[dict[str, Any]] = []
-            next_due: list[dict[str, Any]] = []
-            for cid in ids:
-                customer = customers.get(cid)
-                if customer is None or not stages.is_sendable(customer):
-                    continue  # changed since the ids were read
-                p = planner.plan(customer, history.get(cid, []), now, campaign)
-                report.customers += 1
-                report.deferred += len(p.deferred)
-                closes = planner.window_end(now, campaign.window, customer.time_zone)
-                for pm in p.due:
-                    rows.append(_row(settings, customer, pm, _render(renderer, customer, pm, now),
-                                     now, closes))
-                    report.by_message[pm.message] += 1
-                    if dry_run:
-                        report.preview.append(
-                            (customer.key, pm.message, pm.sequence,
-                             ", ".join(c.email for c in pm.to))
-                        )
-                next_due.append({"id": cid, "next_due_at": p.next_due_at})
-            if dry_run:
-                report.queued += len(rows)
-            else:
-                report.queued += len(outbox.insert_messages(s, rows))
-                if next_due:
-                    s.execute(sa.update(Customer), next_due)
-        if progress:
-            progress(len(ids))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="comms-encode") as encoder:
+        for ids in due_batches(db, campaign, now, tag=tag, keys=keys):
+            with db.session(immediate=not dry_run) as s:
+                _queue_batch(s, ids, settings, campaign, renderer, now, dry_run, report, encoder)
+            if progress:
+                progress(len(ids))
     return report
+
+
+ENCODE_CHUNK = 100  # bodies per job handed to the compressing thread
+
+
+def _queue_batch(
+    s: Session, ids: list[int], settings: Settings, campaign: Campaign, renderer: Renderer,
+    now: datetime, dry_run: bool, report: QueueReport, encoder: ThreadPoolExecutor,
+) -> None:
+    customers = load_customers(s, ids)
+    history = load_history(s, ids)
+    rows: list[dict[str, Any]] = []
+    next_due: list[dict[str, Any]] = []
+    chunk: list[tuple[str, str]] = []
+    jobs: list[tuple[int, Future[list[bytes]]]] = []  # (first row, its bodies)
+    for cid in ids:
+        customer = customers.get(cid)
+        if customer is None or not stages.is_sendable(customer):
+            continue  # changed since the ids were read
+        p = planner.plan(customer, history.get(cid, []), now, campaign)
+        report.customers += 1
+        report.deferred += len(p.deferred)
+        closes = planner.window_end(now, campaign.window, customer.time_zone)
+        for pm in p.due:
+            rendered = _render(renderer, customer, pm, now)
+            report.by_message[pm.message] += 1
+            if dry_run:
+                report.queued += 1
+                report.preview.append(
+                    (customer.key, pm.message, pm.sequence, ", ".join(c.email for c in pm.to))
+                )
+                continue
+            rows.append(_row(settings, customer, pm, rendered, now, closes, body=b""))
+            chunk.append((rendered.html, rendered.text))
+            if len(chunk) == ENCODE_CHUNK:
+                jobs.append((len(rows) - len(chunk), encoder.submit(bodies.encode_many, chunk)))
+                chunk = []
+        next_due.append({"id": cid, "next_due_at": p.next_due_at})
+    if dry_run:
+        return
+    if chunk:
+        jobs.append((len(rows) - len(chunk), encoder.submit(bodies.encode_many, chunk)))
+    for first, job in jobs:
+        for i, blob in enumerate(job.result(), start=first):
+            rows[i]["body"] = blob
+    report.queued += len(outbox.insert_messages(s, rows))
+    if next_due:
+        s.execute(sa.update(Customer), next_due)
 
 
 # --------------------------------------------------------------------------- one-off sends
