@@ -26,7 +26,7 @@ from comms.render import Renderer
 from comms.services import engine, report
 from comms.store import bodies, repo
 from comms.store.db import Database, alembic_config
-from comms.store.models import Message
+from comms.store.models import Customer, Message
 
 Cli = Callable[..., Any]
 PREVIOUS_HEAD = "0006"
@@ -60,12 +60,25 @@ def test_unknown_or_damaged_bodies_are_refused_clearly() -> None:
         bodies.decode(blob[:1] + b"garbage" + blob[1:])
 
 
-def test_default_campaign_bodies_are_small(db: Database, tmp_path: Path) -> None:
+def test_queued_bodies_are_what_was_rendered_and_small(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bodies are compressed on a helper thread in chunks; small chunks make this batch span
+    # several, so a body landing on the wrong row would show.
+    monkeypatch.setattr(engine, "ENCODE_CHUNK", 7)
     seed(db, tmp_path, 20)
     settings = load_settings(env={})
-    engine.plan_and_queue(db, settings, load_campaign(), Renderer(settings), now=T0)
+    renderer = Renderer(settings)
+    engine.plan_and_queue(db, settings, load_campaign(), renderer, now=T0)
     with db.session() as s:
-        msgs = s.exec(select(Message)).all()
+        msgs = s.exec(select(Message).order_by(col(Message.id))).all()
+        for m in msgs:
+            row = s.get(Customer, m.customer_id)
+            assert row is not None
+            customer = repo.customer_info(s, row)
+            fresh = renderer.render(m.message, customer, now=T0, recipient=customer.contacts[0])
+            assert m.bodies() == (fresh.html, fresh.text), customer.key
+            assert m.subject == fresh.subject
     assert len(msgs) == 20
     raw = sum(len(m.body_html().encode()) + len(m.body_text().encode()) for m in msgs)
     stored = sum(len(m.body) for m in msgs)

@@ -8,7 +8,7 @@ Alembic's copy-the-table batch mode: the table is not rebuilt, so nothing that r
 messages by foreign key is touched. ALTER TABLE cannot make an added column NOT NULL without a
 default there, hence the empty default on SQLite; every writer sets the column. The space the
 old columns held is reused by later rows; `VACUUM` (SQLite) or `VACUUM FULL messages`
-(PostgreSQL) returns it to the file system (see docs/operations.md).
+(PostgreSQL) returns it to the file system (docs/benchmarks.md, "Outbox storage").
 
 Revision ID: 0009
 Revises: 0006
