@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +81,9 @@ def test_queued_bodies_are_what_was_rendered_and_small(
             assert m.bodies() == (fresh.html, fresh.text), customer.key
             assert m.subject == fresh.subject
     assert len(msgs) == 20
+    # Send ids come from one urandom call per batch, and are still distinct version-4 UUIDs.
+    assert len({m.send_id for m in msgs}) == 20
+    assert all(uuid.UUID(hex=m.send_id).version == 4 and len(m.send_id) == 32 for m in msgs)
     raw = sum(len(m.body_html().encode()) + len(m.body_text().encode()) for m in msgs)
     stored = sum(len(m.body) for m in msgs)
     assert stored * 4 < raw  # the dictionary holds the markup every message repeats

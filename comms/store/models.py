@@ -208,7 +208,8 @@ def new_message_row(
     ``fields`` override any column (cc_json, internal, send_before, note...). The bodies are
     ``html`` + ``text``, or ``body`` when the caller encoded them already."""
     row: dict[str, Any] = {
-        **_NEW_MESSAGE, "send_id": uuid.uuid4().hex, "customer_id": customer_id,
+        **_NEW_MESSAGE, "send_id": fields.pop("send_id", None) or uuid.uuid4().hex,
+        "customer_id": customer_id,
         "message": message, "sequence": sequence, "stage": stage, "to_json": to_json,
         "subject": subject, "body": codec.encode(html, text) if body is None else body,
         "send_after": now, "created_at": now, "updated_at": now,
