@@ -118,7 +118,7 @@ def ledger(db: Database) -> list[dict[str, Any]]:
             .order_by(col(Message.id))
         ).all()
     return [{"key": k, "message": m.message, "sequence": m.sequence, "status": m.status,
-             "send_id": m.send_id, "sender": m.sender, "html": m.html} for m, k in rows]
+             "send_id": m.send_id, "sender": m.sender, "html": m.body_html()} for m, k in rows]
 
 
 def assert_exactly_once(db: Database, sb: Sandbox, expected: int) -> None:

@@ -16,7 +16,7 @@ import typer
 from sqlmodel import col, select
 
 from comms.cli import app
-from comms.store import repo
+from comms.store import bodies, repo
 from comms.store.db import Database
 from comms.store.models import Customer, Message, StageEvent, Suppression
 
@@ -51,7 +51,7 @@ def queue(db: Database, key: str, message: str, stage: str, *, status: str = "qu
         row = Message(
             send_id=uuid.uuid4().hex, customer_id=repo.get_customer(s, key).id or 0,
             message=message, sequence=sequence, stage=stage, status=status,
-            to_json="[]", subject="s", html="<p>h</p>", text="t", send_after=at,
+            to_json="[]", subject="s", body=bodies.encode("<p>h</p>", "t"), send_after=at,
             sent_at=sent_at, created_at=at, updated_at=at,
         )
         s.add(row)

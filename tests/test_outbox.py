@@ -17,6 +17,7 @@ from comms import outbox, pacing
 from comms.config import Settings
 from comms.delivery.base import Outcome, OutgoingEmail, SendResult
 from comms.errors import CommsError
+from comms.store import bodies
 from comms.store.db import Database
 from comms.store.models import Message, SendSlot, Suppression
 
@@ -83,8 +84,8 @@ def test_queue_key_is_unique_planning_twice_queues_once(db: Database) -> None:
     cid = add_customer(db)
     queue(db, cid)
     row = {"send_id": "other", "customer_id": cid, "message": "partner_invitation",
-           "sequence": 0, "stage": "invited", "to_json": "[]", "subject": "s", "html": "h",
-           "text": "t", "send_after": T0, "created_at": T0, "updated_at": T0}
+           "sequence": 0, "stage": "invited", "to_json": "[]", "subject": "s",
+           "body": bodies.encode("h", "t"), "send_after": T0, "created_at": T0, "updated_at": T0}
     with db.session() as s:
         assert outbox.insert_messages(s, [row]) == []
         assert len(s.exec(select(Message)).all()) == 1

@@ -17,6 +17,7 @@ from comms.campaign import load_campaign
 from comms.config import DefaultsSettings, Settings
 from comms.errors import CommsError
 from comms.services import status as st
+from comms.store import bodies
 from comms.store.db import Database
 from comms.store.models import Customer, Message, StageEvent
 
@@ -63,7 +64,7 @@ def add_message(s: Any, customer: Customer, message: str, sequence: int, status:
         send_id=uuid.uuid4().hex, customer_id=customer.id, message=message, sequence=sequence,
         stage=stage or customer.stage, internal=internal, status=status,
         to_json=json.dumps([{"address": f"it@{customer.key.lower()}.example", "name": "IT"}]),
-        subject=subject, html="<p>x</p>", text="x", send_after=queued_at,
+        subject=subject, body=bodies.encode("<p>x</p>", "x"), send_after=queued_at,
         created_at=queued_at, updated_at=at,
         sent_at=at if status == "sent" else None, unknown_since=unknown_since,
         last_error=last_error,

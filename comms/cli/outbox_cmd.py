@@ -78,7 +78,7 @@ def show(
         ("subject", m.subject),
     ):
         typer.echo(f"{label:>16}: {visible(value)}")
-    typer.echo("\n" + "\n".join(visible(line) for line in m.text.split("\n")))
+    typer.echo("\n" + "\n".join(visible(line) for line in m.body_text().split("\n")))
 
 
 @outbox_app.command("retry")

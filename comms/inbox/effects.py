@@ -28,6 +28,7 @@ from comms import outbox
 from comms.config import Settings
 from comms.inbox.classify import Inbound, Verdict, own_text
 from comms.inbox.policy import InboxPolicy
+from comms.store import bodies
 from comms.store.inbox_models import InboundMessage, InboxCustomerState
 from comms.store.models import Customer, Message, Suppression
 
@@ -63,7 +64,7 @@ def _note_row(
         "status": "queued",
         "to_json": outbox.addresses_json([(am, customer.account_manager_name)]),
         "cc_json": "[]", "reply_to": settings.partner.reply_to, "subject": subject,
-        "html": f"<html><body>{markup}</body></html>", "text": text, "locale": "en",
+        "body": bodies.encode(f"<html><body>{markup}</body></html>", text), "locale": "en",
         "sender": None, "send_after": now, "send_before": None, "attempts": 0,
         "last_error": "", "error_code": "", "lease_until": None, "claimed_by": "",
         "unknown_since": None, "sent_at": None, "request_id": "", "note": "inbox",

@@ -124,7 +124,8 @@ def _email(msg: Message, settings: Settings, mailbox: str, to: tuple[Address, ..
     sender = next(x for x in settings.senders if x.address == mailbox)
     return compose_email(
         send_id=msg.send_id, sender=mailbox, sender_name=sender.name, to=to, cc=cc,
-        reply_to=msg.reply_to, subject=msg.subject, html=msg.html, text=msg.text,
+        reply_to=msg.reply_to, subject=msg.subject, html=msg.body_html(),
+        text=msg.body_text(),
     )
 
 

@@ -18,8 +18,9 @@ from comms.delivery.base import Transport
 from comms.errors import CommsError, NotFound, RequestRefused
 from comms.outbox import Clock, DispatchReport, ProgressFn
 from comms.render import Renderer
-from comms.services import engine, preflight
-from comms.services.engine import Prepared, QueueReport, RunSummary
+from comms.services import engine, one_off, preflight
+from comms.services.engine import QueueReport, RunSummary
+from comms.services.one_off import Prepared
 from comms.store.db import Database
 from comms.timezones import zone
 
@@ -139,11 +140,11 @@ def prepare_send(
         raise RequestRefused("--force goes with --message NAME (a message of another stage).")
     if not keys and not tag:
         raise RequestRefused("Name a customer key, or a group with --tag.")
-    targets = list(keys) + (engine.tagged_keys(db, tag) if tag else [])
+    targets = list(keys) + (one_off.tagged_keys(db, tag) if tag else [])
     plan = SendPlan()
     for key in targets:
         try:
-            plan.prepared += engine.prepare_send(
+            plan.prepared += one_off.prepare_send(
                 db, settings, campaign, renderer, key, now=clock.now(), message=message,
                 resend_note=note if resend else None, force_note=note if force else None,
             )
@@ -165,7 +166,7 @@ def send_now(
 
     Closes ``transport``."""
     with closing(transport):
-        ids = engine.queue_prepared(db, plan.prepared, by=by, now=clock.now())
+        ids = one_off.queue_prepared(db, plan.prepared, by=by, now=clock.now())
         report = engine.dispatch_ids(db, settings, transport, ids, clock=clock,
                                      worker=worker_id())
     return report, len(ids)

@@ -15,6 +15,8 @@ from sqlalchemy.engine import Dialect
 from sqlmodel import Column, Field, SQLModel
 
 from comms.domain import MessageStatus
+from comms.store import bodies as codec
+from comms.store.bodies import Bodies
 
 
 class UTCDateTime(sa.types.TypeDecorator[datetime]):
@@ -149,8 +151,9 @@ class Message(SQLModel, table=True):
     cc_json: str = Field(default="[]", sa_column=Column(sa.Text(), nullable=False, default="[]"))
     reply_to: str = Field(default="", max_length=320)
     subject: str = Field(sa_column=Column(sa.Text(), nullable=False))
-    html: str = Field(sa_column=Column(sa.Text(), nullable=False))
-    text: str = Field(sa_column=Column(sa.Text(), nullable=False))
+    # The frozen HTML + text, compressed (migration 0009); read them through body_html() /
+    # body_text(), write them through new_message_row(html=, text=) or store.bodies.encode.
+    body: bytes = Field(sa_column=Column(sa.LargeBinary(), nullable=False))
     locale: str = Field(default="en", max_length=20)
     sender: str | None = Field(default=None, max_length=320)
     send_after: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
@@ -176,6 +179,16 @@ class Message(SQLModel, table=True):
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
+    def bodies(self) -> Bodies:
+        """The frozen HTML and text, exactly as rendered when the message was queued."""
+        return codec.decode(self.body)
+
+    def body_html(self) -> str:
+        return self.bodies().html
+
+    def body_text(self) -> str:
+        return self.bodies().text
+
 
 # The bookkeeping columns of a freshly queued outbox row (Core inserts bypass the model's
 # defaults, so every writer of rows starts from these).
@@ -189,15 +202,17 @@ _NEW_MESSAGE: dict[str, Any] = {
 
 def new_message_row(
     *, customer_id: int, message: str, sequence: int, stage: str, to_json: str, subject: str,
-    html: str, text: str, now: datetime, **fields: Any,
+    html: str = "", text: str = "", body: bytes | None = None, now: datetime, **fields: Any,
 ) -> dict[str, Any]:
     """A complete row for ``outbox.insert_messages``: a fresh send id, queued at ``now``;
-    ``fields`` override any column (cc_json, internal, send_before, note...)."""
+    ``fields`` override any column (cc_json, internal, send_before, note...). The bodies are
+    ``html`` + ``text``, or ``body`` when the caller encoded them already."""
     row: dict[str, Any] = {
-        **_NEW_MESSAGE, "send_id": uuid.uuid4().hex, "customer_id": customer_id,
+        **_NEW_MESSAGE, "send_id": fields.pop("send_id", None) or uuid.uuid4().hex,
+        "customer_id": customer_id,
         "message": message, "sequence": sequence, "stage": stage, "to_json": to_json,
-        "subject": subject, "html": html, "text": text, "send_after": now, "created_at": now,
-        "updated_at": now,
+        "subject": subject, "body": codec.encode(html, text) if body is None else body,
+        "send_after": now, "created_at": now, "updated_at": now,
     }
     unknown = set(fields) - set(Message.model_fields)
     if unknown:

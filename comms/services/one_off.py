@@ -1,0 +1,188 @@
+"""One-off sends (`comms send`): prepare chosen messages for customers now, refusing what
+their stage does not call for unless forced, and queue them to be dispatched at once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from comms import outbox, planner
+from comms.campaign import Campaign
+from comms.config import Settings
+from comms.domain import ACTED_ON, CustomerInfo, MessageStatus, PlannedMessage
+from comms.errors import AlreadySent, NotFound, RequestRefused, StateConflict
+from comms.render import Renderer
+from comms.services.engine import _render, _row, load_customers, load_history
+from comms.store.db import Database
+from comms.store.models import Customer, CustomerTag, Message, StageEvent
+
+# --------------------------------------------------------------------------- one-off sends
+
+
+@dataclass(frozen=True)
+class Prepared:
+    customer: CustomerInfo
+    planned: PlannedMessage
+    subject: str
+    row: dict[str, Any]
+    resend_of: int | None = None
+
+
+def _customer_by_key(s: Session, key: str) -> Customer:
+    row = s.exec(select(Customer).where(Customer.key == key)).first()
+    if row is None:
+        raise NotFound(f"No customer with key {key!r}. See `comms customers list`.")
+    return row
+
+
+def tagged_keys(db: Database, tag: str) -> list[str]:
+    with db.session() as s:
+        keys = s.exec(
+            select(Customer.key)
+            .join(CustomerTag, col(CustomerTag.customer_id) == col(Customer.id))
+            .where(CustomerTag.tag == tag)
+            .order_by(col(Customer.key))
+        ).all()
+    if not keys:
+        raise NotFound(f"No customer has the tag {tag!r}. See `comms customers list --json`.")
+    return list(keys)
+
+
+def prepare_send(
+    db: Database,
+    settings: Settings,
+    campaign: Campaign,
+    renderer: Renderer,
+    key: str,
+    *,
+    now: datetime,
+    message: str | None = None,
+    resend_note: str | None = None,
+    force_note: str | None = None,
+) -> list[Prepared]:
+    """What `comms send KEY` would send now: the stage's due messages (send window ignored:
+    an operator decided), or the named message. Nothing is written.
+
+    A named message of another stage is refused unless ``force_note`` says why; a forced send
+    takes a negative sequence (as a resend does), so it never uses up the staged message."""
+    with db.session() as s:
+        row = _customer_by_key(s, key)
+        assert row.id is not None
+        customer = load_customers(s, [row.id])[row.id]
+        history = load_history(s, [row.id])[row.id]
+        existing = s.exec(select(Message).where(Message.customer_id == row.id)).all()
+    if customer.opted_out or customer.lost:
+        state = "opted out" if customer.opted_out else "marked lost"
+        raise StateConflict(f"Customer {key} is {state}; nothing may be sent to it.")
+    if customer.paused:
+        raise StateConflict(f"Customer {key} is paused; `comms customers resume {key}` first.")
+    if message is None:
+        p = planner.plan(customer, history, now, campaign)
+        items = list(p.due) + list(p.deferred)
+        if not items:
+            raise StateConflict(
+                f"Nothing is due for {key} in stage {customer.stage!r} now. Name a message "
+                f"with --message (one of: {', '.join(campaign.messages())})."
+            )
+    else:
+        items = [_explicit(customer, campaign, message, existing, resend_note, force_note)]
+    out = []
+    for pm in items:
+        rendered = _render(renderer, customer, pm, now)
+        r = _row(settings, customer, pm, rendered, now)
+        notes = []
+        if pm.sequence < 0 and pm.stage != customer.stage and force_note:
+            notes.append(f"forced out of stage {customer.stage}: {force_note}")
+        if resend_note:
+            notes.append(f"resend: {resend_note}")
+        r["note"] = "; ".join(notes)
+        out.append(Prepared(customer, pm, rendered.subject, r))
+    return out
+
+
+def _explicit(
+    customer: CustomerInfo, campaign: Campaign, message: str, existing: Sequence[Message],
+    resend_note: str | None, force_note: str | None = None,
+) -> PlannedMessage:
+    if message not in campaign.messages():
+        raise NotFound(
+            f"Unknown message {message!r}. Messages: {', '.join(campaign.messages())}."
+        )
+    if message in campaign.internal_messages():
+        raise RequestRefused(
+            f"{message} is an internal note to the account manager; it goes out with the "
+            "escalated reminders, never to a customer. Name a customer message."
+        )
+    stage = campaign.stage_of(message) or customer.stage
+    out_of_stage = not _stage_sends(campaign, customer.stage, message)
+    if out_of_stage and not force_note:
+        raise StateConflict(
+            f"{message} belongs to stage {stage!r}; {customer.key} is in stage "
+            f"{customer.stage!r}. To send it anyway add --force --note \"why\" (the staged "
+            f"message still goes out when {customer.key} reaches {stage!r})."
+        )
+    same = [m for m in existing if m.message == message and m.status != MessageStatus.WITHDRAWN]
+    done = [m for m in same if m.status in ACTED_ON]
+    if done and not resend_note:
+        last = done[-1]
+        when = f" on {last.sent_at:%Y-%m-%d %H:%M} UTC" if last.sent_at else ""
+        raise AlreadySent(
+            f"{message} is already {last.status} for {customer.key}{when} (outbox id "
+            f"{last.id}). To send it again, add --resend --note \"why\"."
+        )
+    if resend_note or out_of_stage:
+        # Resends and forced out-of-stage sends take negative sequences so the (customer,
+        # message, sequence) key still guarantees each decision is queued once, and the planner
+        # (sequences 0..max) never counts them: the staged message still goes out later.
+        sequence = min([m.sequence for m in existing if m.message == message] + [0]) - 1
+    else:
+        sequence = max([m.sequence for m in same] + [-1]) + 1
+    recipients = planner.recipients(customer, campaign)
+    if not recipients:
+        raise StateConflict(
+            f"Customer {customer.key} has no contact that may be mailed (none, or all "
+            "suppressed). Add a contact with `comms customers import`."
+        )
+    return PlannedMessage(message=message, sequence=sequence, stage=stage, to=recipients,
+                          reminder_number=max(sequence, 0))
+
+
+def _stage_sends(campaign: Campaign, stage_name: str, message: str) -> bool:
+    """Whether the customer's current stage itself sends ``message``."""
+    if not campaign.has_stage(stage_name):
+        return False
+    st = campaign.stage(stage_name)
+    r = st.reminders
+    return message == st.on_enter or (r is not None and message == r.message)
+
+
+def queue_prepared(
+    db: Database, prepared: Sequence[Prepared], *, by: str, now: datetime
+) -> list[int]:
+    """Freeze prepared messages into the outbox (a resend is also recorded in the audit trail)."""
+    ids: list[int] = []
+    with db.session(immediate=True) as s:
+        for p in prepared:
+            inserted = outbox.insert_messages(s, [p.row])
+            if not inserted:
+                raise AlreadySent(
+                    f"{p.planned.message} #{p.planned.sequence} for {p.customer.key} was queued "
+                    "meanwhile by another run; see `comms outbox list`."
+                )
+            ids.extend(inserted)
+            if p.row["note"]:
+                assert p.customer.id is not None
+                s.add(StageEvent(
+                    customer_id=p.customer.id,
+                    kind="forced_send" if p.row["note"].startswith("forced") else "resend",
+                    from_stage=p.customer.stage,
+                    to_stage=p.customer.stage, at=now, by=by, source="send",
+                    note=f"{p.planned.message}: {p.row['note']}",
+                ))
+    return ids
+
+
