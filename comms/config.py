@@ -41,6 +41,7 @@ from comms.config_sections import (
 )
 from comms.errors import ConfigError
 from comms.paths import home_dir
+from comms.wording import plural
 
 # The section models live in comms.config_sections; every public name stays importable here.
 __all__ = [
@@ -305,7 +306,7 @@ def load_settings(
             problems.append(f"{origin}: {loc}: {_clean_msg(err['msg'])}{shown}")
     if problems or settings is None:
         raise ConfigError(
-            f"The configuration has {len(problems)} problem(s); fix them and run "
+            f"The configuration has {plural(len(problems), 'problem')}; fix them and run "
             "`comms config check`:",
             problems=problems,
         )

@@ -16,8 +16,8 @@ DEFAULT_INVITATION_URL = (
     "https://admin.microsoft.com/Adminportal/Home?invType=ResellerRelationship"
     "&partnerId={partner_id}&msppId=0&DAP=false#/BillingAccounts/partner-invitation"
 )
-# Admin center Billing > Your products and Microsoft support (DESIGN §1); the 2018
-# portal addresses are outdated and must never come back as defaults.
+# Admin center Billing > Your products and Microsoft support (the current admin center, see
+# docs/templates.md); the 2018 portal addresses are outdated and must never come back as defaults.
 DEFAULT_SUPPORT_URL = "https://admin.microsoft.com/#/support"
 DEFAULT_BILLING_URL = "https://go.microsoft.com/fwlink/p/?linkid=842054"
 

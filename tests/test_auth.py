@@ -351,7 +351,7 @@ def test_auth_check_send_test_and_a_missing_mailbox(
     ]
     assert lines[-1].startswith("    test message: failed: mailbox ghost@fabrikam.example does "
                                 "not exist in tenant")
-    assert "Error: 2 problem(s) found by `comms auth check`:" in result.stderr
+    assert "Error: 2 problems found by `comms auth check`:" in result.stderr
     [record] = sandbox.sent()
     assert record["sender"] == SENDER
     assert SENDER in str(record["to"])
@@ -460,7 +460,7 @@ def test_auth_check_warns_without_mail_read_and_fails_without_mail_send(
     assert "  permissions: Mail.Read" in result.stdout.splitlines()
     assert "warning" not in result.stdout
     assert result.stderr.splitlines() == [
-        "Error: 1 problem(s) found by `comms auth check`:",
+        "Error: 1 problem found by `comms auth check`:",
         "  - the token carries no Mail.Send permission: grant Mail.Send to the app registration "
         "(application permission with admin consent for app-only auth)",
     ]

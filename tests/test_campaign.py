@@ -312,7 +312,7 @@ def test_config_check_reports_campaign_problems(
     result = cli("config", "check")  # type: ignore[operator]
     assert result.exit_code == 3
     assert result.stderr == (
-        "Error: 1 problem(s) in built-in defaults:\n"
+        "Error: 1 problem in built-in defaults:\n"
         f"  - {path}: window: start 18:00:00 must be before end 08:00:00 (a window cannot "
         "cross midnight)\n"
     )

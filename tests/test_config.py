@@ -12,6 +12,7 @@ import pytest
 
 from comms.config import MASK, load_settings
 from comms.errors import ConfigError
+from comms.wording import plural
 
 Cli = Callable[..., Any]
 
@@ -22,7 +23,7 @@ def problems(tmp_path: Path, toml: str, env: dict[str, str] | None = None) -> li
     with pytest.raises(ConfigError) as exc:
         load_settings(path, env=env or {})
     assert exc.value.message == (
-        f"The configuration has {len(exc.value.problems)} problem(s); fix them and run "
+        f"The configuration has {plural(len(exc.value.problems), 'problem')}; fix them and run "
         "`comms config check`:")
     return [p.replace(str(path), "FILE") for p in exc.value.problems]
 
@@ -175,7 +176,7 @@ def test_config_check_reports_every_problem(cli: Cli, tmp_path: Path) -> None:
     result = cli("--config", str(path), "config", "check")
     assert result.exit_code == 3
     assert result.stderr == (
-        "Error: The configuration has 2 problem(s); fix them and run `comms config check`:\n"
+        "Error: The configuration has 2 problems; fix them and run `comms config check`:\n"
         f"  - {path}: [graph] client_secret must not be in a config file; set "
         "COMMS_GRAPH_CLIENT_SECRET in the environment instead\n"
         f"  - {path}: [partner] nmae: unknown key (check its spelling)\n"

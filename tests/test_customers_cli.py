@@ -28,7 +28,7 @@ def loaded(cli: Cli, db: Database, sample_csv: Path) -> Database:
     result = cli("customers", "import", str(sample_csv))
     assert result.exit_code == 0, result.output
     assert result.stdout == (
-        "Imported customers.csv: 24 row(s); 24 new, 0 updated, 0 unchanged, 0 rejected.\n")
+        "Imported customers.csv: 24 rows; 24 new, 0 updated, 0 unchanged, 0 rejected.\n")
     return db
 
 
@@ -75,7 +75,7 @@ def test_import_rejection_is_one_clear_error(cli: Cli, db: Database, tmp_path: P
     result = cli("customers", "import", str(bad))
     assert result.exit_code == 1
     assert result.stderr == (
-        "Error: bad.csv was not imported: 1 of 1 row(s) have problems, nothing was written. "
+        "Error: bad.csv was not imported: 1 of 1 row have problems, nothing was written. "
         "Fix them and import again, or add --skip-invalid to import the good rows and write "
         "the bad ones to bad.rejects.csv.\n"
         '  - row 2, column licences, value "-2": cannot be negative; write the number of '
@@ -84,7 +84,7 @@ def test_import_rejection_is_one_clear_error(cli: Cli, db: Database, tmp_path: P
     skipped = cli("customers", "import", str(bad), "--skip-invalid")
     assert skipped.exit_code == 0
     assert skipped.stdout == (
-        "Imported bad.csv: 1 row(s); 0 new, 0 updated, 0 unchanged, 1 rejected.\n"
+        "Imported bad.csv: 1 row; 0 new, 0 updated, 0 unchanged, 1 rejected.\n"
         f"1 invalid row(s) were skipped; they are in {tmp_path / 'bad.rejects.csv'} with a "
         "'problems' column.\n"
     )
@@ -98,7 +98,7 @@ def test_import_dry_run_and_changes_are_shown(cli: Cli, loaded: Database, sample
     dry = cli("customers", "import", str(changed), "--dry-run")
     assert dry.exit_code == 0
     assert dry.stdout == (
-        "Dry run of changed.csv, nothing written: 24 row(s); 0 new, 1 updated, 23 unchanged, "
+        "Dry run of changed.csv, nothing written: 24 rows; 0 new, 1 updated, 23 unchanged, "
         "0 rejected.\n"
         '  CUST-0004: name: "Fourth Coffee" -> "Fourth Coffee Roasters"\n'
     )
@@ -134,7 +134,7 @@ def test_list_table(cli: Cli, loaded: Database) -> None:
     for key in ("CUST-0004", "CUST-0013", "CUST-0021", "CUST-0023"):
         assert key in result.stdout
     assert "CUST-0001" not in result.stdout
-    assert result.stdout.endswith("4 customer(s).\n")
+    assert result.stdout.endswith("4 customers.\n")
 
 
 def test_show_interleaves_events_and_messages(cli: Cli, loaded: Database) -> None:
@@ -240,7 +240,7 @@ def test_bulk_where_stage_with_dry_run_and_confirmation(cli: Cli, loaded: Databa
     done = cli("customers", "set-stage", "--where-stage", "imported", "--tag", "apac",
                "invited", "--yes")
     assert done.exit_code == 0
-    assert done.stdout.endswith("Moved 4 customer(s) to invited.\n")
+    assert done.stdout.endswith("Moved 4 customers to invited.\n")
     invited = json.loads(cli("customers", "list", "--stage", "invited", "--json").stdout)
     assert [c["key"] for c in invited] == ["CUST-0010", "CUST-0014", "CUST-0018", "CUST-0021"]
     empty = cli("customers", "set-stage", "--where-stage", "imported", "--tag", "apac",
@@ -254,7 +254,7 @@ def test_bulk_keys_all_or_nothing(cli: Cli, loaded: Database) -> None:
     result = cli("customers", "set-stage", "CUST-0001", "CUST-0002", "announced", "--yes")
     assert result.exit_code == 1
     assert result.stderr == (
-        "Error: 1 of 2 customer(s) cannot move to 'announced'; nothing was changed:\n"
+        "Error: 1 of 2 customers cannot move to 'announced'; nothing was changed:\n"
         "  - Customer CUST-0002 cannot move from 'invited' to 'announced'. Allowed: approved. "
         "To move anyway, add --force with a --note saying why.\n")
     assert customer(loaded, "CUST-0001").stage == "imported"
@@ -262,7 +262,7 @@ def test_bulk_keys_all_or_nothing(cli: Cli, loaded: Database) -> None:
     assert missing.stderr == ("Error: No customers with keys 'NOPE-1', 'NOPE-2'. List the keys "
                               "with `comms customers list`.\n")
     ok = cli("customers", "set-stage", "CUST-0001", "CUST-0003", "announced", "--yes")
-    assert ok.stdout.endswith("Moved 2 customer(s) to announced.\n")
+    assert ok.stdout.endswith("Moved 2 customers to announced.\n")
 
 
 # ---------------------------------------------------------------- side states
@@ -300,7 +300,7 @@ def test_export_round_trip(cli: Cli, loaded: Database, tmp_path: Path) -> None:
     assert cli("customers", "set-stage", "CUST-0001", "invited").exit_code == 0
     out = tmp_path / "ledger.csv"
     result = cli("customers", "export", str(out))
-    assert (result.exit_code, result.stdout) == (0, f"Exported 24 customer(s) to {out}.\n")
+    assert (result.exit_code, result.stdout) == (0, f"Exported 24 customers to {out}.\n")
     with out.open(encoding="utf-8-sig", newline="") as f:
         rows = {r["key"]: r for r in csv.DictReader(f)}
     assert rows["CUST-0001"]["stage"] == "invited"
@@ -310,7 +310,7 @@ def test_export_round_trip(cli: Cli, loaded: Database, tmp_path: Path) -> None:
         before = s.exec(select(StageEvent.id).order_by(col(StageEvent.id))).all()
     again = cli("customers", "import", str(out))
     assert again.stdout == (
-        "Imported ledger.csv: 24 row(s); 0 new, 0 updated, 24 unchanged, 0 rejected.\n")
+        "Imported ledger.csv: 24 rows; 0 new, 0 updated, 24 unchanged, 0 rejected.\n")
     with loaded.session() as s:
         assert s.exec(select(StageEvent.id).order_by(col(StageEvent.id))).all() == before
 

@@ -188,7 +188,7 @@ def test_outbox_commands_and_suppression(env: dict[str, Any], db: Database, tmp_
     suppressed = cli("contacts", "suppressed")
     assert "admin2@customer2.example" in suppressed.stdout
     exported = cli("outbox", "export", str(tmp_path / "outbox.csv"), "--status", "sent")
-    assert exported.exit_code == 0 and "Wrote 2 message(s)" in exported.stdout
+    assert exported.exit_code == 0 and "Wrote 2 messages" in exported.stdout
     with (tmp_path / "outbox.csv").open(encoding="utf-8-sig") as fh:
         rows_csv = list(csv.DictReader(fh))
     assert len(rows_csv) == 2 and {r["status"] for r in rows_csv} == {"sent"}

@@ -319,7 +319,7 @@ def test_every_problem_of_every_row_is_listed_and_nothing_written(
         import_customers(db, path, settings=Settings(), campaign=load_campaign(), now=NOW,
                          by="tester", batch_size=10)
     assert str(exc.value) == (
-        "in.csv was not imported: 2 of 27 row(s) have problems, nothing was written. Fix them "
+        "in.csv was not imported: 2 of 27 rows have problems, nothing was written. Fix them "
         "and import again, or add --skip-invalid to import the good rows and write the bad ones "
         "to in.rejects.csv.\n"
         '  - row 27, column licences, value "-1": cannot be negative; write the number of '
@@ -344,7 +344,7 @@ def test_header_problems_are_listed(db: Database, tmp_path: Path) -> None:
     with pytest.raises(ImportRejected) as exc:
         run(db, path)
     assert exc.value.message == (
-        "in.csv was not imported: its header row has 4 problem(s). See docs/csv-format.md for "
+        "in.csv was not imported: its header row has 4 problems. See docs/csv-format.md for "
         "the columns.")
     # 'emial' is like no documented column: ignored (see test_columns.py), not an error.
     assert exc.value.problems == [

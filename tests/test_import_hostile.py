@@ -89,7 +89,7 @@ def test_a_million_columns_are_refused_at_once(cli: Cli, db: Database, tmp_path:
                     "K1,One,5,a@one.example\n", encoding="utf-8")
     err = rejected(cli, db, path)
     assert err.splitlines() == [
-        "Error: wide.csv was not imported: its header row has 1 problem(s). See "
+        "Error: wide.csv was not imported: its header row has 1 problem. See "
         "docs/csv-format.md for the columns.",
         "  - the header row has 1,000,004 columns; the format has 17 (files with up to 1,000 "
         "columns are read, extra columns are ignored)",
@@ -100,7 +100,7 @@ def test_header_problems_are_capped_at_100(cli: Cli, db: Database, tmp_path: Pat
     typos = ["nmae"] * 300  # each one a near miss of "name"
     path = csv_file(tmp_path, [], header=[*HEADER, *typos])
     lines = rejected(cli, db, path).splitlines()
-    assert lines[0] == ("Error: in.csv was not imported: its header row has 300 problem(s). "
+    assert lines[0] == ("Error: in.csv was not imported: its header row has 300 problems. "
                         "See docs/csv-format.md for the columns.")
     assert len(lines) == 1 + 100 + 1
     assert lines[1] == ("  - header column 5 'nmae' is not a known column; did you mean 'name'? "
@@ -111,7 +111,7 @@ def test_header_problems_are_capped_at_100(cli: Cli, db: Database, tmp_path: Pat
 def test_row_problems_are_capped_at_100(cli: Cli, db: Database, tmp_path: Path) -> None:
     path = csv_file(tmp_path, [[f"K{i}", "", "5", "a@one.example"] for i in range(150)])
     lines = rejected(cli, db, path).splitlines()
-    assert lines[0].startswith("Error: in.csv was not imported: 150 of 150 row(s) have problems")
+    assert lines[0].startswith("Error: in.csv was not imported: 150 of 150 rows have problems")
     assert len(lines) == 1 + 100 + 1
     assert lines[-1] == "  - and 50 more problem(s)"
 

@@ -65,7 +65,7 @@ def test_a_key_differing_in_case_updates_the_existing_customer(cli: Cli, db: Dat
     imported(cli, write(tmp_path, f"{HEADER}\nCUST-1,One,5,a@one.example\n"))
     lines = imported(cli, write(tmp_path, f"{HEADER}\ncust-1,One,7,a@one.example\n", "b.csv"))
     assert lines == [
-        "Imported b.csv: 1 row(s); 0 new, 1 updated, 0 unchanged, 0 rejected.",
+        "Imported b.csv: 1 row; 0 new, 1 updated, 0 unchanged, 0 rejected.",
         "  CUST-1: licences: 5 -> 7",
         "Row 2: key cust-1 updated the existing customer CUST-1 (keys are compared ignoring "
         "case; the key stays CUST-1).",
@@ -116,7 +116,7 @@ def test_a_contact_shared_by_two_customers_is_a_warning_and_listed(cli: Cli, db:
                            "K2,Beta Ltd,5,boss@dup.example\nK3,Gamma,5,c@three.example\n")
     lines = imported(cli, path)
     assert lines == [
-        "Imported in.csv: 3 row(s); 3 new, 0 updated, 0 unchanged, 0 rejected.",
+        "Imported in.csv: 3 rows; 3 new, 0 updated, 0 unchanged, 0 rejected.",
         "Warning: boss@dup.example is a contact of 2 customers: K1 (Alpha Ltd), K2 (Beta Ltd).",
     ]
     listed = cli("customers", "list", "--shared-contacts")
@@ -135,7 +135,7 @@ def test_dry_run_reports_and_rolls_back(cli: Cli, db: Database, tmp_path: Path) 
                            "K2,Beta Ltd,5,boss@dup.example\n", "b.csv")
     lines = imported(cli, path, "--dry-run")
     assert lines == [
-        "Dry run of b.csv, nothing written: 2 row(s); 1 new, 1 updated, 0 unchanged, 0 "
+        "Dry run of b.csv, nothing written: 2 rows; 1 new, 1 updated, 0 unchanged, 0 "
         "rejected.",
         "  K1: licences: 5 -> 6",
         "Row 2: key k1 would update the existing customer K1 (keys are compared ignoring case; "
@@ -155,8 +155,8 @@ def test_unknown_columns_are_ignored_and_reported(cli: Cli, db: Database,
                                                   tmp_path: Path) -> None:
     path = write(tmp_path, f"{HEADER},CRM Owner,Region\nK1,One,5,a@one.example,Dana,EMEA\n")
     assert imported(cli, path) == [
-        "Imported in.csv: 1 row(s); 1 new, 0 updated, 0 unchanged, 0 rejected.",
-        "Ignored 2 column(s) that are not part of the format: CRM Owner, Region "
+        "Imported in.csv: 1 row; 1 new, 0 updated, 0 unchanged, 0 rejected.",
+        "Ignored 2 columns that are not part of the format: CRM Owner, Region "
         "(--strict-columns refuses them).",
     ]
     assert keys(db) == ["K1"]
@@ -188,7 +188,7 @@ def test_a_near_miss_of_a_known_column_is_an_error_naming_it(
 def test_documented_aliases_still_work(cli: Cli, db: Database, tmp_path: Path) -> None:
     path = write(tmp_path, "key,name,licenses,primary_contact_email,timezone\n"
                            "K1,One,5,a@one.example,Europe/Paris\n")
-    assert imported(cli, path)[0].startswith("Imported in.csv: 1 row(s); 1 new")
+    assert imported(cli, path)[0].startswith("Imported in.csv: 1 row; 1 new")
     with db.session() as s:
         k1 = repo.get_customer(s, "K1")
         assert (k1.licences, k1.time_zone) == (5, "Europe/Paris")

@@ -1,6 +1,6 @@
 """The outbox state machine and pacing on a real database, with an in-process transport
 (pure logic: what the dispatcher does with each outcome). Graph itself is exercised against
-the sandbox in test_delivery_e2e / test_reliability."""
+the sandbox in test_e2e, test_reliability and test_exactly_once."""
 
 from __future__ import annotations
 

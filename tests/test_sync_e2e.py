@@ -178,7 +178,7 @@ def test_the_ledger_follows_partner_center_and_the_tenant(
     assert any(c["key"] == "B" and "consent" in c["problem"] for c in data["customers"])
     status = cli("status", "--now", _at(10))
     assert "Stage sync: last checked" in status.output
-    assert "Cannot verify 1 customer(s)" in status.output and "B (tenant)" in status.output
+    assert "Cannot verify 1 customer" in status.output and "B (tenant)" in status.output
 
 
 def test_completion_set_by_hand_does_not_claim_an_observation(

@@ -15,6 +15,7 @@ from rich.text import Text
 from comms.cli import common, present
 from comms.cli.common import confirm_or_abort, console, new_app, safe, visible
 from comms.services import customers as svc
+from comms.wording import plural
 
 customers_app = new_app("The customer ledger: import, list, show, move between stages, export.")
 
@@ -60,7 +61,7 @@ def import_cmd(
     verb = "would be" if dry_run else "were"
     head = f"Dry run of {file.name}, nothing written" if dry_run else f"Imported {file.name}"
     console.print(
-        f"{head}: {r.rows} row(s); {r.created} new, {r.updated} updated, {r.unchanged} "
+        f"{head}: {plural(r.rows, 'row')}; {r.created} new, {r.updated} updated, {r.unchanged} "
         f"unchanged, {r.rejected} rejected.", highlight=False, soft_wrap=True,
     )
     for key, change in list(r.changes.items())[:20]:
@@ -96,7 +97,7 @@ def list_cmd(
         table.add_row(safe(i.key), safe(i.name), safe(i.stage), str(i.licences), _flags(i),
                       safe(", ".join(i.tags)), str(len(i.contacts)))
     console.print(table)
-    console.print(f"{len(infos)} customer(s).", highlight=False)
+    console.print(f"{plural(len(infos), 'customer')}.", highlight=False)
 
 
 def _print_shared(shared: list[svc.SharedContact], as_json: bool) -> None:
@@ -208,7 +209,7 @@ def set_stage_cmd(
         console.print(f"Moved {safe(c.key)} from {c.from_stage} to {c.to_stage}"
                       f"{' (forced)' if c.forced else ''}.", highlight=False, soft_wrap=True)
     else:
-        console.print(f"Moved {len(result.changes)} customer(s) to {stage}.", highlight=False,
+        console.print(f"Moved {plural(len(result.changes), 'customer')} to {stage}.", highlight=False,
                       soft_wrap=True)
 
 
@@ -254,7 +255,7 @@ def export_cmd(
     """Export every customer in the columns import reads (round-trips unchanged)."""
     file = present.out_path(file, out)
     count = svc.export_customers(common.app().database, file)
-    console.print(safe(f"Exported {count} customer(s) to {file}."), soft_wrap=True)
+    console.print(safe(f"Exported {plural(count, 'customer')} to {file}."), soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -14,6 +14,7 @@ from comms.cli.common import console, new_app, safe, visible
 from comms.domain import MessageStatus
 from comms.errors import RequestRefused
 from comms.services import outbox_admin, report
+from comms.wording import plural
 
 _STATUSES_HELP = ", ".join(s.value for s in list(MessageStatus)[:-1]) + \
     f" or {list(MessageStatus)[-1].value}."
@@ -119,7 +120,7 @@ def export(
     """Export the outbox as CSV for spreadsheets."""
     path = present.out_path(path, out)
     n = report.export_outbox_csv(common.app().database, path, status=status)
-    console.print(f"Wrote {n} message(s) to {safe(path)}.", highlight=False, soft_wrap=True)
+    console.print(f"Wrote {plural(n, 'message')} to {safe(path)}.", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,21 +9,12 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from comms.wording import plural as plural
+
 JSON_HELP = "Print JSON (for scripts)."
 YES_HELP = "Do not ask for confirmation."
 
 # Words whose plural is not word + "s".
-_IRREGULAR = {"mailbox": "mailboxes", "entry": "entries", "reply": "replies", "day": "days",
-              "address": "addresses", "is": "are", "was": "were"}
-
-
-def plural(n: int, word: str, many: str | None = None) -> str:
-    """``1 message``, ``2 messages``, ``1,240 customers``, ``1 mailbox``, ``3 mailboxes``."""
-    if n == 1:
-        return f"{n:,} {word}"
-    return f"{n:,} {many or _IRREGULAR.get(word) or word + 's'}"
-
-
 def human_minutes(minutes: float) -> str:
     """A duration for people: ``under a minute``, ``about 1 minute``, ``about 21 minutes``,
     ``about 2.5 hours``, ``about 1.7 days``."""

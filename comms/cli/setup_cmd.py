@@ -12,6 +12,7 @@ from comms.cli.common import console, err_console, new_app, safe
 from comms.config import mask_url
 from comms.errors import ConfigError
 from comms.services import backup, setup
+from comms.wording import plural
 
 config_app = new_app("Show and check the effective configuration.")
 db_app = new_app("Database maintenance: migrations and backups.")
@@ -71,7 +72,7 @@ def config_check(
                           soft_wrap=True)
     console.print(safe(budget), highlight=False, soft_wrap=True)
     if problems:
-        raise ConfigError(f"{len(problems)} problem(s) in {settings.source}:", problems=problems)
+        raise ConfigError(f"{plural(len(problems), 'problem')} in {settings.source}:", problems=problems)
     console.print(f"Configuration OK ({safe(settings.source)}).", highlight=False,
                   soft_wrap=True)
 

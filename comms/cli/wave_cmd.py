@@ -11,6 +11,7 @@ from rich.table import Table
 from comms.cli import common
 from comms.cli.common import console, new_app
 from comms.services import waves
+from comms.wording import plural
 
 wave_app = new_app(
     "Waves (customer tags): proofs to the operator, approval before a wave starts. With "
@@ -69,8 +70,8 @@ def proof(
         transport.close()
     for it in r.items:
         console.print(f"  {it.message} [{it.locale}, {it.branch}] as for {it.customer.key} "
-                      f"({it.customers} customer(s))", markup=False)
-    console.print(f"Sent {r.dispatch.sent} of {len(r.message_ids)} proof(s) to {r.to}; "
+                      f"({plural(it.customers, 'customer')})", markup=False)
+    console.print(f"Sent {r.dispatch.sent} of {plural(len(r.message_ids), 'proof')} to {r.to}; "
                   f"content hash {r.content_hash[:12]}.", markup=False)
     if r.dispatch.sent != len(r.message_ids):
         raise typer.Exit(1)

@@ -17,6 +17,7 @@ from typing import IO
 from comms.errors import ImportRejected
 from comms.importing.columns import COLUMNS, HeaderMap, capped, map_header
 from comms.importing.fields import unguard_cell
+from comms.wording import plural
 
 # csv's own per-field limit is raised while reading so an oversized value reaches the field
 # checks (which name its row and column); beyond this the file is refused as a whole.
@@ -83,9 +84,8 @@ class CustomerCsv:
         self.map: HeaderMap = map_header(self.header, strict=strict_columns)
         if self.map.problems:
             raise ImportRejected(
-                f"{path.name} was not imported: its header row has {self.map.total:,} "
-                "problem(s). See "
-                "docs/csv-format.md for the columns.",
+                f"{path.name} was not imported: its header row has "
+                f"{plural(self.map.total, 'problem')}. See docs/csv-format.md for the columns.",
                 problems=self.map.problems,
             )
 

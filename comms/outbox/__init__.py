@@ -1,4 +1,4 @@
-"""The outbox: queue, claim, dispatch, reconcile — the exactly-once loop of DESIGN.md §6.
+"""The outbox: queue, claim, dispatch, reconcile — the exactly-once loop (docs/architecture.md).
 
 A message row moves through these statuses::
 

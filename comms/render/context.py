@@ -13,7 +13,7 @@ from comms.errors import UnknownTimeZone
 from comms.timezones import zone
 
 DEFAULT_LOCALE: Final = "en"
-# Subscription lifecycle after the old subscription expires (days, approximate; DESIGN §1).
+# Subscription lifecycle after the old subscription expires (days, approximate; docs/templates.md).
 LIFECYCLE: Final = {"expired_days": 30, "disabled_days": 90, "deleted_days": 180}
 NOTHING_OBSERVED: Final = Observation()
 

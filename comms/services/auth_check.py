@@ -24,6 +24,7 @@ from comms.delivery.auth import (
 from comms.delivery.base import Address, Outcome, OutgoingEmail, SendResult
 from comms.delivery.graph import GraphTransport
 from comms.errors import AuthError, DeliveryError
+from comms.wording import plural
 
 __all__ = ["AccessReport", "MailboxCheck", "check_access", "inspect_access", "login",
            "logout", "self_test_message"]
@@ -84,7 +85,7 @@ class AccessReport:
     def raise_problems(self) -> None:
         if self.problems:
             raise DeliveryError(
-                f"{len(self.problems)} problem(s) found by `comms auth check`:",
+                f"{plural(len(self.problems), 'problem')} found by `comms auth check`:",
                 problems=self.problems,
             )
 

@@ -26,6 +26,7 @@ from comms.store.customer_upsert import SharedContact
 from comms.store.customer_upsert import shared_contacts as _shared_contacts
 from comms.store.db import Database
 from comms.store.models import Customer, Message
+from comms.wording import plural
 
 __all__ = [
     "CustomerDetail",
@@ -204,8 +205,8 @@ def _plan(
         if len(refused) == 1 and len(rows) == 1:
             raise StageMoveRefused(refused[0])
         raise StageMoveRefused(
-            f"{len(refused)} of {len(rows)} customer(s) cannot move to {stage!r}; nothing was "
-            "changed:",
+            f"{len(refused)} of {plural(len(rows), 'customer')} cannot move to {stage!r}; "
+            "nothing was changed:",
             problems=refused,
         )
     return planned

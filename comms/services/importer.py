@@ -37,6 +37,7 @@ from comms.store.customer_upsert import (
 from comms.store.db import Database
 from comms.store.models import Customer
 from comms.store.repo import customer_infos
+from comms.wording import plural
 
 __all__ = ["COLUMNS", "ImportResult", "export_customers", "import_customers", "rejects_path"]
 
@@ -81,8 +82,8 @@ class ImportResult:
             names = ", ".join(self.ignored_columns[:_SHARED_SHOWN])
             more = len(self.ignored_columns) - _SHARED_SHOWN
             names += f" and {more} more" if more > 0 else ""
-            lines.append(f"Ignored {len(self.ignored_columns)} column(s) that are not part of "
-                         f"the format: {names} (--strict-columns refuses them).")
+            lines.append(f"Ignored {plural(len(self.ignored_columns), 'column')} that are not "
+                         f"part of the format: {names} (--strict-columns refuses them).")
         for row, key, stored in self.case_matches[:_SHARED_SHOWN]:
             lines.append(f"Row {row}: key {key} {verb} the existing customer {stored} (keys are "
                          f"compared ignoring case; the key stays {stored}).")
@@ -186,10 +187,10 @@ def import_customers(
         result.problems = capped(result.problems[:100], max(total, len(result.problems)))
         if result.rejected and rejects is None:
             raise ImportRejected(
-                f"{path.name} was not imported: {result.rejected} of {result.rows} row(s) have "
-                "problems, nothing was written. Fix them and import again, or add "
-                "--skip-invalid to import the good rows and write the bad ones to "
-                f"{rejects_path(path).name}.",
+                f"{path.name} was not imported: {result.rejected} of "
+                f"{plural(result.rows, 'row')} have problems, nothing was written. Fix them and "
+                "import again, or add --skip-invalid to import the good rows and write the bad "
+                f"ones to {rejects_path(path).name}.",
                 problems=result.problems,
             )
         result.absorb(writer.counts)

@@ -14,6 +14,7 @@ from comms.delivery.base import Transport
 from comms.delivery.graph import GraphTransport
 from comms.errors import AuthError
 from comms.services.auth_check import inspect_access
+from comms.wording import plural
 
 __all__ = ["before_run"]
 
@@ -32,6 +33,6 @@ def before_run(settings: Settings, transport: Transport | None) -> None:
     if report.problems:
         raise AuthError(
             "The run stopped before queueing anything: the check of Graph access found "
-            f"{len(report.problems)} problem(s) (`comms auth check` shows the details):",
+            f"{plural(len(report.problems), 'problem')} (`comms auth check` shows the details):",
             problems=report.problems,
         )

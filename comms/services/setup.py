@@ -13,6 +13,7 @@ from comms.config import Settings, check_settings, load_settings
 from comms.errors import ConfigError, OutputError
 from comms.paths import builtin_config_dir
 from comms.store.db import Database, open_database
+from comms.wording import plural
 
 
 def write_starter_config(target: Path, *, force: bool = False) -> Path:
@@ -84,7 +85,7 @@ def tenant_budget_line(settings: Settings) -> str:
     t = settings.tenant
     source = (f"explicit {t.external_recipients_per_day:,}/day"
               if t.external_recipients_per_day
-              else f"formula for {t.licences:,} licence(s)" if t.licences
+              else f"formula for {plural(t.licences, 'licence')}" if t.licences
               else "formula floor, [tenant] licences not set")
     domains = ", ".join(sorted(settings.accepted_domains)) or "-"
     return (f"Tenant external recipients: cap {t.cap:,} per rolling 24 h ({source}); comms uses "
