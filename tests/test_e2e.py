@@ -15,7 +15,8 @@ from sqlmodel import col, select
 
 from comms.campaign import load_campaign
 from comms.config import load_settings
-from comms.services.demo import DemoResult, report_lines, run_demo, scenario
+from comms.services.demo import DemoResult, run_demo, scenario
+from comms.services.demo_story import report_lines
 from comms.store.db import open_database
 from comms.store.models import Customer, Message, StageEvent
 

@@ -1,6 +1,10 @@
 """The demo: the sample customers walked through the whole transition against the local sandbox,
 on a simulated clock, showing what was sent to whom. The README's first command runs it.
 
+The customers act in their sandbox tenants and stage sync moves their stages (hand moves only
+where Microsoft sees nothing); the sender mailboxes' Inbox is read before every run, so one bounce
+and one reply are handled. What it prints lives in ``services.demo_story``.
+
 It is also the scenario of the end-to-end test, which checks the sandbox's record against what
 each customer's history calls for. It is the one service allowed to import ``comms.sandbox`` (the
 import-linter contract names this exception); no other service imports this module, only the
@@ -10,14 +14,11 @@ import-linter contract names this exception); no other service imports this modu
 from __future__ import annotations
 
 import shutil
-import sys
-from collections import defaultdict
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from comms.campaign import Campaign, load_campaign
 from comms.config import Settings, load_settings
@@ -31,10 +32,12 @@ from comms.render import Renderer
 from comms.sandbox import Sandbox
 from comms.services import customers as customer_service
 from comms.services import engine
+from comms.services.demo_story import START as START
+from comms.services.demo_story import Cast as Cast
+from comms.services.demo_story import DemoResult as DemoResult
+from comms.services.demo_story import few, inbox_step, sent_counts, sync_step
 from comms.store.db import Database, open_database
 
-# Monday, 30 November 2026, midnight UTC: day 0 of the simulated transition.
-START = datetime(2026, 11, 30, 0, 0, tzinfo=UTC)
 # Runs every 4 hours reach every customer's local business hours (Tokyo to New York).
 RUN_EVERY = timedelta(hours=4)
 DAYS = 30
@@ -62,15 +65,6 @@ TENANT_ACTIONS = {
 REPLY_TEXT = "Done, we cancelled the old subscription this morning.\nThanks"
 
 
-@dataclass(frozen=True)
-class Cast:
-    """The customers with a part of their own in the story (None: too few customers)."""
-
-    recount: str | None  # its tenant shows more assigned licences than the CSV says
-    bounce: str | None  # one of its addresses is dead: the first email to it bounces
-    unverified: str | None  # its admin never consented: sync cannot see its tenant
-
-
 def cast(keys: list[str]) -> Cast:
     fast = sorted(keys)[: len(keys) // 2]
     return Cast(
@@ -78,25 +72,6 @@ def cast(keys: list[str]) -> Cast:
         bounce=fast[1] if len(fast) > 2 else None,
         unverified=fast[-1] if len(fast) > 2 else None,
     )
-
-
-@dataclass
-class DemoResult:
-    workdir: Path
-    database_url: str
-    sandbox_dir: Path
-    steps: list[tuple[datetime, str]] = field(default_factory=list)
-    ended_at: datetime = START
-    runs: int = 0
-    sent: int = 0
-    failed: int = 0
-    received: list[dict[str, Any]] = field(default_factory=list)
-    cast: Cast = Cast(None, None, None)
-    dead: str = ""  # the address that bounces
-    sync_moves: list[tuple[datetime, str, str]] = field(default_factory=list)  # at, key, move
-    cannot_verify: dict[str, str] = field(default_factory=dict)  # key -> why
-    licence_changes: dict[str, tuple[int, int]] = field(default_factory=dict)
-    inbound: list[tuple[datetime, str, str]] = field(default_factory=list)  # at, kind, key
 
 
 def scenario(keys: list[str]) -> list[Step]:
@@ -300,17 +275,17 @@ def _run_days(
             echo(f"{t:%a %d %b %H:%M} UTC  {what}")
         # What `comms run --inbox` does every 4 hours (and `--sync` in the first run of each
         # day): replies and bounces first, then stage sync, then planning and sending.
-        _inbox(db, settings, campaign, t, result, echo)
+        inbox_step(db, settings, campaign, t, result, echo)
         if t.hour == 0:
-            _sync(db, settings, campaign, t, result, echo)
-        before = _sent_counts(db)
+            sync_step(db, settings, campaign, t, result, echo)
+        before = sent_counts(db)
         summary = engine.run(db, settings, campaign, renderer, transport, clock=Clock(t),
                              worker="demo", max_minutes=2)
         result.runs += 1
         result.sent += summary.dispatch.sent
         result.failed += summary.dispatch.failed
         if summary.dispatch.sent:
-            after = _sent_counts(db)
+            after = sent_counts(db)
             by_msg = ", ".join(f"{m} {n - before.get(m, 0)}" for m, n in sorted(after.items())
                                if n > before.get(m, 0))
             echo(f"{t:%a %d %b %H:%M} UTC  sent {summary.dispatch.sent}: {by_msg}")
@@ -318,85 +293,10 @@ def _run_days(
         t += RUN_EVERY
 
 
-def _sent_counts(db: Database) -> dict[str, int]:
-    """Messages accepted so far (sent, or bounced later), by message name."""
-    from sqlalchemy import func
-    from sqlmodel import col, select
-
-    from comms.store.models import Message
-
-    with db.session() as s:
-        rows = s.exec(
-            select(Message.message, func.count())
-            .where(col(Message.status).in_([MessageStatus.SENT, MessageStatus.BOUNCED]))
-            .group_by(col(Message.message))
-        ).all()
-    return {str(m): int(n) for m, n in rows}
-
-
-def _inbox(db: Database, settings: Settings, campaign: Campaign, t: datetime,
-           result: DemoResult, echo: Callable[[str], None]) -> None:
-    from sqlmodel import col, select
-
-    from comms.inbox import service as inbox_service
-    from comms.store.inbox_models import InboundMessage
-    from comms.store.models import Customer
-
-    got = inbox_service.sync(db, settings, campaign.inbox, now=t)
-    if not got.new:
-        return
-    with db.session() as s:
-        rows = s.exec(
-            select(InboundMessage, Customer.key)
-            .join(Customer, col(Customer.id) == col(InboundMessage.customer_id), isouter=True)
-            .where(col(InboundMessage.processed_at) == t).order_by(col(InboundMessage.id))
-        ).all()
-    for m, key in rows:
-        result.inbound.append((t, m.kind, key or ""))
-        what = (f"bounce {m.status_code} for {m.address}" if m.kind == "bounce"
-                else f"{m.kind} from {m.from_address}")
-        echo(f"{t:%a %d %b %H:%M} UTC  inbox: {what} ({key or 'unmatched'}): "
-             f"{m.effects or 'recorded'}")
-
-
-def _sync(db: Database, settings: Settings, campaign: Campaign, t: datetime,
-          result: DemoResult, echo: Callable[[str], None]) -> None:
-    from comms.sync.service import run_sync
-
-    report = run_sync(db, settings, campaign, now=t)
-    moves: dict[str, list[str]] = defaultdict(list)
-    for c in report.customers:
-        for move in c.moved:
-            result.sync_moves.append((t, c.key, move))
-            moves[move].append(c.key)
-        if c.licences and c.key not in result.licence_changes:
-            result.licence_changes[c.key] = c.licences
-            echo(f"{t:%a %d %b %H:%M} UTC  sync: {c.key} licences {c.licences[0]} -> "
-                 f"{c.licences[1]} (assigned in its tenant)")
-        for source, problem in c.problems.items():
-            if c.key not in result.cannot_verify:
-                result.cannot_verify[c.key] = f"{source}: {problem}"
-                # The problem names the HTTP answer in brackets; the story needs what and the fix.
-                what = problem.split(" (", 1)[0]
-                fix = problem.rsplit("); ", 1)[-1] if "); " in problem else ""
-                fix = f"; {fix}" if fix else ""
-                echo(f"{t:%a %d %b %H:%M} UTC  sync: {c.key} {what} ({source}){fix}")
-    for move, keys in moves.items():
-        echo(f"{t:%a %d %b %H:%M} UTC  sync: {_few(keys)} {move}")
-    if report.count("failed"):
-        echo(f"{t:%a %d %b %H:%M} UTC  sync: {report.summary()}")
-
-
-def _few(keys: list[str]) -> str:
-    if len(keys) <= 3:
-        return ", ".join(keys)
-    return f"{len(keys)} customers ({keys[0]} ... {keys[-1]})"
-
-
 def _apply(db: Database, campaign: Campaign, step: Step, at: datetime,
            sandbox: Sandbox) -> str:
     """Carry out one step; returns what happened, for the printed story."""
-    who = _few(list(step.keys))
+    who = few(list(step.keys))
     if step.action in TENANT_ACTIONS:
         tenants = _tenant_ids(db, step.keys)
         for key in step.keys:
@@ -453,82 +353,3 @@ def _last_sent(db: Database, key: str, message: str) -> tuple[str, str, str]:
         if m is None:
             raise RuntimeError(f"the demo expected {key} to have been sent {message} by now")
         return m.sender or SENDERS[0], m.send_id, json.loads(m.to_json)[0]["address"]
-
-
-def _story_lines(result: DemoResult) -> list[str]:
-    """What sync and the inbox did, in a few lines."""
-    moved = defaultdict(set)
-    for _, key, move in result.sync_moves:
-        moved[move.split(" (")[0].split(" -> ")[-1]].add(key)
-    lines = []
-    if moved:
-        counts = "; ".join(f"{len(keys)} to {stage}" for stage, keys in moved.items())
-        lines.append(f"Moved by stage sync (what Partner Center and the tenants showed): {counts}.")
-    for key, (old, new) in sorted(result.licence_changes.items()):
-        lines.append(f"Licences from the tenant: {key} {old} -> {new} (the CSV said {old}).")
-    for key, why in sorted(result.cannot_verify.items()):
-        lines.append(f"Cannot verify in its tenant: {key} ({why.split(' (', 1)[0]}).")
-    kinds = defaultdict(list)
-    for _, kind, key in result.inbound:
-        kinds[kind].append(key or "unmatched")
-    if kinds:
-        lines.append("Inbox: " + "; ".join(f"{kind} {', '.join(keys)}"
-                                            for kind, keys in sorted(kinds.items())) + ".")
-    return lines
-
-
-def report_lines(result: DemoResult) -> list[str]:
-    """Per customer: its recipients and every message it received, on the simulated clock."""
-    from sqlmodel import col, select
-
-    from comms.store.models import Customer, Message
-
-    accepted = {r.get("send_id"): r for r in result.received}
-    db = open_database(result.database_url)
-    try:
-        with db.session() as s:
-            rows = s.exec(
-                select(Message, Customer)
-                .join(Customer, col(Customer.id) == col(Message.customer_id))
-                .where(col(Message.status).in_([MessageStatus.SENT, MessageStatus.BOUNCED]))
-                .order_by(col(Customer.key), col(Message.created_at), col(Message.id))
-            ).all()
-    finally:
-        db.dispose()
-    grouped: dict[str, list[tuple[Message, Customer]]] = defaultdict(list)
-    for m, c in rows:
-        grouped[c.key].append((m, c))
-    lines = []
-    for key, items in grouped.items():
-        c = items[0][1]
-        flags = [f for f in ("paused", "opted_out") if getattr(c, f)]
-        state = c.stage + (f" ({', '.join(flags)})" if flags else "")
-        lines.append(f"{key} {c.name} [{c.licences} licences, {state}]")
-        for m, _ in items:
-            rec = accepted.get(m.send_id, {})
-            to = ", ".join(rec.get("to", []))
-            cc = f" cc {', '.join(rec['cc'])}" if rec.get("cc") else ""
-            seq = f" #{m.sequence}" if m.sequence else ""
-            when = m.created_at.strftime("%a %d %b %H:%M")
-            bounced = (f"  [bounced {m.error_code}]" if m.status == MessageStatus.BOUNCED
-                       else "")
-            lines.append(f"  {when}  {m.message}{seq} -> {to}{cc}{bounced}")
-    send_ids = [r.get("send_id") for r in result.received]
-    dupes = len(send_ids) - len(set(send_ids))
-    lines.append("")
-    lines.append(
-        f"{len(result.received)} messages accepted by the sandbox Graph in {result.runs} "
-        f"scheduled runs; duplicates: {dupes}; failed: {result.failed}."
-    )
-    lines.extend(_story_lines(result))
-    lines.append(f"Every message as .eml: {result.sandbox_dir / 'eml'}")
-    exe = sys.argv[0] if Path(sys.argv[0]).name == "comms" else "comms"
-    when = result.ended_at.strftime("%Y-%m-%dT%H:%M")
-    lines.append(f"Explore the ledger (the demo's clock ended at {when} UTC):")
-    lines.append(f"  export COMMS_HOME={result.workdir}")
-    shown = [k for k in (result.cast.recount, result.cast.bounce, result.cast.unverified) if k]
-    lines.append(f"  {exe} customers list; {exe} outbox list --status sent; {exe} inbox list")
-    for key in shown:
-        lines.append(f"  {exe} customers show {key}")
-    lines.append(f"  {exe} status --now {when}; {exe} report --out report.html --now {when}")
-    return lines
