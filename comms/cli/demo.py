@@ -20,8 +20,8 @@ def demo(
     from comms.services.demo import run_demo
     from comms.services.demo_story import report_lines
 
-    console.print(f"Demo in {workdir.resolve()} (local sandbox of Graph, Partner Center and the "
-                  "customers' tenants; SQLite; simulated clock)")
+    console.print(f"Demo in {workdir.resolve()} (local sandbox: Graph, Partner Center, customer "
+                  "tenants; SQLite; simulated clock)", highlight=False, markup=False, soft_wrap=True)
     result = run_demo(workdir.resolve(), csv_path=csv, days=days,
                       echo=lambda line: console.print(line, highlight=False, markup=False,
                                                      soft_wrap=True))

@@ -58,9 +58,9 @@ class Step:
 
 
 TENANT_ACTIONS = {
-    "accept_relationship": "accept the reseller relationship in the admin center",
-    "activate_csp": "CSP subscription goes active (Partner Center)",
-    "cancel_direct": "cancel the old direct subscription (now Suspended in their tenant)",
+    "accept_relationship": "reseller relationship accepted in the admin center",
+    "activate_csp": "CSP subscription active in Partner Center",
+    "cancel_direct": "old direct subscription cancelled (Suspended in the tenant)",
 }
 REPLY_TEXT = "Done, we cancelled the old subscription this morning.\nThanks"
 
@@ -100,7 +100,7 @@ def scenario(keys: list[str]) -> list[Step]:
         Step(10, "activate_csp", b[1:]),
         Step(12, "cancel_direct", tuple(k for k in a if k not in unverified)),
         Step(12, "completed", unverified,
-             "the customer replied it is done; its tenant cannot be verified (no consent)"),
+             "the customer replied it is done; its tenant cannot be verified"),
         Step(20, "cancel_direct", b[1:-1]),
     ]
     return [s for s in steps if s.keys]
@@ -307,7 +307,7 @@ def _apply(db: Database, campaign: Campaign, step: Step, at: datetime,
                                       quantity=_licences(db, key))
             else:
                 sandbox.tenant_change(tenants[key], "direct_status", status="Suspended")
-        return f"in their tenants: {who} {TENANT_ACTIONS[step.action]}"
+        return f"tenant change for {who}: {TENANT_ACTIONS[step.action]}"
     if step.action == "reply":
         from comms.sandbox.inbox import InboxAdmin
 

@@ -134,9 +134,11 @@ def story_lines(result: DemoResult) -> list[str]:
         counts = "; ".join(f"{len(keys)} to {stage}" for stage, keys in moved.items())
         lines.append(f"Moved by stage sync (what Partner Center and the tenants showed): {counts}.")
     for key, (old, new) in sorted(result.licence_changes.items()):
-        lines.append(f"Licences from the tenant: {key} {old} -> {new} (the CSV said {old}).")
+        lines.append(f"Licences from the tenant: {key} has {new} assigned (the CSV said {old}).")
     for key, why in sorted(result.cannot_verify.items()):
-        lines.append(f"Cannot verify in its tenant: {key} ({why.split(' (', 1)[0]}).")
+        source, problem = why.split(": ", 1)
+        reason = problem.split(" (", 1)[0].removeprefix("cannot verify: ")
+        lines.append(f"Cannot verify in its tenant: {key} ({reason}; source {source}).")
     kinds = defaultdict(list)
     for _, kind, key in result.inbound:
         kinds[kind].append(key or "unmatched")
@@ -195,9 +197,11 @@ def report_lines(result: DemoResult) -> list[str]:
     when = result.ended_at.strftime("%Y-%m-%dT%H:%M")
     lines.append(f"Explore the ledger (the demo's clock ended at {when} UTC):")
     lines.append(f"  export COMMS_HOME={result.workdir}")
-    shown = [k for k in (result.cast.recount, result.cast.bounce, result.cast.unverified) if k]
     lines.append(f"  {exe} customers list; {exe} outbox list --status sent; {exe} inbox list")
-    for key in shown:
-        lines.append(f"  {exe} customers show {key}")
+    who = result.cast
+    for shown, why in ((who.recount, "licences from its tenant"), (who.bounce, "the bounce"),
+                       (who.unverified, "cannot verify, its reply, completed by hand")):
+        if shown:
+            lines.append(f"  {exe} customers show {shown}   # {why}")
     lines.append(f"  {exe} status --now {when}; {exe} report --out report.html --now {when}")
     return lines
