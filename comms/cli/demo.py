@@ -17,9 +17,11 @@ def demo(
     """Walk the sample customers through the whole transition on a simulated clock, sending
     through the local Graph sandbox (nothing leaves this machine), and show what was sent to
     whom."""
-    from comms.services.demo import report_lines, run_demo
+    from comms.services.demo import run_demo
+    from comms.services.demo_story import report_lines
 
-    console.print(f"Demo in {workdir.resolve()} (local Graph sandbox, SQLite, simulated clock)")
+    console.print(f"Demo in {workdir.resolve()} (local sandbox: Graph, Partner Center, customer "
+                  "tenants; SQLite; simulated clock)", highlight=False, markup=False, soft_wrap=True)
     result = run_demo(workdir.resolve(), csv_path=csv, days=days,
                       echo=lambda line: console.print(line, highlight=False, markup=False,
                                                      soft_wrap=True))

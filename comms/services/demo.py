@@ -1,6 +1,10 @@
 """The demo: the sample customers walked through the whole transition against the local sandbox,
 on a simulated clock, showing what was sent to whom. The README's first command runs it.
 
+The customers act in their sandbox tenants and stage sync moves their stages (hand moves only
+where Microsoft sees nothing); the sender mailboxes' Inbox is read before every run, so one bounce
+and one reply are handled. What it prints lives in ``services.demo_story``.
+
 It is also the scenario of the end-to-end test, which checks the sandbox's record against what
 each customer's history calls for. It is the one service allowed to import ``comms.sandbox`` (the
 import-linter contract names this exception); no other service imports this module, only the
@@ -10,14 +14,11 @@ import-linter contract names this exception); no other service imports this modu
 from __future__ import annotations
 
 import shutil
-import sys
-from collections import defaultdict
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from comms.campaign import Campaign, load_campaign
 from comms.config import Settings, load_settings
@@ -31,10 +32,12 @@ from comms.render import Renderer
 from comms.sandbox import Sandbox
 from comms.services import customers as customer_service
 from comms.services import engine
+from comms.services.demo_story import START as START
+from comms.services.demo_story import Cast as Cast
+from comms.services.demo_story import DemoResult as DemoResult
+from comms.services.demo_story import few, inbox_step, sent_counts, sync_step
 from comms.store.db import Database, open_database
 
-# Monday, 30 November 2026, midnight UTC: day 0 of the simulated transition.
-START = datetime(2026, 11, 30, 0, 0, tzinfo=UTC)
 # Runs every 4 hours reach every customer's local business hours (Tokyo to New York).
 RUN_EVERY = timedelta(hours=4)
 DAYS = 30
@@ -46,43 +49,61 @@ SENDERS = ("transition@fabrikam.example", "transition2@fabrikam.example")
 @dataclass(frozen=True)
 class Step:
     day: float
-    action: str  # a stage name, or pause / opt_out
+    # A stage set by hand, pause / opt_out (by hand); a change in the customer's tenant that
+    # Microsoft sees (accept_relationship, activate_csp, cancel_direct: sync moves the stage);
+    # or reply (the customer answers the last cancel_instructions email).
+    action: str
     keys: tuple[str, ...]
     note: str = ""
 
 
-@dataclass
-class DemoResult:
-    workdir: Path
-    database_url: str
-    sandbox_dir: Path
-    steps: list[tuple[datetime, str]] = field(default_factory=list)
-    ended_at: datetime = START
-    runs: int = 0
-    sent: int = 0
-    failed: int = 0
-    received: list[dict[str, Any]] = field(default_factory=list)
+TENANT_ACTIONS = {
+    "accept_relationship": "reseller relationship accepted in the admin center",
+    "activate_csp": "CSP subscription active in Partner Center",
+    "cancel_direct": "old direct subscription cancelled (Suspended in the tenant)",
+}
+REPLY_TEXT = "Done, we cancelled the old subscription this morning.\nThanks"
+
+
+def cast(keys: list[str]) -> Cast:
+    fast = sorted(keys)[: len(keys) // 2]
+    return Cast(
+        recount=fast[0] if fast else None,
+        bounce=fast[1] if len(fast) > 2 else None,
+        unverified=fast[-1] if len(fast) > 2 else None,
+    )
 
 
 def scenario(keys: list[str]) -> list[Step]:
-    """Who moves when: most customers complete, some stall, one pauses, one opts out."""
+    """Who does what when. Stage moves Microsoft sees (the customer accepts the relationship,
+    the CSP subscription goes live, the customer cancels the old subscription) are changes in
+    the sandbox's tenants that stage sync picks up; only what Microsoft cannot see is set by
+    hand: the partner's own decisions (announce, invite), a customer's request to pause or to
+    get no more email, and the completion of the customer sync cannot verify, on its word."""
     keys = sorted(keys)
     n = len(keys)
     a = tuple(keys[: n // 2])  # fast movers
     b = tuple(keys[n // 2 : n // 2 + n // 3])  # slower; the first opts out, the last stalls
     c = tuple(keys[n // 2 + n // 3 :])  # never approve during the demo; the first pauses
-    return [
+    who = cast(keys)
+    unverified = (who.unverified,) if who.unverified else ()
+    steps = [
         Step(0, "announced", tuple(keys)),
         Step(2, "invited", tuple(keys)),
         Step(3, "pause", c[:1], "customer asked us to wait until January"),
-        Step(4, "approved", a),
-        Step(5, "awaiting_cancellation", a),
+        Step(4, "accept_relationship", a),
+        Step(5, "activate_csp", a),
         Step(6, "opt_out", b[:1], "asked to receive no more email"),
-        Step(9, "approved", b[1:]),
-        Step(10, "awaiting_cancellation", b[1:]),
-        Step(12, "completed", a),
-        Step(20, "completed", b[1:-1]),
+        Step(8, "cancel_direct", unverified),
+        Step(8, "reply", unverified),
+        Step(9, "accept_relationship", b[1:]),
+        Step(10, "activate_csp", b[1:]),
+        Step(12, "cancel_direct", tuple(k for k in a if k not in unverified)),
+        Step(12, "completed", unverified,
+             "the customer replied it is done; its tenant cannot be verified"),
+        Step(20, "cancel_direct", b[1:-1]),
     ]
+    return [s for s in steps if s.keys]
 
 
 def demo_settings(sandbox: Sandbox, workdir: Path, secret_file: Path) -> Settings:
@@ -99,6 +120,11 @@ def demo_settings(sandbox: Sandbox, workdir: Path, secret_file: Path) -> Setting
         "COMMS_GRAPH_RECONCILE_GRACE_SECONDS": "1",
         "COMMS_GRAPH_TIMEOUT_SECONDS": "10",
         "COMMS_DELIVERY_TIME_SCALE": str(TIME_SCALE),
+        # Stage sync reads the sandbox's Partner Center, GDAP and customer tenants.
+        "COMMS_SYNC_PARTNER_CENTER": "true",
+        "COMMS_SYNC_GDAP": "true",
+        "COMMS_SYNC_CUSTOMER_TENANTS": "true",
+        "COMMS_SYNC_PARTNER_CENTER_URL": sandbox.partner_center_url,
     }
     settings = load_settings(workdir / "demo.toml", env=env)
     return settings
@@ -155,38 +181,88 @@ def run_demo(
     with Sandbox(sandbox_dir, time_scale=TIME_SCALE) as sandbox:
         for address in SENDERS:
             sandbox.add_mailbox(address)
-        sandbox.register_app(CLIENT_ID, secret=secret)
+        sandbox.register_app(CLIENT_ID, secret=secret, roles=APP_ROLES)
         settings = demo_settings(sandbox, workdir, secret_file)
         campaign = load_campaign(settings.campaign_file or None)
         db = open_database(settings.database_url())
         result = DemoResult(workdir, settings.database_url(), sandbox_dir)
         try:
-            _simulate(db, settings, campaign, csv_path, result, echo, days)
+            _simulate(db, settings, campaign, csv_path, result, echo, days, sandbox)
         finally:
             db.dispose()
         result.received = sandbox.sent()
     return result
 
 
+# What the partner's app holds: send and read mail, read customer tenants' subscriptions
+# (consented in each customer tenant) and the partner's GDAP relationships.
+APP_ROLES = ("Mail.Send", "Mail.Read", "Organization.Read.All",
+             "DelegatedAdminRelationship.Read.All")
+
+
 def _simulate(
     db: Database, settings: Settings, campaign: Campaign, csv_path: Path,
-    result: DemoResult, echo: Callable[[str], None], days: int,
+    result: DemoResult, echo: Callable[[str], None], days: int, sandbox: Sandbox,
 ) -> None:
     imported = customer_service.import_customers(
         db, csv_path, settings=settings, campaign=campaign, now=START, by="demo"
     )
     echo(f"Imported {imported.created} customers from {csv_path.name}.")
     keys = [c.key for c in customer_service.list_customers(db)]
+    result.cast = cast(keys)
+    _tenants(db, settings, sandbox, result, echo)
     steps = sorted(scenario(keys), key=lambda s: s.day)
     renderer = Renderer(settings)
     with closing(make_transport(settings)) as transport:
-        _run_days(db, settings, campaign, renderer, transport, steps, result, echo, days)
+        _run_days(db, settings, campaign, renderer, transport, steps, result, echo, days,
+                  sandbox)
+
+
+def _tenants(db: Database, settings: Settings, sandbox: Sandbox, result: DemoResult,
+             echo: Callable[[str], None]) -> None:
+    """Each customer's Microsoft 365 tenant in the sandbox: its direct subscription with the
+    CSV's licences, except for the cast's parts (more licences assigned than the CSV says; no
+    consent for the partner's app; a dead address)."""
+    from sqlmodel import col, select
+
+    from comms.sandbox.inbox import InboxAdmin
+    from comms.store.models import Contact, Customer
+
+    who = result.cast
+    threshold = settings.partner.licence_threshold
+    with db.session() as s:
+        customers = s.exec(select(Customer).order_by(col(Customer.key))).all()
+        contacts = s.exec(select(Contact)).all()
+        for c in customers:
+            if not c.tenant_id:
+                continue
+            assigned = c.licences
+            if c.key == who.recount:
+                # Just across the threshold: the cancellation route changes with the count.
+                assigned = max(threshold + 1, c.licences + 2)
+                echo(f"{c.key}: the CSV says {c.licences} licences; its tenant shows "
+                     f"{assigned} assigned.")
+            consented = c.key != who.unverified
+            if not consented:
+                echo(f"{c.key}: its admin never consented the partner's app; sync cannot "
+                     "verify its tenant.")
+            sandbox.add_customer_tenant(c.tenant_id, c.primary_domain, c.name,
+                                        direct_licences=max(assigned, c.licences),
+                                        assigned=assigned, consented=consented)
+        bounce = next((c for c in customers if c.key == who.bounce), None)
+        if bounce is not None:
+            mine = [x for x in contacts if x.customer_id == bounce.id]
+            dead = next((x for x in mine if x.role == "billing"), mine[0] if mine else None)
+            if dead is not None:
+                result.dead = dead.email
+                InboxAdmin(sandbox).set_dead(dead.email)
+                echo(f"{bounce.key}: {dead.email} no longer exists; mail to it bounces.")
 
 
 def _run_days(
     db: Database, settings: Settings, campaign: Campaign, renderer: Renderer,
     transport: Transport, steps: list[Step], result: DemoResult, echo: Callable[[str], None],
-    days: int,
+    days: int, sandbox: Sandbox,
 ) -> None:
     t = START
     end = START + timedelta(days=days)
@@ -194,79 +270,86 @@ def _run_days(
     while t <= end:
         while pending and START + timedelta(days=pending[0].day) <= t:
             step = pending.pop(0)
-            _apply(db, campaign, step, t)
-            what = f"{step.action} for {len(step.keys)} customer(s)"
+            what = _apply(db, campaign, step, t, sandbox)
             result.steps.append((t, what))
             echo(f"{t:%a %d %b %H:%M} UTC  {what}")
+        # What `comms run --inbox` does every 4 hours (and `--sync` in the first run of each
+        # day): replies and bounces first, then stage sync, then planning and sending.
+        inbox_step(db, settings, campaign, t, result, echo)
+        if t.hour == 0:
+            sync_step(db, settings, campaign, t, result, echo)
+        before = sent_counts(db)
         summary = engine.run(db, settings, campaign, renderer, transport, clock=Clock(t),
                              worker="demo", max_minutes=2)
         result.runs += 1
         result.sent += summary.dispatch.sent
         result.failed += summary.dispatch.failed
         if summary.dispatch.sent:
-            by_msg = ", ".join(f"{m} {n}" for m, n in sorted(summary.queue.by_message.items()))
+            after = sent_counts(db)
+            by_msg = ", ".join(f"{m} {n - before.get(m, 0)}" for m, n in sorted(after.items())
+                               if n > before.get(m, 0))
             echo(f"{t:%a %d %b %H:%M} UTC  sent {summary.dispatch.sent}: {by_msg}")
         result.ended_at = t
         t += RUN_EVERY
 
 
-def _apply(db: Database, campaign: Campaign, step: Step, at: datetime) -> None:
+def _apply(db: Database, campaign: Campaign, step: Step, at: datetime,
+           sandbox: Sandbox) -> str:
+    """Carry out one step; returns what happened, for the printed story."""
+    who = few(list(step.keys))
+    if step.action in TENANT_ACTIONS:
+        tenants = _tenant_ids(db, step.keys)
+        for key in step.keys:
+            if step.action == "accept_relationship":
+                sandbox.tenant_change(tenants[key], "accept_relationship")
+            elif step.action == "activate_csp":
+                sandbox.tenant_change(tenants[key], "activate_csp",
+                                      quantity=_licences(db, key))
+            else:
+                sandbox.tenant_change(tenants[key], "direct_status", status="Suspended")
+        return f"tenant change for {who}: {TENANT_ACTIONS[step.action]}"
+    if step.action == "reply":
+        from comms.sandbox.inbox import InboxAdmin
+
+        for key in step.keys:
+            mailbox, send_id, sender = _last_sent(db, key, "cancel_instructions")
+            InboxAdmin(sandbox).inject(kind="reply", mailbox=mailbox, send_id=send_id,
+                                       body=REPLY_TEXT, **{"from": sender})
+        return f"{who} replied \"done\" to cancel_instructions"
     if step.action in ("pause", "opt_out"):
         for key in step.keys:
             customer_service.side_action(db, key, step.action,  # type: ignore[arg-type]
                                          now=at, by="demo", note=step.note, source="demo")
-        return
+        return f"by hand: {step.action} for {who} ({step.note})"
     customer_service.set_stage(db, campaign, list(step.keys), step.action, now=at, by="demo",
                                note=step.note or "demo scenario", source="demo")
+    why = f" ({step.note})" if step.note else ""
+    return f"by hand: {step.action} for {who}{why}"
 
 
-def report_lines(result: DemoResult) -> list[str]:
-    """Per customer: its recipients and every message it received, on the simulated clock."""
+def _tenant_ids(db: Database, keys: tuple[str, ...]) -> dict[str, str]:
+    return {c.key: c.tenant_id for c in customer_service.list_customers(db) if c.key in keys}
+
+
+def _licences(db: Database, key: str) -> int:
+    return next(c.licences for c in customer_service.list_customers(db) if c.key == key)
+
+
+def _last_sent(db: Database, key: str, message: str) -> tuple[str, str, str]:
+    """(sender mailbox, send id, first recipient) of ``key``'s last sent ``message``."""
+    import json
+
     from sqlmodel import col, select
 
     from comms.store.models import Customer, Message
 
-    accepted = {r.get("send_id"): r for r in result.received}
-    db = open_database(result.database_url)
-    try:
-        with db.session() as s:
-            rows = s.exec(
-                select(Message, Customer)
-                .join(Customer, col(Customer.id) == col(Message.customer_id))
-                .where(Message.status == MessageStatus.SENT)
-                .order_by(col(Customer.key), col(Message.created_at), col(Message.id))
-            ).all()
-    finally:
-        db.dispose()
-    grouped: dict[str, list[tuple[Message, Customer]]] = defaultdict(list)
-    for m, c in rows:
-        grouped[c.key].append((m, c))
-    lines = []
-    for key, items in grouped.items():
-        c = items[0][1]
-        flags = [f for f in ("paused", "opted_out") if getattr(c, f)]
-        state = c.stage + (f" ({', '.join(flags)})" if flags else "")
-        lines.append(f"{key} {c.name} [{c.licences} licences, {state}]")
-        for m, _ in items:
-            rec = accepted.get(m.send_id, {})
-            to = ", ".join(rec.get("to", []))
-            cc = f" cc {', '.join(rec['cc'])}" if rec.get("cc") else ""
-            seq = f" #{m.sequence}" if m.sequence else ""
-            when = m.created_at.strftime("%a %d %b %H:%M")
-            lines.append(f"  {when}  {m.message}{seq} -> {to}{cc}")
-    send_ids = [r.get("send_id") for r in result.received]
-    dupes = len(send_ids) - len(set(send_ids))
-    lines.append("")
-    lines.append(
-        f"{len(result.received)} messages accepted by the sandbox Graph in {result.runs} "
-        f"scheduled runs; duplicates: {dupes}; failed: {result.failed}."
-    )
-    lines.append(f"Every message as .eml: {result.sandbox_dir / 'eml'}")
-    exe = sys.argv[0] if Path(sys.argv[0]).name == "comms" else "comms"
-    when = result.ended_at.strftime("%Y-%m-%dT%H:%M")
-    lines.append(f"Explore the ledger (the demo's clock ended at {when} UTC):")
-    lines.append(f"  export COMMS_HOME={result.workdir}")
-    lines.append(f"  {exe} customers list; {exe} customers show CUST-0020; "
-                 f"{exe} outbox list --status sent")
-    lines.append(f"  {exe} status --now {when}; {exe} report --out report.html --now {when}")
-    return lines
+    with db.session() as s:
+        m = s.exec(
+            select(Message).join(Customer, col(Customer.id) == col(Message.customer_id))
+            .where(col(Customer.key) == key, col(Message.message) == message,
+                   col(Message.status) == MessageStatus.SENT)
+            .order_by(col(Message.id).desc())
+        ).first()
+        if m is None:
+            raise RuntimeError(f"the demo expected {key} to have been sent {message} by now")
+        return m.sender or SENDERS[0], m.send_id, json.loads(m.to_json)[0]["address"]
