@@ -130,3 +130,17 @@ def assert_exactly_once(db: Database, sb: Sandbox, expected: int) -> None:
     dupes = {k: v for k, v in accepted.items() if v > 1}
     assert not dupes, f"sent more than once: {dupes}"
     assert set(accepted) == {r["send_id"] for r in rows}, "ledger and sandbox disagree"
+
+
+ENGINE_SENDERS = ["transition@fabrikam.example", "transition2@fabrikam.example"]
+
+
+def exported_env(sandbox_factory: Any, tmp_path: Path, database_url: str, monkeypatch: Any,
+                 **extra: str) -> dict[str, Any]:
+    """A sandbox at time scale 0.005 with two sender mailboxes, its COMMS_* environment
+    exported for in-process CLI calls: {"sandbox", "env", "config"}."""
+    sb: Sandbox = sandbox_factory(time_scale=0.005)
+    values = sandbox_env(sb, tmp_path, database_url, senders=ENGINE_SENDERS, time_scale=0.005)
+    for k, v in {**values, **extra}.items():
+        monkeypatch.setenv(k, v)
+    return {"sandbox": sb, "env": values, "config": Path(values["COMMS_CONFIG"])}

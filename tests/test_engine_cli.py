@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import T0, ledger, sandbox_env, seed, statuses
+from engine_helpers import T0, exported_env, ledger, seed, statuses
 from sqlmodel import select
 
 from comms.campaign import load_campaign
@@ -20,18 +20,13 @@ from comms.store.db import Database
 from comms.store.locks import RunLock
 from comms.store.models import Message, StageEvent
 
-SENDERS = ["transition@fabrikam.example", "transition2@fabrikam.example"]
 NOW = T0.isoformat()
 
 
 @pytest.fixture
 def env(tmp_path: Path, database_url: str, sandbox_factory: Any,
         monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    sb: Sandbox = sandbox_factory(time_scale=0.005)
-    values = sandbox_env(sb, tmp_path, database_url, senders=SENDERS, time_scale=0.005)
-    for k, v in values.items():
-        monkeypatch.setenv(k, v)
-    return {"sandbox": sb, "env": values}
+    return exported_env(sandbox_factory, tmp_path, database_url, monkeypatch)
 
 
 def test_run_dry_run_forecasts_and_sends_nothing(env: dict[str, Any], db: Database,

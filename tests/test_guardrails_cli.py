@@ -10,27 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import T0, sandbox_env, seed
+from engine_helpers import T0, exported_env, seed
 from sqlmodel import select
 
 from comms.cli.present import human_minutes, plural
-from comms.sandbox import Sandbox
 from comms.store.db import Database
 from comms.store.models import Customer, Message, StageEvent
 
-SENDERS = ["transition@fabrikam.example", "transition2@fabrikam.example"]
 NOW = T0.isoformat()
 
 
 @pytest.fixture
 def env(tmp_path: Path, database_url: str, sandbox_factory: Any,
         monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    sb: Sandbox = sandbox_factory(time_scale=0.005)
-    values = sandbox_env(sb, tmp_path, database_url, senders=SENDERS, time_scale=0.005)
-    for k, v in values.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("COLUMNS", "80")
-    return {"sandbox": sb, "env": values}
+    return exported_env(sandbox_factory, tmp_path, database_url, monkeypatch, COLUMNS="80")
 
 
 def _set(db: Database, key: str, **values: Any) -> None:
@@ -201,6 +194,13 @@ def test_tables_keep_keys_whole_at_80_columns(env: dict[str, Any], db: Database,
     assert long_key in r.stdout and all(len(x) <= 80 for x in r.stdout.splitlines() if "│" in x)
     moved = cli("customers", "set-stage", long_key, "K0001", "approved", "--dry-run")
     assert long_key in moved.stdout
+    listed = cli("customers", "list")
+    assert long_key in listed.stdout
+    assert all(len(x) <= 80 for x in listed.stdout.splitlines() if "│" in x)
+    assert cli("run", "--now", NOW, "--limit", "0").exit_code == 0
+    queued = cli("outbox", "list")
+    assert long_key in queued.stdout
+    assert all(len(x) <= 80 for x in queued.stdout.splitlines() if "│" in x)
 
 
 def test_plurals() -> None:

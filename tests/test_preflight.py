@@ -7,23 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import T0, sandbox_env, seed, statuses
+from engine_helpers import T0, exported_env, seed, statuses
 
-from comms.sandbox import Sandbox
 from comms.store.db import Database
 
-SENDERS = ["transition@fabrikam.example", "transition2@fabrikam.example"]
 NOW = T0.isoformat()
 
 
 @pytest.fixture
 def env(tmp_path: Path, database_url: str, sandbox_factory: Any,
         monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    sb: Sandbox = sandbox_factory(time_scale=0.005)
-    values = sandbox_env(sb, tmp_path, database_url, senders=SENDERS, time_scale=0.005)
-    for k, v in values.items():
-        monkeypatch.setenv(k, v)
-    return {"sandbox": sb, "env": values, "config": Path(values["COMMS_CONFIG"])}
+    return exported_env(sandbox_factory, tmp_path, database_url, monkeypatch)
 
 
 def test_wrong_secret_stops_the_run_before_any_row(

@@ -92,11 +92,11 @@ def list_cmd(
     if as_json:
         typer.echo(json.dumps([_as_json(i) for i in infos], indent=2, ensure_ascii=False))
         return
-    table = Table("key", "name", "stage", "licences", "flags", "tags", "contacts")
+    table = present.table("key", "name", "stage", "licences", "flags", "tags", "contacts")
     for i in infos:
         table.add_row(safe(i.key), safe(i.name), safe(i.stage), str(i.licences), _flags(i),
                       safe(", ".join(i.tags)), str(len(i.contacts)))
-    console.print(table)
+    console.print(present.fit(table))
     console.print(f"{plural(len(infos), 'customer')}.", highlight=False)
 
 

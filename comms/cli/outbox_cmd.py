@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from comms.cli import common, present
 from comms.cli.common import console, new_app, safe, visible
@@ -44,14 +43,15 @@ def list_(
             "created_at": _when(r.message.created_at), "last_error": r.message.last_error,
         } for r in rows], indent=2))
         return
-    table = Table("id", "customer", "message", "#", "status", "sender", "queued", "sent",
-                  "last error")
+    table = present.table("id", "customer", "message", "#", "status", "sender", "queued",
+                          "sent", "last error", keys=("id", "customer", "message"),
+                          dates=("queued", "sent"))
     for r in rows:
         m = r.message
         table.add_row(str(m.id), safe(r.customer_key), safe(m.message), str(m.sequence),
                       m.status, safe(m.sender or ""), _when(m.created_at), _when(m.sent_at),
                       safe(m.last_error[:60]))
-    console.print(table)
+    console.print(present.fit(table))
 
 
 @outbox_app.command("show")
