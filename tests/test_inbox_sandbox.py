@@ -90,6 +90,7 @@ def test_throttled_and_failing_reads_are_retried_then_give_up(
     sandbox: Sandbox, sandbox_settings: Settings
 ) -> None:
     _fill(sandbox, 5)
+    sandbox.set_faults(seed=3)  # seeded dice: a random run fails 8 reads in a row ~1 in 10
     admin = InboxAdmin(sandbox)
     admin.set_faults(read_throttle_rate=0.5, read_error_rate=0.2)
     reader = InboxReader(sandbox_settings, page_size=1, sleep=lambda s: None)
