@@ -38,8 +38,12 @@ def _load_run(seed_value: int, tmp_path: Path, db: Database, database_url: str,
                   seed=seed_value)
     n = 120
     seed(db, tmp_path, n)
+    # A request we gave up on (or whose worker was killed) is held as in flight for
+    # server_timeout after it started. The spike ends 1.5 timeouts after the sandbox *began*
+    # the request, which on a busy 2-core machine can be well after the worker sent it: hold
+    # 3 timeouts, and lease 4, so the margin is scheduling delay, not luck.
     env = sandbox_env(sb, tmp_path, database_url, senders=SENDERS, time_scale=SCALE,
-                      grace=0.3, timeout=TIMEOUT, lease=3.0)
+                      grace=0.3, timeout=TIMEOUT, lease=4.0, server_timeout=3 * TIMEOUT)
     now = T0.isoformat()
     queued = run_comms(env, "run", "--now", now, "--limit", "0")  # plan and queue only
     assert queued.returncode == 0, queued.stdout + queued.stderr

@@ -58,8 +58,11 @@ def test_four_workers_two_mailboxes_no_duplicate_and_limits_held(
     outputs = [w.communicate(timeout=180) for w in workers]
     for w, (out, err) in zip(workers, outputs, strict=True):
         assert w.returncode == 0, out + err
-    sent_by_workers = sum(int(out.rsplit("sent ", 1)[1].split(",")[0]) for out, _ in outputs)
-    assert sent_by_workers == n
+    # A request that timed out on a busy machine is found in Sent Items afterwards: sent once.
+    done = [out.rsplit("worker done: ", 1)[1] for out, _ in outputs]
+    sent_by_workers = sum(int(d.split("sent ", 1)[1].split(",")[0]) for d in done)
+    found_by_workers = sum(int(d.split("found in Sent Items ", 1)[1].split(",")[0]) for d in done)
+    assert sent_by_workers + found_by_workers == n
     assert sum(1 for out, _ in outputs if "worker done: sent 0," not in out) >= 2, \
         "the work should be shared"
     assert_exactly_once(db, sb, expected=n)

@@ -90,8 +90,9 @@ def worker(
     app = common.app()
 
     def on_round(report: worker_service.DispatchReport) -> None:
-        if report.sent or report.failed:
-            typer.echo(f"sent {report.sent}, failed {report.failed}, unknown {report.unknown}")
+        if report.sent or report.failed or report.confirmed:
+            typer.echo(f"sent {report.sent}, found in Sent Items {report.confirmed}, "
+                       f"failed {report.failed}, unknown {report.unknown}")
 
     with graceful_stop() as stop:
         totals = worker_service.run(app.database, app.settings, app.campaign, app.transport(),
@@ -99,7 +100,8 @@ def worker(
                                     max_minutes=max_minutes, on_round=on_round, stop=stop)
     if stop.is_set():
         typer.echo("worker stopped on request: messages in flight were sent and recorded")
-    typer.echo(f"worker done: sent {totals.sent}, failed {totals.failed}")
+    typer.echo(f"worker done: sent {totals.sent}, found in Sent Items {totals.confirmed}, "
+               f"failed {totals.failed}")
     raise typer.Exit(totals.exit_code)
 
 

@@ -51,9 +51,12 @@ class SyncFaults:
     pc_error_rate: float = 0.0  # Partner Center answers 500/503
     directory_throttle_rate: float = 0.0
     directory_error_rate: float = 0.0  # Graph directory answers 503/504
+    seed: int | None = None  # seeds the fault dice, so a test's storm is the same every run
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
+            if f.name == "seed":
+                continue
             value = float(getattr(self, f.name))
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"sync fault {f.name} must be between 0 and 1, got {value!r}")
@@ -260,6 +263,8 @@ class Tenants:
             faults = dataclasses.replace(self.faults, **fields)
             faults.validate()
             self.faults = faults
+            if "seed" in fields:
+                self.rng = random.Random(faults.seed)
             return faults
 
     # -- serving ------------------------------------------------------------------------

@@ -28,6 +28,7 @@ IDLE_SECONDS = 1.0  # pause between rounds
 @dataclass
 class WorkerTotals:
     sent: int = 0
+    confirmed: int = 0  # an unclear answer, then found in Sent Items: sent once, not again
     failed: int = 0
     tripped: dict[str, str] = field(default_factory=dict)
 
@@ -54,6 +55,7 @@ def run(
             report = dispatcher.run(deadline=min(end, time.monotonic() + ROUND_SECONDS),
                                     stop=stop)
             totals.sent += report.sent
+            totals.confirmed += report.confirmed
             totals.failed += report.failed
             totals.tripped.update(report.tripped)
             if on_round is not None:
