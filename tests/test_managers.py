@@ -6,6 +6,9 @@ import itertools
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from test_status import NOW
+from wave_ledger import ANN, AUTUMN, BOB, CY, PILOT, SPRING, build_wave_ledger
+
 from comms.campaign import load_campaign
 from comms.services import demo
 from comms.services.managers import compute_manager_report, percentile
@@ -75,3 +78,33 @@ def test_reached_funnel_never_rises_on_the_demo_data(tmp_path: Path) -> None:
     for wave in m.by_wave:
         w = [f.reached for f in wave.funnel]
         assert all(a >= b for a, b in itertools.pairwise(w))
+
+
+def test_per_wave_reached_conversion_and_inbox_counts(db: Database) -> None:
+    """Hand-computed in tests/wave_ledger.py: one wave converts below 100 % at three steps and
+    has two bounces (one hard) and a reply; a customer in two waves counts in both."""
+    build_wave_ledger(db)
+    with db.session() as s:
+        m = compute_manager_report(s, load_campaign(), NOW, 12.5)
+    waves = {g.group: g for g in m.by_wave}
+    assert list(waves) == [AUTUMN, PILOT, SPRING]  # sorted; the untagged customer in none
+    spring, autumn, pilot = waves[SPRING], waves[AUTUMN], waves[PILOT]
+    assert [f.reached for f in spring.funnel] == [4, 3, 3, 2, 2, 1]
+    assert [f.conversion for f in spring.funnel] == [None, 0.75, 1.0, 0.6667, 1.0, 0.5]
+    assert [f.reached for f in autumn.funnel] == [3, 3, 3, 3, 1, 1]
+    assert [f.conversion for f in autumn.funnel] == [None, 1.0, 1.0, 1.0, 0.3333, 1.0]
+    assert [f.reached for f in pilot.funnel] == [1, 0, 0, 0, 0, 0]
+    assert [f.conversion for f in pilot.funnel] == [None, 0.0, None, None, None, None]
+    assert (spring.customers, spring.bounces, spring.hard_bounces, spring.replies) == (
+        4, 2, 1, 1)
+    assert (autumn.customers, autumn.bounces, autumn.hard_bounces, autumn.replies) == (
+        3, 0, 0, 0)
+    assert (pilot.bounces, pilot.replies) == (0, 0)
+    # Overall, the same code over all eight customers (furthest stages 5, 4, 2, 0, 3, 3, 0, 4).
+    assert [f.reached for f in m.funnel] == [8, 6, 6, 5, 3, 1]
+    assert [f.conversion for f in m.funnel] == [None, 0.75, 1.0, 0.8333, 0.6, 0.3333]
+    managers = {g.group.split(" <")[0]: g for g in m.by_account_manager}
+    assert (managers[ANN[0]].bounces, managers[ANN[0]].replies) == (1, 0)
+    assert (managers[BOB[0]].bounces, managers[BOB[0]].hard_bounces,
+            managers[BOB[0]].replies) == (1, 0, 1)
+    assert managers[CY[0]].replies == 1  # U1's reply: an account manager, no wave

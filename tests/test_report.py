@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from test_status import NOW, TZ, add_customer, add_message, ago, build_ledger
+from wave_ledger import AUTUMN, PILOT, SPRING, build_wave_ledger
 
 from comms.campaign import load_campaign
 from comms.config import DefaultsSettings, Settings
@@ -313,3 +314,38 @@ def test_report_inbox_section_counts_bounces_replies_and_who_needs_someone(
     assert page.text_by_id["inbox-unreachable"] == (
         "Unreachable customers (no deliverable address): 1: A1")
     assert page.text_by_id["inbox-awaiting"] == "Awaiting an operator after a reply: 1: B1"
+
+
+def _rows(html: str, table_id: str) -> dict[str, str]:
+    """The body rows of one table by their data-group / data-wave attribute (raw HTML)."""
+    body = re.search(rf'<table[^>]* id="{table_id}">.*?<tbody>(.*?)</tbody>', html, re.S)
+    assert body, table_id
+    return {m.group(1): m.group(2) for m in re.finditer(
+        r'<tr data-(?:group|wave)="([^"]*)">(.*?)</tr>', body.group(1), re.S)}
+
+
+def test_report_per_wave_conversion_and_inbox(
+    db: Database, settings: Settings, campaign: Any
+) -> None:
+    """Per wave: reached and conversion per step, bounces and replies (hand-computed in
+    tests/wave_ledger.py)."""
+    build_wave_ledger(db)
+    html = build_report(db, settings, campaign, NOW, generated_at=GENERATED, days=14)
+    waves = _rows(html, "by-wave")
+    assert list(waves) == [AUTUMN, PILOT, SPRING]
+    cells = re.findall(r'data-reached="(\d+)" data-conversion="([^"]*)">[\d,]+'
+                       r'(?:<span class="conv">([^<]*)</span>)?', waves[SPRING])
+    assert cells == [("4", "", ""), ("3", "0.75", "75%"), ("3", "1.0", "100%"),
+                     ("2", "0.6667", "67%"), ("2", "1.0", "100%"), ("1", "0.5", "50%")]
+    pilot = re.findall(r'<span class="conv">([^<]*)</span>', waves[PILOT])
+    assert pilot == ["0%", "-", "-", "-", "-"]
+    inbox = {w: re.findall(r'data-kind="(\w+)">(\d+)<', row)
+             for w, row in _rows(html, "inbox-by-wave").items()}
+    assert inbox == {
+        AUTUMN: [("hard", "0"), ("soft", "0"), ("reply", "0")],
+        PILOT: [("hard", "0"), ("soft", "0"), ("reply", "0")],
+        SPRING: [("hard", "1"), ("soft", "1"), ("reply", "1")],
+    }
+    # Next to the overall counts, which also hold the untagged customer's reply.
+    assert re.search(r'id="inbox-bounces">2<.*id="inbox-replies">2<', html, re.S)
+    assert len(_rows(html, "by-account-manager")) == 3

@@ -404,3 +404,30 @@ def test_cli_status_rejects_a_bad_now(db: Database, cli: Any) -> None:
         "Error: --now 'tomorrow' is not an ISO 8601 date-time; use e.g. 2026-03-02T09:30 (read "
         "in Europe/London, [defaults] time_zone) or 2026-03-02T09:30:00+00:00."
     )
+
+
+def test_cli_status_per_wave_conversion_and_inbox(
+    db: Database, cli: Any, ny: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`comms status` per wave: reached (conversion) per step, bounces and replies; the figures
+    are hand-computed in tests/wave_ledger.py."""
+    from wave_ledger import AUTUMN, PILOT, SPRING, build_wave_ledger
+
+    from comms.cli import common
+
+    build_wave_ledger(db)
+    monkeypatch.setattr(common.console, "_width", 250)
+    r = cli("status", "--now", "2026-03-04T10:00")
+    assert r.exit_code == 0, r.output
+    out = r.stdout
+    rows = table_rows(out, "Per wave: reached (conversion from the step before)")
+    assert [row for row in rows if row[0] in (AUTUMN, PILOT, SPRING)] == [
+        [AUTUMN, "3", "3", "3 (100%)", "3 (100%)", "3 (100%)", "1 (33%)", "1 (100%)", "33%",
+         "0.00", "12.50"],  # A1: live one day, 30 licences
+        [PILOT, "1", "1", "0 (0%)", "0 (-)", "0 (-)", "0 (-)", "0 (-)", "0%", "0.00", "0.00"],
+        [SPRING, "4", "4", "3 (75%)", "3 (100%)", "2 (67%)", "2 (100%)", "1 (50%)", "25%",
+         "33.33", "45.83"],  # + A2: live 4 days, 20 licences, still paying
+    ]
+    assert f"wave {SPRING}: bounces 2 (1 hard), replies 1" in out
+    assert f"wave {AUTUMN}: bounces 0 (0 hard), replies 0" in out
+    assert "Inbox: bounces 2 (1 hard), replies 2" in out  # the overall line, U1's reply too

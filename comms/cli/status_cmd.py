@@ -12,6 +12,7 @@ from rich.table import Table
 
 from comms.cli import common
 from comms.cli.common import console, safe
+from comms.services.managers import Breakdown
 from comms.services.report import write_report
 from comms.services.status import StatusReport, compute_status, parse_now
 
@@ -179,14 +180,29 @@ def _print_managers(r: StatusReport) -> None:
     console.print(f"Double billing incurred to date: {r.currency} {m.incurred_total:,.2f} "
                   f"(today's exposure {r.currency} {m.exposure_today:,.2f})", highlight=False)
     for title, rows in (("Per account manager", m.by_account_manager), ("Per wave", m.by_wave)):
-        b = Table(title=title, title_justify="left")
-        for name in ("", "customers", "completed", "exposure today", "incurred"):
-            b.add_column(name, justify="right" if name else "left")
-        for g in rows:
-            done = "-" if g.completed_rate is None else f"{100 * g.completed_rate:.0f}%"
-            b.add_row(safe(g.group), str(g.customers), done, f"{g.exposure_today:,.2f}",
-                      f"{g.incurred:,.2f}")
-        console.print(b)
+        console.print(_breakdown_table(title, [f.label for f in m.funnel], rows))
+
+
+def _pct(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
+def _breakdown_table(title: str, labels: list[str], rows: list[Breakdown]) -> Table:
+    """One row per group: customers, reached per step with the conversion from the step before
+    ("3 (75%)"), share completed, exposure today, incurred."""
+    b = Table(title=f"{title}: reached (conversion from the step before)", title_justify="left")
+    b.add_column("", overflow="fold")  # a wave tag is shown whole, never cut with "…"
+    b.add_column("customers", justify="right")
+    for label in labels:  # stage descriptions are long: wrap them, keep room for the groups
+        b.add_column(label, justify="right", max_width=16)
+    for name in ("completed", "exposure today", "incurred"):
+        b.add_column(name, justify="right")
+    for g in rows:
+        steps = [str(f.reached) if i == 0 else f"{f.reached} ({_pct(f.conversion)})"
+                 for i, f in enumerate(g.funnel)]
+        b.add_row(safe(g.group), str(g.customers), *steps, _pct(g.completed_rate),
+                  f"{g.exposure_today:,.2f}", f"{g.incurred:,.2f}")
+    return b
 
 
 def _print_inbox(r: StatusReport) -> None:
@@ -199,6 +215,9 @@ def _print_inbox(r: StatusReport) -> None:
     for stage, kinds in sorted(i.by_stage.items()):
         console.print(f"  {stage}: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
                       highlight=False)
+    for g in r.managers.by_wave if r.managers else ():
+        console.print(f"  wave {safe(g.group)}: bounces {g.bounces} ({g.hard_bounces} hard), "
+                      f"replies {g.replies}", highlight=False)
     console.print(f"Unreachable customers (no deliverable address): {len(i.unreachable)}"
                   + (f": {', '.join(i.unreachable[:SHOW])}" if i.unreachable else ""),
                   highlight=False)

@@ -48,5 +48,14 @@
       count.textContent = shown + " of " + table.tBodies[0].rows.length + " customers shown.";
     });
   }
+  // A "swipe sideways" hint above each scrolling box, shown only while the box overflows.
+  function hints() {
+    Array.prototype.forEach.call(document.querySelectorAll(".scroll-hint"), function (hint) {
+      var box = hint.nextElementSibling;
+      hint.hidden = !(box && box.scrollWidth > box.clientWidth + 1);
+    });
+  }
+  hints();
+  window.addEventListener("resize", hints);
   document.documentElement.setAttribute("data-ready", "1");
 })();

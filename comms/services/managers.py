@@ -13,6 +13,9 @@ breakdowns per account manager and per wave.
   or to ``now`` while still in the CSP-live stage) × licences × monthly price / 30 — the same
   formula as today's exposure (comms.services.status.double_billing_exposure), summed over
   every customer who ever paid twice.
+* **Inbox per group**: bounces (hard among them) and replies read by `comms inbox sync`
+  (``inbound_messages`` matched to a customer), counted per account manager and per wave the
+  same way as the overall inbox counts (comms.inbox.queries.counts).
 Nothing here reads the clock; everything is computed from one read of customers, tags and events.
 """
 
@@ -30,6 +33,7 @@ from sqlmodel import Session, col
 from comms.campaign import Campaign
 from comms.services.calendar import aware_utc as _aware
 from comms.services.calendar import days_between as _days_between
+from comms.store.inbox_models import InboundMessage
 from comms.store.models import Customer, CustomerTag, StageEvent
 
 DAYS_PER_MONTH = 30.0
@@ -41,7 +45,9 @@ class FunnelStep:
     stage: str
     label: str  # the stage's description (what people read), else its name
     reached: int
-    conversion: float | None  # reached / reached of the previous step (None for the first)
+    # reached / reached of the previous step: None for the first step and after a step nobody
+    # reached (0 of 0 is no conversion, not 0 %)
+    conversion: float | None
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,9 @@ class Breakdown:
     completed_rate: float | None
     exposure_today: float
     incurred: float
+    bounces: int = 0  # inbound bounces of the group's customers (hard ones included)
+    hard_bounces: int = 0
+    replies: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,7 @@ class _Cust:
     manager: str
     first_entry: dict[str, datetime] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
+    inbox: dict[str, int] = field(default_factory=dict)  # bounce | hard | reply -> count
 
 
 def stage_label(campaign: Campaign, stage: str) -> str:
@@ -133,7 +143,31 @@ def _load(session: Session, tag: str | None, since: datetime | None) -> list[_Cu
     for cid, t in session.execute(sa.select(col(CustomerTag.customer_id), col(CustomerTag.tag))):
         if cid in custs:
             custs[cid].tags.append(t)
+    _load_inbox(session, custs)
     return list(custs.values())
+
+
+def _load_inbox(session: Session, custs: dict[int, _Cust]) -> None:
+    m = InboundMessage
+    for cid, kind, hard, n in session.execute(
+        sa.select(col(m.customer_id), col(m.kind), col(m.hard), sa.func.count())
+        .where(col(m.customer_id).is_not(None), col(m.kind).in_(("bounce", "reply")))
+        .group_by(col(m.customer_id), col(m.kind), col(m.hard))
+    ).all():
+        c = custs.get(cid)
+        if c is None:
+            continue
+        c.inbox[kind] = c.inbox.get(kind, 0) + int(n)
+        if kind == "bounce" and hard:
+            c.inbox["hard"] = c.inbox.get("hard", 0) + int(n)
+
+
+def conversion(reached: int, previous: int | None) -> float | None:
+    """reached / previous step's reached, 4 decimals; None for the first step (``previous`` is
+    None) and after a step nobody reached."""
+    if not previous:
+        return None
+    return round(reached / previous, 4)
 
 
 def _reached(campaign: Campaign, customers: Iterable[_Cust]) -> list[FunnelStep]:
@@ -144,8 +178,7 @@ def _reached(campaign: Campaign, customers: Iterable[_Cust]) -> list[FunnelStep]
     prev: int | None = None
     for i, st in enumerate(campaign.stages):
         n = sum(1 for f in furthest if f >= i)
-        conv = None if prev is None else (round(n / prev, 4) if prev else None)
-        out.append(FunnelStep(st.name, stage_label(campaign, st.name), n, conv))
+        out.append(FunnelStep(st.name, stage_label(campaign, st.name), n, conversion(n, prev)))
         prev = n
     return out
 
@@ -187,8 +220,13 @@ def _group(campaign: Campaign, name: str, cs: list[_Cust], now: datetime,
         if c.stage == campaign.csp_live_stage:
             exposure += _money(_days_between(span[0], now), c.licences, price)
     done = funnel[-1].reached if funnel else 0
+
+    def inbox(kind: str) -> int:
+        return sum(c.inbox.get(kind, 0) for c in cs)
+
     return Breakdown(name, len(cs), funnel, round(done / len(cs), 4) if cs else None,
-                     round(exposure, 2), round(incurred, 2))
+                     round(exposure, 2), round(incurred, 2),
+                     bounces=inbox("bounce"), hard_bounces=inbox("hard"), replies=inbox("reply"))
 
 
 def compute_manager_report(

@@ -53,6 +53,11 @@ def _fmt_num(value: float) -> str:
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
 
 
+def _fmt_pct(share: float | None) -> str:
+    """A share (0..1) as a whole percentage; "-" when there is none."""
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
 def _nice_step(value: float) -> float:
     """The smallest 1/2/5 x 10^k at or above ``value`` and at least 1 (counts are whole)."""
     if value <= 1:
@@ -86,6 +91,7 @@ def hbar_chart(
     room = width - label_width - 86  # leave space for the value text right of the bar
     parts = [
         f'<svg id="{chart_id}" class="chart" viewBox="0 0 {width} {height}" '
+        f'style="min-width:{width}px" '  # never drawn smaller: text stays at its CSS size
         f'role="img" aria-label="{escape(title)}" preserveAspectRatio="xMinYMin meet">',
         f"<title>{escape(title)}</title>",
     ]
@@ -126,6 +132,7 @@ def daily_chart(chart_id: str, days: Sequence[DayCount], *, width: int = 520,
 
     parts = [
         f'<svg id="{chart_id}" class="chart" viewBox="0 0 {width} {height}" role="img" '
+        f'style="min-width:{width}px" '  # never drawn smaller: text stays at its CSS size
         'aria-label="Messages per day" preserveAspectRatio="xMinYMin meet">',
         "<title>Messages per day: sent, failed, queued</title>",
     ]
@@ -282,6 +289,7 @@ def _environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters["num"] = _fmt_num
+    env.globals["pct"] = _fmt_pct
     return env
 
 
