@@ -196,12 +196,19 @@ def daily_chart(chart_id: str, days: Sequence[DayCount], *, width: int = 520,
     return Markup("".join(parts))
 
 
+def stage_words(stage: str) -> str:
+    """A stage as people read it: "Awaiting cancellation", not ``awaiting_cancellation``."""
+    return stage.replace("_", " ").capitalize()
+
+
 def funnel_chart(funnel: Sequence[StageCount]) -> Markup:
-    """The stage funnel: one bar per stage, campaign order."""
+    """The stage funnel: one bar per stage, campaign order, labelled in words ("Awaiting
+    cancellation", not ``awaiting_cancellation``; the descriptions are sentences, too long
+    for a bar and shown in the tables)."""
     return hbar_chart(
         "chart-funnel", "Customers per stage",
-        [(s.stage, float(s.customers), _fmt_num(s.customers)) for s in funnel],
-        bar_class="bar funnel",
+        [(stage_words(s.stage), float(s.customers), _fmt_num(s.customers)) for s in funnel],
+        width=500, label_width=200, bar_class="bar funnel",
     )
 
 
@@ -314,6 +321,7 @@ def _environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters["num"] = _fmt_num
+    env.filters["stage"] = stage_words
     env.globals["pct"] = _fmt_pct
     return env
 
