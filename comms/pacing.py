@@ -138,13 +138,14 @@ def in_flight(session: Session, mailbox: str, now: datetime) -> int:
     ).one())
 
 
-def try_acquire(
-    session: Session, limits: Limits, *, now: datetime, lease: timedelta, recipients: int = 1,
-    kind: str = SEND, external: int = 0,
-) -> Slot | Wait:
-    """Take a slot on one mailbox if its limits allow (call inside an immediate session).
+def mailbox_wait(session: Session, limits: Limits, *, now: datetime, kind: str = SEND
+                 ) -> Wait | None:
+    """Lock the mailbox's row and check what needs no message: Graph's block, concurrency and,
+    for a ``SEND``, the rate. A ``Wait`` if any binds now, else None (the lock is kept until
+    the transaction ends, so the answer stays true for ``try_acquire`` in the same session).
 
-    A ``LOOKUP`` slot counts toward concurrency only; a ``SEND`` slot toward every limit."""
+    A claim asks this first: when a mailbox is at its limit (most of the time, with many
+    workers) the answer costs three small queries and no message row is touched."""
     box = _lock_mailbox(session, limits.mailbox)
     if box is None:
         box = SenderMailbox(address=limits.mailbox)
@@ -155,13 +156,11 @@ def try_acquire(
     if in_flight(session, limits.mailbox, now) >= limits.max_concurrent:
         return Wait(None, "concurrency limit")
     if kind == LOOKUP:
-        return _grant(session, limits, now=now, lease=lease, recipients=0, kind=LOOKUP)
-    window_start = now - limits.minute
-    is_send = col(SendSlot.kind) == SEND
+        return None
     recent = session.exec(
         select(SendSlot.started_at)
-        .where(col(SendSlot.mailbox) == limits.mailbox, col(SendSlot.started_at) > window_start,
-               is_send)
+        .where(col(SendSlot.mailbox) == limits.mailbox,
+               col(SendSlot.started_at) > now - limits.minute, col(SendSlot.kind) == SEND)
         .order_by(col(SendSlot.started_at).desc())
     ).all()
     if recent:
@@ -171,6 +170,24 @@ def try_acquire(
         if len(recent) >= limits.messages_per_minute:
             oldest_in_window = recent[limits.messages_per_minute - 1]
             return Wait(oldest_in_window + limits.minute, "rate limit")
+    return None
+
+
+def try_acquire(
+    session: Session, limits: Limits, *, now: datetime, lease: timedelta, recipients: int = 1,
+    kind: str = SEND, external: int = 0, checked: bool = False,
+) -> Slot | Wait:
+    """Take a slot on one mailbox if its limits allow (call inside an immediate session).
+
+    A ``LOOKUP`` slot counts toward concurrency only; a ``SEND`` slot toward every limit.
+    ``checked``: ``mailbox_wait`` already answered None in this session."""
+    if not checked:
+        wait = mailbox_wait(session, limits, now=now, kind=kind)
+        if wait is not None:
+            return wait
+    if kind == LOOKUP:
+        return _grant(session, limits, now=now, lease=lease, recipients=0, kind=LOOKUP)
+    is_send = col(SendSlot.kind) == SEND
     day_recipients = session.exec(
         select(sa.func.coalesce(sa.func.sum(SendSlot.recipients), 0)).where(
             col(SendSlot.mailbox) == limits.mailbox, col(SendSlot.started_at) > now - limits.day,

@@ -92,7 +92,7 @@ def test_three_mailboxes_two_workers_send_exactly_the_budget_then_the_rest_later
     queued = run_comms(env, "run", "--now", T0.isoformat(), "--limit", "0")
     assert queued.returncode == 0, queued.stdout + queued.stderr
     first_round = time.monotonic()
-    workers = [popen_comms(env, "worker", "--once", "--max-minutes", "0.1",
+    workers = [popen_comms(env, "worker", "--once", "--max-minutes", "0.15",
                            "--now", T0.isoformat()) for _ in range(2)]
     for w in workers:
         out, err = w.communicate(timeout=120)

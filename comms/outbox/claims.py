@@ -150,6 +150,17 @@ def claim(
     """
     real = clock.real()
     with db.session(immediate=True) as s:
+        # The mailbox first: at its limit, no message row is read or locked (on PostgreSQL
+        # the mailbox row lock is always taken before message rows, which are SKIP LOCKED).
+        busy = pacing.mailbox_wait(s, limits, now=real)
+        if busy is not None:
+            anything_due = s.exec(
+                select(Message.id).where(
+                    col(Message.status) == "queued", col(Message.send_after) <= clock.now(),
+                    *_claim_filter(only_ids, tag),
+                ).limit(1)
+            ).first()
+            return busy if anything_due is not None else None
         due = _due_query(db, clock, only_ids, tag)
         for _ in range(50):  # rows withdrawn or re-timed on the way, at most
             msg = s.exec(due).first()
@@ -165,7 +176,7 @@ def claim(
                         if limits.tenant is not None else 0)
             slot = pacing.try_acquire(
                 s, limits, now=real, lease=lease, recipients=len(to) + len(cc),
-                external=external,
+                external=external, checked=True,
             )
             if isinstance(slot, pacing.Wait):
                 return slot

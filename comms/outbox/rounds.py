@@ -36,6 +36,10 @@ class RunState:
     hints: dict[str, float] = field(default_factory=dict)
     # Circuit breaker: ambiguous outcomes in a row per mailbox.
     streak: dict[str, int] = field(default_factory=dict)
+    # Mailboxes a thread of this run is asking the database about right now: the others do
+    # not ask too (with several workers per host, N threads polling one mailbox's row cost
+    # more CPU than sending; measured in bench/bench_load.py).
+    claiming: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         for lim in self.dispatcher.limits:
@@ -73,18 +77,41 @@ class RunState:
                 if len(self.report.tripped) == len(self.hints):
                     self.halt.set()  # nothing left to send from
 
-    def candidates(self, index: int) -> tuple[list[pacing.Limits], float]:
-        """Mailboxes that may have a slot now (spread over threads), and the seconds until
-        the soonest hint."""
+    def take_turn(self, index: int, tried: set[str]) -> pacing.Limits | None:
+        """A mailbox this thread may ask for a slot now: its hint has passed, no other thread
+        of this run is asking, and this thread has not tried it this turn. Marked as being
+        asked until ``end_turn``. Threads start at different mailboxes (``index``)."""
         now_m = time.monotonic()
         with self.lock:
-            ready = [lim for lim in self.dispatcher.limits if self.hints[lim.mailbox] <= now_m]
-            soonest = min(self.hints.values())
-        ready.sort(key=lambda lim: self.hints[lim.mailbox])
-        if ready:
-            shift = index % len(ready)
-            ready = ready[shift:] + ready[:shift]
-        return ready, soonest - now_m
+            ready = [lim for lim in self.dispatcher.limits
+                     if self.hints[lim.mailbox] <= now_m and lim.mailbox not in self.claiming
+                     and lim.mailbox not in tried]
+            if not ready:
+                return None
+            ready.sort(key=lambda lim: self.hints[lim.mailbox])
+            lim = ready[index % len(ready)]
+            self.claiming.add(lim.mailbox)
+            return lim
+
+    def end_turn(self, lim: pacing.Limits, claimed_at: float | None) -> None:
+        """``claimed_at``: the monotonic time just before a claim that got a slot."""
+        with self.lock:
+            self.claiming.discard(lim.mailbox)
+            if claimed_at is not None:
+                # The slot started at about ``claimed_at``, and no send can start on this
+                # mailbox within one interval of it (the database enforces it; this spares it
+                # the question).
+                self.hints[lim.mailbox] = max(
+                    self.hints[lim.mailbox], claimed_at + lim.interval.total_seconds())
+
+    def next_wait(self) -> float:
+        """Seconds until a mailbox may be worth asking again (short while another thread of
+        this run is asking: its answer comes in milliseconds)."""
+        now_m = time.monotonic()
+        with self.lock:
+            if self.claiming:
+                return 0.005
+            return min(self.hints.values()) - now_m
 
     def _wait_on(self, lim: pacing.Limits, got: pacing.Wait) -> None:
         d = self.dispatcher
@@ -105,18 +132,23 @@ class RunState:
         """A claimed message; True when nothing is claimable now (wait), False when nothing
         is due at all or nothing can be claimed before the deadline (this thread ends)."""
         d = self.dispatcher
-        ready, wait_for = self.candidates(index)
-        for lim in ready:
-            got = claim(d.db, lim, settings=d.settings, clock=d.clock, worker=d.worker,
-                        lease=d.lease, only_ids=self.only_ids, tag=self.tag,
-                        report=self.report, window=d.window)
+        tried: set[str] = set()
+        while (lim := self.take_turn(index, tried)) is not None:
+            got: Claimed | pacing.Wait | None = None
+            asked = time.monotonic()
+            try:
+                got = claim(d.db, lim, settings=d.settings, clock=d.clock, worker=d.worker,
+                            lease=d.lease, only_ids=self.only_ids, tag=self.tag,
+                            report=self.report, window=d.window)
+            finally:
+                self.end_turn(lim, asked if isinstance(got, Claimed) else None)
             if isinstance(got, Claimed):
                 return got
             if got is None:
                 return False  # nothing due on any mailbox
             self._wait_on(lim, got)
-        if ready:
-            _, wait_for = self.candidates(index)
+            tried.add(lim.mailbox)
+        wait_for = self.next_wait()
         if time.monotonic() + wait_for >= self.deadline:
             return False
         time.sleep(min(max(wait_for, 0.002), 0.5))
