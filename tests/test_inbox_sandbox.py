@@ -136,3 +136,41 @@ def test_no_read_permission_names_the_fix(sandbox: Sandbox, sandbox_settings: Se
     with pytest.raises(InboxError, match=r"Mail\.Read"):
         list(reader.pages(BOX, None))
     reader.close()
+
+
+def test_the_inbox_dates_what_arrives_on_a_simulated_clock(
+    sandbox: Sandbox, sandbox_settings: Settings
+) -> None:
+    """A simulation (the demo) sets the Inbox's clock: injected replies are dated on it, and an
+    NDR produced by a send arrives ``ndr_delay`` after the send on it; the admin endpoint sets
+    a clock that runs on from a given time."""
+    import datetime as dt
+
+    from comms.sandbox import inbox as sandbox_inbox
+
+    simulated = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
+    admin = InboxAdmin(sandbox)
+    admin.set_clock(lambda: simulated, ndr_delay=dt.timedelta(minutes=2))
+    reply = admin.inject(kind="reply", mailbox=BOX, body="done", **{"from": "c@x.example"})
+    assert reply["receivedDateTime"] == "2026-11-30T08:00:00Z"
+    admin.set_dead("dead@x.example")
+    sandbox_inbox.after_accept(sandbox._core, BOX, {
+        "id": "AAMkADsim0001", "send_id": "s1", "to": ["dead@x.example"], "cc": [],
+        "subject": "Hi", "internet_message_id": "<s1@f.example>",
+        "received_at": "2026-11-30T08:00:00+00:00", "text": "hello"})
+    bounce = admin.messages(BOX)[-1]
+    assert bounce["subject"].startswith("Undeliverable")
+    assert bounce["receivedDateTime"] == "2026-11-30T08:02:00Z"
+
+    base = f"{sandbox.base_url}/_sandbox/inbox/clock"
+    answer = requests.post(base, json={"now": "2026-12-24T18:00:00Z"},
+                           verify=str(sandbox.ca_file))
+    assert answer.status_code == 200 and answer.json()["now"].startswith("2026-12-24T18:0")
+    later = admin.inject(kind="reply", mailbox=BOX, body="x", **{"from": "c@x.example"})
+    assert later["receivedDateTime"].startswith("2026-12-24T18:0")
+    assert requests.post(base, json={"now": "2026-12-24T18:00:00"},
+                         verify=str(sandbox.ca_file)).status_code == 400
+    requests.post(base, json={"now": None}, verify=str(sandbox.ca_file))
+    now = admin.inject(kind="reply", mailbox=BOX, body="y", **{"from": "c@x.example"})
+    real = dt.datetime.fromisoformat(now["receivedDateTime"].replace("Z", "+00:00"))
+    assert abs(real - dt.datetime.now(dt.UTC)) < dt.timedelta(minutes=1)
