@@ -16,10 +16,8 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import random
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,7 +30,13 @@ import requests
 from comms.config import Settings
 from comms.delivery.auth import TokenProvider, make_session, token_provider_for
 from comms.delivery.base import SEND_ID_PROPERTY_ID
-from comms.delivery.graph import parse_retry_after
+from comms.delivery.reads import (
+    ReadPolicy,
+    ReadsExhausted,
+    RetryingReads,
+    UntrustedServer,
+    doubling,
+)
 from comms.errors import DeliveryError
 from comms.inbox.classify import Attachment
 
@@ -75,8 +79,10 @@ class InboxReader:
         self.page_size = page_size
         self.sleep = sleep
         self.scale = max(getattr(settings.delivery, "time_scale", 1.0), 0.001)
-        self.requests = 0
-        self.retries = 0
+        self._reads = RetryingReads(self.session, ReadPolicy(
+            max_attempts=MAX_ATTEMPTS, retried=RETRIABLE,
+            backoff=doubling(BACKOFF_BASE, cap=BACKOFF_CAP, jitter=True),
+            time_scale=self.scale, request_ids=True), sleep=sleep)
         self._lock = threading.Lock()
 
     @property
@@ -96,52 +102,42 @@ class InboxReader:
 
     def get(self, url: str, *, prefer: str = "", raw: bool = False) -> requests.Response:
         """GET with the retry policy above; returns the 2xx response."""
-        token = self.tokens.token()
-        refreshed = False
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            headers = {"Authorization": f"Bearer {token}", "client-request-id": str(uuid.uuid4())}
-            headers["Accept"] = "*/*" if raw else "application/json"
-            if prefer:
-                headers["Prefer"] = prefer
-            with self._lock:
-                self.requests += 1
-            try:
-                response = self.session.get(url, headers=headers, allow_redirects=False)
-            except requests.exceptions.SSLError as exc:
-                raise InboxError(
-                    f"the TLS certificate of {url.split('/')[2]} is not trusted ({exc}); set "
-                    "[graph] ca_file to the CA bundle that signs it"
-                ) from exc
-            except requests.exceptions.RequestException as exc:
-                if attempt == MAX_ATTEMPTS:
-                    raise InboxError(
-                        f"reading {_short(url)} failed {attempt} times ({type(exc).__name__}); "
-                        "check that Graph is reachable and run `comms inbox sync` again"
-                    ) from exc
-                self._backoff(attempt, None)
-                continue
-            status = response.status_code
-            if status == 401 and not refreshed:
-                token, refreshed = self.tokens.refresh(token), True
-                continue
-            if status in RETRIABLE and attempt < MAX_ATTEMPTS:
-                self._backoff(attempt, response.headers.get("Retry-After"))
-                continue
-            if 200 <= status < 300:
-                return response
-            raise InboxError(_explain(status, response, url))
-        raise InboxError(f"reading {_short(url)} was throttled {MAX_ATTEMPTS} times; run "
-                         "`comms inbox sync` again later")
+        headers = {"Accept": "*/*" if raw else "application/json"}
+        if prefer:
+            headers["Prefer"] = prefer
+        return self._send(url, headers)
 
-    def _backoff(self, attempt: int, retry_after: str | None) -> None:
-        with self._lock:
-            self.retries += 1
-        if retry_after is not None:
-            wait = parse_retry_after(retry_after)
-        else:
-            wait = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)) * self.scale
-            wait *= 0.5 + random.random()  # jitter: concurrent readers do not retry in step
-        self.sleep(wait)
+    def _send(self, url: str, headers: dict[str, str], *, method: str = "GET",
+              json: Any = None) -> requests.Response:
+        tokens = self.tokens
+        try:
+            response = self._reads.send(url, token=tokens.token, refresh=tokens.refresh,
+                                        headers=headers, method=method, json=json)
+        except UntrustedServer as exc:
+            raise InboxError(
+                f"the TLS certificate of {exc.host} is not trusted ({exc.detail}); set "
+                "[graph] ca_file to the CA bundle that signs it"
+            ) from exc
+        except ReadsExhausted as exc:
+            if exc.last.startswith("HTTP"):
+                raise InboxError(f"reading {_short(url)} was throttled {exc.attempts} times; "
+                                 "run `comms inbox sync` again later") from exc
+            raise InboxError(
+                f"reading {_short(url)} failed {exc.attempts} times ({exc.last}); "
+                "check that Graph is reachable and run `comms inbox sync` again"
+            ) from exc
+        if 200 <= response.status_code < 300:
+            return response
+        raise InboxError(_explain(response.status_code, _error_of(response), url))
+
+    @property
+    def requests(self) -> int:
+        """HTTP requests sent (every attempt; a $batch counts once)."""
+        return self._reads.requests
+
+    @property
+    def retries(self) -> int:
+        return self._reads.retries
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -241,12 +237,17 @@ def _short(url: str) -> str:
     return url.split("?")[0]
 
 
-def _explain(status: int, response: requests.Response, url: str) -> str:
+def _error_of(response: requests.Response) -> tuple[str, str]:
+    """(code, message) of a Graph error body."""
     try:
         error = response.json().get("error") or {}
-        code, text = str(error.get("code") or ""), str(error.get("message") or "")
+        return str(error.get("code") or ""), str(error.get("message") or "")
     except (ValueError, AttributeError):
-        code, text = "", response.text[:200]
+        return "", response.text[:200]
+
+
+def _explain(status: int, error: tuple[str, str], url: str) -> str:
+    code, text = error
     where = f"({status} {code}: {text})"
     if status == 403:
         return (f"no permission to read {_short(url)} {where}: grant Mail.Read (or "
