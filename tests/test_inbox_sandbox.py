@@ -174,3 +174,35 @@ def test_the_inbox_dates_what_arrives_on_a_simulated_clock(
     now = admin.inject(kind="reply", mailbox=BOX, body="y", **{"from": "c@x.example"})
     real = dt.datetime.fromisoformat(now["receivedDateTime"].replace("Z", "+00:00"))
     assert abs(real - dt.datetime.now(dt.UTC)) < dt.timedelta(minutes=1)
+
+
+def test_ndr_attachments_read_through_json_batching(
+    sandbox: Sandbox, sandbox_settings: Settings
+) -> None:
+    """``attachments_many``: the same attachments as one read per NDR, in $batch requests of
+    20 reads (the lists, then the attached items' MIME); reads throttled inside a batch are sent
+    again, an error inside a batch names the fix."""
+    from comms.sandbox import inbox as sandbox_inbox
+
+    core = sandbox._core
+    ids = []
+    for n in range(25):
+        original = {"subject": f"Hi {n}", "internetMessageId": f"<o{n}@f.example>",
+                    "toRecipients": [{"emailAddress": {"address": f"a{n}@x.example"}}],
+                    "internetMessageHeaders": [{"name": "x-comms-send-id", "value": f"sid{n}"}]}
+        ids.append(sandbox_inbox.ndr(core, BOX, recipient=f"a{n}@x.example", original=original,
+                                     attach="item" if n % 2 else "file")["id"])
+    reader = InboxReader(sandbox_settings, sleep=lambda s: None)
+    found = reader.attachments_many(BOX, ids)
+    assert reader.requests == 3  # 25 lists in 2 batches, the 12 items' MIME in 1
+    for n, mid in enumerate(ids):
+        assert found[mid] == reader.attachments(BOX, mid)
+        assert f"x-comms-send-id: sid{n}" in found[mid][1].text
+    sandbox.set_faults(seed=5)
+    InboxAdmin(sandbox).set_faults(read_throttle_rate=0.4)
+    assert reader.attachments_many(BOX, ids) == found
+    assert reader.retries > 0
+    InboxAdmin(sandbox).set_faults()
+    with pytest.raises(InboxError, match="not found"):
+        reader.attachments_many(BOX, [ids[0], "AAMkADnosuchmessage"])
+    reader.close()

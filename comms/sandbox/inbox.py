@@ -81,6 +81,7 @@ _MIME_FILTER = re.compile(
 class InboxStore:
     lock: threading.Lock = field(default_factory=threading.Lock)
     messages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    by_id: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (mailbox, id)
     seq: int = 0
     dead: set[str] = field(default_factory=set)
     read_throttle_rate: float = 0.0
@@ -154,6 +155,7 @@ def deliver(
         st.seq += 1
         message["_seq"] = st.seq
         st.messages.setdefault(mailbox.lower(), []).append(message)
+        st.by_id[(mailbox.lower(), str(message["id"]))] = message
         st.counters["injected"] += 1
     return message
 
@@ -504,7 +506,7 @@ def _shape(message: dict[str, Any], select: list[str]) -> dict[str, Any]:
 def _find(core: Core, mailbox: str, message_id: str) -> dict[str, Any] | None:
     st = store(core)
     with st.lock:
-        return next((m for m in st.messages.get(mailbox, []) if m["id"] == message_id), None)
+        return st.by_id.get((mailbox, message_id))
 
 
 def _attachments(
