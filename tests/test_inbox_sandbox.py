@@ -206,3 +206,29 @@ def test_ndr_attachments_read_through_json_batching(
     with pytest.raises(InboxError, match="not found"):
         reader.attachments_many(BOX, [ids[0], "AAMkADnosuchmessage"])
     reader.close()
+
+
+def test_inbox_and_sync_reads_share_one_retry_policy(
+    sandbox: Sandbox, sandbox_settings: Settings
+) -> None:
+    """``comms.delivery.reads`` under both clients: a read throttled every time is tried
+    ``max_attempts`` times with a wait between attempts (none after the last), then each client
+    gives up with its own error naming the fix."""
+    from comms.sync.clients import Reader, SourceFailed
+
+    _fill(sandbox, 1)
+    InboxAdmin(sandbox).set_faults(read_throttle_rate=1.0)
+    inbox = InboxReader(sandbox_settings, sleep=lambda s: None)
+    with pytest.raises(InboxError, match=r"failed \(429 ApplicationThrottled"):
+        inbox.get(inbox.first_url(BOX))
+    assert (inbox.requests, inbox.retries) == (8, 7)
+    waits: list[float] = []
+    sync = Reader(inbox.session, max_attempts=3, sleep=waits.append)
+    tokens = inbox.tokens
+    with pytest.raises(SourceFailed, match=r"still failing after 3 attempts \(HTTP 429\); run "
+                                           r"`comms sync` again later"):
+        sync.get(inbox.first_url(BOX), tokens.token, tokens.refresh, None, "the Inbox")
+    assert sync.retries == 2 and len(waits) == 2
+    InboxAdmin(sandbox).set_faults()
+    assert sync.get(inbox.first_url(BOX), tokens.token, tokens.refresh).status_code == 200
+    inbox.close()
