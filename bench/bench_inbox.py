@@ -2,10 +2,10 @@
 with nothing new (target <= 1 s).
 
 Builds a 10,000-customer SQLite ledger with one sent message each, starts the sandbox over
-HTTPS in-process, fills one sender mailbox's Inbox with a realistic mix (NDRs with the original
-attached, threaded replies, auto-replies, opt-outs, unmatched mail), then times the real sync
-service (Graph delta pages, attachment reads, Sent Items lookups, classification, one
-transaction per message) and a second sync.
+HTTPS in a second process, fills one sender mailbox's Inbox with a realistic mix (NDRs with the
+original attached, threaded replies, auto-replies, opt-outs, unmatched mail), then times the real
+sync service (Graph delta pages, NDR attachments in JSON batches, Sent Items lookups,
+classification, effects in chunks of 500 messages a transaction) and a second sync.
 
     .venv/bin/python bench/bench_inbox.py [--messages 10000] [--append-docs]
 """

@@ -316,3 +316,31 @@ def test_the_reply_holds_the_reminders(
     fast = [k for k in sorted(history)[: len(history) // 2] if k != key]
     assert all("cancel_reminder" in [i["message"] for i in history[k]] for k in fast)
     assert [kind for _, kind, _ in demo.inbound] == ["bounce", "reply"]
+
+
+def test_the_bounce_and_the_reply_are_dated_on_the_simulated_timeline(
+    demo: DemoResult,
+) -> None:
+    """The sandbox's Inbox runs on the demo's clock: the NDR arrives minutes after the message
+    it reports, the reply after the email it answers, both inside the simulated month and
+    before the run that read them."""
+    from comms.services.demo import NDR_DELAY, RUN_EVERY, START
+    from comms.store.inbox_models import InboundMessage
+
+    db = open_database(demo.database_url)
+    with db.session() as s:
+        rows = s.exec(select(InboundMessage).order_by(col(InboundMessage.id))).all()
+        answered = {m.id: m for m in s.exec(select(Message).where(col(Message.id).in_(
+            [r.message_id for r in rows if r.message_id is not None])))}
+    db.dispose()
+    assert [r.kind for r in rows] == ["bounce", "reply"]
+    for row in rows:
+        assert row.received_at is not None and row.message_id in answered
+        sent = answered[row.message_id].sent_at
+        assert sent is not None
+        assert START <= sent < row.received_at <= row.processed_at
+        assert row.processed_at <= demo.ended_at + RUN_EVERY
+    bounce, reply = rows
+    assert bounce.received_at - answered[bounce.message_id].sent_at <= NDR_DELAY
+    replied_at = next(at for at, what in demo.steps if "replied" in what)
+    assert replied_at <= reply.received_at < replied_at + timedelta(minutes=1)

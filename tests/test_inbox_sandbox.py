@@ -136,3 +136,99 @@ def test_no_read_permission_names_the_fix(sandbox: Sandbox, sandbox_settings: Se
     with pytest.raises(InboxError, match=r"Mail\.Read"):
         list(reader.pages(BOX, None))
     reader.close()
+
+
+def test_the_inbox_dates_what_arrives_on_a_simulated_clock(
+    sandbox: Sandbox, sandbox_settings: Settings
+) -> None:
+    """A simulation (the demo) sets the Inbox's clock: injected replies are dated on it, and an
+    NDR produced by a send arrives ``ndr_delay`` after the send on it; the admin endpoint sets
+    a clock that runs on from a given time."""
+    import datetime as dt
+
+    from comms.sandbox import inbox as sandbox_inbox
+
+    simulated = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
+    admin = InboxAdmin(sandbox)
+    admin.set_clock(lambda: simulated, ndr_delay=dt.timedelta(minutes=2))
+    reply = admin.inject(kind="reply", mailbox=BOX, body="done", **{"from": "c@x.example"})
+    assert reply["receivedDateTime"] == "2026-11-30T08:00:00Z"
+    admin.set_dead("dead@x.example")
+    sandbox_inbox.after_accept(sandbox._core, BOX, {
+        "id": "AAMkADsim0001", "send_id": "s1", "to": ["dead@x.example"], "cc": [],
+        "subject": "Hi", "internet_message_id": "<s1@f.example>",
+        "received_at": "2026-11-30T08:00:00+00:00", "text": "hello"})
+    bounce = admin.messages(BOX)[-1]
+    assert bounce["subject"].startswith("Undeliverable")
+    assert bounce["receivedDateTime"] == "2026-11-30T08:02:00Z"
+
+    base = f"{sandbox.base_url}/_sandbox/inbox/clock"
+    answer = requests.post(base, json={"now": "2026-12-24T18:00:00Z"},
+                           verify=str(sandbox.ca_file))
+    assert answer.status_code == 200 and answer.json()["now"].startswith("2026-12-24T18:0")
+    later = admin.inject(kind="reply", mailbox=BOX, body="x", **{"from": "c@x.example"})
+    assert later["receivedDateTime"].startswith("2026-12-24T18:0")
+    assert requests.post(base, json={"now": "2026-12-24T18:00:00"},
+                         verify=str(sandbox.ca_file)).status_code == 400
+    requests.post(base, json={"now": None}, verify=str(sandbox.ca_file))
+    now = admin.inject(kind="reply", mailbox=BOX, body="y", **{"from": "c@x.example"})
+    real = dt.datetime.fromisoformat(now["receivedDateTime"].replace("Z", "+00:00"))
+    assert abs(real - dt.datetime.now(dt.UTC)) < dt.timedelta(minutes=1)
+
+
+def test_ndr_attachments_read_through_json_batching(
+    sandbox: Sandbox, sandbox_settings: Settings
+) -> None:
+    """``attachments_many``: the same attachments as one read per NDR, in $batch requests of
+    20 reads (the lists, then the attached items' MIME); reads throttled inside a batch are sent
+    again, an error inside a batch names the fix."""
+    from comms.sandbox import inbox as sandbox_inbox
+
+    core = sandbox._core
+    ids = []
+    for n in range(25):
+        original = {"subject": f"Hi {n}", "internetMessageId": f"<o{n}@f.example>",
+                    "toRecipients": [{"emailAddress": {"address": f"a{n}@x.example"}}],
+                    "internetMessageHeaders": [{"name": "x-comms-send-id", "value": f"sid{n}"}]}
+        ids.append(sandbox_inbox.ndr(core, BOX, recipient=f"a{n}@x.example", original=original,
+                                     attach="item" if n % 2 else "file")["id"])
+    reader = InboxReader(sandbox_settings, sleep=lambda s: None)
+    found = reader.attachments_many(BOX, ids)
+    assert reader.requests == 3  # 25 lists in 2 batches, the 12 items' MIME in 1
+    for n, mid in enumerate(ids):
+        assert found[mid] == reader.attachments(BOX, mid)
+        assert f"x-comms-send-id: sid{n}" in found[mid][1].text
+    sandbox.set_faults(seed=5)
+    InboxAdmin(sandbox).set_faults(read_throttle_rate=0.4)
+    assert reader.attachments_many(BOX, ids) == found
+    assert reader.retries > 0
+    InboxAdmin(sandbox).set_faults()
+    with pytest.raises(InboxError, match="not found"):
+        reader.attachments_many(BOX, [ids[0], "AAMkADnosuchmessage"])
+    reader.close()
+
+
+def test_inbox_and_sync_reads_share_one_retry_policy(
+    sandbox: Sandbox, sandbox_settings: Settings
+) -> None:
+    """``comms.delivery.reads`` under both clients: a read throttled every time is tried
+    ``max_attempts`` times with a wait between attempts (none after the last), then each client
+    gives up with its own error naming the fix."""
+    from comms.sync.clients import Reader, SourceFailed
+
+    _fill(sandbox, 1)
+    InboxAdmin(sandbox).set_faults(read_throttle_rate=1.0)
+    inbox = InboxReader(sandbox_settings, sleep=lambda s: None)
+    with pytest.raises(InboxError, match=r"failed \(429 ApplicationThrottled"):
+        inbox.get(inbox.first_url(BOX))
+    assert (inbox.requests, inbox.retries) == (8, 7)
+    waits: list[float] = []
+    sync = Reader(inbox.session, max_attempts=3, sleep=waits.append)
+    tokens = inbox.tokens
+    with pytest.raises(SourceFailed, match=r"still failing after 3 attempts \(HTTP 429\); run "
+                                           r"`comms sync` again later"):
+        sync.get(inbox.first_url(BOX), tokens.token, tokens.refresh, None, "the Inbox")
+    assert sync.retries == 2 and len(waits) == 2
+    InboxAdmin(sandbox).set_faults()
+    assert sync.get(inbox.first_url(BOX), tokens.token, tokens.refresh).status_code == 200
+    inbox.close()

@@ -22,6 +22,7 @@ Rules, first match wins:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -214,12 +215,29 @@ def own_text(text: str, lines: int | None = None) -> str:
     return "\n".join(out)
 
 
+_REPLY_PREFIX = re.compile(r"^\s*((re|aw|wg|fw|fwd|tr|antw)\s*:\s*)+", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=16)
+def _keyword_patterns(keywords: tuple[str, ...]) -> tuple[re.Pattern[str], list[re.Pattern[str]]]:
+    """All keywords in one pattern (most replies match none: one search rejects them), and
+    one pattern per keyword (in order: the first keyword of the list wins, not the first in
+    the text)."""
+    each = [rf"(?<!\w){re.escape(kw.lower())}(?!\w)" for kw in keywords]
+    return re.compile("|".join(each) or r"(?!)"), [re.compile(p) for p in each]
+
+
 def optout_keyword(msg: Inbound, keywords: Sequence[str]) -> str:
     """The first opt-out keyword in the subject (minus RE:/AW:) or the reply's own text."""
-    subject = re.sub(r"^\s*((re|aw|wg|fw|fwd|tr|antw)\s*:\s*)+", "", msg.subject, flags=re.I)
+    if not keywords:
+        return ""
+    subject = _REPLY_PREFIX.sub("", msg.subject)
     haystack = f"{subject}\n{own_text(msg.text)}".lower()
-    for kw in keywords:
-        if re.search(rf"(?<!\w){re.escape(kw.lower())}(?!\w)", haystack):
+    anyone, each = _keyword_patterns(tuple(keywords))
+    if not anyone.search(haystack):
+        return ""
+    for kw, pattern in zip(keywords, each, strict=True):
+        if pattern.search(haystack):
             return kw
     return ""
 

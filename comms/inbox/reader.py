@@ -3,12 +3,16 @@ session, CA trust and token provider as the Graph transport).
 
 - ``pages(mailbox, delta_link)``: one round of ``/mailFolders/inbox/messages/delta``, page by
   page; the last page carries the ``@odata.deltaLink`` to store for the next round.
-- ``attachments(mailbox, message_id)``: the NDR's attached original / delivery status, decoded.
-- ``send_id_by_internet_message_id`` / ``conversation_send_id``: Sent Items lookups.
+- ``attachments(mailbox, message_id)``: the NDR's attached original / delivery status, decoded;
+  ``attachments_many`` does it for many NDRs through Graph JSON batching (``$batch``, 20 reads
+  a request).
+- ``sent_send_id`` / ``sent_index``: Sent Items lookups.
 
-Reads are idempotent, so unlike ``sendMail`` they are retried: 429 and 503/504 after
-``Retry-After`` (or a growing backoff), a broken connection after a backoff, up to
-``MAX_ATTEMPTS``; 401 once with a fresh token. Anything else raises ``InboxError`` naming the fix.
+Reads are idempotent, so unlike ``sendMail`` they are retried (``comms.delivery.reads``, the
+policy stage sync uses too): 429 and 503/504 after ``Retry-After`` (or a growing backoff), a
+broken connection after a backoff, up to ``MAX_ATTEMPTS``; 401 once with a fresh token; a read
+throttled inside a batch goes into a later batch. Anything else raises ``InboxError`` naming the
+fix.
 """
 
 from __future__ import annotations
@@ -16,10 +20,8 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import random
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,7 +34,13 @@ import requests
 from comms.config import Settings
 from comms.delivery.auth import TokenProvider, make_session, token_provider_for
 from comms.delivery.base import SEND_ID_PROPERTY_ID
-from comms.delivery.graph import parse_retry_after
+from comms.delivery.reads import (
+    ReadPolicy,
+    ReadsExhausted,
+    RetryingReads,
+    UntrustedServer,
+    doubling,
+)
 from comms.errors import DeliveryError
 from comms.inbox.classify import Attachment
 
@@ -42,6 +50,7 @@ MAX_ATTEMPTS = 8
 BACKOFF_BASE = 0.5  # seconds, doubled per attempt (scaled by [delivery] time_scale), capped
 BACKOFF_CAP = 30.0
 RETRIABLE = frozenset({429, 503, 504})
+BATCH_SIZE = 20  # Graph's limit of requests in one JSON batch
 SELECT_BASIC = (
     "subject", "from", "sender", "toRecipients", "receivedDateTime", "internetMessageId",
     "conversationId", "internetMessageHeaders", "hasAttachments",
@@ -75,8 +84,10 @@ class InboxReader:
         self.page_size = page_size
         self.sleep = sleep
         self.scale = max(getattr(settings.delivery, "time_scale", 1.0), 0.001)
-        self.requests = 0
-        self.retries = 0
+        self._reads = RetryingReads(self.session, ReadPolicy(
+            max_attempts=MAX_ATTEMPTS, retried=RETRIABLE,
+            backoff=doubling(BACKOFF_BASE, cap=BACKOFF_CAP, jitter=True),
+            time_scale=self.scale, request_ids=True), sleep=sleep)
         self._lock = threading.Lock()
 
     @property
@@ -96,52 +107,42 @@ class InboxReader:
 
     def get(self, url: str, *, prefer: str = "", raw: bool = False) -> requests.Response:
         """GET with the retry policy above; returns the 2xx response."""
-        token = self.tokens.token()
-        refreshed = False
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            headers = {"Authorization": f"Bearer {token}", "client-request-id": str(uuid.uuid4())}
-            headers["Accept"] = "*/*" if raw else "application/json"
-            if prefer:
-                headers["Prefer"] = prefer
-            with self._lock:
-                self.requests += 1
-            try:
-                response = self.session.get(url, headers=headers, allow_redirects=False)
-            except requests.exceptions.SSLError as exc:
-                raise InboxError(
-                    f"the TLS certificate of {url.split('/')[2]} is not trusted ({exc}); set "
-                    "[graph] ca_file to the CA bundle that signs it"
-                ) from exc
-            except requests.exceptions.RequestException as exc:
-                if attempt == MAX_ATTEMPTS:
-                    raise InboxError(
-                        f"reading {_short(url)} failed {attempt} times ({type(exc).__name__}); "
-                        "check that Graph is reachable and run `comms inbox sync` again"
-                    ) from exc
-                self._backoff(attempt, None)
-                continue
-            status = response.status_code
-            if status == 401 and not refreshed:
-                token, refreshed = self.tokens.refresh(token), True
-                continue
-            if status in RETRIABLE and attempt < MAX_ATTEMPTS:
-                self._backoff(attempt, response.headers.get("Retry-After"))
-                continue
-            if 200 <= status < 300:
-                return response
-            raise InboxError(_explain(status, response, url))
-        raise InboxError(f"reading {_short(url)} was throttled {MAX_ATTEMPTS} times; run "
-                         "`comms inbox sync` again later")
+        headers = {"Accept": "*/*" if raw else "application/json"}
+        if prefer:
+            headers["Prefer"] = prefer
+        return self._send(url, headers)
 
-    def _backoff(self, attempt: int, retry_after: str | None) -> None:
-        with self._lock:
-            self.retries += 1
-        if retry_after is not None:
-            wait = parse_retry_after(retry_after)
-        else:
-            wait = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)) * self.scale
-            wait *= 0.5 + random.random()  # jitter: concurrent readers do not retry in step
-        self.sleep(wait)
+    def _send(self, url: str, headers: dict[str, str], *, method: str = "GET",
+              json: Any = None) -> requests.Response:
+        tokens = self.tokens
+        try:
+            response = self._reads.send(url, token=tokens.token, refresh=tokens.refresh,
+                                        headers=headers, method=method, json=json)
+        except UntrustedServer as exc:
+            raise InboxError(
+                f"the TLS certificate of {exc.host} is not trusted ({exc.detail}); set "
+                "[graph] ca_file to the CA bundle that signs it"
+            ) from exc
+        except ReadsExhausted as exc:
+            if exc.last.startswith("HTTP"):
+                raise InboxError(f"reading {_short(url)} was throttled {exc.attempts} times; "
+                                 "run `comms inbox sync` again later") from exc
+            raise InboxError(
+                f"reading {_short(url)} failed {exc.attempts} times ({exc.last}); "
+                "check that Graph is reachable and run `comms inbox sync` again"
+            ) from exc
+        if 200 <= response.status_code < 300:
+            return response
+        raise InboxError(_explain(response.status_code, _error_of(response), url))
+
+    @property
+    def requests(self) -> int:
+        """HTTP requests sent (every attempt; a $batch counts once)."""
+        return self._reads.requests
+
+    @property
+    def retries(self) -> int:
+        return self._reads.retries
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -168,25 +169,79 @@ class InboxReader:
 
     def attachments(self, mailbox: str, message_id: str) -> list[Attachment]:
         """The attachments' text: headers/MIME of an attached original, a delivery status."""
-        base = f"{self._user(mailbox)}/messages/{quote(message_id, safe='')}/attachments"
+        base = self._attachments_url(mailbox, message_id)
         items = self.get(base).json().get("value") or []
-        out: list[Attachment] = []
-        for item in items:
-            ctype = str(item.get("contentType") or "")
-            kind = str(item.get("@odata.type") or "")
-            if kind.endswith("itemAttachment"):
-                url = f"{base}/{quote(str(item['id']), safe='')}/$value"
-                out.append(Attachment("message/rfc822", _headers_only(self.get(url, raw=True)
-                                                                      .content)))
-            elif item.get("contentBytes"):
-                try:
-                    data = base64.b64decode(item["contentBytes"])
-                except (binascii.Error, ValueError):
-                    continue
-                text = _headers_only(data) if ctype == "message/rfc822" else data.decode(
-                    "utf-8", "replace")
-                out.append(Attachment(ctype, text))
+        raws = {str(item["id"]): self.get(url, raw=True).content
+                for item, url in _item_urls(base, items)}
+        return _decoded(items, raws)
+
+    def attachments_many(self, mailbox: str, message_ids: list[str]) -> dict[str, list[Attachment]]:
+        """``attachments`` of many messages through JSON batching: the lists in batches of 20,
+        then the attached items' MIME in batches of 20 (a request per 20 reads, not per read)."""
+        bases = [self._attachments_url(mailbox, mid) for mid in message_ids]
+        lists = [body.get("value") or [] if isinstance(body, dict) else []
+                 for body in self.batch_get(bases)]
+        wanted = [(i, str(item["id"]), url) for i, (base, items) in enumerate(zip(
+            bases, lists, strict=True)) for item, url in _item_urls(base, items)]
+        raws: list[dict[str, bytes]] = [{} for _ in message_ids]
+        for (i, item_id, _), body in zip(wanted, self.batch_get([u for *_, u in wanted],
+                                                               raw=True), strict=True):
+            raws[i][item_id] = body if isinstance(body, bytes) else b""
+        return {mid: _decoded(items, raw) for mid, items, raw in zip(
+            message_ids, lists, raws, strict=True)}
+
+    def batch_get(self, urls: list[str], *, raw: bool = False) -> list[Any]:
+        """GET ``urls`` through Graph JSON batching (``POST /$batch``, ``BATCH_SIZE`` a
+        request); the bodies in order: parsed JSON, or bytes with ``raw``. A read answered
+        429/503/504 inside a batch goes into a later batch after the longest ``Retry-After``
+        (the batch request itself has the retry policy of ``get``); any other error raises
+        ``InboxError`` as ``get`` would."""
+        out: list[Any] = [None] * len(urls)
+        todo = list(range(len(urls)))
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            again: list[int] = []
+            waits: list[float] = []
+            for start in range(0, len(todo), BATCH_SIZE):
+                part = todo[start:start + BATCH_SIZE]
+                for i, answer in zip(part, self._batch([urls[i] for i in part], raw),
+                                     strict=True):
+                    status, headers, body = answer
+                    if 200 <= status < 300:
+                        out[i] = base64.b64decode(body) if raw and isinstance(body, str) else (
+                            body if body is not None else (b"" if raw else {}))
+                    elif status in RETRIABLE and attempt < MAX_ATTEMPTS:
+                        again.append(i)
+                        waits.append(self._reads.retry_wait(attempt, headers.get("Retry-After")))
+                    else:
+                        error = (body or {}).get("error") or {} if isinstance(body, dict) else {}
+                        raise InboxError(_explain(status, (str(error.get("code") or ""),
+                                                           str(error.get("message") or "")),
+                                                  urls[i]))
+            if not again:
+                return out
+            self._reads.wait(max(waits))
+            todo = again
+        raise InboxError(f"reading {_short(urls[todo[0]])} was throttled {MAX_ATTEMPTS} times; "
+                         "run `comms inbox sync` again later")
+
+    def _batch(self, urls: list[str], raw: bool) -> list[tuple[int, dict[str, str], Any]]:
+        accept = "*/*" if raw else "application/json"
+        payload = {"requests": [
+            {"id": str(n), "method": "GET", "url": url[len(self.base_url):],
+             "headers": {"Accept": accept}} for n, url in enumerate(urls)]}
+        body = self._send(f"{self.base_url}/$batch", {"Accept": "application/json"},
+                          method="POST", json=payload).json()
+        by_id = {str(r.get("id")): r for r in body.get("responses") or []}
+        out = []
+        for n in range(len(urls)):
+            r = by_id.get(str(n)) or {"status": 502, "body": {"error": {
+                "code": "BatchAnswerMissing", "message": "no answer for this read"}}}
+            headers = {str(k): str(v) for k, v in (r.get("headers") or {}).items()}
+            out.append((int(r.get("status") or 0), headers, r.get("body")))
         return out
+
+    def _attachments_url(self, mailbox: str, message_id: str) -> str:
+        return f"{self._user(mailbox)}/messages/{quote(message_id, safe='')}/attachments"
 
     def sent_send_id(self, mailbox: str, field: str, value: str) -> str | None:
         """The comms send id of the Sent Items message whose ``field`` (internetMessageId or
@@ -228,6 +283,32 @@ class InboxReader:
         return out
 
 
+def _item_urls(base: str, items: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+    """The ``$value`` URL of each item attachment (an attached message: its MIME)."""
+    return [(item, f"{base}/{quote(str(item['id']), safe='')}/$value") for item in items
+            if str(item.get("@odata.type") or "").endswith("itemAttachment")]
+
+
+def _decoded(items: list[dict[str, Any]], raws: dict[str, bytes]) -> list[Attachment]:
+    """The attachments' text, given the MIME of the item attachments by attachment id."""
+    out: list[Attachment] = []
+    for item in items:
+        ctype = str(item.get("contentType") or "")
+        kind = str(item.get("@odata.type") or "")
+        if kind.endswith("itemAttachment"):
+            out.append(Attachment("message/rfc822", _headers_only(raws.get(str(item["id"]),
+                                                                            b""))))
+        elif item.get("contentBytes"):
+            try:
+                data = base64.b64decode(item["contentBytes"])
+            except (binascii.Error, ValueError):
+                continue
+            text = _headers_only(data) if ctype == "message/rfc822" else data.decode(
+                "utf-8", "replace")
+            out.append(Attachment(ctype, text))
+    return out
+
+
 def _headers_only(data: bytes) -> str:
     """The header block of a MIME message (the part that carries x-comms-send-id)."""
     try:
@@ -241,12 +322,17 @@ def _short(url: str) -> str:
     return url.split("?")[0]
 
 
-def _explain(status: int, response: requests.Response, url: str) -> str:
+def _error_of(response: requests.Response) -> tuple[str, str]:
+    """(code, message) of a Graph error body."""
     try:
         error = response.json().get("error") or {}
-        code, text = str(error.get("code") or ""), str(error.get("message") or "")
+        return str(error.get("code") or ""), str(error.get("message") or "")
     except (ValueError, AttributeError):
-        code, text = "", response.text[:200]
+        return "", response.text[:200]
+
+
+def _explain(status: int, error: tuple[str, str], url: str) -> str:
+    code, text = error
     where = f"({status} {code}: {text})"
     if status == 403:
         return (f"no permission to read {_short(url)} {where}: grant Mail.Read (or "

@@ -5,7 +5,7 @@ from here: ``comms.inbox.resolver`` (Graph message -> classifier input, ledger a
 (`comms inbox list/show`, the timeline, the counts behind `comms status` and the report).
 
 Crash safety: each inbound message is recorded (unique by mailbox + Graph id) in the same
-transaction as its effects (100 messages a transaction, effects written set-based), so a message
+transaction as its effects (500 messages a transaction, effects written set-based), so a message
 is either fully applied or not at all; the mailbox's delta link is stored only after every
 message of its page was applied. A crash mid-page re-reads that page on the next sync and skips
 what was already recorded. A message another sync recorded meanwhile makes the chunk roll back
@@ -38,7 +38,7 @@ from comms.inbox.queries import (
     show_inbound,
     timeline_entries,
 )
-from comms.inbox.reader import InboxReader
+from comms.inbox.reader import BATCH_SIZE, InboxReader
 from comms.inbox.resolver import LedgerResolver, inbound_from_graph
 from comms.store.db import Database
 from comms.store.inbox_models import InboundMessage, InboxMailbox
@@ -204,16 +204,29 @@ SENT_INDEX_THRESHOLD = 50  # threaded replies on a page that make one listing ch
 _IN_REPLY_TO = re.compile(r"<[^<>\s]+>")
 
 
+_Pending = list[tuple[int, "str | tuple[int, ...]", Future[Any]]]
+
+
 def _submit(
     pool: ThreadPoolExecutor, policy: InboxPolicy, reader: InboxReader, box: str,
     items: list[dict[str, Any]], messages: list[Inbound], caches: _Caches,
-) -> list[tuple[int, str, Future[Any]]]:
-    """Start a page's Graph reads: NDR attachments, and the Sent Items lookup of each reply's
-    In-Reply-To (each id once)."""
-    out: list[tuple[int, str, Future[Any]]] = []
+) -> _Pending:
+    """Start a page's Graph reads: NDR attachments (``BATCH_SIZE`` NDRs a JSON batch), and the
+    Sent Items lookup of each reply's In-Reply-To (each id once)."""
+    out: _Pending = []
+    ndrs: list[int] = []
+
+    def flush() -> None:
+        if ndrs:
+            ids = [messages[i].graph_id for i in ndrs]
+            out.append((ndrs[0], tuple(ndrs), pool.submit(reader.attachments_many, box, ids)))
+            ndrs.clear()
+
     for i, (item, msg) in enumerate(zip(items, messages, strict=True)):
         if policy.read_body and _needs_attachments(item, msg):
-            out.append((i, "attachments", pool.submit(reader.attachments, box, msg.graph_id)))
+            ndrs.append(i)
+            if len(ndrs) == BATCH_SIZE:
+                flush()
             continue
         for mid in _IN_REPLY_TO.findall(msg.headers.get("in-reply-to", ""))[:1]:
             key = (box, "internetMessageId", mid)
@@ -223,18 +236,21 @@ def _submit(
                 caches.sent[key] = None
                 out.append((i, mid, pool.submit(reader.sent_send_id, box,
                                                 "internetMessageId", mid)))
-    out.reverse()  # popped from the end, lowest index first
+    flush()
+    out.sort(key=lambda entry: entry[0], reverse=True)  # popped from the end, lowest first
     return out
 
 
-def _collect(pending: list[tuple[int, str, Future[Any]]], messages: list[Inbound],
-             caches: _Caches, *, upto: int) -> None:
+def _collect(pending: _Pending, messages: list[Inbound], caches: _Caches, *, upto: int) -> None:
     """Wait for the reads of messages before ``upto`` and put their results in place."""
     box = messages[0].mailbox if messages else ""
     while pending and pending[-1][0] < upto:
-        i, what, future = pending.pop()
-        if what == "attachments":
-            messages[i] = replace(messages[i], attachments=tuple(future.result()))
+        _, what, future = pending.pop()
+        if isinstance(what, tuple):
+            found = future.result()
+            for i in what:
+                messages[i] = replace(messages[i],
+                                      attachments=tuple(found[messages[i].graph_id]))
         else:
             caches.sent[(box, "internetMessageId", what)] = future.result()
 
@@ -252,7 +268,10 @@ def _referenced_send_ids(messages: Sequence[Inbound], caches: _Caches) -> list[s
 
 
 _SEND_ID_IN_TEXT = re.compile(r"^\s*x-comms-send-id:\s*([A-Za-z0-9._-]+)", re.I | re.M)
-CHUNK = 100  # inbound messages per write transaction (each in its own savepoint)
+# Inbound messages per write transaction: the statements of a chunk cost about the same for 100
+# rows as for 500 (bench/bench_inbox.py), and one chunk holds SQLite's write lock well under a
+# second.
+CHUNK = 500
 
 
 def _process(

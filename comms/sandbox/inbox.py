@@ -18,7 +18,9 @@ answered 429 + ``Retry-After`` or 503 by the read fault knobs.
 
 Admin (``/_sandbox/inbox/...``, no token): ``POST inject`` (``kind`` = reply, auto_reply, ndr,
 raw), ``POST dead`` (addresses that bounce: a message sent to one produces an NDR by itself),
-``POST faults`` (``read_throttle_rate``, ``read_error_rate``), ``GET messages``.
+``POST faults`` (``read_throttle_rate``, ``read_error_rate``), ``POST clock`` (``now``,
+``ndr_delay_seconds``: what arrives is dated on a simulated timeline), ``GET messages``.
+In-process, ``InboxAdmin.set_clock`` takes any clock (the demo's simulated one).
 
 What an Exchange Online NDR looks like here: from ``postmaster@<sender domain>`` (or the
 ``MicrosoftExchange329e71ec88ae4615bbc36ab6ce41109e@`` system mailbox), subject
@@ -35,10 +37,12 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -77,10 +81,15 @@ _MIME_FILTER = re.compile(
 class InboxStore:
     lock: threading.Lock = field(default_factory=threading.Lock)
     messages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    by_id: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (mailbox, id)
     seq: int = 0
     dead: set[str] = field(default_factory=set)
     read_throttle_rate: float = 0.0
     read_error_rate: float = 0.0
+    # The Inbox's clock (None: real time). A simulation (`comms demo`) sets its own, so that
+    # what arrives is dated on its timeline; NDRs produced by a send arrive ``ndr_delay`` later.
+    clock: Callable[[], dt.datetime] | None = None
+    ndr_delay: dt.timedelta = field(default_factory=dt.timedelta)
     counters: dict[str, int] = field(default_factory=lambda: {
         "delta_requests": 0, "attachment_requests": 0, "read_throttled": 0, "read_errors": 0,
         "ndr_generated": 0, "injected": 0,
@@ -97,8 +106,14 @@ def store(core: Core) -> InboxStore:
     return found
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _now(at: dt.datetime | None = None) -> str:
+    return (at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def clock_now(core: Core) -> dt.datetime:
+    """The time on the Inbox's clock (real time unless a simulation set one)."""
+    clock = store(core).clock
+    return clock() if clock is not None else dt.datetime.now(dt.UTC)
 
 
 def _new_id(prefix: str = "AAMkAD") -> str:
@@ -112,10 +127,13 @@ def _addr(address: str, name: str = "") -> dict[str, Any]:
 # -- delivering into an Inbox ------------------------------------------------------------------
 
 
-def deliver(core: Core, mailbox: str, message: dict[str, Any]) -> dict[str, Any]:
-    """Put a Graph message resource into ``mailbox``'s Inbox (fills ids and times)."""
+def deliver(
+    core: Core, mailbox: str, message: dict[str, Any], *, at: dt.datetime | None = None
+) -> dict[str, Any]:
+    """Put a Graph message resource into ``mailbox``'s Inbox (fills ids and times: ``at``, or
+    now on the Inbox's clock)."""
     st = store(core)
-    stamp = _now()
+    stamp = _now(at or clock_now(core))
     message.setdefault("id", _new_id())
     message.setdefault("internetMessageId", f"<{os.urandom(16).hex()}@sandbox.example>")
     message.setdefault("conversationId", _new_id("AAQkAD"))
@@ -137,6 +155,7 @@ def deliver(core: Core, mailbox: str, message: dict[str, Any]) -> dict[str, Any]
         st.seq += 1
         message["_seq"] = st.seq
         st.messages.setdefault(mailbox.lower(), []).append(message)
+        st.by_id[(mailbox.lower(), str(message["id"]))] = message
         st.counters["injected"] += 1
     return message
 
@@ -172,14 +191,16 @@ def _headers_text(original: dict[str, Any], mailbox: str) -> str:
 def ndr(
     core: Core, mailbox: str, *, send_id: str | None = None, recipient: str,
     status: str = "5.1.1", attach: str = "item", system_sender: bool = False,
-    original: dict[str, Any] | None = None,
+    original: dict[str, Any] | None = None, at: dt.datetime | None = None,
 ) -> dict[str, Any]:
-    """An Exchange Online non-delivery report for ``recipient`` in ``mailbox``'s Inbox.
+    """An Exchange Online non-delivery report for ``recipient`` in ``mailbox``'s Inbox, received
+    ``at`` (default: now on the Inbox's clock).
 
     The original is found in Sent Items by ``send_id`` (or given as a resource). ``attach``:
     ``item`` (itemAttachment, MIME via ``$value``), ``file`` (fileAttachment message/rfc822),
     ``headers`` (text/rfc822-headers), ``none``."""
     mailbox = mailbox.lower()
+    at = at or clock_now(core)
     if original is None:
         if send_id is None:
             raise KeyError("an NDR needs send_id (a message in Sent Items) or the original")
@@ -206,13 +227,13 @@ def ndr(
         f"Status: {status}\r\nDiagnostic-Code: smtp;{code}\r\n"
     )
     attachments: list[dict[str, Any]] = [_file("details.txt", "message/delivery-status",
-                                               dsn.encode())]
+                                               dsn.encode(), at)]
     if attach == "item":
         mime = headers_text + "\r\n" + str((original.get("body") or {}).get("content") or "")
         attachments.append({
             "@odata.type": "#microsoft.graph.itemAttachment",
             "id": _new_id("AAMkADAtt"),
-            "lastModifiedDateTime": _now(),
+            "lastModifiedDateTime": _now(at),
             "name": str(original.get("subject") or "message"),
             "contentType": "message/rfc822",
             "size": len(mime),
@@ -221,9 +242,10 @@ def ndr(
         })
     elif attach == "file":
         mime = headers_text + "\r\n" + str((original.get("body") or {}).get("content") or "")
-        attachments.append(_file("message.eml", "message/rfc822", mime.encode()))
+        attachments.append(_file("message.eml", "message/rfc822", mime.encode(), at))
     elif attach == "headers":
-        attachments.append(_file("headers.txt", "text/rfc822-headers", headers_text.encode()))
+        attachments.append(_file("headers.txt", "text/rfc822-headers", headers_text.encode(),
+                                 at))
     message = {
         "subject": f"Undeliverable: {original.get('subject', '')}",
         "from": _addr(sender, "Microsoft Outlook"),
@@ -244,15 +266,15 @@ def ndr(
         ],
         "_attachments": attachments if attach != "none" else [],
     }
-    return deliver(core, mailbox, message)
+    return deliver(core, mailbox, message, at=at)
 
 
-def _file(name: str, content_type: str, data: bytes) -> dict[str, Any]:
+def _file(name: str, content_type: str, data: bytes, at: dt.datetime) -> dict[str, Any]:
     return {
         "@odata.type": "#microsoft.graph.fileAttachment",
         "@odata.mediaContentType": content_type,
         "id": _new_id("AAMkADAtt"),
-        "lastModifiedDateTime": _now(),
+        "lastModifiedDateTime": _now(at),
         "name": name,
         "contentType": content_type,
         "size": len(data),
@@ -314,8 +336,9 @@ def after_accept(core: Core, mailbox: str, record: dict[str, Any]) -> None:
         from comms.sandbox.graph import resource_from_record
 
         original = resource_from_record(record)
+    at = clock_now(core) + st.ndr_delay  # the send's time on the Inbox's clock, plus the trip
     for address in bounced:
-        ndr(core, mailbox, recipient=address, original=original)
+        ndr(core, mailbox, recipient=address, original=original, at=at)
         with st.lock:
             st.counters["ndr_generated"] += 1
 
@@ -483,7 +506,7 @@ def _shape(message: dict[str, Any], select: list[str]) -> dict[str, Any]:
 def _find(core: Core, mailbox: str, message_id: str) -> dict[str, Any] | None:
     st = store(core)
     with st.lock:
-        return next((m for m in st.messages.get(mailbox, []) if m["id"] == message_id), None)
+        return st.by_id.get((mailbox, message_id))
 
 
 def _attachments(
@@ -568,6 +591,10 @@ def admin(core: Core, req: Request, what: str, payload: dict[str, Any]) -> Respo
                         setattr(st, key, value)
                 return json_response(200, {"read_throttle_rate": st.read_throttle_rate,
                                            "read_error_rate": st.read_error_rate})
+        if action == "clock" and req.method == "POST":
+            _set_clock(st, payload)
+            return json_response(200, {"now": _now(clock_now(core)),
+                                       "ndr_delay_seconds": st.ndr_delay.total_seconds()})
         if action == "messages" and req.method == "GET":
             mailbox = req.query.get("mailbox", "").lower()
             with st.lock:
@@ -582,6 +609,25 @@ def admin(core: Core, req: Request, what: str, payload: dict[str, Any]) -> Respo
     except (TypeError, ValueError) as exc:
         return json_response(400, {"error": str(exc)})
     return json_response(404, {"error": f"no admin endpoint {req.method} /_sandbox/{what}"})
+
+
+def _set_clock(st: InboxStore, payload: dict[str, Any]) -> None:
+    """``{"now": "2026-11-30T00:00:00Z" | null, "ndr_delay_seconds": 60}``: the Inbox's clock
+    runs on from ``now`` (null: real time again)."""
+    start = payload.get("now")
+    delay = dt.timedelta(seconds=float(payload.get("ndr_delay_seconds", 0)))
+    clock: Callable[[], dt.datetime] | None = None
+    if start is not None:
+        at = dt.datetime.fromisoformat(str(start).replace("Z", "+00:00"))
+        if at.tzinfo is None:
+            raise ValueError("now needs a time zone (end it with Z)")
+        clock = functools.partial(_shifted, at - dt.datetime.now(dt.UTC))
+    with st.lock:
+        st.clock, st.ndr_delay = clock, delay
+
+
+def _shifted(offset: dt.timedelta) -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + offset
 
 
 def _public(message: dict[str, Any]) -> dict[str, Any]:
@@ -630,6 +676,16 @@ class InboxAdmin:
         st = store(self.core)
         with st.lock:
             st.read_throttle_rate, st.read_error_rate = read_throttle_rate, read_error_rate
+
+    def set_clock(
+        self, clock: Callable[[], dt.datetime] | None, *,
+        ndr_delay: dt.timedelta = dt.timedelta(0),
+    ) -> None:
+        """Date what arrives on ``clock`` (a simulated one; None: real time again); an NDR
+        produced by a send arrives ``ndr_delay`` after it on that clock."""
+        st = store(self.core)
+        with st.lock:
+            st.clock, st.ndr_delay = clock, ndr_delay
 
     def messages(self, mailbox: str) -> list[dict[str, Any]]:
         st = store(self.core)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from comms.sandbox import admin, directory, graph, identity, partner_center
+from comms.sandbox import admin, batch, directory, graph, identity, partner_center
 from comms.sandbox.core import Core
 from comms.sandbox.web import Request, Response, json_response
 
@@ -19,6 +19,7 @@ GraphService = Callable[[Core, Request], Response | None]
 
 # Graph services tried before mail; a new one (e.g. inbox delta) registers with one line here.
 GRAPH_SERVICES: list[GraphService] = [
+    batch.handle,  # JSON batching: each request routed as if sent on its own
     directory.handle,
 ]
 

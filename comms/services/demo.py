@@ -40,6 +40,7 @@ from comms.store.db import Database, open_database
 
 # Runs every 4 hours reach every customer's local business hours (Tokyo to New York).
 RUN_EVERY = timedelta(hours=4)
+NDR_DELAY = timedelta(minutes=2)  # how long after the send the demo's bounce arrives
 DAYS = 30
 TIME_SCALE = 0.01  # Exchange's "minute" lasts 0.6 s in the sandbox: the demo takes seconds
 CLIENT_ID = "0d3c5a1e-7b6f-4e1a-9c2d-5f8e7a6b4c3d"
@@ -264,10 +265,16 @@ def _run_days(
     transport: Transport, steps: list[Step], result: DemoResult, echo: Callable[[str], None],
     days: int, sandbox: Sandbox,
 ) -> None:
+    from comms.sandbox.inbox import InboxAdmin
+
     t = START
     end = START + timedelta(days=days)
     pending = list(steps)
     while t <= end:
+        # One clock per run, shared with the sandbox's Inbox: a reply injected by a step and an
+        # NDR produced by a send are dated on the simulated timeline, not the machine's.
+        clock = Clock(t)
+        InboxAdmin(sandbox).set_clock(clock.now, ndr_delay=NDR_DELAY)
         while pending and START + timedelta(days=pending[0].day) <= t:
             step = pending.pop(0)
             what = _apply(db, campaign, step, t, sandbox)
@@ -279,7 +286,7 @@ def _run_days(
         if t.hour == 0:
             sync_step(db, settings, campaign, t, result, echo)
         before = sent_counts(db)
-        summary = engine.run(db, settings, campaign, renderer, transport, clock=Clock(t),
+        summary = engine.run(db, settings, campaign, renderer, transport, clock=clock,
                              worker="demo", max_minutes=2)
         result.runs += 1
         result.sent += summary.dispatch.sent

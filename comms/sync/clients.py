@@ -11,9 +11,10 @@
   one msal application per tenant, all sharing the process's HTTP session, kept in a bounded
   cache so ten thousand tenants do not keep ten thousand applications alive.
 
-Every request is a GET, so 429 (after ``Retry-After``), 503 and 504 are retried with backoff,
-unlike sendMail. The session (timeouts, ``[graph] ca_file`` trust, national-cloud resource) and
-the msal error mapping are the Graph transport's (``comms.delivery.auth``).
+Every request is a GET, so 429 (after ``Retry-After``), 500/502/503/504 are retried with
+backoff, unlike sendMail (``comms.delivery.reads``, the policy the inbox reader uses too). The
+session (timeouts, ``[graph] ca_file`` trust, national-cloud resource) and the msal error mapping
+are the Graph transport's (``comms.delivery.auth``).
 """
 
 from __future__ import annotations
@@ -24,13 +25,18 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import requests
 
 from comms.config import Settings
 from comms.delivery.auth import AppTokenProvider, make_session
-from comms.delivery.graph import parse_retry_after
+from comms.delivery.reads import (
+    ReadPolicy,
+    ReadsExhausted,
+    RetryingReads,
+    UntrustedServer,
+    doubling,
+)
 from comms.errors import AuthError, CommsError
 
 PARTNER_CENTER_RESOURCE = "https://api.partnercenter.microsoft.com"
@@ -64,9 +70,9 @@ class Source(Protocol):
 
 
 class Reader:
-    """GET with retries: 429 waits ``Retry-After``; 503/504 and dropped connections back off
-    exponentially (``time_scale`` shortens the waits for the sandbox); 401 gets one fresh
-    token."""
+    """GET with the shared read retries (``comms.delivery.reads``): 429 waits ``Retry-After``;
+    500/502/503/504 and dropped connections back off exponentially (``time_scale`` shortens the
+    waits for the sandbox); 401 gets one fresh token."""
 
     def __init__(
         self,
@@ -78,10 +84,14 @@ class Reader:
     ) -> None:
         self.session = session
         self.max_attempts = max_attempts
-        self.time_scale = time_scale
-        self.sleep = sleep
-        self.retries = 0
-        self._lock = threading.Lock()
+        self._reads = RetryingReads(session, ReadPolicy(
+            max_attempts=max_attempts, retried=RETRIED, backoff=doubling(1.0),
+            backoff_when_unreadable=True, time_scale=time_scale, follow_redirects=True,
+        ), sleep=sleep)
+
+    @property
+    def retries(self) -> int:
+        return self._reads.retries
 
     def get(
         self,
@@ -91,51 +101,26 @@ class Reader:
         headers: dict[str, str] | None = None,
         what: str = "",
     ) -> requests.Response:
-        bearer = token()
-        refreshed = False
-        last = ""
-        for attempt in range(self.max_attempts):
-            try:
-                response = self.session.get(
-                    url, headers={"Authorization": f"Bearer {bearer}", "Accept":
-                                  "application/json", **(headers or {})},
-                )
-            except requests.exceptions.SSLError as exc:
-                raise AuthError(
-                    f"{what or url}: the TLS certificate of {urlsplit(url).netloc} is not trusted "
-                    "; set [graph] ca_file to the CA bundle that signs it"
-                ) from exc
-            except requests.exceptions.RequestException as exc:
-                last = f"{type(exc).__name__}"
-                self._wait(min(30.0, 2.0 ** attempt))
-                continue
-            status = response.status_code
-            if status == 401 and not refreshed:
-                refreshed = True
-                bearer = refresh(bearer)
-                continue
-            if status in RETRIED:
-                last = f"HTTP {status}"
-                default = min(30.0, 2.0 ** attempt)
-                if response.headers.get("Retry-After"):
-                    # A server's Retry-After is already in its own time: not scaled.
-                    self._wait(parse_retry_after(response.headers["Retry-After"], default),
-                               scaled=False)
-                else:
-                    self._wait(default)
-                continue
-            if status in (401, 403):
-                raise NoAccess(f"{what}: HTTP {status} {error_text(response)}")
-            if status >= 400:
-                raise SourceFailed(f"{what}: HTTP {status} {error_text(response)}")
-            return response
-        raise SourceFailed(f"{what}: still failing after {self.max_attempts} attempts ({last}); "
-                           "run `comms sync` again later")
-
-    def _wait(self, seconds: float, *, scaled: bool = True) -> None:
-        with self._lock:
-            self.retries += 1
-        self.sleep(seconds * self.time_scale if scaled else seconds)
+        try:
+            response = self._reads.send(url, token=token, refresh=refresh, headers={
+                "Accept": "application/json", **(headers or {})})
+        except UntrustedServer as exc:
+            raise AuthError(
+                f"{what or url}: the TLS certificate of {exc.host} is not trusted "
+                "; set [graph] ca_file to the CA bundle that signs it"
+            ) from exc
+        except ReadsExhausted as exc:
+            raise SourceFailed(f"{what}: still failing after {self.max_attempts} attempts "
+                               f"({exc.last}); run `comms sync` again later") from exc
+        status = response.status_code
+        if status in RETRIED:
+            raise SourceFailed(f"{what}: still failing after {self.max_attempts} attempts "
+                               f"(HTTP {status}); run `comms sync` again later")
+        if status in (401, 403):
+            raise NoAccess(f"{what}: HTTP {status} {error_text(response)}")
+        if status >= 400:
+            raise SourceFailed(f"{what}: HTTP {status} {error_text(response)}")
+        return response
 
 
 def error_text(response: requests.Response) -> str:

@@ -1,0 +1,142 @@
+"""The one retry policy for idempotent reads (Graph and Partner Center GETs, Graph ``$batch`` of
+GETs), shared by the inbox reader (``comms.inbox.reader``) and stage sync's sources
+(``comms.sync.clients``). Unlike ``sendMail``, a read can always be repeated:
+
+- 429 and the ``retried`` statuses (503/504; sync adds 500/502) wait ``Retry-After`` when the
+  server sends one (in the server's own time: not scaled) or back off exponentially (scaled by
+  ``[delivery] time_scale`` for the sandbox), then try again;
+- a dropped connection backs off the same way;
+- 401 gets one fresh token (``refresh(stale)``), then counts like any other answer;
+- at most ``max_attempts`` attempts.
+
+What is left after that is the caller's to explain: ``send`` returns the last answer (a 2xx, or
+an error status the caller maps to its own error naming the fix), or raises ``ReadsExhausted``
+(the connection kept failing, or the last attempt was a 401 refresh) or ``UntrustedServer``
+(TLS verification failed: a retry cannot fix it). Both carry what the caller's message needs.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from comms.delivery.graph import parse_retry_after
+
+
+class ReadsExhausted(Exception):
+    """Every attempt failed; ``last`` says how (an exception name or ``HTTP 503``)."""
+
+    def __init__(self, url: str, attempts: int, last: str) -> None:
+        super().__init__(f"{url}: {attempts} attempts, last {last}")
+        self.url, self.attempts, self.last = url, attempts, last
+
+
+class UntrustedServer(Exception):
+    """The server's TLS certificate is not trusted (``[graph] ca_file``)."""
+
+    def __init__(self, host: str, detail: str) -> None:
+        super().__init__(f"{host}: {detail}")
+        self.host, self.detail = host, detail
+
+
+def doubling(base: float, *, cap: float = 30.0, jitter: bool = False) -> Callable[[int], float]:
+    """Backoff before attempt ``n + 1`` after ``n`` failed: ``base * 2 ** (n - 1)`` up to
+    ``cap``; with ``jitter`` times 0.5-1.5, so that concurrent readers do not retry in step."""
+
+    def wait(attempt: int) -> float:
+        seconds: float = min(cap, base * 2.0 ** (attempt - 1))
+        return seconds * (0.5 + random.random()) if jitter else seconds
+
+    return wait
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    max_attempts: int = 8
+    retried: frozenset[int] = frozenset({429, 503, 504})
+    backoff: Callable[[int], float] = field(default_factory=lambda: doubling(0.5, jitter=True))
+    # A Retry-After that cannot be read waits the backoff (True) or parse_retry_after's default.
+    backoff_when_unreadable: bool = False
+    time_scale: float = 1.0
+    request_ids: bool = False  # a fresh client-request-id header per attempt (Graph's tracing)
+    follow_redirects: bool = False
+
+
+class RetryingReads:
+    """Sends reads with ``ReadPolicy``; safe to share between threads. Counts every attempt
+    (``requests``) and every wait (``retries``)."""
+
+    def __init__(
+        self, session: requests.Session, policy: ReadPolicy,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.session = session
+        self.policy = policy
+        self.sleep = sleep
+        self.requests = 0
+        self.retries = 0
+        self._lock = threading.Lock()
+
+    def send(
+        self, url: str, *, token: Callable[[], str], refresh: Callable[[str], str],
+        headers: dict[str, str] | None = None, method: str = "GET", json: Any = None,
+    ) -> requests.Response:
+        """The answer of the last attempt (see the module docstring)."""
+        policy = self.policy
+        bearer = token()
+        refreshed = False
+        last = ""
+        for attempt in range(1, policy.max_attempts + 1):
+            sent = {"Authorization": f"Bearer {bearer}", **(headers or {})}
+            if policy.request_ids:
+                sent["client-request-id"] = str(uuid.uuid4())
+            with self._lock:
+                self.requests += 1
+            try:
+                response = self.session.request(method, url, headers=sent, json=json,
+                                                allow_redirects=policy.follow_redirects)
+            except requests.exceptions.SSLError as exc:
+                raise UntrustedServer(urlsplit(url).netloc, str(exc)) from exc
+            except requests.exceptions.RequestException as exc:
+                last = type(exc).__name__
+                if attempt == policy.max_attempts:
+                    raise ReadsExhausted(url, attempt, last) from exc
+                self._wait(policy.backoff(attempt) * policy.time_scale)
+                continue
+            status = response.status_code
+            if status == 401 and not refreshed:
+                bearer, refreshed = refresh(bearer), True
+                last = "HTTP 401"
+                continue
+            if status in policy.retried and attempt < policy.max_attempts:
+                self._wait(self.retry_wait(attempt, response.headers.get("Retry-After")))
+                continue
+            return response
+        raise ReadsExhausted(url, policy.max_attempts, last)
+
+    def retry_wait(self, attempt: int, retry_after: str | None) -> float:
+        """Seconds to wait after failed ``attempt``: the server's Retry-After, else backoff."""
+        policy = self.policy
+        backoff = policy.backoff(attempt) * policy.time_scale
+        if retry_after is None or not retry_after.strip():
+            return backoff
+        if policy.backoff_when_unreadable:
+            return parse_retry_after(retry_after, backoff / policy.time_scale)
+        return parse_retry_after(retry_after)
+
+    def _wait(self, seconds: float) -> None:
+        with self._lock:
+            self.retries += 1
+        self.sleep(seconds)
+
+    def wait(self, seconds: float) -> None:
+        """Wait before retrying (counted), for callers that retry parts of an answer."""
+        self._wait(seconds)
