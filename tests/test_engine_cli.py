@@ -18,7 +18,7 @@ from comms.sandbox import Sandbox
 from comms.services import customers as customer_service
 from comms.store.db import Database
 from comms.store.locks import RunLock
-from comms.store.models import Message, StageEvent
+from comms.store.models import Customer, Message, StageEvent
 
 NOW = T0.isoformat()
 
@@ -238,3 +238,35 @@ def test_an_address_opted_out_after_queueing_is_dropped_from_the_queued_message(
         t1 = s.exec(select(Message).where(Message.send_id == rows["T1"]["send_id"])).one()
     assert "bills@two.example" not in (t1.to_json + t1.cc_json).lower()
     assert "not sent to suppressed bills@two.example" in t1.note.lower()
+
+
+def test_a_row_queued_for_a_stage_the_customer_left_is_withdrawn_at_claim(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    """The race a stage change can lose: a run planned an invitation reminder for `invited`
+    while the move to `approved` committed, so withdraw_stale never saw the row. The claim
+    checks the stage and withdraws it; a forced out-of-stage send (negative sequence) still
+    goes out."""
+    seed(db, tmp_path, 2)
+    queued = cli("run", "--now", NOW, "--limit", "0")
+    assert queued.exit_code == 0 and "queued 2" in queued.stdout, queued.output
+    with db.session() as s:  # the stage moves without the withdraw: what the race leaves
+        rows = s.exec(select(Message)).all()
+        stale = next(m for m in rows if m.customer_id == rows[0].customer_id)
+        customer = s.get(Customer, stale.customer_id)
+        assert customer is not None and stale.stage == customer.stage == "invited"
+        customer.stage = "approved"
+        s.add(customer)
+        s.commit()
+        stale_id, key = stale.id, customer.key
+    r = cli("run", "--now", NOW, "--max-minutes", "0.5")
+    assert r.exit_code == 0, r.output
+    with db.session() as s:
+        row = s.get(Message, stale_id)
+        assert row is not None and row.status == "withdrawn"
+        assert row.last_error == "stage changed to approved since it was queued"
+    assert len(env["sandbox"].sent()) == 1  # the other customer's invitation only
+    forced = cli("send", key, "--message", "partner_invitation", "--force", "--note", "asked",
+                 "--now", NOW, "--yes")
+    assert forced.exit_code == 0, forced.output
+    assert len(env["sandbox"].sent()) == 2

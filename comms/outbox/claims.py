@@ -197,6 +197,11 @@ def _unsendable(s: Session, msg: Message, customer: Customer | None) -> str:
         return "customer opted out"
     if customer.lost:
         return "customer marked lost"
+    if msg.sequence >= 0 and msg.stage != customer.stage:
+        # A stage change withdraws queued rows of other stages; this closes the race where a
+        # run planned for the old stage while the change (an operator, stage sync) committed.
+        # Resends and forced out-of-stage sends (negative sequences) were asked for as such.
+        return f"stage changed to {customer.stage} since it was queued"
     to = _addresses(msg.to_json)
     suppressed = _suppressed(s, msg) if to else set()
     if to and all(a.address.lower() in suppressed for a in to):

@@ -40,8 +40,12 @@ class RunState:
     # not ask too (with several workers per host, N threads polling one mailbox's row cost
     # more CPU than sending; measured in bench/bench_load.py).
     claiming: set[str] = field(default_factory=set)
+    # Signalled when a thread's question ends: waiting threads look again at once instead of
+    # polling (many idle threads in many processes were measurable CPU on two cores).
+    changed: threading.Condition = field(init=False)
 
     def __post_init__(self) -> None:
+        self.changed = threading.Condition(self.lock)
         for lim in self.dispatcher.limits:
             self.hints.setdefault(lim.mailbox, 0.0)
             self.streak.setdefault(lim.mailbox, 0)
@@ -93,8 +97,13 @@ class RunState:
             self.claiming.add(lim.mailbox)
             return lim
 
-    def end_turn(self, lim: pacing.Limits, claimed_at: float | None) -> None:
-        """``claimed_at``: the monotonic time just before a claim that got a slot."""
+    def end_turn(self, lim: pacing.Limits, claimed_at: float | None,
+                 wait: pacing.Wait | None = None) -> None:
+        """The question about ``lim`` ended: ``claimed_at`` is the monotonic time just before
+        a claim that got a slot; ``wait`` the database's answer when there was none. The new
+        hint is in place before waiting threads are woken."""
+        if wait is not None:
+            self._wait_on(lim, wait)
         with self.lock:
             self.claiming.discard(lim.mailbox)
             if claimed_at is not None:
@@ -103,15 +112,22 @@ class RunState:
                 # the question).
                 self.hints[lim.mailbox] = max(
                     self.hints[lim.mailbox], claimed_at + lim.interval.total_seconds())
+            self.changed.notify_all()
 
-    def next_wait(self) -> float:
-        """Seconds until a mailbox may be worth asking again (short while another thread of
-        this run is asking: its answer comes in milliseconds)."""
-        now_m = time.monotonic()
-        with self.lock:
+    def pause(self) -> bool:
+        """Wait until a mailbox may be worth asking again: the soonest hint, or the end of
+        another thread's question (it answers in milliseconds). False when the soonest hint
+        is past the deadline (this thread ends)."""
+        with self.changed:
+            now_m = time.monotonic()
             if self.claiming:
-                return 0.005
-            return min(self.hints.values()) - now_m
+                wait_for = 0.05  # woken by end_turn long before
+            else:
+                wait_for = min(self.hints.values()) - now_m
+                if now_m + wait_for >= self.deadline:
+                    return False
+            self.changed.wait(min(max(wait_for, 0.002), 0.5))
+        return True
 
     def _wait_on(self, lim: pacing.Limits, got: pacing.Wait) -> None:
         d = self.dispatcher
@@ -141,18 +157,14 @@ class RunState:
                             lease=d.lease, only_ids=self.only_ids, tag=self.tag,
                             report=self.report, window=d.window)
             finally:
-                self.end_turn(lim, asked if isinstance(got, Claimed) else None)
+                self.end_turn(lim, asked if isinstance(got, Claimed) else None,
+                              got if isinstance(got, pacing.Wait) else None)
             if isinstance(got, Claimed):
                 return got
             if got is None:
                 return False  # nothing due on any mailbox
-            self._wait_on(lim, got)
             tried.add(lim.mailbox)
-        wait_for = self.next_wait()
-        if time.monotonic() + wait_for >= self.deadline:
-            return False
-        time.sleep(min(max(wait_for, 0.002), 0.5))
-        return True
+        return self.pause()
 
     def send(self, claimed: Claimed) -> None:
         d = self.dispatcher

@@ -117,8 +117,10 @@ def _explicit(
             f"{message} is an internal note to the account manager; it goes out with the "
             "escalated reminders, never to a customer. Name a customer message."
         )
-    stage = campaign.stage_of(message) or customer.stage
     out_of_stage = not _stage_sends(campaign, customer.stage, message)
+    # In stage, the row belongs to the customer's stage (a message two stages share must not
+    # look out of stage at claim time); forced, to the stage whose message it is.
+    stage = (campaign.stage_of(message) or customer.stage) if out_of_stage else customer.stage
     if out_of_stage and not force_note:
         raise StateConflict(
             f"{message} belongs to stage {stage!r}; {customer.key} is in stage "
