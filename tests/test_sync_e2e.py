@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from engine_helpers import CLIENT_ID, SECRET, sandbox_env
+from factories import queued
 from sqlmodel import col, select
 
 from comms.sandbox import Sandbox
@@ -226,3 +227,20 @@ def test_dry_run_writes_nothing(world: Sandbox, db: Database, cli: Any) -> None:
     assert r.exit_code == 0, r.output
     assert "would move" in r.output
     assert _counts(db) == before and _stage(db, "A").stage == "invited"
+
+
+def test_a_move_by_sync_withdraws_queued_messages_of_the_old_stage(
+    world: Sandbox, db: Database, cli: Any
+) -> None:
+    """Sync asks once per page which customers have queued messages; those are withdrawn
+    exactly as a move by hand withdraws them, the others move without the UPDATE."""
+    a_id = _stage(db, "A").id or 0
+    reminder = queued(db, a_id, "partner_invitation_reminder", 1, stage="invited")
+    world.tenant_change(TENANT_A, "accept_relationship")
+    world.tenant_change(TENANT_C, "accept_relationship")
+    r = cli("sync", "--now", _at(1))
+    assert r.exit_code == 0, r.output
+    assert _stage(db, "A").stage == "approved" and _stage(db, "C").stage == "approved"
+    with db.session() as s:
+        row = s.exec(select(Message).where(col(Message.id) == reminder)).one()
+        assert row.status == "withdrawn" and row.last_error == "stage changed to approved"

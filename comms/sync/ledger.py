@@ -15,10 +15,11 @@ from sqlmodel import Session, col, select
 
 from comms import stages
 from comms.campaign import Campaign
+from comms.outbox import PENDING
 from comms.services.customers import apply_stage_event
 from comms.store import repo
 from comms.store.db import Database
-from comms.store.models import Customer, StageEvent
+from comms.store.models import Customer, Message, StageEvent
 from comms.store.sync_models import SyncCheck, SyncEvidence
 from comms.sync.rules import Decision, Facts, SyncRules, decide
 
@@ -132,6 +133,12 @@ def _record(
             chunk_ids = [r.id for r in rows if r.id is not None]
             checks = {(c.customer_id, c.source): c for c in session.exec(
                 select(SyncCheck).where(col(SyncCheck.customer_id).in_(chunk_ids)))}
+            # A move withdraws queued messages of other stages; asked once for the chunk
+            # (its customer rows are locked), so customers with none skip that UPDATE.
+            queued = set(session.exec(
+                select(Message.customer_id).distinct()
+                .where(col(Message.customer_id).in_(chunk_ids),
+                       col(Message.status).in_(PENDING))).all())
             # Evidence first, one flush for the chunk (ids for the notes), then the moves:
             # a flush per row would make the session re-scan everything it holds each time.
             with session.no_autoflush:
@@ -143,7 +150,7 @@ def _record(
                     assert row.id is not None
                     _apply(session, campaign, rules, allowed, now, row, info, results[row.id],
                            fills.get(row.id, ""), latest, manual.get(row.id), new[row.id],
-                           checks)
+                           checks, row.id in queued)
             # The outbox's withdraw evaluates its UPDATE against every object the session
             # holds: keep that small so ten thousand moves stay linear.
             session.flush()
@@ -166,6 +173,7 @@ def _apply(
     manual_at: datetime | None,
     new: dict[str, SyncEvidence],
     checks: dict[tuple[int, str], SyncCheck],
+    has_queued: bool,
 ) -> None:
     assert row.id is not None
     evidence: dict[str, int] = {}
@@ -200,7 +208,8 @@ def _apply(
             kind="stage", at=now, by=f"sync:{src}", source="sync", from_stage=from_stage,
             to_stage=to_stage, note=f"observed {observation} (evidence #{evidence.get(src, 0)})",
         )
-        apply_stage_event(session, row, event, csp_live_stage=campaign.csp_live_stage)
+        apply_stage_event(session, row, event, csp_live_stage=campaign.csp_live_stage,
+                          has_queued=has_queued)
         res.moved.append(f"{from_stage} -> {to_stage} ({observation})")
 
 
