@@ -12,7 +12,7 @@ process): the emulator's CPU is then not charged to comms, but on a 2-core machi
 processes still compete for the same cores, so both processes' CPU seconds are reported.
 
     .venv/bin/python bench/bench_sync.py [--customers 10000] [--time-scale 0.02]
-        [--concurrency 16] [--sizes N,M,...] [--profile FILE]
+        [--concurrency 16] [--sizes N,M,...] [--auth secret|certificate] [--profile FILE]
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def tenant_of(i: int) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"bench:{i}"))
 
 
-def populate(sb: Sandbox, n: int) -> None:
-    sb.register_app(CLIENT_ID, secret=SECRET, roles=("Organization.Read.All",))
+def populate(sb: Sandbox, n: int, cert_pem: bytes) -> None:
+    sb.register_app(CLIENT_ID, secret=SECRET, certificate_pem=cert_pem,
+                    roles=("Organization.Read.All",))
     for i in range(n):
         tid = tenant_of(i)
         sb.add_customer_tenant(tid, f"c{i}.example", f"C{i}", direct_licences=10 + i % 30)
@@ -66,12 +67,12 @@ def _cpu(who: int = resource.RUSAGE_SELF) -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def serve(conn: Connection, state_dir: str, n: int, time_scale: float, pc_per_minute: int
-          ) -> None:
+def serve(conn: Connection, state_dir: str, n: int, time_scale: float, pc_per_minute: int,
+          cert_pem: bytes) -> None:
     """The sandbox's own process: start, populate, answer ``stats`` and ``stop``."""
     sb = Sandbox(Path(state_dir), time_scale=time_scale,
                  pc_requests_per_minute=pc_per_minute).start()
-    populate(sb, n)
+    populate(sb, n, cert_pem)
     conn.send({"base_url": sb.base_url, "graph_url": sb.graph_url,
                "authority_host": sb.authority_host, "tenant_id": sb.tenant_id,
                "ca_file": str(sb.ca_file)})
@@ -91,10 +92,11 @@ def serve(conn: Connection, state_dir: str, n: int, time_scale: float, pc_per_mi
 class InProcess:
     """The sandbox in the benchmark's own process (the old way, for comparison)."""
 
-    def __init__(self, state_dir: Path, n: int, time_scale: float, pc_per_minute: int) -> None:
+    def __init__(self, state_dir: Path, n: int, time_scale: float, pc_per_minute: int,
+                 cert_pem: bytes) -> None:
         self.sb = Sandbox(state_dir, time_scale=time_scale,
                           pc_requests_per_minute=pc_per_minute).start()
-        populate(self.sb, n)
+        populate(self.sb, n, cert_pem)
         self.info = {"base_url": self.sb.base_url, "graph_url": self.sb.graph_url,
                      "authority_host": self.sb.authority_host, "tenant_id": self.sb.tenant_id,
                      "ca_file": str(self.sb.ca_file)}
@@ -110,11 +112,12 @@ class InProcess:
 
 
 class OwnProcess:
-    def __init__(self, state_dir: Path, n: int, time_scale: float, pc_per_minute: int) -> None:
+    def __init__(self, state_dir: Path, n: int, time_scale: float, pc_per_minute: int,
+                 cert_pem: bytes) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=serve, args=(child, str(state_dir), n, time_scale,
-                                                    pc_per_minute), daemon=True)
+                                                    pc_per_minute, cert_pem), daemon=True)
         self.proc.start()
         self.info: dict[str, str] = self.conn.recv()
 
@@ -168,11 +171,14 @@ class _Inline:
 
 
 def one(n: int, time_scale: float, pc_per_minute: int, concurrency: int, in_process: bool,
-        profile: str | None) -> dict[str, Any]:
+        profile: str | None, auth: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        cert_pem, key_pem, _ = Sandbox.make_certificate("comms-bench")
+        (work / "cert.pem").write_bytes(cert_pem)
+        (work / "key.pem").write_bytes(key_pem)
         kind = InProcess if in_process else OwnProcess
-        sandbox = kind(work / "sandbox", n, time_scale, pc_per_minute)
+        sandbox = kind(work / "sandbox", n, time_scale, pc_per_minute, cert_pem)
         info = sandbox.info
         try:
             path = work / "c.csv"
@@ -188,8 +194,11 @@ def one(n: int, time_scale: float, pc_per_minute: int, concurrency: int, in_proc
                 "COMMS_GRAPH_BASE_URL": info["graph_url"],
                 "COMMS_GRAPH_AUTHORITY_HOST": info["authority_host"],
                 "COMMS_GRAPH_TENANT_ID": info["tenant_id"], "COMMS_GRAPH_CLIENT_ID": CLIENT_ID,
-                "COMMS_GRAPH_CA_FILE": info["ca_file"], "COMMS_GRAPH_AUTH": "secret",
-                "COMMS_GRAPH_CLIENT_SECRET": SECRET, "COMMS_DELIVERY_TIME_SCALE": str(time_scale),
+                "COMMS_GRAPH_CA_FILE": info["ca_file"], "COMMS_GRAPH_AUTH": auth,
+                "COMMS_GRAPH_CLIENT_SECRET": SECRET,
+                "COMMS_GRAPH_CERTIFICATE_FILE": str(work / "cert.pem"),
+                "COMMS_GRAPH_PRIVATE_KEY_FILE": str(work / "key.pem"),
+                "COMMS_DELIVERY_TIME_SCALE": str(time_scale),
                 "COMMS_SYNC_PARTNER_CENTER": "true", "COMMS_SYNC_CUSTOMER_TENANTS": "true",
                 "COMMS_SYNC_PARTNER_CENTER_URL": info["base_url"],
                 "COMMS_SYNC_CONCURRENCY": str(concurrency), "COMMS_SYNC_MAX_ATTEMPTS": "50",
@@ -235,10 +244,11 @@ def one(n: int, time_scale: float, pc_per_minute: int, concurrency: int, in_proc
         "directory_throttled": stats["directory_throttled"], "retries": report.retries,
         "read_s": round(phases["_read"][0], 2), "read_cpu_s": round(phases["_read"][1], 1),
         "record_s": round(phases["_record"][0], 2),
+        "record_cpu_s": round(phases["_record"][1], 1),
         "comms_cpu_s": round(cpu, 1),
         "sandbox_cpu_s": round(stats["cpu"] - sandbox_cpu, 1) if not in_process else "in comms",
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "sandbox": "in process" if in_process else "own process",
+        "sandbox": "in process" if in_process else "own process", "auth": auth,
     }
 
 
@@ -250,19 +260,20 @@ def main() -> None:
     ap.add_argument("--pc-per-minute", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--sandbox-in-process", action="store_true")
+    ap.add_argument("--auth", choices=("secret", "certificate"), default="secret")
     ap.add_argument("--profile", default="", help="cProfile the sync into this file")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(one(args.customers, args.time_scale, args.pc_per_minute, args.concurrency,
-                  args.sandbox_in_process, args.profile or None), flush=True)
+                  args.sandbox_in_process, args.profile or None, args.auth), flush=True)
         return
     sizes = [int(s) for s in args.sizes.split(",") if s] or [args.customers // 5, args.customers]
     # Each size in its own process, so peak RSS is that size's own.
     for n in sizes:
         cmd = [sys.executable, __file__, "--child", "--customers", str(n), "--time-scale",
                str(args.time_scale), "--pc-per-minute", str(args.pc_per_minute),
-               "--concurrency", str(args.concurrency)]
+               "--concurrency", str(args.concurrency), "--auth", args.auth]
         if args.sandbox_in_process:
             cmd.append("--sandbox-in-process")
         if args.profile:
