@@ -23,7 +23,6 @@ from comms.delivery.auth import (
     AppTokenProvider,
     DelegatedTokenProvider,
     authority_is_microsoft,
-    certificate_credential,
     forget_token_providers,
     graph_resource,
     new_token_provider,
@@ -32,6 +31,7 @@ from comms.delivery.auth import (
     token_provider_for,
 )
 from comms.delivery.base import Address, Outcome, OutgoingEmail
+from comms.delivery.credentials import certificate_credential
 from comms.delivery.graph import GraphTransport
 from comms.errors import AuthError
 

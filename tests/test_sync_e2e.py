@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from engine_helpers import CLIENT_ID, SECRET, sandbox_env
+from factories import queued
 from sqlmodel import col, select
 
 from comms.sandbox import Sandbox
@@ -226,3 +227,48 @@ def test_dry_run_writes_nothing(world: Sandbox, db: Database, cli: Any) -> None:
     assert r.exit_code == 0, r.output
     assert "would move" in r.output
     assert _counts(db) == before and _stage(db, "A").stage == "invited"
+
+
+def test_a_move_by_sync_withdraws_queued_messages_of_the_old_stage(
+    world: Sandbox, db: Database, cli: Any
+) -> None:
+    """Sync asks once per page which customers have queued messages; those are withdrawn
+    exactly as a move by hand withdraws them, the others move without the UPDATE."""
+    a_id = _stage(db, "A").id or 0
+    reminder = queued(db, a_id, "partner_invitation_reminder", 1, stage="invited")
+    world.tenant_change(TENANT_A, "accept_relationship")
+    world.tenant_change(TENANT_C, "accept_relationship")
+    r = cli("sync", "--now", _at(1))
+    assert r.exit_code == 0, r.output
+    assert _stage(db, "A").stage == "approved" and _stage(db, "C").stage == "approved"
+    with db.session() as s:
+        row = s.exec(select(Message).where(col(Message.id) == reminder)).one()
+        assert row.status == "withdrawn" and row.last_error == "stage changed to approved"
+
+
+def test_certificate_auth_signs_in_every_customer_tenant(
+    world: Sandbox, db: Database, cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One msal application per customer tenant, all signing their client assertion with
+    the certificate's key loaded once (PEM text would be parsed again for each tenant)."""
+    cert_pem, key_pem, _ = world.make_certificate("comms-sync-tests")
+    cert_file, key_file = tmp_path / "app-cert.pem", tmp_path / "app-key.pem"
+    cert_file.write_bytes(cert_pem)
+    key_file.write_bytes(key_pem)
+    key_file.chmod(0o600)
+    world.register_app(CLIENT_ID, certificate_pem=cert_pem, roles=ROLES)
+    monkeypatch.delenv("COMMS_GRAPH_CLIENT_SECRET")
+    monkeypatch.setenv("COMMS_GRAPH_AUTH", "certificate")
+    monkeypatch.setenv("COMMS_GRAPH_CERTIFICATE_FILE", str(cert_file))
+    monkeypatch.setenv("COMMS_GRAPH_PRIVATE_KEY_FILE", str(key_file))
+    world.tenant_change(TENANT_A, "accept_relationship")
+    world.tenant_change(TENANT_C, "accept_relationship")
+    r = cli("sync", "--now", _at(1), "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["moved"] == 2 and data["cannot_verify"] == 1  # B: no consent
+    with db.session() as s:
+        a_id = _stage(db, "A").id
+        tenant = s.exec(select(SyncEvidence).where(col(SyncEvidence.customer_id) == a_id,
+                                                   col(SyncEvidence.source) == "tenant")).one()
+    assert '"assigned": 26' in tenant.seen_json  # read with a token issued in A's tenant

@@ -9,6 +9,8 @@ Three ways to sign in, chosen by ``[graph] auth``:
 - ``delegated``: a user signs in once with the device code flow (``comms auth login``); the token
   cache (refresh token) is kept in a file only that user can read.
 
+The app-only credential (secret, or certificate + key) is built in ``comms.delivery.credentials``.
+
 msal serves tokens from its in-memory cache and asks the authority only when they expire, so one
 msal application object is kept per process (``token_provider_for``). Every HTTP call (msal's
 included) goes through ``make_session``, so the authority and Graph are trusted the same way.
@@ -29,11 +31,10 @@ from urllib.parse import urlsplit
 
 import msal
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from requests.adapters import HTTPAdapter
 
 from comms.config import GraphSettings, Settings
+from comms.delivery.credentials import app_credential
 from comms.delivery.msal_errors import call_msal as _call_msal
 from comms.delivery.msal_errors import error_from_result
 from comms.errors import AuthError
@@ -171,81 +172,24 @@ def _error_from_result(result: Mapping[str, Any], graph: GraphSettings, doing: s
 # --- app-only ---------------------------------------------------------------------------------
 
 
-def _read(path: str, setting: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise AuthError(f"cannot read {setting} {path}: {exc.strerror}") from exc
-
-
-def certificate_credential(graph: GraphSettings) -> dict[str, str]:
-    """msal's certificate credential: the private key PEM and the certificate's SHA-1 thumbprint.
-
-    Checks that the key belongs to the certificate, so a mismatch is named here rather than as
-    an opaque AADSTS700027 from the authority.
-    """
-    if not graph.certificate_file:
-        raise AuthError(
-            "[graph] auth is 'certificate' but [graph] certificate_file is empty: set it to the "
-            "public certificate (PEM) uploaded to the app registration"
-        )
-    if not graph.private_key_file:
-        raise AuthError(
-            "[graph] auth is 'certificate' but COMMS_GRAPH_PRIVATE_KEY_FILE is not set: point it "
-            "at the certificate's private key (PEM)"
-        )
-    cert_pem = _read(graph.certificate_file, "[graph] certificate_file")
-    key_pem = _read(graph.private_key_file, "COMMS_GRAPH_PRIVATE_KEY_FILE")
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError as exc:
-        raise AuthError(
-            f"[graph] certificate_file {graph.certificate_file} is not a PEM certificate"
-        ) from exc
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except TypeError as exc:
-        raise AuthError(
-            "the private key in COMMS_GRAPH_PRIVATE_KEY_FILE is encrypted: comms needs an "
-            "unencrypted PEM key in a file only you can read (openssl pkey -in KEY -out NEW)"
-        ) from exc
-    except ValueError as exc:
-        raise AuthError(
-            f"COMMS_GRAPH_PRIVATE_KEY_FILE {graph.private_key_file} is not a PEM private key"
-        ) from exc
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if key.public_key().public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
-        raise AuthError(
-            "the private key in COMMS_GRAPH_PRIVATE_KEY_FILE does not belong to the certificate "
-            f"in [graph] certificate_file {graph.certificate_file}"
-        )
-    return {
-        "private_key": key_pem.decode("ascii"),
-        "thumbprint": cert.fingerprint(hashes.SHA1()).hex().upper(),  # x5t is SHA-1 by definition
-    }
-
-
 class AppTokenProvider:
     """App-only tokens (client credentials) from one msal ConfidentialClientApplication."""
 
     delegated = False
 
     def __init__(
-        self, graph: GraphSettings, session: requests.Session, *, resource: str | None = None
+        self,
+        graph: GraphSettings,
+        session: requests.Session,
+        *,
+        resource: str | None = None,
+        credential: str | dict[str, Any] | None = None,
     ) -> None:
-        """``resource``: another API than Graph (e.g. Partner Center) for the same app."""
-        if graph.auth == "certificate":
-            credential: str | dict[str, str] = certificate_credential(graph)
-        elif graph.auth == "secret":
-            if not graph.client_secret:
-                raise AuthError(
-                    "[graph] auth is 'secret' but COMMS_GRAPH_CLIENT_SECRET (or "
-                    "COMMS_GRAPH_CLIENT_SECRET_FILE) is not set"
-                )
-            credential = graph.client_secret
-        else:
-            raise AuthError(f"[graph] auth {graph.auth!r} is not an app-only method")
+        """``resource``: another API than Graph (e.g. Partner Center) for the same app.
+        ``credential``: ``app_credential(graph)`` made once by a caller that builds many
+        applications (default: made here)."""
+        if credential is None:
+            credential = app_credential(graph)
         self._graph = graph
         self._scopes = [f"{resource or graph_resource(graph)}/.default"]
         self._lock = threading.Lock()

@@ -157,10 +157,15 @@ def select_keys(db: Database, *, where_stage: str, tag: str | None = None) -> li
 
 
 def apply_stage_event(
-    session: Session, customer: Customer, event: Event, *, csp_live_stage: str
+    session: Session, customer: Customer, event: Event, *, csp_live_stage: str,
+    has_queued: bool = True,
 ) -> int:
     """Record a stage event and update the customer: stage, times, CSP-live clock; withdraw
-    queued messages planned for other stages. Returns how many messages were withdrawn."""
+    queued messages planned for other stages. Returns how many messages were withdrawn.
+
+    ``has_queued=False``: the caller checked, in this transaction and with the customer row
+    locked, that the customer has no queued message, so the withdraw (an ORM UPDATE that
+    would match nothing) is skipped; stage sync moves thousands of customers at once."""
     assert customer.id is not None and event.to_stage is not None
     repo.record_event(session, customer, event)
     customer.stage = event.to_stage
@@ -172,6 +177,8 @@ def apply_stage_event(
     if event.to_stage == csp_live_stage and customer.csp_live_at is None:
         customer.csp_live_at = event.at
     session.add(customer)
+    if not has_queued:
+        return 0
     return outbox.withdraw_stale(session, customer.id, event.to_stage, event.at)
 
 

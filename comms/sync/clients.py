@@ -8,8 +8,10 @@
   (``@odata.nextLink`` followed to the end).
 - ``CustomerTenant``: Graph ``GET /directory/subscriptions`` and ``GET /subscribedSkus`` with a
   token issued in the customer's own tenant (authority ``{authority_host}/{customer tenant}``);
-  one msal application per tenant, all sharing the process's HTTP session, kept in a bounded
-  cache so ten thousand tenants do not keep ten thousand applications alive.
+  one msal application per tenant (msal binds an application to one authority and caches its
+  tokens there), all sharing the process's HTTP session and one client credential whose
+  certificate key is loaded once, kept in a bounded cache so ten thousand tenants do not keep
+  ten thousand applications alive.
 
 Every request is a GET, so 429 (after ``Retry-After``), 500/502/503/504 are retried with
 backoff, unlike sendMail (``comms.delivery.reads``, the policy the inbox reader uses too). The
@@ -30,6 +32,7 @@ import requests
 
 from comms.config import Settings
 from comms.delivery.auth import AppTokenProvider, make_session
+from comms.delivery.credentials import app_credential
 from comms.delivery.reads import (
     ReadPolicy,
     ReadsExhausted,
@@ -144,9 +147,11 @@ class _Tokens:
     """App-only tokens for one resource in one tenant (one msal application)."""
 
     def __init__(self, settings: Settings, session: requests.Session, tenant_id: str,
-                 resource: str | None = None) -> None:
+                 resource: str | None = None, credential: str | dict[str, Any] | None = None
+                 ) -> None:
         graph = settings.graph.model_copy(update={"tenant_id": tenant_id})
-        self.provider = AppTokenProvider(graph, session, resource=resource)
+        self.provider = AppTokenProvider(graph, session, resource=resource,
+                                         credential=credential)
 
     def token(self) -> str:
         return self.provider.token()
@@ -229,6 +234,9 @@ class CustomerTenant:
         self.session = session
         self.reader = reader
         self.base = settings.graph.base_url
+        # Made once for every tenant's application (a configuration problem is an AuthError
+        # here, not "cannot verify" for each customer), the certificate's key loaded once.
+        self.credential = app_credential(settings.graph, loaded_key=True)
         self._apps: OrderedDict[str, _Tokens] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -239,7 +247,7 @@ class CustomerTenant:
                 self._apps.move_to_end(tenant_id)
                 return found
         try:
-            made = _Tokens(self.settings, self.session, tenant_id)
+            made = _Tokens(self.settings, self.session, tenant_id, credential=self.credential)
             made.token()
         except AuthError as exc:
             # The app cannot get a token in that tenant: not consented there (or no such

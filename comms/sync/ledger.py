@@ -15,10 +15,11 @@ from sqlmodel import Session, col, select
 
 from comms import stages
 from comms.campaign import Campaign
+from comms.outbox import PENDING
 from comms.services.customers import apply_stage_event
 from comms.store import repo
 from comms.store.db import Database
-from comms.store.models import Customer, StageEvent
+from comms.store.models import Customer, Message, StageEvent
 from comms.store.sync_models import SyncCheck, SyncEvidence
 from comms.sync.rules import Decision, Facts, SyncRules, decide
 
@@ -130,20 +131,26 @@ def _record(
             rows = repo.get_customers(session, keys, lock=not dry_run)
             infos = repo.customer_infos(session, rows)
             chunk_ids = [r.id for r in rows if r.id is not None]
-            checks = {(c.customer_id, c.source): c for c in session.exec(
-                select(SyncCheck).where(col(SyncCheck.customer_id).in_(chunk_ids)))}
-            # Evidence first, one flush for the chunk (ids for the notes), then the moves:
-            # a flush per row would make the session re-scan everything it holds each time.
-            with session.no_autoflush:
-                new = {r.id: _evidence(session, r, results[r.id or 0], now, latest)
-                       for r in rows}
-            session.flush()
+            checks = _Checks(session, chunk_ids)
+            # A move withdraws queued messages of other stages; asked once for the chunk
+            # (its customer rows are locked), so customers with none skip that UPDATE.
+            queued = set(session.exec(
+                select(Message.customer_id).distinct()
+                .where(col(Message.customer_id).in_(chunk_ids),
+                       col(Message.status).in_(PENDING))).all())
+            # Evidence first, in one INSERT for the chunk (its ids go into the notes), then
+            # the moves; evidence and checks are plain rows, not ORM objects, so the session
+            # holds only the customers and their events.
+            new = _insert_evidence(session, [
+                ev for r in rows for ev in _evidence(r.id or 0, results[r.id or 0], now, latest)
+            ])
             with session.no_autoflush:
                 for row, info in zip(rows, infos, strict=True):
                     assert row.id is not None
                     _apply(session, campaign, rules, allowed, now, row, info, results[row.id],
-                           fills.get(row.id, ""), latest, manual.get(row.id), new[row.id],
-                           checks)
+                           fills.get(row.id, ""), latest, manual.get(row.id),
+                           new.get(row.id, {}), checks, row.id in queued)
+            checks.write(session)
             # The outbox's withdraw evaluates its UPDATE against every object the session
             # holds: keep that small so ten thousand moves stay linear.
             session.flush()
@@ -164,8 +171,9 @@ def _apply(
     fill: str,
     latest: dict[tuple[int, str], SyncEvidence],
     manual_at: datetime | None,
-    new: dict[str, SyncEvidence],
-    checks: dict[tuple[int, str], SyncCheck],
+    new: dict[str, int],
+    checks: _Checks,
+    has_queued: bool,
 ) -> None:
     assert row.id is not None
     evidence: dict[str, int] = {}
@@ -176,10 +184,10 @@ def _apply(
             evidence[src] = prev.id or 0
             observed_before = max(observed_before or prev.at, prev.at)
         if src in new:
-            evidence[src] = new[src].id or 0
+            evidence[src] = new[src]
     for src in SOURCES:
         if src in res.seen or src in res.problems:
-            _check(session, checks, row.id, src, now, res.problems.get(src, ""))
+            checks.add(row.id, src, now, res.problems.get(src, ""))
     if fill and not row.tenant_id:
         res.tenant_filled = fill
         repo.record_event(session, row, stages.Event(
@@ -200,7 +208,8 @@ def _apply(
             kind="stage", at=now, by=f"sync:{src}", source="sync", from_stage=from_stage,
             to_stage=to_stage, note=f"observed {observation} (evidence #{evidence.get(src, 0)})",
         )
-        apply_stage_event(session, row, event, csp_live_stage=campaign.csp_live_stage)
+        apply_stage_event(session, row, event, csp_live_stage=campaign.csp_live_stage,
+                          has_queued=has_queued)
         res.moved.append(f"{from_stage} -> {to_stage} ({observation})")
 
 
@@ -223,43 +232,59 @@ def _licences_from_reality(session: Session, row: Customer, facts: Facts, res: C
 
 
 def _evidence(
-    session: Session,
-    row: Customer,
+    customer_id: int,
     res: CustomerSync,
     now: datetime,
     latest: dict[tuple[int, str], SyncEvidence],
-) -> dict[str, SyncEvidence]:
-    """New evidence rows (not flushed) for what changed since each source's last evidence."""
-    out: dict[str, SyncEvidence] = {}
+) -> list[dict[str, Any]]:
+    """New evidence rows for what changed since each source's last evidence."""
+    out: list[dict[str, Any]] = []
     for src in SOURCES:
         seen = res.seen.get(src)
-        if seen is None or row.id is None:
+        if seen is None or not customer_id:
             continue
         digest = _digest(seen)
-        prev = latest.get((row.id, src))
+        prev = latest.get((customer_id, src))
         if prev is not None and prev.digest == digest:
             continue
-        ev = SyncEvidence(customer_id=row.id, source=src, at=now,
-                          seen_json=json.dumps(seen, sort_keys=True), digest=digest)
-        session.add(ev)
-        out[src] = ev
+        out.append({"customer_id": customer_id, "source": src, "at": now,
+                    "seen_json": json.dumps(seen, sort_keys=True), "digest": digest})
         res.new_evidence += 1
     return out
 
 
-def _check(
-    session: Session,
-    checks: dict[tuple[int, str], SyncCheck],
-    customer_id: int,
-    source: str,
-    now: datetime,
-    problem: str,
-) -> None:
-    row = checks.get((customer_id, source))
-    if row is None:
-        row = SyncCheck(customer_id=customer_id, source=source, checked_at=now, problem=problem)
-    else:
-        row.checked_at, row.problem = now, problem
-    session.add(row)
+def _insert_evidence(session: Session, rows: list[dict[str, Any]]) -> dict[int, dict[str, int]]:
+    """Insert the evidence rows; customer id -> source -> the new evidence id."""
+    out: dict[int, dict[str, int]] = {}
+    if rows:
+        inserted = session.execute(
+            sa.insert(SyncEvidence).returning(
+                col(SyncEvidence.id), col(SyncEvidence.customer_id), col(SyncEvidence.source)),
+            rows,
+        )
+        for evidence_id, customer_id, source in inserted:
+            out.setdefault(customer_id, {})[source] = evidence_id
+    return out
 
 
+class _Checks:
+    """A chunk's ``sync_checks`` (one row per customer and source: last checked, problem),
+    written in two statements: an INSERT of the new ones, an UPDATE of the known ones."""
+
+    def __init__(self, session: Session, customer_ids: list[int]) -> None:
+        self.known = set(session.exec(
+            select(SyncCheck.customer_id, SyncCheck.source)
+            .where(col(SyncCheck.customer_id).in_(customer_ids))).all())
+        self.new: list[dict[str, Any]] = []
+        self.changed: list[dict[str, Any]] = []
+
+    def add(self, customer_id: int, source: str, now: datetime, problem: str) -> None:
+        row = {"customer_id": customer_id, "source": source, "checked_at": now,
+               "problem": problem}
+        (self.changed if (customer_id, source) in self.known else self.new).append(row)
+
+    def write(self, session: Session) -> None:
+        if self.new:
+            session.execute(sa.insert(SyncCheck), self.new)
+        if self.changed:
+            session.execute(sa.update(SyncCheck), self.changed)
