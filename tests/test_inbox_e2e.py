@@ -195,6 +195,37 @@ def test_dead_address_ndr_and_item_vs_file_attachments(env: dict[str, Any], db: 
     assert sup == {"admin@aut.example", "admin@opt.example", "billing@bnc.example"}
     status = cli("status")
     assert "unreachable" in status.stdout.lower()
+    stats = env["sandbox"].stats()
+    assert stats["throttled_concurrency"] == 0
+    assert stats["max_in_flight_per_mailbox"][SENDER] <= 4
+
+
+def test_many_ndrs_are_read_in_chained_batches_within_the_mailbox_limit(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    """45 NDRs (a page of them, item and file attachments): their attachments are read in
+    chained JSON batches, so the mailbox never sees more than its 4 requests in flight and no
+    read is refused for MailboxConcurrency; one read throttled mid-chain is read again."""
+    _seed_and_send(env, db, tmp_path, cli)
+    ids = _send_ids(db)
+    admin: InboxAdmin = env["admin"]
+    for i in range(45):
+        admin.inject(kind="ndr", mailbox=SENDER, send_id=ids["BNC"],
+                     recipient="billing@bnc.example", status="5.1.1",
+                     attach="item" if i % 2 else "file")
+    admin.set_faults(read_throttle_at=(5,))
+    before = admin.stats()
+    r = cli("inbox", "sync", "--now", T0.isoformat(), "--json")
+    assert r.exit_code == 0, r.output
+    after = admin.stats()
+    assert after["read_throttled"] - before["read_throttled"] == 1
+    with db.session() as s:
+        rows = s.exec(select(InboundMessage)).all()
+    assert len(rows) == 45 and {m.kind for m in rows} == {"bounce"}
+    assert all(m.rule.startswith("bounce:send id in the attached") for m in rows)
+    stats = env["sandbox"].stats()
+    assert stats["throttled_concurrency"] == 0
+    assert stats["max_in_flight_per_mailbox"][SENDER] <= 4
 
 
 def test_paging_throttling_and_sigkill_mid_sync_processes_each_message_once(

@@ -232,3 +232,121 @@ def test_inbox_and_sync_reads_share_one_retry_policy(
     InboxAdmin(sandbox).set_faults()
     assert sync.get(inbox.first_url(BOX), tokens.token, tokens.refresh).status_code == 200
     inbox.close()
+
+
+def _ndrs(sandbox: Sandbox, n: int) -> list[str]:
+    """``n`` NDRs in the Inbox, odd ones with the original as an item (a second read for its
+    MIME), even ones as a file; their message ids."""
+    from comms.sandbox import inbox as sandbox_inbox
+
+    ids = []
+    for k in range(n):
+        original = {"subject": f"Hi {k}", "internetMessageId": f"<o{k}@f.example>",
+                    "toRecipients": [{"emailAddress": {"address": f"a{k}@x.example"}}],
+                    "internetMessageHeaders": [{"name": "x-comms-send-id", "value": f"sid{k}"}]}
+        ids.append(sandbox_inbox.ndr(sandbox._core, BOX, recipient=f"a{k}@x.example",
+                                     original=original, attach="item" if k % 2 else "file")["id"])
+    return ids
+
+
+def _post_batch(sandbox: Sandbox, token: str, ids: list[str], *, chained: bool,
+                extra: dict[int, dict[str, Any]] | None = None) -> requests.Response:
+    """One ``$batch`` of attachment-list reads of ``ids``; ``chained``: read n depends on
+    n-1; ``extra`` adds or replaces fields of request n."""
+    reqs = [{"id": str(n), "method": "GET", "url": f"/users/{BOX}/messages/{mid}/attachments",
+             **({"dependsOn": [str(n - 1)]} if chained and n else {}),
+             **(extra or {}).get(n, {})} for n, mid in enumerate(ids)]
+    return requests.post(f"{sandbox.graph_url}/$batch", json={"requests": reqs},
+                         verify=str(sandbox.ca_file), headers={"Authorization": f"Bearer {token}"})
+
+
+def test_batch_of_independent_reads_meets_the_mailbox_limit_and_a_chain_does_not(
+    sandbox: Sandbox, sandbox_settings: Settings
+) -> None:
+    """Graph runs a batch's independent requests in parallel: 20 reads to one mailbox get 4
+    through and 16 ``MailboxConcurrency`` 429s (3 when the mailbox already has one in flight);
+    chained with ``dependsOn`` they run one at a time and all succeed."""
+    ids = _ndrs(sandbox, 20)
+    reader = InboxReader(sandbox_settings)
+    token = reader.tokens.token()
+    answer = _post_batch(sandbox, token, ids, chained=False)
+    assert answer.status_code == 200
+    statuses = [r["status"] for r in answer.json()["responses"]]
+    assert statuses == [200] * 4 + [429] * 16
+    refused = answer.json()["responses"][4]
+    assert refused["body"]["error"]["code"] == "ApplicationThrottled"
+    assert "MailboxConcurrency" in refused["body"]["error"]["message"]
+    assert float(refused["headers"]["Retry-After"]) > 0
+    stats = sandbox.stats()
+    assert stats["throttled_concurrency"] == 16
+    assert stats["max_in_flight_per_mailbox"][BOX] == 5  # the limit, and one over it
+    assert stats["in_flight_per_mailbox"][BOX] == 0  # every slot given back
+
+    state = sandbox._core.state
+    assert state.begin_request(BOX) is None  # another request of the app, in flight meanwhile
+    try:
+        busy = _post_batch(sandbox, token, ids, chained=False)
+    finally:
+        state.end_request(BOX)
+    assert [r["status"] for r in busy.json()["responses"]].count(200) == 3
+
+    chained = _post_batch(sandbox, token, ids, chained=True)
+    assert [r["status"] for r in chained.json()["responses"]] == [200] * 20
+    assert sandbox.stats()["throttled_concurrency"] == 16 + 17  # none more
+    reader.close()
+
+
+def test_chained_batch_stops_at_a_failed_request_and_bad_dependencies_are_refused(
+    sandbox: Sandbox, sandbox_settings: Settings
+) -> None:
+    """A request whose dependency failed is answered 424 and not run; ``dependsOn`` naming
+    an id that is not an earlier request's, or a batch mixing chained and independent
+    requests, is refused whole with 400."""
+    ids = _ndrs(sandbox, 8)
+    ids[2] = "AAMkADnosuchmessage"
+    reader = InboxReader(sandbox_settings)
+    token = reader.tokens.token()
+    before = InboxAdmin(sandbox).stats()["attachment_requests"]
+    answers = _post_batch(sandbox, token, ids, chained=True).json()["responses"]
+    assert [r["status"] for r in answers] == [200, 200, 404] + [424] * 5
+    assert [r["id"] for r in answers] == [str(n) for n in range(8)]
+    assert answers[3]["body"]["error"]["code"] == "FailedDependency"
+    assert InboxAdmin(sandbox).stats()["attachment_requests"] == before + 3  # 4.. never ran
+
+    for extra in ({3: {"dependsOn": ["nope"]}}, {3: {"dependsOn": ["5"]}},
+                  {3: {"dependsOn": "2"}}, {0: {"dependsOn": ["0"]}}):
+        bad = _post_batch(sandbox, token, ids[:6], chained=True, extra=extra)
+        assert bad.status_code == 400, extra
+        assert bad.json()["error"]["code"] == "BadRequest"
+    mixed = _post_batch(sandbox, token, ids[:6], chained=True, extra={4: {"dependsOn": None}})
+    assert mixed.status_code == 400 and "fully sequential" in mixed.json()["error"]["message"]
+    reader.close()
+
+
+def test_reader_retries_a_throttled_read_of_a_chain_with_the_reads_after_it(
+    sandbox: Sandbox, sandbox_settings: Settings
+) -> None:
+    """One read throttled in the middle of a chained batch: it and the reads after it (424,
+    not run) go into the next batch; every attachment is read exactly once, in order, and the
+    mailbox never has more than one of the reader's reads in flight."""
+    ids = _ndrs(sandbox, 25)
+    reader = InboxReader(sandbox_settings, sleep=lambda s: None)
+    expected = {mid: reader.attachments(BOX, mid) for mid in ids}  # one read at a time
+    reader.close()
+    reader = InboxReader(sandbox_settings, sleep=lambda s: None)
+    admin = InboxAdmin(sandbox)
+    before = admin.stats()
+    admin.set_faults(read_throttle_at=(3,))
+    found = reader.attachments_many(BOX, ids)
+    after = admin.stats()
+    assert list(found) == ids and found == expected
+    assert after["read_throttled"] - before["read_throttled"] == 1
+    # 25 lists and 12 items' MIME, each run once: the throttled read never reached its route
+    # and the 17 answered 424 were not run.
+    assert after["attachment_requests"] - before["attachment_requests"] == 25 + 12
+    # 25 lists in 2 batches, the 18 left from the first (the throttled read and the 17 after
+    # it) in a third, the 12 items' MIME in a fourth.
+    assert (reader.requests, reader.retries) == (4, 1)
+    stats = sandbox.stats()
+    assert stats["throttled_concurrency"] == 0 and stats["max_in_flight_per_mailbox"][BOX] == 1
+    reader.close()

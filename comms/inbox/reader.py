@@ -5,14 +5,14 @@ session, CA trust and token provider as the Graph transport).
   page; the last page carries the ``@odata.deltaLink`` to store for the next round.
 - ``attachments(mailbox, message_id)``: the NDR's attached original / delivery status, decoded;
   ``attachments_many`` does it for many NDRs through Graph JSON batching (``$batch``, 20 reads
-  a request).
+  a request, chained with ``dependsOn`` so they run one at a time).
 - ``sent_send_id`` / ``sent_index``: Sent Items lookups.
 
 Reads are idempotent, so unlike ``sendMail`` they are retried (``comms.delivery.reads``, the
 policy stage sync uses too): 429 and 503/504 after ``Retry-After`` (or a growing backoff), a
 broken connection after a backoff, up to ``MAX_ATTEMPTS``; 401 once with a fresh token; a read
-throttled inside a batch goes into a later batch. Anything else raises ``InboxError`` naming the
-fix.
+throttled inside a batch goes into a later batch (with the reads chained after it, answered
+424). Anything else raises ``InboxError`` naming the fix.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ MAX_ATTEMPTS = 8
 BACKOFF_BASE = 0.5  # seconds, doubled per attempt (scaled by [delivery] time_scale), capped
 BACKOFF_CAP = 30.0
 RETRIABLE = frozenset({429, 503, 504})
+FAILED_DEPENDENCY = 424  # a chained read in a batch not run because one before it failed
 BATCH_SIZE = 20  # Graph's limit of requests in one JSON batch
 SELECT_BASIC = (
     "subject", "from", "sender", "toRecipients", "receivedDateTime", "internetMessageId",
@@ -192,13 +193,16 @@ class InboxReader:
 
     def batch_get(self, urls: list[str], *, raw: bool = False) -> list[Any]:
         """GET ``urls`` through Graph JSON batching (``POST /$batch``, ``BATCH_SIZE`` a
-        request); the bodies in order: parsed JSON, or bytes with ``raw``. A read answered
-        429/503/504 inside a batch goes into a later batch after the longest ``Retry-After``
-        (the batch request itself has the retry policy of ``get``); any other error raises
-        ``InboxError`` as ``get`` would."""
+        request, each read depending on the one before: one read in flight for the mailbox at a
+        time); the bodies in order: parsed JSON, or bytes with ``raw``. A read answered
+        429/503/504 inside a batch goes into a later batch, with the reads after it (answered
+        424, not run), after the longest ``Retry-After``; a read is tried ``MAX_ATTEMPTS``
+        times (a 424 is no attempt). The batch request itself has the retry policy of ``get``;
+        any other error raises ``InboxError`` as ``get`` would."""
         out: list[Any] = [None] * len(urls)
+        attempts = [0] * len(urls)
         todo = list(range(len(urls)))
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        while todo:
             again: list[int] = []
             waits: list[float] = []
             for start in range(0, len(todo), BATCH_SIZE):
@@ -206,29 +210,37 @@ class InboxReader:
                 for i, answer in zip(part, self._batch([urls[i] for i in part], raw),
                                      strict=True):
                     status, headers, body = answer
+                    if status == FAILED_DEPENDENCY:  # not run: a read before it failed
+                        again.append(i)
+                        continue
+                    attempts[i] += 1
                     if 200 <= status < 300:
                         out[i] = base64.b64decode(body) if raw and isinstance(body, str) else (
                             body if body is not None else (b"" if raw else {}))
-                    elif status in RETRIABLE and attempt < MAX_ATTEMPTS:
+                    elif status in RETRIABLE and attempts[i] < MAX_ATTEMPTS:
                         again.append(i)
-                        waits.append(self._reads.retry_wait(attempt, headers.get("Retry-After")))
+                        waits.append(self._reads.retry_wait(attempts[i],
+                                                            headers.get("Retry-After")))
+                    elif status in RETRIABLE:
+                        raise InboxError(f"reading {_short(urls[i])} was throttled "
+                                         f"{MAX_ATTEMPTS} times; run `comms inbox sync` again "
+                                         "later")
                     else:
-                        error = (body or {}).get("error") or {} if isinstance(body, dict) else {}
-                        raise InboxError(_explain(status, (str(error.get("code") or ""),
-                                                           str(error.get("message") or "")),
-                                                  urls[i]))
-            if not again:
-                return out
-            self._reads.wait(max(waits))
+                        raise InboxError(_explain(status, _batch_error(body), urls[i]))
+            if again:
+                self._reads.wait(max(waits, default=0.0))
             todo = again
-        raise InboxError(f"reading {_short(urls[todo[0]])} was throttled {MAX_ATTEMPTS} times; "
-                         "run `comms inbox sync` again later")
+        return out
 
     def _batch(self, urls: list[str], raw: bool) -> list[tuple[int, dict[str, str], Any]]:
+        """One ``$batch`` of ``urls``, chained with ``dependsOn`` (read n after read n-1) so
+        Graph runs them one after another: a batch of independent reads to one mailbox would
+        be run in parallel and meet the mailbox's concurrency limit (4)."""
         accept = "*/*" if raw else "application/json"
         payload = {"requests": [
             {"id": str(n), "method": "GET", "url": url[len(self.base_url):],
-             "headers": {"Accept": accept}} for n, url in enumerate(urls)]}
+             "headers": {"Accept": accept}, **({"dependsOn": [str(n - 1)]} if n else {})}
+            for n, url in enumerate(urls)]}
         body = self._send(f"{self.base_url}/$batch", {"Accept": "application/json"},
                           method="POST", json=payload).json()
         by_id = {str(r.get("id")): r for r in body.get("responses") or []}
@@ -281,6 +293,12 @@ class InboxReader:
                         out[str(item.get("internetMessageId") or "")] = str(p.get("value"))
             url = body.get("@odata.nextLink")
         return out
+
+
+def _batch_error(body: Any) -> tuple[str, str]:
+    """(code, message) of a Graph error body inside a batch answer."""
+    error = (body or {}).get("error") or {} if isinstance(body, dict) else {}
+    return str(error.get("code") or ""), str(error.get("message") or "")
 
 
 def _item_urls(base: str, items: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:

@@ -18,7 +18,8 @@ answered 429 + ``Retry-After`` or 503 by the read fault knobs.
 
 Admin (``/_sandbox/inbox/...``, no token): ``POST inject`` (``kind`` = reply, auto_reply, ndr,
 raw), ``POST dead`` (addresses that bounce: a message sent to one produces an NDR by itself),
-``POST faults`` (``read_throttle_rate``, ``read_error_rate``), ``POST clock`` (``now``,
+``POST faults`` (``read_throttle_rate``, ``read_error_rate``; ``read_throttle_at``: which of
+the coming reads, 1 = the next, are answered 429), ``POST clock`` (``now``,
 ``ndr_delay_seconds``: what arrives is dated on a simulated timeline), ``GET messages``.
 In-process, ``InboxAdmin.set_clock`` takes any clock (the demo's simulated one).
 
@@ -86,6 +87,9 @@ class InboxStore:
     dead: set[str] = field(default_factory=set)
     read_throttle_rate: float = 0.0
     read_error_rate: float = 0.0
+    # Deterministic throttling: the reads (1 = the next one, counted from when set) answered 429.
+    read_throttle_at: frozenset[int] = frozenset()
+    reads_seen: int = 0
     # The Inbox's clock (None: real time). A simulation (`comms demo`) sets its own, so that
     # what arrives is dated on its timeline; NDRs produced by a send arrive ``ndr_delay`` later.
     clock: Callable[[], dt.datetime] | None = None
@@ -393,7 +397,9 @@ def _read_fault(core: Core, req: Request) -> Response | None:
     state = core.state
     with st.lock:
         throttle_rate, error_rate = st.read_throttle_rate, st.read_error_rate
-    if state.roll(throttle_rate):
+        st.reads_seen += 1
+        chosen = st.reads_seen in st.read_throttle_at
+    if chosen or state.roll(throttle_rate):
         with st.lock:
             st.counters["read_throttled"] += 1
         from comms.sandbox.state import retry_after_text
@@ -589,8 +595,12 @@ def admin(core: Core, req: Request, what: str, payload: dict[str, Any]) -> Respo
                         if not 0.0 <= value <= 1.0:
                             raise ValueError(f"{key} must be between 0 and 1")
                         setattr(st, key, value)
+                if "read_throttle_at" in payload:
+                    st.read_throttle_at = frozenset(int(n) for n in payload["read_throttle_at"])
+                    st.reads_seen = 0
                 return json_response(200, {"read_throttle_rate": st.read_throttle_rate,
-                                           "read_error_rate": st.read_error_rate})
+                                           "read_error_rate": st.read_error_rate,
+                                           "read_throttle_at": sorted(st.read_throttle_at)})
         if action == "clock" and req.method == "POST":
             _set_clock(st, payload)
             return json_response(200, {"now": _now(clock_now(core)),
@@ -672,10 +682,14 @@ class InboxAdmin:
         with st.lock:
             st.dead.update(a.lower() for a in addresses)
 
-    def set_faults(self, *, read_throttle_rate: float = 0.0, read_error_rate: float = 0.0) -> None:
+    def set_faults(self, *, read_throttle_rate: float = 0.0, read_error_rate: float = 0.0,
+                   read_throttle_at: tuple[int, ...] = ()) -> None:
+        """Read faults: shares of reads answered 429 / 503, and ``read_throttle_at``: which
+        of the coming reads (1 = the next one) are answered 429."""
         st = store(self.core)
         with st.lock:
             st.read_throttle_rate, st.read_error_rate = read_throttle_rate, read_error_rate
+            st.read_throttle_at, st.reads_seen = frozenset(read_throttle_at), 0
 
     def set_clock(
         self, clock: Callable[[], dt.datetime] | None, *,

@@ -6,7 +6,8 @@ seconds, a "day" ``86400 * time_scale``):
 
 - more than ``max_concurrent`` requests in flight for one mailbox: 429, code
   ``ApplicationThrottled``, "Application is over its MailboxConcurrency limit." (the code and
-  text Exchange Online returns);
+  text Exchange Online returns); the parallel requests of a JSON batch stay in flight together
+  (``together``), so each one after the first sees the others;
 - more than ``messages_per_minute`` accepted in a rolling minute: 429, code
   ``TooManyRequests``;
 - more than ``recipients_per_day`` recipients (to + cc + bcc) in a rolling day: 429, code
@@ -29,6 +30,8 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +142,7 @@ class State:
         self.tenant_external_per_day = tenant_external_per_day
         self.tenant_external: deque[tuple[float, int]] = deque()
         self.lock = threading.Lock()
+        self._held = threading.local()  # per serving thread: slots ``together`` keeps taken
         self.users: dict[str, User] = {}
         self.apps: dict[str, App] = {}
         self.usage: dict[str, MailboxUsage] = {}
@@ -230,8 +234,27 @@ class State:
             return None
 
     def end_request(self, mailbox: str) -> None:
+        held: list[str] | None = getattr(self._held, "mailboxes", None)
+        if held is not None:  # inside ``together``: the slot stays taken until the block ends
+            held.append(mailbox)
+            return
         with self.lock:
             self.usage[mailbox].in_flight -= 1
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """Requests served on this thread inside the block stay in flight for their mailbox
+        until the block ends, as if they had all run at once (a JSON batch's parallel requests:
+        each one after the first to a mailbox sees the others in flight)."""
+        held: list[str] = []
+        self._held.mailboxes = held
+        try:
+            yield
+        finally:
+            self._held.mailboxes = None
+            with self.lock:
+                for mailbox in held:
+                    self.usage[mailbox].in_flight -= 1
 
     def accept(
         self, mailbox: str, recipients: int, record: dict[str, Any], resource: dict[str, Any]
