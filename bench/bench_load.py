@@ -4,7 +4,7 @@ each mailbox achieved as a fraction of Exchange's allowed rate (goal: >= 0.95 wi
 >= 0.8 with 10 % 5xx), duplicates (must be 0) and the sandbox's most requests in flight.
 
     .venv/bin/python bench/bench_load.py [--workers 8] [--mailboxes 4] [--messages 400]
-        [--time-scale 0.05] [--database-url postgresql://...]
+        [--time-scale 0.25] [--database-url postgresql://...]
 
 Without --database-url it uses a SQLite file (one writer at a time: PostgreSQL is what many
 workers are for). The rate is measured on the sandbox's clock, per mailbox, two ways: over the
@@ -137,7 +137,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--mailboxes", type=int, default=4)
     ap.add_argument("--messages", type=int, default=400)
-    ap.add_argument("--time-scale", type=float, default=0.05)
+    ap.add_argument("--time-scale", type=float, default=0.25)
     ap.add_argument("--database-url", default=os.environ.get("COMMS_BENCH_DATABASE_URL", ""))
     args = ap.parse_args()
     print(f"{args.workers} workers + 1 run, {args.mailboxes} mailboxes, {args.messages} "

@@ -9,8 +9,11 @@ Graph says                            outcome     why
 429 Too Many Requests                 THROTTLED   definitely not accepted; retry after
                                                   ``Retry-After``
 503 / 504                             UNKNOWN     a gateway may time out after Exchange accepted
-                                                  the message; ``retry_after`` is still set, but
-                                                  the send id must be looked up before a resend
+                                                  the message; the send id must be looked up
+                                                  before a resend. With a ``Retry-After`` the
+                                                  mailbox pauses that long; without one it does
+                                                  not (Exchange asked for no pause; the circuit
+                                                  breaker stops a mailbox that keeps failing)
 other 5xx                             UNKNOWN     same reason
 401                                   (retry)     the token is refused: one fresh token, the same
                                                   request once more; a second 401 is FAILED
@@ -285,16 +288,22 @@ class GraphTransport:
         code, text = _graph_error(response)
         sender = email.sender
         retry_after = response.headers.get("Retry-After")
+        # A 429 without a Retry-After pauses the mailbox DEFAULT_RETRY_AFTER seconds, on the
+        # same (scaled) clock as its rate limits: 5 s against Exchange, 5 s x time_scale
+        # against the sandbox.
+        default_wait = DEFAULT_RETRY_AFTER * self.settings.delivery.time_scale
         if status == 429:
             return SendResult(
-                Outcome.THROTTLED, status=status, retry_after=parse_retry_after(retry_after),
+                Outcome.THROTTLED, status=status,
+                retry_after=parse_retry_after(retry_after, default_wait),
                 error_code=code or "TooManyRequests", request_id=request_id, details=details,
                 message=f"throttled by Graph for {sender}: {text}",
             )
         if status >= 500:
             return SendResult(
                 Outcome.UNKNOWN, status=status, request_id=request_id, details=details,
-                retry_after=parse_retry_after(retry_after) if status in (503, 504) else None,
+                retry_after=(parse_retry_after(retry_after, default_wait)
+                             if status in (503, 504) and retry_after else None),
                 error_code=code or f"HTTP{status}",
                 message=f"Graph answered {status} ({text or response.reason}); it may have "
                 "accepted the message: look the send id up in Sent Items before any resend",

@@ -26,6 +26,8 @@ from comms.outbox.rounds import RunState
 from comms.store.db import Database
 from comms.store.models import Message
 
+MIN_PASS_SECONDS = 5.0  # the shortest time between two reconcile passes while sending
+
 # --------------------------------------------------------------------------- the dispatcher
 
 
@@ -111,18 +113,14 @@ class Dispatcher:
                          budget=limit if limit is not None else -1)
         threads_n = max(1, min(sum(lim.max_concurrent for lim in self.limits), 8))
         while state.running():
-            expire_leases(self.db, clock=self.clock)
-            reconcile(self.db, self.reconciler, clock=self.clock, grace=self.grace,
-                      report=state.report, worker=self.worker, paced=self.paced,
-                      only_ids=only_ids, tag=tag)
+            self._reconcile(state)
             if state.requested.is_set():
                 break
             threads = [threading.Thread(target=state.loop, args=(i,), daemon=True)
                        for i in range(threads_n)]
             for t in threads:
                 t.start()
-            for t in threads:
-                t.join()
+            self._wait_for(threads, state)
             if state.errors:
                 raise state.errors[0]
             if state.budget == 0 or min(state.hints.values()) >= deadline:
@@ -136,6 +134,34 @@ class Dispatcher:
                 break
             state.requested.wait(pause)
         return state.report
+
+    def _reconcile(self, state: RunState) -> None:
+        expire_leases(self.db, clock=self.clock)
+        reconcile(self.db, self.reconciler, clock=self.clock, grace=self.grace,
+                  report=state.report, worker=self.worker, paced=self.paced,
+                  only_ids=state.only_ids, tag=state.tag)
+
+    def _wait_for(self, threads: list[threading.Thread], state: RunState) -> None:
+        """Join the sending threads; meanwhile, once per grace period (5 s at least), expire
+        leases and reconcile unclear outcomes whose grace has passed, so that they are looked
+        up (and resent if need be) while the queue is still long, not only once it is empty.
+        An error there stops the threads first, then is raised."""
+        every = max(self.grace.total_seconds(), MIN_PASS_SECONDS)
+        next_pass = time.monotonic() + every
+        while alive := [t for t in threads if t.is_alive()]:
+            alive[0].join(timeout=max(0.01, next_pass - time.monotonic()))
+            if time.monotonic() < next_pass:
+                continue
+            next_pass = time.monotonic() + every
+            if not state.running():
+                continue
+            try:
+                self._reconcile(state)
+            except BaseException:
+                state.halt.set()
+                for t in threads:
+                    t.join()
+                raise
 
     def _more_to_do(
         self, only_ids: frozenset[int] | None, tag: str | None,
