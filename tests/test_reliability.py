@@ -12,11 +12,13 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from engine_helpers import (
     T0,
     assert_exactly_once,
+    ledger,
     popen_comms,
     run_comms,
     sandbox_env,
@@ -169,3 +171,40 @@ def test_a_graph_that_stops_answering_trips_the_breaker_and_the_run_ends(
     # Each mailbox stops after 3 in a row (a few more were already in flight).
     assert 6 <= st["unknown"] <= 6 + 8 and st["unknown"] == summary.dispatch.unknown
     assert st["queued"] == n - st["unknown"] and st["sent"] == 0
+
+
+def test_an_unclear_outcome_is_looked_up_while_the_queue_is_still_long(
+    tmp_path: Path, db: Database, database_url: str, sandbox_factory: Any
+) -> None:
+    """A message whose answer was lost is reconciled (found in Sent Items) once its grace has
+    passed, while the same run still sends the rest of a long queue, not only when the queue
+    is empty (in production: not after days of a large wave)."""
+    scale = 0.05  # 10 messages a second from the one mailbox
+    sb: Sandbox = sandbox_factory(time_scale=scale)
+    n = 120  # about 12 s of sending; the dispatcher reconciles every 5 s (its grace: 2 s)
+    seed(db, tmp_path, n)
+    env = sandbox_env(sb, tmp_path, database_url, senders=SENDERS[:1], time_scale=scale,
+                      grace=0.3, timeout=1.0, lease=3.0)
+    sb.set_faults(drop_after_accept_rate=1.0)  # the first accepted message's answer is lost
+    proc = popen_comms(env, "run", "--now", T0.isoformat(), "--max-minutes", "2")
+    confirmed_at: int | None = None  # messages accepted when the lost one was confirmed
+    lost = ""
+    deadline = time.monotonic() + 90
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            accepted = sb.sent()
+            if accepted and not lost:
+                sb.set_faults(drop_after_accept_rate=0.0)
+                lost = accepted[0]["send_id"]
+            if lost and confirmed_at is None and any(
+                    r["send_id"] == lost and r["status"] == "sent" for r in ledger(db)):
+                confirmed_at = len(accepted)
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    assert "confirmed in Sent Items 1" in out, out
+    assert confirmed_at is not None and confirmed_at < n - 10, (confirmed_at, out)
+    assert_exactly_once(db, sb, expected=n)
