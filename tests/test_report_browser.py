@@ -37,8 +37,9 @@ FLAGS = (
     "--hide-scrollbars",
 )
 
-PROBE = r"""<script>
-(function () {
+# Both probes record what goes wrong into ``errors``: script errors, CSP violations and
+# console.error calls.
+RECORD_ERRORS = r"""
   var errors = [];
   function record(kind, msg) { errors.push(kind + ": " + msg); }
   window.addEventListener("error", function (e) {
@@ -55,6 +56,10 @@ PROBE = r"""<script>
     record("console.error", Array.prototype.join.call(arguments, " "));
     return origError.apply(console, arguments);
   };
+"""
+
+PROBE = r"""<script>
+(function () {""" + RECORD_ERRORS + r"""
   function count(sel) { return document.querySelectorAll(sel).length; }
   function firstKey() {
     var row = document.getElementById("customer-table").tBodies[0].rows[0];
@@ -189,20 +194,7 @@ def test_probe_catches_script_errors(chromium: str, report_html: str, tmp_path: 
 # (computed font size × the SVG's scale). Each box that scrolls sideways reports whether the
 # "swipe sideways" hint just before it is visible.
 LAYOUT_JS = r"""
-(function () {
-  var errors = [];
-  function record(kind, msg) { errors.push(kind + ": " + msg); }
-  window.addEventListener("error", function (e) {
-    record("error", e.message || "resource");
-  }, true);
-  document.addEventListener("securitypolicyviolation", function (e) {
-    record("csp", e.violatedDirective + " " + e.blockedURI);
-  });
-  var origError = console.error;
-  console.error = function () {
-    record("console.error", Array.prototype.join.call(arguments, " "));
-    return origError.apply(console, arguments);
-  };
+(function () {""" + RECORD_ERRORS + r"""
   var SKIP = { SCRIPT: 1, STYLE: 1, TITLE: 1, HEAD: 1, title: 1 };
   function name(el) {
     var s = el.tagName.toLowerCase();
