@@ -525,3 +525,23 @@ def test_certificate_auth_from_the_environment_sends(
     transport = GraphTransport(settings)
     assert transport.send(email).outcome is Outcome.SENT
     assert token_claims(transport.tokens.token())["appidacr"] == "2"  # certificate credential
+
+
+def test_a_token_request_that_times_out_once_is_asked_again(sandbox: Any) -> None:
+    """An authority slow for a moment does not stop a worker: the token request (idempotent)
+    is asked again; one that stays silent is reported naming the authority."""
+    client_id, secret = _secret_app(sandbox)
+    graph = _graph(sandbox, client_id=client_id, auth="secret", client_secret=secret,
+                   timeout_seconds=0.5)
+    provider = new_token_provider(graph)  # discovery, before any stall
+    before = sandbox.stats()["token_requests"]
+    sandbox.set_faults(token_stalls=1, token_stall=1.5)
+    assert provider.token()
+    assert sandbox.stats()["token_requests"] - before == 2  # the stalled one, then a good one
+    other_id, other_secret = _secret_app(sandbox)
+    silent = new_token_provider(_graph(sandbox, client_id=other_id, auth="secret",
+                                       client_secret=other_secret, timeout_seconds=0.5))
+    sandbox.set_faults(token_stalls=3, token_stall=1.5)
+    with pytest.raises(AuthError, match=r"did not answer within 0\.5 s"):
+        silent.token()
+    assert sandbox.faults.token_stalls == 0  # all three attempts were made

@@ -7,6 +7,7 @@ the token providers in ``comms.delivery.auth`` route both through here.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -100,11 +101,24 @@ def error_from_exception(exc: Exception, graph: GraphSettings, doing: str) -> Au
     return AuthError(f"{doing} failed: {type(exc).__name__}: {exc}")
 
 
+AUTHORITY_ATTEMPTS = 3  # a token request or discovery that times out or loses its connection
+
+
 def call_msal(graph: GraphSettings, doing: str, call: Callable[[], Any]) -> Any:
-    """Run an msal call; network and authority failures become an AuthError naming the fix."""
-    try:
-        return call()
-    except AuthError:
-        raise
-    except (requests.exceptions.RequestException, ValueError, RuntimeError, OSError) as exc:
-        raise error_from_exception(exc, graph, doing) from exc
+    """Run an msal call; network and authority failures become an AuthError naming the fix.
+
+    Discovery and token requests are idempotent, so one that times out or loses its connection
+    is tried again (``AUTHORITY_ATTEMPTS`` in all, 0.5 s then 1 s apart): a worker must not
+    stop because the authority was slow for a moment. TLS failures are not retried."""
+    for attempt in range(1, AUTHORITY_ATTEMPTS + 1):
+        try:
+            return call()
+        except AuthError:
+            raise
+        except (requests.exceptions.Timeout, requests.exceptions.ConnectionError) as exc:
+            if isinstance(exc, requests.exceptions.SSLError) or attempt == AUTHORITY_ATTEMPTS:
+                raise error_from_exception(exc, graph, doing) from exc
+            time.sleep(0.5 * attempt)
+        except (requests.exceptions.RequestException, ValueError, RuntimeError, OSError) as exc:
+            raise error_from_exception(exc, graph, doing) from exc
+    raise AssertionError("unreachable")  # the loop returns or raises

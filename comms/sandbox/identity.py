@@ -87,6 +87,10 @@ def handle(core: Core, req: Request) -> Response | None:
                             "The endpoint only accepts POST requests.").body()
         )
     form = {k: v[-1] for k, v in parse_qs(req.body.decode("utf-8", "replace")).items()}
+    if rest == "oauth2/v2.0/token":
+        stall = core.state.token_stall()
+        if stall:
+            time.sleep(stall)  # a slow authority: the client may give up before the answer
     try:
         if rest == "oauth2/v2.0/devicecode":
             return json_response(200, _device_code(core, form))

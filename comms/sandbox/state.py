@@ -50,6 +50,10 @@ class Faults:
     drop_after_accept_rate: float = 0.0  # accepted and recorded, then connection closed
     throttle_rate: float = 0.0  # answered 429 with Retry-After, not accepted
     seed: int | None = None
+    # The next ``token_stalls`` token requests wait ``token_stall`` seconds before answering
+    # (an authority slow for a moment); each one stalled counts one down.
+    token_stalls: int = 0
+    token_stall: float = 0.0
 
     def validate(self) -> None:
         for name in ("error_rate", "latency_spike_rate", "drop_after_accept_rate",
@@ -57,7 +61,7 @@ class Faults:
             value = getattr(self, name)
             if not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"fault {name} must be between 0 and 1, got {value!r}")
-        for name in ("latency", "latency_spike"):
+        for name in ("latency", "latency_spike", "token_stalls", "token_stall"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"fault {name} must not be negative")
 
@@ -209,6 +213,15 @@ class State:
             return False
         with self.lock:
             return self.rng.random() < share
+
+    def token_stall(self) -> float:
+        """Seconds this token request stalls (``Faults.token_stalls``), counting one down."""
+        with self.lock:
+            if self.faults.token_stalls <= 0:
+                return 0.0
+            self.faults = dataclasses.replace(self.faults,
+                                              token_stalls=self.faults.token_stalls - 1)
+            return float(self.faults.token_stall)
 
     def count(self, key: str, n: int = 1) -> None:
         with self.lock:
