@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import random
 import signal
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -27,9 +30,13 @@ from engine_helpers import (
     statuses,
 )
 
+from comms import pacing
 from comms.campaign import load_campaign
+from comms.delivery.base import Outcome
 from comms.delivery.factory import make_transport
 from comms.outbox import Clock
+from comms.outbox.claims import DispatchReport
+from comms.outbox.rounds import RunState
 from comms.render import Renderer
 from comms.sandbox import Sandbox
 from comms.services import engine
@@ -171,6 +178,28 @@ def test_a_graph_that_stops_answering_trips_the_breaker_and_the_run_ends(
     # Each mailbox stops after 3 in a row (a few more were already in flight).
     assert 6 <= st["unknown"] <= 6 + 8 and st["unknown"] == summary.dispatch.unknown
     assert st["queued"] == n - st["unknown"] and st["sent"] == 0
+
+
+def test_a_tripped_mailbox_stays_stopped_whatever_the_database_answers_later() -> None:
+    """The CI failure behind this test: a thread that was asking the database about a mailbox
+    when its breaker tripped got a "wait until T" answer, and that answer replaced the
+    stopped mailbox's "never" hint, so the mailbox sent on (40 unknown outcomes instead of
+    about 6). Pure logic: the run state of one dispatch run, without threads."""
+    settings = SimpleNamespace(delivery=SimpleNamespace(max_consecutive_unknown=3))
+    clock = Clock(T0)
+    lim = pacing.Limits(SENDERS[0], messages_per_minute=30, max_concurrent=4,
+                        recipients_per_day=10_000)
+    dispatcher: Any = SimpleNamespace(limits=[lim], settings=settings, clock=clock)
+    state = RunState(dispatcher, DispatchReport(), time.monotonic() + 60, threading.Event())
+    assert state.take_turn(0, set()) is lim  # a thread asks the database about it ...
+    for _ in range(3):  # ... while three sends come back ambiguous
+        state.note_outcome(lim.mailbox, Outcome.UNKNOWN)
+    assert lim.mailbox in state.report.tripped and state.halt.is_set()
+    # ... and the database's answer to the question arrives after the trip.
+    state.end_turn(lim, None, pacing.Wait(clock.real() + timedelta(milliseconds=1), "rate"))
+    time.sleep(0.01)
+    assert state.take_turn(0, set()) is None
+    assert state.stopped(lim.mailbox)
 
 
 def test_an_unclear_outcome_is_looked_up_while_the_queue_is_still_long(

@@ -81,6 +81,10 @@ class RunState:
                 if len(self.report.tripped) == len(self.hints):
                     self.halt.set()  # nothing left to send from
 
+    def stopped(self, mailbox: str) -> bool:
+        with self.lock:
+            return mailbox in self.report.tripped
+
     def take_turn(self, index: int, tried: set[str]) -> pacing.Limits | None:
         """A mailbox this thread may ask for a slot now: its hint has passed, no other thread
         of this run is asking, and this thread has not tried it this turn. Marked as being
@@ -89,7 +93,7 @@ class RunState:
         with self.lock:
             ready = [lim for lim in self.dispatcher.limits
                      if self.hints[lim.mailbox] <= now_m and lim.mailbox not in self.claiming
-                     and lim.mailbox not in tried]
+                     and lim.mailbox not in tried and lim.mailbox not in self.report.tripped]
             if not ready:
                 return None
             ready.sort(key=lambda lim: self.hints[lim.mailbox])
@@ -136,7 +140,8 @@ class RunState:
             with self.report.lock:
                 self.report.waiting[got.reason] = got.until
         with self.lock:
-            self.hints[lim.mailbox] = time.monotonic() + max(pause, 0.0)
+            if lim.mailbox not in self.report.tripped:  # a stopped mailbox stays stopped
+                self.hints[lim.mailbox] = time.monotonic() + max(pause, 0.0)
 
     # -- the sending threads --------------------------------------------------------------
 
@@ -160,7 +165,11 @@ class RunState:
                 self.end_turn(lim, asked if isinstance(got, Claimed) else None,
                               got if isinstance(got, pacing.Wait) else None)
             if isinstance(got, Claimed):
-                return got
+                if not self.stopped(lim.mailbox):
+                    return got
+                # The breaker tripped while this thread was asking: nothing leaves.
+                put_back(d.db, got, clock=d.clock, worker=d.worker)
+                continue
             if got is None:
                 return False  # nothing due on any mailbox
             tried.add(lim.mailbox)
@@ -181,9 +190,11 @@ class RunState:
                 message=f"the transport failed unexpectedly ({exc}); the request may have "
                 "left: Sent Items is checked before any resend",
             )
+        # Counted before the slot is released by ``record``: a thread that claims the freed
+        # slot must already see a breaker this outcome trips.
+        self.note_outcome(claimed.slot.mailbox, result.outcome)
         record(d.db, claimed, result, clock=d.clock, worker=d.worker, report=self.report,
                server_hold=d.server_hold)
-        self.note_outcome(claimed.slot.mailbox, result.outcome)
         if result.outcome is not Outcome.SENT:
             self.give_back()
         if d.on_progress:
