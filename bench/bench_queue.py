@@ -75,7 +75,7 @@ def campaign_bytes(n: int) -> dict[str, float]:
     return {"messages": n, "raw": raw / n, "stored": stored / n, "zlib6_no_dict": plain / n}
 
 
-def one(n: int, profile: bool = False) -> dict[str, float]:
+def one(n: int, profile: bool = False, processes: int = 0) -> dict[str, float]:
     from comms.campaign import load_campaign
     from comms.config import load_settings
     from comms.render import Renderer
@@ -94,7 +94,8 @@ def one(n: int, profile: bool = False) -> dict[str, float]:
                 w.writerow([f"Q{i:07d}", f"Queue Customer {i} Ltd", 5 + i % 40, "Europe/London",
                             "invited", "de" if i % 10 == 0 else "en", f"Admin {i}",
                             f"admin@q{i}.example"])
-        settings = load_settings(env={"COMMS_DATABASE_URL": f"sqlite:///{work / 'q.db'}"})
+        settings = load_settings(env={"COMMS_DATABASE_URL": f"sqlite:///{work / 'q.db'}",
+                                      "COMMS_TEMPLATES_RENDER_PROCESSES": str(processes)})
         db = open_database(settings.database_url())
         campaign = load_campaign()
         customer_service.import_customers(db, path, settings=settings, campaign=campaign, now=T0,
@@ -120,18 +121,22 @@ def one(n: int, profile: bool = False) -> dict[str, float]:
         stats.sort_stats("tottime").print_stats(15)
         # Where the queue path's time goes, inclusive: render, plan, load, rows, writes.
         stats.sort_stats("cumulative").print_stats(
-            r"engine.py.*\((_render|_row|_queue_batch|plan_and_queue)\)|planner.py.*\(plan\)"
+            r"engine.py.*\((_row|_queue_batch|plan_and_queue)\)|planner.py.*\(plan\)"
+            r"|queue_render.py.*\((render_one|submit)\)"
             r"|repo.py.*load_customers|outbox.py.*insert_messages|bodies.py.*encode_many"
             r"|\(commit\)|method 'execute' of|posix.urandom|method 'result'")
         print(buf.getvalue())
     return {"customers": n, "queued": report.queued, "seconds": elapsed,
             "per_second": report.queued / elapsed, "rss_growth_mb": grew,
             "peak_rss_mb": _rss_mb(), "content_bytes": content, "row_bytes": row,
-            "db_bytes_per_message": db_bytes / max(report.queued, 1)}
+            "db_bytes_per_message": db_bytes / max(report.queued, 1),
+            # The largest render worker process (0 when the run rendered in-process).
+            "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
-def _fresh(n: int) -> dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, "--customers", str(n), "--json"],
+def _fresh(n: int, processes: int) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--customers", str(n), "--json",
+                          "--processes", str(processes)],
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -142,6 +147,8 @@ def main() -> None:
     ap.add_argument("--memory", type=int, nargs="*", help="sizes to compare, one process each")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile", action="store_true", help="cProfile the queueing, top 15")
+    ap.add_argument("--processes", type=int, default=0,
+                    help="[templates] render_processes: 0 = automatic (default), 1 = in-process")
     ap.add_argument("--bytes", type=int, metavar="N",
                     help="stored bytes per message over N default-campaign messages")
     ap.add_argument("--all", action="store_true",
@@ -157,22 +164,24 @@ def main() -> None:
         args.memory = [20_000, 100_000]
     if args.memory:
         print(f"{'customers':>10} {'queued':>8} {'seconds':>8} {'msgs/s':>8} "
-              f"{'RSS growth MB':>13} {'peak RSS MB':>11} {'content B':>9} {'row B':>6} "
-              f"{'file B/msg':>10}")
+              f"{'RSS growth MB':>13} {'peak RSS MB':>11} {'worker RSS MB':>13} "
+              f"{'content B':>9} {'row B':>6} {'file B/msg':>10}")
         for n in args.memory:
-            r = _fresh(n)
+            r = _fresh(n, args.processes)
             print(f"{r['customers']:>10} {r['queued']:>8} {r['seconds']:>8.1f} "
                   f"{r['per_second']:>8.0f} {r['rss_growth_mb']:>13.1f} "
-                  f"{r['peak_rss_mb']:>11.0f} {r['content_bytes']:>9.0f} {r['row_bytes']:>6.0f} "
+                  f"{r['peak_rss_mb']:>11.0f} {r['worker_peak_rss_mb']:>13.0f} "
+                  f"{r['content_bytes']:>9.0f} {r['row_bytes']:>6.0f} "
                   f"{r['db_bytes_per_message']:>10.0f}", flush=True)
         return
-    r = one(args.customers, profile=args.profile)
+    r = one(args.customers, profile=args.profile, processes=args.processes)
     if args.json:
         print(json.dumps(r))
         return
     print(f"queued {r['queued']:,} messages for {r['customers']:,} customers in "
           f"{r['seconds']:.1f} s ({r['per_second']:.0f}/s; target: 100,000 in <= 15 s); "
-          f"RSS grew {r['rss_growth_mb']:.1f} MB while queueing; {r['content_bytes']:.0f} bytes "
+          f"RSS grew {r['rss_growth_mb']:.1f} MB while queueing (largest render worker: "
+          f"{r['worker_peak_rss_mb']:.0f} MB); {r['content_bytes']:.0f} bytes "
           f"of content and {r['row_bytes']:.0f} of values per row, "
           f"{r['db_bytes_per_message']:.0f} bytes of SQLite file per message")
 

@@ -136,6 +136,9 @@ class TemplateSettings(_Section):
     forbidden_phrases: list[str] = []
     # Customer locales to expect: each one without its own template is reported as falling back.
     locales: list[str] = []
+    # Worker processes that render and compress when a run queues more than 3,000 customers:
+    # 0 = one per CPU (up to 4), 1 = render in the run's own process.
+    render_processes: int = Field(default=0, ge=0, le=32)
 
 
 class DefaultsSettings(_Section):

@@ -33,6 +33,8 @@ code raises a specific class, never ``CommsError`` itself (tests/test_errors.py 
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class CommsError(Exception):
     """Base of every error a user can act on."""
@@ -48,6 +50,18 @@ class CommsError(Exception):
         if not self.problems:
             return self.message
         return self.message + "\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # An error raised in a worker process (a template that fails to render) reaches the
+        # caller whole: its class, message, problems and attributes, whatever its __init__.
+        return (_restore, (type(self), self.message, self.__dict__))
+
+
+def _restore(cls: type[CommsError], message: str, state: dict[str, Any]) -> CommsError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
 
 
 class ConfigError(CommsError):

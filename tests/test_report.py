@@ -101,7 +101,7 @@ def test_report_carries_the_figures(html: str) -> None:
                     ("bounced", "0", "0", "0")]
     assert "Stuck past expected time (4)" in html
     assert "Reminders exhausted without progress (2)" in html
-    assert "Top 4 of 4 customers in “Awaiting cancellation”" in html
+    assert "All 4 customers in “Awaiting cancellation”" in html
     assert "× GBP 12.50 per licence per month ÷ 30. Total GBP 235.00." in html
 
 

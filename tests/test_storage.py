@@ -24,7 +24,7 @@ from comms.delivery.base import Address, OutgoingEmail
 from comms.delivery.eml import build_eml
 from comms.errors import DatabaseError
 from comms.render import Renderer
-from comms.services import engine, report
+from comms.services import engine, queue_render, report
 from comms.store import bodies, repo
 from comms.store.db import Database, alembic_config
 from comms.store.models import Customer, Message
@@ -66,7 +66,7 @@ def test_queued_bodies_are_what_was_rendered_and_small(
 ) -> None:
     # Bodies are compressed on a helper thread in chunks; small chunks make this batch span
     # several, so a body landing on the wrong row would show.
-    monkeypatch.setattr(engine, "ENCODE_CHUNK", 7)
+    monkeypatch.setattr(queue_render, "CHUNK", 7)
     seed(db, tmp_path, 20)
     settings = load_settings(env={})
     renderer = Renderer(settings)

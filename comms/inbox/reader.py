@@ -83,12 +83,10 @@ class InboxReader:
         self._tokens: TokenProvider | None = None
         self.read_body = read_body
         self.page_size = page_size
-        self.sleep = sleep
-        self.scale = max(getattr(settings.delivery, "time_scale", 1.0), 0.001)
         self._reads = RetryingReads(self.session, ReadPolicy(
             max_attempts=MAX_ATTEMPTS, retried=RETRIABLE,
             backoff=doubling(BACKOFF_BASE, cap=BACKOFF_CAP, jitter=True),
-            time_scale=self.scale, request_ids=True), sleep=sleep)
+            time_scale=max(settings.delivery.time_scale, 0.001), request_ids=True), sleep=sleep)
         self._lock = threading.Lock()
 
     @property

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,9 +30,9 @@ from comms.config import Settings
 from comms.delivery.base import Transport
 from comms.domain import CustomerInfo, MessageStatus, PlannedMessage, SentMessage
 from comms.render import Renderer
-from comms.services import wave_gate
+from comms.services import queue_render, wave_gate
 from comms.services.run_preview import PreviewRow, preview_rows
-from comms.store import bodies, repo
+from comms.store import repo
 from comms.store.db import Database
 from comms.store.locks import RunLock
 from comms.store.models import Customer, CustomerTag, Message, new_message_row
@@ -133,27 +133,19 @@ class QueueReport:
 
 
 def _row(
-    settings: Settings, customer: CustomerInfo, pm: PlannedMessage, rendered: Any, now: datetime,
-    send_before: datetime | None = None, body: bytes | None = None, send_id: str | None = None,
+    settings: Settings, customer: CustomerInfo, pm: PlannedMessage, subject: str, locale: str,
+    now: datetime, send_before: datetime | None = None, *, body: bytes,
+    send_id: str | None = None,
 ) -> dict[str, Any]:
+    """The outbox row of a rendered message; ``body`` as ``comms.store.bodies`` stores it."""
     assert customer.id is not None
     fresh = {"send_id": send_id} if send_id else {}
     return new_message_row(
         customer_id=customer.id, message=pm.message, sequence=pm.sequence, stage=pm.stage,
         to_json=outbox.addresses_json((c.email, c.name) for c in pm.to),
-        subject=rendered.subject, html=rendered.html, text=rendered.text, body=body, now=now,
-        internal=pm.internal,
+        subject=subject, body=body, now=now, internal=pm.internal,
         cc_json=outbox.addresses_json((c.email, c.name) for c in pm.cc),
-        reply_to=settings.partner.reply_to, locale=rendered.locale, send_before=send_before,
-        **fresh,
-    )
-
-
-def _render(renderer: Renderer, customer: CustomerInfo, pm: PlannedMessage, now: datetime) -> Any:
-    recipient = pm.to[0] if pm.to else None
-    return renderer.render(
-        pm.message, customer, now=now, reminder_number=pm.reminder_number, recipient=recipient,
-        extra=pm.context or None,
+        reply_to=settings.partner.reply_to, locale=locale, send_before=send_before, **fresh,
     )
 
 
@@ -171,22 +163,32 @@ def plan_and_queue(
 ) -> QueueReport:
     """Plan every due customer and queue what is due, batch by batch (memory stays flat).
 
-    Each batch is read, planned, rendered and written in one transaction. Compressing the
-    bodies costs about as much CPU as rendering them, so it runs on a helper thread, a chunk
-    at a time, while this thread renders the next messages (zlib releases the GIL)."""
+    Each batch is read, planned, rendered and written in one transaction. Rendering and
+    compressing go through ``comms.services.queue_render``: in this process for a small run,
+    in worker processes once a run has more than ``POOL_MIN_CUSTOMERS`` due customers (the
+    outbox rows are the same byte for byte)."""
     report = QueueReport()
     gate = wave_gate.load_gate(db, settings, campaign, renderer)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="comms-encode") as encoder:
+    processes = queue_render.processes_for(settings.templates.render_processes)
+    local = queue_render.LocalRenderer(renderer, now)
+    pool: queue_render.ProcessRenderer | None = None
+    seen = 0
+    try:
         for ids in due_batches(db, campaign, now, tag=tag, keys=keys):
+            seen += len(ids)
+            if (pool is None and not dry_run and processes > 1
+                    and seen > queue_render.POOL_MIN_CUSTOMERS):
+                pool = queue_render.ProcessRenderer(renderer, now, processes)
             with db.session(immediate=not dry_run) as s:
-                _queue_batch(s, ids, settings, campaign, renderer, now, dry_run, report, encoder,
-                             _send_ids(), gate)
+                _queue_batch(s, ids, settings, campaign, renderer, now, dry_run, report,
+                             pool or local, _send_ids(), gate)
             if progress:
                 progress(len(ids))
+    finally:
+        local.close()
+        if pool is not None:
+            pool.close()
     return report
-
-
-ENCODE_CHUNK = 100  # bodies per job handed to the compressing thread
 
 
 def _send_ids(block: int = BATCH) -> Callable[[], str]:
@@ -207,17 +209,19 @@ def _send_ids(block: int = BATCH) -> Callable[[], str]:
 
 def _queue_batch(
     s: Session, ids: list[int], settings: Settings, campaign: Campaign, renderer: Renderer,
-    now: datetime, dry_run: bool, report: QueueReport, encoder: ThreadPoolExecutor,
+    now: datetime, dry_run: bool, report: QueueReport, render: queue_render.ChunkRenderer,
     send_id: Callable[[], str], gate: wave_gate.WaveGate | None,
 ) -> None:
-    """Plan one batch of customers and queue what is due (bodies compressed on ``encoder``
-    while the next ones render); a dry run counts and previews, and writes nothing."""
+    """Plan one batch of customers and queue what is due (rendered and compressed by
+    ``render`` a chunk at a time while the next ones are planned); a dry run counts and
+    previews, and writes nothing."""
     customers = load_customers(s, ids)
     history = load_history(s, ids)
-    rows: list[dict[str, Any]] = []
+    planned: list[tuple[CustomerInfo, PlannedMessage, datetime | None]] = []
+    preview: list[dict[str, Any]] = []  # a dry run's rows: rendered here, never stored
     next_due: list[dict[str, Any]] = []
-    chunk: list[tuple[str, str]] = []
-    jobs: list[tuple[int, Future[list[bytes]]]] = []  # (first row, its bodies)
+    chunk: list[queue_render.Job] = []
+    jobs: list[Future[list[queue_render.Rendered]]] = []
     for cid in ids:
         customer = customers.get(cid)
         if customer is None or not stages.is_sendable(customer):
@@ -230,32 +234,34 @@ def _queue_batch(
         report.deferred += len(p.deferred)
         closes = planner.window_end(now, campaign.window, customer.time_zone)
         for pm in p.due:
-            rendered = _render(renderer, customer, pm, now)
             report.by_message[pm.message] += 1
-            rows.append(_row(settings, customer, pm, rendered, now, closes, body=b"",
-                             send_id=send_id()))
             if dry_run:
+                rendered = queue_render.render_one(renderer, customer, pm, now)
+                preview.append(_row(settings, customer, pm, rendered.subject, rendered.locale,
+                                    now, closes, body=b"", send_id=send_id()))
                 continue
-            chunk.append((rendered.html, rendered.text))
-            if len(chunk) == ENCODE_CHUNK:
-                jobs.append((len(rows) - len(chunk), encoder.submit(bodies.encode_many, chunk)))
+            planned.append((customer, pm, closes))
+            chunk.append((customer, pm))
+            if len(chunk) == queue_render.CHUNK:
+                jobs.append(render.submit(chunk))
                 chunk = []
         if dry_run:
-            later = [_render(renderer, customer, pm, now).locale for pm in p.deferred]
-            report.preview += preview_rows(customer, p, now, rows, later)
+            later = [queue_render.render_one(renderer, customer, pm, now).locale
+                     for pm in p.deferred]
+            report.preview += preview_rows(customer, p, now, preview, later)
         next_due.append({"id": cid, "next_due_at": p.next_due_at})
     if dry_run:
-        report.queued += len(rows)
+        report.queued += len(preview)
         return
     if chunk:
-        jobs.append((len(rows) - len(chunk), encoder.submit(bodies.encode_many, chunk)))
-    for first, job in jobs:
-        for i, blob in enumerate(job.result(), start=first):
-            rows[i]["body"] = blob
+        jobs.append(render.submit(chunk))
+    done = (r for job in jobs for r in job.result())
+    rows = [_row(settings, customer, pm, r.subject, r.locale, now, closes, body=r.body,
+                 send_id=send_id())
+            for (customer, pm, closes), r in zip(planned, done, strict=True)]
     report.queued += len(outbox.insert_messages(s, rows))
     if next_due:
         s.execute(sa.update(Customer), next_due)
-
 
 
 # --------------------------------------------------------------------------- the run

@@ -16,7 +16,9 @@ from comms.config import Settings
 from comms.domain import ACTED_ON, CustomerInfo, MessageStatus, PlannedMessage
 from comms.errors import AlreadySent, NotFound, RequestRefused, StateConflict
 from comms.render import Renderer
-from comms.services.engine import _render, _row, load_customers, load_history
+from comms.services.engine import _row, load_customers, load_history
+from comms.services.queue_render import render_one
+from comms.store import bodies
 from comms.store.db import Database
 from comms.store.models import Customer, CustomerTag, Message, StageEvent
 
@@ -92,8 +94,9 @@ def prepare_send(
         items = [_explicit(customer, campaign, message, existing, resend_note, force_note)]
     out = []
     for pm in items:
-        rendered = _render(renderer, customer, pm, now)
-        r = _row(settings, customer, pm, rendered, now)
+        rendered = render_one(renderer, customer, pm, now)
+        r = _row(settings, customer, pm, rendered.subject, rendered.locale, now,
+                 body=bodies.encode(rendered.html, rendered.text))
         notes = []
         if pm.sequence < 0 and pm.stage != customer.stage and force_note:
             notes.append(f"forced out of stage {customer.stage}: {force_note}")

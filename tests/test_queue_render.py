@@ -1,0 +1,112 @@
+"""Rendering in worker processes (issue 16): a large run renders and compresses its outbox bodies
+in worker processes; what it queues is the same, byte for byte, as rendering in the run's own
+process, and a template that fails in a worker fails the run the same way (nothing of its batch
+is written)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import pytest
+from engine_helpers import T0, seed
+from sqlmodel import col, select
+
+from comms.campaign import load_campaign
+from comms.config import load_settings
+from comms.errors import TemplateError
+from comms.render import Renderer
+from comms.services import customers as customer_service
+from comms.services import engine, queue_render
+from comms.store.db import Database, open_database
+from comms.store.models import Message
+
+STAGES = ("announced", "invited", "approved", "awaiting_cancellation", "completed")
+
+
+def _seed(db: Database, tmp_path: Path, n: int) -> None:
+    """Customers in every sending stage, on both sides of the licence threshold, some German."""
+    path = tmp_path / "mix.csv"
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", "name", "licences", "locale", "time_zone", "stage",
+                    "account_manager_name", "account_manager_email",
+                    "primary_contact_name", "primary_contact_email"])
+        for i in range(n):
+            w.writerow([f"M{i:04d}", f"Kunde {i} & Söhne" if i % 3 == 0 else f"Customer {i}",
+                        10 + i % 31, "de" if i % 3 == 0 else "en", "Europe/Berlin",
+                        STAGES[i % len(STAGES)], "Alex Manager", "am@fabrikam.example",
+                        f"Admin {i}", f"admin{i}@customer{i}.example"])
+    customer_service.import_customers(db, path, settings=load_settings(env={}),
+                                      campaign=load_campaign(), now=T0, by="test")
+
+
+def _queued(db: Database) -> list[tuple[Any, ...]]:
+    with db.session() as s:
+        msgs = s.exec(select(Message).order_by(col(Message.customer_id),
+                                               col(Message.message))).all()
+        return [(m.customer_id, m.message, m.sequence, m.stage, m.to_json, m.cc_json,
+                 m.subject, m.locale, m.send_before, bytes(m.body), m.bodies())
+                for m in msgs]
+
+
+def _queue(db: Database, processes: int) -> engine.QueueReport:
+    settings = load_settings(env={"COMMS_TEMPLATES_RENDER_PROCESSES": str(processes)})
+    return engine.plan_and_queue(db, settings, load_campaign(), Renderer(settings), now=T0)
+
+
+def test_worker_processes_queue_exactly_what_the_run_itself_would(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = 150
+    _seed(db, tmp_path, n)
+    other = open_database(f"sqlite:///{tmp_path / 'in-process.db'}")
+    try:
+        _seed(other, tmp_path, n)
+        here = _queue(other, processes=1)
+        # Workers from the first customer on, with small chunks: a chunk's bodies landing on
+        # another chunk's rows would show.
+        monkeypatch.setattr(queue_render, "POOL_MIN_CUSTOMERS", 0)
+        monkeypatch.setattr(queue_render, "CHUNK", 7)
+        started: list[int] = []
+        real = queue_render.ProcessRenderer.__init__
+
+        def counting(self: Any, renderer: Renderer, now: Any, processes: int) -> None:
+            started.append(processes)
+            real(self, renderer, now, processes)
+
+        monkeypatch.setattr(queue_render.ProcessRenderer, "__init__", counting)
+        pooled = _queue(db, processes=2)
+        assert started == [2]
+        expected, got = _queued(other), _queued(db)
+    finally:
+        other.dispose()
+    assert here.queued == pooled.queued == len(got) >= n
+    assert here.by_message == pooled.by_message
+    assert {m for _, m, *_ in got} >= {"kickoff", "partner_invitation", "lose_access_warning",
+                                       "cancel_instructions", "transition_complete"}
+    assert {loc for *_, loc, _, _, _ in got} == {"en", "de"}
+    assert got == expected  # every stored byte, subject and locale
+
+
+def test_a_template_that_fails_in_a_worker_fails_the_run_and_writes_nothing(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "templates"
+    (folder / "partner_invitation").mkdir(parents=True)
+    builtin = Path(Renderer(load_settings(env={})).folders[-1])
+    page = (builtin / "partner_invitation" / "body.html").read_text(encoding="utf-8")
+    # Fails only for customers with more than 30 licences: the run gets some way first.
+    (folder / "partner_invitation" / "body.html").write_text(
+        page.replace("{% block content %}",
+                     "{% block content %}{% if customer.licences > 30 %}{{ no_such_value }}"
+                     "{% endif %}", 1), encoding="utf-8")
+    seed(db, tmp_path, 60)  # all invited (one batch), 5 to 44 licences
+    monkeypatch.setattr(queue_render, "POOL_MIN_CUSTOMERS", 0)
+    settings = load_settings(env={"COMMS_TEMPLATES_RENDER_PROCESSES": "2",
+                                  "COMMS_TEMPLATES_FOLDER": str(folder)})
+    with pytest.raises(TemplateError, match=r"partner_invitation/body\.html:\d+: .*no_such_value"):
+        engine.plan_and_queue(db, settings, load_campaign(), Renderer(settings), now=T0)
+    with db.session() as s:
+        assert s.exec(select(Message)).all() == []  # the batch was rolled back
