@@ -11,6 +11,7 @@ turns any ``CommsError`` into one clear line on stderr and the exit code it carr
     ├── StageMoveRefused            a stage move the campaign does not allow (names allowed ones)
     ├── ImportRejected              a CSV with invalid rows (lists every problem)
     ├── TemplateError               a template cannot be rendered (names file and line)
+    ├── RenderWorkerFailed          a render worker process died while a run was queueing
     ├── AuthError                   exit 3: no token could be obtained (names the setting to fix)
     ├── DeliveryError               a transport cannot be used at all (not one message's outcome)
     ├── AlreadySent                 a message was already sent; resending needs --resend --note
@@ -89,6 +90,10 @@ class ImportRejected(CommsError):
 
 
 class TemplateError(CommsError):
+    pass
+
+
+class RenderWorkerFailed(CommsError):
     pass
 
 

@@ -6,6 +6,9 @@ is written)."""
 from __future__ import annotations
 
 import csv
+import multiprocessing
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,8 @@ from sqlmodel import col, select
 
 from comms.campaign import load_campaign
 from comms.config import load_settings
-from comms.errors import TemplateError
+from comms.domain import PlannedMessage
+from comms.errors import RenderWorkerFailed, TemplateError
 from comms.render import Renderer
 from comms.services import customers as customer_service
 from comms.services import engine, queue_render
@@ -110,3 +114,49 @@ def test_a_template_that_fails_in_a_worker_fails_the_run_and_writes_nothing(
         engine.plan_and_queue(db, settings, load_campaign(), Renderer(settings), now=T0)
     with db.session() as s:
         assert s.exec(select(Message)).all() == []  # the batch was rolled back
+
+
+def _one_job(db: Database, tmp_path: Path) -> list[queue_render.Job]:
+    seed(db, tmp_path, 1)
+    with db.session() as s:
+        customer = engine.load_customers(s, [1])[1]
+    pm = PlannedMessage("partner_invitation", 0, "invited", to=customer.contacts[:1])
+    return [(customer, pm)]
+
+
+def test_workers_ignore_ctrl_c_and_the_run_decides_when_to_stop(
+    db: Database, tmp_path: Path
+) -> None:
+    """Ctrl-C in a terminal (and systemd's SIGTERM) reaches every process of the run. The run
+    finishes queueing and then stops cleanly (comms.services.shutdown); a worker that died of
+    the signal would have broken the batch instead."""
+    job = _one_job(db, tmp_path)
+    pool = queue_render.ProcessRenderer(Renderer(load_settings(env={})), T0, 1)
+    try:
+        first = list(queue_render.results([pool.submit(job)]))
+        workers = multiprocessing.active_children()
+        assert workers
+        for w in workers:
+            assert w.pid is not None
+            os.kill(w.pid, signal.SIGINT)
+            os.kill(w.pid, signal.SIGTERM)
+        again = list(queue_render.results([pool.submit(job)]))
+        assert again == first and first[0].subject
+        assert all(w.is_alive() for w in workers)
+    finally:
+        pool.close()
+
+
+def test_a_render_worker_that_is_killed_is_a_clear_error(db: Database, tmp_path: Path) -> None:
+    job = _one_job(db, tmp_path)
+    pool = queue_render.ProcessRenderer(Renderer(load_settings(env={})), T0, 1)
+    try:
+        list(queue_render.results([pool.submit(job)]))
+        for w in multiprocessing.active_children():  # the OOM killer, say
+            assert w.pid is not None
+            os.kill(w.pid, signal.SIGKILL)
+            w.join(10)
+        with pytest.raises(RenderWorkerFailed, match=r"render_processes = 1"):
+            list(queue_render.results([pool.submit(job)]))
+    finally:
+        pool.close()

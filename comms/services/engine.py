@@ -255,7 +255,7 @@ def _queue_batch(
         return
     if chunk:
         jobs.append(render.submit(chunk))
-    done = (r for job in jobs for r in job.result())
+    done = queue_render.results(jobs)
     rows = [_row(settings, customer, pm, r.subject, r.locale, now, closes, body=r.body,
                  send_id=send_id())
             for (customer, pm, closes), r in zip(planned, done, strict=True)]

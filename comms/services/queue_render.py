@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Sequence
+import signal
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import Protocol
 
 from comms.config import Settings
 from comms.domain import CustomerInfo, PlannedMessage
+from comms.errors import RenderWorkerFailed
 from comms.render import RenderedEmail, Renderer
 from comms.store import bodies
 
@@ -92,6 +95,11 @@ _worker_renderer: Renderer | None = None
 
 def _start_worker(settings: Settings, template_dir: Path | None, time_budget: float) -> None:
     global _worker_renderer
+    # Ctrl-C reaches the whole process group and systemd signals the whole unit: the run
+    # itself decides how to stop (it finishes queueing, then stops cleanly; see
+    # comms.services.shutdown) and shuts its workers down; a worker never stops on its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _worker_renderer = Renderer(settings, template_dir=template_dir, time_budget=time_budget)
 
 
@@ -112,10 +120,30 @@ class ProcessRenderer:
         )
 
     def submit(self, jobs: list[Job]) -> Future[list[Rendered]]:
-        return self._pool.submit(_render_chunk, jobs, self.now)
+        try:
+            return self._pool.submit(_render_chunk, jobs, self.now)
+        except BrokenProcessPool as exc:
+            raise _worker_died(exc) from exc
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def results(jobs: Iterable[Future[list[Rendered]]]) -> Iterator[Rendered]:
+    """The rendered messages of ``jobs``, in order."""
+    try:
+        for job in jobs:
+            yield from job.result()
+    except BrokenProcessPool as exc:
+        raise _worker_died(exc) from exc
+
+
+def _worker_died(exc: BrokenProcessPool) -> RenderWorkerFailed:
+    return RenderWorkerFailed(
+        f"A render worker process stopped unexpectedly ({exc}): killed, or out of memory. "
+        "Nothing of the batch being queued was written (batches before it were). Run again; "
+        "if it happens again, set [templates] render_processes = 1 to render in-process."
+    )
 
 
 def processes_for(setting: int) -> int:
