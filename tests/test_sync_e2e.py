@@ -138,6 +138,8 @@ def test_the_ledger_follows_partner_center_and_the_tenant(
     a = _stage(db, "A")
     assert a.stage == "awaiting_cancellation" and a.licences == 26
     assert world.sync_stats()["pc_throttled"] + world.sync_stats()["pc_errors"] > 0
+    # ... and 503s inside the tenant's JSON batch, asked again in a later batch.
+    assert world.sync_stats()["directory_errors"] > 0
     sent = [m for m in world.sent() if m["subject"] and "admin@alpha.example" in m["to"]]
     cancel = [m for m in sent if "cancel" in (m["html"] or "").lower()][-1]
     assert "26" in cancel["html"] and "support" in cancel["html"].lower()
@@ -181,6 +183,20 @@ def test_the_ledger_follows_partner_center_and_the_tenant(
     status = cli("status", "--now", _at(10))
     assert "Stage sync: last checked" in status.output
     assert "Cannot verify 1 customer" in status.output and "B (tenant)" in status.output
+
+
+def test_a_tenants_two_directory_reads_travel_in_one_json_batch(
+    world: Sandbox, cli: Any
+) -> None:
+    r = cli("sync", "--now", _at(0), "--json")
+    assert r.exit_code == 0, r.output
+    problems = {c["key"]: c["problem"] for c in json.loads(r.stdout)["customers"]}
+    # A is read; B's reads are answered 403 inside its batch (no consent) and it cannot be
+    # verified, as when they were sent one by one; C has no tenant id yet.
+    assert not problems["A"] and "consent" in problems["B"] and problems["C"]
+    assert world.stats()["batches"] == 2
+    # Two reads in each batch, and the partner tenant's GDAP list on its own.
+    assert world.sync_stats()["directory_requests"] == 2 * 2 + 1
 
 
 def test_completion_set_by_hand_does_not_claim_an_observation(

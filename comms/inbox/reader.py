@@ -124,8 +124,7 @@ class InboxReader:
             ) from exc
         except ReadsExhausted as exc:
             if exc.last.startswith("HTTP"):
-                raise InboxError(f"reading {_short(url)} was throttled {exc.attempts} times; "
-                                 "run `comms inbox sync` again later") from exc
+                raise _throttled(url, exc.attempts) from exc
             raise InboxError(
                 f"reading {_short(url)} failed {exc.attempts} times ({exc.last}); "
                 "check that Graph is reachable and run `comms inbox sync` again"
@@ -220,9 +219,7 @@ class InboxReader:
                         waits.append(self._reads.retry_wait(attempts[i],
                                                             headers.get("Retry-After")))
                     elif status in RETRIABLE:
-                        raise InboxError(f"reading {_short(urls[i])} was throttled "
-                                         f"{MAX_ATTEMPTS} times; run `comms inbox sync` again "
-                                         "later")
+                        raise _throttled(urls[i], MAX_ATTEMPTS)
                     else:
                         raise InboxError(_explain(status, _batch_error(body), urls[i]))
             if again:
@@ -332,6 +329,11 @@ def _headers_only(data: bytes) -> str:
     except (ValueError, TypeError):
         return data[:20000].decode("utf-8", "replace")
     return "".join(f"{k}: {v}\n" for k, v in parsed.items())
+
+
+def _throttled(url: str, attempts: int) -> InboxError:
+    return InboxError(f"reading {_short(url)} was throttled {attempts} times; "
+                      "run `comms inbox sync` again later")
 
 
 def _short(url: str) -> str:

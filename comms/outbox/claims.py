@@ -78,15 +78,17 @@ def _claim_filter(only_ids: frozenset[int] | None, tag: str | None) -> list[Any]
     return conds
 
 
+def _due_now(clock: Clock, only_ids: frozenset[int] | None, tag: str | None) -> list[Any]:
+    """A queued row whose time has come (within the run's restriction)."""
+    return [col(Message.status) == "queued", col(Message.send_after) <= clock.now(),
+            *_claim_filter(only_ids, tag)]
+
+
 def _due_query(db: Database, clock: Clock, only_ids: frozenset[int] | None,
                tag: str | None) -> Any:
     due = (
         select(Message)
-        .where(
-            col(Message.status) == "queued",
-            col(Message.send_after) <= clock.now(),
-            *_claim_filter(only_ids, tag),
-        )
+        .where(*_due_now(clock, only_ids, tag))
         .order_by(col(Message.send_after), col(Message.id))
         .limit(1)
     )
@@ -155,10 +157,7 @@ def claim(
         busy = pacing.mailbox_wait(s, limits, now=real)
         if busy is not None:
             anything_due = s.exec(
-                select(Message.id).where(
-                    col(Message.status) == "queued", col(Message.send_after) <= clock.now(),
-                    *_claim_filter(only_ids, tag),
-                ).limit(1)
+                select(Message.id).where(*_due_now(clock, only_ids, tag)).limit(1)
             ).first()
             return busy if anything_due is not None else None
         due = _due_query(db, clock, only_ids, tag)

@@ -50,6 +50,7 @@ def handle(core: Core, req: Request) -> Response | None:
         return None
     if req.method != "POST":
         return graph_error(req, 405, "Request_BadRequest", "$batch takes POST.")
+    core.state.count("batches")
     try:
         payload = json.loads(req.body or b"{}")
         items = payload["requests"]

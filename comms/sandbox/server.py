@@ -371,8 +371,9 @@ class Sandbox:
         ``connections`` (TLS connections accepted), ``accepted``, ``throttled_rate``,
         ``throttled_concurrency``, ``throttled_recipients``, ``throttled_injected``,
         ``errors_injected``, ``dropped``, ``rejected`` (4xx other than 401), ``unauthorized``,
-        and per mailbox ``max_in_flight_per_mailbox`` (the most requests a client had in flight
-        at once, counting one refused for concurrency), ``accepted_per_mailbox``,
+        ``batches`` (JSON batches, whose requests count in ``requests`` each), and per mailbox
+        ``max_in_flight_per_mailbox`` (the most requests a client had in flight at once,
+        counting one refused for concurrency), ``accepted_per_mailbox``,
         ``in_flight_per_mailbox``."""
         return self._core.state.stats()
 

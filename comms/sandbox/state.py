@@ -158,7 +158,7 @@ class State:
                 "requests", "token_requests", "accepted", "throttled_rate",
                 "throttled_concurrency", "throttled_recipients", "throttled_injected",
                 "errors_injected", "dropped", "rejected", "unauthorized", "connections",
-                "terrl_blocked", "external_recipients",
+                "terrl_blocked", "external_recipients", "batches",
             ),
             0,
         )
