@@ -123,7 +123,7 @@ def one(n: int, profile: bool = False, processes: int = 0) -> dict[str, float]:
         stats.sort_stats("cumulative").print_stats(
             r"engine.py.*\((_row|_queue_batch|plan_and_queue)\)|planner.py.*\(plan\)"
             r"|queue_render.py.*\((render_one|submit)\)"
-            r"|repo.py.*load_customers|outbox.py.*insert_messages|bodies.py.*encode_many"
+            r"|repo.py.*load_customers|outbox.py.*insert_messages|queue_render.py.*_encode"
             r"|\(commit\)|method 'execute' of|posix.urandom|method 'result'")
         print(buf.getvalue())
     return {"customers": n, "queued": report.queued, "seconds": elapsed,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,12 +47,6 @@ def encode(html: str, text: str) -> bytes:
     c = _PRIMED.copy()
     return (bytes((FORMAT,)) + c.compress(_LEN.pack(len(h)) + h + text.encode("utf-8"))
             + c.flush())
-
-
-def encode_many(pairs: Iterable[tuple[str, str]]) -> list[bytes]:
-    """``encode`` for many pairs (one call per chunk when compressing on another thread; zlib
-    releases the GIL while it works, so this runs beside rendering)."""
-    return [encode(h, t) for h, t in pairs]
 
 
 def decode(blob: bytes) -> Bodies:
