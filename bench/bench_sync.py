@@ -4,8 +4,8 @@ The sandbox's Partner Center allows ``--pc-per-minute`` requests per (scaled) mi
 customer tenant's directory ``100`` per (scaled) 10 s; ``--time-scale`` shortens those windows
 the way the mail limits are shortened. Every customer has accepted, half have an active CSP
 subscription; sync reads Partner Center (pages + one subscriptions call each) and each
-customer's tenant (a token per tenant + two directory reads). Target: <= 60 s, 0 failures from
-throttling, memory flat (peak RSS for N vs N/5 customers).
+customer's tenant (a token per tenant + two directory reads, sent as one JSON batch). Target:
+<= 60 s, 0 failures from throttling, memory flat (peak RSS for N vs N/5 customers).
 
 The sandbox runs in its own process (``--sandbox-in-process`` puts it back in the benchmark's
 process): the emulator's CPU is then not charged to comms, but on a 2-core machine the two
