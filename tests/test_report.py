@@ -167,11 +167,21 @@ def test_exposure_chart_shows_the_top_20(db: Database, settings: Settings,
         for i in range(25):
             add_customer(s, f"E{i:02d}", "awaiting_cancellation", ago(3), licences=i + 1,
                          csp_live_at=ago(3))
-    page = parse(build_report(db, settings, campaign, NOW, generated_at=GENERATED))
+    html = build_report(db, settings, campaign, NOW, generated_at=GENERATED)
+    page = parse(html)
     values = [float(v) for v in page.values("exposure")]
     assert len(values) == 20
     assert values[0] == 31.25 and values[-1] == 7.5  # 3 d × 25 lic × 12.50 / 30 … 6 licences
     assert values == sorted(values, reverse=True)
+    assert "Top 20 of 25 customers in “Awaiting cancellation”" in html
+
+
+def test_exposure_note_of_a_single_customer(db: Database, settings: Settings,
+                                            campaign: Any) -> None:
+    with db.session() as s:
+        add_customer(s, "E1", "awaiting_cancellation", ago(3), licences=4, csp_live_at=ago(3))
+    html = build_report(db, settings, campaign, NOW, generated_at=GENERATED)
+    assert "The one customer in “Awaiting cancellation”" in html and "Top 1 of 1" not in html
 
 
 def test_write_report_to_an_unwritable_place(db: Database, settings: Settings,
