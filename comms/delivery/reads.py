@@ -13,10 +13,16 @@ What is left after that is the caller's to explain: ``send`` returns the last an
 an error status the caller maps to its own error naming the fix), or raises ``ReadsExhausted``
 (the connection kept failing, or the last attempt was a 401 refresh) or ``UntrustedServer``
 (TLS verification failed: a retry cannot fix it). Both carry what the caller's message needs.
+
+``batch_get`` sends GETs through Graph JSON batching (``POST /$batch``) with the same policy,
+read by read: a read answered 429 or a ``retried`` status inside a batch is asked again in a
+later batch. The caller posts each batch (its own transport and error mapping) and makes the
+exceptions for the reads that fail (``fail``) or stay throttled (``exhausted``).
 """
 
 from __future__ import annotations
 
+import base64
 import random
 import threading
 import time
@@ -29,6 +35,11 @@ from urllib.parse import urlsplit
 import requests
 
 from comms.delivery.graph import parse_retry_after
+
+BATCH_LIMIT = 20  # Graph's limit of requests in one JSON batch
+FAILED_DEPENDENCY = 424  # a chained read in a batch not run because the one before it failed
+# A read the batch's answer leaves out: failed (not retried) with this body, as HTTP 502.
+_MISSING = {"error": {"code": "BatchAnswerMissing", "message": "no answer for this read"}}
 
 
 class ReadsExhausted(Exception):
@@ -132,11 +143,96 @@ class RetryingReads:
             return parse_retry_after(retry_after, backoff / policy.time_scale)
         return parse_retry_after(retry_after)
 
+    def batch_get(
+        self, urls: list[str], *, post: Callable[[dict[str, Any]], dict[str, Any]],
+        fail: Callable[[int, int, Any], Exception], exhausted: Callable[[int], Exception],
+        chained: bool = False, size: int = BATCH_LIMIT, headers: dict[str, str] | None = None,
+        raw: bool = False,
+    ) -> list[Any]:
+        """GET ``urls`` (as the batch names them: relative to the service root) through JSON
+        batching, ``size`` reads a batch; the bodies in order: parsed JSON (``{}`` for none),
+        or with ``raw`` bytes (Graph sends a body that is not JSON base64-encoded).
+
+        ``post(payload)`` sends one ``$batch`` and returns its parsed answer (``send`` with
+        ``method="POST"``, so the batch request itself has the policy above); ``headers`` go
+        on every read. ``chained``: read n of a batch depends on read n-1 (``dependsOn``), so
+        Graph runs them one at a time; a read answered 424 was not run and is asked again
+        without counting as an attempt. Each read counts its own attempts: answered 429 or a
+        ``retried`` status, it goes into a later batch after the longest ``Retry-After`` (or
+        the backoff) of the reads going again, up to ``max_attempts`` attempts. A read that is
+        still throttled or failing then raises ``exhausted(index)``; any other answer, or none
+        (as 502 ``BatchAnswerMissing``), raises ``fail(index, status, body)`` at once, before
+        the reads of the same batch that are out of attempts. ``index`` is the read's place in
+        ``urls``."""
+        policy = self.policy
+        out: list[Any] = [None] * len(urls)
+        attempts = [0] * len(urls)
+        todo = list(range(len(urls)))
+        while todo:
+            again: list[int] = []
+            waits: list[float] = []
+            for start in range(0, len(todo), size):
+                part = todo[start:start + size]
+                spent: int | None = None
+                for i, answer in zip(part, _batch(post, [urls[i] for i in part], chained,
+                                                  headers), strict=True):
+                    if answer is None:
+                        raise fail(i, 502, _MISSING)
+                    status, retry_after, body = answer
+                    if chained and status == FAILED_DEPENDENCY:  # not run: one before it failed
+                        again.append(i)
+                        continue
+                    attempts[i] += 1
+                    if 200 <= status < 300:
+                        out[i] = _body(body, raw)
+                    elif status not in policy.retried:
+                        raise fail(i, status, body)
+                    elif attempts[i] < policy.max_attempts:
+                        again.append(i)
+                        waits.append(self.retry_wait(attempts[i], retry_after))
+                    elif spent is None:
+                        spent = i
+                if spent is not None:
+                    raise exhausted(spent)
+            if again:
+                self._wait(max(waits, default=0.0))
+            todo = again
+        return out
+
     def _wait(self, seconds: float) -> None:
         with self._lock:
             self.retries += 1
         self.sleep(seconds)
 
-    def wait(self, seconds: float) -> None:
-        """Wait before retrying (counted), for callers that retry parts of an answer."""
-        self._wait(seconds)
+
+def _batch(
+    post: Callable[[dict[str, Any]], dict[str, Any]], urls: list[str], chained: bool,
+    headers: dict[str, str] | None,
+) -> list[tuple[int, str | None, Any] | None]:
+    """One ``$batch`` of GETs of ``urls`` (request n depending on n-1 when ``chained``): each
+    read's (status, Retry-After, body) in order, None for a read the answer leaves out."""
+    payload = {"requests": [
+        {"id": str(n), "method": "GET", "url": url,
+         **({"headers": dict(headers)} if headers else {}),
+         **({"dependsOn": [str(n - 1)]} if chained and n else {})}
+        for n, url in enumerate(urls)]}
+    by_id = {str(r.get("id")): r for r in post(payload).get("responses") or []}
+    out: list[tuple[int, str | None, Any] | None] = []
+    for n in range(len(urls)):
+        answer = by_id.get(str(n))
+        if answer is None:
+            out.append(None)
+            continue
+        retry_after = next((str(v) for k, v in (answer.get("headers") or {}).items()
+                            if str(k).lower() == "retry-after"), None)
+        out.append((int(answer.get("status") or 0), retry_after, answer.get("body")))
+    return out
+
+
+def _body(body: Any, raw: bool) -> Any:
+    """A 2xx read's body as ``batch_get`` returns it."""
+    if raw and isinstance(body, str):
+        return base64.b64decode(body)
+    if body is None:
+        return b"" if raw else {}
+    return body

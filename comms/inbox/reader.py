@@ -35,6 +35,7 @@ from comms.config import Settings
 from comms.delivery.auth import TokenProvider, make_session, token_provider_for
 from comms.delivery.base import SEND_ID_PROPERTY_ID
 from comms.delivery.reads import (
+    BATCH_LIMIT,
     ReadPolicy,
     ReadsExhausted,
     RetryingReads,
@@ -50,8 +51,7 @@ MAX_ATTEMPTS = 8
 BACKOFF_BASE = 0.5  # seconds, doubled per attempt (scaled by [delivery] time_scale), capped
 BACKOFF_CAP = 30.0
 RETRIABLE = frozenset({429, 503, 504})
-FAILED_DEPENDENCY = 424  # a chained read in a batch not run because one before it failed
-BATCH_SIZE = 20  # Graph's limit of requests in one JSON batch
+BATCH_SIZE = BATCH_LIMIT  # reads in one JSON batch: Graph's limit
 SELECT_BASIC = (
     "subject", "from", "sender", "toRecipients", "receivedDateTime", "internetMessageId",
     "conversationId", "internetMessageHeaders", "hasAttachments",
@@ -191,61 +191,22 @@ class InboxReader:
     def batch_get(self, urls: list[str], *, raw: bool = False) -> list[Any]:
         """GET ``urls`` through Graph JSON batching (``POST /$batch``, ``BATCH_SIZE`` a
         request, each read depending on the one before: one read in flight for the mailbox at a
-        time); the bodies in order: parsed JSON, or bytes with ``raw``. A read answered
-        429/503/504 inside a batch goes into a later batch, with the reads after it (answered
-        424, not run), after the longest ``Retry-After``; a read is tried ``MAX_ATTEMPTS``
-        times (a 424 is no attempt). The batch request itself has the retry policy of ``get``;
-        any other error raises ``InboxError`` as ``get`` would."""
-        out: list[Any] = [None] * len(urls)
-        attempts = [0] * len(urls)
-        todo = list(range(len(urls)))
-        while todo:
-            again: list[int] = []
-            waits: list[float] = []
-            for start in range(0, len(todo), BATCH_SIZE):
-                part = todo[start:start + BATCH_SIZE]
-                for i, answer in zip(part, self._batch([urls[i] for i in part], raw),
-                                     strict=True):
-                    status, headers, body = answer
-                    if status == FAILED_DEPENDENCY:  # not run: a read before it failed
-                        again.append(i)
-                        continue
-                    attempts[i] += 1
-                    if 200 <= status < 300:
-                        out[i] = base64.b64decode(body) if raw and isinstance(body, str) else (
-                            body if body is not None else (b"" if raw else {}))
-                    elif status in RETRIABLE and attempts[i] < MAX_ATTEMPTS:
-                        again.append(i)
-                        waits.append(self._reads.retry_wait(attempts[i],
-                                                            headers.get("Retry-After")))
-                    elif status in RETRIABLE:
-                        raise _throttled(urls[i], MAX_ATTEMPTS)
-                    else:
-                        raise InboxError(_explain(status, _batch_error(body), urls[i]))
-            if again:
-                self._reads.wait(max(waits, default=0.0))
-            todo = again
-        return out
-
-    def _batch(self, urls: list[str], raw: bool) -> list[tuple[int, dict[str, str], Any]]:
-        """One ``$batch`` of ``urls``, chained with ``dependsOn`` (read n after read n-1) so
-        Graph runs them one after another: a batch of independent reads to one mailbox would
-        be run in parallel and meet the mailbox's concurrency limit (4)."""
-        accept = "*/*" if raw else "application/json"
-        payload = {"requests": [
-            {"id": str(n), "method": "GET", "url": url[len(self.base_url):],
-             "headers": {"Accept": accept}, **({"dependsOn": [str(n - 1)]} if n else {})}
-            for n, url in enumerate(urls)]}
-        body = self._send(f"{self.base_url}/$batch", {"Accept": "application/json"},
-                          method="POST", json=payload).json()
-        by_id = {str(r.get("id")): r for r in body.get("responses") or []}
-        out = []
-        for n in range(len(urls)):
-            r = by_id.get(str(n)) or {"status": 502, "body": {"error": {
-                "code": "BatchAnswerMissing", "message": "no answer for this read"}}}
-            headers = {str(k): str(v) for k, v in (r.get("headers") or {}).items()}
-            out.append((int(r.get("status") or 0), headers, r.get("body")))
-        return out
+        time, since a batch of independent reads to one mailbox would be run in parallel and
+        meet the mailbox's concurrency limit, 4); the bodies in order: parsed JSON, or bytes
+        with ``raw``. A read answered 429/503/504 inside a batch goes into a later batch, with
+        the reads after it (answered 424, not run), after the longest ``Retry-After``; a read
+        is tried ``MAX_ATTEMPTS`` times (a 424 is no attempt). The batch request itself has the
+        retry policy of ``get``; any other error raises ``InboxError`` as ``get`` would
+        (``RetryingReads.batch_get``)."""
+        return self._reads.batch_get(
+            [url[len(self.base_url):] for url in urls],
+            post=lambda payload: self._send(f"{self.base_url}/$batch",
+                                            {"Accept": "application/json"},
+                                            method="POST", json=payload).json(),
+            fail=lambda i, status, body: InboxError(_explain(status, _batch_error(body), urls[i])),
+            exhausted=lambda i: _throttled(urls[i], MAX_ATTEMPTS),
+            chained=True, size=BATCH_SIZE,
+            headers={"Accept": "*/*" if raw else "application/json"}, raw=raw)
 
     def _attachments_url(self, mailbox: str, message_id: str) -> str:
         return f"{self._user(mailbox)}/messages/{quote(message_id, safe='')}/attachments"

@@ -116,40 +116,28 @@ class Reader:
         what: str = "",
     ) -> list[Any]:
         """The JSON bodies of a few Graph GETs (``paths`` relative to ``base``), in order, sent
-        as one JSON batch (``POST {base}/$batch``, independent requests). A read answered
-        429/5xx inside the batch is asked again in a later batch after its ``Retry-After`` (or
-        the backoff), up to ``max_attempts``; 401/403 inside is ``NoAccess`` like on its own."""
-        out: list[Any] = [None] * len(paths)
-        todo = list(range(len(paths)))
-        for attempt in range(1, self.max_attempts + 1):
-            body = self._send(f"{base}/$batch", token, refresh, None, what, json={
-                "requests": [{"id": str(i), "method": "GET", "url": paths[i]} for i in todo],
-            }).json()
-            answers = {str(a.get("id")): a for a in body.get("responses") or []}
-            again: list[int] = []
-            waits: list[float] = []
-            for i in todo:
-                answer = answers.get(str(i)) or {}
-                status = int(answer.get("status") or 0)
-                if 200 <= status < 300:
-                    out[i] = answer.get("body") or {}
-                elif status in RETRIED:
-                    again.append(i)
-                    headers = {str(k).lower(): str(v)
-                               for k, v in (answer.get("headers") or {}).items()}
-                    waits.append(self._reads.retry_wait(attempt, headers.get("retry-after")))
-                elif status in (401, 403):
-                    raise NoAccess(f"{what}: HTTP {status} {_batch_error(answer)}")
-                else:
-                    raise SourceFailed(f"{what}: {paths[i]} answered HTTP {status} "
-                                       f"{_batch_error(answer)}")
-            if not again:
-                return out
-            todo = again
-            if attempt < self.max_attempts:
-                self._reads.wait(max(waits))
-        raise SourceFailed(f"{what}: still failing after {self.max_attempts} attempts "
-                           "(throttled or 5xx inside a batch); run `comms sync` again later")
+        as one JSON batch (``POST {base}/$batch``, independent requests) with the shared read
+        retries (``RetryingReads.batch_get``): a read answered 429/5xx inside the batch is asked
+        again in a later batch after its ``Retry-After`` (or the backoff), up to
+        ``max_attempts`` attempts. Each read counts its own attempts; the reads are
+        independent, so every read left is in every later batch and the count is that of the
+        batches sent. 401/403 inside is ``NoAccess`` like on its own; an error inside wins over
+        a read out of attempts in the same batch."""
+
+        def fail(i: int, status: int, body: Any) -> CommsError:
+            if status in (401, 403):
+                return NoAccess(f"{what}: HTTP {status} {_batch_error(body)}")
+            return SourceFailed(f"{what}: {paths[i]} answered HTTP {status} {_batch_error(body)}")
+
+        def exhausted(i: int) -> CommsError:
+            return SourceFailed(f"{what}: still failing after {self.max_attempts} attempts "
+                                "(throttled or 5xx inside a batch); run `comms sync` again later")
+
+        bodies = self._reads.batch_get(
+            paths, post=lambda payload: self._send(
+                f"{base}/$batch", token, refresh, None, what, json=payload).json(),
+            fail=fail, exhausted=exhausted)
+        return [body or {} for body in bodies]
 
     def _send(
         self,
@@ -183,8 +171,9 @@ class Reader:
         return response
 
 
-def _batch_error(answer: dict[str, Any]) -> str:
-    err = (answer.get("body") or {}).get("error") if isinstance(answer.get("body"), dict) else None
+def _batch_error(body: Any) -> str:
+    """The error code and message of a read's body inside a batch answer."""
+    err = body.get("error") if isinstance(body, dict) else None
     if isinstance(err, dict):
         return f"{err.get('code', '')}: {err.get('message', '')}"
     return ""
