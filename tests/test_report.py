@@ -4,6 +4,7 @@ network; and the CSV exports of the outbox and the customers."""
 from __future__ import annotations
 
 import csv
+import html as html_lib
 import re
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
@@ -17,6 +18,7 @@ from wave_ledger import AUTUMN, PILOT, SPRING, build_wave_ledger
 from comms.campaign import load_campaign
 from comms.config import DefaultsSettings, Settings
 from comms.errors import CommsError
+from comms.services.managers import stage_label
 from comms.services.report import (
     build_report,
     export_outbox_csv,
@@ -359,4 +361,23 @@ def test_report_per_wave_conversion_and_inbox(
     }
     # Next to the overall counts, which also hold the untagged customer's reply.
     assert re.search(r'id="inbox-bounces">2<.*id="inbox-replies">2<', html, re.S)
-    assert len(_rows(html, "by-account-manager")) == 3
+    managers = _rows(html, "by-account-manager")
+    assert len(managers) == 3
+    for group, row in managers.items():  # "Name <email>": the name, the address under it
+        m = re.fullmatch(r"(.+) &lt;(.+)&gt;", group)
+        if m:
+            assert f'<td class="group">{m[1]}<span class="email">{m[2]}</span></td>' in row
+        else:
+            assert f'<td class="group">{group}</td>' in row
+    assert any("&lt;" in group for group in managers)
+    # The breakdown columns are named by the stage in words; the description is the tooltip.
+    head = re.search(r'<table[^>]* id="by-wave">\s*<thead>(.*?)</thead>', html, re.S)
+    assert head
+    columns = re.findall(r'<th class="num" data-stage="(\w+)" title="([^"]+)">([^<]+)</th>',
+                         head.group(1))
+    assert [stage for stage, _, _ in columns] == re.findall(r'data-stage="(\w+)" data-reached',
+                                                           waves[SPRING])
+    assert len(columns) == 6
+    for stage, title, name in columns:
+        assert name == stage.replace("_", " ").capitalize()
+        assert html_lib.unescape(title) == stage_label(campaign, stage)
