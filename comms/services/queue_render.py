@@ -19,6 +19,7 @@ is rolled back as before.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -101,11 +102,16 @@ def _start_worker(settings: Settings, template_dir: Path | None, time_budget: fl
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _worker_renderer = Renderer(settings, template_dir=template_dir, time_budget=time_budget)
+    gc.freeze()  # what lives for the worker's life is never walked by the collector again
 
 
 def _render_chunk(jobs: list[Job], now: datetime) -> list[Rendered]:
     assert _worker_renderer is not None, "worker started without its renderer"
-    return _encode([render_one(_worker_renderer, c, pm, now) for c, pm in jobs])
+    gc.disable()
+    try:
+        return _encode([render_one(_worker_renderer, c, pm, now) for c, pm in jobs])
+    finally:
+        gc.enable()
 
 
 class ProcessRenderer:
