@@ -5,6 +5,7 @@
     .venv/bin/python bench/bench_queue.py [--customers 100000] [--profile]
     .venv/bin/python bench/bench_queue.py --memory 10000 100000   # one process per size
     .venv/bin/python bench/bench_queue.py --bytes 7000     # default campaign's message mix
+    .venv/bin/python bench/bench_queue.py --customers 20000 --run-only   # the run's own CPU
 
 Customers are imported (not timed) into a SQLite ledger in stage `invited`; then the code
 `comms run` uses (`engine.plan_and_queue`) plans every due customer, renders its
@@ -75,6 +76,29 @@ def campaign_bytes(n: int) -> dict[str, float]:
     return {"messages": n, "raw": raw / n, "stored": stored / n, "zlib6_no_dict": plain / n}
 
 
+def _without_rendering() -> None:
+    """Measurement only: every chunk "renders" to one constant body at once, so what is left
+    is the run's own work (read, plan, build rows, insert, commit)."""
+    from concurrent.futures import Future
+
+    from comms.services import queue_render
+
+    class Constant:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def submit(self, jobs: list[object]) -> Future[list[object]]:
+            done: Future[list[object]] = Future()
+            done.set_result([queue_render.Rendered("subject", "en", b"x" * 780) for _ in jobs])
+            return done
+
+        def close(self) -> None:
+            pass
+
+    queue_render.LocalRenderer = Constant  # type: ignore[assignment,misc]
+    queue_render.ProcessRenderer = Constant  # type: ignore[assignment,misc]
+
+
 def one(n: int, profile: bool = False, processes: int = 0) -> dict[str, float]:
     from comms.campaign import load_campaign
     from comms.config import load_settings
@@ -104,13 +128,13 @@ def one(n: int, profile: bool = False, processes: int = 0) -> dict[str, float]:
         renderer.render  # noqa: B018 (templates compile lazily; the run pays that once)
         before = _rss_mb()
         prof = cProfile.Profile() if profile else None
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         if prof:
             prof.enable()
         report = engine.plan_and_queue(db, settings, campaign, renderer, now=T0)
         if prof:
             prof.disable()
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         grew = _rss_mb() - before
         content, row = stored_bytes(db)
         db.dispose()
@@ -127,7 +151,7 @@ def one(n: int, profile: bool = False, processes: int = 0) -> dict[str, float]:
             r"|\(commit\)|method 'execute' of|posix.urandom|method 'result'")
         print(buf.getvalue())
     return {"customers": n, "queued": report.queued, "seconds": elapsed,
-            "per_second": report.queued / elapsed, "rss_growth_mb": grew,
+            "per_second": report.queued / elapsed, "rss_growth_mb": grew, "cpu_s": cpu,
             "peak_rss_mb": _rss_mb(), "content_bytes": content, "row_bytes": row,
             "db_bytes_per_message": db_bytes / max(report.queued, 1),
             # The largest render worker process (0 when the run rendered in-process).
@@ -151,6 +175,9 @@ def main() -> None:
                     help="[templates] render_processes: 0 = automatic (default), 1 = in-process")
     ap.add_argument("--bytes", type=int, metavar="N",
                     help="stored bytes per message over N default-campaign messages")
+    ap.add_argument("--run-only", action="store_true",
+                    help="measurement: rendering replaced by a constant body (the run's own "
+                         "read, plan, rows and writes)")
     ap.add_argument("--all", action="store_true",
                     help="bytes (7,000 messages), then 20,000 and 100,000 customers queued")
     args = ap.parse_args()
@@ -174,7 +201,14 @@ def main() -> None:
                   f"{r['content_bytes']:>9.0f} {r['row_bytes']:>6.0f} "
                   f"{r['db_bytes_per_message']:>10.0f}", flush=True)
         return
+    if args.run_only:
+        _without_rendering()
     r = one(args.customers, profile=args.profile, processes=args.processes)
+    if args.run_only:
+        print(f"the run's own work for {r['customers']:,} customers, rendering left out: "
+              f"{r['seconds']:.2f} s, {r['cpu_s'] / r['customers'] * 1e6:.0f} us of CPU a "
+              "customer")
+        return
     if args.json:
         print(json.dumps(r))
         return
