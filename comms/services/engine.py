@@ -197,8 +197,9 @@ def plan_and_queue(
 def _collections_paused() -> Iterator[None]:
     """No cyclic garbage collection while one batch is planned and written. The batch makes
     tens of thousands of short-lived objects (rows, views, SQL parameters) that live until its
-    commit, so the collector would walk them again and again: about a quarter of the run's own
-    CPU, profiled. The garbage of one batch is bounded; collection resumes after it."""
+    commit, so the collector would walk them again and again (with it off, the run's own work
+    took a quarter less CPU; ``bench_queue.py --run-only``). The garbage of one batch is
+    bounded; collection resumes after it."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -315,7 +316,7 @@ def _queue_batch(
         s.execute(_MOVE_NEXT_DUE, next_due)
 
 
-# One executemany in Core: the ORM's bulk UPDATE by primary key costs ~50 us a row in Python.
+# One executemany in Core: the ORM's bulk UPDATE by primary key does more Python work a row.
 _customers = Customer.__table__  # type: ignore[attr-defined]
 _MOVE_NEXT_DUE = (
     sa.update(_customers).where(_customers.c.id == sa.bindparam("cid"))
