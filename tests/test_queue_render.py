@@ -16,6 +16,7 @@ import pytest
 from engine_helpers import T0, seed
 from sqlmodel import col, select
 
+from comms import outbox
 from comms.campaign import load_campaign
 from comms.config import load_settings
 from comms.domain import PlannedMessage
@@ -73,6 +74,9 @@ def test_worker_processes_queue_exactly_what_the_run_itself_would(
         # another chunk's rows would show.
         monkeypatch.setattr(queue_render, "POOL_MIN_CUSTOMERS", 0)
         monkeypatch.setattr(queue_render, "CHUNK", 7)
+        # Customers read 40 at a time, rows inserted 10 at a time as their chunks come back.
+        monkeypatch.setattr(engine, "LOAD_PART", 40)
+        monkeypatch.setattr(engine, "INSERT_ROWS", 10)
         started: list[int] = []
         real = queue_render.ProcessRenderer.__init__
 
@@ -108,12 +112,27 @@ def test_a_template_that_fails_in_a_worker_fails_the_run_and_writes_nothing(
                      "{% endif %}", 1), encoding="utf-8")
     seed(db, tmp_path, 60)  # all invited (one batch), 5 to 44 licences
     monkeypatch.setattr(queue_render, "POOL_MIN_CUSTOMERS", 0)
+    # Small chunks, read and inserted a few at a time: rows of the chunks that rendered are
+    # written before the failing one comes back, and must be rolled back with the batch.
+    monkeypatch.setattr(queue_render, "CHUNK", 3)
+    monkeypatch.setattr(engine, "LOAD_PART", 10)
+    monkeypatch.setattr(engine, "INSERT_ROWS", 3)
+    inserted: list[int] = []
+    real_insert = outbox.insert_messages
+
+    def counting(s: Any, rows: Any) -> list[int]:
+        ids = real_insert(s, rows)
+        inserted.extend(ids)
+        return ids
+
+    monkeypatch.setattr(outbox, "insert_messages", counting)
     settings = load_settings(env={"COMMS_TEMPLATES_RENDER_PROCESSES": "2",
                                   "COMMS_TEMPLATES_FOLDER": str(folder)})
     with pytest.raises(TemplateError, match=r"partner_invitation/body\.html:\d+: .*no_such_value"):
         engine.plan_and_queue(db, settings, load_campaign(), Renderer(settings), now=T0)
+    assert inserted  # some rows were written before the error...
     with db.session() as s:
-        assert s.exec(select(Message)).all() == []  # the batch was rolled back
+        assert s.exec(select(Message)).all() == []  # ...and rolled back with the batch
 
 
 def _one_job(db: Database, tmp_path: Path) -> list[queue_render.Job]:
