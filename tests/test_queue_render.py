@@ -6,6 +6,7 @@ is written)."""
 from __future__ import annotations
 
 import csv
+import gc
 import multiprocessing
 import os
 import signal
@@ -179,3 +180,23 @@ def test_a_render_worker_that_is_killed_is_a_clear_error(db: Database, tmp_path:
             list(queue_render.results([pool.submit(job)]))
     finally:
         pool.close()
+
+
+def test_the_collector_is_paused_inside_the_block_and_restored_as_it_was() -> None:
+    assert gc.isenabled()
+    with queue_render.collections_paused():
+        assert not gc.isenabled()
+        with queue_render.collections_paused():  # nested: the inner block must not re-enable
+            pass
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), queue_render.collections_paused():
+        raise RuntimeError("a failing batch")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with queue_render.collections_paused():
+            pass
+        assert not gc.isenabled()  # a caller that had it off gets it back off
+    finally:
+        gc.enable()

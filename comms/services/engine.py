@@ -10,7 +10,6 @@ due, renders it and inserts outbox rows in the same transaction that moves ``nex
 
 from __future__ import annotations
 
-import gc
 import os
 import threading
 import time
@@ -18,7 +17,6 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -181,7 +179,7 @@ def plan_and_queue(
             if (pool is None and not dry_run and processes > 1
                     and seen > queue_render.POOL_MIN_CUSTOMERS):
                 pool = queue_render.ProcessRenderer(renderer, now, processes)
-            with _collections_paused(), db.session(immediate=not dry_run) as s:
+            with queue_render.collections_paused(), db.session(immediate=not dry_run) as s:
                 _queue_batch(s, ids, settings, campaign, renderer, now, dry_run, report,
                              pool or local, _send_ids(), gate)
             if progress:
@@ -191,22 +189,6 @@ def plan_and_queue(
         if pool is not None:
             pool.close()
     return report
-
-
-@contextmanager
-def _collections_paused() -> Iterator[None]:
-    """No cyclic garbage collection while one batch is planned and written. The batch makes
-    tens of thousands of short-lived objects (rows, views, SQL parameters) that live until its
-    commit, so the collector would walk them again and again (with it off, the run's own work
-    took a quarter less CPU; ``bench_queue.py --run-only``). The garbage of one batch is
-    bounded; collection resumes after it."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _send_ids(block: int = BATCH) -> Callable[[], str]:
