@@ -19,10 +19,12 @@ T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 
 
 def _customer(s: object, key: str, stage: str, licences: int, manager: str,
-              moves: list[tuple[str, float]], live_day: float | None) -> None:
+              moves: list[tuple[str, float]], live_day: float | None,
+              email: str | None = "") -> None:
     c = Customer(key=key, name=key, licences=licences, stage=stage,
                  stage_entered_at=T0 + timedelta(days=moves[-1][1]),
-                 account_manager_name=manager, account_manager_email=f"{manager}@p.example",
+                 account_manager_name=manager or None,
+                 account_manager_email=f"{manager}@p.example" if email == "" else email,
                  csp_live_at=None if live_day is None else T0 + timedelta(days=live_day),
                  created_at=T0, updated_at=T0)
     s.add(c)  # type: ignore[attr-defined]
@@ -56,6 +58,24 @@ def test_incurred_cost_matches_a_hand_computation_for_three_customers(db: Databa
     assert by["ann <ann@p.example>"].incurred == round(a + b, 2)
     assert by["bob <bob@p.example>"].incurred == 0 and by["bob <bob@p.example>"].customers == 1
     assert "approved" not in {f.label for f in m.funnel}  # descriptions, not stage names
+
+
+def test_each_manager_group_carries_its_name_and_address_apart(db: Database) -> None:
+    moves = [("imported", 0.0), ("invited", 1.0)]
+    with db.session() as s:
+        _customer(s, "A", "invited", 5, "Ann <the elder>", moves, None, "ann@p.example")
+        _customer(s, "B", "invited", 5, "", moves, None, "desk@p.example")
+        _customer(s, "C", "invited", 5, "Cy", moves, None, None)
+        _customer(s, "D", "invited", 5, "", moves, None, None)
+    with db.session() as s:
+        m = compute_manager_report(s, load_campaign(), T0 + timedelta(days=2), 12.5)
+    got = [(g.group, g.name, g.email, g.customers) for g in m.by_account_manager]
+    assert got == [
+        ("(no account manager)", "(no account manager)", "", 1),
+        ("<desk@p.example>", "", "desk@p.example", 1),
+        ("Ann <the elder> <ann@p.example>", "Ann <the elder>", "ann@p.example", 1),
+        ("Cy", "Cy", "", 1),
+    ]
 
 
 def test_percentile_interpolates_between_ranks() -> None:

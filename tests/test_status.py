@@ -406,28 +406,64 @@ def test_cli_status_rejects_a_bad_now(db: Database, cli: Any) -> None:
     )
 
 
+def table_records(out: str, title: str) -> list[list[list[str]]]:
+    """The body rows of the rich table under ``title`` when a row spans several lines: each
+    record is a list of cells, each cell the list of its non-empty lines. A record starts on
+    the line whose second cell (the first figure) is filled."""
+    records: list[list[list[str]]] = []
+    for cells in table_rows(out, title):
+        if cells[1] or not records:
+            records.append([[c] if c else [] for c in cells])
+        else:
+            for parts, c in zip(records[-1], cells, strict=True):
+                parts.extend([c] if c else [])
+    return records
+
+
 def test_cli_status_per_wave_conversion_and_inbox(
     db: Database, cli: Any, ny: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`comms status` per wave: reached (conversion) per step, bounces and replies; the figures
-    are hand-computed in tests/wave_ledger.py."""
-    from wave_ledger import AUTUMN, PILOT, SPRING, build_wave_ledger
+    """`comms status` per wave and per account manager: reached (conversion) per stage,
+    completion and money, bounces and replies; the figures are hand-computed in
+    tests/wave_ledger.py. At 80 columns (a terminal, a cron mail) no figure is cut short."""
+    from wave_ledger import ANN, AUTUMN, CY, PILOT, SPRING, build_wave_ledger
 
     from comms.cli import common
 
     build_wave_ledger(db)
-    monkeypatch.setattr(common.console, "_width", 250)
+    monkeypatch.setattr(common.console, "_width", 80)
     r = cli("status", "--now", "2026-03-04T10:00")
     assert r.exit_code == 0, r.output
     out = r.stdout
-    rows = table_rows(out, "Per wave: reached (conversion from the step before)")
-    assert [row for row in rows if row[0] in (AUTUMN, PILOT, SPRING)] == [
-        [AUTUMN, "3", "3", "3 (100%)", "3 (100%)", "3 (100%)", "1 (33%)", "1 (100%)", "33%",
-         "0.00", "12.50"],  # A1: live one day, 30 licences
-        [PILOT, "1", "1", "0 (0%)", "0 (-)", "0 (-)", "0 (-)", "0 (-)", "0%", "0.00", "0.00"],
-        [SPRING, "4", "4", "3 (75%)", "3 (100%)", "2 (67%)", "2 (100%)", "1 (50%)", "25%",
-         "33.33", "45.83"],  # + A2: live 4 days, 20 licences, still paying
-    ]
-    assert f"wave {SPRING}: bounces 2 (1 hard), replies 1" in out
-    assert f"wave {AUTUMN}: bounces 0 (0 hard), replies 0" in out
-    assert "Inbox: bounces 2 (1 hard), replies 2" in out  # the overall line, U1's reply too
+    managers = out[out.index("Funnel: customers who reached"):out.index("Inbox:")]
+    assert "…" not in managers
+    assert max(len(line) for line in managers.splitlines()) <= 80
+    funnel = table_rows(out, "Funnel: customers who reached each stage")
+    assert [row[0] for row in funnel if row[0]] == ["1", "2", "3", "4", "5", "6"]
+
+    def by_group(title: str) -> dict[str, list[str]]:
+        return {"".join(cells[0]): [" ".join(c) for c in cells[1:]]
+                for cells in table_records(out, title)}
+
+    reached = by_group("Per wave: customers who reached each stage")
+    assert {w: reached[w] for w in (AUTUMN, PILOT, SPRING)} == {
+        AUTUMN: ["3", "3 (100%)", "3 (100%)", "3 (100%)", "1 (33%)", "1 (100%)"],
+        PILOT: ["1", "0 (0%)", "0 (-)", "0 (-)", "0 (-)", "0 (-)"],
+        SPRING: ["4", "3 (75%)", "3 (100%)", "2 (67%)", "2 (100%)", "1 (50%)"],
+    }
+    money = by_group("Per wave: completion and double billing")
+    assert {w: money[w] for w in (AUTUMN, PILOT, SPRING)} == {
+        AUTUMN: ["3", "33%", "0.00", "12.50"],  # A1: live one day, 30 licences
+        PILOT: ["1", "0%", "0.00", "0.00"],
+        SPRING: ["4", "25%", "33.33", "45.83"],  # + A2: live 4 days, 20 licences, still paying
+    }
+    # An account manager: the name, the address under it, both whole (a long address folds).
+    groups = [cells[0] for cells in table_records(
+        out, "Per account manager: completion and double billing")]
+    assert [CY[0], CY[1]] in groups
+    # rich wraps a long name at its spaces and folds a long address: nothing is dropped
+    assert ANN[0].replace(" ", "") + ANN[1] in ["".join(g) for g in groups], groups
+    words = " ".join(out.split())  # lines of text wrap at 80 columns
+    assert f"wave {SPRING}: bounces 2 (1 hard), replies 1" in words
+    assert f"wave {AUTUMN}: bounces 0 (0 hard), replies 0" in words
+    assert "Inbox: bounces 2 (1 hard), replies 2" in words  # the overall line, U1's reply too

@@ -161,16 +161,18 @@ def report(
 
 
 def _print_managers(r: StatusReport) -> None:
-    """The manager section (issue 15): reached funnel, durations, cost so far, breakdowns."""
+    """The manager section (issue 15): reached funnel, durations, cost so far, breakdowns.
+    Stages are numbered in the funnel table and the breakdowns name them by number, so a
+    breakdown fits an 80-column terminal (or a cron mail) without cutting a figure short."""
     m = r.managers
     if m is None:
         return
     t = Table(title="Funnel: customers who reached each stage", title_justify="left")
-    for name, right in (("stage", False), ("reached", True), ("conversion", True)):
+    for name, right in (("#", True), ("stage", False), ("reached", True),
+                        ("conversion", True)):
         t.add_column(name, justify="right" if right else "left")
-    for f in m.funnel:
-        conv = "-" if f.conversion is None else f"{100 * f.conversion:.0f}%"
-        t.add_row(safe(f.label), str(f.reached), conv)
+    for n, f in enumerate(m.funnel, 1):
+        t.add_row(str(n), safe(f.label), str(f.reached), _pct(f.conversion))
     console.print(t)
     for what, p in (("invitation to acceptance", m.invitation_to_acceptance),
                     ("CSP live to cancellation", m.live_to_cancellation)):
@@ -179,30 +181,52 @@ def _print_managers(r: StatusReport) -> None:
         console.print(f"Days {what}: median {med}, 90th percentile {p90} ({p.count} customers)")
     console.print(f"Double billing incurred to date: {r.currency} {m.incurred_total:,.2f} "
                   f"(today's exposure {r.currency} {m.exposure_today:,.2f})", highlight=False)
-    for title, rows in (("Per account manager", m.by_account_manager), ("Per wave", m.by_wave)):
-        console.print(_breakdown_table(title, [f.label for f in m.funnel], rows))
+    for title, who, rows in (("Per account manager", "account manager", m.by_account_manager),
+                             ("Per wave", "wave", m.by_wave)):
+        console.print(_reached_table(title, who, len(m.funnel), rows))
+        console.print(_money_table(title, who, r.currency, rows))
 
 
 def _pct(share: float | None) -> str:
     return "-" if share is None else f"{100 * share:.0f}%"
 
 
-def _breakdown_table(title: str, labels: list[str], rows: list[Breakdown]) -> Table:
-    """One row per group: customers, reached per step with the conversion from the step before
-    ("3 (75%)"), share completed, exposure today, incurred."""
-    b = Table(title=f"{title}: reached (conversion from the step before)", title_justify="left")
-    b.add_column("", overflow="fold")  # a wave tag is shown whole, never cut with "…"
-    b.add_column("customers", justify="right")
-    for label in labels:  # stage descriptions are long: wrap them, keep room for the groups
-        b.add_column(label, justify="right", max_width=16)
-    for name in ("completed", "exposure today", "incurred"):
-        b.add_column(name, justify="right")
+def _group_cell(g: Breakdown) -> str:
+    """A group as people read it: the manager's name, the address under it (dim)."""
+    if not g.email:
+        return safe(g.group)
+    return f"{safe(g.name)}\n[dim]{safe(g.email)}[/]" if g.name else safe(g.email)
+
+
+def _group_table(title: str, who: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column(who, overflow="fold")  # a wave tag or an address is shown whole, never cut
+    return t
+
+
+def _reached_table(title: str, who: str, steps: int, rows: list[Breakdown]) -> Table:
+    """One row per group: customers who reached each numbered stage of the funnel, the
+    conversion from the stage before under each figure."""
+    t = _group_table(f"{title}: customers who reached each stage (# as in the funnel; "
+                     "conversion from the stage before)", who)
+    for n in range(1, steps + 1):
+        t.add_column(str(n), justify="right", no_wrap=True)
     for g in rows:
-        steps = [str(f.reached) if i == 0 else f"{f.reached} ({_pct(f.conversion)})"
-                 for i, f in enumerate(g.funnel)]
-        b.add_row(safe(g.group), str(g.customers), *steps, _pct(g.completed_rate),
+        t.add_row(_group_cell(g), *(
+            str(f.reached) if i == 0 else f"{f.reached}\n({_pct(f.conversion)})"
+            for i, f in enumerate(g.funnel)))
+    return t
+
+
+def _money_table(title: str, who: str, currency: str, rows: list[Breakdown]) -> Table:
+    """One row per group: customers, share completed, exposure today, incurred."""
+    t = _group_table(f"{title}: completion and double billing ({currency})", who)
+    for name in ("customers", "completion\nrate", "exposure\ntoday", "incurred"):
+        t.add_column(name, justify="right", no_wrap=True)
+    for g in rows:
+        t.add_row(_group_cell(g), str(g.customers), _pct(g.completed_rate),
                   f"{g.exposure_today:,.2f}", f"{g.incurred:,.2f}")
-    return b
+    return t
 
 
 def _print_inbox(r: StatusReport) -> None:

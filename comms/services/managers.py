@@ -59,7 +59,7 @@ class Percentiles:
 
 @dataclass(frozen=True)
 class Breakdown:
-    group: str  # account manager (name <email>) or wave tag
+    group: str  # account manager ("Name <email>") or wave tag: the group's key
     customers: int
     funnel: list[FunnelStep]
     completed_rate: float | None
@@ -68,6 +68,8 @@ class Breakdown:
     bounces: int = 0  # inbound bounces of the group's customers (hard ones included)
     hard_bounces: int = 0
     replies: int = 0
+    name: str = ""  # the account manager's name (or the wave tag), without the address
+    email: str = ""  # the account manager's address; "" for a wave or a manager without one
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class _Cust:
     entered: datetime
     licences: int
     csp_live_at: datetime | None
-    manager: str
+    manager: tuple[str, str]  # (name, email)
     first_entry: dict[str, datetime] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
     inbox: dict[str, int] = field(default_factory=dict)  # bounce | hard | reply -> count
@@ -128,7 +130,7 @@ def _load(session: Session, tag: str | None, since: datetime | None) -> list[_Cu
         q = q.where(col(Customer.created_at) >= since)
     custs = {}
     for r in session.execute(q).all():
-        mgr = f"{r[5]} <{r[6]}>" if r[6] else (r[5] or "(no account manager)")
+        mgr = (r[5] or ("" if r[6] else "(no account manager)"), r[6] or "")
         custs[r[0]] = _Cust(r[0], r[1], _aware(r[2]), int(r[3]), r[4], mgr)
     events = session.execute(
         sa.select(col(StageEvent.customer_id), col(StageEvent.to_stage), col(StageEvent.at))
@@ -208,8 +210,12 @@ def _money(days: float, licences: int, price: float) -> float:
     return days * licences * price / DAYS_PER_MONTH
 
 
+def _manager_key(name: str, email: str) -> str:
+    return f"{name} <{email}>".strip() if email else name
+
+
 def _group(campaign: Campaign, name: str, cs: list[_Cust], now: datetime,
-           price: float) -> Breakdown:
+           price: float, email: str = "") -> Breakdown:
     funnel = _reached(campaign, cs)
     incurred = exposure = 0.0
     for c in cs:
@@ -224,9 +230,11 @@ def _group(campaign: Campaign, name: str, cs: list[_Cust], now: datetime,
     def inbox(kind: str) -> int:
         return sum(c.inbox.get(kind, 0) for c in cs)
 
-    return Breakdown(name, len(cs), funnel, round(done / len(cs), 4) if cs else None,
+    return Breakdown(_manager_key(name, email), len(cs), funnel,
+                     round(done / len(cs), 4) if cs else None,
                      round(exposure, 2), round(incurred, 2),
-                     bounces=inbox("bounce"), hard_bounces=inbox("hard"), replies=inbox("reply"))
+                     bounces=inbox("bounce"), hard_bounces=inbox("hard"), replies=inbox("reply"),
+                     name=name, email=email)
 
 
 def compute_manager_report(
@@ -245,7 +253,7 @@ def compute_manager_report(
         span = _live_span(campaign, c, now)
         if span is not None and _left(campaign, c, campaign.csp_live_stage) is not None:
             cancel.append(_days_between(*span))
-    managers: dict[str, list[_Cust]] = defaultdict(list)
+    managers: dict[tuple[str, str], list[_Cust]] = defaultdict(list)
     waves: dict[str, list[_Cust]] = defaultdict(list)
     for c in cs:
         managers[c.manager].append(c)
@@ -255,8 +263,9 @@ def compute_manager_report(
         funnel=overall.funnel,
         invitation_to_acceptance=_pct(accept), live_to_cancellation=_pct(cancel),
         incurred_total=overall.incurred, exposure_today=overall.exposure_today,
-        by_account_manager=[_group(campaign, m, managers[m], now, price_per_licence_month)
-                            for m in sorted(managers)],
+        by_account_manager=[
+            _group(campaign, name, managers[(name, email)], now, price_per_licence_month, email)
+            for name, email in sorted(managers, key=lambda m: (_manager_key(*m), m))],
         by_wave=[_group(campaign, w, waves[w], now, price_per_licence_month)
                  for w in sorted(waves)],
     )
