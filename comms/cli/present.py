@@ -38,12 +38,16 @@ def yes_option() -> Any:
 
 
 def table(*columns: str, title: str | None = None, keys: tuple[str, ...] = ("key", "customer", "message"),
-          dates: tuple[str, ...] = ()) -> Table:
-    """A table whose key and date columns never wrap or get cut (``CUST-0…``): those are
-    no_wrap with room reserved; other columns fold instead of truncating."""
-    t = Table(title=title)
+          dates: tuple[str, ...] = (), numbers: tuple[str, ...] = ()) -> Table:
+    """A table whose key, date and number columns never wrap or get cut (``CUST-0…``,
+    ``1,38…``): those are no_wrap with room reserved (see ``fit``), numbers right-aligned;
+    other columns fold instead of truncating. A header may hold a line break
+    (``"days in\\nstage"``) to keep a number column narrow."""
+    t = Table(title=title, title_justify="left")
     for name in columns:
-        if name in keys or name in dates:
+        if name in numbers:
+            t.add_column(name, justify="right", no_wrap=True, overflow="fold")
+        elif name in keys or name in dates:
             t.add_column(name, no_wrap=True, overflow="fold")
         else:
             t.add_column(name, overflow="fold")
@@ -55,7 +59,8 @@ def fit(t: Table) -> Table:
     terminal shrinks the other columns instead of cutting keys to ``CUST-0…``."""
     for column in t.columns:
         if column.no_wrap:
-            widest = max([len(str(c)) for c in column.cells] + [len(str(column.header))])
+            widest = max(len(line) for text in [*map(str, column.cells), str(column.header)]
+                         for line in text.splitlines() or [""])
             column.min_width = widest
     return t
 

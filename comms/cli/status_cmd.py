@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 import typer
 from rich.table import Table
 
-from comms.cli import common
+from comms.cli import common, present
 from comms.cli.common import console, safe
 from comms.services.managers import Breakdown
 from comms.services.report import write_report
@@ -59,17 +59,16 @@ def _print_status(r: StatusReport) -> None:
         f"{r.customers_total} customers", highlight=False,
     )
 
-    funnel = Table(title="Customers per stage", title_justify="left")
-    funnel.add_column("stage")
-    for name in ("customers", "paused", "opted out", "lost", "expected days"):
-        funnel.add_column(name, justify="right")
+    numbers = ("customers", "paused", "opted\nout", "lost", "expected\ndays")
+    funnel = present.table("stage", *numbers, title="Customers per stage", keys=(),
+                           numbers=numbers)
     for s in r.funnel:
         funnel.add_row(
             s.stage if s.in_campaign else f"{s.stage} (not in campaign)", str(s.customers),
             str(s.paused), str(s.opted_out), str(s.lost),
             f"{s.expected_days:g}" if s.expected_days else "-",
         )
-    console.print(funnel)
+    console.print(present.fit(funnel))
     _print_messages(r)
     _print_stuck(r, tz)
     _print_exposure(r)
@@ -80,38 +79,51 @@ def _print_status(r: StatusReport) -> None:
 
 
 def _print_messages(r: StatusReport) -> None:
-    msgs = Table(title="Messages by status", title_justify="left")
-    msgs.add_column("status")
-    for name in ("today", "this week", "all"):
-        msgs.add_column(name, justify="right")
+    numbers = ("today", "this week", "all")
+    msgs = present.table("status", *numbers, title="Messages by status", keys=(),
+                         numbers=numbers)
     for st in r.messages.today:
         msgs.add_row(st, str(r.messages.today[st]), str(r.messages.week[st]),
                      str(r.messages.total[st]))
-    console.print(msgs)
+    console.print(present.fit(msgs))
+
+
+def _words(stage: str) -> str:
+    """A stage in a narrow column: "awaiting cancellation" wraps between its words where
+    ``awaiting_cancellation`` would be cut mid-word (the stage table above has the name)."""
+    return safe(stage.replace("_", " "))
+
+
+def _whole_words(t: Table, header: str, most: int = 16) -> Table:
+    """Room for the longest word (up to ``most``) of the column ``header``, so a narrow
+    terminal wraps "awaiting cancellation" between its words, never inside one."""
+    for column in t.columns:
+        if column.header == header:
+            words = [len(w) for cell in column.cells for w in str(cell).split()]
+            column.min_width = min(max(words, default=0), most) or None
+    return t
 
 
 def _print_stuck(r: StatusReport, tz: ZoneInfo) -> None:
-    stuck = Table(title=f"Stuck past expected time: {len(r.stuck)}", title_justify="left")
-    for name, just in (("key", "left"), ("name", "left"), ("stage", "left"),
-                       ("days in stage", "right"), ("expected", "right"),
-                       ("over by", "right"), ("flags", "left")):
-        stuck.add_column(name, justify=just)  # type: ignore[arg-type]
+    numbers = ("days\nin\nstage", "expected", "over\nby")
+    stuck = present.table("key", "name", "stage", *numbers, "flags",
+                          title=f"Stuck past expected time: {len(r.stuck)}", keys=("key",),
+                          numbers=numbers)
     for k in r.stuck[:SHOW]:
-        stuck.add_row(safe(k.key), safe(k.name), k.stage, f"{k.days_in_stage:.1f}",
+        stuck.add_row(safe(k.key), safe(k.name), _words(k.stage), f"{k.days_in_stage:.1f}",
                       f"{k.expected_days:g}", f"{k.days_over:.1f}", ", ".join(k.flags))
-    console.print(stuck)
+    console.print(present.fit(_whole_words(stuck, "stage")))
     _more(SHOW, len(r.stuck))
 
-    ex = Table(title=f"Reminders exhausted without progress: {len(r.exhausted)}",
-               title_justify="left")
-    for name, just in (("key", "left"), ("name", "left"), ("stage", "left"),
-                       ("reminders", "right"), ("last reminder", "left"),
-                       ("days in stage", "right")):
-        ex.add_column(name, justify=just)  # type: ignore[arg-type]
+    ex = present.table("key", "name", "stage", "reminders", "last\nreminder", "days\nin\nstage",
+                       title=f"Reminders exhausted without progress: {len(r.exhausted)}",
+                       keys=("key",), dates=("last\nreminder",),
+                       numbers=("reminders", "days\nin\nstage"))
     for e in r.exhausted[:SHOW]:
-        ex.add_row(safe(e.key), safe(e.name), e.stage, str(e.reminders),
-                   _local(e.last_reminder_at, tz), f"{e.days_in_stage:.1f}")
-    console.print(ex)
+        ex.add_row(safe(e.key), safe(e.name), _words(e.stage), str(e.reminders),
+                   _local(e.last_reminder_at, tz).replace(" ", "\n"),
+                   f"{e.days_in_stage:.1f}")
+    console.print(present.fit(_whole_words(ex, "stage")))
     _more(SHOW, len(r.exhausted))
 
 
@@ -121,19 +133,15 @@ def _print_exposure(r: StatusReport) -> None:
         f"[bold]Double-billing exposure: {cur} {r.exposure_total:,.2f}[/] "
         f"({len(r.exposure):,} customers awaiting cancellation)", highlight=False,
     )
-    exp = Table(
-        title="Exposure by customer, highest first",
-        title_justify="left",
-        caption=f"days live × licences × {cur} {r.price_per_licence_month:,.2f} / 30",
-        caption_justify="left",
-    )
-    for name, just in (("key", "left"), ("name", "left"), ("licences", "right"),
-                       ("days live", "right"), ("exposure", "right")):
-        exp.add_column(name, justify=just)  # type: ignore[arg-type]
+    numbers = ("licences", "days live", "exposure")
+    exp = present.table("key", "name", *numbers, title="Exposure by customer, highest first",
+                        keys=("key",), numbers=numbers)
+    exp.caption = f"days live × licences × {cur} {r.price_per_licence_month:,.2f} / 30"
+    exp.caption_justify = "left"
     for x in r.exposure[:SHOW]:
         exp.add_row(safe(x.key), safe(x.name), str(x.licences),
                     f"{x.days:.1f}" + ("*" if x.estimated else ""), f"{cur} {x.amount:,.2f}")
-    console.print(exp)
+    console.print(present.fit(exp))
     _more(SHOW, len(r.exposure))
     if any(x.estimated for x in r.exposure):
         console.print("  * no CSP go-live date recorded: counted from entering the stage",
@@ -167,13 +175,12 @@ def _print_managers(r: StatusReport) -> None:
     m = r.managers
     if m is None:
         return
-    t = Table(title="Funnel: customers who reached each stage", title_justify="left")
-    for name, right in (("#", True), ("stage", False), ("reached", True),
-                        ("conversion", True)):
-        t.add_column(name, justify="right" if right else "left")
+    numbers = ("#", "reached", "conversion")
+    t = present.table("#", "stage", "reached", "conversion", keys=(), numbers=numbers,
+                      title="Funnel: customers who reached each stage")
     for n, f in enumerate(m.funnel, 1):
         t.add_row(str(n), safe(f.label), str(f.reached), _pct(f.conversion))
-    console.print(t)
+    console.print(present.fit(t))
     for what, p in (("invitation to acceptance", m.invitation_to_acceptance),
                     ("CSP live to cancellation", m.live_to_cancellation)):
         med = "-" if p.median_days is None else f"{p.median_days:g}"
@@ -183,8 +190,8 @@ def _print_managers(r: StatusReport) -> None:
                   f"(today's exposure {r.currency} {m.exposure_today:,.2f})", highlight=False)
     for title, who, rows in (("Per account manager", "account manager", m.by_account_manager),
                              ("Per wave", "wave", m.by_wave)):
-        console.print(_reached_table(title, who, len(m.funnel), rows))
-        console.print(_money_table(title, who, r.currency, rows))
+        console.print(present.fit(_reached_table(title, who, len(m.funnel), rows)))
+        console.print(present.fit(_money_table(title, who, r.currency, rows)))
 
 
 def _pct(share: float | None) -> str:
@@ -198,19 +205,13 @@ def _group_cell(g: Breakdown) -> str:
     return f"{safe(g.name)}\n[dim]{safe(g.email)}[/]" if g.name else safe(g.email)
 
 
-def _group_table(title: str, who: str) -> Table:
-    t = Table(title=title, title_justify="left")
-    t.add_column(who, overflow="fold")  # a wave tag or an address is shown whole, never cut
-    return t
-
-
 def _reached_table(title: str, who: str, steps: int, rows: list[Breakdown]) -> Table:
     """One row per group: customers who reached each numbered stage of the funnel, the
     conversion from the stage before under each figure."""
-    t = _group_table(f"{title}: customers who reached each stage (# as in the funnel; "
-                     "conversion from the stage before)", who)
-    for n in range(1, steps + 1):
-        t.add_column(str(n), justify="right", no_wrap=True)
+    numbers = tuple(str(n) for n in range(1, steps + 1))
+    t = present.table(who, *numbers, keys=(), numbers=numbers, title=(
+        f"{title}: customers who reached each stage (# as in the funnel; conversion from the "
+        "stage before)"))
     for g in rows:
         t.add_row(_group_cell(g), *(
             str(f.reached) if i == 0 else f"{f.reached}\n({_pct(f.conversion)})"
@@ -220,9 +221,9 @@ def _reached_table(title: str, who: str, steps: int, rows: list[Breakdown]) -> T
 
 def _money_table(title: str, who: str, currency: str, rows: list[Breakdown]) -> Table:
     """One row per group: customers, share completed, exposure today, incurred."""
-    t = _group_table(f"{title}: completion and double billing ({currency})", who)
-    for name in ("customers", "completion\nrate", "exposure\ntoday", "incurred"):
-        t.add_column(name, justify="right", no_wrap=True)
+    numbers = ("customers", "completion\nrate", "exposure\ntoday", "incurred")
+    t = present.table(who, *numbers, keys=(), numbers=numbers,
+                      title=f"{title}: completion and double billing ({currency})")
     for g in rows:
         t.add_row(_group_cell(g), str(g.customers), _pct(g.completed_rate),
                   f"{g.exposure_today:,.2f}", f"{g.incurred:,.2f}")
