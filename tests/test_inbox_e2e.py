@@ -321,3 +321,37 @@ def test_threaded_replies_matched_through_one_sent_items_listing(
     with db.session() as s:
         rules = set(s.exec(select(InboundMessage.rule)).all())
     assert rules == {"reply:In-Reply-To/References"}
+
+
+def test_a_hostile_inbound_message_is_shown_as_written_never_acted_on(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    """Sender, subject and text of an inbound message are anyone's: rich markup in them is
+    printed as written (a stray "[/]" must not crash the listing) and control characters
+    (ESC starts a terminal's escape sequences, e.g. a hidden link) are shown, not sent."""
+    _seed_and_send(env, db, tmp_path, cli)
+    link = "\x1b]8;;https://evil.example/\x07click\x1b]8;;\x07"
+    env["admin"].inject(kind="reply", mailbox=SENDER, **{"from": "stranger@else.example"},
+                        subject=f"[/] [bold]loud[/bold] {link}",
+                        body=f"line one {link}\nline two [red]x[/red]")
+    dry = cli("inbox", "sync", "--dry-run", "--now", T0.isoformat())  # a line per message
+    done = cli("inbox", "sync", "--now", T0.isoformat())
+    listed = cli("inbox", "list")
+    for r in (dry, done, listed):
+        assert r.exit_code == 0, r.output
+        assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert "unmatched 1" in done.stdout
+    assert "[/] [bold]loud[/bold] \\x1b]8;;https" in dry.stdout, dry.stdout
+    # The table folds the subject over several lines of its column (the 6th).
+    subject = "".join(line.split("│")[6].strip() for line in listed.stdout.splitlines()
+                      if line.startswith("│"))
+    assert subject.startswith("[/][bold]loud[/bold]\\x1b]8;;https"), listed.stdout
+    (row,) = json.loads(cli("inbox", "list", "--json").stdout)
+    shown = cli("inbox", "show", str(row["id"]))
+    assert shown.exit_code == 0, shown.output
+    assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout
+    assert "subject: [/] [bold]loud[/bold] \\x1b]8;;https://evil.example/\\x07click" \
+        in shown.stdout
+    # The text keeps its lines; only the control characters are escaped.
+    assert "\nline one \\x1b]8;;https://evil.example/\\x07click\\x1b]8;;\\x07\n" \
+        "line two [red]x[/red]" in shown.stdout

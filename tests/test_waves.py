@@ -123,3 +123,24 @@ def test_template_edit_after_approval_re_holds_the_wave(
     assert cli("run", "--now", NOW).exit_code == 0
     (mail,) = _customer_mail(env["sandbox"])
     assert mail["to"] == ["admin1@customer1.example"] and mail["subject"].startswith("Please")
+
+
+def test_wave_list_next_due_leaves_out_customers_a_run_would_skip(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    seed(db, tmp_path, 4)  # wave-1: K0001, K0003; wave-2: K0000, K0002
+
+    def next_due() -> dict[str, str]:
+        listing = json.loads(cli("wave", "list", "--json", "--now", NOW).stdout)
+        return {w["tag"]: w["next_due_at"] for w in listing}
+
+    before = next_due()
+    assert before["wave-1"] and before["wave-2"]
+    for key in ("K0001", "K0003"):  # the whole of wave-1: one paused, one opted out
+        action = "pause" if key == "K0001" else "opt-out"
+        r = cli("customers", action, key, "--note", "asked us to")
+        assert r.exit_code == 0, r.output
+    after = next_due()
+    assert after == {"wave-1": "", "wave-2": before["wave-2"]}
+    shown = cli("wave", "list", "--now", NOW)
+    assert shown.exit_code == 0 and "…" not in shown.stdout

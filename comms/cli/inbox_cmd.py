@@ -8,10 +8,9 @@ from typing import Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from comms.cli import common
-from comms.cli.common import console, new_app
+from comms.cli import common, present
+from comms.cli.common import console, new_app, safe, visible
 from comms.errors import UsageError
 
 inbox_app = new_app(
@@ -78,9 +77,10 @@ def sync(
         typer.echo(json.dumps(report.as_dict(), indent=2, default=str))
         return
     typer.echo(_summary(report))
-    for item in report.items:
-        typer.echo(f"  {item['kind']:<9} {item['from']:<32} {item['subject'][:40]:<40} "
-                   f"{item['rule']} -> {'; '.join(item['effects']) or 'no action'}")
+    for item in report.items:  # sender and subject are anyone's: shown, never acted on
+        typer.echo(f"  {item['kind']:<9} {visible(item['from']):<32} "
+                   f"{present.clip(visible(item['subject']), 40):<40} "
+                   f"{item['rule']} -> {visible('; '.join(item['effects'])) or 'no action'}")
 
 
 def _when(value: Any) -> str:
@@ -102,11 +102,13 @@ def list_(
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
-    table = Table("id", "received", "kind", "from", "customer", "subject", "rule")
-    for r in rows:
-        table.add_row(str(r["id"]), _when(r["received_at"]), r["kind"], r["from"],
-                      r["customer"] or "", r["subject"][:40], r["rule"][:50])
-    console.print(table)
+    table = present.table("id", "received", "kind", "from", "customer", "subject", "rule",
+                          keys=("id", "customer"), dates=("received",))
+    for r in rows:  # sender and subject are anyone's: shown, never acted on
+        table.add_row(str(r["id"]), _when(r["received_at"]).replace(" ", "\n"), r["kind"],
+                      safe(r["from"]), safe(r["customer"] or ""),
+                      safe(present.clip(r["subject"], 40)), safe(present.clip(r["rule"], 50)))
+    console.print(present.fit(table))
 
 
 @inbox_app.command("show")
@@ -125,8 +127,9 @@ def show(
                 "customer", "address", "status_code", "outbox_id", "effects", "graph_id",
                 "internet_message_id"):
         value = _when(row[key]) if key == "received_at" else row[key]
-        typer.echo(f"{key.replace('_', ' '):>19}: {'' if value is None else value}")
-    typer.echo("\n" + (row["preview"] or ""))
+        typer.echo(f"{key.replace('_', ' '):>19}: {'' if value is None else visible(value)}")
+    # The text is anyone's: its lines as written, every control character shown, not acted on.
+    typer.echo("\n" + "\n".join(visible(line) for line in (row["preview"] or "").split("\n")))
 
 
 def sandbox_inject(

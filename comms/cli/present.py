@@ -54,6 +54,27 @@ def table(*columns: str, title: str | None = None, keys: tuple[str, ...] = ("key
     return t
 
 
+def words(name: str) -> str:
+    """A stage or message name in a narrow column: "awaiting cancellation" wraps between its
+    words where ``awaiting_cancellation`` would be cut mid-word."""
+    return name.replace("_", " ")
+
+
+def whole_words(t: Table, header: str, most: int = 16) -> Table:
+    """Room for the longest word (up to ``most``) of the column ``header``, so a narrow
+    terminal wraps between words, never inside one."""
+    for column in t.columns:
+        if column.header == header:
+            lengths = [len(w) for cell in column.cells for w in str(cell).split()]
+            column.min_width = min(max(lengths, default=0), most) or None
+    return t
+
+
+def clip(text: str, most: int) -> str:
+    """``text`` cut to ``most`` characters, the cut shown with "…"."""
+    return text if len(text) <= most else text[: most - 1] + "…"
+
+
 def fit(t: Table) -> Table:
     """Reserve the full width of every no_wrap (key, date) column before printing, so a narrow
     terminal shrinks the other columns instead of cutting keys to ``CUST-0…``."""

@@ -88,31 +88,15 @@ def _print_messages(r: StatusReport) -> None:
     console.print(present.fit(msgs))
 
 
-def _words(stage: str) -> str:
-    """A stage in a narrow column: "awaiting cancellation" wraps between its words where
-    ``awaiting_cancellation`` would be cut mid-word (the stage table above has the name)."""
-    return safe(stage.replace("_", " "))
-
-
-def _whole_words(t: Table, header: str, most: int = 16) -> Table:
-    """Room for the longest word (up to ``most``) of the column ``header``, so a narrow
-    terminal wraps "awaiting cancellation" between its words, never inside one."""
-    for column in t.columns:
-        if column.header == header:
-            words = [len(w) for cell in column.cells for w in str(cell).split()]
-            column.min_width = min(max(words, default=0), most) or None
-    return t
-
-
 def _print_stuck(r: StatusReport, tz: ZoneInfo) -> None:
     numbers = ("days\nin\nstage", "expected", "over\nby")
     stuck = present.table("key", "name", "stage", *numbers, "flags",
                           title=f"Stuck past expected time: {len(r.stuck)}", keys=("key",),
                           numbers=numbers)
     for k in r.stuck[:SHOW]:
-        stuck.add_row(safe(k.key), safe(k.name), _words(k.stage), f"{k.days_in_stage:.1f}",
+        stuck.add_row(safe(k.key), safe(k.name), safe(present.words(k.stage)), f"{k.days_in_stage:.1f}",
                       f"{k.expected_days:g}", f"{k.days_over:.1f}", ", ".join(k.flags))
-    console.print(present.fit(_whole_words(stuck, "stage")))
+    console.print(present.fit(present.whole_words(stuck, "stage")))
     _more(SHOW, len(r.stuck))
 
     ex = present.table("key", "name", "stage", "reminders", "last\nreminder", "days\nin\nstage",
@@ -120,10 +104,10 @@ def _print_stuck(r: StatusReport, tz: ZoneInfo) -> None:
                        keys=("key",), dates=("last\nreminder",),
                        numbers=("reminders", "days\nin\nstage"))
     for e in r.exhausted[:SHOW]:
-        ex.add_row(safe(e.key), safe(e.name), _words(e.stage), str(e.reminders),
+        ex.add_row(safe(e.key), safe(e.name), safe(present.words(e.stage)), str(e.reminders),
                    _local(e.last_reminder_at, tz).replace(" ", "\n"),
                    f"{e.days_in_stage:.1f}")
-    console.print(present.fit(_whole_words(ex, "stage")))
+    console.print(present.fit(present.whole_words(ex, "stage")))
     _more(SHOW, len(r.exhausted))
 
 

@@ -6,10 +6,9 @@ import json
 from datetime import UTC, datetime
 
 import typer
-from rich.table import Table
 
-from comms.cli import common
-from comms.cli.common import console, new_app
+from comms.cli import common, present
+from comms.cli.common import console, new_app, safe
 from comms.services import waves
 from comms.wording import plural
 
@@ -43,13 +42,20 @@ def list_(
             "approved_by": w.approved_by, "approved_at": _when(w.approved_at),
         } for w in rows], indent=2))
         return
-    table = Table("wave", "customers", "per stage", "next due", "next messages", "approval")
+    if not rows:
+        console.print("No waves: no customer has a tag.")
+        return
+    # One line per stage and per message, in words, so a narrow terminal wraps between words.
+    table = present.table("wave", "customers", "per stage", "next due", "due now", "approval",
+                          keys=(), dates=("next due",), numbers=("customers",))
     for w in rows:
         who = f" by {w.approved_by} {_when(w.approved_at)}" if w.approved_by else ""
-        table.add_row(w.tag, str(w.customers), ", ".join(f"{k} {v}" for k, v in w.by_stage.items()),
-                      _when(w.next_due_at), ", ".join(f"{k} {v}" for k, v in w.next_messages.items()),
-                      w.approval + who)
-    console.print(table if rows else "No waves: no customer has a tag.")
+        table.add_row(safe(w.tag), str(w.customers),
+                      "\n".join(f"{present.words(k)} {v}" for k, v in w.by_stage.items()),
+                      _when(w.next_due_at).replace(" ", "\n"),
+                      "\n".join(f"{present.words(k)} {v}" for k, v in w.next_messages.items()),
+                      safe(w.approval + who))
+    console.print(present.fit(table))
 
 
 @wave_app.command("proof")

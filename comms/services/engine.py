@@ -44,6 +44,12 @@ ID_BATCH = 5000  # due customer ids read per query (a few bytes each)
 # --------------------------------------------------------------------------- loading
 
 
+def sendable() -> list[Any]:
+    """The customers a run may send to: not paused, not opted out, not lost."""
+    return [col(Customer.paused).is_(False), col(Customer.opted_out).is_(False),
+            col(Customer.lost).is_(False)]
+
+
 def due_customers_query(
     stage: str, now: datetime, *, tag: str | None = None, keys: Sequence[str] = (),
     after: tuple[datetime, int] | None = None, limit: int = ID_BATCH,
@@ -51,12 +57,7 @@ def due_customers_query(
     """One batch of customers in ``stage`` whose next_due_at has come, in (next_due_at, id)
     order after ``after``: a range scan of ix_customers_stage_next_due, never a table scan."""
     q = select(Customer.id, Customer.next_due_at).where(
-        col(Customer.stage) == stage,
-        col(Customer.next_due_at) <= now,
-        col(Customer.paused).is_(False),
-        col(Customer.opted_out).is_(False),
-        col(Customer.lost).is_(False),
-    )
+        col(Customer.stage) == stage, col(Customer.next_due_at) <= now, *sendable())
     if after is not None:
         last_due, last_id = after
         q = q.where(sa.or_(

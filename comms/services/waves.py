@@ -267,9 +267,11 @@ def list_waves(
 
 
 def _next_due(*, s_ids: list[int], db: Database) -> datetime | None:
+    """When the wave's next message is due: a paused, opted-out or lost customer's
+    next_due_at is not a send (a run skips them)."""
     with db.session() as s:
         value = s.exec(select(sa.func.min(Customer.next_due_at)).where(
-            col(Customer.id).in_(s_ids))).one()
+            col(Customer.id).in_(s_ids), *engine.sendable())).one()
     return value if isinstance(value, datetime) else None
 
 
