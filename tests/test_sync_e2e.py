@@ -288,3 +288,19 @@ def test_certificate_auth_signs_in_every_customer_tenant(
         tenant = s.exec(select(SyncEvidence).where(col(SyncEvidence.customer_id) == a_id,
                                                    col(SyncEvidence.source) == "tenant")).one()
     assert '"assigned": 26' in tenant.seen_json  # read with a token issued in A's tenant
+
+
+def test_a_partner_center_name_is_shown_as_written_never_acted_on(
+    world: Sandbox, db: Database, cli: Any
+) -> None:
+    """A company name comes from outside (the customer's own profile): an unmatched customer's
+    name with terminal control characters is printed with them shown, not sent."""
+    stranger = "0d0d0d0d-0000-4000-8000-00000000000d"
+    world.add_customer_tenant(stranger, "stranger.example", "Evil\x1b]8;;https://x.example/\x07Co",
+                              direct_licences=3)
+    world.tenant_change(stranger, "accept_relationship")
+    r = cli("sync", "--now", _at(1))
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert ("unmatched in Partner Center: Evil\\x1b]8;;https://x.example/\\x07Co "
+            "(stranger.example") in r.stdout, r.stdout

@@ -228,10 +228,10 @@ def _print_inbox(r: StatusReport) -> None:
         console.print(f"  wave {safe(g.group)}: bounces {g.bounces} ({g.hard_bounces} hard), "
                       f"replies {g.replies}", highlight=False)
     console.print(f"Unreachable customers (no deliverable address): {len(i.unreachable)}"
-                  + (f": {', '.join(i.unreachable[:SHOW])}" if i.unreachable else ""),
+                  + (f": {safe(', '.join(i.unreachable[:SHOW]))}" if i.unreachable else ""),
                   highlight=False)
     console.print(f"Awaiting an operator after a reply: {len(i.awaiting_operator)}"
-                  + (f": {', '.join(i.awaiting_operator[:SHOW])}" if i.awaiting_operator
+                  + (f": {safe(', '.join(i.awaiting_operator[:SHOW]))}" if i.awaiting_operator
                      else ""), highlight=False)
 
 

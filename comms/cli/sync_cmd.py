@@ -65,10 +65,10 @@ def _print_report(report: Any, *, as_json: bool, dry_run: bool) -> None:
         table.add_row(Text(visible(c.key)), Text(visible(seen)), Text(visible(moved)),
                       Text(visible(c.status + (f": {note}" if note else ""))))
     console.print(table)
-    for line in report.unmatched:
-        typer.echo(f"unmatched in Partner Center: {line}")
+    for line in report.unmatched:  # names as Partner Center has them: shown, never acted on
+        typer.echo(f"unmatched in Partner Center: {visible(line)}")
     for line in report.ambiguous:
-        typer.echo(f"ambiguous: {line}")
+        typer.echo(f"ambiguous: {visible(line)}")
     typer.echo(report.summary())
 
 
