@@ -106,10 +106,10 @@ def _print_shared(shared: list[svc.SharedContact], as_json: bool) -> None:
             {"key": k, "name": n} for k, n in s.customers]} for s in shared], indent=2,
             ensure_ascii=False))
         return
-    table = Table("email", "customers")
+    table = present.table("email", "customers")
     for s in shared:
         table.add_row(safe(s.email), safe(", ".join(f"{k} ({n})" for k, n in s.customers)))
-    console.print(table)
+    console.print(present.fit(table))
     console.print(f"{len(shared)} address(es) shared by several customers.", highlight=False)
 
 
@@ -149,11 +149,11 @@ def _print_detail(d: svc.CustomerDetail) -> None:
     ):
         details.add_row(label, safe(value))
     console.print(details)
-    contacts = Table("role", "name", "email", "suppressed", title="Contacts")
+    contacts = present.table("role", "name", "email", "suppressed", title="Contacts")
     for c in i.contacts:
         contacts.add_row(safe(c.role), safe(c.name), safe(c.email),
                          "yes" if c.suppressed else "")
-    console.print(contacts)
+    console.print(present.fit(contacts))
     # One line per entry rather than a table: notes are long and terminals narrow.
     console.print("Timeline", style="bold")
     for t in d.timeline:

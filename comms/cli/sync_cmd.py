@@ -7,10 +7,9 @@ from typing import Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Table
 from rich.text import Text
 
-from comms.cli import common
+from comms.cli import common, present
 from comms.cli.common import console, visible
 
 
@@ -56,7 +55,7 @@ def _print_report(report: Any, *, as_json: bool, dry_run: bool) -> None:
                           for c in report.customers],
         }, indent=2, default=str))
         return
-    table = Table("customer", "seen", "moved", "status")
+    table = present.table("customer", "seen", "moved", "status")
     for c in report.customers:
         seen = "; ".join(f"{k}: {_short(v)}" for k, v in c.seen.items())
         moved = ", ".join(c.moved) + (f" (licences {c.licences[0]} -> {c.licences[1]})"
@@ -64,7 +63,7 @@ def _print_report(report: Any, *, as_json: bool, dry_run: bool) -> None:
         note = c.held or "; ".join(c.problems.values())
         table.add_row(Text(visible(c.key)), Text(visible(seen)), Text(visible(moved)),
                       Text(visible(c.status + (f": {note}" if note else ""))))
-    console.print(table)
+    console.print(present.fit(table))
     for line in report.unmatched:  # names as Partner Center has them: shown, never acted on
         typer.echo(f"unmatched in Partner Center: {visible(line)}")
     for line in report.ambiguous:
