@@ -28,6 +28,14 @@ from comms.sandbox import Sandbox
 from comms.store.db import Database
 from comms.store.models import Message, SendSlot
 
+
+def run_until_attempted(d: outbox.Dispatcher, db: Database, mid: int, step: float = 1.0) -> None:
+    """Short dispatcher runs until message ``mid`` has been attempted (no longer queued):
+    one run may end before its first claim on a busy machine. Bounded at 20 s."""
+    give_up = time.monotonic() + 20
+    while status_of(db, mid).status == "queued" and time.monotonic() < give_up:
+        d.run(deadline=time.monotonic() + step, only_ids=frozenset({mid}))
+
 A, B = "a@fabrikam.example", "b@fabrikam.example"
 
 
@@ -104,9 +112,7 @@ def test_a_stale_not_found_never_requeues_a_later_episode(db: Database) -> None:
     transport = ScriptedTransport(SendResult(Outcome.UNKNOWN, message="connection reset",
                                              details={"accepted": "yes"}))
     d = outbox.Dispatcher(db, settings, transport, clock=clock, worker="w2")
-    give_up = time.monotonic() + 20  # short runs until the attempt is made (bounded)
-    while status_of(db, mid).status == "queued" and time.monotonic() < give_up:
-        d.run(deadline=time.monotonic() + 0.5, only_ids=frozenset({mid}))
+    run_until_attempted(d, db, mid, step=0.5)
     second = status_of(db, mid)
     assert (second.status, second.attempts) == ("unknown", 2)
     b_lookup.release.set()
@@ -237,11 +243,7 @@ def test_a_timed_out_request_keeps_its_slot_until_exchange_is_done(db: Database)
                                            maybe_in_flight=True))
     d = outbox.Dispatcher(db, hold, timeout, clock=outbox.Clock(T0), worker="w")
     assert d.server_hold == timedelta(seconds=30 - settings.graph.timeout_seconds)
-    # Short runs until the one attempt is made (a busy machine can take longer than one run's
-    # 0.3 s to claim); bounded.
-    give_up = time.monotonic() + 20
-    while status_of(db, mid).sender is None and time.monotonic() < give_up:
-        d.run(deadline=time.monotonic() + 0.3, only_ids=frozenset({mid}))
+    run_until_attempted(d, db, mid, step=0.3)
     assert len(timeout.calls) == 1
     with db.session() as s:
         assert pacing.in_flight(s, status_of(db, mid).sender or "", outbox.Clock.real()) == 1
@@ -265,8 +267,8 @@ def test_attempt_accepted_by_one_mailbox_then_retried_on_another_is_not_sent_twi
     only_a = settings.model_copy(update={"senders": [settings.senders[0]]})
     only_b = settings.model_copy(update={"senders": [settings.senders[1]]})
     sb.set_faults(drop_after_accept_rate=1.0)
-    outbox.Dispatcher(db, only_a, transport, clock=clock, worker="wa").run(
-        deadline=time.monotonic() + 1)
+    run_until_attempted(outbox.Dispatcher(db, only_a, transport, clock=clock, worker="wa"),
+                        db, mid)
     first = status_of(db, mid)
     assert (first.status, first.sender) == ("unknown", A) and len(sb.sent()) == 1
     with db.session() as s:  # what a stale verdict did before the episode rule
@@ -275,8 +277,8 @@ def test_attempt_accepted_by_one_mailbox_then_retried_on_another_is_not_sent_twi
         m.status, m.send_after = "queued", T0
         s.add(m)
     sb.set_faults(drop_after_accept_rate=0.0, error_rate=1.0, seed=1)
-    outbox.Dispatcher(db, only_b, transport, clock=clock, worker="wb").run(
-        deadline=time.monotonic() + 1)
+    run_until_attempted(outbox.Dispatcher(db, only_b, transport, clock=clock, worker="wb"),
+                        db, mid)
     second = status_of(db, mid)
     assert (second.status, second.sender, second.attempts) == ("unknown", B, 2)
     sb.set_faults(error_rate=0.0)
