@@ -5,6 +5,8 @@ and the `comms status` command showing them."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -473,3 +475,34 @@ def test_cli_status_per_wave_conversion_and_inbox(
     assert f"wave {SPRING}: bounces 2 (1 hard), replies 1" in words
     assert f"wave {AUTUMN}: bounces 0 (0 hard), replies 0" in words
     assert "Inbox: bounces 2 (1 hard), replies 2" in words  # the overall line, U1's reply too
+
+
+def test_a_campaign_with_many_stages_gets_its_breakdown_in_tables_that_fit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ten stages do not fit 80 columns beside a group: the stages are split over tables,
+    every figure printed whole, no line wider than the terminal."""
+    from rich.console import Console
+
+    from comms.cli import common, status_cmd
+    from comms.services.managers import Breakdown, FunnelStep
+
+    monkeypatch.setattr(common.console, "_width", 80)
+    funnel = [FunnelStep(f"s{n}", f"stage {n}", 10_000 - n, None if n == 0 else 0.99)
+              for n in range(10)]
+    rows = [Breakdown("Ann <ann@p.example>", 10_000, funnel, 0.5, 1.0, 2.0,
+                      name="Ann", email="ann@p.example")]
+    tables = status_cmd._reached_tables("Per account manager", "account manager", 10, rows)
+    assert len(tables) == 2
+    out = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    for t in tables:
+        out.print(status_cmd.present.fit(t))
+    text = out.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text
+    ranges = [(int(a), int(b)) for a, b in re.findall(r"stages (\d+)-(\d+)\)",
+                                                        " ".join(text.split()))]
+    assert ranges[0][0] == 1 and ranges[-1][1] == 10 and len(ranges) == 2
+    assert ranges[1][0] == ranges[0][1] + 1  # every stage once, in order
+    for n in range(10):
+        assert f" {10_000 - n} " in text

@@ -17,6 +17,7 @@ from comms.services.report import write_report
 from comms.services.status import StatusReport, compute_status, parse_now
 
 SHOW = 20  # rows per list in the terminal; `comms report` has everyone
+GROUP_WIDTH = 24  # room kept for an account manager or a wave beside the figures
 
 NOW_HELP = ("Figures as of this time (ISO 8601; without an offset it is read in [defaults] "
             "time_zone); default: now.")
@@ -174,7 +175,8 @@ def _print_managers(r: StatusReport) -> None:
                   f"(today's exposure {r.currency} {m.exposure_today:,.2f})", highlight=False)
     for title, who, rows in (("Per account manager", "account manager", m.by_account_manager),
                              ("Per wave", "wave", m.by_wave)):
-        console.print(present.fit(_reached_table(title, who, len(m.funnel), rows)))
+        for t in _reached_tables(title, who, len(m.funnel), rows):
+            console.print(present.fit(t))
         console.print(present.fit(_money_table(title, who, r.currency, rows)))
 
 
@@ -189,18 +191,27 @@ def _group_cell(g: Breakdown) -> str:
     return f"{safe(g.name)}\n[dim]{safe(g.email)}[/]" if g.name else safe(g.email)
 
 
-def _reached_table(title: str, who: str, steps: int, rows: list[Breakdown]) -> Table:
+def _reached_tables(title: str, who: str, steps: int, rows: list[Breakdown]) -> list[Table]:
     """One row per group: customers who reached each numbered stage of the funnel, the
-    conversion from the stage before under each figure."""
-    numbers = tuple(str(n) for n in range(1, steps + 1))
-    t = present.table(who, *numbers, keys=(), numbers=numbers, title=(
-        f"{title}: customers who reached each stage (# as in the funnel; conversion from the "
-        "stage before)"))
-    for g in rows:
-        t.add_row(_group_cell(g), *(
-            str(f.reached) if i == 0 else f"{f.reached}\n({_pct(f.conversion)})"
-            for i, f in enumerate(g.funnel)))
-    return t
+    conversion from the stage before under each figure. A campaign with more stages than fit
+    the terminal gets several tables (stages 1-6, 7-12, ...), never a column cut off."""
+    cells = [[str(f.reached) if i == 0 else f"{f.reached}\n({_pct(f.conversion)})"
+              for i, f in enumerate(g.funnel)] for g in rows]
+    widest = max([len(line) for row in cells for cell in row for line in cell.split("\n")]
+                 + [len(str(steps))])
+    per_table = max(1, (console.width - GROUP_WIDTH) // (widest + 3))  # 3: padding, border
+    tables = []
+    for first in range(0, steps, per_table):
+        part = range(first, min(steps, first + per_table))
+        numbers = tuple(str(n + 1) for n in part)
+        which = "" if len(part) == steps else f", stages {part[0] + 1}-{part[-1] + 1}"
+        t = present.table(who, *numbers, keys=(), numbers=numbers, title=(
+            f"{title}: customers who reached each stage (# as in the funnel; conversion from "
+            f"the stage before{which})"))
+        for g, row in zip(rows, cells, strict=True):
+            t.add_row(_group_cell(g), *(row[n] for n in part))
+        tables.append(t)
+    return tables
 
 
 def _money_table(title: str, who: str, currency: str, rows: list[Breakdown]) -> Table:
