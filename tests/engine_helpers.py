@@ -26,6 +26,7 @@ from comms.store.models import Customer, Message
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 CLIENT_ID = "5e1f0c2a-9d3b-4c7e-8a6f-1b2c3d4e5f60"
 SECRET = "sandbox-only-test-secret"
+TEST_PARTNER_ID = "7e570000-0000-4000-8000-000000000001"  # an example id for tests
 
 
 def write_customers_csv(path: Path, n: int, *, stage: str = "invited", prefix: str = "K") -> Path:
@@ -82,6 +83,7 @@ def sandbox_env(sb: Sandbox, tmp_path: Path, database_url: str, *, senders: list
         "COMMS_GRAPH_RECONCILE_GRACE_SECONDS": str(grace),
         "COMMS_DELIVERY_LEASE_SECONDS": str(lease),
         "COMMS_DELIVERY_TIME_SCALE": str(time_scale),
+        "COMMS_PARTNER_ID": TEST_PARTNER_ID,  # the starter's all-zero id stops a run
         **extra,
     }
     return env

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from engine_helpers import TEST_PARTNER_ID
 
 HEADER = ("key,name,licences,locale,time_zone,stage,account_manager_name,account_manager_email,"
           "primary_contact_name,primary_contact_email,billing_contact_name,billing_contact_email")
@@ -37,6 +38,7 @@ def test_preview_equals_sent_after_a_reimport_swaps_contact_roles(
 ) -> None:
     outbox = tmp_path / "eml"
     monkeypatch.setenv("COMMS_DELIVERY_TRANSPORT", "outbox_dir")
+    monkeypatch.setenv("COMMS_PARTNER_ID", TEST_PARTNER_ID)
     monkeypatch.setenv("COMMS_DELIVERY_OUTBOX_DIR", str(outbox))
     ana, bill = ("Ana Admin", "ana@contoso.example"), ("Bill Payer", "bill@contoso.example")
     first = cli("customers", "import", str(_csv(tmp_path / "a.csv", ana, bill)))
@@ -82,6 +84,7 @@ def test_account_manager_note_lists_contacts_as_preview_and_show_do(
     sent lists them in the order `preview` and `customers show` do (primary first)."""
     outbox = tmp_path / "eml"
     monkeypatch.setenv("COMMS_DELIVERY_TRANSPORT", "outbox_dir")
+    monkeypatch.setenv("COMMS_PARTNER_ID", TEST_PARTNER_ID)
     monkeypatch.setenv("COMMS_DELIVERY_OUTBOX_DIR", str(outbox))
     ana, bill = ("Ana Admin", "ana@contoso.example"), ("Bill Payer", "bill@contoso.example")
     stage = "awaiting_cancellation"

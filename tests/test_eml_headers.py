@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import sandbox_env
+from engine_helpers import TEST_PARTNER_ID, sandbox_env
 
 from comms.sandbox import Sandbox
 from comms.store.db import Database
@@ -42,6 +42,7 @@ def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outbox: Path) -> No
         encoding="utf-8")
     monkeypatch.setenv("COMMS_CONFIG", str(config))
     monkeypatch.setenv("COMMS_DELIVERY_TRANSPORT", "outbox_dir")
+    monkeypatch.setenv("COMMS_PARTNER_ID", TEST_PARTNER_ID)
     monkeypatch.setenv("COMMS_DELIVERY_OUTBOX_DIR", str(outbox))
 
 

@@ -82,3 +82,31 @@ def test_a_good_configuration_passes_the_check_and_sends(
     r = cli("run", "--now", NOW)
     assert r.exit_code == 0, r.output
     assert statuses(db) == {"sent": 2}
+
+
+def test_the_starter_all_zero_partner_id_stops_every_send_before_any_row(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A partner invitation with the starter config's all-zero partner id would invite the
+    customer to no partner: `comms run` and `comms send` refuse (exit 3) before any row; a dry
+    run says so; with the id set, the same run sends."""
+    keys = seed(db, tmp_path, 3)  # stage invited: each is due a partner invitation
+    monkeypatch.setenv("COMMS_PARTNER_ID", "00000000-0000-0000-0000-000000000000")
+    dry = cli("run", "--dry-run", "--now", NOW)
+    assert dry.exit_code == 0, dry.output
+    assert "warning: a real run would stop here. [partner] id is all zeros" in dry.stdout
+    for args in (("run", "--now", NOW), ("send", keys[0], "--yes", "--now", NOW)):
+        r = cli(*args)
+        assert r.exit_code == 3, r.output
+        words = " ".join(r.stderr.split())
+        assert "Nothing was queued or sent: [partner] id is all zeros" in words, r.stderr
+        assert "COMMS_PARTNER_ID" in words
+        assert statuses(db) == {}
+        assert env["sandbox"].sent() == []
+    monkeypatch.setenv("COMMS_PARTNER_ID", "7e570000-0000-4000-8000-0000000000aa")
+    ok = cli("run", "--now", NOW)
+    assert ok.exit_code == 0, ok.output
+    links = [m["html"] for m in env["sandbox"].sent()]
+    assert len(links) == 3
+    assert all("partnerId=7e570000-0000-4000-8000-0000000000aa" in h for h in links)

@@ -45,6 +45,7 @@ DAYS = 30
 TIME_SCALE = 0.01  # Exchange's "minute" lasts 0.6 s in the sandbox: the demo takes seconds
 CLIENT_ID = "0d3c5a1e-7b6f-4e1a-9c2d-5f8e7a6b4c3d"
 SENDERS = ("transition@fabrikam.example", "transition2@fabrikam.example")
+DEMO_PARTNER_ID = "de300000-0000-4000-8000-000000000001"  # an example: no real partner has it
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,9 @@ def demo_settings(sandbox: Sandbox, workdir: Path, secret_file: Path) -> Setting
 
 def _write_config(workdir: Path) -> Path:
     path = workdir / "demo.toml"
-    lines = ["# Written by `comms demo`: two sender mailboxes, everything else default.\n"]
+    lines = ["# Written by `comms demo`: an example partner id, two sender mailboxes, everything "
+             "else default.\n",
+             f'[partner]\nid = "{DEMO_PARTNER_ID}"  # yours: Partner Center > Account settings\n']
     for address in SENDERS:
         lines.append(f'[[senders]]\naddress = "{address}"\nname = "Fabrikam Transition Team"\n')
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -166,6 +166,7 @@ def send_now(
 
     Closes ``transport``."""
     with closing(transport):
+        preflight.require_partner_id(settings)
         ids = one_off.queue_prepared(db, plan.prepared, by=by, now=clock.now())
         report = engine.dispatch_ids(db, settings, transport, ids, clock=clock,
                                      worker=worker_id())
@@ -188,6 +189,8 @@ def run_scheduled(
     signal) ends dispatching cleanly."""
     try:
         preflight.before_run(settings, transport)  # exit 3 before any row when sign-in fails
+        if dry_run and echo is not None and (problem := preflight.partner_id_problem(settings)):
+            echo(f"warning: a real run would stop here. {problem}")
         if inbox or campaign.inbox.on_run:
             # Replies and bounces first: a bounced address or an answered reminder changes
             # what this run may send.
