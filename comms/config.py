@@ -50,6 +50,7 @@ __all__ = [
     "GraphSettings", "PartnerSettings", "SenderSettings", "Settings", "SyncSettings",
     "TemplateSettings", "TenantSettings", "check_settings", "check_time_zone",
     "find_config_file", "is_zero_id", "load_settings", "mask_secrets", "mask_url",
+    "partner_id_problem",
 ]
 
 # Environment variables that are not config keys (so they are not reported as unknown).
@@ -338,15 +339,23 @@ def is_zero_id(value: str) -> bool:
     return bool(value.strip()) and set(value.strip()) <= {"0", "-"}
 
 
+def partner_id_problem(settings: Settings) -> str | None:
+    """What is wrong with ``[partner] id``, or None: the starter config's all-zero id would put
+    a link to no partner in every partner invitation. One wording for `config check`,
+    `templates check` and the refusal of `run`/`send`."""
+    if not is_zero_id(settings.partner.id):
+        return None
+    return (f"[partner] id is all zeros ({settings.partner.id}): every partner invitation "
+            "would carry a link that invites the customer to no partner. Set it to your "
+            "Partner Center id (Account settings > Identifiers) in comms.toml or "
+            "COMMS_PARTNER_ID")
+
+
 def check_settings(settings: Settings) -> list[str]:
     """Problems that a valid-shaped config can still have (files missing, auth incomplete)."""
     problems: list[str] = []
-    if is_zero_id(settings.partner.id):
-        problems.append(
-            f"[partner] id is all zeros ({settings.partner.id}); set it to your Partner Center "
-            "partner id: the invitation link carries it, and an all-zero id invites the "
-            "customer to no partner"
-        )
+    if problem := partner_id_problem(settings):
+        problems.append(problem)
     g = settings.graph
     if settings.delivery.transport == "graph":
         if g.auth == "certificate":

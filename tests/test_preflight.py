@@ -96,7 +96,13 @@ def test_the_starter_all_zero_partner_id_stops_every_send_before_any_row(
     dry = cli("run", "--dry-run", "--now", NOW)
     assert dry.exit_code == 0, dry.output
     assert "warning: a real run would stop here. [partner] id is all zeros" in dry.stdout
-    for args in (("run", "--now", NOW), ("send", keys[0], "--yes", "--now", NOW)):
+    dry_send = cli("send", keys[0], "--dry-run", "--now", NOW)
+    assert dry_send.exit_code == 0, dry_send.output
+    assert "warning: a real send would stop here. [partner] id is all zeros" in dry_send.stdout
+    # `comms send` refuses before it asks: without --yes and a terminal it would otherwise stop
+    # at the question (exit 2) and not say why the send could never go.
+    for args in (("run", "--now", NOW), ("send", keys[0], "--yes", "--now", NOW),
+                 ("send", keys[0], "--now", NOW)):
         r = cli(*args)
         assert r.exit_code == 3, r.output
         words = " ".join(r.stderr.split())

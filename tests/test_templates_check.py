@@ -118,8 +118,10 @@ def test_unset_partner_id_and_denied_config_link_fail(
     monkeypatch.setenv("COMMS_PARTNER_SUPPORT_URL", CURRENT_LINKS["COMMS_PARTNER_SUPPORT_URL"])
     result = cli("templates", "check")
     assert result.exit_code == 1
-    assert ("[partner] id is all zeros (00000000-0000-0000-0000-000000000000): the invitation "
-            "link would carry it; set it to your Partner Center partner id") in result.stderr
+    assert ("[partner] id is all zeros (00000000-0000-0000-0000-000000000000): every partner "
+            "invitation would carry a link that invites the customer to no partner. Set it to "
+            "your Partner Center id (Account settings > Identifiers) in comms.toml or "
+            "COMMS_PARTNER_ID") in " ".join(result.stderr.split())
     assert ("[partner] billing_url (https://portal.office.com/admin/default.aspx#Billing): "
             "mentions portal.office.com, a denied host ([templates] deny_hosts)") in result.stderr
 
@@ -196,8 +198,10 @@ def test_config_check_refuses_an_all_zero_partner_id(
     monkeypatch.setenv("COMMS_DELIVERY_TRANSPORT", "outbox_dir")
     result = cli("config", "check")
     assert result.exit_code == 3
-    assert ("  - [partner] id is all zeros (00000000-0000-0000-0000-000000000000); set it to "
-            "your Partner Center partner id") in result.stderr
+    assert ("- [partner] id is all zeros (00000000-0000-0000-0000-000000000000): every partner "
+            "invitation would carry a link that invites the customer to no partner. Set it to "
+            "your Partner Center id (Account settings > Identifiers) in comms.toml or "
+            "COMMS_PARTNER_ID") in " ".join(result.stderr.split())
     monkeypatch.setenv("COMMS_PARTNER_ID", PARTNER_ID)
     ok = cli("config", "check")
     assert ok.exit_code == 0, ok.output

@@ -7,7 +7,7 @@ import typer
 from comms.cli import common, present
 from comms.cli.common import console
 from comms.cli.send_views import RunProgress, print_run_summary, print_send_plan, print_send_report
-from comms.services import sending
+from comms.services import preflight, sending
 from comms.services import worker as worker_service
 from comms.services.shutdown import graceful_stop
 
@@ -38,8 +38,11 @@ def send(
     print_send_plan(plan)
     count = present.plural(len(plan.prepared), "message")
     if dry_run:
+        if plan.refusal:
+            typer.echo(f"warning: a real send would stop here. {plan.refusal}")
         console.print(f"Dry run: {count} would be sent; nothing was sent.")
         return
+    preflight.require_partner_id(app.settings)  # exit 3 before the question
     common.confirm_or_abort(f"Send {count}?", yes)
     report, queued = sending.send_now(app.database, app.settings, app.transport(), plan,
                                       by=common.actor(), clock=clock)

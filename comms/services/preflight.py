@@ -9,7 +9,8 @@ before a single row is written. Sending nothing, it cannot send anything twice.
 
 from __future__ import annotations
 
-from comms.config import Settings, is_zero_id
+from comms.config import Settings
+from comms.config import partner_id_problem as config_partner_id_problem
 from comms.delivery.base import Transport
 from comms.delivery.graph import GraphTransport
 from comms.errors import AuthError, ConfigError
@@ -20,14 +21,9 @@ __all__ = ["before_run", "partner_id_problem", "require_partner_id"]
 
 
 def partner_id_problem(settings: Settings) -> str | None:
-    """What is wrong with ``[partner] id`` for sending, or None: the starter config's all-zero
-    id would put a link to no partner in every partner invitation."""
-    if not is_zero_id(settings.partner.id):
-        return None
-    return (f"[partner] id is all zeros ({settings.partner.id}): every partner invitation "
-            "would carry a link that invites the customer to no partner. Set it to your "
-            "Partner Center id (Account settings > Identifiers) in comms.toml or "
-            "COMMS_PARTNER_ID; `comms config check` lists every problem.")
+    """``config.partner_id_problem`` with where to look for the others."""
+    problem = config_partner_id_problem(settings)
+    return f"{problem}; `comms config check` lists every problem." if problem else None
 
 
 def require_partner_id(settings: Settings) -> None:
@@ -41,11 +37,11 @@ def require_partner_id(settings: Settings) -> None:
 def before_run(settings: Settings, transport: Transport | None) -> None:
     """Raise ``AuthError`` (exit 3) listing what stops ``transport`` from sending.
 
-    No transport (a dry run) and the outbox-folder transport (nothing to sign in to; a folder
-    it cannot write is reported by the first write) are not checked. A mailbox lookup Graph
-    cannot answer now (403 without User.Read.All, a timeout, a 5xx) does not stop the run:
-    only what is certainly wrong does. Whatever the transport, an unset ``[partner] id`` stops
-    the run (``ConfigError``, exit 3).
+    A dry run (no transport) is not checked. Any other run stops first on an unset
+    ``[partner] id`` (``ConfigError``, exit 3), whatever its transport; the outbox-folder
+    transport is not checked further (nothing to sign in to; a folder it cannot write is
+    reported by the first write). A mailbox lookup Graph cannot answer now (403 without
+    User.Read.All, a timeout, a 5xx) does not stop the run: only what is certainly wrong does.
     """
     if transport is None:
         return

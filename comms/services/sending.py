@@ -107,6 +107,9 @@ class SendPlan:
     prepared: list[Prepared] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     times: list[RecipientTime] = field(default_factory=list)
+    # Set when a real send would be refused (the all-zero partner id): a dry run shows it,
+    # and `comms send` refuses before it asks.
+    refusal: str | None = None
 
 
 def _recipient_times(prepared: Sequence[Prepared], campaign: Campaign,
@@ -155,6 +158,7 @@ def prepare_send(
     if not plan.prepared:
         raise NotFound("Nothing to send.")
     plan.times = _recipient_times(plan.prepared, campaign, clock.now())
+    plan.refusal = preflight.partner_id_problem(settings)
     return plan
 
 
