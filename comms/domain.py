@@ -23,9 +23,10 @@ class MessageStatus(enum.StrEnum):
     BOUNCED = "bounced"  # accepted, then a non-delivery report came back (comms inbox)
 
 
-# Statuses that mean "this decision was acted on": the message must not be queued again.
+# Statuses that mean "this decision was acted on": the message must not be queued again
+# (bounced: accepted and delivered to the other recipients; a bounce came back for some).
 ACTED_ON = frozenset({MessageStatus.QUEUED, MessageStatus.SENDING, MessageStatus.SENT,
-                      MessageStatus.UNKNOWN})
+                      MessageStatus.UNKNOWN, MessageStatus.BOUNCED})
 
 EventKind = Literal[
     "stage", "pause", "resume", "opt_out", "opt_in", "lost", "found", "update", "resend", "import",
@@ -71,6 +72,9 @@ class CustomerInfo:
     lost: bool = False
     account_manager_name: str = ""
     account_manager_email: str = ""
+    # The account manager's address is on the suppression list (opted out, bounced): no Cc,
+    # no internal note.
+    account_manager_suppressed: bool = False
     tags: tuple[str, ...] = ()
     contacts: tuple[ContactInfo, ...] = ()
     # When the CSP subscription went live (entered the campaign's csp_live_stage); drives the

@@ -193,6 +193,7 @@ def _account_manager(
             name=customer.account_manager_name,
             email=customer.account_manager_email.strip(),
             role=ACCOUNT_MANAGER_ROLE,
+            suppressed=customer.account_manager_suppressed,
         )
     if am is None or am.suppressed or not am.email.strip():
         return None

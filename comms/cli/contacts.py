@@ -32,8 +32,9 @@ def opt_out(
 
 @contacts_app.command("opt-in")
 def opt_in(email: str = typer.Argument(..., help="The address to mail again.")) -> None:
-    """Remove an address from the suppression list."""
-    address = outbox_admin.unsuppress(common.app().database, email)
+    """Remove an address from the suppression list (its customers are planned again at the
+    next run)."""
+    address = outbox_admin.unsuppress(common.app().database, email, now=datetime.now(UTC))
     console.print(f"{safe(address)} removed from the suppression list.")
 
 

@@ -237,7 +237,8 @@ def _side(action: svc.SideAction, done: str, already: str) -> Any:
 
 
 pause_cmd = _side("pause", "Paused", "is already paused")
-pause_cmd.__doc__ = "Pause a customer: nothing is sent until `comms customers resume`."
+pause_cmd.__doc__ = ("Pause a customer: nothing is sent until `comms customers resume` (its "
+                     "queued messages are withdrawn, and planned again on resume).")
 resume_cmd = _side("resume", "Resumed", "is not paused")
 resume_cmd.__doc__ = "Resume a paused customer: planning and sending continue."
 opt_out_cmd = _side("opt_out", "Opted out", "has already opted out")

@@ -37,6 +37,7 @@ from comms.outbox.claims import (
 )
 from comms.outbox.dispatcher import Dispatcher, ProgressFn
 from comms.outbox.queue import (
+    BY_OPERATOR,
     HELD,
     OPEN,
     PENDING,
@@ -49,6 +50,7 @@ from comms.outbox.queue import (
 from comms.outbox.reconcile import Episode, ReconcileLimits, reconcile, resolve
 
 __all__ = [
+    "BY_OPERATOR",
     "HELD",
     "OPEN",
     "PENDING",

@@ -190,17 +190,12 @@ def claim(
 def _unsendable(s: Session, msg: Message, customer: Customer | None) -> str:
     if customer is None:
         return "customer deleted"
-    if msg.internal:
-        return ""  # internal notes go to the account manager regardless of customer flags
-    if customer.opted_out:
-        return "customer opted out"
-    if customer.lost:
-        return "customer marked lost"
-    if msg.sequence >= 0 and msg.stage != customer.stage:
-        # A stage change withdraws queued rows of other stages; this closes the race where a
-        # run planned for the old stage while the change (an operator, stage sync) committed.
-        # Resends and forced out-of-stage sends (negative sequences) were asked for as such.
-        return f"stage changed to {customer.stage} since it was queued"
+    # Internal notes go to the account manager whatever the customer's flags and stage; the
+    # suppression list (an account manager who opted out, a mailbox that bounced) holds for
+    # every row.
+    reason = "" if msg.internal else _customer_refuses(msg, customer)
+    if reason:
+        return reason
     to = _addresses(msg.to_json)
     suppressed = _suppressed(s, msg) if to else set()
     if to and all(a.address.lower() in suppressed for a in to):
@@ -211,10 +206,26 @@ def _unsendable(s: Session, msg: Message, customer: Customer | None) -> str:
     return ""
 
 
+def _customer_refuses(msg: Message, customer: Customer) -> str:
+    """Why the customer's own mail may no longer go out, or ""."""
+    if customer.opted_out:
+        return "customer opted out"
+    if customer.lost:
+        return "customer marked lost"
+    if customer.paused:
+        # Queued before the pause (`comms send` between its plan and its dispatch, a worker
+        # behind): planned again with what is true when the customer is resumed.
+        return "customer paused"
+    if msg.sequence >= 0 and msg.stage != customer.stage:
+        # A stage change withdraws queued rows of other stages; this closes the race where a
+        # run planned for the old stage while the change (an operator, stage sync) committed.
+        # Resends and forced out-of-stage sends (negative sequences) were asked for as such.
+        return f"stage changed to {customer.stage} since it was queued"
+    return ""
+
+
 def _suppressed(s: Session, msg: Message) -> set[str]:
     """The row's recipients (lower-cased) that must not be mailed (opted out, bounced)."""
-    if msg.internal:
-        return set()
     everyone = sorted({a.address.lower() for a in (*_addresses(msg.to_json),
                                                    *_addresses(msg.cc_json))})
     if not everyone:

@@ -20,6 +20,8 @@ from comms.store.models import Message
 PENDING = ("queued",)
 # error_code of an `unknown` row that waits for an operator's `comms outbox resolve`.
 HELD = "held_for_operator"
+# error_code of a row an operator withdrew (`comms outbox withdraw`): never queued again.
+BY_OPERATOR = "withdrawn_by_operator"
 OPEN = ("queued", "sending", "unknown")
 
 
@@ -55,32 +57,52 @@ def withdraw_stale(session: Session, customer_id: int, stage: str, at: datetime)
                      col(Message.stage) != stage)
 
 
-def withdraw_all_queued(session: Session, customer_id: int, reason: str, at: datetime) -> int:
-    """Withdraw every queued message of a customer (opted out, lost)."""
-    return _withdraw(session, customer_id, reason, at)
+def withdraw_all_queued(session: Session, customer_id: int, reason: str, at: datetime,
+                        *, internal_too: bool = True) -> int:
+    """Withdraw every queued message of a customer (opted out, lost); with ``internal_too``
+    False, only the customer's own mail (paused: notes to the account manager still go)."""
+    if internal_too:
+        return _withdraw(session, customer_id, reason, at)
+    return _withdraw(session, customer_id, reason, at, col(Message.internal).is_(False))
 
 
 # --------------------------------------------------------------------------- queueing
 
 
 def insert_messages(session: Session, rows: Sequence[dict[str, Any]]) -> list[int]:
-    """Insert planned rows; a row whose (customer, message, sequence) exists is skipped.
-    Returns the ids of the rows inserted."""
+    """Insert planned rows; returns the ids of the rows queued.
+
+    A row whose (customer, message, sequence) exists is skipped, with one exception: a row the
+    run withdrew itself (the customer moved on, was paused, opted out, was marked lost) before
+    it went out is queued again with the new content, when the planner plans it again (the
+    customer came back, was resumed). It keeps its send id (reconciliation looks for that id
+    in Sent Items) and its attempts; the note says why it was withdrawn. A row an operator
+    withdrew (``BY_OPERATOR``) stays withdrawn. Withdrawal only ever takes a queued row, so
+    nothing re-queued here was sent."""
     if not rows:
         return []
     dialect = session.get_bind().dialect.name
     table = Message.__table__  # type: ignore[attr-defined]
-    stmt: Any
-    if dialect == "postgresql":
-        stmt = postgresql.insert(table).on_conflict_do_nothing(
-            index_elements=["customer_id", "message", "sequence"]
-        )
-    else:
-        stmt = sqlite.insert(table).on_conflict_do_nothing(
-            index_elements=["customer_id", "message", "sequence"]
-        )
+    insert: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(table)
+    revived = {name: stmt.excluded[name] for name in _REQUEUED}
+    revived["note"] = sa.func.trim(
+        table.c.note + " Queued again after its withdrawal (" + table.c.last_error + ")."
+    )
+    revived["last_error"] = sa.literal("")
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["customer_id", "message", "sequence"], set_=revived,
+        where=(table.c.status == "withdrawn") & (table.c.error_code != BY_OPERATOR),
+    )
     result = session.execute(stmt.returning(table.c.id), list(rows))
     return [int(i) for i in result.scalars().all()]
+
+
+# What a re-queued withdrawn row takes from the new plan (send_id, attempts, sent_at,
+# request_id and ambiguous_from stay as they were).
+_REQUEUED = ("stage", "internal", "status", "to_json", "cc_json", "reply_to", "subject", "body",
+             "locale", "sender", "send_after", "send_before", "error_code", "lease_until",
+             "claimed_by", "created_at", "updated_at")
 
 
 def addresses_json(items: Iterable[tuple[str, str]]) -> str:

@@ -325,8 +325,9 @@ def side_action(
 ) -> bool:
     """Pause, resume, opt out (...) one customer; False when it already was in that state.
 
-    Opting out (or marking lost) withdraws every queued message; resuming makes the customer
-    due for planning again.
+    Opting out (or marking lost) withdraws every queued message, pausing the customer's own
+    queued mail; resuming makes the customer due for planning again, and what was withdrawn
+    by the pause is queued again with what is true then.
     """
     with db.session(immediate=True) as session:
         row = repo.get_customer(session, key, lock=True)
@@ -342,7 +343,10 @@ def side_action(
         if action in ("resume", "opt_in", "found"):
             row.next_due_at = now
         session.add(row)
-        if action in ("opt_out", "lost"):
-            reason = "customer opted out" if action == "opt_out" else "customer marked lost"
-            outbox.withdraw_all_queued(session, row.id, reason, now)
+        if action in ("opt_out", "lost", "pause"):
+            # Planned again on resume (or found) with what is true then; never on opt-out.
+            reason = {"opt_out": "customer opted out", "lost": "customer marked lost",
+                      "pause": "customer paused"}[action]
+            outbox.withdraw_all_queued(session, row.id, reason, now,
+                                       internal_too=action != "pause")
         return True

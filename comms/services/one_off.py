@@ -135,8 +135,10 @@ def _explicit(
     if done and not resend_note:
         last = done[-1]
         when = f" on {last.sent_at:%Y-%m-%d %H:%M} UTC" if last.sent_at else ""
+        status = ("sent (a bounce came back for a recipient)"
+                  if last.status == MessageStatus.BOUNCED else last.status)
         raise AlreadySent(
-            f"{message} is already {last.status} for {customer.key}{when} (outbox id "
+            f"{message} is already {status} for {customer.key}{when} (outbox id "
             f"{last.id}). To send it again, add --resend --note \"why\"."
         )
     if resend_note or out_of_stage:

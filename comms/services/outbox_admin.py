@@ -89,6 +89,8 @@ def _transition(
         if to == MessageStatus.QUEUED:
             msg.send_after = now
             msg.error_code = ""
+        elif to == MessageStatus.WITHDRAWN:
+            msg.error_code = outbox.BY_OPERATOR  # the planner never queues it again
         msg.note = (msg.note + " " + note).strip()
         s.add(msg)
         return msg
@@ -136,13 +138,22 @@ def suppress(db: Database, email: str, *, reason: str, now: datetime, by: str) -
         return address, len(set(contacts))
 
 
-def unsuppress(db: Database, email: str) -> str:
+def unsuppress(db: Database, email: str, *, now: datetime) -> str:
+    """Take an address off the suppression list; the customers it is a contact (or the
+    account manager) of are planned again at the next run."""
     address = normalise_email(email)
     with db.session(immediate=True) as s:
         row = s.get(Suppression, address)
         if row is None:
             raise NotFound(f"{address} is not on the suppression list.")
         s.delete(row)
+        contact_of = select(Contact.customer_id).where(
+            sa.func.lower(col(Contact.email)) == address)
+        s.execute(sa.update(Customer)
+                  .where(col(Customer.id).in_(contact_of)
+                         | (sa.func.lower(sa.func.trim(col(Customer.account_manager_email)))
+                            == address))
+                  .values(next_due_at=now))
     return address
 
 

@@ -202,8 +202,10 @@ class CustomerWriter:
             if not changes:
                 self.counts.unchanged += 1
                 continue
+            # Planned again at the next run: a new contact can lift a block that held the
+            # customer (every address suppressed), and the planner recomputes the rest.
             s.execute(sa.update(CUSTOMERS).where(CUSTOMERS.c.id == cid)
-                      .values(**values, updated_at=self.now))
+                      .values(**values, updated_at=self.now, next_due_at=self.now))
             note = "; ".join(changes)
             events.append(self._event(cid, "update", old["stage"], old["stage"],
                                       f"{self.source_name} row {r.row}: {note}"))

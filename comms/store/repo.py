@@ -69,7 +69,9 @@ def load_customers(session: Session, ids: Sequence[int]) -> dict[int, CustomerIn
             sa.select(tags_t.c.customer_id, tags_t.c.tag).where(tags_t.c.customer_id.in_(chunk))
         ).all():
             tags[t.customer_id].append(t.tag)
-    suppressed = _suppressed(session, {c.email.lower() for cs in contacts.values() for c in cs})
+    suppressed = _suppressed(session, {c.email.lower() for cs in contacts.values() for c in cs}
+                             | {r.account_manager_email.strip().lower() for r in rows
+                                if r.account_manager_email})
     seen = latest_observations(session, id_list)
     held = reminder_holds(session, id_list)
     out: dict[int, CustomerInfo] = {}
@@ -80,7 +82,10 @@ def load_customers(session: Session, ids: Sequence[int]) -> dict[int, CustomerIn
             stage_entered_at=r.stage_entered_at, locale=r.locale, time_zone=r.time_zone,
             tenant_id=r.tenant_id, primary_domain=r.primary_domain, paused=r.paused,
             opted_out=r.opted_out, lost=r.lost, account_manager_name=r.account_manager_name,
-            account_manager_email=r.account_manager_email, tags=tuple(sorted(tags[r.id])),
+            account_manager_email=r.account_manager_email,
+            account_manager_suppressed=(r.account_manager_email or "").strip().lower()
+            in suppressed,
+            tags=tuple(sorted(tags[r.id])),
             contacts=tuple(
                 ContactInfo(c.name, c.email, c.role, c.email.lower() in suppressed) for c in cs
             ),

@@ -1,0 +1,264 @@
+"""Who may still be mailed once a message is queued: pausing, withdrawals and coming back, a
+bounced message asked for again, an account manager on the suppression list, and a block lifted
+by a new contact or an opt-in. Every test goes through the CLI, the real ledger and the local
+Graph sandbox."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import factories
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from engine_helpers import T0, exported_env
+from sqlmodel import select
+
+from comms import outbox, planner
+from comms.campaign import load_campaign
+from comms.config import load_settings
+from comms.domain import SentMessage
+from comms.services import customers as customer_service
+from comms.store import repo
+from comms.store.db import Database, alembic_config, open_database
+from comms.store.models import Customer, Message
+
+NOW = T0.isoformat()
+HEADER = ("key,name,licences,stage,account_manager_name,account_manager_email,"
+          "primary_contact_email,billing_contact_email\n")
+
+
+def later() -> str:
+    """A weekday morning after the real clock: side actions (resume, opt-in) make a customer
+    due at the real time, so the next simulated run must come after it."""
+    day = datetime.now(UTC) + timedelta(days=1)
+    while day.weekday() >= 5:
+        day += timedelta(days=1)
+    return day.replace(hour=10, minute=0, second=0, microsecond=0).isoformat()
+
+
+@pytest.fixture
+def env(tmp_path: Path, database_url: str, sandbox_factory: Any,
+        monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    return exported_env(sandbox_factory, tmp_path, database_url, monkeypatch)
+
+
+def _import(tmp_path: Path, rows: str, name: str = "c.csv") -> None:
+    path = tmp_path / name
+    path.write_text(HEADER + rows, encoding="utf-8")
+    db = open_database(os.environ["COMMS_DATABASE_URL"])
+    try:
+        customer_service.import_customers(db, path, settings=load_settings(env={}),
+                                          campaign=load_campaign(), now=T0, by="test")
+    finally:
+        db.dispose()
+
+
+def _rows(db: Database) -> list[tuple[str, int, str, str]]:
+    with db.session() as s:
+        return [(m.message, m.sequence, m.status, m.last_error)
+                for m in s.exec(select(Message).order_by(Message.id)).all()]
+
+
+def _message(db: Database) -> Message:
+    with db.session() as s:
+        return s.exec(select(Message)).one()
+
+
+def _sent_to(env: dict[str, Any]) -> list[list[str]]:
+    return [sorted(m["to"]) for m in env["sandbox"].sent()]
+
+
+def test_a_pause_withdraws_what_was_queued_and_resume_sends_it_once(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    _import(tmp_path, "P1,Paused Ltd,5,invited,,,boss@p1.example,\n")
+    assert "queued 1" in cli("run", "--now", NOW, "--limit", "0").stdout
+    queued = _message(db)
+    assert cli("customers", "pause", "P1", "--note", "CEO asked us to wait").exit_code == 0
+    assert [(m.status, m.last_error) for m in [_message(db)]] == [("withdrawn",
+                                                                   "customer paused")]
+    assert cli("run", "--now", NOW).exit_code == 0
+    assert env["sandbox"].sent() == []
+
+    assert cli("customers", "resume", "P1", "--note", "go ahead").exit_code == 0
+    r = cli("run", "--now", later())
+    assert r.exit_code == 0, r.output
+    assert _sent_to(env) == [["boss@p1.example"]]
+    again = _message(db)  # the same row, queued again: one decision, one row, one send id
+    assert (again.id, again.send_id, again.status) == (queued.id, queued.send_id, "sent")
+    assert "Queued again after its withdrawal (customer paused)." in again.note
+    assert cli("run", "--now", later()).exit_code == 0
+    assert len(env["sandbox"].sent()) == 1
+
+
+def test_a_row_queued_before_a_pause_that_a_worker_reaches_is_withdrawn_not_sent(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    # `comms send` plans, then the pause commits before its dispatch (or a worker is behind):
+    # the row is still queued when it is claimed.
+    _import(tmp_path, "P2,Paused Ltd,5,invited,,,boss@p2.example,\n")
+    assert "queued 1" in cli("run", "--now", NOW, "--limit", "0").stdout
+    with db.session() as s:
+        s.execute(sa.update(Customer).values(paused=True))
+    assert cli("run", "--now", NOW).exit_code == 0
+    assert env["sandbox"].sent() == []
+    assert _rows(db) == [("partner_invitation", 0, "withdrawn", "customer paused")]
+
+
+def test_a_message_withdrawn_by_a_stage_change_goes_out_when_the_customer_comes_back(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    """docs/campaign.md: "A message withdrawn from the outbox before it went out (the customer
+    moved on first) is planned again if the customer comes back." It was planned, and then
+    silently never queued: the withdrawn row held its (customer, message, sequence)."""
+    _import(tmp_path, "B1,Back Ltd,5,invited,,,boss@b1.example,\n")
+    assert "queued 1" in cli("run", "--now", NOW, "--limit", "0").stdout
+    assert cli("customers", "set-stage", "B1", "approved", "--note", "x", "--yes").exit_code == 0
+    assert _rows(db) == [("partner_invitation", 0, "withdrawn", "stage changed to approved")]
+    back = cli("customers", "set-stage", "B1", "invited", "--note", "approved by mistake",
+               "--yes", "--force")
+    assert back.exit_code == 0, back.output
+    r = cli("run", "--now", later())
+    assert "queued 1" in r.stdout, r.output
+    assert _sent_to(env) == [["boss@b1.example"]]
+    assert [(m, s, st) for m, s, st, _ in _rows(db)] == [("partner_invitation", 0, "sent")]
+
+
+def test_an_operator_withdrawal_is_final(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    _import(tmp_path, "W1,Withdrawn Ltd,5,invited,,,boss@w1.example,\n")
+    assert "queued 1" in cli("run", "--now", NOW, "--limit", "0").stdout
+    mid = _message(db).id
+    assert cli("outbox", "withdraw", str(mid)).exit_code == 0
+    for _ in range(2):
+        assert cli("run", "--now", later()).exit_code == 0
+    assert env["sandbox"].sent() == []
+    m = _message(db)
+    assert (m.status, m.error_code) == ("withdrawn", "withdrawn_by_operator")
+
+
+def test_a_bounced_message_is_not_sent_again_without_resend(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    _import(tmp_path, "N1,Bounce Ltd,5,invited,,,boss@n1.example,bills@n1.example\n")
+    assert cli("run", "--now", NOW).exit_code == 0
+    assert _sent_to(env) == [["bills@n1.example", "boss@n1.example"]]
+    with db.session() as s:  # what `comms inbox sync` records for boss@'s hard bounce
+        s.execute(sa.update(Message).values(status="bounced", error_code="5.1.1"))
+    assert cli("contacts", "opt-out", "boss@n1.example", "--note", "5.1.1").exit_code == 0
+    again = cli("send", "N1", "--message", "partner_invitation", "--yes", "--now", NOW)
+    assert again.exit_code != 0
+    assert ("partner_invitation is already sent (a bounce came back for a recipient)"
+            in " ".join(again.stderr.split())), again.stderr
+    assert "--resend" in again.stderr
+    assert len(env["sandbox"].sent()) == 1
+
+
+def test_an_account_manager_on_the_suppression_list_gets_no_note_and_no_cc(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    _import(tmp_path, "A1,AM Ltd,5,invited,Alex,Alex.Manager@fabrikam.example,"
+                      "boss@a1.example,\n")
+    assert cli("contacts", "opt-out", "alex.manager@fabrikam.example",
+               "--note", "left; mailbox bounces").exit_code == 0
+    with db.session() as s:
+        cid = s.exec(select(Customer.id)).one()
+        info = repo.load_customers(s, [cid])[cid]
+    assert info.account_manager_suppressed
+    # Far enough on that the escalated reminder (account manager copied and alerted) is due.
+    history = [SentMessage("partner_invitation", 0, "sent", "invited", T0, T0),
+               SentMessage("partner_invitation_reminder", 1, "sent", "invited",
+                           T0 + timedelta(days=3), T0 + timedelta(days=3))]
+    due = planner.plan(info, history, T0 + timedelta(days=30), load_campaign()).due
+    assert due and all(not d.internal for d in due)
+    assert all(c.email.lower() != "alex.manager@fabrikam.example"
+               for d in due for c in (*d.to, *d.cc))
+
+    # An internal note queued before the opt-out (or by the inbox) is withdrawn at dispatch.
+    factories.queued(db, cid, "account_manager_alert", 2, to="alex.manager@fabrikam.example",
+                     stage="invited", internal=True)
+    assert cli("run", "--now", NOW, "--limit", "0").exit_code == 0
+    assert cli("run", "--now", NOW).exit_code == 0
+    internal = [r for r in _rows(db) if r[0] == "account_manager_alert"]
+    assert internal == [("account_manager_alert", 2, "withdrawn",
+                         "every recipient is on the suppression list")]
+    assert all("alex.manager@fabrikam.example" not in [a.lower() for a in m["to"]]
+               for m in env["sandbox"].sent())
+
+
+def test_a_new_contact_or_an_opt_in_lifts_the_block_at_the_next_run(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    _import(tmp_path, "C1,New Contact Ltd,5,invited,,,dead@c1.example,\n"
+                      "C2,Opt In Ltd,5,invited,,,back@c2.example,\n")
+    assert cli("contacts", "opt-out", "dead@c1.example", "--note", "5.1.1").exit_code == 0
+    assert cli("contacts", "opt-out", "back@c2.example", "--note", "by mistake").exit_code == 0
+    assert cli("run", "--now", NOW).exit_code == 0
+    assert env["sandbox"].sent() == []
+    # What the bounce note asks for: a working address by import; and an opt-in.
+    _import(tmp_path, "C1,New Contact Ltd,5,invited,,,alive@c1.example,\n", "c2.csv")
+    assert cli("contacts", "opt-in", "back@c2.example").exit_code == 0
+    r = cli("run", "--now", later())
+    assert r.exit_code == 0, r.output
+    assert sorted(_sent_to(env)) == [["alive@c1.example"], ["back@c2.example"]]
+
+
+def test_queueing_again_keeps_the_unique_key(db: Database, tmp_path: Path) -> None:
+    """A re-queued withdrawn row is the same row; any other existing row is left alone."""
+    path = tmp_path / "k.csv"
+    path.write_text(HEADER + "K1,Key Ltd,5,invited,,,k@k1.example,\n", encoding="utf-8")
+    customer_service.import_customers(db, path, settings=load_settings(env={}),
+                                      campaign=load_campaign(), now=T0, by="test")
+    with db.session() as s:
+        cid = s.exec(select(Customer.id)).one()
+    first = factories.queued(db, cid, "partner_invitation", 0, to="k@k1.example")
+    with db.session() as s:
+        assert outbox.insert_messages(s, [factories.message_row(
+            cid, "partner_invitation", 0, to="k@k1.example")]) == []  # queued: skipped
+        s.execute(sa.update(Message).values(status="sent"))
+        assert outbox.insert_messages(s, [factories.message_row(
+            cid, "partner_invitation", 0, to="k@k1.example")]) == []  # sent: skipped
+        s.execute(sa.update(Message).values(status="withdrawn", last_error="stage changed"))
+        assert outbox.insert_messages(s, [factories.message_row(
+            cid, "partner_invitation", 0, to="k@k1.example")]) == [first]
+
+
+def test_migration_0010_marks_the_rows_an_operator_withdrew(db: Database, tmp_path: Path) -> None:
+    """Before 0010 an operator's withdrawal left only its note; the upgrade marks those rows
+    so the planner never queues them again, and leaves every other row as it was."""
+    path = tmp_path / "m.csv"
+    path.write_text(HEADER + "M1,Mig Ltd,5,invited,,,m@m1.example,\n", encoding="utf-8")
+    customer_service.import_customers(db, path, settings=load_settings(env={}),
+                                      campaign=load_campaign(), now=T0, by="test")
+    with db.session() as s:
+        cid = s.exec(select(Customer.id)).one()
+    by_hand = factories.queued(db, cid, "partner_invitation", 0, status="withdrawn",
+                               note="withdrawn by alice.")
+    by_run = factories.queued(db, cid, "partner_invitation_reminder", 1, status="withdrawn",
+                              last_error="stage changed to approved")
+    _migrate(db, "0009", down=True)
+    _migrate(db, "head", down=False)
+    codes = _codes(db)
+    assert codes == {by_hand: "withdrawn_by_operator", by_run: ""}
+    _migrate(db, "0009", down=True)
+    assert _codes(db) == {by_hand: "", by_run: ""}
+    _migrate(db, "head", down=False)
+
+
+def _codes(db: Database) -> dict[int, str]:
+    with db.engine.connect() as conn:
+        return {int(r[0]): str(r[1]) for r in conn.execute(
+            sa.text("SELECT id, error_code FROM messages"))}
+
+
+def _migrate(db: Database, revision: str, *, down: bool) -> None:
+    cfg = alembic_config(db.url)
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        (command.downgrade if down else command.upgrade)(cfg, revision)
+    db.engine.dispose()
