@@ -15,10 +15,11 @@ import pytest
 import typer
 from sqlmodel import col, select
 
+from comms import outbox
 from comms.cli import app
 from comms.store import bodies, repo
 from comms.store.db import Database
-from comms.store.models import Customer, Message, StageEvent, Suppression
+from comms.store.models import Customer, Message, StageEvent, Suppression, new_message_row
 
 Cli = Callable[..., Any]
 
@@ -273,12 +274,20 @@ def test_pause_resume_opt_out(cli: Cli, loaded: Database) -> None:
     assert cli("customers", "pause", "CUST-0012", "--note", "CEO on leave").stdout == (
         "Paused CUST-0012.\n")
     assert customer(loaded, "CUST-0012").paused
+    # The pause withdraws what was queued; the run plans it again after the resume.
+    assert status_of(loaded, queued) == ("withdrawn", "customer paused")
     assert cli("customers", "pause", "CUST-0012").stdout == (
         "CUST-0012 is already paused; nothing changed.\n")
     assert cli("customers", "resume", "CUST-0012").stdout == "Resumed CUST-0012.\n"
     assert cli("customers", "resume", "CUST-0012").stdout == (
         "CUST-0012 is not paused; nothing changed.\n")
     assert not customer(loaded, "CUST-0012").paused
+    assert customer(loaded, "CUST-0012").next_due_at is not None
+    with loaded.session() as ses:  # what the next run's insert does with the withdrawn row
+        cid = repo.get_customer(ses, "CUST-0012").id or 0
+        assert outbox.insert_messages(ses, [new_message_row(
+            customer_id=cid, message="kickoff", sequence=0, stage="announced", to_json="[]",
+            subject="s", html="<p>h</p>", text="t", now=datetime.now(UTC))]) == [queued]
     assert status_of(loaded, queued) == ("queued", "")
     assert cli("customers", "opt-out", "CUST-0012", "--note", "asked by phone").stdout == (
         "Opted out CUST-0012.\n")
