@@ -21,12 +21,11 @@ from comms.store import repo
 from comms.store.db import Database
 from comms.store.models import Customer, Message, StageEvent
 from comms.store.sync_models import SyncCheck, SyncEvidence
-from comms.sync.rules import Decision, Facts, SyncRules, decide
+from comms.sync.rules import SOURCE_OF, Decision, Facts, SyncRules, decide
 
 SOURCES = ("partner_center", "gdap", "tenant")
 # Which source an observation comes from (the evidence a move cites).
-OBSERVATION_SOURCE = {"relationship_accepted": "partner_center", "gdap_active": "gdap",
-                      "csp_active": "partner_center", "direct_inactive": "tenant"}
+OBSERVATION_SOURCE = SOURCE_OF
 _CHUNK = 5000
 _APPLY_CHUNK = 200
 
@@ -177,29 +176,28 @@ def _apply(
 ) -> None:
     assert row.id is not None
     evidence: dict[str, int] = {}
-    observed_before: datetime | None = None
+    evidence_at: dict[str, datetime] = {}
     for src in SOURCES:
         prev = latest.get((row.id, src))
         if prev is not None:
-            evidence[src] = prev.id or 0
-            observed_before = max(observed_before or prev.at, prev.at)
+            evidence[src], evidence_at[src] = prev.id or 0, prev.at
         if src in new:
-            evidence[src] = new[src]
-    for src in SOURCES:
-        if src in res.seen or src in res.problems:
-            checks.add(row.id, src, now, res.problems.get(src, ""))
-    if fill and not row.tenant_id:
+            evidence[src], evidence_at[src] = new[src], now
+    if fill and not row.tenant_id and not _fill_refused(session, row, fill, res):
         res.tenant_filled = fill
         repo.record_event(session, row, stages.Event(
             kind="update", at=now, by="sync:partner_center", source="sync",
             note=f"tenant id {fill} filled from Partner Center (unique domain match "
                  f"{row.primary_domain}, evidence #{evidence.get('partner_center', 0)})"))
         row.tenant_id = fill
+    for src in SOURCES:
+        if src in res.seen or src in res.problems:
+            checks.add(row.id, src, now, res.problems.get(src, ""))
     facts = facts_of(res.seen)
     _licences_from_reality(session, row, facts, res, now, evidence.get("tenant", 0))
     decision: Decision = decide(
         campaign.stage_names, allowed, rules, info, facts, manual_at=manual_at,
-        observed_before=observed_before, new_evidence=res.new_evidence > 0,
+        evidence_at=evidence_at,
     )
     res.held = decision.held
     for from_stage, to_stage, observation in decision.moves:
@@ -211,6 +209,23 @@ def _apply(
         apply_stage_event(session, row, event, csp_live_stage=campaign.csp_live_stage,
                           has_queued=has_queued)
         res.moved.append(f"{from_stage} -> {to_stage} ({observation})")
+
+
+def _fill_refused(session: Session, row: Customer, fill: str, res: CustomerSync) -> bool:
+    """A tenant id found by domain that another ledger customer already holds is never filled
+    in (checked again here, inside the write transaction): what was read with it is dropped and
+    the customer reported, not moved."""
+    holder = session.exec(select(Customer.key).where(
+        sa.func.lower(col(Customer.tenant_id)) == fill, col(Customer.id) != row.id)).first()
+    if holder is None:
+        return False
+    for src in SOURCES:
+        res.seen.pop(src, None)
+    res.problems["partner_center"] = (
+        f"cannot verify: Partner Center tenant {fill} matches {row.key}'s domain "
+        f"{row.primary_domain} but is already the tenant of {holder}; nothing was filled or "
+        f"moved: set the right tenant_id on {row.key} in the CSV and re-import")
+    return True
 
 
 def _licences_from_reality(session: Session, row: Customer, facts: Facts, res: CustomerSync,
