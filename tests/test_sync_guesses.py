@@ -226,6 +226,51 @@ def test_a_manual_correction_survives_an_unrelated_partner_center_change(
     assert last.by == "sync:tenant" and f"evidence #{newest.id})" in (last.note or "")
 
 
+def test_a_source_turned_on_after_a_correction_needs_a_second_reading() -> None:
+    info = _Info()
+    info.stage = "invited"
+    accepted = Facts(relationship_accepted=True, gdap_status="active")
+    t0 = datetime(2026, 12, 1, tzinfo=UTC)
+    manual, t2, t3 = t0 + timedelta(hours=1), t0 + timedelta(hours=2), t0 + timedelta(hours=3)
+    allowed = {"invited": ("approved",)}
+    # Partner Center was seen before the correction; gdap, turned on later, first read at t2.
+    first = {"partner_center": t0, "gdap": t2}
+    held = decide(NAMES, allowed, SyncRules(), info, accepted,  # type: ignore[arg-type]
+                  manual_at=manual, evidence_at={"partner_center": t0, "gdap": t2},
+                  first_at=first)
+    assert held.moves == () and "gdap" in held.held
+    moved = decide(NAMES, allowed, SyncRules(), info, accepted,  # type: ignore[arg-type]
+                   manual_at=manual, evidence_at={"partner_center": t0, "gdap": t3},
+                   first_at=first)
+    assert moved.moves == (("invited", "approved", "gdap_active"),)
+    # A stage set by hand before sync ever saw the customer is no correction: first readings
+    # move it.
+    fresh = decide(NAMES, allowed, SyncRules(), info, accepted,  # type: ignore[arg-type]
+                   manual_at=manual, evidence_at={"partner_center": t2}, first_at={
+                       "partner_center": t2})
+    assert fresh.moves == (("invited", "approved", "relationship_accepted"),)
+
+
+def test_turning_on_a_source_does_not_undo_a_correction(
+    world: Sandbox, db: Database, cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = datetime.now(UTC)
+    world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30)
+    world.tenant_change(TENANT_X, "accept_relationship")
+    world.tenant_change(TENANT_X, "gdap", status="active")
+    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 30, "invited", "")],
+            now - timedelta(hours=3))
+    assert cli("sync", "--now", (now - timedelta(hours=2)).isoformat()).exit_code == 0
+    assert _row(db, "A").stage == "approved"
+    r = cli("customers", "set-stage", "A", "invited", "--force", "--note",
+            "accepted by mistake", "--yes")
+    assert r.exit_code == 0, r.output
+    monkeypatch.setenv("COMMS_SYNC_GDAP", "true")
+    r = cli("sync", "--now", (now + timedelta(hours=1)).isoformat())
+    assert r.exit_code == 0, r.output
+    assert _row(db, "A").stage == "invited" and "set by hand" in r.output
+
+
 # -- 3. "absent" only from a complete directory read -----------------------------------------
 
 def test_a_direct_subscription_on_a_later_page_is_seen(

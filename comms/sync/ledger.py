@@ -95,6 +95,21 @@ def _latest_evidence(session: Session, ids: list[int]) -> dict[tuple[int, str], 
     return out
 
 
+def _first_evidence(session: Session, ids: list[int]) -> dict[tuple[int, str], datetime]:
+    """When each source first recorded evidence of each customer."""
+    out: dict[tuple[int, str], datetime] = {}
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        rows = session.exec(
+            select(SyncEvidence.customer_id, SyncEvidence.source,
+                   sa.func.min(col(SyncEvidence.at)))
+            .where(col(SyncEvidence.customer_id).in_(chunk))
+            .group_by(col(SyncEvidence.customer_id), col(SyncEvidence.source))
+        ).all()
+        out.update({(cid, src): at for cid, src, at in rows if at is not None})
+    return out
+
+
 def _manual_moves(session: Session, ids: list[int]) -> dict[int, datetime]:
     out: dict[int, datetime] = {}
     for start in range(0, len(ids), _CHUNK):
@@ -124,6 +139,7 @@ def _record(
     ids = [t.id for t in targets]
     with db.session(immediate=not dry_run) as session:
         latest = _latest_evidence(session, ids)
+        first = _first_evidence(session, ids)
         manual = _manual_moves(session, ids)
         for start in range(0, len(ids), _APPLY_CHUNK):
             keys = [t.key for t in targets[start : start + _APPLY_CHUNK]]
@@ -147,7 +163,7 @@ def _record(
                 for row, info in zip(rows, infos, strict=True):
                     assert row.id is not None
                     _apply(session, campaign, rules, allowed, now, row, info, results[row.id],
-                           fills.get(row.id, ""), latest, manual.get(row.id),
+                           fills.get(row.id, ""), latest, first, manual.get(row.id),
                            new.get(row.id, {}), checks, row.id in queued)
             checks.write(session)
             # The outbox's withdraw evaluates its UPDATE against every object the session
@@ -169,6 +185,7 @@ def _apply(
     res: CustomerSync,
     fill: str,
     latest: dict[tuple[int, str], SyncEvidence],
+    first: dict[tuple[int, str], datetime],
     manual_at: datetime | None,
     new: dict[str, int],
     checks: _Checks,
@@ -177,12 +194,15 @@ def _apply(
     assert row.id is not None
     evidence: dict[str, int] = {}
     evidence_at: dict[str, datetime] = {}
+    first_at: dict[str, datetime] = {}
     for src in SOURCES:
         prev = latest.get((row.id, src))
         if prev is not None:
             evidence[src], evidence_at[src] = prev.id or 0, prev.at
         if src in new:
             evidence[src], evidence_at[src] = new[src], now
+        if src in evidence_at:
+            first_at[src] = first.get((row.id, src), evidence_at[src])
     if fill and not row.tenant_id and not _fill_refused(session, row, fill, res):
         res.tenant_filled = fill
         repo.record_event(session, row, stages.Event(
@@ -197,7 +217,7 @@ def _apply(
     _licences_from_reality(session, row, facts, res, now, evidence.get("tenant", 0))
     decision: Decision = decide(
         campaign.stage_names, allowed, rules, info, facts, manual_at=manual_at,
-        evidence_at=evidence_at,
+        evidence_at=evidence_at, first_at=first_at,
     )
     res.held = decision.held
     for from_stage, to_stage, observation in decision.moves:

@@ -92,12 +92,16 @@ def decide(
     *,
     manual_at: datetime | None,
     evidence_at: dict[str, datetime],
+    first_at: dict[str, datetime] | None = None,
 ) -> Decision:
     """Forward moves the facts call for, each allowed by the stage machine.
 
     ``manual_at``: when a person last set the stage; ``evidence_at``: source -> when its latest
-    evidence (this sync's, if it saw something new) was recorded. A move whose observation's
-    source has no evidence newer than ``manual_at`` is held: the stage set by hand stands.
+    evidence (this sync's, if it saw something new) was recorded; ``first_at``: source -> when
+    its first evidence was. A move whose observation's source has no evidence newer than
+    ``manual_at`` is held: the stage set by hand stands. When the stage was set by hand to
+    correct what sync had seen (some source had evidence before it), a source first read after
+    that (one just turned on) does not undo it with its first evidence: only with a later one.
     """
     order = {name: i for i, name in enumerate(stage_names)}
     targets = sorted(
@@ -112,12 +116,16 @@ def decide(
     if flags:
         return Decision((), f"observed but not moved: customer is {', '.join(flags)}")
     moves: list[tuple[str, str, str]] = []
-    for _, stage, observation in ahead:
+    for stage in sorted({s for _, s, _ in ahead}, key=order.__getitem__):
         if stage == current or order[stage] < order[current]:
             continue
-        held = _manual_hold(current, observation, manual_at, evidence_at)
-        if held:
-            return Decision(tuple(moves), held)
+        # Several observations may call for one stage: any whose source is not held moves it.
+        holds = {o: _manual_hold(current, o, _hold_until(o, manual_at, first_at or {}),
+                                 evidence_at) for _, s, o in ahead if s == stage}
+        free = [o for o, why in holds.items() if not why]
+        if not free:
+            return Decision(tuple(moves), next(iter(holds.values())))
+        observation = free[0]
         if stage not in allowed.get(current, ()):
             held = (f"observed {observation} (stage {stage!r}) but the campaign does not allow "
                     f"{current!r} -> {stage!r}")
@@ -125,6 +133,17 @@ def decide(
         moves.append((current, stage, observation))
         current = stage
     return Decision(tuple(moves))
+
+
+def _hold_until(observation: str, manual_at: datetime | None,
+                first_at: dict[str, datetime]) -> datetime | None:
+    """Until when a stage set by hand holds against ``observation``'s source: the hand-made
+    change, or, for a source first read after a correction, that first reading."""
+    first = first_at.get(SOURCE_OF[observation])
+    corrected = manual_at is not None and any(at < manual_at for at in first_at.values())
+    if manual_at is None or not corrected or first is None or first <= manual_at:
+        return manual_at
+    return first
 
 
 def _manual_hold(current: str, observation: str, manual_at: datetime | None,
