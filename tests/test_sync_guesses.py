@@ -16,12 +16,13 @@ import pytest
 from engine_helpers import CLIENT_ID, SECRET, sandbox_env
 from sqlmodel import col, select
 
+from comms.campaign import load_campaign
 from comms.sandbox import Sandbox
 from comms.store.db import Database
 from comms.store.models import Customer, Message, StageEvent
 from comms.store.sync_models import SyncEvidence
 from comms.sync import clients, service
-from comms.sync.ledger import _Target
+from comms.sync.ledger import CustomerSync, _record, _Target
 from comms.sync.rules import Facts, SyncRules, decide
 
 SENDER = "transition@fabrikam.example"
@@ -319,3 +320,25 @@ def test_a_directory_answer_without_a_value_list_is_a_failed_read(subs: Any) -> 
     tenant._tokens = lambda tid: _Tok()  # type: ignore[method-assign,assignment,return-value]
     with pytest.raises(clients.SourceFailed, match="no 'value' list"):
         tenant.read(TENANT_X)
+
+
+def test_a_tenant_taken_meanwhile_is_not_filled_and_nothing_read_with_it_is_kept(
+    world: Sandbox, db: Database, cli: Any, tmp_path: Path
+) -> None:
+    """Between the reads and the write another customer got the tenant (a concurrent import):
+    the write transaction checks again, records nothing read with it, moves nothing."""
+    _import(cli, tmp_path, SHARED)
+    b = _row(db, "B")
+    assert b.id is not None
+    res = CustomerSync("B", b.name, seen={
+        "partner_center": {"listed": True, "subscriptions": []},
+        "tenant": {"id": "d", "sku": "E3", "status": "Suspended", "total": 30, "assigned": 26}})
+    campaign = load_campaign()
+    target = _Target(b.id, "B", b.name, "", "shared.example")
+    _record(db, campaign, campaign.sync, BASE, [target], {b.id: res}, {b.id: TENANT_X}, False)
+    b = _row(db, "B")
+    assert (b.tenant_id, b.stage, b.licences) == ("", "invited", 3)
+    assert res.moved == [] and "already the tenant of A" in res.problems["partner_center"]
+    with db.session() as s:
+        assert s.exec(select(SyncEvidence).where(col(SyncEvidence.customer_id) == b.id)
+                      ).first() is None

@@ -156,6 +156,10 @@ def _record(
             # Evidence first, in one INSERT for the chunk (its ids go into the notes), then
             # the moves; evidence and checks are plain rows, not ORM objects, so the session
             # holds only the customers and their events.
+            # A tenant found by domain that another customer took meanwhile: nothing read
+            # with it is recorded (checked before the evidence is written).
+            chunk_fills = {r.id: fills[r.id] for r in rows if r.id in fills and not r.tenant_id
+                           and not _fill_refused(session, r, fills[r.id], results[r.id])}
             new = _insert_evidence(session, [
                 ev for r in rows for ev in _evidence(r.id or 0, results[r.id or 0], now, latest)
             ])
@@ -163,7 +167,7 @@ def _record(
                 for row, info in zip(rows, infos, strict=True):
                     assert row.id is not None
                     _apply(session, campaign, rules, allowed, now, row, info, results[row.id],
-                           fills.get(row.id, ""), latest, first, manual.get(row.id),
+                           chunk_fills.get(row.id, ""), latest, first, manual.get(row.id),
                            new.get(row.id, {}), checks, row.id in queued)
             checks.write(session)
             # The outbox's withdraw evaluates its UPDATE against every object the session
@@ -203,7 +207,7 @@ def _apply(
             evidence[src], evidence_at[src] = new[src], now
         if src in evidence_at:
             first_at[src] = first.get((row.id, src), evidence_at[src])
-    if fill and not row.tenant_id and not _fill_refused(session, row, fill, res):
+    if fill and not row.tenant_id:
         res.tenant_filled = fill
         repo.record_event(session, row, stages.Event(
             kind="update", at=now, by="sync:partner_center", source="sync",
