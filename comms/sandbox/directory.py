@@ -9,6 +9,9 @@
   carry the partner tenant) and its SKUs with ``consumedUnits``. Without consent: 403
   ``Authorization_RequestDenied``.
 
+``directory/subscriptions`` is paged (``directory_page_size`` a page, ``$skiptoken`` in an
+absolute ``@odata.nextLink``, inside a ``$batch`` answer too).
+
 Per-tenant throttling answers 429 with ``Retry-After``; the fault knobs add 429s and 503/504.
 Any other path under ``/v1.0`` is not this service's (None).
 """
@@ -82,14 +85,29 @@ def handle(core: Core, req: Request) -> Response | None:
     tenant = world.find(who.tenant_id)
     assert tenant is not None  # the token was accepted, so the tenant exists
     if kind == "subscriptions":
-        return json_response(200, {
-            "@odata.context": f"{core.graph_url}/$metadata#directory/subscriptions",
-            "value": _company_subscriptions(core, tenant),
-        })
+        return _subscriptions_page(core, req, _company_subscriptions(core, tenant))
     return json_response(200, {
         "@odata.context": f"{core.graph_url}/$metadata#subscribedSkus",
         "value": _subscribed_skus(tenant),
     })
+
+
+def _subscriptions_page(core: Core, req: Request, subs: list[dict[str, Any]]) -> Response:
+    """One page of ``directory/subscriptions`` (``directory_page_size`` a page), with an
+    absolute ``@odata.nextLink`` while more are left, as Graph pages it."""
+    try:
+        skip = int(req.query.get("$skiptoken") or 0)
+    except ValueError:
+        return graph_error(req, 400, "BadRequest", "Invalid $skiptoken.")
+    size = max(1, core.tenants.directory_page_size)
+    body: dict[str, Any] = {
+        "@odata.context": f"{core.graph_url}/$metadata#directory/subscriptions",
+        "value": subs[skip : skip + size],
+    }
+    if skip + size < len(subs):
+        body["@odata.nextLink"] = (
+            f"{core.graph_url}/directory/subscriptions?$skiptoken={quote(str(skip + size))}")
+    return json_response(200, body)
 
 
 def _denied(core: Core, req: Request) -> Response:
@@ -148,9 +166,9 @@ def _relationship(t: CustomerTenant) -> dict[str, Any]:
 
 
 def _company_subscriptions(core: Core, t: CustomerTenant) -> list[dict[str, Any]]:
+    # Graph's order is not defined: the partner's CSP subscriptions come first here, so with
+    # a small page size the direct one is on a later page.
     out: list[dict[str, Any]] = []
-    if t.direct is not None:
-        out.append(dict(t.direct))
     for sub in t.csp:
         out.append({
             "id": sub["id"], "commerceSubscriptionId": sub["id"],
@@ -161,6 +179,8 @@ def _company_subscriptions(core: Core, t: CustomerTenant) -> list[dict[str, Any]
             "status": CSP_STATUS.get(str(sub["status"]), "Enabled"),
             "totalLicenses": sub["quantity"], "serviceStatus": [],
         })
+    if t.direct is not None:
+        out.append(dict(t.direct))
     return out
 
 

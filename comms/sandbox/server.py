@@ -209,6 +209,7 @@ class Sandbox:
         pc_requests_per_minute: int = 300,
         directory_requests_per_10s: int = 100,
         tenant_external_per_day: int = 0,
+        directory_page_size: int = 100,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +229,7 @@ class Sandbox:
         tenants = Tenants(
             tenant_id, time_scale=time_scale, pc_requests_per_minute=pc_requests_per_minute,
             directory_requests_per_10s=directory_requests_per_10s,
+            directory_page_size=directory_page_size,
         )
         self._core = Core(state, tokens, tenant_id, auto_approve_device_codes, tenants)
         self._server: _Server | None = None

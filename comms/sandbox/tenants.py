@@ -116,6 +116,7 @@ class Tenants:
         pc_requests_per_minute: int = 300,
         directory_requests_per_10s: int = 100,
         page_size_max: int = 500,
+        directory_page_size: int = 100,
     ) -> None:
         self.partner_tenant_id = partner_tenant_id
         self.time_scale = time_scale
@@ -124,6 +125,7 @@ class Tenants:
         self.faults = SyncFaults()
         self.rng = random.Random()
         self.page_size_max = page_size_max
+        self.directory_page_size = directory_page_size
         self.pc_window = RateWindow(pc_requests_per_minute, 60.0 * time_scale)
         self.directory_window = RateWindow(directory_requests_per_10s, 10.0 * time_scale)
         self.counters: dict[str, int] = dict.fromkeys(

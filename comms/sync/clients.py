@@ -48,6 +48,8 @@ PARTNER_CENTER_RESOURCE = "https://api.partnercenter.microsoft.com"
 # returns for its own transient faults).
 RETRIED = frozenset({429, 500, 502, 503, 504})
 TENANT_APPS_KEPT = 256
+# A tenant's directory collections are small; more pages than this is an answer not understood.
+MAX_PAGES = 20
 
 
 class SourceFailed(CommsError):
@@ -177,6 +179,13 @@ def _batch_error(body: Any) -> str:
     if isinstance(err, dict):
         return f"{err.get('code', '')}: {err.get('message', '')}"
     return ""
+
+
+def _shape(body: Any) -> str:
+    """What a body that is not a Graph collection looks like, for an error message."""
+    if isinstance(body, dict):
+        return "an object with keys " + (", ".join(sorted(body)[:6]) or "none")
+    return f"a {type(body).__name__}"
 
 
 def error_text(response: requests.Response) -> str:
@@ -316,10 +325,36 @@ class CustomerTenant:
         """(companySubscriptions, subscribedSkus) of the tenant."""
         tokens = self._tokens(tenant_id)
         # One request instead of two (JSON batching): Graph answers each read as on its own.
+        what = f"directory of tenant {tenant_id}"
         subs, skus = self.reader.batch_get(
             self.base, ["/directory/subscriptions", "/subscribedSkus"], tokens.token,
-            tokens.refresh, f"directory of tenant {tenant_id}")
-        return list(subs.get("value") or []), list(skus.get("value") or [])
+            tokens.refresh, what)
+        return (self._all_pages(subs, tokens, f"{what}: /directory/subscriptions"),
+                self._all_pages(skus, tokens, f"{what}: /subscribedSkus"))
+
+    def _all_pages(self, body: Any, tokens: _Tokens, what: str) -> list[dict[str, Any]]:
+        """Every item of a Graph collection: an explicit ``value`` list on each page, each
+        ``@odata.nextLink`` followed (a plain GET, also for a link inside a batch answer), at
+        most ``MAX_PAGES`` pages. Anything less is a failed read, never an empty collection:
+        "no direct subscription" must not come from a page not read."""
+        items: list[dict[str, Any]] = []
+        for page in range(1, MAX_PAGES + 1):
+            value = body.get("value") if isinstance(body, dict) else None
+            if not isinstance(value, list):
+                raise SourceFailed(
+                    f"{what}: page {page} has no 'value' list (answered {_shape(body)}); "
+                    "nothing was concluded from it: run `comms sync` again later")
+            items.extend(v for v in value if isinstance(v, dict))
+            link = body.get("@odata.nextLink")
+            if not link:
+                return items
+            if not str(link).startswith(self.base + "/"):
+                raise SourceFailed(f"{what}: @odata.nextLink {str(link)[:120]!r} is not under "
+                                   f"{self.base}; not followed (check [graph] base_url)")
+            body = self.reader.get(str(link), tokens.token, tokens.refresh, None,
+                                   f"{what} (page {page + 1})").json()
+        raise SourceFailed(f"{what}: more than {MAX_PAGES} pages; nothing was concluded from "
+                           "an incomplete list: run `comms sync` again later")
 
     def close(self) -> None:
         with self._lock:

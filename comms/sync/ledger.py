@@ -21,12 +21,11 @@ from comms.store import repo
 from comms.store.db import Database
 from comms.store.models import Customer, Message, StageEvent
 from comms.store.sync_models import SyncCheck, SyncEvidence
-from comms.sync.rules import Decision, Facts, SyncRules, decide
+from comms.sync.rules import SOURCE_OF, Decision, Facts, SyncRules, decide
 
 SOURCES = ("partner_center", "gdap", "tenant")
 # Which source an observation comes from (the evidence a move cites).
-OBSERVATION_SOURCE = {"relationship_accepted": "partner_center", "gdap_active": "gdap",
-                      "csp_active": "partner_center", "direct_inactive": "tenant"}
+OBSERVATION_SOURCE = SOURCE_OF
 _CHUNK = 5000
 _APPLY_CHUNK = 200
 
@@ -96,6 +95,21 @@ def _latest_evidence(session: Session, ids: list[int]) -> dict[tuple[int, str], 
     return out
 
 
+def _first_evidence(session: Session, ids: list[int]) -> dict[tuple[int, str], datetime]:
+    """When each source first recorded evidence of each customer."""
+    out: dict[tuple[int, str], datetime] = {}
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        rows = session.exec(
+            select(SyncEvidence.customer_id, SyncEvidence.source,
+                   sa.func.min(col(SyncEvidence.at)))
+            .where(col(SyncEvidence.customer_id).in_(chunk))
+            .group_by(col(SyncEvidence.customer_id), col(SyncEvidence.source))
+        ).all()
+        out.update({(cid, src): at for cid, src, at in rows if at is not None})
+    return out
+
+
 def _manual_moves(session: Session, ids: list[int]) -> dict[int, datetime]:
     out: dict[int, datetime] = {}
     for start in range(0, len(ids), _CHUNK):
@@ -125,6 +139,7 @@ def _record(
     ids = [t.id for t in targets]
     with db.session(immediate=not dry_run) as session:
         latest = _latest_evidence(session, ids)
+        first = _first_evidence(session, ids)
         manual = _manual_moves(session, ids)
         for start in range(0, len(ids), _APPLY_CHUNK):
             keys = [t.key for t in targets[start : start + _APPLY_CHUNK]]
@@ -141,6 +156,10 @@ def _record(
             # Evidence first, in one INSERT for the chunk (its ids go into the notes), then
             # the moves; evidence and checks are plain rows, not ORM objects, so the session
             # holds only the customers and their events.
+            # A tenant found by domain that another customer took meanwhile: nothing read
+            # with it is recorded (checked before the evidence is written).
+            chunk_fills = {r.id: fills[r.id] for r in rows if r.id in fills and not r.tenant_id
+                           and not _fill_refused(session, r, fills[r.id], results[r.id])}
             new = _insert_evidence(session, [
                 ev for r in rows for ev in _evidence(r.id or 0, results[r.id or 0], now, latest)
             ])
@@ -148,7 +167,7 @@ def _record(
                 for row, info in zip(rows, infos, strict=True):
                     assert row.id is not None
                     _apply(session, campaign, rules, allowed, now, row, info, results[row.id],
-                           fills.get(row.id, ""), latest, manual.get(row.id),
+                           chunk_fills.get(row.id, ""), latest, first, manual.get(row.id),
                            new.get(row.id, {}), checks, row.id in queued)
             checks.write(session)
             # The outbox's withdraw evaluates its UPDATE against every object the session
@@ -170,6 +189,7 @@ def _apply(
     res: CustomerSync,
     fill: str,
     latest: dict[tuple[int, str], SyncEvidence],
+    first: dict[tuple[int, str], datetime],
     manual_at: datetime | None,
     new: dict[str, int],
     checks: _Checks,
@@ -177,17 +197,16 @@ def _apply(
 ) -> None:
     assert row.id is not None
     evidence: dict[str, int] = {}
-    observed_before: datetime | None = None
+    evidence_at: dict[str, datetime] = {}
+    first_at: dict[str, datetime] = {}
     for src in SOURCES:
         prev = latest.get((row.id, src))
         if prev is not None:
-            evidence[src] = prev.id or 0
-            observed_before = max(observed_before or prev.at, prev.at)
+            evidence[src], evidence_at[src] = prev.id or 0, prev.at
         if src in new:
-            evidence[src] = new[src]
-    for src in SOURCES:
-        if src in res.seen or src in res.problems:
-            checks.add(row.id, src, now, res.problems.get(src, ""))
+            evidence[src], evidence_at[src] = new[src], now
+        if src in evidence_at:
+            first_at[src] = first.get((row.id, src), evidence_at[src])
     if fill and not row.tenant_id:
         res.tenant_filled = fill
         repo.record_event(session, row, stages.Event(
@@ -195,11 +214,14 @@ def _apply(
             note=f"tenant id {fill} filled from Partner Center (unique domain match "
                  f"{row.primary_domain}, evidence #{evidence.get('partner_center', 0)})"))
         row.tenant_id = fill
+    for src in SOURCES:
+        if src in res.seen or src in res.problems:
+            checks.add(row.id, src, now, res.problems.get(src, ""))
     facts = facts_of(res.seen)
     _licences_from_reality(session, row, facts, res, now, evidence.get("tenant", 0))
     decision: Decision = decide(
         campaign.stage_names, allowed, rules, info, facts, manual_at=manual_at,
-        observed_before=observed_before, new_evidence=res.new_evidence > 0,
+        evidence_at=evidence_at, first_at=first_at,
     )
     res.held = decision.held
     for from_stage, to_stage, observation in decision.moves:
@@ -211,6 +233,23 @@ def _apply(
         apply_stage_event(session, row, event, csp_live_stage=campaign.csp_live_stage,
                           has_queued=has_queued)
         res.moved.append(f"{from_stage} -> {to_stage} ({observation})")
+
+
+def _fill_refused(session: Session, row: Customer, fill: str, res: CustomerSync) -> bool:
+    """A tenant id found by domain that another ledger customer already holds is never filled
+    in (checked again here, inside the write transaction): what was read with it is dropped and
+    the customer reported, not moved."""
+    holder = session.exec(select(Customer.key).where(
+        sa.func.lower(col(Customer.tenant_id)) == fill, col(Customer.id) != row.id)).first()
+    if holder is None:
+        return False
+    for src in SOURCES:
+        res.seen.pop(src, None)
+    res.problems["partner_center"] = (
+        f"cannot verify: Partner Center tenant {fill} matches {row.key}'s domain "
+        f"{row.primary_domain} but is already the tenant of {holder}; nothing was filled or "
+        f"moved: set the right tenant_id on {row.key} in the CSV and re-import")
+    return True
 
 
 def _licences_from_reality(session: Session, row: Customer, facts: Facts, res: CustomerSync,

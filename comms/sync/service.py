@@ -11,17 +11,22 @@ note naming the evidence id). With nothing new, nothing is written but each cust
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
+from sqlmodel import col
+
 from comms.campaign import Campaign
 from comms.config import Settings
 from comms.errors import CampaignError, ConfigError, UsageError
 from comms.store import repo
 from comms.store.db import Database
+from comms.store.models import Customer
 from comms.sync import clients
 from comms.sync.ledger import (
     SOURCES,
@@ -80,6 +85,18 @@ def _targets(db: Database, keys: list[str] | None, tag: str | None) -> list[_Tar
                         r.primary_domain.strip().lower()) for r in rows]
 
 
+def _ledger(db: Database) -> list[_Target]:
+    """Every ledger customer's tenant id and domain (whatever ``--customer``/``--tag`` select):
+    Partner Center's customers are matched against the whole ledger, so a tenant held by a
+    customer outside the selection is never given to one inside it."""
+    with db.session() as session:
+        rows = session.execute(sa.select(
+            col(Customer.id), col(Customer.key), col(Customer.name), col(Customer.tenant_id),
+            col(Customer.primary_domain))).all()
+        return [_Target(int(cid or 0), str(key), str(name), str(tid or "").strip().lower(),
+                        str(domain or "").strip().lower()) for cid, key, name, tid, domain in rows]
+
+
 def run_sync(
     db: Database,
     settings: Settings,
@@ -109,7 +126,8 @@ def run_sync(
     targets = _targets(db, keys, tag)
     results = {t.id: CustomerSync(t.key, t.name) for t in targets}
     report = SyncReport(now, sources, dry_run, list(results.values()), [], [])
-    fills = _read(settings, sources, targets, results, report, progress)
+    ledger = _ledger(db) if "partner_center" in sources else targets
+    fills = _read(settings, sources, targets, ledger, results, report, progress)
     _record(db, campaign, rules, now, targets, results, fills, dry_run)
     return report
 
@@ -118,6 +136,7 @@ def _read(
     settings: Settings,
     sources: tuple[str, ...],
     targets: list[_Target],
+    ledger: list[_Target],
     results: dict[int, CustomerSync],
     report: SyncReport,
     progress: Callable[[int, int], None] | None,
@@ -132,7 +151,8 @@ def _read(
         pc = clients.PartnerCenter(settings, session, reader) if "partner_center" in sources \
             else None
         if pc is not None:
-            matched = _match(list(pc.customers()), targets, report, fills)
+            matched = _match(list(pc.customers()), ledger, {t.id for t in targets}, report,
+                             fills)
             tenant_of.update(fills)
             for t in targets:
                 results[t.id].seen["partner_center"] = {"listed": t.id in matched}
@@ -189,30 +209,43 @@ def _guard(res: CustomerSync, source: str, call: Callable[[], None]) -> None:
 
 def _match(
     listed: list[clients.PartnerCustomer],
-    targets: list[_Target],
+    ledger: list[_Target],
+    selected: set[int],
     report: SyncReport,
     fills: dict[int, str],
 ) -> set[int]:
-    """Ledger customers Partner Center lists: by tenant id, else by a unique primary domain."""
-    by_tenant = {t.tenant_id: t.id for t in targets if t.tenant_id}
+    """The selected ledger customers Partner Center lists: by tenant id, else by a primary
+    domain unique in the whole ledger and among Partner Center's customers. Uniqueness is
+    judged on the whole ledger (``ledger``), never on the selection: a tenant id another
+    customer holds is never filled into a second one."""
+    by_tenant = {t.tenant_id: t for t in ledger if t.tenant_id}
     by_domain: dict[str, list[_Target]] = {}
-    for t in targets:
+    for t in ledger:
         if t.domain:
             by_domain.setdefault(t.domain, []).append(t)
+    pc_domains = Counter(p.domain for p in listed if p.tenant_id not in by_tenant)
     matched: set[int] = set()
     for pcc in listed:
-        if pcc.tenant_id in by_tenant:
-            matched.add(by_tenant[pcc.tenant_id])
+        owner = by_tenant.get(pcc.tenant_id)
+        if owner is not None:
+            if owner.id in selected:
+                matched.add(owner.id)
             continue
         candidates = by_domain.get(pcc.domain, [])
         label = f"{pcc.company_name} ({pcc.domain}, tenant {pcc.tenant_id})"
         if len(candidates) > 1:
             report.ambiguous.append(
-                f"{label}: domain matches {', '.join(c.key for c in candidates)}; set "
-                "tenant_id on the right one")
+                f"{label}: domain matches ledger customers "
+                f"{', '.join(c.key for c in candidates)}; set tenant_id on the right one in "
+                "the CSV (and re-import) so sync matches it by tenant id")
+        elif candidates and pc_domains[pcc.domain] > 1:
+            report.ambiguous.append(
+                f"{label}: Partner Center lists {pc_domains[pcc.domain]} customers with this "
+                f"domain; set tenant_id of {candidates[0].key} in the CSV (and re-import)")
         elif candidates and not candidates[0].tenant_id:
-            matched.add(candidates[0].id)
-            fills[candidates[0].id] = pcc.tenant_id
+            if candidates[0].id in selected:
+                matched.add(candidates[0].id)
+                fills[candidates[0].id] = pcc.tenant_id
         else:
             report.unmatched.append(label)
     return matched
