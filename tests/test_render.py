@@ -16,7 +16,7 @@ from lxml import etree
 
 from comms.campaign import load_campaign
 from comms.config import Settings
-from comms.domain import ContactInfo, CustomerInfo
+from comms.domain import ContactInfo, CustomerInfo, Observation
 from comms.errors import TemplateError
 from comms.render import (
     Renderer,
@@ -96,7 +96,13 @@ def test_days_billed_twice_and_escalating_reminders(renderer: Renderer) -> None:
     assert first.subject.startswith("Reminder:")
     assert "LIVE FOR 12 DAYS" in first.text
     assert "The new subscription has been live for 12 days" in first.html
-    assert third.subject.startswith("Urgent: 12 days billed twice. ")
+    # Nothing observed: no "billed twice" as a fact (DESIGN §1); observed Enabled: the count.
+    assert third.subject.startswith("Urgent: if you have not cancelled your old Microsoft 365 ")
+    active = Observation(at=NOW - timedelta(days=1), source="partner_center",
+                         direct_status="Enabled")
+    seen = renderer.render("cancel_reminder", c, now=NOW, reminder_number=3,
+                           extra={"escalated": True}, observation=active)
+    assert seen.subject.startswith("Urgent: 12 days billed twice. ")
     assert "URGENT" in third.text and "reminded you 2 times" in third.text
     assert "do not count on a refund or credit" in third.text
     no_am = renderer.render("cancel_reminder", c, now=NOW, reminder_number=3,

@@ -152,6 +152,9 @@ def build_context(
         "price_per_licence_month": f"{p.currency} {p.price_per_licence_month:,.2f}",
         "reminder_number": reminder_number,
         "is_reminder": reminder_number > 0,
+        # The campaign's reminder ``max`` for this message; the planner sets it through ``extra``.
+        # None (a preview, a stage-entry message): no template may call a reminder the last.
+        "reminders_max": None,
         # The planner sets this through ``extra`` when the account manager is copied.
         "escalated": False,
         "lifecycle": _ns(**LIFECYCLE),

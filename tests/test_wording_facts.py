@@ -1,0 +1,279 @@
+"""Customer emails say only what is known (DESIGN §1 and §2): "billed twice for N days" only when
+sync saw the old subscription still Enabled; "last reminder" only at the campaign's own ``max``;
+transition_complete names the status that was seen; no licence count of 0; the German cancel
+steps name the same admin-center section as the English ones.
+
+Every email is rendered through the real Renderer and compared with the reference path
+(templates as written, then premailer), so the new branches are covered by both."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from comms.config import Settings
+from comms.domain import ContactInfo, CustomerInfo, Observation
+from comms.render import RenderedEmail, Renderer, build_context
+
+NOW = datetime(2026, 3, 10, 10, 0, tzinfo=UTC)
+SEEN_AT = datetime(2026, 3, 9, 8, 0, tzinfo=UTC)
+SETTINGS = Settings()
+LOCALES = ["en", "de"]
+
+
+def customer(licences: int = 24, *, locale: str = "en", **kw: object) -> CustomerInfo:
+    base = CustomerInfo(
+        key="contoso", name="Contoso Ltd", licences=licences, stage="awaiting_cancellation",
+        stage_entered_at=NOW - timedelta(days=5), locale=locale, tenant_id="tenant-123",
+        primary_domain="contoso.example",
+        contacts=(ContactInfo("Ana Admin", "ana@contoso.example"),),
+        csp_live_at=NOW - timedelta(days=12, hours=3),
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def seen(status: str) -> Observation | None:
+    return None if status == "" else Observation(at=SEEN_AT, source="partner_center",
+                                                 direct_status=status)
+
+
+@pytest.fixture(scope="module")
+def renderer() -> Renderer:
+    return Renderer(SETTINGS)
+
+
+def render(r: Renderer, message: str, c: CustomerInfo, *, reminder: int = 0,
+           status: str = "", extra: dict[str, object] | None = None) -> RenderedEmail:
+    """The email as ``Renderer.render`` makes it, checked against the reference path."""
+    extra = {"escalated": False, **(extra or {})}
+    email = r.render(message, c, now=NOW, reminder_number=reminder, extra=extra,
+                     observation=seen(status))
+    ctx = build_context(SETTINGS, c, message=message, now=NOW, reminder_number=reminder,
+                        observation=seen(status))
+    ctx.update(extra)
+    assert email == r.render_context(message, c.locale, ctx, fast=False), (message, status)
+    return email
+
+
+def parts(email: RenderedEmail) -> tuple[str, str, str]:
+    return email.subject, email.html, email.text
+
+
+# --- 1. "N days billed twice" only when the old subscription was seen Enabled ---------------
+
+BILLED_TWICE_FACT = {
+    "en": re.compile(r"\d+ days? billed twice|\d+ days? so far", re.I),
+    "de": re.compile(r"\d+ Tage? doppelt abgerechnet|bisher \d+ Tag", re.I),
+}
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("reminder", [1, 2, 3])
+@pytest.mark.parametrize("status", ["", "Suspended", "Warning", "absent"])
+def test_cancel_reminder_states_no_days_billed_twice_unless_seen_enabled(
+    renderer: Renderer, locale: str, reminder: int, status: str
+) -> None:
+    email = render(renderer, "cancel_reminder", customer(locale=locale), reminder=reminder,
+                   status=status)
+    for where, body in zip(("subject", "html", "text"), parts(email), strict=True):
+        found = BILLED_TWICE_FACT[locale].search(body)
+        assert found is None, (where, found and found.group(0))
+    if reminder == 3:
+        assert email.subject == {
+            "en": "Urgent: if you have not cancelled your old Microsoft 365 subscription yet, "
+                  "please do it today (Contoso Ltd)",
+            "de": "Dringend: Falls Sie Ihr altes Microsoft-365-Abonnement noch nicht gekündigt "
+                  "haben, kündigen Sie es bitte heute (Contoso Ltd)",
+        }[locale]
+    conditional = {
+        "en": ("The new subscription has been live for 12 days: if you have not cancelled the "
+               "old one yet, each of them is billed twice."),
+        "de": ("seit 12 Tagen aktiv: Falls Sie das alte noch nicht gekündigt haben, wird jeder "
+               "dieser Tage doppelt abgerechnet."),
+    }[locale]
+    assert conditional in email.html
+    assert conditional.lower() in email.text.lower()  # the text heading is upper case
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_cancel_reminder_states_days_billed_twice_when_seen_enabled(
+    renderer: Renderer, locale: str
+) -> None:
+    c = customer(locale=locale)
+    third = render(renderer, "cancel_reminder", c, reminder=3, status="Enabled")
+    second = render(renderer, "cancel_reminder", c, reminder=2, status="Enabled")
+    if locale == "en":
+        assert third.subject.startswith("Urgent: 12 days billed twice. Please cancel ")
+        assert second.subject == ("You are still paying twice for Microsoft 365: 12 days so far "
+                                  "(Contoso Ltd)")
+        assert "12 days billed twice so far." in third.html  # the preheader
+        stated = "until the old one is cancelled, each of them is billed twice."
+    else:
+        assert third.subject.startswith("Dringend: 12 Tage doppelt abgerechnet. Bitte ")
+        assert second.subject == ("Sie zahlen weiterhin doppelt für Microsoft 365: bisher 12 Tage "
+                                  "(Contoso Ltd)")
+        assert "Bisher 12 Tage doppelt abgerechnet." in third.html
+        stated = "Bis das alte gekündigt ist, wird jeder dieser Tage doppelt abgerechnet."
+    for body in (third.html, third.text):
+        assert stated in body
+
+
+# --- 2. "last reminder" follows the campaign's max -------------------------------------------
+
+LAST = {"en": re.compile(r"last reminder", re.I), "de": re.compile(r"letzte Erinnerung", re.I)}
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("reminder,reminders_max,last", [
+    (1, 1, True), (2, 2, True), (3, 3, True), (5, 5, True),
+    (1, 3, False), (3, 5, False), (4, 5, False), (3, None, False), (5, None, False),
+])
+def test_invitation_reminder_is_last_only_at_the_campaign_max(
+    renderer: Renderer, locale: str, reminder: int, reminders_max: int | None, last: bool
+) -> None:
+    email = render(renderer, "partner_invitation_reminder", customer(locale=locale),
+                   reminder=reminder, extra={"reminders_max": reminders_max})
+    for where, body in zip(("subject", "html", "text"), parts(email), strict=True):
+        assert bool(LAST[locale].search(body)) is last, (where, reminder, reminders_max)
+    prefix = {"en": ("Last reminder: accept", "Reminder: accept"),
+              "de": ("Letzte Erinnerung: Fabrikam", "Erinnerung: Fabrikam")}[locale]
+    assert email.subject.startswith(prefix[0] if last else prefix[1]), email.subject
+
+
+def test_reminders_max_is_always_in_the_context() -> None:
+    ctx = build_context(SETTINGS, customer(), message="partner_invitation_reminder", now=NOW,
+                        reminder_number=3)
+    assert ctx["reminders_max"] is None
+
+
+# --- 3. transition_complete says what sync saw -----------------------------------------------
+
+STATUS_SENTENCE = {
+    "en": {
+        "Suspended": "We can see that the old Microsoft 365 subscription of Contoso Ltd is "
+                     "cancelled (checked on 9 March 2026)",
+        "Deleted": "We can see that the old Microsoft 365 subscription of Contoso Ltd is no "
+                   "longer active: Microsoft has deleted it (checked on 9 March 2026)",
+        "Warning": "We can see that the old Microsoft 365 subscription of Contoso Ltd has expired "
+                   "and is in its grace period (checked on 9 March 2026): it is not cancelled yet.",
+        "absent": "We no longer see the old Microsoft 365 subscription of Contoso Ltd in your "
+                  "tenant (checked on 9 March 2026)",
+        "LockedOut": "The move of Contoso Ltd to Fabrikam",
+        "": "The move of Contoso Ltd to Fabrikam",
+    },
+    "de": {
+        "Suspended": "Wir sehen, dass das alte Microsoft-365-Abonnement von Contoso Ltd gekündigt "
+                     "ist (geprüft am 9. März 2026)",
+        "Deleted": "Wir sehen, dass das alte Microsoft-365-Abonnement von Contoso Ltd nicht mehr "
+                   "aktiv ist: Microsoft hat es gelöscht (geprüft am 9. März 2026)",
+        "Warning": "Wir sehen, dass das alte Microsoft-365-Abonnement von Contoso Ltd abgelaufen "
+                   "ist und sich in der Nachfrist befindet (geprüft am 9. März 2026): Gekündigt "
+                   "ist es noch nicht.",
+        "absent": "Wir sehen das alte Microsoft-365-Abonnement von Contoso Ltd nicht mehr in "
+                  "Ihrem Mandanten (geprüft am 9. März 2026)",
+        "LockedOut": "Der Wechsel von Contoso Ltd zu Fabrikam",
+        "": "Der Wechsel von Contoso Ltd zu Fabrikam",
+    },
+}
+CANCELLED = {"en": "is cancelled", "de": "gekündigt ist ("}
+NO_LONGER_TWICE = {"en": "no longer billed twice", "de": "nicht mehr doppelt"}
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("status", ["Suspended", "Deleted", "Warning", "absent", "LockedOut", ""])
+def test_transition_complete_names_the_status_that_was_seen(
+    renderer: Renderer, locale: str, status: str
+) -> None:
+    c = customer(locale=locale, stage="completed")
+    email = render(renderer, "transition_complete", c, status=status)
+    for body in (email.html, email.text):
+        assert STATUS_SENTENCE[locale][status] in body, (status, body)
+        # "cancelled" only for the status a cancelled subscription shows
+        assert (CANCELLED[locale] in body) is (status == "Suspended"), status
+        # "no longer billed twice" only when it was seen no longer running
+        assert (NO_LONGER_TWICE[locale] in body) is (status in ("Suspended", "Deleted")), status
+
+
+# --- 4. no licence count of 0 ----------------------------------------------------------------
+
+ZERO_COUNT = re.compile(
+    r"(?<![\d.,])0 (licen|Lizenz)|\(0\)"
+    r"|\b(has|with|hat|mit|same|dieselben|denselben|your|Ihre) 0\b",
+    re.I,
+)
+CUSTOMER_CASES = [
+    ("kickoff", 0, ""), ("partner_invitation", 0, ""), ("partner_invitation_reminder", 1, ""),
+    ("lose_access_warning", 0, ""), ("cancel_instructions", 0, ""),
+    ("cancel_reminder", 1, ""), ("cancel_reminder", 2, "Enabled"), ("cancel_reminder", 3, ""),
+    ("cancel_reminder", 3, "Enabled"), ("transition_complete", 0, ""),
+    ("transition_complete", 0, "Suspended"), ("transition_complete", 0, "Warning"),
+    ("transition_complete", 0, "absent"),
+]
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("message,reminder,status", CUSTOMER_CASES)
+def test_zero_licences_prints_no_count(
+    renderer: Renderer, locale: str, message: str, reminder: int, status: str
+) -> None:
+    email = render(renderer, message, customer(0, locale=locale), reminder=reminder,
+                   status=status)
+    for where, body in zip(("subject", "html", "text"), parts(email), strict=True):
+        found = ZERO_COUNT.search(body)
+        assert found is None, (where, found and found.group(0))
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_zero_licences_sentences_read_well_and_positive_counts_stay(
+    renderer: Renderer, locale: str
+) -> None:
+    zero = render(renderer, "cancel_instructions", customer(0, locale=locale))
+    some = render(renderer, "cancel_instructions", customer(24, locale=locale))
+    if locale == "en":
+        expect_zero = [
+            "through Fabrikam Cloud Services is now active.",
+            "has at least as many licences as the old one and that your users are assigned",
+            "licences assigned to users. So you can do it in the admin center:",
+        ]
+        expect_some = [
+            "is now active, with 24 licences.",
+            "has at least 24 licences and that your users are assigned",
+            "Yours has 24, so you can do it in the admin center:",
+        ]
+    else:
+        expect_zero = [
+            "über Fabrikam Cloud Services ist jetzt aktiv.",
+            "mindestens so viele Lizenzen wie das alte hat",
+            "zugewiesen sind. Sie können also im Admin Center selbst kündigen:",
+        ]
+        expect_some = [
+            "ist jetzt aktiv, mit 24 Lizenzen.",
+            "mindestens 24 Lizenzen hat",
+            "Ihres hat 24, also können Sie im Admin Center selbst kündigen:",
+        ]
+    for body in (zero.html, zero.text):
+        for sentence in expect_zero:
+            assert sentence in body, sentence
+    for body in (some.html, some.text):
+        for sentence in expect_some:
+            assert sentence in body, sentence
+
+
+# --- 5. the German cancel steps name the admin-center section --------------------------------
+
+
+@pytest.mark.parametrize("message,reminder", [("cancel_instructions", 0), ("cancel_reminder", 1)])
+def test_german_cancel_steps_name_subscription_and_payment_settings(
+    renderer: Renderer, message: str, reminder: int
+) -> None:
+    de = render(renderer, message, customer(24, locale="de"), reminder=reminder)
+    en = render(renderer, message, customer(24, locale="en"), reminder=reminder)
+    assert "auf der Detailseite des Abonnements unter <strong>Abonnement- und " \
+           "Zahlungseinstellungen</strong> (Subscription and payment settings)" in de.html
+    assert 'auf der Detailseite des Abonnements unter "Abonnement- und ' \
+           'Zahlungseinstellungen" (Subscription and payment settings)' in de.text
+    assert "under <strong>Subscription and payment settings</strong>" in en.html
+    assert 'under "Subscription and payment settings"' in en.text
