@@ -184,9 +184,10 @@ def recipients(customer: CustomerInfo, campaign: Campaign) -> tuple[ContactInfo,
     return tuple(out)
 
 
-def _account_manager(
-    customer: CustomerInfo, given: ContactInfo | None
+def copied_manager(
+    customer: CustomerInfo, given: ContactInfo | None = None
 ) -> ContactInfo | None:
+    """The account manager to copy and alert, or None (no address, or it is suppressed)."""
     am = given
     if am is None and customer.account_manager_email.strip():
         am = ContactInfo(
@@ -288,7 +289,7 @@ def plan(
     if base is not None and stage.reminders is not None and not stage.final:
         step, follow_up = _reminder_step(
             customer, stage, stage.reminders, seen, base, now, to,
-            _account_manager(customer, account_manager),
+            copied_manager(customer, account_manager),
         )
         due.extend(step)
 
@@ -307,18 +308,25 @@ def _first_reminder_after(stage: Stage, sent_at: datetime) -> datetime | None:
     return sent_at + _days(r.first_after_days)
 
 
+def reminder_context(r: Reminders, n: int, am: ContactInfo | None) -> dict[str, object]:
+    """What reminder ``n``'s templates are told (the planner's and the preview's one source):
+    its number, the campaign's ``max`` (only the last may say so), and whether the account
+    manager is copied (from ``escalate_after`` on, when there is one who may be mailed)."""
+    return {
+        "reminder_number": n,
+        "reminders_max": r.max,
+        "escalated": r.escalate_after is not None and n >= r.escalate_after and am is not None,
+    }
+
+
 def _reminder(
     customer: CustomerInfo, stage: Stage, r: Reminders, n: int,
     seen: dict[tuple[str, int], _Entry], to: tuple[ContactInfo, ...], am: ContactInfo | None,
 ) -> list[PlannedMessage]:
     """Reminder ``n``; from ``escalate_after`` on, copied to the account manager, with the
     internal note to them (once per reminder)."""
-    escalate = r.escalate_after is not None and n >= r.escalate_after and am is not None
-    context: dict[str, object] = {
-        "reminder_number": n,
-        "reminders_max": r.max,
-        "escalated": escalate,
-    }
+    context = reminder_context(r, n, am)
+    escalate = bool(context["escalated"])
     out = [
         PlannedMessage(
             message=r.message, sequence=n, stage=stage.name, to=to,

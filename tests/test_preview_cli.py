@@ -19,14 +19,14 @@ BILLING = "https://go.microsoft.com/fwlink/p/?linkid=842054"
 
 
 def add_customer(db: Database, key: str, licences: int, *, name: str = "Contoso Ltd",
-                 locale: str = "en") -> None:
+                 locale: str = "en", am_email: str = "sam@fabrikam.example") -> None:
     now = datetime.now(UTC)
     with db.session() as s:
         row = Customer(key=key, name=name, licences=licences, locale=locale,
                        stage="awaiting_cancellation", stage_entered_at=now - timedelta(days=4),
                        csp_live_at=now - timedelta(days=4, hours=1), tenant_id="tenant-42",
                        account_manager_name="Sam Manager",
-                       account_manager_email="sam@fabrikam.example",
+                       account_manager_email=am_email,
                        created_at=now, updated_at=now)
         s.add(row)
         s.flush()
@@ -89,6 +89,23 @@ def test_preview_eml_is_the_message_as_sent(cli: Any, db: Database, tmp_path: Pa
     assert SUPPORT in html
 
 
+@pytest.mark.parametrize("case", ["no address", "suppressed"])
+def test_preview_copies_the_account_manager_only_when_the_send_would(
+    cli: Any, db: Database, case: str
+) -> None:
+    """The planner copies an account manager only when there is one who may be mailed; the
+    preview said "We have copied your account manager" (and showed a Cc) regardless."""
+    add_customer(db, "contoso", 30, am_email="" if case == "no address" else "sam@fabrikam.example")
+    if case == "suppressed":
+        assert cli("contacts", "opt-out", "sam@fabrikam.example").exit_code == 0
+    result = cli("preview", "contoso", "-m", "cancel_reminder", "-f", "eml", "--reminder", "3")
+    assert result.exit_code == 0, result.output
+    msg = email.message_from_string(result.stdout, policy=email.policy.default)
+    assert msg["Cc"] is None
+    text = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "URGENT" in text and "account manager" not in text
+
+
 def test_preview_account_manager_alert_goes_to_the_manager(cli: Any, db: Database) -> None:
     add_customer(db, "contoso", 30)
     result = cli("preview", "contoso", "-m", "account_manager_alert", "-f", "eml",
@@ -148,11 +165,17 @@ def test_preview_all_writes_every_branch_and_an_index(cli: Any, tmp_path: Path) 
     out = tmp_path / "previews"
     result = cli("preview", "--all", "--out", str(out))
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() == f"Wrote 84 previews and {out / 'index.html'}"
+    assert result.stdout.strip() == f"Wrote 96 previews and {out / 'index.html'}"
     index = (out / "index.html").read_text(encoding="utf-8")
-    assert index.count('.html">') == 84 and index.count('.txt">text</a>') == 84
-    for branch in ("24 licences", "25 licences", "26 licences", "reminder 3", "escalated"):
+    assert index.count('.html">') == 96 and index.count('.txt">text</a>') == 96
+    for branch in ("24 licences", "25 licences", "26 licences", "reminder 3", "escalated",
+                   "reminder 5, the last"):
         assert branch in index
+    # The campaign's last reminder (max = 3 for invitations) says so; the ones before do not.
+    last = out / "partner-invitation-reminder-en-24-licences-reminder-3-the-last.txt"
+    assert "LAST REMINDER:" in last.read_text(encoding="utf-8")
+    second = out / "partner-invitation-reminder-en-24-licences-reminder-2.txt"
+    assert "LAST REMINDER" not in second.read_text(encoding="utf-8").upper()
     small = (out / "cancel-instructions-en-24-licences.html").read_text(encoding="utf-8")
     big = (out / "cancel-instructions-de-26-licences.txt").read_text(encoding="utf-8")
     assert BILLING in small and SUPPORT not in small

@@ -38,7 +38,7 @@ def test_builtin_templates_pass(cli: Any, configured: None) -> None:
     assert result.exit_code == 0, result.output
     # 8 messages; 3 threshold branches each, x3 reminder numbers for the two reminder messages
     # and the escalation note; in English and German.
-    assert result.stdout.strip() == "Templates OK: 84 renders of 8 messages."
+    assert result.stdout.strip() == "Templates OK: 96 renders of 8 messages."
 
 
 def test_every_problem_is_listed_with_file_and_line(
@@ -189,7 +189,7 @@ def test_expected_locales_without_templates_are_noted_not_failed(
     assert not any(line.startswith("Note: locale 'de-AT' falls back to 'en'") for line in lines)
     assert any(line.startswith("Note: locale 'de-AT' falls back to 'de' for 8 message(s): ")
                for line in lines), lines
-    assert lines[-1] == "Templates OK: 84 renders of 8 messages."
+    assert lines[-1] == "Templates OK: 96 renders of 8 messages."
 
 
 def test_config_check_refuses_an_all_zero_partner_id(

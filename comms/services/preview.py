@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from comms import planner
-from comms.campaign import Campaign, load_campaign
+from comms.campaign import Campaign, Reminders, load_campaign
 from comms.config import Settings
 from comms.delivery.base import Address, compose_email
 from comms.delivery.eml import build_eml
@@ -64,39 +64,48 @@ class Branch:
     licences: int
     reminder_number: int = 0
     escalated: bool = False
+    reminders_max: int | None = None  # the campaign's max for this reminder message
 
     @property
     def label(self) -> str:
         parts = [f"{self.licences} licences"]
         if self.reminder_number:
             parts.append(f"reminder {self.reminder_number}")
+            if self.reminder_number == self.reminders_max:
+                parts.append("the last")
         if self.escalated:
             parts.append("escalated")
         return ", ".join(parts)
 
+    def context(self) -> dict[str, object]:
+        """What the planner tells a reminder's templates in this branch."""
+        return {"escalated": self.escalated, "reminders_max": self.reminders_max}
 
-def reminder_messages(campaign: Campaign | None) -> dict[str, int | None]:
-    """Message -> escalate_after for every reminder or escalation message of the campaign."""
-    out: dict[str, int | None] = {}
+
+def reminder_messages(campaign: Campaign | None) -> dict[str, Reminders]:
+    """Message -> its reminders settings, for every reminder or escalation message."""
+    out: dict[str, Reminders] = {}
     for stage in (campaign or load_campaign()).stages:
         r = stage.reminders
         if r is None:
             continue
-        out[r.message] = r.escalate_after
+        out[r.message] = r
         if r.escalate_after:
-            out[r.escalation_message] = r.escalate_after
+            out[r.escalation_message] = r
     return out
 
 
 def branches(message: str, settings: Settings, campaign: Campaign | None) -> list[Branch]:
-    """Below / at / above the threshold, and for reminders each reminder 1-3 (escalating)."""
+    """Below / at / above the threshold, and for reminders each of the first ones and the last
+    (escalating as the campaign says)."""
     t = settings.partner.licence_threshold
     counts = [max(t - 1, 1), t, t + 1]
-    reminders = reminder_messages(campaign)
-    if message not in reminders:
+    r = reminder_messages(campaign).get(message)
+    if r is None:
         return [Branch(n) for n in counts]
-    esc = reminders[message]
-    return [Branch(n, r, bool(esc and r >= esc)) for n in counts for r in (1, 2, 3)]
+    numbers = sorted({*range(1, min(r.max, 3) + 1), max(r.max, 1)})
+    esc = r.escalate_after
+    return [Branch(n, k, bool(esc and k >= esc), r.max) for n in counts for k in numbers]
 
 
 def render_sample(
@@ -106,7 +115,7 @@ def render_sample(
     customers = sample_customers(renderer.settings, now, locale)
     customer = next(c for c in customers if c.licences == branch.licences)
     return renderer.render(message, customer, now=now, reminder_number=branch.reminder_number,
-                           extra={"escalated": branch.escalated})
+                           extra=branch.context())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,17 +152,20 @@ def preview_customer(
         raise NotFound(
             f"No message named {message!r}. Messages: {', '.join(renderer.messages())}."
         )
-    reminders = reminder_messages(campaign)
+    r = reminder_messages(campaign).get(message)
     if reminder_number is None:
-        reminder_number = 1 if message in reminders else 0
-    esc = reminders.get(message)
+        reminder_number = 1 if r is not None else 0
     internal = message in campaign.internal_messages()
-    # The same recipients the planner picks, so the preview is what would be sent.
+    # The same recipients, account manager and reminder context the planner gives, so the
+    # preview is what would be sent.
     recipients = planner.recipients(customer, campaign)
+    manager = planner.copied_manager(customer)
+    context = (planner.reminder_context(r, reminder_number, manager) if r is not None
+               else {"escalated": False})
     rendered = renderer.render(
         message, customer, now=now, reminder_number=reminder_number,
         recipient=None if internal else (recipients[0] if recipients else None),
-        extra={"escalated": bool(esc and reminder_number >= esc)},
+        extra=context,
     )
     if fmt == "html":
         return rendered.html.encode("utf-8")
@@ -166,8 +178,8 @@ def preview_customer(
             if customer.account_manager_email else (Address(settings.partner.reply_to),)
     else:
         to = tuple(Address(c.email, c.name) for c in recipients)
-        if esc and reminder_number >= esc and customer.account_manager_email:
-            cc = (Address(customer.account_manager_email, customer.account_manager_name),)
+        if context["escalated"] and manager is not None:
+            cc = (Address(manager.email, manager.name),)
     sender = settings.senders[0]
     # The dispatcher's own composition, so every header here is the one that is sent.
     email = compose_email(

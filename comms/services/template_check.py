@@ -244,8 +244,7 @@ def _check_branch(
                     if c.licences == branch.licences)
     context = build_context(settings, customer, message=message, now=now,
                             reminder_number=branch.reminder_number)
-    context.update(locale=rendered.locale, subject=rendered.subject,
-                   escalated=branch.escalated)
+    context.update(locale=rendered.locale, subject=rendered.subject, **branch.context())
     _check_html(renderer, message, locale, rendered.html, context, problems)
     _check_content(renderer, message, locale, rendered, problems)
     return True
