@@ -4,6 +4,7 @@ checks them, and re-exports every name here (import them from ``comms.config``).
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -64,9 +65,30 @@ class PartnerSettings(_Section):
             raise ValueError(f"must be an https:// link, got {v!r}")
         return v
 
+    @field_validator("support_phone")
+    @classmethod
+    def _phone(cls, v: str) -> str:
+        digits = re.sub(r"\D", "", v)
+        if not _PHONE_RE.fullmatch(v) or not 6 <= len(digits) <= 17:
+            raise ValueError(
+                "must be a phone number as people dial it, such as +44 20 7946 0000 (digits, "
+                "spaces, + first, - ( ) . /): the emails link it as tel:")
+        return v
+
     @property
     def invitation_link(self) -> str:
         return self.invitation_url.replace("{partner_id}", self.id)
+
+    @property
+    def phone_link(self) -> str:
+        """The tel: link of ``support_phone``: "+49 (0)30 1234567" dials +49301234567 (the
+        "(0)" trunk prefix is not dialled after a country code)."""
+        number = re.sub(r"\(\s*0\s*\)", "", self.support_phone) if \
+            self.support_phone.lstrip().startswith("+") else self.support_phone
+        return "tel:" + re.sub(r"[^0-9+]", "", number)
+
+
+_PHONE_RE = re.compile(r"\s*\+?[0-9 ().\-/]+\s*")
 
 
 class SenderSettings(_Section):

@@ -127,6 +127,24 @@ def test_bad_environment_values_name_the_variable(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(("written", "link"), [
+    ("+44 20 7946 0000", "tel:+442079460000"),
+    # "(0)" is the trunk prefix, not dialled after a country code: +49 (0)30 ... -> +4930...
+    ("+49 (0)30 1234567", "tel:+49301234567"),
+    ("(030) 1234567", "tel:0301234567"),
+])
+def test_the_support_phone_link_dials_the_number_as_written(written: str, link: str) -> None:
+    assert load_settings(env={"COMMS_PARTNER_SUPPORT_PHONE": written}).partner.phone_link == link
+
+
+def test_a_support_phone_that_cannot_be_dialled_is_refused(tmp_path: Path) -> None:
+    got = problems(tmp_path, "", {"COMMS_PARTNER_SUPPORT_PHONE": "0800 FABRIKAM"})
+    assert got == [
+        "environment variable COMMS_PARTNER_SUPPORT_PHONE: [partner] support_phone: must be a "
+        "phone number as people dial it, such as +44 20 7946 0000 (digits, spaces, + first, "
+        "- ( ) . /): the emails link it as tel: (got '0800 FABRIKAM')"]
+
+
 def test_secret_in_the_file_is_refused(tmp_path: Path) -> None:
     toml = '[graph]\nclient_secret = "s3cret"\nprivate_key_file = "/keys/app.pem"\n'
     assert problems(tmp_path, toml) == [

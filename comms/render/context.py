@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Final
@@ -70,7 +69,7 @@ def make_branding(settings: Settings) -> Branding:
         support=p.support_url,
         website=p.website,
         reply=f"mailto:{p.reply_to}",
-        phone="tel:" + re.sub(r"[^0-9+]", "", p.support_phone),
+        phone=p.phone_link,
     )
     return partner, links
 
