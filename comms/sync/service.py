@@ -11,6 +11,7 @@ note naming the evidence id). With nothing new, nothing is written but each cust
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -123,6 +124,8 @@ def run_sync(
             "no stage-sync source is enabled: set partner_center, gdap and/or "
             "customer_tenants = true in the [sync] section of comms.toml (see docs/sync.md)"
         )
+    if "tenant" in sources:
+        _require_partner_tenant_guid(settings)
     targets = _targets(db, keys, tag)
     results = {t.id: CustomerSync(t.key, t.name) for t in targets}
     report = SyncReport(now, sources, dry_run, list(results.values()), [], [])
@@ -130,6 +133,21 @@ def run_sync(
     fills = _read(settings, sources, targets, ledger, results, report, progress)
     _record(db, campaign, rules, now, targets, results, fills, dry_run)
     return report
+
+
+def _require_partner_tenant_guid(settings: Settings) -> None:
+    """The customer-tenant read tells the partner's CSP subscriptions from the direct one by
+    ``ownerTenantId``, a GUID: a domain name in ``[graph] tenant_id`` would make every CSP
+    subscription look direct."""
+    try:
+        uuid.UUID(settings.graph.tenant_id.strip())
+    except ValueError:
+        raise ConfigError(
+            f"[graph] tenant_id is {settings.graph.tenant_id!r}, not a tenant id (a GUID): "
+            "stage sync compares it with each subscription's ownerTenantId to tell your CSP "
+            "subscriptions from the customer's direct one. Set it to your tenant's id (Microsoft "
+            "Entra admin center > Overview > Tenant ID)."
+        ) from None
 
 
 def _read(
@@ -178,6 +196,11 @@ def _read(
                     res.problems["tenant"] = (
                         "cannot verify: no tenant id (add tenant_id to the CSV, or enable "
                         "[sync] partner_center to find it by domain)")
+                elif tid.lower() == settings.graph.tenant_id.strip().lower():
+                    res.problems["tenant"] = (
+                        f"cannot verify: tenant id {tid} is your own tenant ([graph] "
+                        "tenant_id), not the customer's; set the customer's tenant_id in the "
+                        "CSV and re-import")
                 else:
                     _guard(res, "tenant", lambda: _direct(res, settings, *tenant.read(tid)))
 
@@ -264,13 +287,24 @@ def _csp(res: CustomerSync, subs: list[dict[str, Any]]) -> None:
 def _direct(
     res: CustomerSync, settings: Settings, subs: list[dict[str, Any]], skus: list[dict[str, Any]]
 ) -> None:
-    partner = settings.graph.tenant_id.lower()
-    direct = [s for s in subs if str(s.get("ownerTenantId") or "").lower() != partner]
+    """What the customer's tenant shows of its direct subscription (the one to cancel).
+
+    Direct: not created by the partner tenant (``ownerTenantId``), and not a trial (a trial
+    bills nothing and is not what the customer moves). When a direct subscription has the SKU
+    of one of the partner's CSP subscriptions in the tenant, it is the one being replaced and
+    the others (free or add-on products) are left out; among those left, the one that still
+    bills (Enabled) first, then the largest."""
+    partner = settings.graph.tenant_id.strip().lower()
+    csp_skus = {s.get("skuId") for s in subs
+                if str(s.get("ownerTenantId") or "").lower() == partner and s.get("skuId")}
+    direct = [s for s in subs if str(s.get("ownerTenantId") or "").lower() != partner
+              and s.get("isTrial") is not True]
+    replaced = [s for s in direct if s.get("skuId") in csp_skus]
     seen: dict[str, Any] = {"status": "absent"}
     if direct:
-        # The subscription that still bills, if any: an Enabled one first, then the largest.
-        main = sorted(direct, key=lambda s: (s.get("status") != "Enabled",
-                                             -int(s.get("totalLicenses") or 0)))[0]
+        main = sorted(replaced or direct,
+                      key=lambda s: (s.get("status") != "Enabled",
+                                     -int(s.get("totalLicenses") or 0)))[0]
         sku = next((k for k in skus if k.get("skuId") == main.get("skuId")), None)
         seen = {"id": main.get("id"), "sku": main.get("skuPartNumber"),
                 "status": main.get("status"), "total": main.get("totalLicenses"),

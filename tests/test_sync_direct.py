@@ -1,0 +1,101 @@
+"""Which of a customer tenant's subscriptions is "the direct one" whose status moves the stage
+and whose assigned licences pick the cancellation route: never the partner's own CSP
+subscriptions, never a trial, and, when the partner's CSP subscription names the product being
+replaced, not a free or add-on product beside it. The partner's tenant id must be a GUID, and
+a customer whose tenant id is the partner's own is not read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_sync_guesses import BASE, TENANT_X, _import, _row, _world
+
+from comms.config import load_settings
+from comms.sync import service
+from comms.sync.ledger import CustomerSync
+
+PARTNER = "11111111-2222-4333-8444-555555555555"
+SETTINGS = load_settings(env={"COMMS_GRAPH_TENANT_ID": PARTNER})
+
+
+def _sub(sid: str, sku: str, status: str = "Enabled", total: int = 10, *,
+         owner: str | None = None, trial: bool = False) -> dict[str, Any]:
+    return {"id": sid, "skuId": f"sku-{sku}", "skuPartNumber": sku, "status": status,
+            "totalLicenses": total, "isTrial": trial, "ownerTenantId": owner}
+
+
+def _direct(subs: list[dict[str, Any]], assigned: dict[str, int]) -> dict[str, Any]:
+    res = CustomerSync("A", "Alpha")
+    skus = [{"skuId": f"sku-{k}", "consumedUnits": v} for k, v in assigned.items()]
+    service._direct(res, SETTINGS, subs, skus)
+    seen: dict[str, Any] = res.seen["tenant"]
+    return seen
+
+
+def test_a_trial_is_not_the_direct_subscription() -> None:
+    seen = _direct([_sub("paid", "ENTERPRISEPACK", total=10),
+                    _sub("trial", "ENTERPRISEPREMIUM", total=25, trial=True)],
+                   {"ENTERPRISEPACK": 10, "ENTERPRISEPREMIUM": 2})
+    assert (seen["id"], seen["assigned"]) == ("paid", 10)
+    # Only a trial left: no direct subscription bills any more.
+    assert _direct([_sub("trial", "ENTERPRISEPACK", trial=True)], {}) == {"status": "absent"}
+
+
+def test_the_product_being_replaced_wins_over_a_free_one_beside_it() -> None:
+    subs = [_sub("csp", "SPE_E3", total=30, owner=PARTNER),
+            _sub("paid", "SPE_E3", total=30),
+            _sub("free", "POWER_BI_STANDARD", total=1_000_000)]
+    seen = _direct(subs, {"SPE_E3": 28, "POWER_BI_STANDARD": 4})
+    assert (seen["id"], seen["assigned"]) == ("paid", 28)
+    # Cancelled: the free product still Enabled beside it does not hide that.
+    subs[1]["status"] = "Suspended"
+    assert _direct(subs, {"SPE_E3": 28})["status"] == "Suspended"
+
+
+def test_without_a_matching_product_every_direct_subscription_counts() -> None:
+    # The CSP product differs from the direct one (an upgrade): the one that still bills wins.
+    subs = [_sub("csp", "SPE_E3", owner=PARTNER), _sub("old", "ENTERPRISEPACK", "Suspended"),
+            _sub("addon", "VISIOCLIENT", "Enabled", total=2)]
+    assert _direct(subs, {})["id"] == "addon"
+    assert _direct(subs[:2], {})["status"] == "Suspended"
+
+
+def test_the_partners_own_subscriptions_are_never_direct() -> None:
+    upper = PARTNER.upper()  # ownerTenantId compared without case
+    assert _direct([_sub("csp", "SPE_E3", owner=upper)], {}) == {"status": "absent"}
+
+
+@pytest.fixture
+def world(sandbox_factory: Any, tmp_path: Path, database_url: str,
+          monkeypatch: pytest.MonkeyPatch) -> Any:
+    return _world(sandbox_factory, tmp_path, database_url, monkeypatch)
+
+
+def test_a_partner_tenant_id_that_is_not_a_guid_stops_the_sync(
+    world: Any, cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 30,
+                             "awaiting_cancellation", "")])
+    monkeypatch.setenv("COMMS_GRAPH_TENANT_ID", "fabrikam.onmicrosoft.com")
+    r = cli("sync", "--now", BASE.isoformat())
+    assert r.exit_code == 3, r.output
+    assert "[graph] tenant_id is 'fabrikam.onmicrosoft.com', not a tenant id (a GUID)" in \
+        " ".join(r.stderr.split())
+
+
+def test_a_customer_with_the_partners_own_tenant_id_is_not_read(
+    world: Any, db: Any, cli: Any, tmp_path: Path
+) -> None:
+    # The partner's own directory lists no direct subscription: read as the customer's, it
+    # would say "absent" and complete the customer.
+    _import(cli, tmp_path, [("A", "Alpha Ltd", world.tenant_id, "alpha.example", 30,
+                             "awaiting_cancellation", "")])
+    r = cli("sync", "--now", BASE.isoformat(), "--json", "--source", "tenant")
+    assert r.exit_code == 0, r.output
+    assert _row(db, "A").stage == "awaiting_cancellation"
+    data = json.loads(r.stdout)
+    assert data["cannot_verify"] == 1
+    assert "is your own tenant ([graph] tenant_id)" in data["customers"][0]["problem"]
