@@ -99,3 +99,28 @@ def test_a_customer_with_the_partners_own_tenant_id_is_not_read(
     data = json.loads(r.stdout)
     assert data["cannot_verify"] == 1
     assert "is your own tenant ([graph] tenant_id)" in data["customers"][0]["problem"]
+
+
+def test_queued_mail_is_rendered_again_when_sync_changes_the_licence_count(
+    world: Any, db: Any, cli: Any, tmp_path: Path
+) -> None:
+    """The CSV said 24 (self-service route); the instructions were queued, not yet sent (a
+    backlog); sync then sees 26 assigned: what goes out is the support route with 26."""
+    world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30,
+                              assigned=26)
+    world.tenant_change(TENANT_X, "accept_relationship")
+    world.tenant_change(TENANT_X, "activate_csp", quantity=30)
+    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 24,
+                             "awaiting_cancellation", "")])
+    queued = cli("run", "--now", BASE.isoformat(), "--limit", "0")
+    assert "queued 1" in queued.stdout, queued.output
+    r = cli("sync", "--now", BASE.isoformat(), "--source", "tenant")
+    assert r.exit_code == 0, r.output
+    assert _row(db, "A").licences == 26
+    sent = cli("run", "--now", BASE.isoformat())
+    assert sent.exit_code == 0, sent.output
+    mails = world.sent()
+    assert len(mails) == 1
+    html = mails[0]["html"]
+    assert "with 26 licences" in html and "admin.microsoft.com/#/support" in html
+    assert "linkid=842054" not in html and "24 licences" not in html

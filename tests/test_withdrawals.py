@@ -262,3 +262,23 @@ def _migrate(db: Database, revision: str, *, down: bool) -> None:
         cfg.attributes["connection"] = conn
         (command.downgrade if down else command.upgrade)(cfg, revision)
     db.engine.dispose()
+
+
+def test_an_import_that_changes_a_customer_renders_its_queued_mail_again(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    """Queued (a backlog), not yet sent: the import corrects the billing contact and the
+    licence count. What goes out is what is true now: the new contact (never the removed
+    one), and the route for the new count."""
+    _import(tmp_path, "I1,Import Ltd,24,awaiting_cancellation,,,boss@i1.example,"
+                      "old-bills@i1.example\n")
+    assert "queued 1" in cli("run", "--now", NOW, "--limit", "0").stdout
+    _import(tmp_path, "I1,Import Ltd,30,awaiting_cancellation,,,boss@i1.example,"
+                      "new-bills@i1.example\n", "c2.csv")
+    assert _rows(db)[0][2:] == ("withdrawn", "customer changed by import of c2.csv")
+    r = cli("run", "--now", later())
+    assert r.exit_code == 0, r.output
+    assert _sent_to(env) == [["boss@i1.example", "new-bills@i1.example"]]
+    html = env["sandbox"].sent()[0]["html"]
+    assert "with 30 licences" in html and "admin.microsoft.com/#/support" in html
+    assert [(m, s, st) for m, s, st, _ in _rows(db)] == [("cancel_instructions", 0, "sent")]

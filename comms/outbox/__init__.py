@@ -45,6 +45,7 @@ from comms.outbox.queue import (
     addresses_json,
     insert_messages,
     withdraw_all_queued,
+    withdraw_for_new_content,
     withdraw_stale,
 )
 from comms.outbox.reconcile import Episode, ReconcileLimits, reconcile, resolve
@@ -71,5 +72,6 @@ __all__ = [
     "record",
     "resolve",
     "withdraw_all_queued",
+    "withdraw_for_new_content",
     "withdraw_stale",
 ]

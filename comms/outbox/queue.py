@@ -66,6 +66,27 @@ def withdraw_all_queued(session: Session, customer_id: int, reason: str, at: dat
     return _withdraw(session, customer_id, reason, at, col(Message.internal).is_(False))
 
 
+def withdraw_for_new_content(session: Session, customer_ids: Sequence[int], reason: str,
+                             at: datetime) -> int:
+    """Withdraw the customers' queued staged mail (sequence >= 0, not notes to the account
+    manager, not an operator's resend or forced send) because what it was rendered from
+    changed (licences, contacts, name...): the next run plans it again and renders it with
+    what is true then (``insert_messages`` queues the same row again)."""
+    done = 0
+    ids = sorted(set(customer_ids))
+    for start in range(0, len(ids), 5000):
+        result = session.execute(
+            sa.update(Message)
+            .where(col(Message.customer_id).in_(ids[start : start + 5000]),
+                   col(Message.status).in_(PENDING), col(Message.internal).is_(False),
+                   col(Message.sequence) >= 0)
+            .values(status="withdrawn", last_error=reason, updated_at=at)
+            .execution_options(synchronize_session=False)
+        )
+        done += int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return done
+
+
 # --------------------------------------------------------------------------- queueing
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sqlmodel import Session, col, select
 
+from comms import outbox
 from comms.campaign import Campaign
 from comms.config import Settings
 from comms.domain import CustomerInfo
@@ -194,6 +195,10 @@ def import_customers(
                 problems=result.problems,
             )
         result.absorb(writer.counts)
+        # Mail queued for a changed customer was rendered from the old row (licences pick
+        # the cancellation route, contacts the recipients): the next run renders it again.
+        outbox.withdraw_for_new_content(session, writer.counts.changed_ids,
+                                        f"customer changed by import of {path.name}", now)
         result.shared_contacts = shared_contacts(session)
         if rejects is not None and result.rejected:
             # Inside the transaction: a rejects file that cannot be written imports nothing.

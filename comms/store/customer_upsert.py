@@ -79,6 +79,8 @@ class WriteCounts:
     updated: int = 0
     unchanged: int = 0
     changes: dict[str, str] = field(default_factory=dict)
+    # Ids of the customers the import changed (their queued mail is rendered again).
+    changed_ids: list[int] = field(default_factory=list)
     # (row, key as in the file, key as stored) where the two differ only in case.
     case_matches: list[tuple[int, str, str]] = field(default_factory=list)
 
@@ -210,6 +212,7 @@ class CustomerWriter:
             events.append(self._event(cid, "update", old["stage"], old["stage"],
                                       f"{self.source_name} row {r.row}: {note}"))
             self.counts.updated += 1
+            self.counts.changed_ids.append(cid)
             if len(self.counts.changes) < _CHANGES_KEPT:
                 self.counts.changes[old["key"]] = note
         if events:

@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from comms import stages
+from comms import outbox, stages
 from comms.campaign import Campaign
 from comms.outbox import PENDING
 from comms.services.customers import apply_stage_event
@@ -233,6 +233,12 @@ def _apply(
         apply_stage_event(session, row, event, csp_live_stage=campaign.csp_live_stage,
                           has_queued=has_queued)
         res.moved.append(f"{from_stage} -> {to_stage} ({observation})")
+    if res.licences and has_queued and row.id is not None:
+        # Mail still queued was rendered with the old count, which picks the cancellation
+        # route: the next run renders it again with this one.
+        before, after = res.licences
+        outbox.withdraw_for_new_content(session, [row.id],
+                                        f"licences {before} -> {after} observed by sync", now)
 
 
 def _fill_refused(session: Session, row: Customer, fill: str, res: CustomerSync) -> bool:
@@ -267,6 +273,7 @@ def _licences_from_reality(session: Session, row: Customer, facts: Facts, res: C
              f"observed in the tenant, evidence #{evidence_id})"))
     row.licences = int(count)
     row.updated_at = now
+    row.next_due_at = now
     session.add(row)
 
 
