@@ -24,6 +24,7 @@ from comms.domain import SentMessage
 from comms.services import customers as customer_service
 from comms.store import repo
 from comms.store.db import Database, alembic_config, open_database
+from comms.store.inbox_models import InboxCustomerState
 from comms.store.models import Customer, Message
 
 NOW = T0.isoformat()
@@ -282,3 +283,23 @@ def test_an_import_that_changes_a_customer_renders_its_queued_mail_again(
     html = env["sandbox"].sent()[0]["html"]
     assert "with 30 licences" in html and "admin.microsoft.com/#/support" in html
     assert [(m, s, st) for m, s, st, _ in _rows(db)] == [("cancel_instructions", 0, "sent")]
+
+
+def test_a_reminder_queued_before_the_customer_replied_waits_for_the_hold(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    _import(tmp_path, "H1,Hold Ltd,5,invited,,,boss@h1.example,\n")
+    with db.session() as s:
+        cid = s.exec(select(Customer.id)).one()
+    reminder = factories.queued(db, cid, "partner_invitation_reminder", 1, to="boss@h1.example")
+    hold = T0 + timedelta(days=5)
+    with db.session() as s:  # what `comms inbox sync` records for a human reply
+        s.add(InboxCustomerState(customer_id=cid, reminders_held_until=hold, updated_at=T0))
+    assert cli("run", "--now", NOW).exit_code == 0
+    with db.session() as s:
+        row = s.get(Message, reminder)
+        assert row is not None
+        # The invitation (sequence 0) may go; the reminder may not.
+        assert row.send_id not in [m["send_id"] for m in env["sandbox"].sent()]
+        assert (row.status, row.last_error) == (
+            "withdrawn", "reminders held until 2026-12-06 10:00 UTC (the customer replied)")

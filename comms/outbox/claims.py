@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,6 +23,7 @@ from comms.delivery.base import (
 )
 from comms.outbox.queue import Clock, _addresses, addresses_json
 from comms.store.db import Database
+from comms.store.inbox_models import reminder_holds
 from comms.store.models import Customer, CustomerTag, Message, Suppression
 
 # --------------------------------------------------------------------------- reports
@@ -102,7 +103,7 @@ def _set_aside(s: Session, msg: Message, customer: Customer | None, *, clock: Cl
                report: DispatchReport | None, window: SendWindow | None) -> bool:
     """Withdraw a row whose customer may no longer be mailed, or move a row whose send window
     closed while it waited to the customer's next window. True if the row was set aside."""
-    reason = _unsendable(s, msg, customer)
+    reason = _unsendable(s, msg, customer, clock.now())
     if reason:
         msg.status, msg.last_error, msg.updated_at = "withdrawn", reason, clock.now()
         s.add(msg)
@@ -187,13 +188,20 @@ def claim(
         return pacing.Wait(None, "many rows withdrawn or re-timed; claiming again")
 
 
-def _unsendable(s: Session, msg: Message, customer: Customer | None) -> str:
+def _unsendable(s: Session, msg: Message, customer: Customer | None, now: datetime) -> str:
     if customer is None:
         return "customer deleted"
     # Internal notes go to the account manager whatever the customer's flags and stage; the
     # suppression list (an account manager who opted out, a mailbox that bounced) holds for
     # every row.
     reason = "" if msg.internal else _customer_refuses(msg, customer)
+    if not reason and not msg.internal and msg.sequence >= 1 and customer.id is not None:
+        # A reminder queued before the customer answered (a backlog): the planner holds
+        # reminders after a reply, and plans this one again when the hold ends.
+        until = reminder_holds(s, [customer.id]).get(customer.id)
+        if until is not None and _aware(until) > now:
+            reason = (f"reminders held until {_aware(until):%Y-%m-%d %H:%M} UTC (the customer "
+                      "replied)")
     if reason:
         return reason
     to = _addresses(msg.to_json)
@@ -204,6 +212,10 @@ def _unsendable(s: Session, msg: Message, customer: Customer | None) -> str:
             return "every recipient is on the suppression list"
         return "every To recipient is on the suppression list (a Cc alone is not mailed)"
     return ""
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _customer_refuses(msg: Message, customer: Customer) -> str:
