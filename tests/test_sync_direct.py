@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from test_sync_guesses import BASE, TENANT_X, _import, _row, _world
 
 from comms.config import load_settings
-from comms.sync import service
+from comms.sync import clients, service
 from comms.sync.ledger import CustomerSync
 
 PARTNER = "11111111-2222-4333-8444-555555555555"
@@ -124,3 +125,19 @@ def test_queued_mail_is_rendered_again_when_sync_changes_the_licence_count(
     html = mails[0]["html"]
     assert "with 26 licences" in html and "admin.microsoft.com/#/support" in html
     assert "linkid=842054" not in html and "24 licences" not in html
+
+
+@pytest.mark.parametrize(("content", "kind"), [
+    (b"<html><body>Service Unavailable</body></html>", "text/html"),
+    (b"[1, 2]", "application/json"),
+    (b"", "application/json"),
+])
+def test_an_answer_that_is_not_a_json_object_is_a_failed_read(content: bytes, kind: str) -> None:
+    """A proxy's HTML page or a truncated body fails that read (reported for the customer,
+    nothing concluded) instead of an exception that stops the whole sync."""
+    response = requests.Response()
+    response.status_code = 200
+    response._content = content
+    response.headers["Content-Type"] = kind
+    with pytest.raises(clients.SourceFailed, match="not a JSON object; nothing was concluded"):
+        clients.json_body(response, "directory of tenant X")

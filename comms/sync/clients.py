@@ -109,6 +109,17 @@ class Reader:
     ) -> requests.Response:
         return self._send(url, token, refresh, headers, what)
 
+    def get_json(
+        self,
+        url: str,
+        token: Callable[[], str],
+        refresh: Callable[[str], str],
+        headers: dict[str, str] | None = None,
+        what: str = "",
+    ) -> dict[str, Any]:
+        """``get``, decoded (``json_body``): an answer that is not a JSON object fails the read."""
+        return json_body(self._send(url, token, refresh, headers, what), what)
+
     def batch_get(
         self,
         base: str,
@@ -136,8 +147,8 @@ class Reader:
                                 "(throttled or 5xx inside a batch); run `comms sync` again later")
 
         bodies = self._reads.batch_get(
-            paths, post=lambda payload: self._send(
-                f"{base}/$batch", token, refresh, None, what, json=payload).json(),
+            paths, post=lambda payload: json_body(self._send(
+                f"{base}/$batch", token, refresh, None, what, json=payload), what),
             fail=fail, exhausted=exhausted)
         return [body or {} for body in bodies]
 
@@ -171,6 +182,20 @@ class Reader:
         if status >= 400:
             raise SourceFailed(f"{what}: HTTP {status} {error_text(response)}")
         return response
+
+
+def json_body(response: requests.Response, what: str) -> dict[str, Any]:
+    """The decoded JSON object of a 2xx answer; anything else is a failed read of ``what``
+    (reported, nothing concluded), never an exception that stops the whole sync."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        kind = response.headers.get("Content-Type", "no Content-Type")
+        raise SourceFailed(f"{what}: HTTP {response.status_code} answered {kind}, not a JSON "
+                           "object; nothing was concluded from it: run `comms sync` again later")
+    return body
 
 
 def _batch_error(body: Any) -> str:
@@ -235,8 +260,8 @@ class PartnerCenter:
         url = f"{self.base}/customers?size={self.page_size}"
         headers: dict[str, str] = {}
         while True:
-            body = self.reader.get(url, self.tokens.token, self.tokens.refresh, headers,
-                                   "Partner Center customers").json()
+            body = self.reader.get_json(url, self.tokens.token, self.tokens.refresh, headers,
+                                        "Partner Center customers")
             for item in body.get("items") or []:
                 profile = item.get("companyProfile") or {}
                 yield PartnerCustomer(
@@ -251,9 +276,9 @@ class PartnerCenter:
             headers = {h["key"]: h["value"] for h in nxt.get("headers") or []}
 
     def subscriptions(self, tenant_id: str) -> list[dict[str, Any]]:
-        body = self.reader.get(f"{self.base}/customers/{tenant_id}/subscriptions",
-                               self.tokens.token, self.tokens.refresh, None,
-                               f"Partner Center subscriptions of {tenant_id}").json()
+        body = self.reader.get_json(f"{self.base}/customers/{tenant_id}/subscriptions",
+                                    self.tokens.token, self.tokens.refresh, None,
+                                    f"Partner Center subscriptions of {tenant_id}")
         return list(body.get("items") or [])
 
     def close(self) -> None:
@@ -274,8 +299,8 @@ class Gdap:
         out: dict[str, str] = {}
         url: str | None = self.url + "?$top=300"
         while url:
-            body = self.reader.get(url, self.tokens.token, self.tokens.refresh, None,
-                                   "GDAP relationships").json()
+            body = self.reader.get_json(url, self.tokens.token, self.tokens.refresh, None,
+                                        "GDAP relationships")
             for rel in body.get("value") or []:
                 tid = str((rel.get("customer") or {}).get("tenantId") or "").lower()
                 status = str(rel.get("status") or "")
@@ -351,8 +376,8 @@ class CustomerTenant:
             if not str(link).startswith(self.base + "/"):
                 raise SourceFailed(f"{what}: @odata.nextLink {str(link)[:120]!r} is not under "
                                    f"{self.base}; not followed (check [graph] base_url)")
-            body = self.reader.get(str(link), tokens.token, tokens.refresh, None,
-                                   f"{what} (page {page + 1})").json()
+            body = self.reader.get_json(str(link), tokens.token, tokens.refresh, None,
+                                        f"{what} (page {page + 1})")
         raise SourceFailed(f"{what}: more than {MAX_PAGES} pages; nothing was concluded from "
                            "an incomplete list: run `comms sync` again later")
 
