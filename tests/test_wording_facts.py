@@ -277,3 +277,21 @@ def test_german_cancel_steps_name_subscription_and_payment_settings(
            'Zahlungseinstellungen" (Subscription and payment settings)' in de.text
     assert "under <strong>Subscription and payment settings</strong>" in en.html
     assert 'under "Subscription and payment settings"' in en.text
+
+
+@pytest.mark.parametrize(("zone_name", "day"), [("Australia/Sydney", "10 March 2026"),
+                                                ("Europe/London", "9 March 2026"),
+                                                ("America/Los_Angeles", "9 March 2026")])
+def test_a_date_is_the_day_in_the_customers_time_zone(renderer: Renderer, zone_name: str,
+                                                      day: str) -> None:
+    """Sync checked at 21:00 UTC on 9 March: in Sydney that is the morning of 10 March."""
+    late = Observation(at=datetime(2026, 3, 9, 21, 0, tzinfo=UTC), source="sync:tenant",
+                       direct_status="Enabled")
+    c = customer(time_zone=zone_name)
+    email = renderer.render("cancel_reminder", c, now=NOW, reminder_number=2,
+                            extra={"escalated": False}, observation=late)
+    ctx = build_context(SETTINGS, c, message="cancel_reminder", now=NOW, reminder_number=2,
+                        observation=late)
+    ctx.update(escalated=False)
+    assert email == renderer.render_context("cancel_reminder", "en", ctx, fast=False)
+    assert f"(checked on {day})" in email.text and f"(checked on {day})" in email.html

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import suppress
 from contextvars import ContextVar
 from datetime import date, datetime
 from functools import lru_cache
@@ -35,9 +36,11 @@ from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 from markupsafe import Markup, escape
 
+from comms.errors import UnknownTimeZone
 from comms.render import limits
 from comms.render.context import DEFAULT_LOCALE
 from comms.render.inliner import PH_FMT
+from comms.timezones import zone
 
 NAME_RE = re.compile(
     r"^(?P<message>[a-z][a-z0-9_]*)/(?P<part>subject|body)"
@@ -74,6 +77,12 @@ def _date_filter(ctx: Context, value: object, locale: str | None = None) -> str:
     if value is None:
         return ""
     if isinstance(value, datetime):
+        # The day in the customer's time zone: sync at 21:00 UTC is the next morning in Sydney.
+        tz = str(getattr(ctx.get("customer"), "time_zone", "") or "")
+        if value.tzinfo is not None and tz:
+            # build_context refuses an unknown zone before any template runs.
+            with suppress(UnknownTimeZone):
+                value = value.astimezone(zone(tz))
         value = value.date()
     if not isinstance(value, date):
         return str(value)
