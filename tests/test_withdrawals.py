@@ -143,6 +143,19 @@ def test_an_operator_withdrawal_is_final(
     assert (m.status, m.error_code) == ("withdrawn", "withdrawn_by_operator")
 
 
+def test_a_customer_named_twice_is_sent_to_once(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    _import(tmp_path, "T1,Twice Ltd,5,invited,,,boss@t1.example,\n")
+    path = tmp_path / "tags.csv"
+    path.write_text("key,name,licences,stage,tags,primary_contact_email\n"
+                    "T1,Twice Ltd,5,invited,wave1,boss@t1.example\n", encoding="utf-8")
+    assert cli("customers", "import", str(path)).exit_code == 0
+    r = cli("send", "T1", "t1", "--tag", "wave1", "--yes", "--now", NOW)
+    assert r.exit_code == 0, r.output
+    assert _sent_to(env) == [["boss@t1.example"]]
+
+
 def test_a_bounced_message_is_not_sent_again_without_resend(
     env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
 ) -> None:
@@ -227,6 +240,14 @@ def test_queueing_again_keeps_the_unique_key(db: Database, tmp_path: Path) -> No
         s.execute(sa.update(Message).values(status="withdrawn", last_error="stage changed"))
         assert outbox.insert_messages(s, [factories.message_row(
             cid, "partner_invitation", 0, to="k@k1.example")]) == [first]
+        # The same key twice in one call (PostgreSQL refuses an upsert that touches a row
+        # twice in one command): one row, the first.
+        twice = outbox.insert_messages(s, [
+            factories.message_row(cid, "partner_invitation_reminder", 1, to="first@k1.example"),
+            factories.message_row(cid, "partner_invitation_reminder", 1, to="second@k1.example"),
+        ])
+        assert len(twice) == 1
+        assert "first@k1.example" in (s.get(Message, twice[0]) or Message()).to_json
 
 
 def test_migration_0010_marks_the_rows_an_operator_withdrew(db: Database, tmp_path: Path) -> None:

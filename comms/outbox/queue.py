@@ -115,7 +115,13 @@ def insert_messages(session: Session, rows: Sequence[dict[str, Any]]) -> list[in
         index_elements=["customer_id", "message", "sequence"], set_=revived,
         where=(table.c.status == "withdrawn") & (table.c.error_code != BY_OPERATOR),
     )
-    result = session.execute(stmt.returning(table.c.id), list(rows))
+    # One row per key: PostgreSQL refuses an upsert that touches a row twice in one command
+    # (`comms send A --tag T` with A in T plans A twice); the first one wins, as before.
+    first: dict[tuple[Any, Any, Any], dict[str, Any]] = {}
+    for r in rows:
+        first.setdefault((r["customer_id"], r["message"], r["sequence"]), r)
+    unique = list(first.values())
+    result = session.execute(stmt.returning(table.c.id), unique)
     return [int(i) for i in result.scalars().all()]
 
 

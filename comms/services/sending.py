@@ -155,6 +155,11 @@ def prepare_send(
             if not tag:
                 raise
             plan.skipped.append((key, str(exc)))
+    # A customer named twice (a key and its tag, two spellings of a key) is sent to once.
+    once: dict[tuple[int | None, str, int], Prepared] = {}
+    for p in plan.prepared:
+        once.setdefault((p.customer.id, p.planned.message, p.planned.sequence), p)
+    plan.prepared = list(once.values())
     if not plan.prepared:
         raise NotFound("Nothing to send.")
     plan.times = _recipient_times(plan.prepared, campaign, clock.now())

@@ -234,11 +234,9 @@ def _apply(
                           has_queued=has_queued)
         res.moved.append(f"{from_stage} -> {to_stage} ({observation})")
     if res.licences and has_queued and row.id is not None:
-        # Mail still queued was rendered with the old count, which picks the cancellation
-        # route: the next run renders it again with this one.
-        before, after = res.licences
-        outbox.withdraw_for_new_content(session, [row.id],
-                                        f"licences {before} -> {after} observed by sync", now)
+        # Queued mail was rendered with the old count, which picks the cancellation route.
+        outbox.withdraw_for_new_content(session, [row.id], "licences {} -> {} observed by "
+                                        "sync".format(*res.licences), now)
 
 
 def _fill_refused(session: Session, row: Customer, fill: str, res: CustomerSync) -> bool:

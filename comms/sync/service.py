@@ -192,15 +192,8 @@ def _read(
             if pc is not None and res.seen["partner_center"]["listed"]:
                 _guard(res, "partner_center", lambda: _csp(res, pc.subscriptions(tid)))
             if tenant is not None:
-                if not tid:
-                    res.problems["tenant"] = (
-                        "cannot verify: no tenant id (add tenant_id to the CSV, or enable "
-                        "[sync] partner_center to find it by domain)")
-                elif tid.lower() == settings.graph.tenant_id.strip().lower():
-                    res.problems["tenant"] = (
-                        f"cannot verify: tenant id {tid} is your own tenant ([graph] "
-                        "tenant_id), not the customer's; set the customer's tenant_id in the "
-                        "CSV and re-import")
+                if problem := _unreadable_tenant(tid, settings):
+                    res.problems["tenant"] = problem
                 else:
                     _guard(res, "tenant", lambda: _direct(res, settings, *tenant.read(tid)))
 
@@ -213,6 +206,17 @@ def _read(
         report.retries = reader.retries
         session.close()
     return fills
+
+
+def _unreadable_tenant(tid: str, settings: Settings) -> str:
+    """Why a customer's tenant is not read ("" when it is)."""
+    if not tid:
+        return ("cannot verify: no tenant id (add tenant_id to the CSV, or enable "
+                "[sync] partner_center to find it by domain)")
+    if tid.lower() == settings.graph.tenant_id.strip().lower():
+        return (f"cannot verify: tenant id {tid} is your own tenant ([graph] tenant_id), not "
+                "the customer's; set the customer's tenant_id in the CSV and re-import")
+    return ""
 
 
 def _guard(res: CustomerSync, source: str, call: Callable[[], None]) -> None:
