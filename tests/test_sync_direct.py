@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import requests
-from test_sync_guesses import BASE, TENANT_X, _import, _row, _world
+from test_sync_guesses import BASE, TENANT_X, _import, _row, _world, awaiting_cancellation
 
 from comms.config import load_settings
 from comms.sync import clients, service
@@ -107,12 +107,7 @@ def test_queued_mail_is_rendered_again_when_sync_changes_the_licence_count(
 ) -> None:
     """The CSV said 24 (self-service route); the instructions were queued, not yet sent (a
     backlog); sync then sees 26 assigned: what goes out is the support route with 26."""
-    world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30,
-                              assigned=26)
-    world.tenant_change(TENANT_X, "accept_relationship")
-    world.tenant_change(TENANT_X, "activate_csp", quantity=30)
-    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 24,
-                             "awaiting_cancellation", "")])
+    awaiting_cancellation(world, cli, tmp_path, licences=24)
     queued = cli("run", "--now", BASE.isoformat(), "--limit", "0")
     assert "queued 1" in queued.stdout, queued.output
     r = cli("sync", "--now", BASE.isoformat(), "--source", "tenant")

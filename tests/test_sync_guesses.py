@@ -274,17 +274,23 @@ def test_turning_on_a_source_does_not_undo_a_correction(
 
 # -- 3. "absent" only from a complete directory read -----------------------------------------
 
+def awaiting_cancellation(world: Sandbox, cli: Any, tmp_path: Path, *, licences: int) -> None:
+    """Customer A (tenant X, ``licences`` in the CSV) accepted, its CSP subscription active,
+    its direct one Enabled with 30 licences, 26 of them assigned."""
+    world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30,
+                              assigned=26)
+    world.tenant_change(TENANT_X, "accept_relationship")
+    world.tenant_change(TENANT_X, "activate_csp", quantity=30)
+    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", licences,
+                             "awaiting_cancellation", "")])
+
+
 def test_a_direct_subscription_on_a_later_page_is_seen(
     paged: Sandbox, db: Database, cli: Any, tmp_path: Path
 ) -> None:
     # Page 1 holds the CSP subscription, page 2 (an @odata.nextLink inside the $batch answer)
     # the direct one, still Enabled: the customer has not cancelled.
-    paged.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30,
-                              assigned=26)
-    paged.tenant_change(TENANT_X, "accept_relationship")
-    paged.tenant_change(TENANT_X, "activate_csp", quantity=30)
-    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 30,
-                             "awaiting_cancellation", "")])
+    awaiting_cancellation(paged, cli, tmp_path, licences=30)
     r = cli("sync", "--now", BASE.isoformat(), "--json")
     assert r.exit_code == 0, r.output
     a = _row(db, "A")

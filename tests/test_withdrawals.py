@@ -48,14 +48,21 @@ def env(tmp_path: Path, database_url: str, sandbox_factory: Any,
 
 
 def _import(tmp_path: Path, rows: str, name: str = "c.csv") -> None:
-    path = tmp_path / name
-    path.write_text(HEADER + rows, encoding="utf-8")
     db = open_database(os.environ["COMMS_DATABASE_URL"])
     try:
-        customer_service.import_customers(db, path, settings=load_settings(env={}),
-                                          campaign=load_campaign(), now=T0, by="test")
+        _import_into(db, tmp_path, rows, name)
     finally:
         db.dispose()
+
+
+def _import_into(db: Database, tmp_path: Path, rows: str, name: str = "c.csv") -> int:
+    """Import ``rows`` (after HEADER); the id of the first customer."""
+    path = tmp_path / name
+    path.write_text(HEADER + rows, encoding="utf-8")
+    customer_service.import_customers(db, path, settings=load_settings(env={}),
+                                      campaign=load_campaign(), now=T0, by="test")
+    with db.session() as s:
+        return int(s.exec(select(Customer.id).order_by(Customer.id)).first() or 0)
 
 
 def _rows(db: Database) -> list[tuple[str, int, str, str]]:
@@ -224,12 +231,7 @@ def test_a_new_contact_or_an_opt_in_lifts_the_block_at_the_next_run(
 
 def test_queueing_again_keeps_the_unique_key(db: Database, tmp_path: Path) -> None:
     """A re-queued withdrawn row is the same row; any other existing row is left alone."""
-    path = tmp_path / "k.csv"
-    path.write_text(HEADER + "K1,Key Ltd,5,invited,,,k@k1.example,\n", encoding="utf-8")
-    customer_service.import_customers(db, path, settings=load_settings(env={}),
-                                      campaign=load_campaign(), now=T0, by="test")
-    with db.session() as s:
-        cid = s.exec(select(Customer.id)).one()
+    cid = _import_into(db, tmp_path, "K1,Key Ltd,5,invited,,,k@k1.example,\n")
     first = factories.queued(db, cid, "partner_invitation", 0, to="k@k1.example")
     with db.session() as s:
         assert outbox.insert_messages(s, [factories.message_row(
@@ -253,12 +255,7 @@ def test_queueing_again_keeps_the_unique_key(db: Database, tmp_path: Path) -> No
 def test_migration_0010_marks_the_rows_an_operator_withdrew(db: Database, tmp_path: Path) -> None:
     """Before 0010 an operator's withdrawal left only its note; the upgrade marks those rows
     so the planner never queues them again, and leaves every other row as it was."""
-    path = tmp_path / "m.csv"
-    path.write_text(HEADER + "M1,Mig Ltd,5,invited,,,m@m1.example,\n", encoding="utf-8")
-    customer_service.import_customers(db, path, settings=load_settings(env={}),
-                                      campaign=load_campaign(), now=T0, by="test")
-    with db.session() as s:
-        cid = s.exec(select(Customer.id)).one()
+    cid = _import_into(db, tmp_path, "M1,Mig Ltd,5,invited,,,m@m1.example,\n")
     by_hand = factories.queued(db, cid, "partner_invitation", 0, status="withdrawn",
                                note="withdrawn by alice.")
     by_run = factories.queued(db, cid, "partner_invitation_reminder", 1, status="withdrawn",
@@ -309,9 +306,7 @@ def test_an_import_that_changes_a_customer_renders_its_queued_mail_again(
 def test_a_reminder_queued_before_the_customer_replied_waits_for_the_hold(
     env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
 ) -> None:
-    _import(tmp_path, "H1,Hold Ltd,5,invited,,,boss@h1.example,\n")
-    with db.session() as s:
-        cid = s.exec(select(Customer.id)).one()
+    cid = _import_into(db, tmp_path, "H1,Hold Ltd,5,invited,,,boss@h1.example,\n")
     reminder = factories.queued(db, cid, "partner_invitation_reminder", 1, to="boss@h1.example")
     hold = T0 + timedelta(days=5)
     with db.session() as s:  # what `comms inbox sync` records for a human reply

@@ -99,16 +99,6 @@ class Reader:
     def retries(self) -> int:
         return self._reads.retries
 
-    def get(
-        self,
-        url: str,
-        token: Callable[[], str],
-        refresh: Callable[[str], str],
-        headers: dict[str, str] | None = None,
-        what: str = "",
-    ) -> requests.Response:
-        return self._send(url, token, refresh, headers, what)
-
     def get_json(
         self,
         url: str,
@@ -117,7 +107,8 @@ class Reader:
         headers: dict[str, str] | None = None,
         what: str = "",
     ) -> dict[str, Any]:
-        """``get``, decoded (``json_body``): an answer that is not a JSON object fails the read."""
+        """GET ``url``, decoded (``json_body``): an answer that is not a JSON object fails the
+        read."""
         return json_body(self._send(url, token, refresh, headers, what), what)
 
     def batch_get(
