@@ -62,6 +62,19 @@ def test_without_a_matching_product_every_direct_subscription_counts() -> None:
             _sub("addon", "VISIOCLIENT", "Enabled", total=2)]
     assert _direct(subs, {})["id"] == "addon"
     assert _direct(subs[:2], {})["status"] == "Suspended"
+    one = _direct([subs[0], _sub("old", "ENTERPRISEPACK", total=30)], {"ENTERPRISEPACK": 27})
+    assert (one["status"], one["total"], one["assigned"]) == ("Enabled", 30, 27)
+
+
+def test_several_products_billed_directly_give_no_licence_count() -> None:
+    """None named by the CSP subscription: which one is being replaced is not known, so a free
+    product's count (4 of 1,000,000) must not pick the cancellation route."""
+    subs = [_sub("csp", "SPE_E3", owner=PARTNER), _sub("paid", "ENTERPRISEPACK", total=30),
+            _sub("free", "POWER_BI_STANDARD", total=1_000_000)]
+    seen = _direct(subs, {"ENTERPRISEPACK": 28, "POWER_BI_STANDARD": 4})
+    assert seen["status"] == "Enabled"  # still billed: nothing completes on it
+    assert (seen["total"], seen["assigned"]) == (None, None)
+    assert seen["several"] == ["ENTERPRISEPACK", "POWER_BI_STANDARD"]
 
 
 def test_the_partners_own_subscriptions_are_never_direct() -> None:

@@ -297,7 +297,8 @@ def _direct(
     bills nothing and is not what the customer moves). When a direct subscription has the SKU
     of one of the partner's CSP subscriptions in the tenant, it is the one being replaced and
     the others (free or add-on products) are left out; among those left, the one that still
-    bills (Enabled) first, then the largest."""
+    bills (Enabled) first, then the largest. With several products still Enabled and none
+    named by a CSP subscription, no licence count is taken from any of them."""
     partner = settings.graph.tenant_id.strip().lower()
     csp_skus = {s.get("skuId") for s in subs
                 if str(s.get("ownerTenantId") or "").lower() == partner and s.get("skuId")}
@@ -306,13 +307,21 @@ def _direct(
     replaced = [s for s in direct if s.get("skuId") in csp_skus]
     seen: dict[str, Any] = {"status": "absent"}
     if direct:
-        main = sorted(replaced or direct,
-                      key=lambda s: (s.get("status") != "Enabled",
-                                     -int(s.get("totalLicenses") or 0)))[0]
+        pool = replaced or direct
+        main = sorted(pool, key=lambda s: (s.get("status") != "Enabled",
+                                           -int(s.get("totalLicenses") or 0)))[0]
         sku = next((k for k in skus if k.get("skuId") == main.get("skuId")), None)
         seen = {"id": main.get("id"), "sku": main.get("skuPartNumber"),
                 "status": main.get("status"), "total": main.get("totalLicenses"),
                 "assigned": sku.get("consumedUnits") if sku else None}
+        products = {s.get("skuId") for s in pool if s.get("status") == "Enabled"}
+        if len(products) > 1:
+            # Several products still billed directly, none named by a CSP subscription: which
+            # one is being replaced is not known, so neither is its licence count (a free
+            # product's count must not pick the cancellation route).
+            seen.update(total=None, assigned=None, several=sorted(
+                str(s.get("skuPartNumber") or s.get("skuId")) for s in pool
+                if s.get("status") == "Enabled"))
     res.seen["tenant"] = seen
 
 
