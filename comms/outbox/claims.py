@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -199,8 +199,8 @@ def _unsendable(s: Session, msg: Message, customer: Customer | None, now: dateti
         # A reminder queued before the customer answered (a backlog): the planner holds
         # reminders after a reply, and plans this one again when the hold ends.
         until = reminder_holds(s, [customer.id]).get(customer.id)
-        if until is not None and _aware(until) > now:
-            reason = (f"reminders held until {_aware(until):%Y-%m-%d %H:%M} UTC (the customer "
+        if until is not None and until > now:  # the column's type returns aware UTC
+            reason = (f"reminders held until {until:%Y-%m-%d %H:%M} UTC (the customer "
                       "replied)")
     if reason:
         return reason
@@ -212,10 +212,6 @@ def _unsendable(s: Session, msg: Message, customer: Customer | None, now: dateti
             return "every recipient is on the suppression list"
         return "every To recipient is on the suppression list (a Cc alone is not mailed)"
     return ""
-
-
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _customer_refuses(msg: Message, customer: Customer) -> str:

@@ -39,21 +39,30 @@ class Clock:
         return datetime.now(UTC)
 
 
-def _withdraw(session: Session, customer_id: int, reason: str, at: datetime,
-              *conditions: Any) -> int:
-    result = session.execute(
-        sa.update(Message)
-        .where(col(Message.customer_id) == customer_id, col(Message.status).in_(PENDING),
-               *conditions)
-        .values(status="withdrawn", last_error=reason, updated_at=at)
-    )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+def _withdraw(session: Session, customer_ids: Sequence[int], reason: str, at: datetime,
+              *conditions: Any, evaluate: bool = True) -> int:
+    """Withdraw the customers' queued rows matching ``conditions``, 5,000 customers a
+    statement. ``evaluate`` also updates the rows already loaded in the session (the ORM's
+    default); a caller whose session holds none of them skips that work."""
+    done = 0
+    ids = sorted(set(customer_ids))
+    options = {} if evaluate else {"synchronize_session": False}
+    for start in range(0, len(ids), 5000):
+        result = session.execute(
+            sa.update(Message)
+            .where(col(Message.customer_id).in_(ids[start : start + 5000]),
+                   col(Message.status).in_(PENDING), *conditions)
+            .values(status="withdrawn", last_error=reason, updated_at=at)
+            .execution_options(**options)
+        )
+        done += int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return done
 
 
 def withdraw_stale(session: Session, customer_id: int, stage: str, at: datetime) -> int:
     """Withdraw queued messages planned for another stage than ``stage`` (a stage change
     makes them moot: an approved customer gets no more invitation reminders)."""
-    return _withdraw(session, customer_id, f"stage changed to {stage}", at,
+    return _withdraw(session, [customer_id], f"stage changed to {stage}", at,
                      col(Message.stage) != stage)
 
 
@@ -62,8 +71,8 @@ def withdraw_all_queued(session: Session, customer_id: int, reason: str, at: dat
     """Withdraw every queued message of a customer (opted out, lost); with ``internal_too``
     False, only the customer's own mail (paused: notes to the account manager still go)."""
     if internal_too:
-        return _withdraw(session, customer_id, reason, at)
-    return _withdraw(session, customer_id, reason, at, col(Message.internal).is_(False))
+        return _withdraw(session, [customer_id], reason, at)
+    return _withdraw(session, [customer_id], reason, at, col(Message.internal).is_(False))
 
 
 def withdraw_for_new_content(session: Session, customer_ids: Sequence[int], reason: str,
@@ -72,19 +81,8 @@ def withdraw_for_new_content(session: Session, customer_ids: Sequence[int], reas
     manager, not an operator's resend or forced send) because what it was rendered from
     changed (licences, contacts, name...): the next run plans it again and renders it with
     what is true then (``insert_messages`` queues the same row again)."""
-    done = 0
-    ids = sorted(set(customer_ids))
-    for start in range(0, len(ids), 5000):
-        result = session.execute(
-            sa.update(Message)
-            .where(col(Message.customer_id).in_(ids[start : start + 5000]),
-                   col(Message.status).in_(PENDING), col(Message.internal).is_(False),
-                   col(Message.sequence) >= 0)
-            .values(status="withdrawn", last_error=reason, updated_at=at)
-            .execution_options(synchronize_session=False)
-        )
-        done += int(result.rowcount or 0)  # type: ignore[attr-defined]
-    return done
+    return _withdraw(session, customer_ids, reason, at, col(Message.internal).is_(False),
+                     col(Message.sequence) >= 0, evaluate=False)
 
 
 # --------------------------------------------------------------------------- queueing
