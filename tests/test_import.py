@@ -158,8 +158,14 @@ def test_stage_column_sets_the_starting_stage_of_new_customers_only(
             "awaiting_cancellation", NOW, "imported", None)
     # Existing customers keep their stage: moves go through `set-stage` and the stage machine.
     moved = write(tmp_path, f"{HEADER},stage\nK1,One,1,a@one.example,invited\n", "again.csv")
-    assert run(db, moved, now=LATER).unchanged == 1
+    result = run(db, moved, now=LATER)
+    assert result.unchanged == 1
     assert info(db, "K1").stage == "awaiting_cancellation"  # type: ignore[attr-defined]
+    # ... and the operator is told, with the command that does move it.
+    assert result.stages_ignored == [(2, "K1", "invited", "awaiting_cancellation")]
+    assert ("Row 2: stage invited ignored for K1, already in the ledger at awaiting_cancellation "
+            "(import sets the stage of new customers only; move it with "
+            "`comms customers set-stage K1 invited`).") in result.summary_lines()
 
 
 # ---------------------------------------------------------------- upsert
@@ -202,6 +208,48 @@ def test_changed_row_updates_and_records_what_changed(db: Database, tmp_path: Pa
     ]
     assert k1_info.tags == ("emea", "wave-2")  # type: ignore[attr-defined]
     assert result.changes == {"K1": events[1].note.removeprefix("changed.csv row 2: ")}
+
+
+def test_a_column_the_file_does_not_have_changes_nothing_for_existing_customers(
+    db: Database, tmp_path: Path
+) -> None:
+    # A licence-correction sheet with the required columns only must not reset a Sydney
+    # customer to London business hours, English, no account manager, no wave and no billing
+    # contact (the defaults are for new customers).
+    full = ("key,name,licences,locale,time_zone,account_manager_email,tags,"
+            "primary_contact_name,primary_contact_email,billing_contact_email\n"
+            "AU1,Sydney Dental,10,de,Australia/Sydney,am@fabrikam.example,wave-1,Ann,"
+            "it@dental.example,billing@dental.example\n")
+    run(db, write(tmp_path, full))
+    fix = ("key,name,licences,primary_contact_email\n"
+           "AU1,Sydney Dental,30,it@dental.example\n"
+           "NEW1,New Customer,5,a@new.example\n")
+    result = run(db, write(tmp_path, fix, "licences.csv"), now=LATER)
+    assert (result.created, result.updated) == (1, 1)
+    assert result.changes == {"AU1": "licences: 10 -> 30"}
+    au1 = info(db, "AU1")
+    assert (au1.licences, au1.locale, au1.time_zone, au1.account_manager_email,  # type: ignore[attr-defined]
+            au1.tags) == (30, "de", "Australia/Sydney", "am@fabrikam.example", ("wave-1",))
+    assert [(c.role, c.name, c.email) for c in au1.contacts] == [  # type: ignore[attr-defined]
+        ("primary", "Ann", "it@dental.example"), ("billing", "", "billing@dental.example")]
+    new = info(db, "NEW1")
+    assert (new.locale, new.time_zone) == ("en", "Europe/London")  # type: ignore[attr-defined]
+    assert result.kept_columns == [
+        "tenant_id", "primary_domain", "locale", "time_zone", "account_manager_name",
+        "account_manager_email", "tags", "primary_contact_name", "billing_contact_name",
+        "billing_contact_email", "technical_contact_name", "technical_contact_email"]
+    assert any(line.startswith("Columns not in the file (tenant_id, primary_domain, locale, ")
+               and line.endswith("were left as they are for customers already in the ledger; "
+                                 "new customers get the defaults.")
+               for line in result.summary_lines())
+    # A column the file has is read as written, an empty cell included: it clears the value.
+    cleared = ("key,name,licences,account_manager_email,tags,primary_contact_email,"
+               "billing_contact_email\nAU1,Sydney Dental,30,,,it@dental.example,\n")
+    result = run(db, write(tmp_path, cleared, "cleared.csv"), now=LATER)
+    au1 = info(db, "AU1")
+    assert (au1.account_manager_email, au1.tags, au1.time_zone) == (  # type: ignore[attr-defined]
+        "", (), "Australia/Sydney")
+    assert [c.email for c in au1.contacts] == ["it@dental.example"]  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- every bad input

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from comms.importing.fields import visible
+from comms.store.customer_upsert import ROLES
 
 # The documented columns, in the order export writes them.
 COLUMNS: tuple[str, ...] = (
@@ -36,8 +37,6 @@ COLUMNS: tuple[str, ...] = (
     "technical_contact_email",
 )
 REQUIRED_COLUMNS: tuple[str, ...] = ("key", "name", "licences")
-# Contact roles in the order they are listed and exported.
-ROLES: tuple[str, ...] = ("primary", "billing", "technical")
 # Spellings people type that mean a documented column.
 ALIASES = {"licenses": "licences", "timezone": "time_zone", "tz": "time_zone"}
 # A rejects file carries this column; importing a fixed rejects file ignores it.

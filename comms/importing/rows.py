@@ -114,7 +114,8 @@ class RowValidator:
         contacts = self._contacts(p, values)
         if p.problems:
             return None, p.problems
-        return CustomerRow(row=row, contacts=contacts, **out), []
+        return CustomerRow(row=row, contacts=contacts,
+                           stage_given=bool((values.get("stage") or "").strip()), **out), []
 
     def _contacts(self, p: RowProblems, values: Mapping[str, str]) -> tuple[ContactRow, ...]:
         before = len(p.problems)

@@ -68,12 +68,17 @@ class ImportResult:
     case_matches: list[tuple[int, str, str]] = field(default_factory=list)
     # Addresses that are contacts of several customers (legitimate, but worth a look).
     shared_contacts: list[SharedContact] = field(default_factory=list)
+    # Optional columns the file does not have: existing customers kept their values.
+    kept_columns: list[str] = field(default_factory=list)
+    # (row, key, stage in the file, stage in the ledger) for existing customers.
+    stages_ignored: list[tuple[int, str, str, str]] = field(default_factory=list)
 
     def absorb(self, counts: WriteCounts) -> None:
         self.created, self.updated, self.unchanged = (counts.created, counts.updated,
                                                       counts.unchanged)
         self.changes = counts.changes
         self.case_matches = counts.case_matches
+        self.stages_ignored = counts.stages_ignored
 
     def summary_lines(self) -> list[str]:
         """What the operator reads after the counts: ignored columns, key and contact notes."""
@@ -85,6 +90,17 @@ class ImportResult:
             names += f" and {more} more" if more > 0 else ""
             lines.append(f"Ignored {plural(len(self.ignored_columns), 'column')} that are not "
                          f"part of the format: {names} (--strict-columns refuses them).")
+        if self.kept_columns and (self.updated or self.unchanged):
+            lines.append(f"Columns not in the file ({', '.join(self.kept_columns)}) were left "
+                         "as they are for customers already in the ledger; new customers get "
+                         "the defaults.")
+        for row, key, wanted, stage in self.stages_ignored[:_SHARED_SHOWN]:
+            lines.append(f"Row {row}: stage {wanted} ignored for {key}, already in the ledger "
+                         f"at {stage} (import sets the stage of new customers only; move it "
+                         f"with `comms customers set-stage {key} {wanted}`).")
+        if len(self.stages_ignored) > _SHARED_SHOWN:
+            lines.append(f"... and {len(self.stages_ignored) - _SHARED_SHOWN} more stage(s) "
+                         "ignored.")
         for row, key, stored in self.case_matches[:_SHARED_SHOWN]:
             lines.append(f"Row {row}: key {key} {verb} the existing customer {stored} (keys are "
                          f"compared ignoring case; the key stays {stored}).")
@@ -177,13 +193,16 @@ def import_customers(
     path = Path(path)
     source = CustomerCsv(path, strict_columns=strict_columns)
     validator = RowValidator(settings, campaign, source.duplicate_keys())
-    result = ImportResult(file=path, dry_run=dry_run, ignored_columns=source.map.ignored)
+    present = frozenset(c for c in source.map.columns if c is not None)
+    result = ImportResult(file=path, dry_run=dry_run, ignored_columns=source.map.ignored,
+                          kept_columns=[c for c in COLUMNS if c not in present and c != "stage"])
     rejects = _Rejects(source) if skip_invalid else None
     # One transaction; on SQLite it takes the write lock at once, because the import reads
     # existing customers and then writes (a deferred upgrade could fail as busy).
     with db.session(immediate=True) as session:
         work = session.begin_nested()
-        writer = CustomerWriter(session, now=now, by=by, source_name=path.name)
+        writer = CustomerWriter(session, now=now, by=by, source_name=path.name,
+                                columns=present)
         total = _read_and_write(source, validator, writer, result, rejects, batch_size)
         result.problems = capped(result.problems[:100], max(total, len(result.problems)))
         if result.rejected and rejects is None:

@@ -3,6 +3,9 @@
 The rows come from the CSV reader (``comms.importing``), already valid and normalised. Keys are
 matched ignoring case (a unique index on ``lower(key)`` keeps the ledger that way): a row whose
 key differs from a stored one only in case updates that customer, and the stored spelling stays.
+A column the file does not have changes nothing for a customer already in the ledger (a sheet
+of licence corrections must not reset time zones, languages, tags or other contacts to the
+defaults); an empty cell in a column the file has is a value like any other.
 Writes use Core statements on the tables, because the ORM's per-object cost dominates at
 100,000 rows.
 """
@@ -40,6 +43,8 @@ FIELDS: tuple[str, ...] = (
 CSP_LIVE_STAGE = "awaiting_cancellation"
 # How many changed customers keep their change note for display.
 _CHANGES_KEPT = 1000
+# Contact roles in the order they are listed and exported (the CSV's column prefixes).
+ROLES: tuple[str, ...] = ("primary", "billing", "technical")
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,8 @@ class CustomerRow:
     account_manager_email: str
     tags: tuple[str, ...]
     contacts: tuple[ContactRow, ...]
+    # True when the row's stage cell was filled in (not the campaign's initial stage by default).
+    stage_given: bool = False
 
     def fields(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in FIELDS}
@@ -83,6 +90,9 @@ class WriteCounts:
     changed_ids: list[int] = field(default_factory=list)
     # (row, key as in the file, key as stored) where the two differ only in case.
     case_matches: list[tuple[int, str, str]] = field(default_factory=list)
+    # (row, key as stored, stage in the file, stage in the ledger): a stage cell that differs
+    # from an existing customer's stage, which import does not change.
+    stages_ignored: list[tuple[int, str, str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -110,12 +120,20 @@ def _contact_label(role: str, name: str) -> str:
 class CustomerWriter:
     """Upserts batches of valid rows inside the caller's transaction."""
 
-    def __init__(self, session: Session, *, now: datetime, by: str, source_name: str) -> None:
+    def __init__(self, session: Session, *, now: datetime, by: str, source_name: str,
+                 columns: frozenset[str] | None = None) -> None:
+        """``columns``: the documented columns the file has (None: all of them); an existing
+        customer's values for the others are kept."""
         self.session = session
         self.now = now
         self.by = by
         self.source_name = source_name
         self.counts = WriteCounts()
+        self.fields = FIELDS if columns is None else tuple(f for f in FIELDS if f in columns)
+        self.tags = columns is None or "tags" in columns
+        # Contact roles whose email column the file has, and those whose name column it has.
+        self.roles = {r for r in ROLES if columns is None or f"{r}_contact_email" in columns}
+        self.named = {r for r in ROLES if columns is None or f"{r}_contact_name" in columns}
 
     def flush(self, batch: Sequence[CustomerRow]) -> None:
         """Insert the new customers of ``batch`` and update the existing ones."""
@@ -197,9 +215,12 @@ class CustomerWriter:
             old = existing[r.key.lower()]
             if old["key"] != r.key:
                 self.counts.case_matches.append((r.row, r.key, old["key"]))
+            if r.stage_given and r.stage != old["stage"]:
+                self.counts.stages_ignored.append((r.row, old["key"], r.stage, old["stage"]))
             cid = old["id"]
             changes, values = self._changed_fields(old, r)
-            changes.extend(self._sync_tags(cid, old_tags[cid], set(r.tags)))
+            if self.tags:
+                changes.extend(self._sync_tags(cid, old_tags[cid], set(r.tags)))
             changes.extend(self._sync_contacts(cid, old_contacts[cid], r.contacts))
             if not changes:
                 self.counts.unchanged += 1
@@ -218,11 +239,11 @@ class CustomerWriter:
         if events:
             s.execute(sa.insert(EVENTS), events)
 
-    @staticmethod
-    def _changed_fields(old: Any, r: CustomerRow) -> tuple[list[str], dict[str, Any]]:
+    def _changed_fields(self, old: Any, r: CustomerRow) -> tuple[list[str], dict[str, Any]]:
         changes: list[str] = []
         values: dict[str, Any] = {}
-        for f, new in r.fields().items():
+        for f in self.fields:
+            new = getattr(r, f)
             if old[f] != new:
                 changes.append(f"{f}: {_fmt(old[f])} -> {_fmt(new)}")
                 values[f] = new
@@ -245,7 +266,8 @@ class CustomerWriter:
         s = self.session
         changes: list[str] = []
         wanted = {c.email: c for c in new}
-        gone = [e for e in old if e not in wanted]
+        # A contact in a role whose column the file does not have stays.
+        gone = [e for e in old if e not in wanted and old[e]["role"] in self.roles]
         for email in gone:
             o = old[email]
             changes.append(f"contact {email} removed ({_contact_label(o['role'], o['name'])})")
@@ -262,7 +284,7 @@ class CustomerWriter:
             if o["role"] != c.role:
                 changes.append(f"contact {c.email}: role {o['role']} -> {c.role}")
                 diff["role"] = c.role
-            if o["name"] != c.name:
+            if o["name"] != c.name and c.role in self.named:
                 changes.append(f"contact {c.email}: name {_fmt(o['name'])} -> {_fmt(c.name)}")
                 diff["name"] = c.name
             if o["email"] != c.email:
