@@ -30,6 +30,12 @@ def _show_control(match: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
+def tag_value(value: str | None) -> str | None:
+    """A ``--tag`` as tags are stored (lower case, trimmed): ``--tag Wave-1`` selects the
+    customers an import tagged ``Wave-1``."""
+    return value.strip().lower() if value else value
+
+
 def visible(value: object) -> str:
     """``value`` as text with every control character shown as an escape (``\\x1b``)."""
     return _CONTROL.sub(_show_control, str(value))

@@ -77,7 +77,7 @@ def import_cmd(
 @customers_app.command("list")
 def list_cmd(
     stage: str = typer.Option(None, "--stage", help="Only customers in this stage."),
-    tag: str = typer.Option(None, "--tag", help="Only customers with this tag."),
+    tag: str = typer.Option(None, "--tag", callback=common.tag_value, help="Only customers with this tag."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
     shared_contacts: bool = typer.Option(
         False, "--shared-contacts",
@@ -178,7 +178,7 @@ def set_stage_cmd(
     ),
     where_stage: str = typer.Option(
         None, "--where-stage", help="Move every customer currently in this stage."),
-    tag: str = typer.Option(None, "--tag", help="With --where-stage: only customers with this tag."),
+    tag: str = typer.Option(None, "--tag", callback=common.tag_value, help="With --where-stage: only customers with this tag."),
     note: str = typer.Option("", "--note", help="Why; recorded in the audit trail."),
     force: bool = typer.Option(
         False, "--force", help="Allow a move the campaign does not allow (needs --note)."),

@@ -15,7 +15,7 @@ from comms.services.shutdown import graceful_stop
 def send(
     keys: list[str] = typer.Argument(None, help="Customer key(s). Or use --tag.", show_default=False),
     message: str = typer.Option(None, "--message", "-m", help="Send this message instead of what the stage calls for."),
-    tag: str = typer.Option(None, "--tag", help="Send to every customer with this tag (a wave)."),
+    tag: str = typer.Option(None, "--tag", callback=common.tag_value, help="Send to every customer with this tag (a wave)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be sent; send nothing."),
     yes: bool = present.yes_option(),
     resend: bool = typer.Option(False, "--resend", help="Send a message again that was already sent (needs --note)."),
@@ -55,7 +55,7 @@ def run(
     now: str = typer.Option(None, "--now", help="Simulated time (ISO 8601; without an offset it is read in [defaults] time_zone); default: now."),
     limit: int = typer.Option(None, "--limit", min=0, help="Send at most N messages this run."),
     max_minutes: float = typer.Option(50.0, "--max-minutes", min=0.0, help="Stop dispatching after M minutes (queued mail waits for the next run)."),
-    tag: str = typer.Option(None, "--tag", help="Only customers with this tag (a marketing wave)."),
+    tag: str = typer.Option(None, "--tag", callback=common.tag_value, help="Only customers with this tag (a marketing wave)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
     sync: bool = typer.Option(False, "--sync", help="Sync stages from Partner Center / Graph first (also [sync] on_run)."),
     inbox: bool = typer.Option(False, "--inbox", help="Read replies and bounces first (`comms inbox sync`); also [inbox] on_run."),

@@ -137,7 +137,7 @@ def report(
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write."),
     now: str = typer.Option(None, "--now", help=NOW_HELP),
     days: int = typer.Option(30, "--days", min=1, help="Days of messages-per-day history."),
-    tag: str = typer.Option(None, "--tag", help="Manager figures for this wave (tag) only."),
+    tag: str = typer.Option(None, "--tag", callback=common.tag_value, help="Manager figures for this wave (tag) only."),
     since: str = typer.Option(None, "--since", help="Manager figures for customers imported "
                               "since this moment (ISO 8601)."),
 ) -> None:

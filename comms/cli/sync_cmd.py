@@ -17,7 +17,7 @@ def sync(
     dry_run: bool = typer.Option(False, "--dry-run", help="Read and show what would move; record nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
     customer: list[str] = typer.Option(None, "--customer", help="Only this customer key (repeatable)."),
-    tag: str = typer.Option(None, "--tag", help="Only customers with this tag."),
+    tag: str = typer.Option(None, "--tag", callback=common.tag_value, help="Only customers with this tag."),
     source: str = typer.Option(None, "--source", help="Only this source: partner_center, gdap or tenant."),
     now: str = typer.Option(None, "--now", help="Simulated time of the observation (ISO 8601; without an offset it is read in [defaults] time_zone); default: now."),
 ) -> None:

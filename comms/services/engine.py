@@ -264,12 +264,12 @@ def _queue_batch(
     chunks = _Chunks(render)
     for start in range(0, len(ids), LOAD_PART):
         part = ids[start:start + LOAD_PART]
-        customers = load_customers(s, part)
+        customers = load_customers(s, part, lock="" if dry_run else "skip")
         history = load_history(s, part)
         for cid in part:
             customer = customers.get(cid)
             if customer is None or not stages.is_sendable(customer):
-                continue  # changed since the ids were read
+                continue  # changed since the ids were read, or being changed (locked) now
             p = planner.plan(customer, history.get(cid, []), now, campaign)
             report.customers += 1
             if gate is not None and gate.holds(customer, history.get(cid, []),

@@ -4,7 +4,7 @@ their stage does not call for unless forced, and queue them to be dispatched at 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +21,7 @@ from comms.services.queue_render import render_one
 from comms.store import bodies
 from comms.store.db import Database
 from comms.store.models import Customer, CustomerTag, Message, StageEvent
+from comms.wording import plural
 
 # --------------------------------------------------------------------------- one-off sends
 
@@ -158,6 +159,26 @@ def _explicit(
                           reminder_number=max(sequence, 0))
 
 
+def _unchanged_since_prepared(s: Session, prepared: Sequence[Prepared]) -> None:
+    shown = {p.customer.id: p.customer for p in prepared if p.customer.id is not None}
+    now = load_customers(s, list(shown), lock="wait")
+    changed: list[str] = []
+    for cid, before in shown.items():
+        after = now.get(cid)
+        if after is None:
+            changed.append(f"{before.key} (deleted)")
+        elif after != before:
+            what = [f.name for f in fields(CustomerInfo)
+                    if getattr(after, f.name) != getattr(before, f.name)]
+            changed.append(f"{before.key} ({', '.join(what)})")
+    if changed:
+        raise StateConflict(
+            f"{plural(len(changed), 'customer')} changed since the messages were prepared: "
+            f"{'; '.join(changed)}. Nothing was queued or sent (the messages were rendered from "
+            "the old values). Run the command again to see them as they are now."
+        )
+
+
 def _stage_sends(campaign: Campaign, stage_name: str, message: str) -> bool:
     """Whether the customer's current stage itself sends ``message``."""
     if not campaign.has_stage(stage_name):
@@ -170,9 +191,15 @@ def _stage_sends(campaign: Campaign, stage_name: str, message: str) -> bool:
 def queue_prepared(
     db: Database, prepared: Sequence[Prepared], *, by: str, now: datetime
 ) -> list[int]:
-    """Freeze prepared messages into the outbox (a resend is also recorded in the audit trail)."""
+    """Freeze prepared messages into the outbox (a resend is also recorded in the audit trail).
+
+    Refuses (``StateConflict``, nothing queued) when a customer changed since the messages
+    were prepared and shown (an import, stage sync or another operator while the operator read
+    the question): they were rendered from the old values, which pick the cancellation route
+    and the recipients."""
     ids: list[int] = []
     with db.session(immediate=True) as s:
+        _unchanged_since_prepared(s, prepared)
         for p in prepared:
             inserted = outbox.insert_messages(s, [p.row])
             if not inserted:

@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -38,9 +38,18 @@ def _role_rank(role: str) -> int:
 _CHUNK = 5000
 
 
-def load_customers(session: Session, ids: Sequence[int]) -> dict[int, CustomerInfo]:
+def load_customers(session: Session, ids: Sequence[int], *,
+                   lock: Literal["", "wait", "skip"] = "") -> dict[int, CustomerInfo]:
     """The domain view of many customers by id: the one loader behind planning, sending,
     preview, `customers show/list` and the account manager's note.
+
+    ``lock`` (PostgreSQL; SQLite serialises writers already and ignores it): the customer
+    rows stay locked until the caller's transaction ends, so what was read is what the caller
+    writes against. ``"skip"`` (the run's planning) leaves out a customer another transaction
+    is changing right now (a stage move, an import, stage sync): it stays due and the next run
+    plans it on what was committed; without the lock, a move committed while the run planned
+    was partly undone by the run's write of the old plan's ``next_due_at``. ``"wait"`` (a
+    one-off send checking its customers before queueing) waits for such a change to end.
 
     Core queries (no ORM objects: this runs for every due customer of a scheduled run).
     Contacts come in role order (primary, billing, technical), then in the order they were
@@ -50,25 +59,7 @@ def load_customers(session: Session, ids: Sequence[int]) -> dict[int, CustomerIn
     id_list = list(dict.fromkeys(ids))
     if not id_list:
         return {}
-    customers_t = Customer.__table__  # type: ignore[attr-defined]
-    contacts_t = Contact.__table__  # type: ignore[attr-defined]
-    tags_t = CustomerTag.__table__  # type: ignore[attr-defined]
-    rows: list[Any] = []
-    contacts: dict[int, list[Any]] = defaultdict(list)
-    tags: dict[int, list[str]] = defaultdict(list)
-    for start in range(0, len(id_list), _CHUNK):
-        chunk = id_list[start : start + _CHUNK]
-        rows += session.execute(sa.select(customers_t).where(customers_t.c.id.in_(chunk))).all()
-        for c in session.execute(
-            sa.select(contacts_t.c.id, contacts_t.c.customer_id, contacts_t.c.name,
-                      contacts_t.c.email, contacts_t.c.role)
-            .where(contacts_t.c.customer_id.in_(chunk))
-        ).all():
-            contacts[c.customer_id].append(c)
-        for t in session.execute(
-            sa.select(tags_t.c.customer_id, tags_t.c.tag).where(tags_t.c.customer_id.in_(chunk))
-        ).all():
-            tags[t.customer_id].append(t.tag)
+    rows, contacts, tags = _read_customers(session, id_list, lock)
     suppressed = _suppressed(session, {c.email.lower() for cs in contacts.values() for c in cs}
                              | {r.account_manager_email.strip().lower() for r in rows
                                 if r.account_manager_email})
@@ -93,6 +84,35 @@ def load_customers(session: Session, ids: Sequence[int]) -> dict[int, CustomerIn
             reminders_held_until=held.get(r.id),
         )
     return out
+
+
+def _read_customers(
+    session: Session, id_list: list[int], lock: Literal["", "wait", "skip"]
+) -> tuple[list[Any], dict[int, list[Any]], dict[int, list[str]]]:
+    """The customers' rows, contacts and tags, ``_CHUNK`` ids a query."""
+    customers_t = Customer.__table__  # type: ignore[attr-defined]
+    contacts_t = Contact.__table__  # type: ignore[attr-defined]
+    tags_t = CustomerTag.__table__  # type: ignore[attr-defined]
+    rows: list[Any] = []
+    contacts: dict[int, list[Any]] = defaultdict(list)
+    tags: dict[int, list[str]] = defaultdict(list)
+    for start in range(0, len(id_list), _CHUNK):
+        chunk = id_list[start : start + _CHUNK]
+        read = sa.select(customers_t).where(customers_t.c.id.in_(chunk))
+        if lock:
+            read = read.with_for_update(skip_locked=lock == "skip")
+        rows += session.execute(read).all()
+        for c in session.execute(
+            sa.select(contacts_t.c.id, contacts_t.c.customer_id, contacts_t.c.name,
+                      contacts_t.c.email, contacts_t.c.role)
+            .where(contacts_t.c.customer_id.in_(chunk))
+        ).all():
+            contacts[c.customer_id].append(c)
+        for t in session.execute(
+            sa.select(tags_t.c.customer_id, tags_t.c.tag).where(tags_t.c.customer_id.in_(chunk))
+        ).all():
+            tags[t.customer_id].append(t.tag)
+    return rows, contacts, tags
 
 
 def latest_observations(session: Session, ids: Sequence[int]) -> dict[int, Observation]:
