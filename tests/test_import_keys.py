@@ -22,6 +22,11 @@ from comms.store.models import Customer
 
 Cli = Callable[..., Any]
 HEADER = "key,name,licences,primary_contact_email"
+# What an import of HEADER's columns says when it updates a customer.
+KEPT = ("Not in the file, so left as they are for existing customers: tenant_id, "
+        "primary_domain, locale, time_zone, account_manager_name, account_manager_email, tags, "
+        "primary_contact_name, billing_contact_name, billing_contact_email, "
+        "technical_contact_name, technical_contact_email (new customers get the defaults).")
 
 
 def write(tmp_path: Path, text: str, name: str = "in.csv") -> Path:
@@ -67,12 +72,33 @@ def test_a_key_differing_in_case_updates_the_existing_customer(cli: Cli, db: Dat
     assert lines == [
         "Imported b.csv: 1 row; 0 new, 1 updated, 0 unchanged, 0 rejected.",
         "  CUST-1: licences: 5 -> 7",
+        KEPT,
         "Row 2: key cust-1 updated the existing customer CUST-1 (keys are compared ignoring "
         "case; the key stays CUST-1).",
     ]
     assert keys(db) == ["CUST-1"]
     with db.session() as s:
         assert repo.get_customer(s, "CUST-1").licences == 7
+
+
+@pytest.mark.parametrize("key", ["ÄRZTE-1", "ärzte-1", "ÖBB-7", "STRAßE-3"])
+def test_a_key_with_a_letter_the_databases_cannot_compare_ignoring_case_is_refused(
+    cli: Cli, db: Database, tmp_path: Path, key: str
+) -> None:
+    # SQLite's lower() (and its unique index on the lower-case key) folds ASCII only: such a
+    # key made a second customer for another spelling (each mailed), or failed on the index
+    # when the same file was imported again.
+    result = cli("customers", "import", str(write(tmp_path, f"{HEADER}\n{key},Ärzte GmbH,10,"
+                                                            "it@aerzte.example\n")))
+    assert result.exit_code != 0
+    letter = next(ch for ch in key if not ch.isascii())
+    assert (f'row 2, column key, value "{key}": has the letter {letter!r}; a key may use the '
+            "letters A-Z (any case), digits, punctuation and letters without case") in (
+        " ".join(result.output.split()))
+    assert keys(db) == []
+    # Keys in scripts without case (and ASCII punctuation) are fine.
+    imported(cli, write(tmp_path, f"{HEADER}\n顧客-1,Kunde,10,it@kunde.example\n", "cjk.csv"))
+    assert keys(db) == ["顧客-1"]
 
 
 def test_the_ledger_refuses_a_second_key_differing_only_in_case(db: Database) -> None:
@@ -138,6 +164,7 @@ def test_dry_run_reports_and_rolls_back(cli: Cli, db: Database, tmp_path: Path) 
         "Dry run of b.csv, nothing written: 2 rows; 1 new, 1 updated, 0 unchanged, 0 "
         "rejected.",
         "  K1: licences: 5 -> 6",
+        KEPT,
         "Row 2: key k1 would update the existing customer K1 (keys are compared ignoring case; "
         "the key stays K1).",
         "Warning: boss@dup.example is a contact of 2 customers: K1 (Alpha Ltd), K2 (Beta Ltd).",

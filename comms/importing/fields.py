@@ -93,6 +93,16 @@ def key(value: str) -> str:
         raise FieldError("is empty; every customer needs a unique key (e.g. its CRM id)")
     if len(value) > 100:
         raise FieldError("is longer than 100 characters")
+    cased = next((ch for ch in value if not ch.isascii() and ch.lower() + ch.upper() != ch * 2),
+                 None)
+    if cased is not None:
+        # Keys are matched ignoring case, and the databases fold ASCII letters only: "ÄRZTE-1"
+        # and "ärzte-1" would become two customers (each mailed), or an unchanged re-import
+        # would fail on the unique index.
+        raise FieldError(f"has the letter {cased!r}; a key may use the letters A-Z (any case), "
+                         "digits, punctuation and letters without case, because keys are "
+                         "matched ignoring case; use the CRM's account number or write the "
+                         "letter without its accent (AERZTE-1)")
     return value
 
 

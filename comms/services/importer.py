@@ -90,10 +90,9 @@ class ImportResult:
             names += f" and {more} more" if more > 0 else ""
             lines.append(f"Ignored {plural(len(self.ignored_columns), 'column')} that are not "
                          f"part of the format: {names} (--strict-columns refuses them).")
-        if self.kept_columns and (self.updated or self.unchanged):
-            lines.append(f"Columns not in the file ({', '.join(self.kept_columns)}) were left "
-                         "as they are for customers already in the ledger; new customers get "
-                         "the defaults.")
+        if self.kept_columns and self.updated:
+            lines.append(f"Not in the file, so left as they are for existing customers: "
+                         f"{', '.join(self.kept_columns)} (new customers get the defaults).")
         for row, key, wanted, stage in self.stages_ignored[:_SHARED_SHOWN]:
             lines.append(f"Row {row}: stage {wanted} ignored for {key}, already in the ledger "
                          f"at {stage} (import sets the stage of new customers only; move it "
