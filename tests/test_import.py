@@ -244,12 +244,14 @@ def test_a_column_the_file_does_not_have_changes_nothing_for_existing_customers(
             "technical_contact_name, technical_contact_email (new customers get the "
             "defaults).") in result.summary_lines()
     # A column the file has is read as written, an empty cell included: it clears the value.
-    cleared = ("key,name,licences,account_manager_email,tags,primary_contact_email,"
-               "billing_contact_email\nAU1,Sydney Dental,30,,,it@dental.example,\n")
+    # (locale and time zone have a default, which is for new customers: empty keeps them).
+    cleared = ("key,name,licences,locale,time_zone,account_manager_email,tags,"
+               "primary_contact_email,billing_contact_email\n"
+               "AU1,Sydney Dental,30,,,,,it@dental.example,\n")
     result = run(db, write(tmp_path, cleared, "cleared.csv"), now=LATER)
     au1 = info(db, "AU1")
-    assert (au1.account_manager_email, au1.tags, au1.time_zone) == (  # type: ignore[attr-defined]
-        "", (), "Australia/Sydney")
+    assert (au1.account_manager_email, au1.tags, au1.time_zone,  # type: ignore[attr-defined]
+            au1.locale) == ("", (), "Australia/Sydney", "de")
     assert [c.email for c in au1.contacts] == ["it@dental.example"]  # type: ignore[attr-defined]
 
 

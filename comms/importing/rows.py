@@ -114,8 +114,8 @@ class RowValidator:
         contacts = self._contacts(p, values)
         if p.problems:
             return None, p.problems
-        return CustomerRow(row=row, contacts=contacts,
-                           stage_given=bool((values.get("stage") or "").strip()), **out), []
+        defaulted = frozenset(c for c in self._defaults if not (values.get(c) or "").strip())
+        return CustomerRow(row=row, contacts=contacts, defaulted=defaulted, **out), []
 
     def _contacts(self, p: RowProblems, values: Mapping[str, str]) -> tuple[ContactRow, ...]:
         before = len(p.problems)

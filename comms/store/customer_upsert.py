@@ -5,7 +5,8 @@ matched ignoring case (a unique index on ``lower(key)`` keeps the ledger that wa
 key differs from a stored one only in case updates that customer, and the stored spelling stays.
 A column the file does not have changes nothing for a customer already in the ledger (a sheet
 of licence corrections must not reset time zones, languages, tags or other contacts to the
-defaults); an empty cell in a column the file has is a value like any other.
+defaults), nor does an empty cell that has a default (locale, time zone); any other empty
+cell is a value like any other (it clears the account manager, the tags, a role's contacts).
 Writes use Core statements on the tables, because the ORM's per-object cost dominates at
 100,000 rows.
 """
@@ -71,8 +72,9 @@ class CustomerRow:
     account_manager_email: str
     tags: tuple[str, ...]
     contacts: tuple[ContactRow, ...]
-    # True when the row's stage cell was filled in (not the campaign's initial stage by default).
-    stage_given: bool = False
+    # Columns whose empty cell got the default (locale, time_zone, stage): the default is for a
+    # new customer; an existing one keeps what it has.
+    defaulted: frozenset[str] = frozenset()
 
     def fields(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in FIELDS}
@@ -215,7 +217,7 @@ class CustomerWriter:
             old = existing[r.key.lower()]
             if old["key"] != r.key:
                 self.counts.case_matches.append((r.row, r.key, old["key"]))
-            if r.stage_given and r.stage != old["stage"]:
+            if "stage" not in r.defaulted and r.stage != old["stage"]:
                 self.counts.stages_ignored.append((r.row, old["key"], r.stage, old["stage"]))
             cid = old["id"]
             changes, values = self._changed_fields(old, r)
@@ -243,6 +245,8 @@ class CustomerWriter:
         changes: list[str] = []
         values: dict[str, Any] = {}
         for f in self.fields:
+            if f in r.defaulted:
+                continue
             new = getattr(r, f)
             if old[f] != new:
                 changes.append(f"{f}: {_fmt(old[f])} -> {_fmt(new)}")
