@@ -126,6 +126,9 @@ class SentMessage:
     stage: str
     planned_at: datetime
     sent_at: datetime | None = None
+    # Withdrawn by an operator (`comms outbox withdraw`): never queued again, and passed over
+    # so that the reminders after it still follow.
+    by_operator: bool = False
 
 
 @dataclass(frozen=True)

@@ -203,24 +203,28 @@ def copied_manager(
 
 # --- history ---------------------------------------------------------------------------------
 
+# A message an operator withdrew: it stays withdrawn, and what follows it is planned.
+SKIPPED = "skipped"
+
 
 @dataclass(frozen=True)
 class _Entry:
     """What the history says about one (message, sequence): the strongest status wins
-    (sent > pending > failed); withdrawn entries do not count."""
+    (sent > pending > skipped > failed); withdrawn entries do not count, except one an operator
+    withdrew, which is skipped: never planned again, and the reminders after it follow."""
 
-    status: str  # sent | pending | failed
+    status: str  # sent | pending | skipped | failed
     stage: str
     at: datetime  # sent: when it went out (latest); otherwise: when it was planned (latest)
 
 
 def _index(history: Iterable[SentMessage]) -> dict[tuple[str, int], _Entry]:
-    rank = {MessageStatus.SENT: 3, "pending": 2, MessageStatus.FAILED: 1}
+    rank = {MessageStatus.SENT: 4, "pending": 3, SKIPPED: 2, MessageStatus.FAILED: 1}
     out: dict[tuple[str, int], _Entry] = {}
     for h in history:
-        if h.status == MessageStatus.WITHDRAWN:
+        if h.status == MessageStatus.WITHDRAWN and not h.by_operator:
             continue
-        status = "pending" if h.status in PENDING else h.status
+        status = SKIPPED if h.by_operator else "pending" if h.status in PENDING else h.status
         if status == "bounced":  # accepted and sent; an NDR came back for (some) recipients
             status = "sent"
         if status not in rank:
@@ -283,7 +287,7 @@ def plan(
         elif entry.status == "pending":
             base = None
             follow_up = _first_reminder_after(stage, max(now, entry.at))
-        else:  # failed: no reminder may follow a message the customer never got
+        else:  # failed or withdrawn by an operator: no reminder follows a message never sent
             return Plan(due=(), next_due_at=None)
 
     if base is not None and stage.reminders is not None and not stage.final:
@@ -389,5 +393,5 @@ def _reminder_step(
             return [], follow
         if entry.status == MessageStatus.FAILED:
             return [], None
-        prev_sent = entry.at
+        prev_sent = entry.at  # sent, or withdrawn by an operator (counted from its planning)
     return [], None

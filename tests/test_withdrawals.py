@@ -150,6 +150,33 @@ def test_an_operator_withdrawal_is_final(
     assert (m.status, m.error_code) == ("withdrawn", "withdrawn_by_operator")
 
 
+def test_withdrawing_one_reminder_passes_it_over_and_the_next_ones_follow(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    # An operator withdraws reminder 1 (a typo, a customer on the phone). It planned that
+    # reminder again at every run, the outbox refused it, and reminders 2 and 3 waited for it
+    # for ever: the stage's later, escalating reminders were lost without a word.
+    _import(tmp_path, "W1,Withdrawn Ltd,5,invited,,,boss@w1.example,\n")
+    assert cli("run", "--now", NOW).exit_code == 0  # the invitation goes out
+    day3 = (T0 + timedelta(days=3, hours=1)).isoformat()
+    assert "queued 1" in cli("run", "--now", day3, "--limit", "0").stdout
+    reminder = max(_rows_with_ids(db))
+    assert reminder[1:3] == ("partner_invitation_reminder", 1)
+    assert cli("outbox", "withdraw", str(reminder[0])).exit_code == 0
+    for day in range(4, 22):
+        assert cli("run", "--now", (T0 + timedelta(days=day)).isoformat()).exit_code == 0
+    sent = [(m, n) for m, n, status, _ in _rows(db) if status == "sent"]
+    assert sent == [("partner_invitation", 0), ("partner_invitation_reminder", 2),
+                    ("partner_invitation_reminder", 3)]
+    assert ("partner_invitation_reminder", 1, "withdrawn") in [r[:3] for r in _rows(db)]
+    assert len(env["sandbox"].sent()) == 3
+
+
+def _rows_with_ids(db: Database) -> list[tuple[int, str, int]]:
+    with db.session() as s:
+        return [(m.id or 0, m.message, m.sequence) for m in s.exec(select(Message)).all()]
+
+
 def test_a_customer_named_twice_is_sent_to_once(
     env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
 ) -> None:

@@ -108,15 +108,17 @@ def load_history(session: Session, ids: Sequence[int]) -> dict[int, list[SentMes
     # Only the columns the planner needs: never load the frozen bodies here.
     columns: list[Any] = [
         Message.customer_id, Message.message, Message.sequence, Message.status,
-        Message.stage, Message.created_at, Message.sent_at,
+        Message.stage, Message.created_at, Message.sent_at, Message.error_code,
     ]
     rows = session.execute(
         sa.select(*columns)
         .where(col(Message.customer_id).in_(list(ids)))
         .order_by(col(Message.id))
     ).all()
-    for cid, message, seq, status, stage, created, sent in rows:
-        history[cid].append(SentMessage(message, seq, status, stage, created, sent))
+    for cid, message, seq, status, stage, created, sent, code in rows:
+        history[cid].append(SentMessage(
+            message, seq, status, stage, created, sent,
+            by_operator=status == MessageStatus.WITHDRAWN and code == outbox.BY_OPERATOR))
     return history
 
 
