@@ -8,15 +8,18 @@ import threading
 import time
 from collections import deque
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import factories
 import pytest
-from sqlmodel import select
+import sqlalchemy as sa
+from sqlmodel import col, select
 
 from comms import outbox, pacing
 from comms.config import Settings
 from comms.delivery.base import Outcome, OutgoingEmail, SendResult
 from comms.errors import CommsError
+from comms.services import outbox_admin
 from comms.store import bodies
 from comms.store.db import Database
 from comms.store.models import Message, SendSlot, Suppression
@@ -170,6 +173,47 @@ def test_unknown_without_mail_read_waits_for_an_operator(db: Database) -> None:
         outbox.resolve(db, mid, sent=True, by="op", now=T0)
 
 
+def test_a_resend_by_hand_waits_while_sent_items_can_still_decide(db: Database,
+                                                                 cli: Any) -> None:
+    # Graph accepted the message but the answer was lost. With Mail.Read, the lookup after the
+    # grace period finds it; an operator's `resolve --resend` before that (or during the
+    # lookup) sent the customer a second copy.
+    cid = add_customer(db)
+    mid = queue(db, cid)
+    t = ScriptedTransport(SendResult(Outcome.UNKNOWN, message="read timeout",
+                                     details={"accepted": "yes"}))
+    patient = Settings.model_validate({
+        "senders": [{"address": "a@fabrikam.example"}],
+        "graph": {"reconcile_grace_seconds": 600, "timeout_seconds": 0.2},
+        "delivery": {"lease_seconds": 5, "time_scale": 0.001}})
+    dispatch(db, t, patient, seconds=1)
+    assert (status_of(db, mid).status, status_of(db, mid).error_code) == ("unknown", "")
+    refused = cli("outbox", "resolve", str(mid), "--resend")
+    assert refused.exit_code != 0
+    assert (f"Message {mid} may have been accepted: comms looks its send id up in Sent Items "
+            "once the grace period has passed") in " ".join(refused.output.split())
+    assert status_of(db, mid).status == "unknown"
+    # A reconcile pass holds the row while it looks: no decision meanwhile, --sent included.
+    with db.session() as s:
+        s.execute(sa.update(Message).where(col(Message.id) == mid).values(
+            claimed_by="reconcile-pass", lease_until=datetime.now(UTC) + timedelta(minutes=1)))
+    with pytest.raises(CommsError, match="is being looked up in Sent Items right now"):
+        outbox.resolve(db, mid, sent=True, by="op", now=T0, reconciling=True)
+    # The lookup decides: found, sent once.
+    with db.session() as s:
+        s.execute(sa.update(Message).where(col(Message.id) == mid).values(
+            claimed_by="", lease_until=None, unknown_since=T0 - timedelta(hours=1)))
+    report = dispatch(db, t, patient, seconds=2)
+    assert (report.confirmed, status_of(db, mid).status, len(t.calls)) == (1, "sent", 1)
+    # Held because Sent Items could not be read: the operator decides, --resend allowed.
+    other = queue(db, cid, seq=1)
+    with db.session() as s:
+        s.execute(sa.update(Message).where(col(Message.id) == other).values(
+            status="unknown", error_code=outbox.HELD, attempts=1, unknown_since=T0))
+    assert outbox.resolve(db, other, sent=False, by="op", now=T0,
+                          reconciling=True).status == "queued"
+
+
 def test_expired_lease_of_a_dead_worker_becomes_unknown_then_reconciled(db: Database) -> None:
     cid = add_customer(db)
     mid = queue(db, cid)
@@ -304,3 +348,37 @@ def test_a_message_that_waited_past_its_send_window_moves_to_the_next_one(db: Da
     while status_of(db, mid).status == "queued" and time.monotonic() < give_up:
         monday.run(deadline=time.monotonic() + 2, report=report)
     assert report.sent == 1 and status_of(db, mid).status == "sent"
+
+
+def test_a_withdrawal_and_a_claim_of_the_same_row_never_both_win(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PostgreSQL: `comms outbox withdraw` read the row without a lock; a run claiming it
+    # between that read and the write had it sent while the operator read "withdrawn".
+    cid = add_customer(db)
+    mid = queue(db, cid)
+    settings = settings_for()
+    limits = pacing.Limits.of(settings.senders[0], 1.0, None)
+    claims: list[object] = []
+    started: list[bool] = []
+    if not db.is_sqlite:  # SQLite: one writer at a time, the claim cannot come in between
+        from sqlmodel import Session
+
+        read = Session.get
+
+        def read_then_claim(self: Session, *args: Any, **kwargs: Any) -> Any:
+            row = read(self, *args, **kwargs)
+            if not started:  # once (the claim reads rows with Session.get too)
+                started.append(True)
+                claims.append(outbox.claim(db, limits, settings=settings, clock=outbox.Clock(),
+                                           worker="w1", lease=timedelta(seconds=60)))
+            return row
+
+        monkeypatch.setattr(Session, "get", read_then_claim)
+    told = outbox_admin.withdraw(db, mid, now=T0, by="op")
+    monkeypatch.undo()
+    assert told.status == "withdrawn"
+    assert claims in ([], [None])  # the locked row is skipped by the claim
+    m = status_of(db, mid)
+    assert (m.status, m.attempts, m.error_code) == ("withdrawn", 0, outbox.BY_OPERATOR)
+

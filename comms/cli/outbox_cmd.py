@@ -103,11 +103,15 @@ def resolve(
     sent: bool = typer.Option(False, "--sent", help="It did reach the customer (e.g. you saw it in Sent Items)."),
     resend: bool = typer.Option(False, "--resend", help="It did not; send it again."),
 ) -> None:
-    """Decide an unknown outcome by hand (needed when the app has no Mail.Read to check)."""
+    """Decide an unknown outcome by hand (needed when the app has no Mail.Read to check).
+
+    With [graph] reconcile on, --resend is refused until the message is held for you: the
+    Sent Items lookup after the grace period decides it without risking a second copy."""
     if sent == resend:
         raise RequestRefused("Say either --sent or --resend.")
-    m = outbox_admin.resolve(common.app().database, message_id, sent=sent, now=datetime.now(UTC),
-                             by=common.actor())
+    app = common.app()
+    m = outbox_admin.resolve(app.database, message_id, sent=sent, now=datetime.now(UTC),
+                             by=common.actor(), reconciling=app.settings.graph.reconcile)
     console.print(f"Message {m.id} is now {m.status}.")
 
 

@@ -211,16 +211,34 @@ def _verdict_values(ep: Episode, verdict: bool | str | None, now: datetime) -> d
             f"decide with `comms outbox resolve {ep.message_id} --sent` or `--resend`"}
 
 
-def resolve(db: Database, message_id: int, *, sent: bool, by: str, now: datetime) -> Message:
-    """An operator's decision on an `unknown` row: it was sent, or send it again."""
+def resolve(db: Database, message_id: int, *, sent: bool, by: str, now: datetime,
+            reconciling: bool = False) -> Message:
+    """An operator's decision on an `unknown` row: it was sent, or send it again.
+
+    ``reconciling`` (Sent Items can be checked: ``[graph] reconcile``): a resend is refused
+    until the row is held for the operator (its mailbox could not be read), because the
+    lookup after the grace period decides it without the risk of a second copy; and no
+    decision is taken while a reconcile pass is looking the row up."""
     with db.session(immediate=True) as s:
-        msg = s.get(Message, message_id)
+        msg = s.get(Message, message_id, with_for_update=True)
         if msg is None:
             raise NotFound(f"No outbox message {message_id}. See `comms outbox list`.")
         if msg.status != "unknown":
             raise StateConflict(
                 f"Message {message_id} is {msg.status}, not unknown; only unknown outcomes "
                 "are resolved by hand."
+            )
+        if msg.lease_until is not None and msg.lease_until > Clock.real():
+            raise StateConflict(
+                f"Message {message_id} is being looked up in Sent Items right now; see "
+                f"`comms outbox show {message_id}` in a minute.")
+        if not sent and reconciling and msg.error_code != HELD:
+            raise StateConflict(
+                f"Message {message_id} may have been accepted: comms looks its send id up in "
+                "Sent Items once the grace period has passed (the next `comms run` or worker) "
+                "and sends it again only if no copy is there. Sending it again now could send "
+                "it twice. `--resend` is for a message held because Sent Items could not be "
+                f"read (`comms outbox show {message_id}` says so); `--sent` if you saw it there."
             )
         msg.error_code = ""
         if sent:
@@ -229,8 +247,7 @@ def resolve(db: Database, message_id: int, *, sent: bool, by: str, now: datetime
         else:
             msg.status, msg.send_after = "queued", now
             msg.note = (msg.note + f" resend decided by {by}.").strip()
+        msg.lease_until, msg.claimed_by = None, ""
         msg.updated_at = now
         s.add(msg)
         return msg
-
-

@@ -79,7 +79,9 @@ def _transition(
     hint: str,
 ) -> Message:
     with db.session(immediate=True) as s:
-        msg = s.get(Message, message_id)
+        # Locked (PostgreSQL): a run claiming the row meanwhile would otherwise send what the
+        # operator is told was withdrawn.
+        msg = s.get(Message, message_id, with_for_update=True)
         if msg is None:
             raise NotFound(f"No outbox message {message_id}. See `comms outbox list`.")
         if msg.status not in allowed:
@@ -109,8 +111,9 @@ def withdraw(db: Database, message_id: int, *, now: datetime, by: str) -> Messag
                        f"withdrawn by {by}.", "only queued or failed messages can be withdrawn.")
 
 
-def resolve(db: Database, message_id: int, *, sent: bool, now: datetime, by: str) -> Message:
-    return outbox.resolve(db, message_id, sent=sent, by=by, now=now)
+def resolve(db: Database, message_id: int, *, sent: bool, now: datetime, by: str,
+            reconciling: bool = False) -> Message:
+    return outbox.resolve(db, message_id, sent=sent, by=by, now=now, reconciling=reconciling)
 
 
 def normalise_email(email: str) -> str:
