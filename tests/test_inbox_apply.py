@@ -77,3 +77,25 @@ def test_chunk_counts_soft_bounces_and_notes_once_per_customer_per_day(
     assert report.new == 5 and report.effects["notes"] == 1 and report.effects["held"] == 5
     again = _run(db, [_reply("r9", "admin@a.example")])
     assert again.effects["notes"] == 0  # same day: the account manager already has a note
+
+
+def test_questions_about_cancelling_the_subscription_reach_a_human_and_opt_nobody_out(
+    db: Database, tmp_path: Path
+) -> None:
+    from test_inbox_classify import NOT_OPTOUTS
+
+    _seed(db, tmp_path)
+    report = _run(db, [_reply(f"q{i}", "admin@a.example", text)
+                       for i, text in enumerate(NOT_OPTOUTS)]
+                  + [_reply("e1", "admin@b.example", "Please remove me from your mailing list."),
+                     _reply("d1", "admin@c.example", "Bitte keine E-Mails mehr.")])
+    assert report.kinds == {"reply": len(NOT_OPTOUTS), "optout": 2}
+    with db.session() as s:
+        sup = sorted(s.exec(select(Suppression.email)).all())
+        notes = s.exec(select(Message.customer_id).where(Message.message == service.NOTE_MESSAGE)
+                       ).all()
+        a = s.exec(select(Customer).where(Customer.key == "A")).one()
+        held = s.get(InboxCustomerState, a.id)
+    assert sup == ["admin@b.example", "admin@c.example"]
+    assert notes == [a.id]  # the account manager reads the questions
+    assert held is not None and held.reminders_held_until == T0 + timedelta(days=7)

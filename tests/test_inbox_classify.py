@@ -7,14 +7,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from comms.inbox.classify import Attachment, Inbound, SentRow, classify, own_text, status_code
-from comms.inbox.policy import DEFAULT_OPTOUT_KEYWORDS, InboxPolicy
+from comms.inbox.policy import DEFAULT_OPTOUT_COMMANDS, DEFAULT_OPTOUT_KEYWORDS, InboxPolicy
 
 BOX = "transition@fabrikam.example"
 KW = list(DEFAULT_OPTOUT_KEYWORDS)
+CMD = list(DEFAULT_OPTOUT_COMMANDS)
 
 
 @dataclass
@@ -133,7 +135,7 @@ def test_optout_in_several_languages_but_not_in_quoted_text() -> None:
     r = resolver()
     for text in ("Bitte keine E-Mails mehr.", "Please unsubscribe me", "Merci de me désabonner",
                  "Graag afmelden", "Abmelden"):
-        v = classify(Inbound(BOX, "g", from_address="a@x.example", text=text), r, KW)
+        v = classify(Inbound(BOX, "g", from_address="a@x.example", text=text), r, KW, CMD)
         assert v.kind == "optout", text
     quoted = "Done, thanks!\n\nVon: transition@fabrikam.example\nTo opt out, reply unsubscribe"
     assert classify(Inbound(BOX, "g", from_address="a@x.example", text=quoted), r,
@@ -145,6 +147,49 @@ def test_optout_in_several_languages_but_not_in_quoted_text() -> None:
     # phrase boundary rule, "abmeldenswert" does not.
     assert classify(Inbound(BOX, "g", from_address="a@x.example", text="abmeldenswert"), r,
                     KW).kind == "reply"
+
+
+# Replies about cancelling the OLD subscription (what the campaign asks for), negated, or with a
+# keyword in a signature: a human must read them; none is an opt-out.
+NOT_OPTOUTS = [
+    "Hola, queremos dar de baja la suscripción antigua de Microsoft. ¿Dónde está el botón?",
+    "No encuentro cómo cancelar suscripción antigua en el portal, ¿nos ayudan?",
+    "Guten Tag, wie kann ich das alte Abo abbestellen? Ich finde es nicht.",
+    "When will Microsoft stop sending us invoices for the old subscription?",
+    "How do I unsubscribe from the old Microsoft 365 plan? The button is greyed out.",
+    "Please do NOT unsubscribe us, we still need these instructions.",
+    "Done, cancelled it today.\n\nJohn Doe | Contoso\n"
+    "To unsubscribe from the Contoso newsletter visit contoso.example/nl",
+]
+
+
+@pytest.mark.parametrize("text", NOT_OPTOUTS)
+def test_cancelling_questions_negations_and_signatures_are_replies(text: str) -> None:
+    msg = Inbound(BOX, "g", subject="RE: Cancel your old subscription",
+                  from_address="a@x.example", text=text)
+    v = classify(msg, resolver(), KW, CMD)
+    assert (v.kind, v.keyword) == ("reply", "")
+
+
+def test_optout_phrase_below_the_signature_or_about_the_plan_is_a_reply() -> None:
+    for text in ("Done.\n-- \nJohn Doe\nUnsubscribe me: contoso.example/nl",
+                 "Please unsubscribe me from the old Office plan.",
+                 "Unsubscribe?",
+                 "Thanks!\nOn Tue, 1 Dec 2026 at 10:00, Alex <\ntransition@fabrikam.example> "
+                 "wrote:\nReply 'unsubscribe me' to stop these emails"):
+        v = classify(Inbound(BOX, "g", from_address="a@x.example", text=text), resolver(), KW,
+                     CMD)
+        assert v.kind == "reply", text
+
+
+def test_clear_optouts_in_english_and_german_still_opt_out() -> None:
+    for text in ("Please unsubscribe me.", "Unsubscribe", "Please remove me from your mailing "
+                 "list, thanks.", "Stop emailing me.", "Please don’t email me again.",
+                 "Bitte keine E-Mails mehr.", "Bitte aus dem Verteiler austragen.",
+                 "Ich möchte keine E-Mails mehr erhalten.", "Abmelden"):
+        v = classify(Inbound(BOX, "g", subject="RE: Cancel your old subscription",
+                             from_address="a@x.example", text=text), resolver(), KW, CMD)
+        assert v.kind == "optout", text
 
 
 def test_keywords_are_configurable() -> None:

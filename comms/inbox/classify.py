@@ -62,6 +62,10 @@ _QUOTE_START = re.compile(
     r"on .{0,200}wrote:|am .{0,200}schrieb|le .{0,200}a écrit)",
     re.IGNORECASE,
 )
+# An attribution line wrapped by the client ("On Tue, 1 Dec 2026, Alex <\nalex@...> wrote:").
+_QUOTE_END = re.compile(
+    r"(wrote|schrieb|a écrit|schreef|escribió|ha scritto)\s*:\s*$", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -202,11 +206,16 @@ def _bounced_address(msg: Inbound, row: SentRow) -> str:
     return row.recipients[0] if len(row.recipients) == 1 else ""
 
 
+# RFC 3676's signature delimiter "-- " (clients often drop the trailing space).
+_SIGNATURE = re.compile(r"^--[ \t]*$")
+
+
 def own_text(text: str, lines: int | None = None) -> str:
-    """The reply's own text: the lines above the quoted original, blank lines dropped."""
+    """The reply's own text: the lines above the quoted original and the signature, blank lines
+    dropped."""
     out: list[str] = []
     for line in text.splitlines():
-        if _QUOTE_START.match(line):
+        if _QUOTE_START.match(line) or _QUOTE_END.search(line) or _SIGNATURE.match(line):
             break
         if line.strip():
             out.append(line.strip())
@@ -216,29 +225,80 @@ def own_text(text: str, lines: int | None = None) -> str:
 
 
 _REPLY_PREFIX = re.compile(r"^\s*((re|aw|wg|fw|fwd|tr|antw)\s*:\s*)+", re.IGNORECASE)
+# A sentence that talks about the subscription or its billing: an opt-out phrase in it may be
+# about cancelling the old subscription (what the campaign asks for), so it is left to a human.
+SUBSCRIPTION_TOPIC = re.compile(
+    r"(?<!\w)(subscriptions?|plan|licen[cs]es?|invoices?|billing|abo|abonnements?|lizenz\w*|"
+    r"rechnung\w*|abonnement|licentie\w*|factur\w*|suscripci[oó]n\w*|licencia\w*|"
+    r"abbonament\w*|licenz\w*|fattur\w*)(?!\w)",
+    re.IGNORECASE,
+)
+# A negation before the phrase in its sentence ("please do NOT unsubscribe us").
+_NEGATION = re.compile(
+    r"(?<!\w)(not|no|never|dont|nicht|kein\w*|nie|niemals|ne|pas|jamais|niet|geen|nooit|"
+    r"nunca|non|mai)(?!\w)|n't(?!\w)",
+    re.IGNORECASE,
+)
+_SENTENCE_END = re.compile(r"[.!?;\n]")
+# What may surround a command word and leave it the whole reply.
+_POLITE = re.compile(
+    r"(?<!\w)(please|pls|plz|thanks|thank you|bitte|danke|graag|bedankt|merci|svp|hi|hello|"
+    r"hallo|hola|bonjour|ciao|dear|"
+    r"s'il vous pla[iî]t|por favor|gracias|per favore|grazie|me|us|mich|uns|mij)(?!\w)",
+    re.IGNORECASE,
+)
 
 
 @functools.lru_cache(maxsize=16)
 def _keyword_patterns(keywords: tuple[str, ...]) -> tuple[re.Pattern[str], list[re.Pattern[str]]]:
     """All keywords in one pattern (most replies match none: one search rejects them), and
     one pattern per keyword (in order: the first keyword of the list wins, not the first in
-    the text)."""
-    each = [rf"(?<!\w){re.escape(kw.lower())}(?!\w)" for kw in keywords]
+    the text). Spaces in a keyword match any run of whitespace."""
+    each = [r"(?<!\w)" + r"\s+".join(map(re.escape, kw.lower().split())) + r"(?!\w)"
+            for kw in keywords]
     return re.compile("|".join(each) or r"(?!)"), [re.compile(p) for p in each]
 
 
-def optout_keyword(msg: Inbound, keywords: Sequence[str]) -> str:
-    """The first opt-out keyword in the subject (minus RE:/AW:) or the reply's own text."""
+def _counts_in(text: str, start: int, end: int) -> bool:
+    """Whether a phrase found at text[start:end] is meant: its sentence does not negate it
+    before it and does not talk about the subscription."""
+    begin = max((m.end() for m in _SENTENCE_END.finditer(text, 0, start)), default=0)
+    stop = _SENTENCE_END.search(text, end)
+    sentence_end = stop.start() if stop else len(text)
+    if _NEGATION.search(text, begin, start):
+        return False
+    return not SUBSCRIPTION_TOPIC.search(text[begin:sentence_end])
+
+
+def _is_command(text: str, commands: Sequence[str]) -> str:
+    """The command ``text`` consists of (besides politeness), or ""."""
+    if not text or "?" in text:
+        return ""
+    bare = _POLITE.sub(" ", text.lower())
+    bare = " ".join(re.sub(r"[^\w'-]+", " ", bare).split())
+    return bare if bare in commands else ""
+
+
+def optout_keyword(msg: Inbound, keywords: Sequence[str], commands: Sequence[str] = ()) -> str:
+    """The opt-out phrase of a reply ("" when none counts): the first keyword found in the
+    subject (minus RE:/AW:) or the reply's own text that is not negated and not in a sentence
+    about the subscription, or a command that is the whole reply (its own text, or the
+    subject when the text is empty)."""
+    subject = _REPLY_PREFIX.sub("", msg.subject).strip().replace("\u2019", "'")
+    own = own_text(msg.text).replace("\u2019", "'")
+    command = _is_command(own or subject, [c.lower() for c in commands])
+    if command:
+        return command
     if not keywords:
         return ""
-    subject = _REPLY_PREFIX.sub("", msg.subject)
-    haystack = f"{subject}\n{own_text(msg.text)}".lower()
+    haystack = f"{subject}\n{own}".lower()
     anyone, each = _keyword_patterns(tuple(keywords))
     if not anyone.search(haystack):
         return ""
     for kw, pattern in zip(keywords, each, strict=True):
-        if pattern.search(haystack):
-            return kw
+        for m in pattern.finditer(haystack):
+            if _counts_in(haystack, m.start(), m.end()):
+                return kw
     return ""
 
 
@@ -288,7 +348,8 @@ def _find_customer(msg: Inbound, resolver: Resolver) -> tuple[int | None, int | 
     return None, None, ""
 
 
-def classify(msg: Inbound, resolver: Resolver, optout_keywords: Sequence[str]) -> Verdict:
+def classify(msg: Inbound, resolver: Resolver, optout_keywords: Sequence[str],
+             optout_commands: Sequence[str] = ()) -> Verdict:
     """What ``msg`` is (see the module docstring for the rules, applied in order)."""
     if is_ndr(msg):
         return _classify_bounce(msg, resolver)
@@ -300,7 +361,7 @@ def classify(msg: Inbound, resolver: Resolver, optout_keywords: Sequence[str]) -
     if customer is None:
         return Verdict("unmatched", f"unmatched: {how or 'no reference, unknown sender'}",
                        address=sender)
-    keyword = optout_keyword(msg, optout_keywords)
+    keyword = optout_keyword(msg, optout_keywords, optout_commands)
     if keyword:
         return Verdict("optout", f"optout:keyword {keyword!r}; customer by {how}",
                        customer_id=customer, message_id=row, address=sender, keyword=keyword)

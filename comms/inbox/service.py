@@ -287,13 +287,14 @@ def _process(
     the chunk's insert fails on the unique key, everything rolls back, and the chunk is applied
     again one message per savepoint (the taken ones skipped)."""
     keywords = policy.optout_keywords if policy.read_body else []
+    commands = policy.optout_commands if policy.read_body else []
     done: list[tuple[Inbound, Verdict, list[str]]] = []
     try:
         with db.session(immediate=True) as s:
             resolver = LedgerResolver(s, reader, caches.sent, caches.contacts, caches.rows)
             resolver.prefetch_contacts([m.from_address for m in messages])
             resolver.prefetch_rows(_referenced_send_ids(messages, caches))
-            verdicts = [classify(msg, resolver, keywords) for msg in messages]
+            verdicts = [classify(msg, resolver, keywords, commands) for msg in messages]
             effects = apply_chunk(s, settings, policy, list(zip(messages, verdicts,
                                                                 strict=True)), now)
             rows = []
@@ -335,6 +336,7 @@ def _process_one_by_one(
     """The fallback: each message's effects and record in its own savepoint."""
     table = InboundMessage.__table__  # type: ignore[attr-defined]
     keywords = policy.optout_keywords if policy.read_body else []
+    commands = policy.optout_commands if policy.read_body else []
     done: list[tuple[Inbound, Verdict, list[str]]] = []
     try:
         with db.session(immediate=True) as s:
@@ -342,7 +344,7 @@ def _process_one_by_one(
             for msg in messages:
                 try:
                     with s.begin_nested(), s.no_autoflush:
-                        verdict = classify(msg, resolver, keywords)
+                        verdict = classify(msg, resolver, keywords, commands)
                         effects = apply_chunk(s, settings, policy, [(msg, verdict)], now)[0]
                         row = _record(msg, verdict, policy.timeline_lines, now)
                         row["effects"] = "; ".join(effects)
