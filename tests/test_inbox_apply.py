@@ -11,6 +11,7 @@ from pathlib import Path
 from engine_helpers import T0
 from sqlmodel import select
 
+from comms import outbox
 from comms.campaign import load_campaign
 from comms.config import load_settings
 from comms.inbox import service
@@ -18,7 +19,7 @@ from comms.inbox.classify import Inbound
 from comms.services import customers as customer_service
 from comms.store.db import Database
 from comms.store.inbox_models import InboundMessage, InboxCustomerState
-from comms.store.models import Customer, Message, Suppression
+from comms.store.models import Customer, Message, Suppression, new_message_row
 
 BOX = "transition@fabrikam.example"
 
@@ -40,11 +41,28 @@ def _reply(graph_id: str, sender: str, text: str = "done") -> Inbound:
     return Inbound(BOX, graph_id, subject="RE: x", from_address=sender, text=text)
 
 
-def _run(db: Database, messages: list[Inbound]) -> service.SyncReport:
+def _run(db: Database, messages: list[Inbound],
+         sent: dict[str, str] | None = None) -> service.SyncReport:
+    """Apply ``messages``; ``sent``: what Sent Items answers (internetMessageId -> send id)."""
     report = service.SyncReport()
+    caches = service._Caches()
+    caches.sent.update({(BOX, "internetMessageId", mid): sid for mid, sid in (sent or {}).items()})
     service._process(db, load_settings(env={}), load_campaign().inbox, None,  # type: ignore[arg-type]
-                     messages, now=T0, dry_run=False, report=report, caches=service._Caches())
+                     messages, now=T0, dry_run=False, report=report, caches=caches)
     return report
+
+
+def _sent(db: Database, key: str, to: str, *, internal: bool = False, cc: str = "") -> str:
+    """An outbox row sent to ``to`` for customer ``key``; returns its send id."""
+    with db.session() as s:
+        cid = s.exec(select(Customer.id).where(Customer.key == key)).one()
+        row = new_message_row(
+            customer_id=cid, message=service.NOTE_MESSAGE if internal else "partner_invitation",
+            sequence=0, stage="invited", to_json=outbox.addresses_json([(to, "")]),
+            cc_json=outbox.addresses_json([(cc, "")] if cc else []), subject="s", text="t",
+            html="<p>t</p>", now=T0, status="sent", sent_at=T0, internal=internal)
+        outbox.insert_messages(s, [row])
+    return str(row["send_id"])
 
 
 def test_a_message_recorded_meanwhile_is_skipped_with_its_effects(
@@ -99,3 +117,38 @@ def test_questions_about_cancelling_the_subscription_reach_a_human_and_opt_nobod
     assert sup == ["admin@b.example", "admin@c.example"]
     assert notes == [a.id]  # the account manager reads the questions
     assert held is not None and held.reminders_held_until == T0 + timedelta(days=7)
+
+
+def test_the_account_managers_answer_to_an_internal_note_does_nothing_to_the_customer(
+    db: Database, tmp_path: Path
+) -> None:
+    _seed(db, tmp_path)
+    note = _sent(db, "A", "am@f.example", internal=True)
+    answers = [Inbound(BOX, f"n{i}", subject="RE: [comms] A Ltd (A) replied",
+                       from_address="am@f.example", text=text,
+                       headers={"in-reply-to": "<note@fabrikam.example>"})
+               for i, text in enumerate(["ok, noted", "Thanks. Stop sending me these."])]
+    report = _run(db, answers, sent={"<note@fabrikam.example>": note})
+    assert report.kinds == {"unmatched": 2} and not report.effects
+    with db.session() as s:
+        rows = s.exec(select(InboundMessage)).all()
+        assert s.exec(select(InboxCustomerState)).all() == []  # no hold
+        assert s.exec(select(Suppression.email)).all() == []  # the AM still gets notes
+        assert s.exec(select(Message.id).where(Message.status == "queued")).all() == []
+    assert {(r.customer_id, r.rule) for r in rows} == {
+        (None, "unmatched: answers an internal note (outbox #1), not the customer")}
+
+
+def test_an_optout_phrase_from_the_account_manager_copied_on_customer_mail_suppresses_nobody(
+    db: Database, tmp_path: Path
+) -> None:
+    _seed(db, tmp_path)
+    sid = _sent(db, "A", "admin@a.example", cc="am@f.example")
+    answer = Inbound(BOX, "r1", subject="RE: invitation", from_address="am@f.example",
+                     text="Please unsubscribe me.", headers={"in-reply-to": "<inv@f.example>"})
+    report = _run(db, [answer], sent={"<inv@f.example>": sid})
+    assert report.kinds == {"reply": 1}
+    with db.session() as s:
+        assert s.exec(select(Suppression.email)).all() == []
+        row = s.exec(select(InboundMessage)).one()
+    assert "not a contact" in row.detail

@@ -12,12 +12,16 @@ Rules, first match wins:
    4.x.x soft, none found: soft. Matched to the outbox row by ``x-comms-send-id`` in the
    attached original (or its headers, or the NDR's text), else by the original's Message-ID
    looked up in Sent Items. An NDR that matches no row is *unmatched*.
-2. **auto** — ``Auto-Submitted`` other than ``no``, ``X-Auto-Response-Suppress``,
+2. **unmatched** (internal) — a reply or auto-reply to an internal note or alert (the account
+   manager answering us): recorded for the operator, no effect on the customer.
+3. **auto** — ``Auto-Submitted`` other than ``no``, ``X-Auto-Response-Suppress``,
    ``Precedence: auto_reply``, or an "Automatic reply:"-like subject (several languages).
-3. **optout** / **reply** — from a customer found by ``In-Reply-To``/``References`` (a message
-   we sent), else the conversation, else the sender being one customer's contact. Opt-out when
-   the reply's own text (not the quoted original) contains an opt-out keyword.
-4. **unmatched** — anything else; listed for an operator, never acted on.
+4. **optout** / **reply** — from a customer found by ``In-Reply-To``/``References`` (a message
+   we sent), else the conversation, else the sender being one customer's contact. Opt-out only
+   when the sender is a contact of that customer and ``optout_keyword`` finds a phrase that
+   counts (about our emails, not negated, not about the subscription, not quoted or in the
+   signature); otherwise a reply, read by a human.
+5. **unmatched** — anything else; listed for an operator, never acted on.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ class SentRow:
     customer_id: int
     recipients: tuple[str, ...]  # lower-case to + cc
     message: str = ""
+    internal: bool = False  # a note or alert to the account manager, not mail to the customer
 
 
 class Resolver(Protocol):
@@ -333,6 +338,8 @@ def _find_customer(msg: Inbound, resolver: Resolver) -> tuple[int | None, int | 
     for mid in dict.fromkeys(ids):
         send_id = resolver.send_id_by_internet_message_id(msg.mailbox, mid)
         row = resolver.row_by_send_id(send_id) if send_id else None
+        if row is not None and row.internal:
+            return None, row.message_id, INTERNAL
         if row is not None:
             return row.customer_id, row.message_id, "In-Reply-To/References"
     if msg.conversation_id:
@@ -348,6 +355,9 @@ def _find_customer(msg: Inbound, resolver: Resolver) -> tuple[int | None, int | 
     return None, None, ""
 
 
+INTERNAL = "answers an internal note"
+
+
 def classify(msg: Inbound, resolver: Resolver, optout_keywords: Sequence[str],
              optout_commands: Sequence[str] = ()) -> Verdict:
     """What ``msg`` is (see the module docstring for the rules, applied in order)."""
@@ -355,6 +365,11 @@ def classify(msg: Inbound, resolver: Resolver, optout_keywords: Sequence[str],
         return _classify_bounce(msg, resolver)
     customer, row, how = _find_customer(msg, resolver)
     sender = msg.from_address.lower()
+    if how == INTERNAL:
+        # The account manager answering our note or alert: nothing it says is the customer's.
+        return Verdict("unmatched", f"unmatched: {INTERNAL} (outbox #{row}), not the customer",
+                       detail="a reply to an internal message; no effect on the customer",
+                       message_id=row, address=sender)
     if is_auto_reply(msg):
         return Verdict("auto", "auto-reply: " + _auto_reason(msg), customer_id=customer,
                        message_id=row, address=sender)
@@ -362,6 +377,13 @@ def classify(msg: Inbound, resolver: Resolver, optout_keywords: Sequence[str],
         return Verdict("unmatched", f"unmatched: {how or 'no reference, unknown sender'}",
                        address=sender)
     keyword = optout_keyword(msg, optout_keywords, optout_commands)
+    if keyword and customer not in resolver.customers_by_contact(sender):
+        # Only a contact opts out: the account manager (Cc'd) or a colleague asking to stop is
+        # read by a human.
+        return Verdict("reply", f"reply:{how}; opt-out phrase from a non-contact",
+                       detail=f"opt-out phrase {keyword!r} from {sender}, not a contact of the "
+                              "customer: not acted on", customer_id=customer, message_id=row,
+                       address=sender)
     if keyword:
         return Verdict("optout", f"optout:keyword {keyword!r}; customer by {how}",
                        customer_id=customer, message_id=row, address=sender, keyword=keyword)

@@ -71,7 +71,8 @@ def inbound_from_graph(mailbox: str, item: dict[str, Any]) -> Inbound:
 def _sent_row(row: Any) -> SentRow:
     recipients = [d["address"].lower() for d in json.loads(row.to_json or "[]")]
     recipients += [d["address"].lower() for d in json.loads(row.cc_json or "[]")]
-    return SentRow(int(row.id), int(row.customer_id), tuple(recipients), row.message)
+    return SentRow(int(row.id), int(row.customer_id), tuple(recipients), row.message,
+                   bool(row.internal))
 
 
 class LedgerResolver:
@@ -110,7 +111,8 @@ class LedgerResolver:
                 self.rows[send_id] = None
             for row in self.session.execute(
                 sa.select(col(Message.send_id), col(Message.id), col(Message.customer_id),
-                          col(Message.to_json), col(Message.cc_json), col(Message.message))
+                          col(Message.to_json), col(Message.cc_json), col(Message.message),
+                          col(Message.internal))
                 .where(col(Message.send_id).in_(chunk))
             ).all():
                 self.rows[row.send_id] = _sent_row(row)
@@ -120,7 +122,7 @@ class LedgerResolver:
             return self.rows[send_id]
         row = self.session.execute(
             sa.select(col(Message.id), col(Message.customer_id), col(Message.to_json),
-                      col(Message.cc_json), col(Message.message))
+                      col(Message.cc_json), col(Message.message), col(Message.internal))
             .where(col(Message.send_id) == send_id)
         ).first()
         return None if row is None else _sent_row(row)
@@ -148,7 +150,8 @@ class LedgerResolver:
             return int(known)
         send_id = self._sent(mailbox, "conversationId", conversation_id)
         row = self.row_by_send_id(send_id) if send_id else None
-        return row.customer_id if row else None
+        # A thread of an internal note is the account manager's, not the customer's.
+        return row.customer_id if row and not row.internal else None
 
     def customers_by_contact(self, address: str) -> Sequence[int]:
         if address not in self.contacts:
