@@ -15,7 +15,7 @@ from comms import outbox
 from comms.campaign import load_campaign
 from comms.config import load_settings
 from comms.inbox import service
-from comms.inbox.classify import Inbound
+from comms.inbox.classify import Attachment, Inbound
 from comms.services import customers as customer_service
 from comms.store.db import Database
 from comms.store.inbox_models import InboundMessage, InboxCustomerState
@@ -152,3 +152,27 @@ def test_an_optout_phrase_from_the_account_manager_copied_on_customer_mail_suppr
         assert s.exec(select(Suppression.email)).all() == []
         row = s.exec(select(InboundMessage)).one()
     assert "not a contact" in row.detail
+
+
+def test_a_bounce_for_an_address_we_did_not_mail_suppresses_nobody_and_flags_the_customer(
+    db: Database, tmp_path: Path
+) -> None:
+    """admin@a forwards to a dead address; that hop's NDR names the forward target. The
+    single recipient must not be taken for it: it received the message."""
+    _seed(db, tmp_path)
+    sid = _sent(db, "A", "admin@a.example")
+    ndr = Inbound(
+        BOX, "b1", subject="Undeliverable: invitation", from_address="mailer-daemon@gm.example",
+        text="Delivery to old.admin@gm.example failed: 550 5.1.1 no such user",
+        headers={"content-type": "multipart/report; report-type=delivery-status"},
+        attachments=(Attachment("message/delivery-status", "Final-Recipient: rfc822; "
+                                "old.admin@gm.example\nAction: failed\nStatus: 5.1.1\n"),
+                     Attachment("message/rfc822", f"x-comms-send-id: {sid}\n")))
+    report = _run(db, [ndr])
+    assert report.kinds == {"bounce": 1}
+    with db.session() as s:
+        assert s.exec(select(Suppression.email)).all() == []
+        row = s.exec(select(InboundMessage)).one()
+        state = s.exec(select(InboxCustomerState)).one()
+    assert "old.admin@gm.example, not a recipient" in row.detail and row.address == ""
+    assert state.flagged and "does not name" in state.flag_reason

@@ -200,15 +200,25 @@ def _original_message_ids(msg: Inbound) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _bounced_address(msg: Inbound, row: SentRow) -> str:
+def _bounced_address(msg: Inbound, row: SentRow) -> tuple[str, str]:
+    """(the recipient of ``row`` the NDR is for, or "" when it cannot be told; why not)."""
     found: list[str] = []
     for a in msg.attachments:
         found += _FINAL_RECIPIENT.findall(a.text)
     found += _ADDRESS.findall(msg.text) + _ADDRESS.findall(msg.subject)
-    for address in found:
-        if address.lower() in row.recipients:
-            return address.lower()
-    return row.recipients[0] if len(row.recipients) == 1 else ""
+    ours = {msg.mailbox.lower(), msg.from_address.lower()}
+    named = [a.lower() for a in found if a.lower() not in ours
+             and _from_localpart(a) not in NDR_SENDERS]
+    for address in named:
+        if address in row.recipients:
+            return address, ""
+    if named:
+        # The report names someone we did not mail (a forward, an alias expanded downstream):
+        # the recipient that forwarded it got the message; no address is guessed.
+        return "", f"the report names {named[0]}, not a recipient of outbox #{row.message_id}"
+    if len(row.recipients) == 1:
+        return row.recipients[0], ""
+    return "", f"the report names none of the {len(row.recipients)} recipients"
 
 
 # RFC 3676's signature delimiter "-- " (clients often drop the trailing space).
@@ -324,7 +334,9 @@ def _classify_bounce(msg: Inbound, resolver: Resolver) -> Verdict:
     if row is None:
         return Verdict("unmatched", "bounce-unmatched: no send id or known Message-ID",
                        detail=detail, status_code=code, hard=hard)
-    address = _bounced_address(msg, row)
+    address, unknown = _bounced_address(msg, row)
+    if unknown:
+        detail += f"; recipient unknown: {unknown}; nothing suppressed"
     return Verdict(
         "bounce", f"bounce:{where}", detail=detail, customer_id=row.customer_id,
         message_id=row.message_id, address=address, status_code=code, hard=hard,
