@@ -79,3 +79,17 @@ def test_a_refused_message_and_a_missing_mailbox_block_nothing_else(
     assert {m.subject for m in stored} >= {"helloworld"}
     again = service.sync(db, settings, load_campaign().inbox, now=T0)
     assert again.new == 0 and len(again.errors) == 1  # nothing is read twice
+
+
+def test_dry_run_shows_a_rule_quoting_a_header_without_its_escape_sequences(
+    sandbox: Sandbox, sandbox_settings: Settings, cli: Any
+) -> None:
+    """An auto-reply's rule quotes its Auto-Submitted header, which the sender writes: an
+    escape sequence in it (OSC 52 writes the clipboard, CSI 2J clears the screen) must reach
+    the terminal as visible text."""
+    evil = "auto-replied\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2J"
+    _raw(InboxAdmin(sandbox), "x@evil.example", "hi", "x", {"Auto-Submitted": evil})
+    r = cli("inbox", "sync", "--dry-run", "--now", "2026-12-01T10:00")
+    assert r.exit_code == 0, r.output
+    assert "auto-reply: auto-submitted: auto-replied" in r.stdout
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout

@@ -85,7 +85,8 @@ def sync(
     for item in report.items:  # sender and subject are anyone's: shown, never acted on
         typer.echo(f"  {item['kind']:<9} {visible(item['from']):<32} "
                    f"{present.clip(visible(item['subject']), 40):<40} "
-                   f"{item['rule']} -> {visible('; '.join(item['effects'])) or 'no action'}")
+                   f"{visible(item['rule'])} -> "
+                   f"{visible('; '.join(item['effects'])) or 'no action'}")
     if report.errors:
         raise typer.Exit(1)
 
