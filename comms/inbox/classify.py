@@ -48,17 +48,27 @@ _AUTO_SUBJECT = re.compile(
     re.IGNORECASE,
 )
 _STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
-_DSN_STATUS = re.compile(r"^\s*Status:\s*([245]\.\d{1,3}\.\d{1,3})", re.IGNORECASE | re.MULTILINE)
+# Line starts take "[ \t]*", never "\s*": with MULTILINE, "^\s*" would run on across every
+# blank line after each line start (quadratic on a report of blank lines).
+_DSN_STATUS = re.compile(r"^[ \t]*Status:\s*([245]\.\d{1,3}\.\d{1,3})",
+                         re.IGNORECASE | re.MULTILINE)
 _FINAL_RECIPIENT = re.compile(
-    r"^\s*(?:Final|Original)-Recipient:\s*rfc822;\s*<?([^\s>]+@[^\s>]+)>?",
+    r"^[ \t]*(?:Final|Original)-Recipient:\s*rfc822;\s*<?([^\s>]+@[^\s>]+)>?",
     re.IGNORECASE | re.MULTILINE,
 )
 _SEND_ID_LINE = re.compile(
-    r"^\s*x-comms-send-id:\s*([A-Za-z0-9._-]+)", re.IGNORECASE | re.MULTILINE
+    r"^[ \t]*x-comms-send-id:\s*([A-Za-z0-9._-]+)", re.IGNORECASE | re.MULTILINE
 )
-_MESSAGE_ID_LINE = re.compile(r"^\s*Message-ID:\s*(<[^>\s]+>)", re.IGNORECASE | re.MULTILINE)
+_MESSAGE_ID_LINE = re.compile(r"^[ \t]*Message-ID:\s*(<[^>\s]+>)", re.IGNORECASE | re.MULTILINE)
 _ANGLE_ID = re.compile(r"<[^<>\s]+>")
-_ADDRESS = re.compile(r"[A-Za-z0-9._%+'-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+# Linear: a match starts only where a run of address characters starts, and the run is taken
+# whole (possessive), so a long run without "@" is scanned once, not once per position.
+_ADDRESS = re.compile(r"(?<![A-Za-z0-9._%+'-])[A-Za-z0-9._%+'-]++@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+# How much of an NDR's text and of each attachment is searched for status codes, send ids,
+# Message-IDs and addresses: they are in the first lines of a report or of the attached
+# original's headers, and a bounded scan keeps a huge (or hostile) report from holding the
+# sync's write transaction.
+SCAN_LIMIT = 64 * 1024
 # Where the quoted original starts in a reply (Outlook, Gmail, Apple Mail; en/de/fr/nl/es).
 _QUOTE_START = re.compile(
     r"^\s*(>|-{2,}\s*(original message|ursprüngliche nachricht|message d'origine)|"
@@ -165,10 +175,10 @@ def status_code(msg: Inbound) -> tuple[str, str]:
     """The NDR's enhanced status code and where it was found ("" when none)."""
     for a in msg.attachments:
         if "delivery-status" in a.content_type.lower():
-            m = _DSN_STATUS.search(a.text)
+            m = _DSN_STATUS.search(a.text[:SCAN_LIMIT])
             if m:
                 return m.group(1), "delivery-status part"
-    m = _STATUS.search(msg.text)
+    m = _STATUS.search(msg.text[:SCAN_LIMIT])
     if m:
         return m.group(0), "report text"
     m = _STATUS.search(msg.subject)
@@ -179,13 +189,13 @@ def status_code(msg: Inbound) -> tuple[str, str]:
 
 def _original_send_id(msg: Inbound) -> tuple[str, str]:
     for a in msg.attachments:
-        m = _SEND_ID_LINE.search(a.text)
+        m = _SEND_ID_LINE.search(a.text[:SCAN_LIMIT])
         if m:
             return m.group(1), "send id in the attached original"
     value = msg.headers.get(SEND_ID_HEADER, "").strip()
     if value:
         return value, "send id in the report's headers"
-    m = _SEND_ID_LINE.search(msg.text)
+    m = _SEND_ID_LINE.search(msg.text[:SCAN_LIMIT])
     if m:
         return m.group(1), "send id in the report's text"
     return "", ""
@@ -194,7 +204,7 @@ def _original_send_id(msg: Inbound) -> tuple[str, str]:
 def _original_message_ids(msg: Inbound) -> list[str]:
     out: list[str] = []
     for a in msg.attachments:
-        out += _MESSAGE_ID_LINE.findall(a.text)
+        out += _MESSAGE_ID_LINE.findall(a.text[:SCAN_LIMIT])
     for name in ("in-reply-to", "references"):
         out += _ANGLE_ID.findall(msg.headers.get(name, ""))
     return list(dict.fromkeys(out))
@@ -204,8 +214,8 @@ def _bounced_address(msg: Inbound, row: SentRow) -> tuple[str, str]:
     """(the recipient of ``row`` the NDR is for, or "" when it cannot be told; why not)."""
     found: list[str] = []
     for a in msg.attachments:
-        found += _FINAL_RECIPIENT.findall(a.text)
-    found += _ADDRESS.findall(msg.text) + _ADDRESS.findall(msg.subject)
+        found += _FINAL_RECIPIENT.findall(a.text[:SCAN_LIMIT])
+    found += _ADDRESS.findall(msg.text[:SCAN_LIMIT]) + _ADDRESS.findall(msg.subject[:SCAN_LIMIT])
     ours = {msg.mailbox.lower(), msg.from_address.lower()}
     named = [a.lower() for a in found if a.lower() not in ours
              and _from_localpart(a) not in NDR_SENDERS]

@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from comms.errors import CommsError
-from comms.inbox.classify import Attachment, Inbound, SentRow, Verdict, is_ndr
+from comms.inbox.classify import SCAN_LIMIT, Attachment, Inbound, SentRow, Verdict, is_ndr
 from comms.inbox.policy import InboxPolicy
 from comms.inbox.reader import BATCH_SIZE, InboxError, InboxReader
 from comms.inbox.resolver import no_nul
@@ -143,7 +143,7 @@ def _attachments_one_by_one(reader: InboxReader, box: str, messages: list[Inboun
 def _referenced_send_ids(messages: Sequence[Inbound], caches: _Caches) -> list[str]:
     """Send ids these messages will ask for: in NDR attachments and resolved In-Reply-To."""
     out = [m.group(1) for msg in messages for a in msg.attachments
-           for m in [_SEND_ID_IN_TEXT.search(a.text)] if m]
+           for m in [_SEND_ID_IN_TEXT.search(a.text[:SCAN_LIMIT])] if m]
     for msg in messages:
         for mid in _IN_REPLY_TO.findall(msg.headers.get("in-reply-to", ""))[:1]:
             found = caches.sent.get((msg.mailbox, "internetMessageId", mid))
@@ -152,4 +152,4 @@ def _referenced_send_ids(messages: Sequence[Inbound], caches: _Caches) -> list[s
     return out
 
 
-_SEND_ID_IN_TEXT = re.compile(r"^\s*x-comms-send-id:\s*([A-Za-z0-9._-]+)", re.I | re.M)
+_SEND_ID_IN_TEXT = re.compile(r"^[ \t]*x-comms-send-id:\s*([A-Za-z0-9._-]+)", re.I | re.M)
