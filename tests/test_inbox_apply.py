@@ -11,14 +11,15 @@ from pathlib import Path
 from engine_helpers import T0
 from sqlmodel import select
 
+from comms import outbox
 from comms.campaign import load_campaign
 from comms.config import load_settings
 from comms.inbox import service
-from comms.inbox.classify import Inbound
+from comms.inbox.classify import Attachment, Inbound
 from comms.services import customers as customer_service
 from comms.store.db import Database
 from comms.store.inbox_models import InboundMessage, InboxCustomerState
-from comms.store.models import Customer, Message, Suppression
+from comms.store.models import Customer, Message, Suppression, new_message_row
 
 BOX = "transition@fabrikam.example"
 
@@ -40,11 +41,28 @@ def _reply(graph_id: str, sender: str, text: str = "done") -> Inbound:
     return Inbound(BOX, graph_id, subject="RE: x", from_address=sender, text=text)
 
 
-def _run(db: Database, messages: list[Inbound]) -> service.SyncReport:
+def _run(db: Database, messages: list[Inbound],
+         sent: dict[str, str] | None = None) -> service.SyncReport:
+    """Apply ``messages``; ``sent``: what Sent Items answers (internetMessageId -> send id)."""
     report = service.SyncReport()
+    caches = service._Caches()
+    caches.sent.update({(BOX, "internetMessageId", mid): sid for mid, sid in (sent or {}).items()})
     service._process(db, load_settings(env={}), load_campaign().inbox, None,  # type: ignore[arg-type]
-                     messages, now=T0, dry_run=False, report=report, caches=service._Caches())
+                     messages, now=T0, dry_run=False, report=report, caches=caches)
     return report
+
+
+def _sent(db: Database, key: str, to: str, *, internal: bool = False, cc: str = "") -> str:
+    """An outbox row sent to ``to`` for customer ``key``; returns its send id."""
+    with db.session() as s:
+        cid = s.exec(select(Customer.id).where(Customer.key == key)).one()
+        row = new_message_row(
+            customer_id=cid, message=service.NOTE_MESSAGE if internal else "partner_invitation",
+            sequence=0, stage="invited", to_json=outbox.addresses_json([(to, "")]),
+            cc_json=outbox.addresses_json([(cc, "")] if cc else []), subject="s", text="t",
+            html="<p>t</p>", now=T0, status="sent", sent_at=T0, internal=internal)
+        outbox.insert_messages(s, [row])
+    return str(row["send_id"])
 
 
 def test_a_message_recorded_meanwhile_is_skipped_with_its_effects(
@@ -77,3 +95,84 @@ def test_chunk_counts_soft_bounces_and_notes_once_per_customer_per_day(
     assert report.new == 5 and report.effects["notes"] == 1 and report.effects["held"] == 5
     again = _run(db, [_reply("r9", "admin@a.example")])
     assert again.effects["notes"] == 0  # same day: the account manager already has a note
+
+
+def test_questions_about_cancelling_the_subscription_reach_a_human_and_opt_nobody_out(
+    db: Database, tmp_path: Path
+) -> None:
+    from test_inbox_classify import NOT_OPTOUTS
+
+    _seed(db, tmp_path)
+    report = _run(db, [_reply(f"q{i}", "admin@a.example", text)
+                       for i, text in enumerate(NOT_OPTOUTS)]
+                  + [_reply("e1", "admin@b.example", "Please remove me from your mailing list."),
+                     _reply("d1", "admin@c.example", "Bitte keine E-Mails mehr.")])
+    assert report.kinds == {"reply": len(NOT_OPTOUTS), "optout": 2}
+    with db.session() as s:
+        sup = sorted(s.exec(select(Suppression.email)).all())
+        notes = s.exec(select(Message.customer_id).where(Message.message == service.NOTE_MESSAGE)
+                       ).all()
+        a = s.exec(select(Customer).where(Customer.key == "A")).one()
+        held = s.get(InboxCustomerState, a.id)
+    assert sup == ["admin@b.example", "admin@c.example"]
+    assert notes == [a.id]  # the account manager reads the questions
+    assert held is not None and held.reminders_held_until == T0 + timedelta(days=7)
+
+
+def test_the_account_managers_answer_to_an_internal_note_does_nothing_to_the_customer(
+    db: Database, tmp_path: Path
+) -> None:
+    _seed(db, tmp_path)
+    note = _sent(db, "A", "am@f.example", internal=True)
+    answers = [Inbound(BOX, f"n{i}", subject="RE: [comms] A Ltd (A) replied",
+                       from_address="am@f.example", text=text,
+                       headers={"in-reply-to": "<note@fabrikam.example>"})
+               for i, text in enumerate(["ok, noted", "Thanks. Stop sending me these."])]
+    report = _run(db, answers, sent={"<note@fabrikam.example>": note})
+    assert report.kinds == {"unmatched": 2} and not report.effects
+    with db.session() as s:
+        rows = s.exec(select(InboundMessage)).all()
+        assert s.exec(select(InboxCustomerState)).all() == []  # no hold
+        assert s.exec(select(Suppression.email)).all() == []  # the AM still gets notes
+        assert s.exec(select(Message.id).where(Message.status == "queued")).all() == []
+    assert {(r.customer_id, r.rule) for r in rows} == {
+        (None, "unmatched: answers an internal note (outbox #1), not the customer")}
+
+
+def test_an_optout_phrase_from_the_account_manager_copied_on_customer_mail_suppresses_nobody(
+    db: Database, tmp_path: Path
+) -> None:
+    _seed(db, tmp_path)
+    sid = _sent(db, "A", "admin@a.example", cc="am@f.example")
+    answer = Inbound(BOX, "r1", subject="RE: invitation", from_address="am@f.example",
+                     text="Please unsubscribe me.", headers={"in-reply-to": "<inv@f.example>"})
+    report = _run(db, [answer], sent={"<inv@f.example>": sid})
+    assert report.kinds == {"reply": 1}
+    with db.session() as s:
+        assert s.exec(select(Suppression.email)).all() == []
+        row = s.exec(select(InboundMessage)).one()
+    assert "not a contact" in row.detail
+
+
+def test_a_bounce_for_an_address_we_did_not_mail_suppresses_nobody_and_flags_the_customer(
+    db: Database, tmp_path: Path
+) -> None:
+    """admin@a forwards to a dead address; that hop's NDR names the forward target. The
+    single recipient must not be taken for it: it received the message."""
+    _seed(db, tmp_path)
+    sid = _sent(db, "A", "admin@a.example")
+    ndr = Inbound(
+        BOX, "b1", subject="Undeliverable: invitation", from_address="mailer-daemon@gm.example",
+        text="Delivery to old.admin@gm.example failed: 550 5.1.1 no such user",
+        headers={"content-type": "multipart/report; report-type=delivery-status"},
+        attachments=(Attachment("message/delivery-status", "Final-Recipient: rfc822; "
+                                "old.admin@gm.example\nAction: failed\nStatus: 5.1.1\n"),
+                     Attachment("message/rfc822", f"x-comms-send-id: {sid}\n")))
+    report = _run(db, [ndr])
+    assert report.kinds == {"bounce": 1}
+    with db.session() as s:
+        assert s.exec(select(Suppression.email)).all() == []
+        row = s.exec(select(InboundMessage)).one()
+        state = s.exec(select(InboxCustomerState)).one()
+    assert "old.admin@gm.example, not a recipient" in row.detail and row.address == ""
+    assert state.flagged and "does not name" in state.flag_reason

@@ -16,7 +16,7 @@ from comms.errors import UsageError
 inbox_app = new_app(
     "Read replies and bounces from the sender mailboxes (Graph delta queries) and act on them."
 )
-KINDS = ("bounce", "reply", "auto", "optout", "unmatched")
+KINDS = ("bounce", "reply", "auto", "optout", "unmatched", "error")
 
 
 def _now(value: str | None) -> datetime:
@@ -69,7 +69,10 @@ def sync(
 
     Bounces suppress the address and mark the outbox row bounced; replies hold reminders and
     notify the account manager; opt-out replies suppress the address. Each message is processed
-    once, even after a crash. Exit codes: 0 done; 2 configuration or permission problem.
+    once, even after a crash; one that cannot be is recorded as an error (`inbox list --kind
+    error`) and the sync goes on. A mailbox that cannot be read is reported and the others are
+    read. Exit codes: 0 done; 1 a mailbox was not synced; 2 or 3 configuration or permission
+    problem (no mailbox could be read).
     """
     report = run_sync(now=_now(now), dry_run=dry_run, mailbox=mailbox, restart=restart,
                       show_progress=not as_json)
@@ -77,10 +80,15 @@ def sync(
         typer.echo(json.dumps(report.as_dict(), indent=2, default=str))
         return
     typer.echo(_summary(report))
+    for line in report.errors:
+        typer.echo(f"error: {visible(line)}", err=True)
     for item in report.items:  # sender and subject are anyone's: shown, never acted on
         typer.echo(f"  {item['kind']:<9} {visible(item['from']):<32} "
                    f"{present.clip(visible(item['subject']), 40):<40} "
-                   f"{item['rule']} -> {visible('; '.join(item['effects'])) or 'no action'}")
+                   f"{visible(item['rule'])} -> "
+                   f"{visible('; '.join(item['effects'])) or 'no action'}")
+    if report.errors:
+        raise typer.Exit(1)
 
 
 def _when(value: Any) -> str:
@@ -89,7 +97,7 @@ def _when(value: Any) -> str:
 
 @inbox_app.command("list")
 def list_(
-    kind: str = typer.Option(None, "--kind", "-k", help="bounce, reply, auto, optout or unmatched."),
+    kind: str = typer.Option(None, "--kind", "-k", help="bounce, reply, auto, optout, unmatched or error."),
     limit: int = typer.Option(200, "--limit", min=1, help="Newest N messages."),
     as_json: bool = typer.Option(False, "--json", help="JSON for machines."),
 ) -> None:

@@ -231,7 +231,9 @@ def _print_inbox(r: StatusReport) -> None:
         return
     console.print(
         f"[bold]Inbox:[/] bounces {i.bounces} ({i.hard_bounces} hard), replies {i.replies}, "
-        f"opt-outs {i.optouts}, auto-replies {i.auto}, unmatched {i.unmatched}", highlight=False)
+        f"opt-outs {i.optouts}, auto-replies {i.auto}, unmatched {i.unmatched}"
+        + (f", [bold red]not processed {i.errors}[/] (comms inbox list --kind error)"
+           if i.errors else ""), highlight=False)
     for stage, kinds in sorted(i.by_stage.items()):
         console.print(f"  {stage}: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
                       highlight=False)

@@ -12,12 +12,16 @@ Rules, first match wins:
    4.x.x soft, none found: soft. Matched to the outbox row by ``x-comms-send-id`` in the
    attached original (or its headers, or the NDR's text), else by the original's Message-ID
    looked up in Sent Items. An NDR that matches no row is *unmatched*.
-2. **auto** — ``Auto-Submitted`` other than ``no``, ``X-Auto-Response-Suppress``,
+2. **unmatched** (internal) — a reply or auto-reply to an internal note or alert (the account
+   manager answering us): recorded for the operator, no effect on the customer.
+3. **auto** — ``Auto-Submitted`` other than ``no``, ``X-Auto-Response-Suppress``,
    ``Precedence: auto_reply``, or an "Automatic reply:"-like subject (several languages).
-3. **optout** / **reply** — from a customer found by ``In-Reply-To``/``References`` (a message
-   we sent), else the conversation, else the sender being one customer's contact. Opt-out when
-   the reply's own text (not the quoted original) contains an opt-out keyword.
-4. **unmatched** — anything else; listed for an operator, never acted on.
+4. **optout** / **reply** — from a customer found by ``In-Reply-To``/``References`` (a message
+   we sent), else the conversation, else the sender being one customer's contact. Opt-out only
+   when the sender is a contact of that customer and ``optout_keyword`` finds a phrase that
+   counts (about our emails, not negated, not about the subscription, not quoted or in the
+   signature); otherwise a reply, read by a human.
+5. **unmatched** — anything else; listed for an operator, never acted on.
 """
 
 from __future__ import annotations
@@ -44,23 +48,37 @@ _AUTO_SUBJECT = re.compile(
     re.IGNORECASE,
 )
 _STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
-_DSN_STATUS = re.compile(r"^\s*Status:\s*([245]\.\d{1,3}\.\d{1,3})", re.IGNORECASE | re.MULTILINE)
+# Line starts take "[ \t]*", never "\s*": with MULTILINE, "^\s*" would run on across every
+# blank line after each line start (quadratic on a report of blank lines).
+_DSN_STATUS = re.compile(r"^[ \t]*Status:\s*([245]\.\d{1,3}\.\d{1,3})",
+                         re.IGNORECASE | re.MULTILINE)
 _FINAL_RECIPIENT = re.compile(
-    r"^\s*(?:Final|Original)-Recipient:\s*rfc822;\s*<?([^\s>]+@[^\s>]+)>?",
+    r"^[ \t]*(?:Final|Original)-Recipient:\s*rfc822;\s*<?([^\s>]+@[^\s>]+)>?",
     re.IGNORECASE | re.MULTILINE,
 )
 _SEND_ID_LINE = re.compile(
-    r"^\s*x-comms-send-id:\s*([A-Za-z0-9._-]+)", re.IGNORECASE | re.MULTILINE
+    r"^[ \t]*x-comms-send-id:\s*([A-Za-z0-9._-]+)", re.IGNORECASE | re.MULTILINE
 )
-_MESSAGE_ID_LINE = re.compile(r"^\s*Message-ID:\s*(<[^>\s]+>)", re.IGNORECASE | re.MULTILINE)
+_MESSAGE_ID_LINE = re.compile(r"^[ \t]*Message-ID:\s*(<[^>\s]+>)", re.IGNORECASE | re.MULTILINE)
 _ANGLE_ID = re.compile(r"<[^<>\s]+>")
-_ADDRESS = re.compile(r"[A-Za-z0-9._%+'-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+# Linear: a match starts only where a run of address characters starts, and the run is taken
+# whole (possessive), so a long run without "@" is scanned once, not once per position.
+_ADDRESS = re.compile(r"(?<![A-Za-z0-9._%+'-])[A-Za-z0-9._%+'-]++@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+# How much of an NDR's text and of each attachment is searched for status codes, send ids,
+# Message-IDs and addresses: they are in the first lines of a report or of the attached
+# original's headers, and a bounded scan keeps a huge (or hostile) report from holding the
+# sync's write transaction.
+SCAN_LIMIT = 64 * 1024
 # Where the quoted original starts in a reply (Outlook, Gmail, Apple Mail; en/de/fr/nl/es).
 _QUOTE_START = re.compile(
     r"^\s*(>|-{2,}\s*(original message|ursprüngliche nachricht|message d'origine)|"
     r"_{5,}|(from|von|de|van|sent|gesendet|envoyé)\s*:|"
     r"on .{0,200}wrote:|am .{0,200}schrieb|le .{0,200}a écrit)",
     re.IGNORECASE,
+)
+# An attribution line wrapped by the client ("On Tue, 1 Dec 2026, Alex <\nalex@...> wrote:").
+_QUOTE_END = re.compile(
+    r"(wrote|schrieb|a écrit|schreef|escribió|ha scritto)\s*:\s*$", re.IGNORECASE
 )
 
 
@@ -96,6 +114,7 @@ class SentRow:
     customer_id: int
     recipients: tuple[str, ...]  # lower-case to + cc
     message: str = ""
+    internal: bool = False  # a note or alert to the account manager, not mail to the customer
 
 
 class Resolver(Protocol):
@@ -156,10 +175,10 @@ def status_code(msg: Inbound) -> tuple[str, str]:
     """The NDR's enhanced status code and where it was found ("" when none)."""
     for a in msg.attachments:
         if "delivery-status" in a.content_type.lower():
-            m = _DSN_STATUS.search(a.text)
+            m = _DSN_STATUS.search(a.text[:SCAN_LIMIT])
             if m:
                 return m.group(1), "delivery-status part"
-    m = _STATUS.search(msg.text)
+    m = _STATUS.search(msg.text[:SCAN_LIMIT])
     if m:
         return m.group(0), "report text"
     m = _STATUS.search(msg.subject)
@@ -170,13 +189,13 @@ def status_code(msg: Inbound) -> tuple[str, str]:
 
 def _original_send_id(msg: Inbound) -> tuple[str, str]:
     for a in msg.attachments:
-        m = _SEND_ID_LINE.search(a.text)
+        m = _SEND_ID_LINE.search(a.text[:SCAN_LIMIT])
         if m:
             return m.group(1), "send id in the attached original"
     value = msg.headers.get(SEND_ID_HEADER, "").strip()
     if value:
         return value, "send id in the report's headers"
-    m = _SEND_ID_LINE.search(msg.text)
+    m = _SEND_ID_LINE.search(msg.text[:SCAN_LIMIT])
     if m:
         return m.group(1), "send id in the report's text"
     return "", ""
@@ -185,28 +204,43 @@ def _original_send_id(msg: Inbound) -> tuple[str, str]:
 def _original_message_ids(msg: Inbound) -> list[str]:
     out: list[str] = []
     for a in msg.attachments:
-        out += _MESSAGE_ID_LINE.findall(a.text)
+        out += _MESSAGE_ID_LINE.findall(a.text[:SCAN_LIMIT])
     for name in ("in-reply-to", "references"):
         out += _ANGLE_ID.findall(msg.headers.get(name, ""))
     return list(dict.fromkeys(out))
 
 
-def _bounced_address(msg: Inbound, row: SentRow) -> str:
+def _bounced_address(msg: Inbound, row: SentRow) -> tuple[str, str]:
+    """(the recipient of ``row`` the NDR is for, or "" when it cannot be told; why not)."""
     found: list[str] = []
     for a in msg.attachments:
-        found += _FINAL_RECIPIENT.findall(a.text)
-    found += _ADDRESS.findall(msg.text) + _ADDRESS.findall(msg.subject)
-    for address in found:
-        if address.lower() in row.recipients:
-            return address.lower()
-    return row.recipients[0] if len(row.recipients) == 1 else ""
+        found += _FINAL_RECIPIENT.findall(a.text[:SCAN_LIMIT])
+    found += _ADDRESS.findall(msg.text[:SCAN_LIMIT]) + _ADDRESS.findall(msg.subject[:SCAN_LIMIT])
+    ours = {msg.mailbox.lower(), msg.from_address.lower()}
+    named = [a.lower() for a in found if a.lower() not in ours
+             and _from_localpart(a) not in NDR_SENDERS]
+    for address in named:
+        if address in row.recipients:
+            return address, ""
+    if named:
+        # The report names someone we did not mail (a forward, an alias expanded downstream):
+        # the recipient that forwarded it got the message; no address is guessed.
+        return "", f"the report names {named[0]}, not a recipient of outbox #{row.message_id}"
+    if len(row.recipients) == 1:
+        return row.recipients[0], ""
+    return "", f"the report names none of the {len(row.recipients)} recipients"
+
+
+# RFC 3676's signature delimiter "-- " (clients often drop the trailing space).
+_SIGNATURE = re.compile(r"^--[ \t]*$")
 
 
 def own_text(text: str, lines: int | None = None) -> str:
-    """The reply's own text: the lines above the quoted original, blank lines dropped."""
+    """The reply's own text: the lines above the quoted original and the signature, blank lines
+    dropped."""
     out: list[str] = []
     for line in text.splitlines():
-        if _QUOTE_START.match(line):
+        if _QUOTE_START.match(line) or _QUOTE_END.search(line) or _SIGNATURE.match(line):
             break
         if line.strip():
             out.append(line.strip())
@@ -216,29 +250,80 @@ def own_text(text: str, lines: int | None = None) -> str:
 
 
 _REPLY_PREFIX = re.compile(r"^\s*((re|aw|wg|fw|fwd|tr|antw)\s*:\s*)+", re.IGNORECASE)
+# A sentence that talks about the subscription or its billing: an opt-out phrase in it may be
+# about cancelling the old subscription (what the campaign asks for), so it is left to a human.
+SUBSCRIPTION_TOPIC = re.compile(
+    r"(?<!\w)(subscriptions?|plan|licen[cs]es?|invoices?|billing|abo|abonnements?|lizenz\w*|"
+    r"rechnung\w*|abonnement|licentie\w*|factur\w*|suscripci[oó]n\w*|licencia\w*|"
+    r"abbonament\w*|licenz\w*|fattur\w*)(?!\w)",
+    re.IGNORECASE,
+)
+# A negation before the phrase in its sentence ("please do NOT unsubscribe us").
+_NEGATION = re.compile(
+    r"(?<!\w)(not|no|never|dont|nicht|kein\w*|nie|niemals|ne|pas|jamais|niet|geen|nooit|"
+    r"nunca|non|mai)(?!\w)|n't(?!\w)",
+    re.IGNORECASE,
+)
+_SENTENCE_END = re.compile(r"[.!?;\n]")
+# What may surround a command word and leave it the whole reply.
+_POLITE = re.compile(
+    r"(?<!\w)(please|pls|plz|thanks|thank you|bitte|danke|graag|bedankt|merci|svp|hi|hello|"
+    r"hallo|hola|bonjour|ciao|dear|"
+    r"s'il vous pla[iî]t|por favor|gracias|per favore|grazie|me|us|mich|uns|mij)(?!\w)",
+    re.IGNORECASE,
+)
 
 
 @functools.lru_cache(maxsize=16)
 def _keyword_patterns(keywords: tuple[str, ...]) -> tuple[re.Pattern[str], list[re.Pattern[str]]]:
     """All keywords in one pattern (most replies match none: one search rejects them), and
     one pattern per keyword (in order: the first keyword of the list wins, not the first in
-    the text)."""
-    each = [rf"(?<!\w){re.escape(kw.lower())}(?!\w)" for kw in keywords]
+    the text). Spaces in a keyword match any run of whitespace."""
+    each = [r"(?<!\w)" + r"\s+".join(map(re.escape, kw.lower().split())) + r"(?!\w)"
+            for kw in keywords]
     return re.compile("|".join(each) or r"(?!)"), [re.compile(p) for p in each]
 
 
-def optout_keyword(msg: Inbound, keywords: Sequence[str]) -> str:
-    """The first opt-out keyword in the subject (minus RE:/AW:) or the reply's own text."""
+def _counts_in(text: str, start: int, end: int) -> bool:
+    """Whether a phrase found at text[start:end] is meant: its sentence does not negate it
+    before it and does not talk about the subscription."""
+    begin = max((m.end() for m in _SENTENCE_END.finditer(text, 0, start)), default=0)
+    stop = _SENTENCE_END.search(text, end)
+    sentence_end = stop.start() if stop else len(text)
+    if _NEGATION.search(text, begin, start):
+        return False
+    return not SUBSCRIPTION_TOPIC.search(text[begin:sentence_end])
+
+
+def _is_command(text: str, commands: Sequence[str]) -> str:
+    """The command ``text`` consists of (besides politeness), or ""."""
+    if not text or "?" in text:
+        return ""
+    bare = _POLITE.sub(" ", text.lower())
+    bare = " ".join(re.sub(r"[^\w'-]+", " ", bare).split())
+    return bare if bare in commands else ""
+
+
+def optout_keyword(msg: Inbound, keywords: Sequence[str], commands: Sequence[str] = ()) -> str:
+    """The opt-out phrase of a reply ("" when none counts): the first keyword found in the
+    subject (minus RE:/AW:) or the reply's own text that is not negated and not in a sentence
+    about the subscription, or a command that is the whole reply (its own text, or the
+    subject when the text is empty)."""
+    subject = _REPLY_PREFIX.sub("", msg.subject).strip().replace("\u2019", "'")
+    own = own_text(msg.text).replace("\u2019", "'")
+    command = _is_command(own or subject, [c.lower() for c in commands])
+    if command:
+        return command
     if not keywords:
         return ""
-    subject = _REPLY_PREFIX.sub("", msg.subject)
-    haystack = f"{subject}\n{own_text(msg.text)}".lower()
+    haystack = f"{subject}\n{own}".lower()
     anyone, each = _keyword_patterns(tuple(keywords))
     if not anyone.search(haystack):
         return ""
     for kw, pattern in zip(keywords, each, strict=True):
-        if pattern.search(haystack):
-            return kw
+        for m in pattern.finditer(haystack):
+            if _counts_in(haystack, m.start(), m.end()):
+                return kw
     return ""
 
 
@@ -259,7 +344,9 @@ def _classify_bounce(msg: Inbound, resolver: Resolver) -> Verdict:
     if row is None:
         return Verdict("unmatched", "bounce-unmatched: no send id or known Message-ID",
                        detail=detail, status_code=code, hard=hard)
-    address = _bounced_address(msg, row)
+    address, unknown = _bounced_address(msg, row)
+    if unknown:
+        detail += f"; recipient unknown: {unknown}; nothing suppressed"
     return Verdict(
         "bounce", f"bounce:{where}", detail=detail, customer_id=row.customer_id,
         message_id=row.message_id, address=address, status_code=code, hard=hard,
@@ -273,6 +360,8 @@ def _find_customer(msg: Inbound, resolver: Resolver) -> tuple[int | None, int | 
     for mid in dict.fromkeys(ids):
         send_id = resolver.send_id_by_internet_message_id(msg.mailbox, mid)
         row = resolver.row_by_send_id(send_id) if send_id else None
+        if row is not None and row.internal:
+            return None, row.message_id, INTERNAL
         if row is not None:
             return row.customer_id, row.message_id, "In-Reply-To/References"
     if msg.conversation_id:
@@ -288,19 +377,35 @@ def _find_customer(msg: Inbound, resolver: Resolver) -> tuple[int | None, int | 
     return None, None, ""
 
 
-def classify(msg: Inbound, resolver: Resolver, optout_keywords: Sequence[str]) -> Verdict:
+INTERNAL = "answers an internal note"
+
+
+def classify(msg: Inbound, resolver: Resolver, optout_keywords: Sequence[str],
+             optout_commands: Sequence[str] = ()) -> Verdict:
     """What ``msg`` is (see the module docstring for the rules, applied in order)."""
     if is_ndr(msg):
         return _classify_bounce(msg, resolver)
     customer, row, how = _find_customer(msg, resolver)
     sender = msg.from_address.lower()
+    if how == INTERNAL:
+        # The account manager answering our note or alert: nothing it says is the customer's.
+        return Verdict("unmatched", f"unmatched: {INTERNAL} (outbox #{row}), not the customer",
+                       detail="a reply to an internal message; no effect on the customer",
+                       message_id=row, address=sender)
     if is_auto_reply(msg):
         return Verdict("auto", "auto-reply: " + _auto_reason(msg), customer_id=customer,
                        message_id=row, address=sender)
     if customer is None:
         return Verdict("unmatched", f"unmatched: {how or 'no reference, unknown sender'}",
                        address=sender)
-    keyword = optout_keyword(msg, optout_keywords)
+    keyword = optout_keyword(msg, optout_keywords, optout_commands)
+    if keyword and customer not in resolver.customers_by_contact(sender):
+        # Only a contact opts out: the account manager (Cc'd) or a colleague asking to stop is
+        # read by a human.
+        return Verdict("reply", f"reply:{how}; opt-out phrase from a non-contact",
+                       detail=f"opt-out phrase {keyword!r} from {sender}, not a contact of the "
+                              "customer: not acted on", customer_id=customer, message_id=row,
+                       address=sender)
     if keyword:
         return Verdict("optout", f"optout:keyword {keyword!r}; customer by {how}",
                        customer_id=customer, message_id=row, address=sender, keyword=keyword)

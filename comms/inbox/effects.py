@@ -200,14 +200,18 @@ def _hard_bounce(c: _Chunk, msg: Inbound, v: Verdict, customer: _Customer,
         done.append(f"{v.address} suppressed (bounce)")
     st = c.state(customer.id)
     st["flagged"] = True
-    st["flag_reason"] = f"hard bounce {v.status_code} for {v.address}"
+    st["flag_reason"] = (f"hard bounce {v.status_code} for "
+                         f"{v.address or 'a recipient it does not name (see comms inbox show)'}")
     done.append("customer flagged")
     _note_account_manager(
         c, customer, f"[comms] {customer.name} ({customer.key}): an email bounced",
         [f"An email to {customer.name} ({customer.key}) bounced.",
          f"Address: {v.address or 'unknown'}; status {v.status_code} ({v.detail}).",
          "The address is suppressed; please find a working contact and add it "
-         "with `comms customers import`."],
+         "with `comms customers import`." if v.address else
+         "Nothing was suppressed: please find out which address fails (the report may name "
+         "a forward or alias) and fix it with `comms customers import` or "
+         "`comms contacts opt-out`."],
         done)
 
 

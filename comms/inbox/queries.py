@@ -74,6 +74,7 @@ class InboxCounts:
     awaiting_operator: list[str]  # customers whose reminders are held after a reply
     by_stage: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> kind -> n
     hard_by_stage: dict[str, int] = field(default_factory=dict)  # stage -> hard bounces
+    errors: int = 0  # messages that could not be processed (`comms inbox list --kind error`)
 
 
 def counts(session: Session, now: datetime) -> InboxCounts:
@@ -118,4 +119,4 @@ def counts(session: Session, now: datetime) -> InboxCounts:
             hard_by_stage[stage] += int(n)
     return InboxCounts(by_kind["bounce"], hard, by_kind["reply"], by_kind["optout"],
                        by_kind["auto"], by_kind["unmatched"], list(unreachable), list(awaiting),
-                       by_stage, dict(hard_by_stage))
+                       by_stage, dict(hard_by_stage), by_kind["error"])

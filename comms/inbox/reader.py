@@ -60,7 +60,16 @@ SELECT_BODY = ("bodyPreview", "body")
 
 
 class InboxError(DeliveryError):
-    """Reading a mailbox failed in a way a retry does not fix."""
+    """Reading a mailbox failed in a way a retry does not fix. ``status``: Graph's HTTP status
+    when it answered the read with an error (0: unreachable, throttled, untrusted)."""
+
+    status: int = 0
+
+    @classmethod
+    def answered(cls, status: int, message: str) -> InboxError:
+        err = cls(message)
+        err.status = status
+        return err
 
 
 @dataclass
@@ -131,7 +140,8 @@ class InboxReader:
             ) from exc
         if 200 <= response.status_code < 300:
             return response
-        raise InboxError(_explain(response.status_code, _error_of(response), url))
+        raise InboxError.answered(response.status_code,
+                                  _explain(response.status_code, _error_of(response), url))
 
     @property
     def requests(self) -> int:
@@ -203,7 +213,8 @@ class InboxReader:
             post=lambda payload: self._send(f"{self.base_url}/$batch",
                                             {"Accept": "application/json"},
                                             method="POST", json=payload).json(),
-            fail=lambda i, status, body: InboxError(_explain(status, _batch_error(body), urls[i])),
+            fail=lambda i, status, body: InboxError.answered(
+                status, _explain(status, _batch_error(body), urls[i])),
             exhausted=lambda i: _throttled(urls[i], MAX_ATTEMPTS),
             chained=True, size=BATCH_SIZE,
             headers={"Accept": "*/*" if raw else "application/json"}, raw=raw)

@@ -44,26 +44,32 @@ def _html_text(markup: str) -> str:
     return "\n".join(line.strip() for line in text.splitlines())
 
 
+def no_nul(text: Any) -> str:
+    """``text`` as a string without NUL characters: PostgreSQL refuses them in text columns,
+    and anyone can put one in a subject (an encoded word such as ``=?utf-8?b?AA==?=``)."""
+    return str(text).replace("\x00", "")
+
+
 def inbound_from_graph(mailbox: str, item: dict[str, Any]) -> Inbound:
-    """A Graph message resource -> the classifier's view (headers lower-cased)."""
+    """A Graph message resource -> the classifier's view (headers lower-cased, no NULs)."""
     headers: dict[str, str] = {}
     for h in item.get("internetMessageHeaders") or []:
-        name = str(h.get("name") or "").lower()
+        name = no_nul(h.get("name") or "").lower()
         if name and name not in headers:
-            headers[name] = str(h.get("value") or "")
+            headers[name] = no_nul(h.get("value") or "")
     body = item.get("body") or {}
-    text = str(body.get("content") or "") if isinstance(body, dict) else ""
+    text = no_nul(body.get("content") or "") if isinstance(body, dict) else ""
     if text and str(body.get("contentType", "")).lower() == "html":
         text = _html_text(text)
     return Inbound(
         mailbox=mailbox.lower(),
         graph_id=str(item["id"]),
-        subject=str(item.get("subject") or ""),
-        from_address=_address(item.get("from")) or _address(item.get("sender")),
-        text=text or str(item.get("bodyPreview") or ""),
+        subject=no_nul(item.get("subject") or ""),
+        from_address=no_nul(_address(item.get("from")) or _address(item.get("sender"))),
+        text=text or no_nul(item.get("bodyPreview") or ""),
         headers=headers,
-        internet_message_id=str(item.get("internetMessageId") or ""),
-        conversation_id=str(item.get("conversationId") or ""),
+        internet_message_id=no_nul(item.get("internetMessageId") or ""),
+        conversation_id=no_nul(item.get("conversationId") or ""),
         received_at=_parse_time(item.get("receivedDateTime")),
     )
 
@@ -71,7 +77,8 @@ def inbound_from_graph(mailbox: str, item: dict[str, Any]) -> Inbound:
 def _sent_row(row: Any) -> SentRow:
     recipients = [d["address"].lower() for d in json.loads(row.to_json or "[]")]
     recipients += [d["address"].lower() for d in json.loads(row.cc_json or "[]")]
-    return SentRow(int(row.id), int(row.customer_id), tuple(recipients), row.message)
+    return SentRow(int(row.id), int(row.customer_id), tuple(recipients), row.message,
+                   bool(row.internal))
 
 
 class LedgerResolver:
@@ -80,9 +87,12 @@ class LedgerResolver:
     def __init__(self, session: Session, reader: InboxReader | None,
                  sent_cache: dict[tuple[str, str, str], str | None] | None = None,
                  contacts: dict[str, list[int]] | None = None,
-                 rows: dict[str, SentRow | None] | None = None) -> None:
+                 rows: dict[str, SentRow | None] | None = None,
+                 failed: dict[tuple[str, str, str], Exception] | None = None) -> None:
         self.session = session
         self.reader = reader
+        # Sent Items lookups Graph refused (one message's fault): raised again, not re-asked.
+        self.failed = failed if failed is not None else {}
         self.rows = rows if rows is not None else {}
         # Shared by the whole sync (and filled ahead, page by page).
         self.sent_cache = sent_cache if sent_cache is not None else {}
@@ -110,7 +120,8 @@ class LedgerResolver:
                 self.rows[send_id] = None
             for row in self.session.execute(
                 sa.select(col(Message.send_id), col(Message.id), col(Message.customer_id),
-                          col(Message.to_json), col(Message.cc_json), col(Message.message))
+                          col(Message.to_json), col(Message.cc_json), col(Message.message),
+                          col(Message.internal))
                 .where(col(Message.send_id).in_(chunk))
             ).all():
                 self.rows[row.send_id] = _sent_row(row)
@@ -120,13 +131,15 @@ class LedgerResolver:
             return self.rows[send_id]
         row = self.session.execute(
             sa.select(col(Message.id), col(Message.customer_id), col(Message.to_json),
-                      col(Message.cc_json), col(Message.message))
+                      col(Message.cc_json), col(Message.message), col(Message.internal))
             .where(col(Message.send_id) == send_id)
         ).first()
         return None if row is None else _sent_row(row)
 
     def _sent(self, mailbox: str, field_name: str, value: str) -> str | None:
         key = (mailbox, field_name, value)
+        if key in self.failed:
+            raise self.failed[key]
         if key not in self.sent_cache:
             self.sent_cache[key] = (
                 self.reader.sent_send_id(mailbox, field_name, value) if self.reader else None
@@ -148,7 +161,8 @@ class LedgerResolver:
             return int(known)
         send_id = self._sent(mailbox, "conversationId", conversation_id)
         row = self.row_by_send_id(send_id) if send_id else None
-        return row.customer_id if row else None
+        # A thread of an internal note is the account manager's, not the customer's.
+        return row.customer_id if row and not row.internal else None
 
     def customers_by_contact(self, address: str) -> Sequence[int]:
         if address not in self.contacts:

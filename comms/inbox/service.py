@@ -14,11 +14,10 @@ and be applied again one message per savepoint, skipping the taken one.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,9 +27,18 @@ from sqlmodel import col
 
 from comms.config import Settings
 from comms.errors import UsageError
-from comms.inbox.classify import Inbound, SentRow, Verdict, classify, own_text
+from comms.inbox.classify import Inbound, Verdict, classify, own_text
 from comms.inbox.effects import BOUNCED, NOTE_MESSAGE, apply_chunk, effect_keys
 from comms.inbox.policy import InboxPolicy
+from comms.inbox.prefetch import (
+    SENT_INDEX_THRESHOLD,
+    _Caches,
+    _collect,
+    _error_verdict,
+    _referenced_send_ids,
+    _submit,
+    message_fault,
+)
 from comms.inbox.queries import (
     InboxCounts,
     counts,
@@ -38,8 +46,8 @@ from comms.inbox.queries import (
     show_inbound,
     timeline_entries,
 )
-from comms.inbox.reader import BATCH_SIZE, InboxReader
-from comms.inbox.resolver import LedgerResolver, inbound_from_graph
+from comms.inbox.reader import InboxReader
+from comms.inbox.resolver import LedgerResolver, inbound_from_graph, no_nul
 from comms.store.db import Database
 from comms.store.inbox_models import InboundMessage, InboxMailbox
 
@@ -62,17 +70,15 @@ class SyncReport:
     requests: int = 0
     retries: int = 0
     items: list[dict[str, Any]] = field(default_factory=list)  # dry run: what would happen
+    errors: list[str] = field(default_factory=list)  # "mailbox: why" per mailbox not synced
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "mailboxes": self.mailboxes, "read": self.read, "new": self.new,
             "skipped": self.skipped, "kinds": dict(self.kinds), "effects": dict(self.effects),
             "dry_run": self.dry_run, "requests": self.requests, "retries": self.retries,
-            "items": self.items,
+            "items": self.items, "errors": self.errors,
         }
-
-
-# --------------------------------------------------------------------------- sync
 
 
 def _senders(settings: Settings, mailbox: str | None) -> list[str]:
@@ -87,8 +93,9 @@ def _senders(settings: Settings, mailbox: str | None) -> list[str]:
 
 
 def _record(msg: Inbound, verdict: Verdict, lines: int, now: datetime) -> dict[str, Any]:
-    """The inbound_messages row (a dict: inserted with Core, thousands per sync)."""
-    return {
+    """The inbound_messages row (a dict: inserted with Core, thousands per sync), without NULs
+    in its text (PostgreSQL refuses them)."""
+    row = {
         "mailbox": msg.mailbox, "graph_id": msg.graph_id,
         "internet_message_id": msg.internet_message_id[:998],
         "conversation_id": msg.conversation_id[:400], "received_at": msg.received_at,
@@ -100,12 +107,7 @@ def _record(msg: Inbound, verdict: Verdict, lines: int, now: datetime) -> dict[s
         "address": verdict.address[:320], "customer_id": verdict.customer_id,
         "message_id": verdict.message_id, "effects": "", "processed_at": now,
     }
-
-
-def _needs_attachments(item: dict[str, Any], msg: Inbound) -> bool:
-    from comms.inbox.classify import is_ndr
-
-    return bool(item.get("hasAttachments")) and is_ndr(msg)
+    return {k: no_nul(v) if isinstance(v, str) else v for k, v in row.items()}
 
 
 def sync(
@@ -113,16 +115,27 @@ def sync(
     mailbox: str | None = None, dry_run: bool = False, restart: bool = False,
     progress: Callable[[int], None] | None = None, reader: InboxReader | None = None,
 ) -> SyncReport:
-    """Read, classify and apply every new Inbox message of the sender mailboxes."""
+    """Read, classify and apply every new Inbox message of the sender mailboxes.
+
+    A mailbox that cannot be read (permissions, throttling, the network) is reported in
+    ``errors`` and the others are read; when none could be, the first error is raised."""
     report = SyncReport(dry_run=dry_run)
+    boxes = _senders(settings, mailbox)
     own_reader = reader is None
     reader = reader or InboxReader(settings, read_body=policy.read_body,
                                    page_size=policy.page_size)
+    first: Exception | None = None
     try:
-        for box in _senders(settings, mailbox):
+        for box in boxes:
             report.mailboxes.append(box)
-            _sync_mailbox(db, settings, policy, reader, box, now=now, dry_run=dry_run,
-                          restart=restart, report=report, progress=progress)
+            try:
+                _sync_mailbox(db, settings, policy, reader, box, now=now, dry_run=dry_run,
+                              restart=restart, report=report, progress=progress)
+            except Exception as exc:  # one mailbox's failure must not keep the others unread
+                first = first or exc
+                report.errors.append(f"{box}: {no_nul(exc)}")
+        if first is not None and len(report.errors) == len(boxes):
+            raise first
     finally:
         report.requests, report.retries = reader.requests, reader.retries
         if own_reader:
@@ -151,7 +164,8 @@ def _sync_mailbox(
                 seen = set(s.execute(
                     sa.select(col(InboundMessage.graph_id)).where(
                         col(InboundMessage.mailbox) == box,
-                        col(InboundMessage.graph_id).in_(ids))
+                        col(InboundMessage.graph_id).in_(ids),
+                        col(InboundMessage.kind) != "error")  # tried again when read again
                 ).scalars().all()) if ids else set()
             fresh = [m for m in page.messages
                      if str(m["id"]) not in seen and "@removed" not in m]
@@ -165,7 +179,7 @@ def _sync_mailbox(
                     box, now - timedelta(days=policy.sent_index_days))
             pending = _submit(pool, policy, reader, box, fresh, messages, caches)
             for start in range(0, len(messages), CHUNK):
-                _collect(pending, messages, caches, upto=start + CHUNK)
+                _collect(pending, messages, caches, upto=start + CHUNK, reader=reader)
                 _process(db, settings, policy, reader, messages[start:start + CHUNK], now=now,
                          dry_run=dry_run, report=report, caches=caches)
             if progress:
@@ -187,87 +201,6 @@ class _DryRun(Exception):
     """Raised inside a dry run's transaction so that nothing it did is kept."""
 
 
-@dataclass
-class _Caches:
-    """What one mailbox's sync learned, shared by its chunks: Sent Items lookups, outbox rows
-    by send id, contacts by address."""
-
-    sent: dict[tuple[str, str, str], str | None] = field(default_factory=dict)
-    rows: dict[str, SentRow | None] = field(default_factory=dict)
-    contacts: dict[str, list[int]] = field(default_factory=dict)
-    index: dict[str, str] | None = None  # Sent Items listing, once per sync when worth it
-
-
-SENT_INDEX_THRESHOLD = 50  # threaded replies on a page that make one listing cheaper
-
-
-_IN_REPLY_TO = re.compile(r"<[^<>\s]+>")
-
-
-_Pending = list[tuple[int, "str | tuple[int, ...]", Future[Any]]]
-
-
-def _submit(
-    pool: ThreadPoolExecutor, policy: InboxPolicy, reader: InboxReader, box: str,
-    items: list[dict[str, Any]], messages: list[Inbound], caches: _Caches,
-) -> _Pending:
-    """Start a page's Graph reads: NDR attachments (``BATCH_SIZE`` NDRs a JSON batch), and the
-    Sent Items lookup of each reply's In-Reply-To (each id once)."""
-    out: _Pending = []
-    ndrs: list[int] = []
-
-    def flush() -> None:
-        if ndrs:
-            ids = [messages[i].graph_id for i in ndrs]
-            out.append((ndrs[0], tuple(ndrs), pool.submit(reader.attachments_many, box, ids)))
-            ndrs.clear()
-
-    for i, (item, msg) in enumerate(zip(items, messages, strict=True)):
-        if policy.read_body and _needs_attachments(item, msg):
-            ndrs.append(i)
-            if len(ndrs) == BATCH_SIZE:
-                flush()
-            continue
-        for mid in _IN_REPLY_TO.findall(msg.headers.get("in-reply-to", ""))[:1]:
-            key = (box, "internetMessageId", mid)
-            if key not in caches.sent and caches.index is not None and mid in caches.index:
-                caches.sent[key] = caches.index[mid]
-            if key not in caches.sent:
-                caches.sent[key] = None
-                out.append((i, mid, pool.submit(reader.sent_send_id, box,
-                                                "internetMessageId", mid)))
-    flush()
-    out.sort(key=lambda entry: entry[0], reverse=True)  # popped from the end, lowest first
-    return out
-
-
-def _collect(pending: _Pending, messages: list[Inbound], caches: _Caches, *, upto: int) -> None:
-    """Wait for the reads of messages before ``upto`` and put their results in place."""
-    box = messages[0].mailbox if messages else ""
-    while pending and pending[-1][0] < upto:
-        _, what, future = pending.pop()
-        if isinstance(what, tuple):
-            found = future.result()
-            for i in what:
-                messages[i] = replace(messages[i],
-                                      attachments=tuple(found[messages[i].graph_id]))
-        else:
-            caches.sent[(box, "internetMessageId", what)] = future.result()
-
-
-def _referenced_send_ids(messages: Sequence[Inbound], caches: _Caches) -> list[str]:
-    """Send ids these messages will ask for: in NDR attachments and resolved In-Reply-To."""
-    out = [m.group(1) for msg in messages for a in msg.attachments
-           for m in [_SEND_ID_IN_TEXT.search(a.text)] if m]
-    for msg in messages:
-        for mid in _IN_REPLY_TO.findall(msg.headers.get("in-reply-to", ""))[:1]:
-            found = caches.sent.get((msg.mailbox, "internetMessageId", mid))
-            if found:
-                out.append(found)
-    return out
-
-
-_SEND_ID_IN_TEXT = re.compile(r"^\s*x-comms-send-id:\s*([A-Za-z0-9._-]+)", re.I | re.M)
 # Inbound messages per write transaction: the statements of a chunk cost about the same for 100
 # rows as for 500 (bench/bench_inbox.py), and one chunk holds SQLite's write lock well under a
 # second.
@@ -285,15 +218,16 @@ def _process(
     commit together, so a crash loses the uncommitted chunk whole and the next sync (same
     delta link) applies it again. If another sync recorded one of these messages meanwhile,
     the chunk's insert fails on the unique key, everything rolls back, and the chunk is applied
-    again one message per savepoint (the taken ones skipped)."""
-    keywords = policy.optout_keywords if policy.read_body else []
+    again one message per savepoint (the taken ones skipped). A message that cannot be
+    classified is recorded as an ``error``; one whose effects or record fail (``message_fault``)
+    makes the chunk go one message per savepoint too, where it is recorded as an ``error``."""
     done: list[tuple[Inbound, Verdict, list[str]]] = []
     try:
         with db.session(immediate=True) as s:
-            resolver = LedgerResolver(s, reader, caches.sent, caches.contacts, caches.rows)
+            resolver = _resolver(s, reader, caches)
             resolver.prefetch_contacts([m.from_address for m in messages])
             resolver.prefetch_rows(_referenced_send_ids(messages, caches))
-            verdicts = [classify(msg, resolver, keywords) for msg in messages]
+            verdicts = [_classify(msg, resolver, policy, caches) for msg in messages]
             effects = apply_chunk(s, settings, policy, list(zip(messages, verdicts,
                                                                 strict=True)), now)
             rows = []
@@ -302,17 +236,52 @@ def _process(
                 row["effects"] = "; ".join(eff)
                 rows.append(row)
                 done.append((msg, verdict, eff))
+            _forget_errors(s, messages)
             if rows:
                 s.execute(sa.insert(InboundMessage.__table__), rows)  # type: ignore[attr-defined]
             if dry_run:
                 raise _DryRun
     except _DryRun:
         pass
-    except IntegrityError:
+    except Exception as exc:
+        if not (isinstance(exc, IntegrityError) or message_fault(exc)):
+            raise
         _process_one_by_one(db, settings, policy, reader, messages, now=now, dry_run=dry_run,
                             report=report, caches=caches)
         return
     _count(report, done, dry_run)
+
+
+def _resolver(s: Any, reader: InboxReader, caches: _Caches) -> LedgerResolver:
+    return LedgerResolver(s, reader, caches.sent, caches.contacts, caches.rows, caches.failed)
+
+
+def _classify(msg: Inbound, resolver: LedgerResolver, policy: InboxPolicy,
+              caches: _Caches) -> Verdict:
+    """The message's verdict, or an ``error`` one when a read about it was refused or the
+    classifier fails on it (a database error is left to the caller: the transaction is
+    gone)."""
+    keywords = policy.optout_keywords if policy.read_body else []
+    commands = policy.optout_commands if policy.read_body else []
+    broken = caches.broken.get(msg.graph_id)
+    if broken is not None:
+        return _error_verdict(msg, broken)
+    try:
+        return classify(msg, resolver, keywords, commands)
+    except Exception as exc:
+        if isinstance(exc, sa.exc.DBAPIError) or not message_fault(exc):
+            raise
+        return _error_verdict(msg, exc)
+
+
+def _forget_errors(s: Any, messages: Sequence[Inbound]) -> None:
+    """Drop the ``error`` records of messages processed again (read again after --restart)."""
+    table = InboundMessage.__table__  # type: ignore[attr-defined]
+    for box in {m.mailbox for m in messages}:
+        ids = [m.graph_id for m in messages if m.mailbox == box]
+        for start in range(0, len(ids), 500):
+            s.execute(sa.delete(table).where(table.c.mailbox == box, table.c.kind == "error",
+                                             table.c.graph_id.in_(ids[start:start + 500])))
 
 
 def _count(report: SyncReport, done: list[tuple[Inbound, Verdict, list[str]]],
@@ -332,17 +301,18 @@ def _process_one_by_one(
     messages: list[Inbound], *, now: datetime, dry_run: bool, report: SyncReport,
     caches: _Caches,
 ) -> None:
-    """The fallback: each message's effects and record in its own savepoint."""
+    """The fallback: each message's effects and record in its own savepoint; a message whose
+    effects or record fail is recorded as an ``error`` (with the exception) instead."""
     table = InboundMessage.__table__  # type: ignore[attr-defined]
-    keywords = policy.optout_keywords if policy.read_body else []
     done: list[tuple[Inbound, Verdict, list[str]]] = []
     try:
         with db.session(immediate=True) as s:
-            resolver = LedgerResolver(s, reader, caches.sent, caches.contacts, caches.rows)
+            resolver = _resolver(s, reader, caches)
+            _forget_errors(s, messages)
             for msg in messages:
                 try:
                     with s.begin_nested(), s.no_autoflush:
-                        verdict = classify(msg, resolver, keywords)
+                        verdict = _classify(msg, resolver, policy, caches)
                         effects = apply_chunk(s, settings, policy, [(msg, verdict)], now)[0]
                         row = _record(msg, verdict, policy.timeline_lines, now)
                         row["effects"] = "; ".join(effects)
@@ -351,6 +321,13 @@ def _process_one_by_one(
                 except IntegrityError:
                     report.skipped += 1  # recorded meanwhile by another sync
                     continue
+                except Exception as exc:
+                    if not message_fault(exc):
+                        raise
+                    verdict, effects = _error_verdict(msg, exc), []
+                    with s.begin_nested():
+                        s.execute(sa.insert(table).values(
+                            **_record(msg, verdict, policy.timeline_lines, now)))
                 done.append((msg, verdict, effects))
             if dry_run:
                 raise _DryRun
@@ -365,7 +342,10 @@ SUMMARY_KINDS = ("bounce", "reply", "auto", "optout", "unmatched")
 def summary_line(report: SyncReport) -> str:
     """One line for `comms inbox sync` and `comms run --inbox`."""
     kinds = ", ".join(f"{k} {report.kinds.get(k, 0)}" for k in SUMMARY_KINDS)
+    if report.kinds.get("error"):
+        kinds += f", error {report.kinds['error']} (see `comms inbox list --kind error`)"
     verb = "would apply" if report.dry_run else "applied"
     return (f"Inbox: read {report.read} message(s) from {len(report.mailboxes)} mailbox(es), "
             f"{report.new} new ({kinds}), {report.skipped} already processed; {verb}: "
-            + (", ".join(f"{k} {v}" for k, v in sorted(report.effects.items())) or "nothing"))
+            + (", ".join(f"{k} {v}" for k, v in sorted(report.effects.items())) or "nothing")
+            + "".join(f"; NOT SYNCED {e}" for e in report.errors))

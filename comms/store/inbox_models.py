@@ -15,7 +15,7 @@ from sqlmodel import Column, Field, SQLModel
 
 from comms.store.models import UTCDateTime, _dt
 
-KINDS = ("bounce", "reply", "auto", "optout", "unmatched")
+KINDS = ("bounce", "reply", "auto", "optout", "unmatched", "error")
 
 
 class InboundMessage(SQLModel, table=True):
@@ -44,7 +44,9 @@ class InboundMessage(SQLModel, table=True):
     from_address: str = Field(default="", max_length=320)
     subject: str = Field(default="", sa_column=Column(sa.Text(), nullable=False, default=""))
     preview: str = Field(default="", sa_column=Column(sa.Text(), nullable=False, default=""))
-    kind: str = Field(max_length=20)  # bounce | reply | auto | optout | unmatched
+    # bounce | reply | auto | optout | unmatched | error (could not be processed: detail says
+    # why; read again, e.g. after `comms inbox sync --restart`, it is processed again)
+    kind: str = Field(max_length=20)
     rule: str = Field(default="", max_length=100)  # the classifier rule that decided
     detail: str = Field(default="", sa_column=Column(sa.Text(), nullable=False, default=""))
     status_code: str = Field(default="", max_length=20)  # bounces: 5.1.1, 4.4.7 ...

@@ -1,0 +1,95 @@
+"""One message or one mailbox that cannot be processed blocks nothing else: `comms inbox sync`
+against the sandbox over HTTPS (real msal + requests) and the real ledger. A message Graph
+refuses a read about is recorded as an ``error`` (listed, counted) and the sync moves on, its
+delta link too; a mailbox that cannot be read is reported and the others are read."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+from engine_helpers import T0
+from sqlmodel import select
+
+from comms.campaign import load_campaign
+from comms.config import Settings, load_settings
+from comms.inbox import service
+from comms.sandbox import Sandbox
+from comms.sandbox.inbox import InboxAdmin
+from comms.services import customers as customer_service
+from comms.store.db import Database
+from comms.store.inbox_models import InboundMessage, InboxMailbox
+from comms.store.models import Suppression
+
+BOX = "transition@fabrikam.example"
+GONE = "gone@fabrikam.example"  # configured, but no such mailbox (404)
+
+
+def _customers(db: Database, tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", "name", "licences", "stage", "account_manager_email",
+                    "primary_contact_name", "primary_contact_email"])
+        w.writerow(["B", "B Ltd", 5, "invited", "am@f.example", "Admin", "admin@b.example"])
+    customer_service.import_customers(db, path, settings=load_settings(env={}),
+                                      campaign=load_campaign(), now=T0, by="test")
+
+
+def _two_senders(tmp_path: Path) -> Settings:
+    cfg = tmp_path / "two.toml"
+    cfg.write_text(f'[[senders]]\naddress = "{GONE}"\n\n[[senders]]\naddress = "{BOX}"\n')
+    return load_settings(cfg, env=dict(os.environ))
+
+
+def _raw(admin: InboxAdmin, sender: str, subject: str, text: str,
+         headers: dict[str, str] | None = None) -> Any:
+    return admin.inject(kind="raw", mailbox=BOX, message={
+        "subject": subject, "from": {"emailAddress": {"address": sender}},
+        "body": {"contentType": "text", "content": text},
+        "internetMessageHeaders": [{"name": k, "value": v} for k, v in (headers or {}).items()]})
+
+
+def test_a_refused_message_and_a_missing_mailbox_block_nothing_else(
+    db: Database, tmp_path: Path, sandbox: Sandbox, sandbox_settings: Settings
+) -> None:
+    _customers(db, tmp_path)
+    admin = InboxAdmin(sandbox)
+    # Its In-Reply-To makes the Sent Items lookup URL too long: the server refuses it (414).
+    _raw(admin, "x@evil.example", "hi", "hello", {"In-Reply-To": "<" + "A" * 70_000 + "@e>"})
+    _raw(admin, "x@evil.example", "hello\x00world", "hi\x00there")  # PostgreSQL refuses NUL
+    _raw(admin, "admin@b.example", "RE: invitation", "Please unsubscribe me.")
+    settings = _two_senders(tmp_path)
+    report = service.sync(db, settings, load_campaign().inbox, now=T0)
+    assert report.kinds == {"error": 1, "unmatched": 1, "optout": 1}
+    assert len(report.errors) == 1 and report.errors[0].startswith(f"{GONE}: ")
+    assert "NOT SYNCED" in service.summary_line(report)
+    with db.session() as s:
+        assert s.exec(select(Suppression.email)).all() == ["admin@b.example"]
+        stored = s.exec(select(InboundMessage)).all()
+        assert s.get(InboxMailbox, BOX) is not None  # the delta link moved on
+        counts = service.counts(s, T0)
+    errors = service.list_inbound(db, kind="error")
+    assert len(errors) == 1 and errors[0]["rule"] == "error: InboxError"
+    assert "414" in service.show_inbound(db, errors[0]["id"])["detail"]
+    assert counts.errors == 1
+    assert all("\x00" not in (m.subject + m.preview + m.detail) for m in stored)
+    assert {m.subject for m in stored} >= {"helloworld"}
+    again = service.sync(db, settings, load_campaign().inbox, now=T0)
+    assert again.new == 0 and len(again.errors) == 1  # nothing is read twice
+
+
+def test_dry_run_shows_a_rule_quoting_a_header_without_its_escape_sequences(
+    sandbox: Sandbox, sandbox_settings: Settings, cli: Any
+) -> None:
+    """An auto-reply's rule quotes its Auto-Submitted header, which the sender writes: an
+    escape sequence in it (OSC 52 writes the clipboard, CSI 2J clears the screen) must reach
+    the terminal as visible text."""
+    evil = "auto-replied\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2J"
+    _raw(InboxAdmin(sandbox), "x@evil.example", "hi", "x", {"Auto-Submitted": evil})
+    r = cli("inbox", "sync", "--dry-run", "--now", "2026-12-01T10:00")
+    assert r.exit_code == 0, r.output
+    assert "auto-reply: auto-submitted: auto-replied" in r.stdout
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
