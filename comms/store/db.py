@@ -24,9 +24,12 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Session
 
 from comms.config import mask_url
-from comms.errors import DatabaseError
+from comms.errors import DatabaseError, RequestRefused
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+# The files SQLite keeps beside a ledger: replacing one loses the last commits or corrupts it.
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -128,6 +131,33 @@ class Database:
                     session.flush()
         except OperationalError as exc:
             raise DatabaseError(f"Database error: {exc.orig}") from exc
+
+    def ledger_files(self) -> tuple[Path, ...]:
+        """The SQLite ledger file and its companions (``-wal``, ``-shm``, ``-journal``, whether
+        they exist now or not), resolved; none on PostgreSQL or for an in-memory database."""
+        name = self.engine.url.database if self.is_sqlite else None
+        if not name or name == ":memory:" or name.startswith("file:"):
+            return ()
+        ledger = Path(name).expanduser().resolve()
+        return (ledger, *(ledger.with_name(ledger.name + c) for c in SQLITE_COMPANIONS))
+
+    def refuse_as_output(self, path: str | Path) -> None:
+        """Refuse (``RequestRefused``, before anything is written) an output file that is the
+        ledger or one of its companions: an export or report written there replaces the live
+        database. Any other existing file may be overwritten (cron rewrites the same report)."""
+        files = self.ledger_files()
+        target = Path(path).expanduser()
+        resolved = target.resolve()
+        for f in files:
+            same = resolved == f
+            if not same and target.exists() and f.exists():
+                same = os.path.samefile(target, f)  # a hard link, or another case of the name
+            if same:
+                what = ("the ledger database" if f == files[0]
+                        else f"the ledger's {f.name.removeprefix(files[0].name)} file")
+                raise RequestRefused(
+                    f"Refusing to write {target}: it is {what} ({f}); writing there would "
+                    "destroy the ledger. Nothing was written; choose another file.")
 
     def current_revision(self) -> str | None:
         try:
