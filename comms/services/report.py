@@ -339,7 +339,7 @@ def render_report(
     def local(dt: datetime | None, fmt: str = "%Y-%m-%d %H:%M") -> str:
         return dt.astimezone(tz).strftime(fmt) if dt else ""
 
-    completed = sum(s.customers for s in report.funnel if s.stage == "completed")
+    completed = report.completed
     awaiting = sum(s.customers for s in report.funnel if s.stage == report.csp_live_stage)
     template = _environment().get_template("report.html.j2")
     return template.render(
