@@ -202,6 +202,15 @@ class Campaign(_Model):
     def stage_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.stages)
 
+    @property
+    def completed_stages(self) -> tuple[str, ...]:
+        """The stages in which a customer's transition is complete: those marked ``final``
+        (``completed`` in the default campaign, whatever a campaign names it), else the last
+        stage. The one definition of "completed" for `comms status` and the report: the
+        "completed" card and every completion rate count customers in one of these now."""
+        final = tuple(s.name for s in self.stages if s.final)
+        return final or self.stage_names[-1:]
+
     def stage(self, name: str) -> Stage:
         for s in self.stages:
             if s.name == name:

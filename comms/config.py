@@ -128,22 +128,45 @@ _SECRET_PARAMS = re.compile(
 )
 
 
+def _credentials_end(rest: str) -> int:
+    """Where the user name and password of a URL (``rest``: what follows ``://``) end: at its
+    LAST "@", because a password that is not percent-encoded may hold "@", "/", "?" or "#"
+    (masking too much is better than showing part of one); -1 when there are none: no "@", or
+    a path right away (``sqlite:////home/a@b/comms.db``)."""
+    if rest.startswith("/") or "@" not in rest:
+        return -1
+    return rest.rindex("@")
+
+
+def url_password(url: str) -> str:
+    """The password part of ``url`` as ``mask_url`` reads it ("" when none): everything
+    between the user's ":" and the last "@" of the URL."""
+    rest = url.partition("://")[2]
+    end = _credentials_end(rest)
+    creds = rest[:end] if end >= 0 else ""
+    return creds.partition(":")[2]
+
+
+def unencoded_credentials(url: str) -> bool:
+    """Whether the user name or password of ``url`` holds an un-encoded "@", "?", "#" or "/":
+    database drivers then read part of the password as the host (and print it in their
+    errors) or as the database name."""
+    rest = url.partition("://")[2]
+    end = _credentials_end(rest)
+    return end >= 0 and any(c in rest[:end] for c in "@?#/")
+
+
 def mask_url(url: str) -> str:
-    """Hide a password in a URL (``postgresql://u:secret@h/db``) and in secret-looking query
-    parameters (``?password=...``)."""
+    """Hide a password in a URL (``postgresql://u:secret@h/db``: everything between the
+    user's ":" and the last "@") and in secret-looking query parameters (``?password=...``)."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
+    end = _credentials_end(rest)
+    if end >= 0 and ":" in rest[:end]:
+        rest = rest[:end].split(":", 1)[0] + ":" + MASK + rest[end:]
     rest = _SECRET_PARAMS.sub(lambda m: m.group(1) + MASK, rest)
-    # The last "@" before any query: a password may hold "/" or "@" when not percent-encoded;
-    # masking too much is better than showing part of a password.
-    head, query = re.match(r"([^?#]*)(.*)", rest, re.S).groups()  # type: ignore[union-attr]
-    if "@" in head:
-        creds, _, host = head.rpartition("@")
-        if ":" in creds:
-            creds = creds.split(":", 1)[0] + ":" + MASK
-        head = f"{creds}@{host}"
-    return f"{scheme}://{head}{query}"
+    return f"{scheme}://{rest}"
 
 
 def mask_secrets(value: Any) -> Any:
@@ -293,6 +316,21 @@ def load_settings(
         graph_secrets["private_key_file"] = env["COMMS_GRAPH_PRIVATE_KEY_FILE"]
     if graph_secrets:
         data = _merge(data, {"graph": graph_secrets})
+    settings = _validate(data, origins, where, problems)
+    if problems or settings is None:
+        raise ConfigError(
+            f"The configuration has {plural(len(problems), 'problem')}; fix them and run "
+            "`comms config check`:",
+            problems=problems,
+        )
+    settings.source = where
+    return settings
+
+
+def _validate(data: dict[str, Any], origins: dict[tuple[str, ...], str], where: str,
+              problems: list[str]) -> Settings | None:
+    """The settings from merged ``data``; every problem appended to ``problems``, each named
+    by where its value came from."""
     settings: Settings | None = None
     try:
         settings = Settings.model_validate(data)
@@ -305,13 +343,12 @@ def load_settings(
             shown = "" if hide else f" (got {mask_secrets(got)!r})"
             origin = origins.get(tuple(str(x) for x in err["loc"]), where)
             problems.append(f"{origin}: {loc}: {_clean_msg(err['msg'])}{shown}")
-    if problems or settings is None:
-        raise ConfigError(
-            f"The configuration has {plural(len(problems), 'problem')}; fix them and run "
-            "`comms config check`:",
-            problems=problems,
-        )
-    settings.source = where
+    if settings is not None and unencoded_credentials(settings.database.url):
+        # Neither the URL nor the password is echoed: the message names the fix only.
+        problems.append(
+            f"{origins.get(('database', 'url'), where)}: [database] url: the user name or "
+            "password holds an un-encoded '@', '?', '#' or '/'; percent-encode them ('@' as "
+            "%40, '?' as %3F, '#' as %23, '/' as %2F)")
     return settings
 
 

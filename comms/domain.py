@@ -30,7 +30,7 @@ ACTED_ON = frozenset({MessageStatus.QUEUED, MessageStatus.SENDING, MessageStatus
 
 EventKind = Literal[
     "stage", "pause", "resume", "opt_out", "opt_in", "lost", "found", "update", "resend", "import",
-    "forced_send",
+    "forced_send", "suppression_lifted",
 ]
 
 

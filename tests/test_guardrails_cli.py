@@ -232,3 +232,36 @@ def test_every_file_output_takes_out(db: Database, tmp_path: Path, cli: Any) -> 
     assert neither.exit_code == 2 and "--out FILE" in neither.stderr
     shown = json.loads(cli("customers", "show", "K0001", "--json").stdout)
     assert shown["key"] == "K0001" and isinstance(shown["timeline"], list)
+
+
+def test_no_file_output_replaces_the_ledger(db: Database, tmp_path: Path, cli: Any) -> None:
+    """An export, report, backup or preview written to the SQLite ledger or its -wal, -shm or
+    -journal file (by any spelling of the path) is refused with exit 2 and nothing written;
+    overwriting an earlier report or export stays allowed (cron rewrites the same file)."""
+    if not db.is_sqlite:
+        pytest.skip("the ledger is a file on SQLite only")
+    seed(db, tmp_path, 2)
+    ledger = Path(db.engine.url.database or "")
+    (tmp_path / "link").symlink_to(ledger.parent, target_is_directory=True)
+    companions = [ledger.with_name(ledger.name + c) for c in ("-wal", "-shm", "-journal")]
+    before = {p: p.read_bytes() for p in companions if p.exists()}
+    spellings = [str(ledger), str(tmp_path / "link" / ledger.name),
+                 str(ledger.parent / ".." / ledger.parent.name / ledger.name),
+                 *map(str, companions)]
+    commands = [("outbox", "export", "--out"), ("report", "--out"),
+                ("customers", "export", "--out"), ("db", "backup", "--force", "--out"),
+                ("preview", "K0000", "--message", "kickoff", "--out")]
+    for args in commands:
+        for target in spellings:
+            r = cli(*args, target)
+            assert r.exit_code == 2, (args, target, r.output)
+            assert "Refusing to write" in r.stderr and "destroy the ledger" in r.stderr, r.stderr
+    assert ledger.read_bytes().startswith(b"SQLite format 3")
+    assert not companions[2].exists()  # no -journal file was made up
+    for p, data in before.items():
+        assert not p.exists() or p.read_bytes()[:4] == data[:4], p
+    assert "K0001" in cli("customers", "list").stdout
+    report = tmp_path / "daily" / "report.html"
+    for _ in range(2):  # the same path every day
+        assert cli("report", "--out", str(report)).exit_code == 0
+        assert cli("outbox", "export", "--out", str(report.with_suffix(".csv"))).exit_code == 0

@@ -19,6 +19,7 @@ import pytest
 from factories import customer, queued
 
 from comms.config import Settings, mask_url
+from comms.errors import DatabaseError
 from comms.store.db import Database, open_database
 
 REPO = Path(__file__).resolve().parent.parent
@@ -267,6 +268,56 @@ def test_config_show_masks_credentials_in_every_url(cli, tmp_path: Path, monkeyp
 def test_mask_url_keeps_the_host() -> None:
     assert mask_url("postgresql://u:p/a@ss@h:5432/db") == "postgresql://u:********@h:5432/db"
     assert mask_url("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+@pytest.mark.parametrize("password", ["s3cr?t-Pw", "pa#ss-Pw", "Tr0ub4dor@Horse-Battery-77",
+                                      "a/b?c#d@e:f"])
+def test_mask_url_hides_everything_up_to_the_last_at(password: str) -> None:
+    """An un-encoded "?" or "#" in a password ended the masking early (the rest was shown)."""
+    masked = mask_url(f"postgresql://comms:{password}@db.example:5432/comms?sslmode=require")
+    assert masked == "postgresql://comms:********@db.example:5432/comms?sslmode=require"
+    assert mask_url("sqlite:////home/ann@corp/comms.db") == "sqlite:////home/ann@corp/comms.db"
+    assert mask_url("postgresql://comms@db.example:5432/comms") == \
+        "postgresql://comms@db.example:5432/comms"
+
+
+def _pieces(password: str, out: str) -> list[str]:
+    """The pieces of ``password`` (split where a URL parser would) that ``out`` shows."""
+    return [p for p in {password, *re.split("[@?#/]", password)} if len(p) >= 4 and p in out]
+
+
+@pytest.mark.parametrize("password", ["s3cr?t-Pw", "pa#ss-Pw", "Tr0ub4dor@Horse-Battery-77",
+                                      "pa/ss-Pw"])
+def test_a_database_url_with_unencoded_credentials_is_refused_without_echoing_it(
+        cli, tmp_path: Path, monkeypatch, password: str) -> None:
+    url = f"postgresql://comms:{password}@127.0.0.1:1/comms"
+    monkeypatch.setenv("COMMS_DATABASE_URL", url)
+    for args in (("config", "show"), ("config", "show", "--json"), ("customers", "list")):
+        out = _one_line_error(cli(*args), 3, "COMMS_DATABASE_URL: [database] url",
+                              "percent-encode", "'@' as %40")
+        assert not _pieces(password, out) and "127.0.0.1" not in out, out
+    cfg = tmp_path / "comms.toml"
+    cfg.write_text(f'[database]\nurl = "{url}"\n', encoding="utf-8")
+    monkeypatch.delenv("COMMS_DATABASE_URL")
+    out = _one_line_error(cli("--config", str(cfg), "config", "check"), 3,
+                          f"{cfg}: [database] url", "percent-encode")
+    assert not _pieces(password, out), out
+    encoded = url.replace(password, password.replace("@", "%40").replace("?", "%3F")
+                          .replace("#", "%23").replace("/", "%2F"))
+    monkeypatch.setenv("COMMS_DATABASE_URL", encoded)
+    shown = cli("config", "show")
+    assert shown.exit_code == 0 and "postgresql://comms:********@127.0.0.1:1/comms" in \
+        shown.stdout, shown.output
+
+
+def test_a_database_error_shows_no_piece_of_the_password() -> None:
+    """Given directly (the config refuses it), a password with an un-encoded "@" is read by
+    the driver as part of the host: "failed to resolve host 'Horse-Battery-77@127.0.0.1'"."""
+    pytest.importorskip("psycopg")
+    with pytest.raises(DatabaseError) as err:
+        open_database("postgresql://comms:Tr0ub4dor@Horse-Battery-77@127.0.0.1:1/comms")
+    assert "Horse-Battery-77" not in str(err.value) and "Tr0ub4dor" not in str(err.value)
+    assert "Cannot use the database at 127.0.0.1:1/comms" in str(err.value)
 
 
 def test_config_check_warns_on_readable_credentials_and_shows_budget(

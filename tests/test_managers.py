@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from test_status import NOW
 from wave_ledger import ANN, AUTUMN, BOB, CY, PILOT, SPRING, build_wave_ledger
@@ -128,3 +130,35 @@ def test_per_wave_reached_conversion_and_inbox_counts(db: Database) -> None:
     assert (managers[BOB[0]].bounces, managers[BOB[0]].hard_bounces,
             managers[BOB[0]].replies) == (1, 0, 1)
     assert managers[CY[0]].replies == 1  # U1's reply: an account manager, no wave
+
+
+def test_a_completion_undone_by_a_move_back_neither_completes_nor_stops_the_billing(
+        db: Database, cli: Any) -> None:
+    """docs/reporting.md: incurred runs "to now while still in the CSP-live stage", and the
+    completion rate is the share completed. A customer marked completed by mistake and forced
+    back to awaiting_cancellation was counted completed (100 %) and its incurred cost stopped
+    at the mistaken completion, below today's exposure."""
+    live = [("imported", 0.0), ("invited", 1.0), ("approved", 5.0),
+            ("awaiting_cancellation", 10.0)]
+    with db.session() as s:
+        # D: completed by mistake on day 16, forced back on day 20, still paying on day 40.
+        _customer(s, "D", "awaiting_cancellation", 10, "ann",
+                  [*live, ("completed", 16), ("awaiting_cancellation", 20)], 10)
+        # E: the same mistake on day 12, back on day 14, really cancelled on day 25.
+        _customer(s, "E", "completed", 6, "ann",
+                  [*live, ("completed", 12), ("awaiting_cancellation", 14), ("completed", 25)],
+                  10)
+    data = json.loads(cli("status", "--json", "--now",
+                          (T0 + timedelta(days=40)).isoformat()).stdout)
+    m = data["managers"]
+    d, e = 30 * 10 * 12.5 / 30, 15 * 6 * 12.5 / 30
+    assert data["exposure_total"] == m["exposure_today"] == d == 125.0
+    assert m["incurred_total"] == round(d + e, 2) == 162.5
+    assert (m["live_to_cancellation"]["count"], m["live_to_cancellation"]["median_days"]) == \
+        (1, 15)
+    [ann] = m["by_account_manager"]
+    assert (ann["customers"], ann["completed_rate"], ann["incurred"]) == (2, 0.5, 162.5)
+    assert data["completed"] == 1
+    # The reached funnel counts the furthest stage ever reached (the audit trail): D reached
+    # completed once, so the step stays at 2; only the completion rate says who is done now.
+    assert [f["reached"] for f in m["funnel"]][-1] == 2

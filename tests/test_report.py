@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import html as html_lib
+import json
 import re
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
@@ -381,3 +382,28 @@ def test_report_per_wave_conversion_and_inbox(
     for stage, title, name in columns:
         assert name == stage.replace("_", " ").capitalize()
         assert html_lib.unescape(title) == stage_label(campaign, stage)
+
+
+def test_completed_card_counts_the_campaigns_final_stage_whatever_its_name(
+        db: Database, cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The card matched the stage name `completed`: a campaign whose final stage is `done`
+    showed 0 completed. It counts the final stage(s), like `status --json`'s `completed`."""
+    text = (Path(__file__).resolve().parent.parent / "config" / "campaign.toml").read_text(
+        encoding="utf-8")
+    assert text.count('"completed"') == 2  # the stage and awaiting_cancellation's next
+    campaign_file = tmp_path / "campaign.toml"
+    campaign_file.write_text(text.replace('"completed"', '"done"'), encoding="utf-8")
+    monkeypatch.setenv("COMMS_CAMPAIGN_FILE", str(campaign_file))
+    with db.session() as s:
+        for i, stage in enumerate(["done", "done", "done", "awaiting_cancellation"]):
+            add_customer(s, f"C{i}", stage, ago(days=3))
+    out = tmp_path / "report.html"
+    r = cli("report", "--out", str(out), "--now", "2026-03-04T10:00")
+    assert r.exit_code == 0, r.output
+    html = out.read_text(encoding="utf-8")
+    card = re.findall(r'<span class="n"[^>]*>([\d,]+)</span><span class="l">completed \((\d+)%\)',
+                      html)
+    assert card == [("3", "75")]
+    assert json.loads(cli("status", "--json", "--now", "2026-03-04T10:00").stdout)[
+        "completed"] == 3
+    assert load_campaign(str(campaign_file)).completed_stages == ("done",)

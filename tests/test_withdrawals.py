@@ -25,7 +25,7 @@ from comms.services import customers as customer_service
 from comms.store import repo
 from comms.store.db import Database, alembic_config, open_database
 from comms.store.inbox_models import InboxCustomerState
-from comms.store.models import Customer, Message
+from comms.store.models import Contact, Customer, Message, StageEvent, Suppression
 
 NOW = T0.isoformat()
 HEADER = ("key,name,licences,stage,account_manager_name,account_manager_email,"
@@ -254,6 +254,78 @@ def test_a_new_contact_or_an_opt_in_lifts_the_block_at_the_next_run(
     r = cli("run", "--now", later())
     assert r.exit_code == 0, r.output
     assert sorted(_sent_to(env)) == [["alive@c1.example"], ["back@c2.example"]]
+
+
+def _suppressed_by_inbox(db: Database) -> tuple[int, int]:
+    """Two customers sharing a hard-bounced address (one as its account manager) and one
+    customer whose contact opted out by reply, as `comms inbox sync` records them."""
+    c1 = factories.customer(db, "B1")
+    c2 = factories.customer(db, "B2", account_manager_email="IT@contoso.example")
+    with db.session() as s:
+        s.add(Contact(customer_id=c1, name="IT", email="It@Contoso.example", role="primary"))
+        s.add(Contact(customer_id=c2, name="CEO", email="ceo@contoso.example", role="primary"))
+        s.add(Suppression(email="it@contoso.example", reason="bounce",
+                          at=datetime(2026, 11, 30, 9, tzinfo=UTC),
+                          by="inbox:transition@fabrikam.example 5.1.1"))
+        s.add(Suppression(email="ceo@contoso.example",
+                          reason="opt-out reply: Re: your move | please stop emailing me",
+                          at=datetime(2026, 11, 29, 9, tzinfo=UTC),
+                          by="inbox:transition@fabrikam.example"))
+    return c1, c2
+
+
+def _lifted_events(db: Database) -> list[tuple[int, str, str, str]]:
+    with db.session() as s:
+        return [(e.customer_id, e.kind, e.by, e.note) for e in s.exec(
+            select(StageEvent).where(StageEvent.kind == "suppression_lifted")
+            .order_by(StageEvent.id)).all()]
+
+
+def test_opt_in_of_a_bounced_or_opted_out_address_needs_a_note_and_is_recorded(
+    db: Database, cli: Any
+) -> None:
+    c1, c2 = _suppressed_by_inbox(db)
+    for address, lifted in (("IT@contoso.example", "hard bounce 5.1.1 on 2026-11-30"),
+                            ("ceo@contoso.example", "opted out by reply on 2026-11-29")):
+        r = cli("contacts", "opt-in", address)
+        assert r.exit_code == 2, r.output
+        assert lifted in r.stderr and "--note" in r.stderr and "Nothing changed" in r.stderr
+    with db.session() as s:
+        assert len(s.exec(select(Suppression)).all()) == 2
+        assert {c.next_due_at for c in s.exec(select(Customer)).all()} == {None}
+    assert _lifted_events(db) == []
+
+    r = cli("contacts", "opt-in", "IT@contoso.example", "--note", "new mailbox, checked by phone")
+    assert r.exit_code == 0, r.output
+    assert "it@contoso.example removed from the suppression list (was: hard bounce 5.1.1 on " \
+           "2026-11-30); 2 customers planned again" in " ".join(r.stdout.split())
+    r = cli("contacts", "opt-in", "ceo@contoso.example", "--note", "asked to be mailed again")
+    assert r.exit_code == 0, r.output
+    assert "(was: opted out by reply on 2026-11-29 (Re: your move | please stop emailing me))" \
+        in " ".join(r.stdout.split())
+    events = _lifted_events(db)
+    assert [(cid, by) for cid, _, by, _ in events] == [(c1, "tester"), (c2, "tester"),
+                                                       (c2, "tester")]
+    assert events[0][3] == ("it@contoso.example taken off the suppression list (was: hard "
+                            "bounce 5.1.1 on 2026-11-30); note: new mailbox, checked by phone")
+    assert "opted out by reply on 2026-11-29" in events[2][3]
+    assert "asked to be mailed again" in events[2][3]
+    with db.session() as s:
+        assert s.exec(select(Suppression)).all() == []
+    shown = cli("customers", "show", "B1").stdout
+    assert "suppression_lifted" in shown and "new mailbox, checked by phone" in " ".join(
+        shown.split())
+
+
+def test_opt_in_of_an_operators_suppression_says_what_it_lifts(db: Database, cli: Any) -> None:
+    cid = factories.customer(db, "M1")
+    with db.session() as s:
+        s.add(Contact(customer_id=cid, name="IT", email="it@m1.example", role="primary"))
+    assert cli("contacts", "opt-out", "it@m1.example", "--note", "by mistake").exit_code == 0
+    r = cli("contacts", "opt-in", "it@m1.example")  # no note needed: an operator's own block
+    assert r.exit_code == 0, r.output
+    assert "(was: suppressed by tester on " in r.stdout and "(by mistake)" in r.stdout
+    assert [(c, k) for c, k, _, _ in _lifted_events(db)] == [(cid, "suppression_lifted")]
 
 
 def test_queueing_again_keeps_the_unique_key(db: Database, tmp_path: Path) -> None:

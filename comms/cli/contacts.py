@@ -9,7 +9,7 @@ import typer
 from rich.text import Text
 
 from comms.cli import common, present
-from comms.cli.common import console, new_app, safe, visible
+from comms.cli.common import console, new_app, visible
 from comms.services import outbox_admin
 
 contacts_app = new_app("Contact addresses that must never be mailed (suppression list).")
@@ -31,11 +31,21 @@ def opt_out(
 
 
 @contacts_app.command("opt-in")
-def opt_in(email: str = typer.Argument(..., help="The address to mail again.")) -> None:
-    """Remove an address from the suppression list (its customers are planned again at the
-    next run)."""
-    address = outbox_admin.unsuppress(common.app().database, email, now=datetime.now(UTC))
-    console.print(f"{safe(address)} removed from the suppression list.")
+def opt_in(
+    email: str = typer.Argument(..., help="The address to mail again."),
+    note: str = typer.Option(
+        "", "--note",
+        help="Why; recorded. Required when the address bounced or its owner opted out by reply."),
+) -> None:
+    """Remove an address from the suppression list: says what is lifted (e.g. "hard bounce
+    5.1.1 on 2026-11-30"), records it in the audit trail of every customer the address is a
+    contact or account manager of, and those customers are planned again at the next run."""
+    done = outbox_admin.unsuppress(common.app().database, email, now=datetime.now(UTC),
+                                   by=common.actor(), note=note)
+    console.print(Text(f"{visible(done.address)} removed from the suppression list "
+                       f"(was: {visible(done.lifted)}); "
+                       f"{present.plural(done.customers, 'customer')} planned again at the "
+                       "next run."), soft_wrap=True)
 
 
 @contacts_app.command("suppressed")

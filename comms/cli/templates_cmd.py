@@ -14,6 +14,7 @@ from comms.cli import common
 from comms.cli.common import console, new_app
 from comms.errors import RequestRefused, TemplateError
 from comms.services import preview as preview_service
+from comms.services.context import AppContext
 from comms.services.template_check import check_templates
 
 templates_app = new_app("Check and preview the email templates.")
@@ -56,10 +57,11 @@ def preview(
         app.settings, customer, message, fmt=fmt,  # type: ignore[arg-type]
         now=now, campaign=app.campaign, reminder_number=reminder, renderer=app.renderer,
     )
-    _deliver(data, out, open_, prefix=f"comms-{key}-", fmt=fmt)
+    _deliver(data, out, open_, prefix=f"comms-{key}-", fmt=fmt, app=app)
 
 
-def _deliver(data: bytes, out: Path | None, open_: bool, *, prefix: str, fmt: str) -> None:
+def _deliver(data: bytes, out: Path | None, open_: bool, *, prefix: str, fmt: str,
+             app: AppContext) -> None:
     """Print the preview, or write it to ``out`` (a temporary file for --open alone)."""
     if out is None and open_:
         suffix = {"html": ".html", "text": ".txt", "eml": ".eml"}[fmt]
@@ -68,7 +70,7 @@ def _deliver(data: bytes, out: Path | None, open_: bool, *, prefix: str, fmt: st
     if out is None:
         typer.echo(data.decode("utf-8"), nl=False)
         return
-    preview_service.save(out, data)
+    preview_service.save(out, data, ledger=app.database)
     typer.echo(f"Wrote {out}")
     if open_:
         webbrowser.open(out.resolve().as_uri())

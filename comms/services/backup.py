@@ -25,6 +25,7 @@ def backup_database(db: Database, target: Path, *, force: bool = False) -> Path:
             "(see docs/operations.md)."
         )
     target = Path(target)
+    db.refuse_as_output(target)  # even with --force: the copy would replace the live ledger
     if target.is_dir():
         raise OutputError(
             f"Cannot write {target}: it is a directory; give a file name (e.g. "

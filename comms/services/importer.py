@@ -258,8 +258,10 @@ def export_customers(db: Database, path: Path, *, batch_size: int = 1000) -> int
     """Write every customer in the columns import reads (UTF-8 with BOM, comma); return count.
 
     Exporting and importing the result changes nothing. Written atomically and owner-only
-    (``comms.fileio``): a failed export leaves the previous file as it was.
+    (``comms.fileio``): a failed export leaves the previous file as it was. The ledger itself
+    is refused (``RequestRefused``).
     """
+    db.refuse_as_output(path)
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(COLUMNS)

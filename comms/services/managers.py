@@ -7,12 +7,17 @@ breakdowns per account manager and per wave.
   reached(step) / reached(previous step).
 * **Durations**: days from first entering ``invited`` to first entering any later stage
   (acceptance), and from the CSP subscription going live (``csp_live_at``, else first entering
-  the campaign's ``csp_live_stage``) to first entering a later stage (the old subscription
-  cancelled). Median and 90th percentile (linear interpolation between ranks).
+  the campaign's ``csp_live_stage``) to entering a later stage for good (the old subscription
+  cancelled: the first later entry after the last entry into the live stage, so a completion
+  undone by a move back does not count). Median and 90th percentile (linear interpolation
+  between ranks).
 * **Double billing incurred to date**: per customer, days billed twice (go-live to cancellation,
-  or to ``now`` while still in the CSP-live stage) × licences × monthly price / 30 — the same
-  formula as today's exposure (comms.services.status.double_billing_exposure), summed over
-  every customer who ever paid twice.
+  or to ``now`` while in the CSP-live stage, also after a move back from a later stage) ×
+  licences × monthly price / 30 — the same formula as today's exposure
+  (comms.services.status.double_billing_exposure), summed over every customer who ever paid
+  twice.
+* **Completion rate**: customers now in a completed stage (``Campaign.completed_stages``) over
+  the group's customers; one moved back from it is not completed.
 * **Inbox per group**: bounces (hard among them) and replies read by `comms inbox sync`
   (``inbound_messages`` matched to a customer), counted per account manager and per wave the
   same way as the overall inbox counts (comms.inbox.queries.counts).
@@ -95,6 +100,7 @@ class _Cust:
     csp_live_at: datetime | None
     manager: tuple[str, str]  # (name, email)
     first_entry: dict[str, datetime] = field(default_factory=dict)
+    entries: list[tuple[str, datetime]] = field(default_factory=list)  # every entry, in order
     tags: list[str] = field(default_factory=list)
     inbox: dict[str, int] = field(default_factory=dict)  # bounce | hard | reply -> count
 
@@ -138,10 +144,13 @@ def _load(session: Session, tag: str | None, since: datetime | None) -> list[_Cu
     ).all()
     for cid, to_stage, at in events:
         c = custs.get(cid)
-        if c is not None and to_stage not in c.first_entry:
-            c.first_entry[to_stage] = _aware(at)
+        if c is not None:
+            c.entries.append((to_stage, _aware(at)))
+            c.first_entry.setdefault(to_stage, _aware(at))
     for c in custs.values():
-        c.first_entry.setdefault(c.stage, c.entered)
+        if c.stage not in c.first_entry:
+            c.first_entry[c.stage] = c.entered
+            c.entries.append((c.stage, c.entered))
     for cid, t in session.execute(sa.select(col(CustomerTag.customer_id), col(CustomerTag.tag))):
         if cid in custs:
             custs[cid].tags.append(t)
@@ -193,16 +202,29 @@ def _left(campaign: Campaign, c: _Cust, stage: str) -> datetime | None:
     return min(times) if times else None
 
 
+def _cancelled_at(campaign: Campaign, c: _Cust) -> datetime | None:
+    """When the customer left the CSP-live stage for a later stage for good: its first entry
+    into a later stage after its last entry into the live stage. A completion undone by a move
+    back (marked done by mistake) ends nothing: the old subscription was still billed. None
+    while the customer is in the live stage, or if it never went past it."""
+    live, names = campaign.csp_live_stage, campaign.stage_names
+    if c.stage == live or live not in names:
+        return None
+    later = set(names[names.index(live) + 1:])
+    back = max((at for s, at in c.entries if s == live), default=None)
+    times = [at for s, at in c.entries if s in later and (back is None or at >= back)]
+    return min(times) if times else None
+
+
 def _live_span(campaign: Campaign, c: _Cust, now: datetime) -> tuple[datetime, datetime] | None:
+    """Go-live to cancellation, or to ``now`` while the customer is in the CSP-live stage."""
     live = campaign.csp_live_stage
     start = _aware(c.csp_live_at) if c.csp_live_at else c.first_entry.get(live)
     if start is None:
         return None
-    end = _left(campaign, c, live)
+    end = now if c.stage == live else _cancelled_at(campaign, c)
     if end is None:
-        if c.stage != live:
-            return None
-        end = now
+        return None
     return start, max(start, end)
 
 
@@ -225,7 +247,8 @@ def _group(campaign: Campaign, name: str, cs: list[_Cust], now: datetime,
         incurred += _money(_days_between(*span), c.licences, price)
         if c.stage == campaign.csp_live_stage:
             exposure += _money(_days_between(span[0], now), c.licences, price)
-    done = funnel[-1].reached if funnel else 0
+    # Customers whose transition is complete now: one who was moved back is not.
+    done = sum(1 for c in cs if c.stage in campaign.completed_stages)
 
     def inbox(kind: str) -> int:
         return sum(c.inbox.get(kind, 0) for c in cs)
@@ -251,7 +274,7 @@ def compute_manager_report(
         if INVITED in c.first_entry and (end := _left(campaign, c, INVITED)) is not None:
             accept.append(_days_between(c.first_entry[INVITED], end))
         span = _live_span(campaign, c, now)
-        if span is not None and _left(campaign, c, campaign.csp_live_stage) is not None:
+        if span is not None and _cancelled_at(campaign, c) is not None:
             cancel.append(_days_between(*span))
     managers: dict[tuple[str, str], list[_Cust]] = defaultdict(list)
     waves: dict[str, list[_Cust]] = defaultdict(list)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +16,7 @@ from comms import outbox
 from comms.domain import MessageStatus
 from comms.errors import NotFound, RequestRefused, StateConflict
 from comms.store.db import Database
-from comms.store.models import Contact, Customer, Message, Suppression
+from comms.store.models import Contact, Customer, Message, StageEvent, Suppression
 from comms.store.sync_models import SyncEvidence
 
 
@@ -141,23 +142,75 @@ def suppress(db: Database, email: str, *, reason: str, now: datetime, by: str) -
         return address, len(set(contacts))
 
 
-def unsuppress(db: Database, email: str, *, now: datetime) -> str:
+@dataclass(frozen=True)
+class Unsuppressed:
+    """What ``unsuppress`` lifted."""
+
+    address: str
+    lifted: str  # the suppression, for people: "hard bounce 5.1.1 on 2026-11-30"
+    customers: int  # customers planned again (the address is a contact or their manager)
+
+
+_STATUS_CODE = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})$")
+OPT_OUT_REPLY = "opt-out reply:"  # how ``comms inbox sync`` starts an opt-out's reason
+
+
+def describe_suppression(row: Suppression) -> tuple[str, bool]:
+    """A suppression for people ("hard bounce 5.1.1 on 2026-11-30", "opted out by reply on
+    ..."), and whether lifting it needs a note: a bounce (the mailbox does not take mail) or
+    the person's own opt-out reply. ``comms inbox sync`` writes the reason ``bounce`` with the
+    status code or the soft-bounce count in ``by``, or the reply after ``opt-out reply:``."""
+    on = f"on {row.at:%Y-%m-%d}"
+    if row.reason == "bounce":
+        by = row.by.strip()
+        code = _STATUS_CODE.search(by)
+        if code:
+            return f"hard bounce {code.group(1)} {on}", True
+        soft = re.search(r"(\d+ soft bounces in [\d.]+ days)$", by)
+        return (f"bounce ({soft.group(1)}) {on}" if soft else f"bounce {on}"), True
+    if row.reason.startswith(OPT_OUT_REPLY):
+        reply = " ".join(row.reason[len(OPT_OUT_REPLY):].split())
+        return f"opted out by reply {on}" + (f" ({reply[:80]})" if reply else ""), True
+    return (f"suppressed by {row.by or 'an operator'} {on}"
+            + (f" ({row.reason})" if row.reason else "")), False
+
+
+def unsuppress(db: Database, email: str, *, now: datetime, by: str, note: str = "") -> Unsuppressed:
     """Take an address off the suppression list; the customers it is a contact (or the
-    account manager) of are planned again at the next run."""
+    account manager) of are planned again at the next run, each with a ``suppression_lifted``
+    event in its audit trail naming the address, what was lifted, who and why.
+
+    A suppression from a bounce or from the person's own opt-out reply is lifted only with a
+    ``note`` saying why (``RequestRefused`` otherwise; nothing changes)."""
     address = normalise_email(email)
     with db.session(immediate=True) as s:
         row = s.get(Suppression, address)
         if row is None:
             raise NotFound(f"{address} is not on the suppression list.")
+        lifted, needs_note = describe_suppression(row)
+        if needs_note and not note.strip():
+            raise RequestRefused(
+                f"{address} is suppressed: {lifted}. Mailing it again needs --note saying "
+                "why (e.g. the person asked to be mailed again, the mailbox works again); it is "
+                "recorded in the audit trail. Nothing changed.")
         s.delete(row)
-        contact_of = select(Contact.customer_id).where(
-            sa.func.lower(col(Contact.email)) == address)
-        s.execute(sa.update(Customer)
-                  .where(col(Customer.id).in_(contact_of)
-                         | (sa.func.lower(sa.func.trim(col(Customer.account_manager_email)))
-                            == address))
-                  .values(next_due_at=now))
-    return address
+        affected = s.exec(
+            select(Customer.id, Customer.stage).where(
+                col(Customer.id).in_(select(Contact.customer_id).where(
+                    sa.func.lower(col(Contact.email)) == address))
+                | (sa.func.lower(sa.func.trim(col(Customer.account_manager_email))) == address))
+        ).all()
+        ids = [cid for cid, _ in affected]
+        if ids:
+            s.execute(sa.update(Customer).where(col(Customer.id).in_(ids))
+                      .values(next_due_at=now))
+        text = f"{address} taken off the suppression list (was: {lifted})" + (
+            f"; note: {note.strip()}" if note.strip() else "")
+        for cid, stage in affected:
+            assert cid is not None
+            s.add(StageEvent(customer_id=cid, kind="suppression_lifted", from_stage=stage,
+                             to_stage=stage, at=now, by=by, source="cli", note=text))
+    return Unsuppressed(address, lifted, len(ids))
 
 
 def suppressions(db: Database) -> list[Suppression]:

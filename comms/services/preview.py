@@ -129,8 +129,11 @@ def load_customer(db: Database, key: str) -> CustomerInfo:
         return repo.customer_info(session, repo.get_customer(session, key))
 
 
-def save(path: Path, data: bytes) -> Path:
-    """Write a preview for people to open (world-readable, like a saved email), atomically."""
+def save(path: Path, data: bytes, *, ledger: Database | None = None) -> Path:
+    """Write a preview for people to open (world-readable, like a saved email), atomically;
+    never over the ``ledger`` database (``RequestRefused``)."""
+    if ledger is not None:
+        ledger.refuse_as_output(path)
     return write_atomic(path, data, mode=0o644)
 
 

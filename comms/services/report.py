@@ -339,7 +339,7 @@ def render_report(
     def local(dt: datetime | None, fmt: str = "%Y-%m-%d %H:%M") -> str:
         return dt.astimezone(tz).strftime(fmt) if dt else ""
 
-    completed = sum(s.customers for s in report.funnel if s.stage == "completed")
+    completed = report.completed
     awaiting = sum(s.customers for s in report.funnel if s.stage == report.csp_live_stage)
     template = _environment().get_template("report.html.j2")
     return template.render(
@@ -401,7 +401,9 @@ def write_report(
     generated_at: datetime | None = None,
     days: int = 30, **scope: Any,
 ) -> Path:
-    """Build the report and write it to ``out`` (UTF-8), replacing the file atomically."""
+    """Build the report and write it to ``out`` (UTF-8), replacing the file atomically (never
+    the ledger itself: ``RequestRefused``)."""
+    db.refuse_as_output(out)
     html = build_report(db, settings, campaign, now, generated_at=generated_at, days=days, **scope)
     out = Path(out)
     # A unique temporary name per write: two runs writing the same report never collide.

@@ -95,6 +95,7 @@ def export_outbox_csv(db: Database, path: str | Path, status: str | None = None)
         raise RequestRefused(
             f"Unknown message status {status!r}; use one of: {', '.join(STATUSES)}."
         )
+    db.refuse_as_output(path)
     q = (
         sa.select(
             col(Message.id), col(Message.send_id), col(Customer.key), col(Customer.name),

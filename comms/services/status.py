@@ -152,10 +152,15 @@ class StatusReport:
     daily: list[DayCount] = field(default_factory=list)
     # The campaign's stage in which the CSP subscription is live (the exposure's stage).
     csp_live_stage: str = "awaiting_cancellation"
+    completed_stages: tuple[str, ...] = ("completed",)  # Campaign.completed_stages
     # Manager figures (reached funnel, durations, incurred cost, breakdowns): services.managers.
     managers: ManagerReport | None = None
     tenant: TenantBudgetStatus | None = None
     inbox: InboxCounts | None = None  # replies and bounces (`comms inbox sync`)
+
+    @property
+    def completed(self) -> int:  # customers now in one of the completed stages
+        return sum(s.customers for s in self.funnel if s.stage in self.completed_stages)
 
     @property
     def exposure_total(self) -> float:
@@ -165,8 +170,9 @@ class StatusReport:
         """A JSON-ready dict (datetimes as ISO 8601 strings, dates as YYYY-MM-DD)."""
         data = _jsonable(asdict(self))
         assert isinstance(data, dict)
-        data.pop("csp_live_stage")  # configuration, not a figure
+        del data["csp_live_stage"], data["completed_stages"]  # configuration, not figures
         data["exposure_total"] = self.exposure_total
+        data["completed"] = self.completed
         for row, item in zip(data["stuck"], self.stuck, strict=True):
             row["days_over"] = round(item.days_over, 2)
         if self.tenant is not None:
@@ -437,6 +443,7 @@ def compute_status(
             exposure=double_billing_exposure(s, now, price, campaign.csp_live_stage),
             daily=messages_per_day(s, now, tz, days),
             csp_live_stage=campaign.csp_live_stage,
+            completed_stages=campaign.completed_stages,
             managers=compute_manager_report(s, campaign, now, price, tag=tag, since=since),
             tenant=tenant_budget(s, settings, sending_now or now),
             inbox=inbox_counts(s, now),

@@ -8,6 +8,7 @@ uses row locks (``FOR UPDATE [SKIP LOCKED]``).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,10 +24,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Session
 
-from comms.config import mask_url
-from comms.errors import DatabaseError
+from comms.config import MASK, mask_url, url_password
+from comms.errors import DatabaseError, RequestRefused
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+# The files SQLite keeps beside a ledger: replacing one loses the last commits or corrupts it.
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -55,11 +59,23 @@ def _create_private(path: Path) -> None:
         ) from exc
 
 
+def _scrub(url: str, text: str) -> str:
+    """``text`` (a driver's error) without any piece of the URL's password. The config refuses
+    a password with an un-encoded "@" (a driver reads the rest as the host and names it in
+    "failed to resolve host"); a URL given directly (tests, scripts) is scrubbed all the same."""
+    password = url_password(url)
+    pieces = {password, *re.split(r"[@/?#:]", password)}
+    for piece in sorted((p for p in pieces if len(p) >= 3), key=len, reverse=True):
+        text = text.replace(piece, MASK)
+    return text
+
+
 def _unreachable(url: str, exc: OperationalError) -> DatabaseError:
     """An OperationalError when connecting: the server is down, the address or the password is
     wrong. One line naming where and what to check; the URL's password is never shown."""
     where = mask_url(url).split("@")[-1]
     why = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else ""
+    why = _scrub(url, why)
     return DatabaseError(
         f"Cannot use the database at {where}: {why}. Check that the server is running and "
         "reachable, and COMMS_DATABASE_URL or [database] url (host, port, user, password)."
@@ -127,7 +143,34 @@ class Database:
                     yield session
                     session.flush()
         except OperationalError as exc:
-            raise DatabaseError(f"Database error: {exc.orig}") from exc
+            raise DatabaseError(f"Database error: {_scrub(self.url, str(exc.orig))}") from exc
+
+    def ledger_files(self) -> tuple[Path, ...]:
+        """The SQLite ledger file and its companions (``-wal``, ``-shm``, ``-journal``, whether
+        they exist now or not), resolved; none on PostgreSQL or for an in-memory database."""
+        name = self.engine.url.database if self.is_sqlite else None
+        if not name or name == ":memory:" or name.startswith("file:"):
+            return ()
+        ledger = Path(name).expanduser().resolve()
+        return (ledger, *(ledger.with_name(ledger.name + c) for c in SQLITE_COMPANIONS))
+
+    def refuse_as_output(self, path: str | Path) -> None:
+        """Refuse (``RequestRefused``, before anything is written) an output file that is the
+        ledger or one of its companions: an export or report written there replaces the live
+        database. Any other existing file may be overwritten (cron rewrites the same report)."""
+        files = self.ledger_files()
+        target = Path(path).expanduser()
+        resolved = target.resolve()
+        for f in files:
+            same = resolved == f
+            if not same and target.exists() and f.exists():
+                same = os.path.samefile(target, f)  # a hard link, or another case of the name
+            if same:
+                what = ("the ledger database" if f == files[0]
+                        else f"the ledger's {f.name.removeprefix(files[0].name)} file")
+                raise RequestRefused(
+                    f"Refusing to write {target}: it is {what} ({f}); writing there would "
+                    "destroy the ledger. Nothing was written; choose another file.")
 
     def current_revision(self) -> str | None:
         try:

@@ -115,7 +115,7 @@ class StageEvent(SQLModel, table=True):
     customer_id: int = Field(
         sa_column=Column(sa.ForeignKey("customers.id"), nullable=False, index=True)
     )
-    kind: str = Field(max_length=20)  # stage | pause | resume | opt_out | ... | update | resend
+    kind: str = Field(max_length=20)  # stage | pause | ... | resend | suppression_lifted
     from_stage: str | None = Field(default=None, max_length=64)
     to_stage: str | None = Field(default=None, max_length=64)
     at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
