@@ -177,6 +177,14 @@ class Campaign(_Model):
             unknown = [n for n in s.next if n not in names]
             if unknown:
                 raise ValueError(f"stage {s.name!r}: next names unknown stage(s) {unknown}")
+        # Rules written in the campaign's [sync] table must name its stages (a typo would make
+        # sync observe and never move); the defaults name the built-in campaign's stages.
+        for rule in sorted(self.sync.model_fields_set & {"relationship_accepted", "gdap_active",
+                                                         "csp_active", "direct_inactive"}):
+            target = self.sync.stage_for(rule)
+            if target and target not in names:
+                raise ValueError(f"[sync] {rule} = {target!r} is not a stage ({names}); name "
+                                 "one of them, or \"\" to turn the rule off")
         # The outbox sends each (message, sequence) once per customer, so a message name used
         # twice would silently never go out the second time.
         used: dict[str, str] = {}

@@ -222,6 +222,18 @@ name = "Imported"
     ]
 
 
+def test_a_sync_rule_written_in_the_campaign_names_one_of_its_stages(tmp_path: Path) -> None:
+    # A typo made sync observe the cancellation and never move anyone (no transition_complete).
+    assert problems_of(tmp_path, MINIMAL + '[sync]\ndirect_inactive = "invitd"\n') == [
+        "campaign: [sync] direct_inactive = 'invitd' is not a stage (['imported', 'invited']); "
+        'name one of them, or "" to turn the rule off',
+    ]
+    path = tmp_path / "ok.toml"
+    path.write_text(MINIMAL + '[sync]\ncsp_active = "invited"\ndirect_inactive = ""\n',
+                    encoding="utf-8")
+    assert load_campaign(path).sync.stage_for("csp_active") == "invited"
+
+
 def test_final_stages_have_no_next_and_no_reminders(tmp_path: Path) -> None:
     assert problems_of(tmp_path, MINIMAL + 'final = true\nnext = ["imported"]\n') == [
         "stages[1] 'invited': stage 'invited' is final but lists next = ['imported']; "
