@@ -93,3 +93,17 @@ def test_dry_run_shows_a_rule_quoting_a_header_without_its_escape_sequences(
     assert r.exit_code == 0, r.output
     assert "auto-reply: auto-submitted: auto-replied" in r.stdout
     assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+
+
+def test_an_html_body_is_read_as_text_in_one_pass_whatever_its_markup() -> None:
+    # Pure: the text of an HTML body (when Graph sends HTML). Anyone can send one; the old
+    # patterns tried a lazy match from every "<" or "<script" to the end of the body (a 1 MB
+    # body of "<" took about twenty minutes inside the sync).
+    from comms.inbox.resolver import _html_text
+
+    assert _html_text("<html><head><style>p{}</style></head><body><p>Hello &amp; bye</p><br/>"
+                      "x<SCRIPT>evil()</SCRIPT>y</body></html>") == "Hello & bye\n\nxy"
+    assert _html_text("<p>a</p><div>b</div><script>1</script><script>2</script>c") == "a\nb\nc"
+    assert _html_text("a<script>never closed b <i>c</i>") == "anever closed b c"
+    assert _html_text("<" * 1_000_000 + "stop sending") == "<" * 1_000_000 + "stop sending"
+    assert _html_text("<script " * 200_000 + "x").endswith("x")

@@ -36,11 +36,29 @@ def _parse_time(text: Any) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+_BLOCK_OPEN = re.compile(r"<(script|style|head)\b")
+_BREAK = re.compile(r"(?i)<br\s*/?>|</(p|div|tr|li|h[1-6])>")
+_TAG = re.compile(r"<[^<>]*>")  # stops at the next "<": linear in the body's length
+
+
 def _html_text(markup: str) -> str:
-    """Readable text of an HTML body (Graph sends text when asked; this covers when not)."""
-    text = re.sub(r"(?is)<(script|style|head)\b.*?</\1>", "", markup)
-    text = re.sub(r"(?i)<br\s*/?>|</(p|div|tr|li|h[1-6])>", "\n", text)
-    text = html.unescape(re.sub(r"<[^>]+>", "", text))
+    """Readable text of an HTML body (Graph sends text when asked; this covers when not).
+
+    Linear in the body's length (anyone can send one): script, style and head blocks are cut
+    with one forward scan instead of a lazy ``.*?`` tried from every opening tag."""
+    lower = markup.lower()
+    kept: list[str] = []
+    pos = 0
+    while (m := _BLOCK_OPEN.search(lower, pos)) is not None:
+        end = lower.find(f"</{m.group(1)}", m.end())
+        if end < 0:
+            break  # never closed: kept as text, as a browser would not hide it either
+        kept.append(markup[pos:m.start()])
+        close = lower.find(">", end)
+        pos = len(markup) if close < 0 else close + 1
+    kept.append(markup[pos:])
+    text = _BREAK.sub("\n", "".join(kept))
+    text = html.unescape(_TAG.sub("", text))
     return "\n".join(line.strip() for line in text.splitlines())
 
 
