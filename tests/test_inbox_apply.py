@@ -5,7 +5,7 @@ meanwhile is skipped with none of its effects applied twice."""
 from __future__ import annotations
 
 import csv
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from engine_helpers import T0
@@ -52,13 +52,14 @@ def _run(db: Database, messages: list[Inbound],
     return report
 
 
-def _sent(db: Database, key: str, to: str, *, internal: bool = False, cc: str = "") -> str:
+def _sent(db: Database, key: str, to: str, *, internal: bool = False, cc: str = "",
+          sequence: int = 0) -> str:
     """An outbox row sent to ``to`` for customer ``key``; returns its send id."""
     with db.session() as s:
         cid = s.exec(select(Customer.id).where(Customer.key == key)).one()
         row = new_message_row(
             customer_id=cid, message=service.NOTE_MESSAGE if internal else "partner_invitation",
-            sequence=0, stage="invited", to_json=outbox.addresses_json([(to, "")]),
+            sequence=sequence, stage="invited", to_json=outbox.addresses_json([(to, "")]),
             cc_json=outbox.addresses_json([(cc, "")] if cc else []), subject="s", text="t",
             html="<p>t</p>", now=T0, status="sent", sent_at=T0, internal=internal)
         outbox.insert_messages(s, [row])
@@ -176,3 +177,40 @@ def test_a_bounce_for_an_address_we_did_not_mail_suppresses_nobody_and_flags_the
         state = s.exec(select(InboxCustomerState)).one()
     assert "old.admin@gm.example, not a recipient" in row.detail and row.address == ""
     assert state.flagged and "does not name" in state.flag_reason
+
+
+def _soft(graph_id: str, sid: str, received: datetime) -> Inbound:
+    """A "mailbox full / delayed" report (4.x.x) on the message with send id ``sid``."""
+    return Inbound(
+        BOX, graph_id, subject="Delivery Status Notification (Delay)",
+        from_address="mailer-daemon@mx.a.example", received_at=received,
+        text="This is a warning only; the server will keep trying. 4.2.2 mailbox full",
+        headers={"content-type": "multipart/report; report-type=delivery-status"},
+        attachments=(Attachment("message/delivery-status", "Final-Recipient: rfc822; "
+                                "admin@a.example\nAction: delayed\nStatus: 4.2.2\n"),
+                     Attachment("message/rfc822", f"x-comms-send-id: {sid}\n")))
+
+
+def _suppressed(db: Database) -> list[str]:
+    with db.session() as s:
+        return list(s.exec(select(Suppression.email)).all())
+
+
+def test_soft_bounces_count_once_per_message_and_when_they_arrived(
+    db: Database, tmp_path: Path
+) -> None:
+    # A full mailbox is temporary: the address is suppressed only after 3 messages bounced
+    # softly within 14 days. A server's daily "still delayed" notices for one message counted
+    # as 3, and a first sync reading reports weeks apart counted them as one burst.
+    _seed(db, tmp_path)
+    one = _sent(db, "A", "admin@a.example")
+    report = _run(db, [_soft(f"d{day}", one, T0 - timedelta(days=3 - day)) for day in range(3)])
+    assert report.kinds == {"bounce": 3} and _suppressed(db) == []
+    months = [_sent(db, "A", "admin@a.example", sequence=n) for n in (1, 2)]
+    _run(db, [_soft(f"m{i}", sid, T0 - timedelta(days=30 * (i + 1)))
+              for i, sid in enumerate(months)])
+    assert _suppressed(db) == []  # months apart, read in one sync
+    # Three different messages within the window: the address is suppressed.
+    recent = [_sent(db, "A", "admin@a.example", sequence=n) for n in (3, 4)]
+    _run(db, [_soft(f"r{i}", sid, T0 - timedelta(days=i + 1)) for i, sid in enumerate(recent)])
+    assert _suppressed(db) == ["admin@a.example"]

@@ -4,8 +4,10 @@
 - hard bounce: the outbox row ``bounced`` with the status code, the address suppressed (reason
   ``bounce``), the customer flagged, one internal note to the account manager per customer per
   day at most;
-- soft bounce: counted; the address suppressed after ``soft_bounce_limit`` in
-  ``soft_bounce_window_days``;
+- soft bounce: counted once per message it reports on (a server's repeated "still delayed"
+  notices for one message count once); the address suppressed after ``soft_bounce_limit``
+  messages bounced within ``soft_bounce_window_days``, measured when the reports arrived (not
+  when comms read them: a first sync or one after an outage reads weeks at once);
 - reply: the customer's reminders held ``hold_reminders_days``, the account manager notified
   (same one-a-day note);
 - opt-out reply: the address suppressed with the reply as the reason;
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import html
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -81,7 +82,8 @@ class _Chunk:
     now: datetime
     customers: dict[int, _Customer]
     suppressed: set[str]  # addresses already in the suppression list
-    soft_counts: Counter[str]  # soft bounces per address inside the window
+    # Soft bounces per address already recorded: (when received, what it reports on).
+    soft: dict[str, list[tuple[datetime, object]]]
     status: dict[int, str]  # outbox status of the messages hard bounces name
     states: dict[int, dict[str, Any]]  # inbox state per customer (flag, reminders held)
     noted: set[int]  # customers whose account manager has today's note
@@ -168,24 +170,36 @@ def _load(s: Session, settings: Settings, policy: InboxPolicy, acting: _Acting,
             col(Message.customer_id).in_(cids))
     ).scalars())
     return _Chunk(settings, policy, now, customers, suppressed,
-                  _soft_counts(s, policy, acting, now), status, states, noted)
+                  _soft_history(s, policy, acting, now), status, states, noted)
 
 
-def _soft_counts(s: Session, policy: InboxPolicy, acting: _Acting,
-                 now: datetime) -> Counter[str]:
-    """Soft bounces already recorded per address inside the policy's window."""
-    soft = sorted({v.address for _, _, v in acting
-                   if v.kind == "bounce" and not v.hard and v.address})
+def received(msg: Inbound, now: datetime) -> datetime:
+    """When the message arrived (Graph's receivedDateTime), never later than ``now``."""
+    return min(msg.received_at or now, now)
+
+
+def _soft_history(s: Session, policy: InboxPolicy, acting: _Acting,
+                  now: datetime) -> dict[str, list[tuple[datetime, object]]]:
+    """Soft bounces already recorded for the chunk's addresses that can fall in the window of
+    one of its reports: when each arrived and the outbox message it reports on."""
+    soft = [(m, v) for _, m, v in acting if v.kind == "bounce" and not v.hard and v.address]
     if not soft:
-        return Counter()
-    window = now - timedelta(days=policy.soft_bounce_window_days)
-    return Counter(dict(s.execute(
-        sa.select(col(InboundMessage.address), sa.func.count())
+        return {}
+    since = min(received(m, now) for m, _ in soft) - timedelta(
+        days=policy.soft_bounce_window_days)
+    at = sa.func.coalesce(col(InboundMessage.received_at), col(InboundMessage.processed_at))
+    out: dict[str, list[tuple[datetime, object]]] = {}
+    for address, when, message_id, row_id in s.execute(
+        sa.select(col(InboundMessage.address), at.label("at"), col(InboundMessage.message_id),
+                  col(InboundMessage.id))
         .where(col(InboundMessage.kind) == "bounce", col(InboundMessage.hard).is_(False),
-               col(InboundMessage.address).in_(soft),
-               col(InboundMessage.processed_at) >= window)
-        .group_by(col(InboundMessage.address))
-    ).all()))
+               col(InboundMessage.address).in_(sorted({v.address for _, v in soft})),
+               at >= since)
+    ).all():
+        when = when if isinstance(when, datetime) else datetime.fromisoformat(str(when))
+        when = when if when.tzinfo is not None else when.replace(tzinfo=now.tzinfo)
+        out.setdefault(address, []).append((when, message_id or f"inbound {row_id}"))
+    return out
 
 
 def _hard_bounce(c: _Chunk, msg: Inbound, v: Verdict, customer: _Customer,
@@ -217,13 +231,27 @@ def _hard_bounce(c: _Chunk, msg: Inbound, v: Verdict, customer: _Customer,
 
 def _soft_bounce(c: _Chunk, msg: Inbound, v: Verdict, done: list[str]) -> None:
     limit, days = c.policy.soft_bounce_limit, c.policy.soft_bounce_window_days
-    c.soft_counts[v.address] += 1
-    count = c.soft_counts[v.address]
+    at = received(msg, c.now)
+    seen = c.soft.setdefault(v.address, [])
+    seen.append((at, v.message_id or f"graph {msg.graph_id}"))
+    count = _most_in_window(seen, timedelta(days=days), at)
     done.append(f"soft bounce {count} of {limit} for {v.address}")
     if v.address and count >= limit and c.suppress(
         v.address, "bounce", f"inbox:{msg.mailbox} {count} soft bounces in {days:g} days",
     ):
         done.append(f"{v.address} suppressed (bounce, {count} soft bounces)")
+
+
+def _most_in_window(seen: list[tuple[datetime, object]], window: timedelta,
+                    at: datetime) -> int:
+    """The most distinct messages reported on within one window of ``window`` that contains
+    ``at`` (reports are read in any order: a first sync, several mailboxes)."""
+    best = 0
+    for start, _ in seen:
+        if at - window <= start <= at:
+            best = max(best, len({about for when, about in seen
+                                  if start <= when <= start + window}))
+    return best
 
 
 def _optout(c: _Chunk, msg: Inbound, v: Verdict, done: list[str]) -> None:
@@ -233,6 +261,8 @@ def _optout(c: _Chunk, msg: Inbound, v: Verdict, done: list[str]) -> None:
 
 
 def _reply(c: _Chunk, msg: Inbound, customer: _Customer, done: list[str]) -> None:
+    # From when comms read it, not when it arrived: the account manager learns of the reply
+    # now and gets the whole hold to answer it.
     until = c.now + timedelta(days=c.policy.hold_reminders_days)
     st = c.state(customer.id)
     if st["reminders_held_until"] is None or st["reminders_held_until"] < until:
