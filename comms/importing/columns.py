@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from comms.importing.fields import visible
-from comms.store.customer_upsert import ROLES
+from comms.store.customer_upsert import ROLES as ROLES  # the contact roles, by column prefix
 
 # The documented columns, in the order export writes them.
 COLUMNS: tuple[str, ...] = (
