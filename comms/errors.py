@@ -5,6 +5,9 @@ turns any ``CommsError`` into one clear line on stderr and the exit code it carr
 
     CommsError                      exit 1 unless stated
     ├── ConfigError                 exit 3: bad or missing configuration (lists every problem)
+    │   └── ClockSkewed             exit 3: this host's clock disagrees with the database
+    │                               server's (workers on several hosts: a message could be sent
+    │                               twice); synchronise the clocks (NTP)
     ├── CampaignError               exit 3: bad campaign definition
     ├── DatabaseError               the database cannot be opened or migrated
     ├── NotFound                    no such customer / message / outbox row
@@ -71,6 +74,10 @@ class ConfigError(CommsError):
 
 class CampaignError(ConfigError):
     pass
+
+
+class ClockSkewed(ConfigError):
+    """The host's clock is too far from the database server's to dispatch safely."""
 
 
 class DatabaseError(CommsError):

@@ -4,7 +4,8 @@ deterministically on a real database (SQLite, and PostgreSQL in the second pass)
 1. a reconcile verdict applies only to the episode it looked up (no stale requeue);
 2. an unknown message is looked up in every mailbox that may have accepted it;
 3. Sent Items lookups take a concurrency slot, and one pass at a time looks a row up;
-4. a request we gave up on keeps its slot while Exchange may still be working on it.
+4. a request we gave up on keeps its slot while Exchange may still be working on it;
+5. lease expiry never overwrites an outcome a worker recorded after the expired rows were read.
 
 The cross-mailbox case runs against the real sandbox over HTTPS with the real msal + requests.
 """
@@ -17,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from engine_helpers import sandbox_env, settings_from
 from sqlmodel import select
 from test_outbox import T0, ScriptedTransport, add_customer, queue, settings_for, status_of
@@ -288,3 +290,68 @@ def test_attempt_accepted_by_one_mailbox_then_retried_on_another_is_not_sent_twi
     assert status_of(db, mid).status == "sent"
     assert report.confirmed == 1
     assert [r["send_id"] for r in sb.sent()] == [first.send_id], "sent twice"
+
+
+def test_lease_expiry_never_overwrites_an_outcome_recorded_meanwhile(db: Database) -> None:
+    """expire_leases reads the expired `sending` rows without a lock, then updates them. A slow
+    worker whose request outlived its lease records `sent` in between: the row must stay sent,
+    never become `unknown` (a later pass could resend it). A SQL hook records the outcome just
+    before expire_leases' first UPDATE: on PostgreSQL the real ``record`` commits from its own
+    connection; on SQLite (whose BEGIN IMMEDIATE rules the race out) the same change is written
+    on the expiring connection, which puts the conditional update to the same test."""
+    settings = settings_for()
+    mid = queue(db, add_customer(db))
+    clock = outbox.Clock(T0)
+    limits = pacing.Limits.of(settings.senders[0], settings.delivery.time_scale)
+    with db.session(immediate=True) as s:
+        pacing.ensure_mailboxes(s, [A, B])
+    claimed = outbox.claim(db, limits, settings=settings, clock=clock, worker="slow",
+                           lease=timedelta(milliseconds=1))
+    assert isinstance(claimed, outbox.Claimed)
+    time.sleep(0.01)  # the lease has run out; the request is still going
+    fired: list[str] = []
+
+    def record_sent_first(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if fired or not statement.lstrip().upper().startswith("UPDATE MESSAGES"):
+            return
+        fired.append(statement)
+        if db.is_sqlite:
+            cursor.connection.execute(
+                "UPDATE messages SET status = 'sent', lease_until = NULL WHERE id = ?", (mid,))
+            return
+        worker = threading.Thread(target=outbox.record, args=(
+            db, claimed, SendResult(Outcome.SENT, status=202)), kwargs={
+            "clock": clock, "worker": "slow", "report": outbox.DispatchReport()})
+        worker.start()
+        worker.join(10)
+        assert not worker.is_alive()
+
+    sa.event.listen(db.engine, "before_cursor_execute", record_sent_first)
+    try:
+        expired = outbox.expire_leases(db, clock=clock)
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", record_sent_first)
+    assert fired, "expire_leases updated nothing: the hook never ran"
+    row = status_of(db, mid)
+    assert (row.status, row.unknown_since, row.ambiguous_from) == ("sent", None, "")
+    assert expired == 0
+
+
+def test_lease_expiry_marks_the_dead_workers_row_unknown_with_its_mailbox(db: Database) -> None:
+    settings = settings_for()
+    mid = queue(db, add_customer(db))
+    clock = outbox.Clock(T0)
+    limits = pacing.Limits.of(settings.senders[0], settings.delivery.time_scale)
+    with db.session(immediate=True) as s:
+        pacing.ensure_mailboxes(s, [A, B])
+    claimed = outbox.claim(db, limits, settings=settings, clock=clock, worker="dead",
+                           lease=timedelta(milliseconds=1))
+    assert isinstance(claimed, outbox.Claimed)
+    time.sleep(0.01)
+    assert outbox.expire_leases(db, clock=clock) == 1
+    row = status_of(db, mid)
+    assert (row.status, row.lease_until, row.ambiguous_from, row.attempts) == (
+        "unknown", None, A, 1)
+    assert row.last_error == "lease expired: the worker stopped mid-send"
+    assert row.unknown_since is not None
+    assert outbox.expire_leases(db, clock=clock) == 0

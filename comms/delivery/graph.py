@@ -19,7 +19,11 @@ other 5xx                             UNKNOWN     same reason
                                                   request once more; a second 401 is FAILED
 400 / 403 / 404 / 413 / other 4xx     FAILED      rejected; the message names the fix
 read timeout, connection reset        UNKNOWN     the request left; never retried blindly
+TLS broken (bad record MAC, an        UNKNOWN     the TLS stream may break after the request
+alert), not a certificate failure                 was written: looked up like a reset
 connect timeout, connection refused   THROTTLED   the request never left; safe to try later
+certificate not trusted (verify)      (raised)    ``DeliveryError``: the handshake failed, so
+                                                  nothing left; nothing will until trust is fixed
 ====================================  ==========  ==============================================
 
 No POST is ever retried by the HTTP layer (Microsoft's own SDK retries POST on 503/504 and can
@@ -39,7 +43,6 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
-from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
 
 from comms.config import Settings
 from comms.delivery.auth import (
@@ -57,6 +60,7 @@ from comms.delivery.base import (
     OutgoingEmail,
     SendResult,
 )
+from comms.delivery.failures import certificate_refused, never_left
 from comms.errors import DeliveryError
 
 log = logging.getLogger(__name__)
@@ -139,16 +143,6 @@ def _request_id(response: requests.Response) -> str:
     return response.headers.get("request-id") or response.headers.get("client-request-id") or ""
 
 
-def _never_left(exc: requests.exceptions.ConnectionError) -> bool:
-    """True when the connection failed before any byte of the request was sent."""
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return True
-    reason: object = exc.args[0] if exc.args else None
-    if isinstance(reason, MaxRetryError):
-        reason = reason.reason
-    return isinstance(reason, NewConnectionError | ConnectTimeoutError)
-
-
 class GraphTransport:
     """Sends through ``sendMail`` and finds sent messages in Sent Items (``Transport`` and
     ``Reconciler``). Safe to share between threads."""
@@ -213,7 +207,12 @@ class GraphTransport:
                 method, url, data=body, headers=headers, allow_redirects=False
             )
         except requests.exceptions.SSLError as exc:
-            # The TLS handshake failed: nothing was sent, and nothing will be until trust is fixed.
+            if not certificate_refused(exc):
+                # The TLS stream broke, perhaps after the request was written: the caller
+                # treats it as a broken connection (for sendMail: an unknown outcome).
+                raise
+            # Verification failed in the handshake: nothing was sent, and nothing will be until
+            # trust is fixed.
             raise DeliveryError(
                 f"the TLS certificate of {url.split('/')[2]} is not trusted ({exc}); set [graph] "
                 "ca_file to the CA bundle that signs it, or check [graph] base_url"
@@ -246,7 +245,7 @@ class GraphTransport:
         try:
             response = self._authorized("POST", url, body=body)
         except requests.exceptions.ConnectionError as exc:
-            if _never_left(exc):
+            if never_left(exc):
                 return SendResult(
                     Outcome.THROTTLED,
                     retry_after=UNREACHABLE_RETRY_AFTER,
@@ -254,12 +253,14 @@ class GraphTransport:
                     message=f"Graph at {self.base_url} could not be reached "
                     f"({type(exc).__name__}); nothing was sent, it will be tried again",
                 )
+            broke = ("the TLS connection broke while the request was sent or answered"
+                     if isinstance(exc, requests.exceptions.SSLError)
+                     else "the connection broke after the request was sent")
             return SendResult(
                 Outcome.UNKNOWN,
                 error_code="ConnectionLost",
-                message="the connection broke after the request was sent "
-                f"({type(exc).__name__}); Graph may have accepted it: look the send id up in "
-                "Sent Items before any resend",
+                message=f"{broke} ({type(exc).__name__}); Graph may have accepted it: look the "
+                "send id up in Sent Items before any resend",
             )
         except requests.exceptions.Timeout as exc:
             return SendResult(

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import requests
 
 from comms.config import GraphSettings
+from comms.delivery.failures import certificate_refused
 from comms.errors import AuthError
 
 # AADSTS codes worth their own fix; the rest are shown with the authority's own text.
@@ -77,7 +78,7 @@ def error_from_result(
 
 def error_from_exception(exc: Exception, graph: GraphSettings, doing: str) -> AuthError:
     host = urlsplit(graph.authority_host).netloc
-    if isinstance(exc, requests.exceptions.SSLError):
+    if isinstance(exc, requests.exceptions.SSLError) and certificate_refused(exc):
         return AuthError(
             f"{doing} failed: the TLS certificate of {host} is not trusted ({exc}); set [graph] "
             "ca_file to the CA bundle that signs it, or check [graph] authority_host"
@@ -109,14 +110,15 @@ def call_msal(graph: GraphSettings, doing: str, call: Callable[[], Any]) -> Any:
 
     Discovery and token requests are idempotent, so one that times out or loses its connection
     is tried again (``AUTHORITY_ATTEMPTS`` in all, 0.5 s then 1 s apart): a worker must not
-    stop because the authority was slow for a moment. TLS failures are not retried."""
+    stop because the authority was slow for a moment. A certificate that does not verify is not
+    retried; a TLS stream that breaks otherwise is a lost connection."""
     for attempt in range(1, AUTHORITY_ATTEMPTS + 1):
         try:
             return call()
         except AuthError:
             raise
         except (requests.exceptions.Timeout, requests.exceptions.ConnectionError) as exc:
-            if isinstance(exc, requests.exceptions.SSLError) or attempt == AUTHORITY_ATTEMPTS:
+            if certificate_refused(exc) or attempt == AUTHORITY_ATTEMPTS:
                 raise error_from_exception(exc, graph, doing) from exc
             time.sleep(0.5 * attempt)
         except (requests.exceptions.RequestException, ValueError, RuntimeError, OSError) as exc:

@@ -12,7 +12,8 @@ GETs), shared by the inbox reader (``comms.inbox.reader``) and stage sync's sour
 What is left after that is the caller's to explain: ``send`` returns the last answer (a 2xx, or
 an error status the caller maps to its own error naming the fix), or raises ``ReadsExhausted``
 (the connection kept failing, or the last attempt was a 401 refresh) or ``UntrustedServer``
-(TLS verification failed: a retry cannot fix it). Both carry what the caller's message needs.
+(certificate verification failed: a retry cannot fix it; a TLS stream that breaks
+otherwise is a dropped connection). Both carry what the caller's message needs.
 
 ``batch_get`` sends GETs through Graph JSON batching (``POST /$batch``) with the same policy,
 read by read: a read answered 429 or a ``retried`` status inside a batch is asked again in a
@@ -34,6 +35,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from comms.delivery.failures import certificate_refused
 from comms.delivery.graph import parse_retry_after
 
 BATCH_LIMIT = 20  # Graph's limit of requests in one JSON batch
@@ -114,9 +116,10 @@ class RetryingReads:
             try:
                 response = self.session.request(method, url, headers=sent, json=json,
                                                 allow_redirects=policy.follow_redirects)
-            except requests.exceptions.SSLError as exc:
-                raise UntrustedServer(urlsplit(url).netloc, str(exc)) from exc
             except requests.exceptions.RequestException as exc:
+                if certificate_refused(exc):
+                    raise UntrustedServer(urlsplit(url).netloc, str(exc)) from exc
+                # Any other TLS failure (a bad record MAC, an alert) is a dropped connection.
                 last = type(exc).__name__
                 if attempt == policy.max_attempts:
                     raise ReadsExhausted(url, attempt, last) from exc

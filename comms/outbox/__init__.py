@@ -5,7 +5,7 @@ A message row moves through these statuses::
     queued ──claim──> sending ──202──────────────> sent
       ^                 │  ├──definite rejection──> failed
       │                 │  ├──429 (not accepted)──> queued (send_after = now + Retry-After)
-      │                 │  └──timeout/reset/5xx───> unknown
+      │                 │  └──timeout/reset/TLS break/5xx──> unknown
       │                 └──lease expired (worker killed)──> unknown
       │                                                       │
       └──── not in Sent Items after the grace period ─────────┤

@@ -352,21 +352,33 @@ def put_back(db: Database, claimed: Claimed, *, clock: Clock, worker: str) -> No
 
 
 def expire_leases(db: Database, *, clock: Clock) -> int:
-    """Rows left in `sending` by a worker that died: their outcome is unknown."""
+    """Rows left in `sending` by a worker that died: their outcome is unknown.
+
+    The rows are read without a lock (PostgreSQL), so each is changed only while it is still
+    the expired claim that was read (same status, claim, attempt and lease): a worker's
+    ``record`` that commits in between (sent, failed, throttled) is never overwritten."""
     real = clock.real()
+    expired = 0
     with db.session(immediate=True) as s:
-        stale = s.exec(
-            select(Message)
+        stale = s.execute(
+            sa.select(col(Message.id), col(Message.sender), col(Message.ambiguous_from),
+                      col(Message.claimed_by), col(Message.attempts), col(Message.lease_until))
             .where(col(Message.status) == "sending", col(Message.lease_until) < real)
             .order_by(col(Message.id))
         ).all()
-        for msg in stale:
-            msg.status, msg.unknown_since, msg.lease_until = "unknown", real, None
-            msg.ambiguous_from = _with_mailbox(msg.ambiguous_from, msg.sender or "")
-            msg.last_error = "lease expired: the worker stopped mid-send"
-            msg.updated_at = clock.now()
-            s.add(msg)
-        return len(stale)
+        for mid, sender, ambiguous, claimed_by, attempts, lease_until in stale:
+            expired += s.execute(
+                sa.update(Message)
+                .where(col(Message.id) == mid, col(Message.status) == "sending",
+                       col(Message.claimed_by) == claimed_by,
+                       col(Message.attempts) == attempts,
+                       col(Message.lease_until) == lease_until)
+                .values(status="unknown", unknown_since=real, lease_until=None,
+                        ambiguous_from=_with_mailbox(ambiguous, sender or ""),
+                        last_error="lease expired: the worker stopped mid-send",
+                        updated_at=clock.now())
+            ).rowcount  # type: ignore[attr-defined]
+        return expired
 
 
 def _with_mailbox(mailboxes: str, mailbox: str) -> str:

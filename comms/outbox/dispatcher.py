@@ -23,10 +23,13 @@ from comms.outbox.claims import DispatchReport, _claim_filter, expire_leases
 from comms.outbox.queue import HELD, OPEN, Clock
 from comms.outbox.reconcile import ReconcileLimits, reconcile
 from comms.outbox.rounds import RunState
+from comms.store.clocks import check_clock
 from comms.store.db import Database
 from comms.store.models import Message
 
 MIN_PASS_SECONDS = 5.0  # the shortest time between two reconcile passes while sending
+# How often a dispatcher compares its host's clock with the database server's (PostgreSQL).
+CLOCK_CHECK_SECONDS = 600.0
 
 # --------------------------------------------------------------------------- the dispatcher
 
@@ -80,6 +83,8 @@ class Dispatcher:
         )
         reconciler = transport if isinstance(transport, Reconciler) else None
         self.reconciler = reconciler if settings.graph.reconcile else None
+        self.clock_check_every = CLOCK_CHECK_SECONDS
+        self._clock_checked: float | None = None  # monotonic time of the last clock check
         with db.session(immediate=True) as s:
             pacing.ensure_mailboxes(s, [lim.mailbox for lim in self.limits])
 
@@ -135,7 +140,19 @@ class Dispatcher:
             state.requested.wait(pause)
         return state.report
 
+    def check_clock(self) -> None:
+        """Refuse to dispatch (``ClockSkewed``) while this host's clock disagrees with the
+        PostgreSQL server's: leases and the reconcile grace are judged on each host's clock.
+        Asked before the first round, then every ``clock_check_every`` seconds."""
+        now_m = time.monotonic()
+        if (self._clock_checked is not None
+                and now_m - self._clock_checked < self.clock_check_every):
+            return
+        check_clock(self.db, self.clock.real)
+        self._clock_checked = now_m
+
     def _reconcile(self, state: RunState) -> None:
+        self.check_clock()  # before anything is judged on this host's clock
         expire_leases(self.db, clock=self.clock)
         reconcile(self.db, self.reconciler, clock=self.clock, grace=self.grace,
                   report=state.report, worker=self.worker, paced=self.paced,
