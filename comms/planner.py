@@ -218,8 +218,19 @@ class _Entry:
     at: datetime  # sent: when it went out (latest); otherwise: when it was planned (latest)
 
 
+_RANK = {MessageStatus.SENT: 4, "pending": 3, SKIPPED: 2, MessageStatus.FAILED: 1}
+
+
+def _stage_message(seen: dict[tuple[str, int], _Entry], message: str) -> _Entry | None:
+    """The stage's own message as the customer got it: the strongest of its planned copy
+    (sequence 0) and an operator's `comms send` of it (1, 2, ...): sent by hand after the
+    planned one failed, it still starts the reminders."""
+    found = [e for (m, n), e in seen.items() if m == message and n >= 0]
+    return max(found, key=lambda e: (_RANK[e.status], e.at)) if found else None
+
+
 def _index(history: Iterable[SentMessage]) -> dict[tuple[str, int], _Entry]:
-    rank = {MessageStatus.SENT: 4, "pending": 3, SKIPPED: 2, MessageStatus.FAILED: 1}
+    rank = _RANK
     out: dict[tuple[str, int], _Entry] = {}
     for h in history:
         if h.status == MessageStatus.WITHDRAWN and not h.by_operator:
@@ -275,7 +286,7 @@ def plan(
     entered = _utc(customer.stage_entered_at, "stage_entered_at")
     base: datetime | None = entered
     if stage.on_enter:
-        entry = seen.get((stage.on_enter, 0))
+        entry = _stage_message(seen, stage.on_enter)
         if entry is None:
             due.append(PlannedMessage(message=stage.on_enter, sequence=0, stage=stage.name, to=to))
             # The following reminder counts from the moment this goes out, which is >= now.

@@ -153,6 +153,19 @@ def test_failed_entry_message_stops_reminders() -> None:
     assert plan(customer(), history, T0 + timedelta(days=30), make_campaign()) == Plan((), None)
 
 
+def test_an_entry_message_sent_by_hand_after_the_planned_one_failed_starts_the_reminders(
+) -> None:
+    # The planned invitation failed (a rejected address); the operator fixed the contact and
+    # sent it with `comms send KEY --message invitation` (sequence 1). The reminders used to
+    # wait for sequence 0 for ever.
+    fixed = T0 + timedelta(days=2)
+    history = [sent("invitation", 0, T0, status="failed"), sent("invitation", 1, fixed)]
+    p = plan(customer(), history, fixed + timedelta(days=3, hours=1), make_campaign())
+    assert keys(p.due) == [("invitation_reminder", 1)]
+    assert plan(customer(), history, fixed + timedelta(days=1), make_campaign()).next_due_at == (
+        fixed + timedelta(days=3))
+
+
 def test_failed_reminder_stops_the_rest() -> None:
     history = [sent("invitation", 0, T0),
                sent("invitation_reminder", 1, T0 + timedelta(days=3), status="failed")]
