@@ -369,3 +369,33 @@ def test_a_hostile_inbound_message_is_shown_as_written_never_acted_on(
     # The text keeps its lines; only the control characters are escaped.
     assert "\nline one \\x1b]8;;https://evil.example/\\x07click\\x1b]8;;\\x07\n" \
         "line two [red]x[/red]" in shown.stdout
+
+
+def test_a_message_moved_out_of_the_inbox_and_back_is_not_acted_on_twice(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    # Filed in a folder and dragged back (or restored from Deleted Items), a message gets a
+    # new Graph id and the Inbox's delta lists it again. Keyed on the Graph id only, a reply
+    # was processed again (a second note to the account manager, the hold extended), and an
+    # opt-out an operator had reversed was applied again.
+    _seed_and_send(env, db, tmp_path, cli)
+    ids = _send_ids(db)
+    admin: InboxAdmin = env["admin"]
+    reply = admin.inject(kind="reply", mailbox=SENDER, send_id=ids["RPL"],
+                         **{"from": "admin@rpl.example"}, body="Which subscription do you mean?")
+    optout = admin.inject(kind="reply", mailbox=SENDER, send_id=ids["OPT"],
+                          **{"from": "admin@opt.example"}, body="Unsubscribe me, please.")
+    assert cli("inbox", "sync", "--now", T0.isoformat()).exit_code == 0
+    assert cli("contacts", "opt-in", "admin@opt.example", "--note",
+               "called: it was meant for the old plan").exit_code == 0
+    for message in (reply, optout):
+        moved = admin.refile(SENDER, message["id"])
+        assert moved["id"] != message["id"]
+    r = cli("inbox", "sync", "--now", (T0 + timedelta(days=1)).isoformat(), "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert (report["read"], report["new"], report["skipped"]) == (2, 0, 2)
+    with db.session() as s:
+        notes = s.exec(select(Message).where(Message.message == NOTE_MESSAGE)).all()
+        assert s.get(Suppression, "admin@opt.example") is None  # the operator's decision holds
+    assert len(notes) == 1  # RPL's account manager was told once (OPT: opted out, no note)

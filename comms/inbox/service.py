@@ -159,16 +159,7 @@ def _sync_mailbox(
     try:
         for page in reader.pages(box, link):
             report.read += len(page.messages)
-            ids = [str(m["id"]) for m in page.messages]
-            with db.session() as s:
-                seen = set(s.execute(
-                    sa.select(col(InboundMessage.graph_id)).where(
-                        col(InboundMessage.mailbox) == box,
-                        col(InboundMessage.graph_id).in_(ids),
-                        col(InboundMessage.kind) != "error")  # tried again when read again
-                ).scalars().all()) if ids else set()
-            fresh = [m for m in page.messages
-                     if str(m["id"]) not in seen and "@removed" not in m]
+            fresh = _unread(db, box, page.messages)
             report.skipped += len(page.messages) - len(fresh)
             messages = [inbound_from_graph(box, item) for item in fresh]
             threaded = sum(1 for m in messages if "in-reply-to" in m.headers)
@@ -195,6 +186,33 @@ def _sync_mailbox(
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
+
+
+def _imid(item: dict[str, Any]) -> str:
+    return no_nul(item.get("internetMessageId") or "")[:998]
+
+
+def _unread(db: Database, box: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The page's messages not read before: neither their Graph id nor their Message-ID is
+    recorded for this mailbox. Graph gives a message a new id when it is moved (a reply filed
+    in a folder and dragged back, restored from Deleted Items); its Message-ID stays, so it is
+    not acted on twice (a second note, an opt-out an operator reversed applied again). Messages
+    recorded as ``error`` are read again."""
+    ids = [str(m["id"]) for m in items]
+    imids = sorted({_imid(m) for m in items} - {""})
+    with db.session() as s:
+        known = sa.select(col(InboundMessage.graph_id), col(InboundMessage.internet_message_id)
+                          ).where(col(InboundMessage.mailbox) == box,
+                                  col(InboundMessage.kind) != "error")
+        seen = set(s.execute(known.where(col(InboundMessage.graph_id).in_(ids))
+                             .with_only_columns(col(InboundMessage.graph_id))).scalars()
+                   ) if ids else set()
+        seen_imids = set(s.execute(
+            known.where(col(InboundMessage.internet_message_id).in_(imids))
+            .with_only_columns(col(InboundMessage.internet_message_id))).scalars()
+        ) if imids else set()
+    return [m for m in items if "@removed" not in m and str(m["id"]) not in seen
+            and (not _imid(m) or _imid(m) not in seen_imids)]
 
 
 class _DryRun(Exception):

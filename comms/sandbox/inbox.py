@@ -164,6 +164,26 @@ def deliver(
     return message
 
 
+def refile(core: Core, mailbox: str, message_id: str) -> dict[str, Any]:
+    """A message moved out of the Inbox and back (filed in a folder and dragged back, restored
+    from Deleted Items): Graph gives it a new id (ids are not immutable unless asked for with
+    ``Prefer: IdType="ImmutableId"``) and the Inbox's delta lists it again as a new message;
+    its internetMessageId stays."""
+    st = store(core)
+    box = mailbox.lower()
+    with st.lock:
+        message = st.by_id.pop((box, message_id), None)
+        if message is None:
+            raise KeyError(f"no message {message_id} in {mailbox}'s Inbox")
+        st.messages[box].remove(message)
+        message["id"] = _new_id()
+        st.seq += 1
+        message["_seq"] = st.seq
+        st.messages[box].append(message)
+        st.by_id[(box, str(message["id"]))] = message
+    return message
+
+
 def _sent_resource(core: Core, mailbox: str, send_id: str) -> dict[str, Any] | None:
     """A message in ``mailbox``'s Sent Items by its comms send id."""
     with core.state.lock:
@@ -676,6 +696,10 @@ class InboxAdmin:
 
     def inject(self, **payload: Any) -> dict[str, Any]:
         return _public(inject(self.core, payload))
+
+    def refile(self, mailbox: str, message_id: str) -> dict[str, Any]:
+        """Move a message out of the Inbox and back: a new id, listed again by the delta."""
+        return _public(refile(self.core, mailbox, message_id))
 
     def set_dead(self, *addresses: str) -> None:
         st = store(self.core)
