@@ -172,6 +172,24 @@ def test_withdrawing_one_reminder_passes_it_over_and_the_next_ones_follow(
     assert len(env["sandbox"].sent()) == 3
 
 
+def test_a_reminder_sent_by_hand_is_the_next_reminder_never_one_more(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    # `comms send KEY --message partner_invitation_reminder` before the first planned reminder
+    # took sequence 0 (a "reminder 0" the planner does not count): the customer got max + 1.
+    _import(tmp_path, "W1,Withdrawn Ltd,5,invited,,,boss@w1.example,\n")
+    assert cli("run", "--now", NOW).exit_code == 0  # the invitation goes out
+    by_hand = cli("send", "W1", "--message", "partner_invitation_reminder", "--yes", "--now",
+                  (T0 + timedelta(days=1)).isoformat())
+    assert by_hand.exit_code == 0, by_hand.output
+    for day in range(2, 22):
+        assert cli("run", "--now", (T0 + timedelta(days=day)).isoformat()).exit_code == 0
+    sent = [(m, n) for m, n, status, _ in _rows(db) if status == "sent"]
+    assert sent == [("partner_invitation", 0), ("partner_invitation_reminder", 1),
+                    ("partner_invitation_reminder", 2), ("partner_invitation_reminder", 3)]
+    assert len(env["sandbox"].sent()) == 4
+
+
 def _rows_with_ids(db: Database) -> list[tuple[int, str, int]]:
     with db.session() as s:
         return [(m.id or 0, m.message, m.sequence) for m in s.exec(select(Message)).all()]

@@ -148,7 +148,11 @@ def _explicit(
         # (sequences 0..max) never counts them: the staged message still goes out later.
         sequence = min([m.sequence for m in existing if m.message == message] + [0]) - 1
     else:
-        sequence = max([m.sequence for m in same] + [-1]) + 1
+        # The stage's reminder sent by hand is the next reminder (1, 2, ...): the planner then
+        # counts it and sends the following one, never one more than ``max``.
+        st = campaign.stage(customer.stage) if campaign.has_stage(customer.stage) else None
+        first = 1 if st is not None and st.reminders and message == st.reminders.message else 0
+        sequence = max([m.sequence for m in same] + [first - 1]) + 1
     recipients = planner.recipients(customer, campaign)
     if not recipients:
         raise StateConflict(
