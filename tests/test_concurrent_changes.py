@@ -117,3 +117,26 @@ def test_a_customer_changed_after_the_send_was_prepared_is_not_sent_the_old_rend
     with db.session() as s:
         sent = s.exec(select(Message).where(col(Message.status) == "sent")).one()
     assert "ASK MICROSOFT SUPPORT" in sent.body_text()
+
+
+def test_a_bulk_move_confirmed_on_a_plan_that_changed_meanwhile_moves_nobody(
+    db: Database, tmp_path: Path
+) -> None:
+    # `set-stage --where-stage approved ... --force` shows its plan and asks; stage sync moves
+    # one of the customers on meanwhile. The move used to be planned again from the new rows
+    # and forced: that customer was dragged back to where the operator meant the others to go.
+    campaign = load_campaign()
+    first, second = seed(db, tmp_path, 2, stage="approved")
+
+    def meanwhile(plan: list[svc.StageChange]) -> None:
+        assert [c.key for c in plan] == [first, second]
+        svc.set_stage(db, campaign, [second], "awaiting_cancellation", now=T0,
+                      by="sync:partner_center", source="sync")
+
+    with pytest.raises(StateConflict) as refused:
+        svc.move_customers(db, campaign, [], "invited", where_stage="approved", now=T0,
+                           by="operator", note="re-invite", force=True, review=meanwhile)
+    assert f"{second} (shown in approved, now in awaiting_cancellation)" in str(refused.value)
+    with db.session() as s:
+        stages = dict(s.exec(select(Customer.key, Customer.stage)).all())
+    assert stages == {first: "approved", second: "awaiting_cancellation"}

@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 from comms import outbox, planner, stages
 from comms.campaign import Campaign
 from comms.domain import CustomerInfo, Event
-from comms.errors import NotFound, RequestRefused, StageMoveRefused
+from comms.errors import NotFound, RequestRefused, StageMoveRefused, StateConflict
 from comms.services.engine import load_history
 from comms.services.importer import ImportResult, export_customers, import_customers
 from comms.stages import SideAction
@@ -231,18 +231,22 @@ def set_stage(
     force: bool = False,
     source: str = "cli",
     dry_run: bool = False,
+    shown: list[StageChange] | None = None,
 ) -> list[StageChange]:
     """Move every customer of ``keys`` to ``stage`` in one transaction: all or none.
 
     A move the campaign does not allow is refused (listing the allowed ones) unless ``force``
     with a ``note``. Each move records an event, restarts the stage clock, makes the customer
-    due for planning and withdraws queued messages of its former stage.
+    due for planning and withdraws queued messages of its former stage. With ``shown`` (the
+    plan the operator confirmed), nothing moves if a customer's stage changed since.
     """
     # Read-then-write: take the write lock up front (SQLite) / lock the rows (PostgreSQL), so a
     # concurrent `comms run` cannot move the same customers in between.
     with db.session(immediate=not dry_run) as session:
         planned = _plan(session, campaign, keys, stage, now=now, by=by, note=note,
                         force=force, source=source, lock=not dry_run)
+        if shown is not None:
+            _same_as_shown(shown, [(row.key, ev.from_stage or "") for row, ev in planned])
         if not dry_run:
             for row, event in planned:
                 apply_stage_event(session, row, event, csp_live_stage=campaign.csp_live_stage)
@@ -253,6 +257,20 @@ def set_stage(
                         triggers.get(row.key, ()))
             for row, ev in planned
         ]
+
+
+def _same_as_shown(shown: list[StageChange], now: list[tuple[str, str]]) -> None:
+    """Refuse (nothing moved) when a customer's stage changed since the plan was shown (stage
+    sync, another operator): a forced move would otherwise drag it back from where it is."""
+    before = {c.key: c.from_stage for c in shown}
+    changed = [f"{key} (shown in {before[key]}, now in {stage})" for key, stage in now
+               if key in before and before[key] != stage]
+    changed += [f"{key} (not in the plan shown)" for key, _ in now if key not in before]
+    if changed:
+        raise StateConflict(
+            f"Stages changed since the plan was shown: {'; '.join(changed[:20])}"
+            f"{'; ...' if len(changed) > 20 else ''}. Nothing was moved; run the command again "
+            "to see the plan as it is now.")
 
 
 def _triggers(session: Session, campaign: Campaign, rows: list[Customer], stage: str,
@@ -309,6 +327,9 @@ def move_customers(
             review(plan)
         if dry_run:
             return StageMoveResult(plan, applied=False)
+        done = set_stage(db, campaign, keys, stage, now=now, by=by, note=note, force=force,
+                         shown=plan)
+        return StageMoveResult(done, applied=True)
     done = set_stage(db, campaign, keys, stage, now=now, by=by, note=note, force=force)
     return StageMoveResult(done, applied=True)
 
