@@ -292,6 +292,21 @@ def test_attempt_accepted_by_one_mailbox_then_retried_on_another_is_not_sent_twi
     assert [r["send_id"] for r in sb.sent()] == [first.send_id], "sent twice"
 
 
+def _claimed_past_its_lease(db: Database, worker: str) -> tuple[int, Any, outbox.Clock]:
+    """One queued message claimed by ``worker`` with a lease that has already run out."""
+    settings = settings_for()
+    mid = queue(db, add_customer(db))
+    clock = outbox.Clock(T0)
+    limits = pacing.Limits.of(settings.senders[0], settings.delivery.time_scale)
+    with db.session(immediate=True) as s:
+        pacing.ensure_mailboxes(s, [A, B])
+    claimed = outbox.claim(db, limits, settings=settings, clock=clock, worker=worker,
+                           lease=timedelta(milliseconds=1))
+    assert isinstance(claimed, outbox.Claimed)
+    time.sleep(0.01)
+    return mid, claimed, clock
+
+
 def test_lease_expiry_never_overwrites_an_outcome_recorded_meanwhile(db: Database) -> None:
     """expire_leases reads the expired `sending` rows without a lock, then updates them. A slow
     worker whose request outlived its lease records `sent` in between: the row must stay sent,
@@ -299,16 +314,7 @@ def test_lease_expiry_never_overwrites_an_outcome_recorded_meanwhile(db: Databas
     before expire_leases' first UPDATE: on PostgreSQL the real ``record`` commits from its own
     connection; on SQLite (whose BEGIN IMMEDIATE rules the race out) the same change is written
     on the expiring connection, which puts the conditional update to the same test."""
-    settings = settings_for()
-    mid = queue(db, add_customer(db))
-    clock = outbox.Clock(T0)
-    limits = pacing.Limits.of(settings.senders[0], settings.delivery.time_scale)
-    with db.session(immediate=True) as s:
-        pacing.ensure_mailboxes(s, [A, B])
-    claimed = outbox.claim(db, limits, settings=settings, clock=clock, worker="slow",
-                           lease=timedelta(milliseconds=1))
-    assert isinstance(claimed, outbox.Claimed)
-    time.sleep(0.01)  # the lease has run out; the request is still going
+    mid, claimed, clock = _claimed_past_its_lease(db, "slow")  # the request is still going
     fired: list[str] = []
 
     def record_sent_first(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
@@ -338,16 +344,7 @@ def test_lease_expiry_never_overwrites_an_outcome_recorded_meanwhile(db: Databas
 
 
 def test_lease_expiry_marks_the_dead_workers_row_unknown_with_its_mailbox(db: Database) -> None:
-    settings = settings_for()
-    mid = queue(db, add_customer(db))
-    clock = outbox.Clock(T0)
-    limits = pacing.Limits.of(settings.senders[0], settings.delivery.time_scale)
-    with db.session(immediate=True) as s:
-        pacing.ensure_mailboxes(s, [A, B])
-    claimed = outbox.claim(db, limits, settings=settings, clock=clock, worker="dead",
-                           lease=timedelta(milliseconds=1))
-    assert isinstance(claimed, outbox.Claimed)
-    time.sleep(0.01)
+    mid, _, clock = _claimed_past_its_lease(db, "dead")
     assert outbox.expire_leases(db, clock=clock) == 1
     row = status_of(db, mid)
     assert (row.status, row.lease_until, row.ambiguous_from, row.attempts) == (
