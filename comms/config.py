@@ -129,13 +129,15 @@ _SECRET_PARAMS = re.compile(
 
 
 def _credentials_end(rest: str) -> int:
-    """Where the user name and password of a URL (``rest``: what follows ``://``) end: at its
-    LAST "@", because a password that is not percent-encoded may hold "@", "/", "?" or "#"
-    (masking too much is better than showing part of one); -1 when there are none: no "@", or
-    a path right away (``sqlite:////home/a@b/comms.db``)."""
+    """Where the user name and password of a URL (``rest``: what follows ``://``) end: at the
+    last "@" before the query, or, when there is none before a "?", at the URL's last "@" (a
+    password that is not percent-encoded may hold "@", "/", "?" or "#"; masking too much is
+    better than showing part of one); -1 when there are none: no "@", or a path right away
+    (``sqlite:////home/a@b/comms.db``). An "@" in the query (``sslcert=/a@b.pem``) is not one."""
     if rest.startswith("/") or "@" not in rest:
         return -1
-    return rest.rindex("@")
+    before_query = rest.split("?", 1)[0]
+    return before_query.rindex("@") if "@" in before_query else rest.rindex("@")
 
 
 def url_password(url: str) -> str:

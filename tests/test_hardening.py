@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from factories import customer, queued
 
-from comms.config import Settings, mask_url
+from comms.config import Settings, mask_url, unencoded_credentials
 from comms.errors import DatabaseError
 from comms.store.db import Database, open_database
 
@@ -279,6 +279,13 @@ def test_mask_url_hides_everything_up_to_the_last_at(password: str) -> None:
     assert mask_url("sqlite:////home/ann@corp/comms.db") == "sqlite:////home/ann@corp/comms.db"
     assert mask_url("postgresql://comms@db.example:5432/comms") == \
         "postgresql://comms@db.example:5432/comms"
+    # An "@" in the query is not part of the credentials: such a URL is neither refused nor
+    # masked beyond its password.
+    query_at = "postgresql://comms:pw@db.example/comms?sslrootcert=/etc/ssl/ca@corp.pem"
+    assert mask_url(query_at) == (
+        "postgresql://comms:********@db.example/comms?sslrootcert=/etc/ssl/ca@corp.pem")
+    assert not unencoded_credentials(query_at)
+    assert unencoded_credentials(f"postgresql://comms:{password}@db.example/comms?a=b@c")
 
 
 def _pieces(password: str, out: str) -> list[str]:
