@@ -399,3 +399,32 @@ def test_a_message_moved_out_of_the_inbox_and_back_is_not_acted_on_twice(
         notes = s.exec(select(Message).where(Message.message == NOTE_MESSAGE)).all()
         assert s.get(Suppression, "admin@opt.example") is None  # the operator's decision holds
     assert len(notes) == 1  # RPL's account manager was told once (OPT: opted out, no note)
+
+
+def test_an_expired_delta_link_reads_the_inbox_again_without_acting_twice(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    # Graph forgets a delta link after a long pause (SyncStateNotFound). The sync stopped there
+    # until someone ran `--restart`, and `comms run --inbox` with it: no mail for anyone.
+    _seed_and_send(env, db, tmp_path, cli)
+    ids = _send_ids(db)
+    admin: InboxAdmin = env["admin"]
+    admin.inject(kind="reply", mailbox=SENDER, send_id=ids["RPL"],
+                 **{"from": "admin@rpl.example"}, body="Which subscription do you mean?")
+    assert cli("inbox", "sync", "--now", T0.isoformat()).exit_code == 0
+    with db.session() as s:
+        box = s.get(InboxMailbox, SENDER)
+        assert box is not None and "$deltatoken=" in box.delta_link
+        box.delta_link = box.delta_link.split("$deltatoken=")[0] + "$deltatoken=forgotten"
+        s.add(box)
+    admin.inject(kind="reply", mailbox=SENDER, send_id=ids["OPT"],
+                 **{"from": "admin@opt.example"}, body="Done, cancelled today.")
+    r = cli("inbox", "sync", "--now", (T0 + timedelta(days=1)).isoformat(), "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert (report["new"], report["skipped"], report["restarted"]) == (1, 1, [SENDER])
+    with db.session() as s:
+        notes = s.exec(select(Message).where(Message.message == NOTE_MESSAGE)).all()
+        box = s.get(InboxMailbox, SENDER)
+        assert box is not None and "forgotten" not in box.delta_link
+    assert len(notes) == 2  # one per reply, the first not repeated

@@ -64,12 +64,18 @@ class InboxError(DeliveryError):
     when it answered the read with an error (0: unreachable, throttled, untrusted)."""
 
     status: int = 0
+    code: str = ""  # Graph's error code, when it answered
 
     @classmethod
-    def answered(cls, status: int, message: str) -> InboxError:
+    def answered(cls, status: int, message: str, code: str = "") -> InboxError:
         err = cls(message)
-        err.status = status
+        err.status, err.code = status, code
         return err
+
+    @property
+    def sync_state_lost(self) -> bool:
+        """Graph no longer knows the delta link (it expired, or was never valid)."""
+        return self.status == 410 or self.code in ("SyncStateNotFound", "SyncStateInvalid")
 
 
 @dataclass
@@ -140,8 +146,9 @@ class InboxReader:
             ) from exc
         if 200 <= response.status_code < 300:
             return response
+        error = _error_of(response)
         raise InboxError.answered(response.status_code,
-                                  _explain(response.status_code, _error_of(response), url))
+                                  _explain(response.status_code, error, url), code=error[0])
 
     @property
     def requests(self) -> int:

@@ -15,7 +15,7 @@ and be applied again one message per savepoint, skipping the taken one.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -46,7 +46,7 @@ from comms.inbox.queries import (
     show_inbound,
     timeline_entries,
 )
-from comms.inbox.reader import InboxReader
+from comms.inbox.reader import InboxError, InboxReader, Page
 from comms.inbox.resolver import LedgerResolver, inbound_from_graph, no_nul
 from comms.store.db import Database
 from comms.store.inbox_models import InboundMessage, InboxMailbox
@@ -71,13 +71,14 @@ class SyncReport:
     retries: int = 0
     items: list[dict[str, Any]] = field(default_factory=list)  # dry run: what would happen
     errors: list[str] = field(default_factory=list)  # "mailbox: why" per mailbox not synced
+    restarted: list[str] = field(default_factory=list)  # mailboxes whose delta link had expired
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "mailboxes": self.mailboxes, "read": self.read, "new": self.new,
             "skipped": self.skipped, "kinds": dict(self.kinds), "effects": dict(self.effects),
             "dry_run": self.dry_run, "requests": self.requests, "retries": self.retries,
-            "items": self.items, "errors": self.errors,
+            "items": self.items, "errors": self.errors, "restarted": self.restarted,
         }
 
 
@@ -157,7 +158,7 @@ def _sync_mailbox(
     # chunk being applied; one slot stays free for a run sending from the same mailbox.
     pool = ThreadPoolExecutor(max_workers=max(1, min(3, limit - 1)))
     try:
-        for page in reader.pages(box, link):
+        for page in _delta_pages(reader, box, link, report):
             report.read += len(page.messages)
             fresh = _unread(db, box, page.messages)
             report.skipped += len(page.messages) - len(fresh)
@@ -186,6 +187,25 @@ def _sync_mailbox(
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
+
+
+def _delta_pages(reader: InboxReader, box: str, link: str | None,
+                 report: SyncReport) -> Iterator[Page]:
+    """The delta round from the stored ``link``; when Graph no longer knows it (it expired
+    after a long pause), from the start of the Inbox: what was processed before is recognised
+    and skipped (``_unread``), so a scheduled run does not stop until someone restarts it."""
+    try:
+        pages = reader.pages(box, link)
+        first = next(pages, None)
+    except InboxError as exc:
+        if link is None or not exc.sync_state_lost:
+            raise
+        report.restarted.append(box)
+        pages = reader.pages(box, None)
+        first = next(pages, None)
+    if first is not None:
+        yield first
+        yield from pages
 
 
 def _imid(item: dict[str, Any]) -> str:
@@ -366,4 +386,6 @@ def summary_line(report: SyncReport) -> str:
     return (f"Inbox: read {report.read} message(s) from {len(report.mailboxes)} mailbox(es), "
             f"{report.new} new ({kinds}), {report.skipped} already processed; {verb}: "
             + (", ".join(f"{k} {v}" for k, v in sorted(report.effects.items())) or "nothing")
-            + "".join(f"; NOT SYNCED {e}" for e in report.errors))
+            + "".join(f"; NOT SYNCED {e}" for e in report.errors)
+            + "".join(f"; {box}: the stored delta link had expired, read from the start "
+                      "(what was processed before was skipped)" for box in report.restarted))
