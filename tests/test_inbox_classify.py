@@ -107,6 +107,16 @@ def test_auto_reply_by_header_and_by_subject_in_german() -> None:
     not_auto = Inbound(BOX, "g4", subject="Re: x", from_address="a@x.example",
                        headers={"auto-submitted": "no"}, text="thanks")
     assert classify(not_auto, r, KW).kind == "reply"
+    # Vacation programs and ticket systems older than Auto-Submitted: their answer is not the
+    # customer's (it held the reminders and told the account manager "replied").
+    for name, value in (("precedence", "bulk"), ("precedence", "junk"),
+                        ("x-autorespond", "yes")):
+        old_style = Inbound(BOX, "g9", subject="Re: x", from_address="a@x.example",
+                            headers={name: value}, text="Your ticket #123 was received.")
+        assert classify(old_style, r, KW).rule == f"auto-reply: {name}: {value}"
+    relayed = Inbound(BOX, "g10", subject="Re: x", from_address="a@x.example",
+                      headers={"precedence": "list"}, text="thanks")
+    assert classify(relayed, r, KW).kind == "reply"
 
 
 def test_reply_rules_in_order() -> None:

@@ -15,7 +15,8 @@ Rules, first match wins:
 2. **unmatched** (internal) — a reply or auto-reply to an internal note or alert (the account
    manager answering us): recorded for the operator, no effect on the customer.
 3. **auto** — ``Auto-Submitted`` other than ``no``, ``X-Auto-Response-Suppress``,
-   ``Precedence: auto_reply``, or an "Automatic reply:"-like subject (several languages).
+   ``X-Autoreply``/``X-Autorespond``, ``Precedence: auto_reply``/``bulk``/``junk``, or an
+   "Automatic reply:"-like subject (several languages).
 4. **optout** / **reply** — from a customer found by ``In-Reply-To``/``References`` (a message
    we sent), else the conversation, else the sender being one customer's contact. Opt-out only
    when the sender is a contact of that customer and ``optout_keyword`` finds a phrase that
@@ -164,9 +165,12 @@ def is_auto_reply(msg: Inbound) -> bool:
     auto = headers.get("auto-submitted", "").strip().lower()
     if auto and auto != "no":
         return True
-    if "x-auto-response-suppress" in headers or "x-autoreply" in headers:
+    if any(h in headers for h in ("x-auto-response-suppress", "x-autoreply", "x-autorespond")):
         return True
-    if headers.get("precedence", "").strip().lower() in ("auto_reply", "auto-reply"):
+    # Vacation programs and ticket systems that predate Auto-Submitted mark their answers
+    # bulk or junk; a person's own reply never carries it ("list" does: a list relays people).
+    if headers.get("precedence", "").strip().lower() in ("auto_reply", "auto-reply", "bulk",
+                                                         "junk"):
         return True
     return bool(_AUTO_SUBJECT.match(msg.subject))
 
@@ -414,7 +418,8 @@ def classify(msg: Inbound, resolver: Resolver, optout_keywords: Sequence[str],
 
 def _auto_reason(msg: Inbound) -> str:
     headers = msg.headers
-    for name in ("auto-submitted", "x-auto-response-suppress", "x-autoreply", "precedence"):
+    for name in ("auto-submitted", "x-auto-response-suppress", "x-autoreply", "x-autorespond",
+                 "precedence"):
         if name in headers:
             return f"{name}: {headers[name]}".strip()
     return "subject"
