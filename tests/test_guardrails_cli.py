@@ -67,7 +67,7 @@ def test_forced_send_is_recorded_and_the_staged_message_still_goes_out(
     assert len(events) == 1 and "customer asked for the steps early" in events[0].note
     # The customer reaches the stage later: its staged cancel_instructions still goes out.
     for stage in ("approved", "awaiting_cancellation"):
-        moved = cli("customers", "set-stage", "K0000", stage, "--yes")
+        moved = cli("customers", "set-stage", "K0000", stage, "--yes", "--now", NOW)
         assert moved.exit_code == 0, moved.output
     run = cli("run", "--now", "2026-12-02T10:00:00+00:00", "--json")
     assert run.exit_code == 0, run.output
