@@ -230,7 +230,6 @@ def _stage_message(seen: dict[tuple[str, int], _Entry], message: str) -> _Entry 
 
 
 def _index(history: Iterable[SentMessage]) -> dict[tuple[str, int], _Entry]:
-    rank = _RANK
     out: dict[tuple[str, int], _Entry] = {}
     for h in history:
         if h.status == MessageStatus.WITHDRAWN and not h.by_operator:
@@ -238,15 +237,15 @@ def _index(history: Iterable[SentMessage]) -> dict[tuple[str, int], _Entry]:
         status = SKIPPED if h.by_operator else "pending" if h.status in PENDING else h.status
         if status == "bounced":  # accepted and sent; an NDR came back for (some) recipients
             status = "sent"
-        if status not in rank:
+        if status not in _RANK:
             # An unknown status is treated as pending: never resend what we cannot account for.
             status = "pending"
         when = (h.sent_at or h.planned_at) if status == MessageStatus.SENT else h.planned_at
         at = _utc(when, "history time")
         key = (h.message, h.sequence)
         old = out.get(key)
-        if old is None or rank[status] > rank[old.status] or (
-            rank[status] == rank[old.status] and at > old.at
+        if old is None or _RANK[status] > _RANK[old.status] or (
+            _RANK[status] == _RANK[old.status] and at > old.at
         ):
             out[key] = _Entry(status=status, stage=h.stage, at=at)
     return out

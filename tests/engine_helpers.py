@@ -52,6 +52,21 @@ def seed(db: Database, tmp_path: Path, n: int, *, stage: str = "invited",
     return [f"K{i:04d}" for i in range(n)]
 
 
+def seed_lettered(db: Database, tmp_path: Path, keys: tuple[str, ...]) -> None:
+    """One customer per key (``B`` -> "B Ltd", admin@b.example, account manager
+    am@f.example), in stage invited, imported at T0."""
+    path = tmp_path / "lettered.csv"
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", "name", "licences", "stage", "account_manager_email",
+                    "primary_contact_name", "primary_contact_email"])
+        for key in keys:
+            w.writerow([key, f"{key} Ltd", 5, "invited", "am@f.example", "Admin",
+                        f"admin@{key.lower()}.example"])
+    customer_service.import_customers(db, path, settings=load_settings(env={}),
+                                      campaign=load_campaign(), now=T0, by="test")
+
+
 def sandbox_env(sb: Sandbox, tmp_path: Path, database_url: str, *, senders: list[str],
                 time_scale: float, grace: float = 0.3, timeout: float = 1.0,
                 lease: float = 2.0, reconcile: bool = True, server_timeout: float | None = None,

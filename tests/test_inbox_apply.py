@@ -4,11 +4,10 @@ meanwhile is skipped with none of its effects applied twice."""
 
 from __future__ import annotations
 
-import csv
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from engine_helpers import T0
+from engine_helpers import T0, seed_lettered
 from sqlmodel import select
 
 from comms import outbox
@@ -16,25 +15,11 @@ from comms.campaign import load_campaign
 from comms.config import load_settings
 from comms.inbox import service
 from comms.inbox.classify import Attachment, Inbound
-from comms.services import customers as customer_service
 from comms.store.db import Database
 from comms.store.inbox_models import InboundMessage, InboxCustomerState
 from comms.store.models import Customer, Message, Suppression, new_message_row
 
 BOX = "transition@fabrikam.example"
-
-
-def _seed(db: Database, tmp_path: Path) -> None:
-    path = tmp_path / "c.csv"
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["key", "name", "licences", "stage", "account_manager_email",
-                    "primary_contact_name", "primary_contact_email"])
-        for key in ("A", "B", "C"):
-            w.writerow([key, f"{key} Ltd", 5, "invited", "am@f.example", "Admin",
-                        f"admin@{key.lower()}.example"])
-    customer_service.import_customers(db, path, settings=load_settings(env={}),
-                                      campaign=load_campaign(), now=T0, by="test")
 
 
 def _reply(graph_id: str, sender: str, text: str = "done") -> Inbound:
@@ -69,7 +54,7 @@ def _sent(db: Database, key: str, to: str, *, internal: bool = False, cc: str = 
 def test_a_message_recorded_meanwhile_is_skipped_with_its_effects(
     db: Database, tmp_path: Path
 ) -> None:
-    _seed(db, tmp_path)
+    seed_lettered(db, tmp_path, ("A", "B", "C"))
     with db.session() as s:
         s.add(InboundMessage(mailbox=BOX, graph_id="g1", kind="reply", processed_at=T0))
     report = _run(db, [_reply("g1", "admin@a.example"), _reply("g2", "admin@b.example"),
@@ -90,7 +75,7 @@ def test_a_message_recorded_meanwhile_is_skipped_with_its_effects(
 def test_chunk_counts_soft_bounces_and_notes_once_per_customer_per_day(
     db: Database, tmp_path: Path
 ) -> None:
-    _seed(db, tmp_path)
+    seed_lettered(db, tmp_path, ("A", "B", "C"))
     replies = [_reply(f"r{i}", "admin@a.example", f"answer {i}") for i in range(5)]
     report = _run(db, replies)
     assert report.new == 5 and report.effects["notes"] == 1 and report.effects["held"] == 5
@@ -103,7 +88,7 @@ def test_questions_about_cancelling_the_subscription_reach_a_human_and_opt_nobod
 ) -> None:
     from test_inbox_classify import NOT_OPTOUTS
 
-    _seed(db, tmp_path)
+    seed_lettered(db, tmp_path, ("A", "B", "C"))
     report = _run(db, [_reply(f"q{i}", "admin@a.example", text)
                        for i, text in enumerate(NOT_OPTOUTS)]
                   + [_reply("e1", "admin@b.example", "Please remove me from your mailing list."),
@@ -123,7 +108,7 @@ def test_questions_about_cancelling_the_subscription_reach_a_human_and_opt_nobod
 def test_the_account_managers_answer_to_an_internal_note_does_nothing_to_the_customer(
     db: Database, tmp_path: Path
 ) -> None:
-    _seed(db, tmp_path)
+    seed_lettered(db, tmp_path, ("A", "B", "C"))
     note = _sent(db, "A", "am@f.example", internal=True)
     answers = [Inbound(BOX, f"n{i}", subject="RE: [comms] A Ltd (A) replied",
                        from_address="am@f.example", text=text,
@@ -143,7 +128,7 @@ def test_the_account_managers_answer_to_an_internal_note_does_nothing_to_the_cus
 def test_an_optout_phrase_from_the_account_manager_copied_on_customer_mail_suppresses_nobody(
     db: Database, tmp_path: Path
 ) -> None:
-    _seed(db, tmp_path)
+    seed_lettered(db, tmp_path, ("A", "B", "C"))
     sid = _sent(db, "A", "admin@a.example", cc="am@f.example")
     answer = Inbound(BOX, "r1", subject="RE: invitation", from_address="am@f.example",
                      text="Please unsubscribe me.", headers={"in-reply-to": "<inv@f.example>"})
@@ -160,7 +145,7 @@ def test_a_bounce_for_an_address_we_did_not_mail_suppresses_nobody_and_flags_the
 ) -> None:
     """admin@a forwards to a dead address; that hop's NDR names the forward target. The
     single recipient must not be taken for it: it received the message."""
-    _seed(db, tmp_path)
+    seed_lettered(db, tmp_path, ("A", "B", "C"))
     sid = _sent(db, "A", "admin@a.example")
     ndr = Inbound(
         BOX, "b1", subject="Undeliverable: invitation", from_address="mailer-daemon@gm.example",
@@ -202,7 +187,7 @@ def test_soft_bounces_count_once_per_message_and_when_they_arrived(
     # A full mailbox is temporary: the address is suppressed only after 3 messages bounced
     # softly within 14 days. A server's daily "still delayed" notices for one message counted
     # as 3, and a first sync reading reports weeks apart counted them as one burst.
-    _seed(db, tmp_path)
+    seed_lettered(db, tmp_path, ("A", "B", "C"))
     one = _sent(db, "A", "admin@a.example")
     report = _run(db, [_soft(f"d{day}", one, T0 - timedelta(days=3 - day)) for day in range(3)])
     assert report.kinds == {"bounce": 3} and _suppressed(db) == []

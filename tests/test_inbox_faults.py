@@ -5,12 +5,11 @@ delta link too; a mailbox that cannot be read is reported and the others are rea
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Any
 
-from engine_helpers import T0
+from engine_helpers import T0, seed_lettered
 from sqlmodel import select
 
 from comms.campaign import load_campaign
@@ -18,24 +17,12 @@ from comms.config import Settings, load_settings
 from comms.inbox import service
 from comms.sandbox import Sandbox
 from comms.sandbox.inbox import InboxAdmin
-from comms.services import customers as customer_service
 from comms.store.db import Database
 from comms.store.inbox_models import InboundMessage, InboxMailbox
 from comms.store.models import Suppression
 
 BOX = "transition@fabrikam.example"
 GONE = "gone@fabrikam.example"  # configured, but no such mailbox (404)
-
-
-def _customers(db: Database, tmp_path: Path) -> None:
-    path = tmp_path / "c.csv"
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["key", "name", "licences", "stage", "account_manager_email",
-                    "primary_contact_name", "primary_contact_email"])
-        w.writerow(["B", "B Ltd", 5, "invited", "am@f.example", "Admin", "admin@b.example"])
-    customer_service.import_customers(db, path, settings=load_settings(env={}),
-                                      campaign=load_campaign(), now=T0, by="test")
 
 
 def _two_senders(tmp_path: Path) -> Settings:
@@ -55,7 +42,7 @@ def _raw(admin: InboxAdmin, sender: str, subject: str, text: str,
 def test_a_refused_message_and_a_missing_mailbox_block_nothing_else(
     db: Database, tmp_path: Path, sandbox: Sandbox, sandbox_settings: Settings
 ) -> None:
-    _customers(db, tmp_path)
+    seed_lettered(db, tmp_path, ("B",))
     admin = InboxAdmin(sandbox)
     # Its In-Reply-To makes the Sent Items lookup URL too long: the server refuses it (414).
     _raw(admin, "x@evil.example", "hi", "hello", {"In-Reply-To": "<" + "A" * 70_000 + "@e>"})

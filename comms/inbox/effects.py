@@ -187,6 +187,7 @@ def _soft_history(s: Session, policy: InboxPolicy, acting: _Acting,
         return {}
     since = min(received(m, now) for m, _ in soft) - timedelta(
         days=policy.soft_bounce_window_days)
+    # Typed as the first column (UTCDateTime): aware UTC datetimes on both databases.
     at = sa.func.coalesce(col(InboundMessage.received_at), col(InboundMessage.processed_at))
     out: dict[str, list[tuple[datetime, object]]] = {}
     for address, when, message_id, row_id in s.execute(
@@ -196,8 +197,6 @@ def _soft_history(s: Session, policy: InboxPolicy, acting: _Acting,
                col(InboundMessage.address).in_(sorted({v.address for _, v in soft})),
                at >= since)
     ).all():
-        when = when if isinstance(when, datetime) else datetime.fromisoformat(str(when))
-        when = when if when.tzinfo is not None else when.replace(tzinfo=now.tzinfo)
         out.setdefault(address, []).append((when, message_id or f"inbound {row_id}"))
     return out
 
