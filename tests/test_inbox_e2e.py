@@ -286,6 +286,8 @@ def test_soft_bounces_suppress_only_after_the_limit(env: dict[str, Any], db: Dat
     _seed_and_send(env, db, tmp_path, cli)
     ids = _send_ids(db)
     admin: InboxAdmin = env["admin"]
+    # The reports arrive at the simulated time of each sync (not at the real clock).
+    admin.set_clock(lambda: T0)
     # A server's repeated "still delayed" reports on one message count once.
     for _ in range(3):
         admin.inject(kind="ndr", mailbox=SENDER, send_id=ids["RPL"],
@@ -294,6 +296,7 @@ def test_soft_bounces_suppress_only_after_the_limit(env: dict[str, Any], db: Dat
     with db.session() as s:
         assert s.get(Suppression, "admin@rpl.example") is None
     # Two more messages to the same address bounce softly: three within the window.
+    admin.set_clock(lambda: T0 + timedelta(days=1))
     for sid in _more_sent(db, cli, "RPL", ("kickoff", "lose_access_warning")):
         admin.inject(kind="ndr", mailbox=SENDER, send_id=sid, recipient="admin@rpl.example",
                      status="4.2.2")

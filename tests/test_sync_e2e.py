@@ -204,10 +204,11 @@ def test_completion_set_by_hand_does_not_claim_an_observation(
 ) -> None:
     """Issue 11/13: without sync evidence the completion email stays conditional."""
     r = cli("customers", "set-stage", "B", "completed", "--force", "--note", "phoned",
-            "--yes")
+            "--yes", "--now", _at(1))
     if r.exit_code != 0:  # the stage machine may refuse a jump: walk it there step by step
         for stage in ("announced", "approved", "awaiting_cancellation", "completed"):
-            cli("customers", "set-stage", "B", stage, "--note", "by hand", "--yes")
+            cli("customers", "set-stage", "B", stage, "--note", "by hand", "--yes",
+                "--now", _at(1))
     assert _stage(db, "B").stage == "completed"
     r = cli("run", "--now", _at(30))
     assert r.exit_code == 0, r.output
