@@ -197,6 +197,9 @@ class SyncSettings(_Section):
     concurrency: int = Field(default=8, ge=1, le=64)
     page_size: int = Field(default=500, ge=1, le=1000)
     max_attempts: int = Field(default=8, ge=1, le=50)
+    # An email states what sync saw ("still active, checked on ...") only when the tenant was
+    # last checked at most this many days before the email is rendered.
+    evidence_max_age_days: float = Field(default=7, gt=0, le=90)
 
     @field_validator("partner_center_url")
     @classmethod

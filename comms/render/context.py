@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Final
 
@@ -72,6 +72,15 @@ def make_branding(settings: Settings) -> Branding:
         phone=p.phone_link,
     )
     return partner, links
+
+
+def current(observation: Observation | None, now: datetime,
+            max_age_days: float) -> Observation | None:
+    """The observation when it is recent enough to be stated as today's state: checked at
+    most ``max_age_days`` before ``now``; None otherwise (the wording stays conditional)."""
+    if observation is None or observation.at is None:
+        return None
+    return observation if now - observation.at <= timedelta(days=max_age_days) else None
 
 
 def observed(observation: Observation | None) -> SimpleNamespace:
@@ -157,7 +166,7 @@ def build_context(
         # The planner sets this through ``extra`` when the account manager is copied.
         "escalated": False,
         "lifecycle": _ns(**LIFECYCLE),
-        "observed": observed(observation),
+        "observed": observed(current(observation, now, settings.sync.evidence_max_age_days)),
     }
 
 

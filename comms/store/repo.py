@@ -21,7 +21,7 @@ from comms.domain import ContactInfo, CustomerInfo, Event, Observation
 from comms.errors import NotFound
 from comms.store.inbox_models import reminder_holds
 from comms.store.models import Contact, Customer, CustomerTag, StageEvent, Suppression
-from comms.store.sync_models import SyncEvidence
+from comms.store.sync_models import SyncCheck, SyncEvidence
 
 # Contact roles in the order they are listed and exported.
 ROLE_ORDER = ("primary", "billing", "technical")
@@ -116,26 +116,63 @@ def _read_customers(
 
 
 def latest_observations(session: Session, ids: Sequence[int]) -> dict[int, Observation]:
-    """What stage sync last saw of each customer's own tenant (evidence source ``tenant``)."""
+    """What stage sync last saw of each customer's own tenant (evidence source ``tenant``),
+    as of the last time a sync confirmed it.
+
+    Evidence is written when what is seen changes; every sync of the tenant updates its
+    ``sync_checks`` row. So the observation is the latest evidence, dated by the latest check
+    (``at``: when it was last seen so), and there is none when that check could not read the
+    tenant ("cannot verify": what was seen before may have changed since) or when the evidence
+    came from another tenant than the customer's current one (a corrected tenant id)."""
     evidence_t = SyncEvidence.__table__  # type: ignore[attr-defined]
+    checks_t = SyncCheck.__table__  # type: ignore[attr-defined]
+    customers_t = Customer.__table__  # type: ignore[attr-defined]
     out: dict[int, Observation] = {}
     for start in range(0, len(ids), _CHUNK):
         chunk = list(ids[start : start + _CHUNK])
+        latest: dict[int, Any] = {}
         for ev in session.execute(
             sa.select(evidence_t.c.customer_id, evidence_t.c.at, evidence_t.c.source,
-                      evidence_t.c.seen_json)
+                      evidence_t.c.seen_json, checks_t.c.checked_at, checks_t.c.problem,
+                      customers_t.c.tenant_id)
+            .join(customers_t, customers_t.c.id == evidence_t.c.customer_id)
+            .outerjoin(checks_t, sa.and_(checks_t.c.customer_id == evidence_t.c.customer_id,
+                                         checks_t.c.source == evidence_t.c.source))
             .where(evidence_t.c.customer_id.in_(chunk), evidence_t.c.source == "tenant")
             .order_by(evidence_t.c.customer_id, evidence_t.c.id)
         ).all():
-            seen = json.loads(ev.seen_json)
-            assigned = seen.get("assigned")
-            at = ev.at if ev.at.tzinfo is not None else ev.at.replace(tzinfo=UTC)
-            out[ev.customer_id] = Observation(  # the last one per customer wins
-                at=at, source=f"sync:{ev.source}",
-                direct_status=str(seen.get("status") or "absent"),
-                assigned_licences=int(assigned) if assigned is not None else None,
-            )
+            latest[ev.customer_id] = ev  # the last one per customer wins
+        for customer_id, ev in latest.items():
+            found = _observation(ev)
+            if found is not None:
+                out[customer_id] = found
     return out
+
+
+def _observation(ev: Any) -> Observation | None:
+    """One customer's latest tenant evidence as an observation, or None when it cannot be
+    stated as current (see ``latest_observations``)."""
+    if ev.problem:
+        return None
+    seen = json.loads(ev.seen_json)
+    if not seen.get("status") or seen.get("several"):
+        # Unknown which subscription is the old one (several products still billed): no
+        # statement about "the old subscription" can rest on it.
+        return None
+    tenant = str(seen.get("tenant_id") or "").strip().lower()
+    if tenant and tenant != str(ev.tenant_id or "").strip().lower():
+        return None
+    at = max(_aware(ev.at), _aware(ev.checked_at)) if ev.checked_at else _aware(ev.at)
+    assigned = seen.get("assigned")
+    return Observation(
+        at=at, source=f"sync:{ev.source}",
+        direct_status=str(seen["status"]),
+        assigned_licences=int(assigned) if assigned is not None else None,
+    )
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _suppressed(session: Session, emails: set[str]) -> set[str]:
