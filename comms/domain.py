@@ -86,6 +86,9 @@ class CustomerInfo:
     observation: Observation | None = None
     # A human reply came in (comms inbox): no reminder falls due before this.
     reminders_held_until: datetime | None = None
+    # Stage sync saw something that needs a person (the CSP subscription or the reseller
+    # relationship is gone): no stage message is planned while it lasts ("" when none).
+    sync_attention: str = ""
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,11 @@ due now and when the customer next needs looking at. No I/O, never reads the clo
 Rules, in the order they are applied:
 
 1. Paused, opted-out and lost customers get nothing; neither does a customer whose stage the
-   campaign does not know (the campaign was edited), nor one whose recipients are all suppressed.
+   campaign does not know (the campaign was edited), one whose recipients are all suppressed,
+   nor one stage sync reports as needing attention (``sync_attention``: its CSP subscription or
+   reseller relationship is gone, so "cancel your old subscription" would be wrong advice).
    ``next_due_at`` is None for all of these: lifting the block (resume, opt in, found, a new
-   contact) must reset the customer's next-due time.
+   contact, sync seeing the CSP subscription again) must reset the customer's next-due time.
 2. Entering a stage with ``on_enter`` plans that message with sequence 0, due at once. A message
    goes to a customer once per (message, sequence): any history entry with that key and a status
    other than ``withdrawn`` blocks it, so re-entering a stage does not resend its entry message.
@@ -251,6 +253,14 @@ def _index(history: Iterable[SentMessage]) -> dict[tuple[str, int], _Entry]:
     return out
 
 
+def stage_message_state(history: Iterable[SentMessage], message: str) -> str | None:
+    """Where a stage's on-enter ``message`` stands, as planning sees it: ``sent``, ``pending``
+    (queued, sending, unknown), ``skipped`` (withdrawn by an operator), ``failed``, or None
+    (never planned, or withdrawn by a run: it is planned again)."""
+    entry = _stage_message(_index(history), message)
+    return None if entry is None else entry.status
+
+
 # --- plan ------------------------------------------------------------------------------------
 
 
@@ -272,7 +282,8 @@ def plan(
     times in and out are timezone-aware (returned in UTC). See the module docstring for the rules.
     """
     now = _utc(now)
-    if not is_sendable(customer) or not campaign.has_stage(customer.stage):
+    if not is_sendable(customer) or not campaign.has_stage(customer.stage) \
+            or customer.sync_attention:
         return Plan(due=(), next_due_at=None)
     to = recipients(customer, campaign)
     if not to:

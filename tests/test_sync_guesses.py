@@ -146,7 +146,7 @@ def test_the_whole_ledger_still_matches_the_tenants_owner(
     _import(cli, tmp_path, SHARED)
     r = cli("sync", "--tag", "wave1", "--now", BASE.isoformat())
     assert r.exit_code == 0, r.output
-    assert _row(db, "A").stage == "completed"
+    assert _row(db, "A").stage == "approved"  # one stage per sync
     assert (_row(db, "B").tenant_id, _row(db, "B").stage) == ("", "invited")
 
 
@@ -203,8 +203,8 @@ def test_a_manual_correction_survives_an_unrelated_partner_center_change(
                               assigned=26)
     world.tenant_change(TENANT_X, "activate_csp", quantity=30)
     world.tenant_change(TENANT_X, "direct_status", status="Suspended")  # unpaid, not cancelled
-    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 30, "approved", "")],
-            now - timedelta(hours=3))
+    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 30,
+                             "awaiting_cancellation", "")], now - timedelta(hours=3))
     assert cli("sync", "--now", (now - timedelta(hours=2)).isoformat()).exit_code == 0
     assert _row(db, "A").stage == "completed"
     r = cli("customers", "set-stage", "A", "awaiting_cancellation", "--force", "--note",

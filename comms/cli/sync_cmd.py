@@ -48,6 +48,7 @@ def _print_report(report: Any, *, as_json: bool, dry_run: bool) -> None:
             "at": report.at.isoformat(), "sources": list(report.sources), "dry_run": dry_run,
             "moved": report.count("moved"), "cannot_verify": report.count("cannot verify"),
             "failed": report.count("failed"), "held": report.count("held"),
+            "needs_attention": report.count("needs attention"),
             "unmatched": report.unmatched, "ambiguous": report.ambiguous,
             "customers": [{"key": c.key, "status": c.status, "seen": c.seen, "moved": c.moved,
                            "held": c.held, "problem": "; ".join(c.problems.values()),
@@ -69,6 +70,9 @@ def _print_report(report: Any, *, as_json: bool, dry_run: bool) -> None:
     for line in report.ambiguous:
         typer.echo(f"ambiguous: {visible(line)}")
     typer.echo(report.summary())
+    if attention := report.count("needs attention"):
+        typer.echo(f"{attention} need attention: no stage mail goes to them until it is "
+                   "resolved (see their status above)")
 
 
 def _short(seen: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ from comms.domain import ContactInfo, CustomerInfo, Event, Observation
 from comms.errors import NotFound
 from comms.store.inbox_models import reminder_holds
 from comms.store.models import Contact, Customer, CustomerTag, StageEvent, Suppression
-from comms.store.sync_models import SyncCheck, SyncEvidence
+from comms.store.sync_models import ATTENTION, SyncCheck, SyncEvidence
 
 # Contact roles in the order they are listed and exported.
 ROLE_ORDER = ("primary", "billing", "technical")
@@ -65,6 +65,7 @@ def load_customers(session: Session, ids: Sequence[int], *,
                                 if r.account_manager_email})
     seen = latest_observations(session, id_list)
     held = reminder_holds(session, id_list)
+    attention = sync_attention(session, id_list)
     out: dict[int, CustomerInfo] = {}
     for r in rows:
         cs = sorted(contacts.get(r.id, []), key=lambda c: (_role_rank(c.role), c.id))
@@ -81,8 +82,24 @@ def load_customers(session: Session, ids: Sequence[int], *,
                 ContactInfo(c.name, c.email, c.role, c.email.lower() in suppressed) for c in cs
             ),
             csp_live_at=r.csp_live_at, observation=seen.get(r.id),
-            reminders_held_until=held.get(r.id),
+            reminders_held_until=held.get(r.id), sync_attention=attention.get(r.id, ""),
         )
+    return out
+
+
+def sync_attention(session: Session, ids: Sequence[int]) -> dict[int, str]:
+    """Customers stage sync reports as needing attention (``ATTENTION``) -> why."""
+    checks_t = SyncCheck.__table__  # type: ignore[attr-defined]
+    out: dict[int, str] = {}
+    for start in range(0, len(ids), _CHUNK):
+        chunk = list(ids[start : start + _CHUNK])
+        for cid, problem in session.execute(
+            sa.select(checks_t.c.customer_id, checks_t.c.problem)
+            .where(checks_t.c.customer_id.in_(chunk),
+                   checks_t.c.problem.startswith(ATTENTION, autoescape=True))
+            .order_by(checks_t.c.customer_id, checks_t.c.source)
+        ).all():
+            out[cid] = "; ".join(filter(None, (out.get(cid), problem)))
     return out
 
 

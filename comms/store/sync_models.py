@@ -14,6 +14,11 @@ from sqlmodel import Column, Field, SQLModel
 
 from comms.store.models import UTCDateTime
 
+# How a ``sync_checks`` problem that needs a person begins (the CSP subscription or the reseller
+# relationship is gone): unlike "cannot verify", it was observed, and no stage message is
+# planned for the customer while it lasts.
+ATTENTION = "needs attention: "
+
 
 class SyncEvidence(SQLModel, table=True):
     __tablename__ = "sync_evidence"

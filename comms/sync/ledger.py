@@ -15,13 +15,15 @@ from sqlmodel import Session, col, select
 
 from comms import outbox, stages
 from comms.campaign import Campaign
+from comms.domain import CustomerInfo, SentMessage
 from comms.outbox import PENDING
 from comms.services.customers import apply_stage_event
 from comms.store import repo
 from comms.store.db import Database
-from comms.store.models import Customer, Message, StageEvent
-from comms.store.sync_models import SyncCheck, SyncEvidence
+from comms.store.models import Customer, Message
+from comms.store.sync_models import ATTENTION, SyncCheck, SyncEvidence
 from comms.sync.rules import SOURCE_OF, Decision, Facts, SyncRules, decide
+from comms.sync.standing import Context, attention, manual_moves, stage_message, stage_messages
 
 SOURCES = ("partner_center", "gdap", "tenant")
 # Which source an observation comes from (the evidence a move cites).
@@ -49,6 +51,8 @@ class CustomerSync:
             return "failed"
         if self.moved:
             return "moved"
+        if any(p.startswith(ATTENTION) for p in self.problems.values()):
+            return "needs attention"
         if self.problems:
             return "cannot verify"
         if self.held:
@@ -110,21 +114,6 @@ def _first_evidence(session: Session, ids: list[int]) -> dict[tuple[int, str], d
     return out
 
 
-def _manual_moves(session: Session, ids: list[int]) -> dict[int, datetime]:
-    out: dict[int, datetime] = {}
-    for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start : start + _CHUNK]
-        rows = session.exec(
-            select(StageEvent.customer_id, sa.func.max(col(StageEvent.at)))
-            .where(col(StageEvent.customer_id).in_(chunk), col(StageEvent.kind) == "stage",
-                   sa.not_(col(StageEvent.by).startswith("sync:")),
-                   col(StageEvent.source) != "import")
-            .group_by(col(StageEvent.customer_id))
-        ).all()
-        out.update({cid: at for cid, at in rows if at is not None})
-    return out
-
-
 def _record(
     db: Database,
     campaign: Campaign,
@@ -135,18 +124,19 @@ def _record(
     fills: dict[int, str],
     dry_run: bool,
 ) -> None:
-    allowed = {s.name: s.next for s in campaign.stages}
     ids = [t.id for t in targets]
+    ctx = Context(campaign, rules, now)
     with db.session(immediate=not dry_run) as session:
         latest = _latest_evidence(session, ids)
         first = _first_evidence(session, ids)
-        manual = _manual_moves(session, ids)
+        manual = manual_moves(session, ids, ctx.order)
         for start in range(0, len(ids), _APPLY_CHUNK):
             keys = [t.key for t in targets[start : start + _APPLY_CHUNK]]
             rows = repo.get_customers(session, keys, lock=not dry_run)
             infos = repo.customer_infos(session, rows)
             chunk_ids = [r.id for r in rows if r.id is not None]
             checks = _Checks(session, chunk_ids)
+            history = stage_messages(session, chunk_ids, ctx.wait_messages)
             # A move withdraws queued messages of other stages; asked once for the chunk
             # (its customer rows are locked), so customers with none skip that UPDATE.
             queued = set(session.exec(
@@ -166,9 +156,10 @@ def _record(
             with session.no_autoflush:
                 for row, info in zip(rows, infos, strict=True):
                     assert row.id is not None
-                    _apply(session, campaign, rules, allowed, now, row, info, results[row.id],
+                    _apply(session, ctx, row, info, results[row.id],
                            chunk_fills.get(row.id, ""), latest, first, manual.get(row.id),
-                           new.get(row.id, {}), checks, row.id in queued)
+                           new.get(row.id, {}), checks, row.id in queued,
+                           history.get(row.id, []))
             checks.write(session)
             # The outbox's withdraw evaluates its UPDATE against every object the session
             # holds: keep that small so ten thousand moves stay linear.
@@ -180,12 +171,9 @@ def _record(
 
 def _apply(
     session: Session,
-    campaign: Campaign,
-    rules: SyncRules,
-    allowed: dict[str, tuple[str, ...]],
-    now: datetime,
+    ctx: Context,
     row: Customer,
-    info: Any,
+    info: CustomerInfo,
     res: CustomerSync,
     fill: str,
     latest: dict[tuple[int, str], SyncEvidence],
@@ -194,8 +182,10 @@ def _apply(
     new: dict[str, int],
     checks: _Checks,
     has_queued: bool,
+    history: list[SentMessage],
 ) -> None:
     assert row.id is not None
+    now = ctx.now
     evidence: dict[str, int] = {}
     evidence_at: dict[str, datetime] = {}
     first_at: dict[str, datetime] = {}
@@ -214,29 +204,59 @@ def _apply(
             note=f"tenant id {fill} filled from Partner Center (unique domain match "
                  f"{row.primary_domain}, evidence #{evidence.get('partner_center', 0)})"))
         row.tenant_id = fill
+    facts = facts_of(res.seen)
+    why = attention(ctx, info, facts, res.seen.get("partner_center"))
+    if why:
+        res.problems["partner_center"] = ATTENTION + why
     for src in SOURCES:
         if src in res.seen or src in res.problems:
             checks.add(row.id, src, now, res.problems.get(src, ""))
-    facts = facts_of(res.seen)
     _licences_from_reality(session, row, facts, res, now, evidence.get("tenant", 0))
-    decision: Decision = decide(
-        campaign.stage_names, allowed, rules, info, facts, manual_at=manual_at,
-        evidence_at=evidence_at, first_at=first_at,
+    if not why:  # while it needs attention, nothing moves (its stage is not moved back)
+        decision: Decision = decide(
+            ctx.campaign.stage_names, ctx.allowed, ctx.rules, info, facts, manual_at=manual_at,
+            evidence_at=evidence_at, first_at=first_at,
+            stage_message=stage_message(ctx, info, history))
+        res.held = decision.held
+        for from_stage, to_stage, observation in decision.moves:
+            _move(session, ctx, row, res, (from_stage, to_stage, observation), evidence,
+                  has_queued)
+    _follow_attention(session, ctx, row, res, checks, has_queued)
+
+
+def _move(session: Session, ctx: Context, row: Customer, res: CustomerSync,
+          move: tuple[str, str, str], evidence: dict[str, int], has_queued: bool) -> None:
+    from_stage, to_stage, observation = move
+    src = OBSERVATION_SOURCE[observation]
+    event = stages.Event(
+        kind="stage", at=ctx.now, by=f"sync:{src}", source="sync", from_stage=from_stage,
+        to_stage=to_stage, note=f"observed {observation} (evidence #{evidence.get(src, 0)})"
+        + (f"; {res.held}" if res.held else ""),
     )
-    res.held = decision.held
-    for from_stage, to_stage, observation in decision.moves:
-        src = OBSERVATION_SOURCE[observation]
-        event = stages.Event(
-            kind="stage", at=now, by=f"sync:{src}", source="sync", from_stage=from_stage,
-            to_stage=to_stage, note=f"observed {observation} (evidence #{evidence.get(src, 0)})",
-        )
-        apply_stage_event(session, row, event, csp_live_stage=campaign.csp_live_stage,
-                          has_queued=has_queued)
-        res.moved.append(f"{from_stage} -> {to_stage} ({observation})")
-    if res.licences and has_queued and row.id is not None:
+    apply_stage_event(session, row, event, csp_live_stage=ctx.campaign.csp_live_stage,
+                      has_queued=has_queued)
+    res.moved.append(f"{from_stage} -> {to_stage} ({observation})")
+
+
+def _follow_attention(session: Session, ctx: Context, row: Customer, res: CustomerSync,
+                       checks: _Checks, has_queued: bool) -> None:
+    """Queued mail goes when attention starts (it was rendered and planned for a customer in
+    a state that no longer holds) or when the licence count changed; when attention ends, the
+    customer is planned again straight away."""
+    assert row.id is not None
+    now_attention = res.problems.get("partner_center", "").startswith(ATTENTION)
+    before = checks.problems.get((row.id, "partner_center"), "").startswith(ATTENTION)
+    if before and not now_attention and "partner_center" in res.seen:
+        row.next_due_at = ctx.now
+        session.add(row)
+    reason = ""
+    if now_attention and has_queued:
+        reason = f"sync: {res.problems['partner_center']}"
+    elif res.licences and has_queued:
         # Queued mail was rendered with the old count, which picks the cancellation route.
-        outbox.withdraw_for_new_content(session, [row.id], "licences {} -> {} observed by "
-                                        "sync".format(*res.licences), now)
+        reason = "licences {} -> {} observed by sync".format(*res.licences)
+    if reason:
+        outbox.withdraw_for_new_content(session, [row.id], reason, ctx.now)
 
 
 def _fill_refused(session: Session, row: Customer, fill: str, res: CustomerSync) -> bool:
@@ -316,9 +336,11 @@ class _Checks:
     written in two statements: an INSERT of the new ones, an UPDATE of the known ones."""
 
     def __init__(self, session: Session, customer_ids: list[int]) -> None:
-        self.known = set(session.exec(
-            select(SyncCheck.customer_id, SyncCheck.source)
-            .where(col(SyncCheck.customer_id).in_(customer_ids))).all())
+        self.problems: dict[tuple[int, str], str] = {
+            (cid, src): problem for cid, src, problem in session.exec(
+                select(SyncCheck.customer_id, SyncCheck.source, SyncCheck.problem)
+                .where(col(SyncCheck.customer_id).in_(customer_ids))).all()}
+        self.known = set(self.problems)
         self.new: list[dict[str, Any]] = []
         self.changed: list[dict[str, Any]] = []
 

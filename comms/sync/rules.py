@@ -5,16 +5,22 @@
 relationship_accepted = "approved"          # Partner Center lists the customer
 gdap_active = "approved"                    # a GDAP relationship is active
 csp_active = "awaiting_cancellation"        # a CSP subscription is active
-direct_inactive = "completed"               # the direct subscription is no longer Enabled
-direct_inactive_statuses = ["Warning", "Suspended", "Deleted", "LockedOut", "absent"]
+direct_inactive = "completed"               # the direct subscription is cancelled
+direct_inactive_statuses = ["Suspended", "Disabled", "Deleted", "absent"]
+wait_for_stage_message = ["approved"]       # move on only once this stage's message went out
 ```
 
-An empty string turns a rule off. Moves go forward only (in campaign stage order), one allowed
-move at a time through the stage machine; paused, opted-out and lost customers are observed but
-not moved. A stage set by hand wins over every observation recorded before it: a move driven by an
-observation happens only once that observation's source (``SOURCE_OF``) has recorded evidence
-newer than the hand-made change (never a silent override, and something new from another source
-does not count). Nothing here reads the clock or the database.
+An empty string turns a rule off. Moves go forward only (in campaign stage order), at most one
+stage per sync, each allowed by the stage machine; paused, opted-out and lost customers are
+observed but not moved. From a stage named in ``wait_for_stage_message`` a customer moves on only
+once that stage's on-enter message went out (a move withdraws it while queued): the approved
+customer hears about Microsoft's "You are about to lose access" mail before sync moves it on.
+A stage set by hand to correct sync (moved backwards, or away from the stage sync had moved it
+to) wins over every observation recorded before it: a move driven by an observation happens only
+once that observation's source (``SOURCE_OF``) has recorded evidence newer than the hand-made
+change (never a silent override, and something new from another source does not count); a
+routine forward move by hand is no correction and holds nothing. Nothing here reads the clock or
+the database.
 """
 
 from __future__ import annotations
@@ -41,9 +47,12 @@ class SyncRules(BaseModel):
     gdap_active: str = "approved"
     csp_active: str = "awaiting_cancellation"
     direct_inactive: str = "completed"
-    direct_inactive_statuses: tuple[str, ...] = (
-        "Warning", "Suspended", "Deleted", "LockedOut", "absent",
-    )
+    # Statuses meaning the direct subscription was cancelled (Graph's Suspended is the portal's
+    # Disabled). Warning (expired, in its grace period) and LockedOut are not cancelled: the
+    # customer stays in awaiting_cancellation and keeps being reminded.
+    direct_inactive_statuses: tuple[str, ...] = ("Suspended", "Disabled", "Deleted", "absent")
+    # Stages whose on-enter message must have gone out before sync moves a customer on.
+    wait_for_stage_message: tuple[str, ...] = ("approved",)
 
     def stage_for(self, observation: str) -> str:
         return str(getattr(self, observation))
@@ -77,10 +86,24 @@ class Facts:
 
 @dataclass(frozen=True)
 class Decision:
-    """The stage moves sync makes for one customer (possibly none) and why."""
+    """The stage move sync makes for one customer (at most one) and why not, or what to know."""
 
     moves: tuple[tuple[str, str, str], ...]  # (from, to, observation)
-    held: str = ""  # why an observed change did not move the customer
+    held: str = ""  # why an observed change did not move the customer, or a note on the move
+
+
+# States of a stage's on-enter message (``StageMessage.state``) that are worth waiting for:
+# it is on its way (planned by the next run, queued, being sent). Any other state but "sent"
+# means it will not go by itself (failed, withdrawn by an operator, nobody to send it to).
+WAIT_STATES = ("not planned yet", "queued")
+
+
+@dataclass(frozen=True)
+class StageMessage:
+    """The current stage's on-enter message and where it stands (see ``WAIT_STATES``)."""
+
+    message: str
+    state: str  # sent | not planned yet | queued | failed | withdrawn by an operator | ...
 
 
 def decide(
@@ -93,46 +116,53 @@ def decide(
     manual_at: datetime | None,
     evidence_at: dict[str, datetime],
     first_at: dict[str, datetime] | None = None,
+    stage_message: StageMessage | None = None,
 ) -> Decision:
-    """Forward moves the facts call for, each allowed by the stage machine.
+    """The forward move the facts call for (one stage at most), allowed by the stage machine.
 
-    ``manual_at``: when a person last set the stage; ``evidence_at``: source -> when its latest
-    evidence (this sync's, if it saw something new) was recorded; ``first_at``: source -> when
-    its first evidence was. A move whose observation's source has no evidence newer than
-    ``manual_at`` is held: the stage set by hand stands. When the stage was set by hand to
-    correct what sync had seen (some source had evidence before it), a source first read after
-    that (one just turned on) does not undo it with its first evidence: only with a later one.
+    ``manual_at``: when a person last corrected the stage by hand (None for a routine forward
+    move); ``evidence_at``: source -> when its latest evidence (this sync's, if it saw something
+    new) was recorded; ``first_at``: source -> when its first evidence was. A move whose
+    observation's source has no evidence newer than ``manual_at`` is held: the stage set by hand
+    stands. When the stage was set by hand to correct what sync had seen (some source had
+    evidence before it), a source first read after that (one just turned on) does not undo it
+    with its first evidence: only with a later one. ``stage_message``: the current stage's
+    on-enter message when the stage is one of ``rules.wait_for_stage_message``; while it is on
+    its way the customer waits, and when it can never go the move is made and says so.
     """
     order = {name: i for i, name in enumerate(stage_names)}
-    targets = sorted(
-        {(order[rules.stage_for(o)], rules.stage_for(o), o)
-         for o in facts.observed(rules) if rules.stage_for(o) in order},
-    )
     current = customer.stage
-    ahead = [(i, s, o) for i, s, o in targets if i > order.get(current, -1)]
+    ahead = sorted({(order[rules.stage_for(o)], rules.stage_for(o), o)
+                    for o in facts.observed(rules)
+                    if rules.stage_for(o) in order
+                    and order[rules.stage_for(o)] > order.get(current, -1)})
     if not ahead:
         return Decision(())
     flags = [f for f in ("paused", "opted_out", "lost") if getattr(customer, f)]
     if flags:
         return Decision((), f"observed but not moved: customer is {', '.join(flags)}")
-    moves: list[tuple[str, str, str]] = []
-    for stage in sorted({s for _, s, _ in ahead}, key=order.__getitem__):
-        if stage == current or order[stage] < order[current]:
-            continue
-        # Several observations may call for one stage: any whose source is not held moves it.
-        holds = {o: _manual_hold(current, o, _hold_until(o, manual_at, first_at or {}),
-                                 evidence_at) for _, s, o in ahead if s == stage}
-        free = [o for o, why in holds.items() if not why]
-        if not free:
-            return Decision(tuple(moves), next(iter(holds.values())))
-        observation = free[0]
-        if stage not in allowed.get(current, ()):
-            held = (f"observed {observation} (stage {stage!r}) but the campaign does not allow "
-                    f"{current!r} -> {stage!r}")
-            return Decision(tuple(moves), held)
-        moves.append((current, stage, observation))
-        current = stage
-    return Decision(tuple(moves))
+    # One stage per sync: the nearest stage observed ahead (the next sync takes the next one,
+    # once this stage's own message has had its chance).
+    stage = ahead[0][1]
+    # Several observations may call for one stage: any whose source is not held moves it.
+    holds = {o: _manual_hold(current, o, _hold_until(o, manual_at, first_at or {}),
+                             evidence_at) for _, s, o in ahead if s == stage}
+    free = [o for o, why in holds.items() if not why]
+    if not free:
+        return Decision((), next(iter(holds.values())))
+    observation = free[0]
+    if stage not in allowed.get(current, ()):
+        return Decision((), f"observed {observation} (stage {stage!r}) but the campaign does "
+                            f"not allow {current!r} -> {stage!r}")
+    note = ""
+    if stage_message is not None and stage_message.state != "sent":
+        if stage_message.state in WAIT_STATES:
+            return Decision((), f"waiting for {stage_message.message} to be sent "
+                                f"({stage_message.state}) before moving on to {stage!r} "
+                                f"(observed {observation})")
+        note = (f"moved on although {stage_message.message} was never sent "
+                f"({stage_message.state}): tell the customer yourself")
+    return Decision(((current, stage, observation),), note)
 
 
 def _hold_until(observation: str, manual_at: datetime | None,

@@ -1,8 +1,10 @@
-"""Sync freshness for `comms status`: when each source last checked, who cannot be verified."""
+"""Sync freshness for `comms status`: when each source last checked, who cannot be verified,
+and who needs attention (a CSP subscription or reseller relationship gone: no stage mail goes
+to them while it lasts)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -11,7 +13,7 @@ from sqlmodel import col, select
 
 from comms.store.db import Database
 from comms.store.models import Customer
-from comms.store.sync_models import SyncCheck
+from comms.store.sync_models import ATTENTION, SyncCheck
 
 SHOWN = 20
 
@@ -20,11 +22,14 @@ SHOWN = 20
 class SyncFreshness:
     last_checked: dict[str, datetime]  # source -> latest check
     cannot_verify: list[tuple[str, str, str]]  # (key, source, why)
+    attention: list[tuple[str, str, str]] = field(default_factory=list)  # (key, source, why)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "last_checked": {k: v.isoformat() for k, v in self.last_checked.items()},
             "cannot_verify": [{"key": k, "source": s, "why": w} for k, s, w in self.cannot_verify],
+            "needs_attention": [{"key": k, "source": s, "why": w}
+                                for k, s, w in self.attention],
         }
 
     def lines(self) -> list[str]:
@@ -32,11 +37,14 @@ class SyncFreshness:
             return ["Stage sync: never run (see docs/sync.md)."]
         out = ["Stage sync: last checked " + ", ".join(
             f"{src} {at:%Y-%m-%d %H:%M} UTC" for src, at in sorted(self.last_checked.items()))]
-        if self.cannot_verify:
-            out.append(f"Cannot verify {len(self.cannot_verify)} customer(s):")
-            out += [f"  {k} ({s}): {w}" for k, s, w in self.cannot_verify[:SHOWN]]
-            if len(self.cannot_verify) > SHOWN:
-                out.append(f"  … and {len(self.cannot_verify) - SHOWN} more (`comms sync --json`)")
+        for title, rows in (("Need attention: {} customer(s) (no stage mail goes to them):",
+                             self.attention),
+                            ("Cannot verify {} customer(s):", self.cannot_verify)):
+            if rows:
+                out.append(title.format(len(rows)))
+                out += [f"  {k} ({s}): {w}" for k, s, w in rows[:SHOWN]]
+                if len(rows) > SHOWN:
+                    out.append(f"  … and {len(rows) - SHOWN} more (`comms sync --json`)")
         return out
 
 
@@ -51,4 +59,6 @@ def sync_freshness(db: Database) -> SyncFreshness:
             .where(col(SyncCheck.problem) != "")
             .order_by(col(Customer.key), col(SyncCheck.source))).all()
     return SyncFreshness({k: v for k, v in last.items() if v is not None},
-                         [(k, s, p) for k, s, p in problems])
+                         [(k, s, p) for k, s, p in problems if not p.startswith(ATTENTION)],
+                         [(k, s, p.removeprefix(ATTENTION)) for k, s, p in problems
+                          if p.startswith(ATTENTION)])
