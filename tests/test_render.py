@@ -245,7 +245,9 @@ def test_german_cancel_instructions_both_routes(renderer: Renderer) -> None:
     assert "Abrechnung > Ihre Produkte" in small.text and BILLING in small.text
     assert SUPPORT not in small.text
     assert "Microsoft-Support" in big.text and SUPPORT in big.text and BILLING not in big.text
-    assert "bisher 5 Tage" in small.text
+    # Nothing observed: no "N days billed twice" (DESIGN §1), the conditional wording instead.
+    assert "bisher 5 Tage" not in small.text and "Tage" not in small.subject
+    assert "Falls Sie es noch nicht gekündigt haben, rechnet Microsoft es weiter ab" in small.text
 
 
 def test_user_folder_overrides_builtin_by_file_name(tmp_path: Path) -> None:

@@ -121,6 +121,40 @@ def test_cancel_reminder_states_days_billed_twice_when_seen_enabled(
         assert stated in body
 
 
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("status", ["", "Suspended", "Warning", "absent"])
+def test_cancel_instructions_state_no_days_billed_twice_unless_seen_enabled(
+    renderer: Renderer, locale: str, status: str
+) -> None:
+    """The stage-entry message printed "(3 days so far)" / "(bisher 3 Tage)" with nothing
+    observed, and even when sync saw the old subscription Suspended or gone."""
+    email = render(renderer, "cancel_instructions", customer(locale=locale), status=status)
+    for where, body in zip(("subject", "html", "text"), parts(email), strict=True):
+        found = BILLED_TWICE_FACT[locale].search(body)
+        assert found is None, (where, found and found.group(0))
+    conditional = {
+        "en": "If you have not cancelled it yet, Microsoft keeps billing it while we bill the "
+              "new one.",
+        "de": "Falls Sie es noch nicht gekündigt haben, rechnet Microsoft es weiter ab, während "
+              "wir das neue abrechnen.",
+    }[locale]
+    assert conditional in email.html and conditional in email.text
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_cancel_instructions_state_days_billed_twice_when_seen_enabled(
+    renderer: Renderer, locale: str
+) -> None:
+    email = render(renderer, "cancel_instructions", customer(locale=locale), status="Enabled")
+    stated = {
+        "en": "We see that it is still active (checked on 9 March 2026): Microsoft keeps billing "
+              "it while we bill the new one (12 days so far).",
+        "de": "Wir sehen, dass es noch aktiv ist (geprüft am 9. März 2026): Microsoft rechnet es "
+              "weiter ab, während wir das neue abrechnen (bisher 12 Tage).",
+    }[locale]
+    assert stated in email.html and stated in email.text
+
+
 # --- 2. "last reminder" follows the campaign's max -------------------------------------------
 
 LAST = {"en": re.compile(r"last reminder", re.I), "de": re.compile(r"letzte Erinnerung", re.I)}
