@@ -231,6 +231,69 @@ def test_transition_complete_names_the_status_that_was_seen(
         assert (NO_LONGER_TWICE[locale] in body) is (status in ("Suspended", "Deleted")), status
 
 
+DONE = {
+    "en": re.compile(r"\bdone\b|is complete\.|no longer billed twice|from now on, only", re.I),
+    "de": re.compile(r"erledigt|ist abgeschlossen\.|nicht mehr doppelt|ab jetzt nur", re.I),
+}
+ONE_STEP_LEFT = {
+    "en": ("One step left: please cancel the old Microsoft 365 subscription of Contoso Ltd",
+           "One step left: please cancel the old subscription"),
+    "de": ("Ein Schritt fehlt noch: Bitte kündigen Sie das alte Microsoft-365-Abonnement von "
+           "Contoso Ltd", "Ein Schritt fehlt noch: Bitte kündigen Sie das alte Abonnement"),
+}
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("status", ["Warning", "warning", "Enabled"])
+def test_transition_complete_says_not_done_when_seen_still_running(
+    renderer: Renderer, locale: str, status: str
+) -> None:
+    """Seen in Warning (expired, grace period) or Enabled, the old subscription is not
+    cancelled: subject, preheader, heading and body ask for the cancellation; nothing says
+    "done" (the email said "Done… ALL DONE. THANK YOU", then "it is not cancelled yet")."""
+    email = render(renderer, "transition_complete", customer(locale=locale, stage="completed"),
+                   status=status)
+    for where, body in zip(("subject", "html", "text"), parts(email), strict=True):
+        found = DONE[locale].search(body)
+        assert found is None, (where, found and found.group(0))
+    subject, heading = ONE_STEP_LEFT[locale]
+    assert email.subject == subject
+    assert f">{heading}</h1>" in email.html
+    assert heading.upper() in email.text.splitlines()
+    not_yet = {"en": "it is not cancelled yet", "de": "Gekündigt ist es noch nicht"}[locale]
+    assert not_yet in email.html and not_yet in email.text
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("status", ["absent", "LockedOut"])
+def test_transition_complete_claims_nothing_for_an_unclear_status(
+    renderer: Renderer, locale: str, status: str
+) -> None:
+    """Seen, but in no state that means cancelled or running: no "done" in the subject or the
+    heading, nor "billed twice" either way."""
+    email = render(renderer, "transition_complete", customer(locale=locale, stage="completed"),
+                   status=status)
+    assert not DONE[locale].search(email.subject)
+    heading = {"en": "Your Microsoft 365 now runs through Fabrikam Cloud Services",
+               "de": "Ihr Microsoft 365 läuft jetzt über Fabrikam Cloud Services"}[locale]
+    assert f">{heading}</h1>" in email.html and heading.upper() in email.text
+    for body in (email.html, email.text):
+        assert NO_LONGER_TWICE[locale] not in body
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("status", ["Suspended", "Disabled", "Deleted", ""])
+def test_transition_complete_says_done_when_seen_cancelled_or_set_by_hand(
+    renderer: Renderer, locale: str, status: str
+) -> None:
+    email = render(renderer, "transition_complete", customer(locale=locale, stage="completed"),
+                   status=status)
+    done, heading = {"en": ("Done: ", "All done. Thank you"),
+                     "de": ("Erledigt: ", "Alles erledigt. Vielen Dank")}[locale]
+    assert email.subject.startswith(done)
+    assert f">{heading}</h1>" in email.html and heading.upper() in email.text
+
+
 # --- 4. no licence count of 0 ----------------------------------------------------------------
 
 ZERO_COUNT = re.compile(
