@@ -359,6 +359,26 @@ def test_zero_licences_sentences_read_well_and_positive_counts_stay(
             assert sentence in body, sentence
 
 
+# --- 4b. "the link asks for no delegated admin permissions" only when it says DAP=false ------
+
+NO_DAP = {"en": "the link asks for no delegated admin permissions",
+          "de": "der Link fordert keine delegierten Administratorrechte an"}
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_invitation_says_no_delegated_admin_only_when_the_link_says_so(locale: str) -> None:
+    without_param = ("https://admin.microsoft.com/Adminportal/Home?invType=ResellerRelationship"
+                     "&partnerId={partner_id}&msppId=0#/BillingAccounts/partner-invitation")
+    quiet = Renderer(Settings.model_validate({"partner": {"invitation_url": without_param}}))
+    email = quiet.render("partner_invitation", customer(locale=locale), now=NOW)
+    for body in (email.html, email.text):
+        assert NO_DAP[locale] not in body
+        assert "msppId=0#/BillingAccounts" in body  # the configured link is the one printed
+    default = Renderer(SETTINGS).render("partner_invitation", customer(locale=locale), now=NOW)
+    for body in (default.html, default.text):
+        assert NO_DAP[locale] in body and "DAP=false" in body
+
+
 # --- 5. the German cancel steps name the admin-center section --------------------------------
 
 

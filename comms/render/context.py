@@ -65,6 +65,9 @@ def make_branding(settings: Settings) -> Branding:
     )
     links = _ns(
         invitation=p.invitation_link,
+        # True when the link says DAP=false: the invitation then says it asks for no
+        # delegated admin permissions (a bool: never folded into the source as a constant).
+        invitation_asks_no_dap=p.invitation_asks_no_dap,
         billing=p.billing_url,
         support=p.support_url,
         website=p.website,
