@@ -396,6 +396,30 @@ def test_german_cancel_steps_name_subscription_and_payment_settings(
     assert 'under "Subscription and payment settings"' in en.text
 
 
+RECURRING_BILLING = {
+    "en": ("If your admin center offers only to turn off recurring billing, that is not a "
+           "cancellation: the subscription keeps running, and Microsoft keeps billing it, until "
+           "the end of its term. Contact us or Microsoft support instead to have it cancelled."),
+    "de": ("Bietet Ihr Admin Center nur an, die wiederkehrende Abrechnung zu deaktivieren, ist "
+           "das keine Kündigung: Das Abonnement läuft weiter, und Microsoft rechnet es weiter ab, "
+           "bis zum Ende seiner Laufzeit. Wenden Sie sich stattdessen an uns oder an den "
+           "Microsoft-Support, um es kündigen zu lassen."),
+}
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("message,reminder", [("cancel_instructions", 0), ("cancel_reminder", 1)])
+def test_turning_off_recurring_billing_is_not_offered_as_cancelling(
+    renderer: Renderer, locale: str, message: str, reminder: int
+) -> None:
+    """It keeps the subscription running and billed to the end of its term (then Expired,
+    Disabled, Deleted): the steps said "do that and tell us", then "Disabled straight away"."""
+    email = render(renderer, message, customer(24, locale=locale), reminder=reminder)
+    for body in (email.html, email.text):
+        assert RECURRING_BILLING[locale] in body
+        assert "do that and tell us" not in body and "tun Sie das" not in body
+
+
 @pytest.mark.parametrize(("zone_name", "day"), [("Australia/Sydney", "10 March 2026"),
                                                 ("Europe/London", "9 March 2026"),
                                                 ("America/Los_Angeles", "9 March 2026")])
