@@ -396,6 +396,31 @@ def test_german_cancel_steps_name_subscription_and_payment_settings(
     assert 'under "Subscription and payment settings"' in en.text
 
 
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("message,reminder", [("partner_invitation", 0),
+                                              ("partner_invitation_reminder", 1)])
+def test_verify_by_phone_without_a_manager_name(
+    renderer: Renderer, locale: str, message: str, reminder: int
+) -> None:
+    """An account manager known only by email: "call your account manager max@… on the number
+    you know" became "call Fabrikam Cloud Services on a number you already know"."""
+    c = customer(24, locale=locale, account_manager_name="",
+                 account_manager_email="max@fabrikam.example")
+    email = render(renderer, message, c, reminder=reminder)
+    call = {"en": "call Fabrikam Cloud Services on a number you already know",
+            "de": "rufen Sie Fabrikam Cloud Services unter einer Nummer an, die Sie bereits "
+                  "kennen"}[locale]
+    for body in (email.html, email.text):
+        assert call in body
+        assert "max@fabrikam.example" not in body
+    named = render(renderer, message, replace(c, account_manager_name="Max Manager"),
+                   reminder=reminder)
+    for body in (named.html, named.text):
+        assert {"en": "call your account manager Max Manager on the number you know",
+                "de": "rufen Sie Ihren Ansprechpartner Max Manager unter der Nummer an"}[
+                    locale] in body
+
+
 RECURRING_BILLING = {
     "en": ("If your admin center offers only to turn off recurring billing, that is not a "
            "cancellation: the subscription keeps running, and Microsoft keeps billing it, until "

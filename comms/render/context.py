@@ -134,8 +134,11 @@ def build_context(
     who = recipient or default_recipient(customer)
     am: SimpleNamespace | None = None
     if customer.account_manager_email or customer.account_manager_name:
+        # ``name`` falls back to the address (a greeting needs something); ``named`` says
+        # whether a real name is known ("call your account manager <email>" reads wrong).
         am = _ns(name=customer.account_manager_name or customer.account_manager_email,
-                 email=customer.account_manager_email)
+                 email=customer.account_manager_email,
+                 named=bool(customer.account_manager_name.strip()))
     cost = customer.licences * p.price_per_licence_month * billed / 30
     return {
         "message": message,
