@@ -359,6 +359,53 @@ def test_zero_licences_sentences_read_well_and_positive_counts_stay(
             assert sentence in body, sentence
 
 
+ONE_LICENCE_PLURAL = re.compile(
+    r"\b1 (licences|Lizenzen)\b|\b(the same|dieselben|denselben) (licences|Lizenzen)\b"
+    r"|\blicence now run\b|\bLizenz laufen\b",
+    re.I,
+)
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("message,reminder,status", [
+    *CUSTOMER_CASES, ("transition_complete", 0, "Enabled"), ("transition_complete", 0, "Deleted"),
+])
+def test_one_licence_is_singular(
+    renderer: Renderer, locale: str, message: str, reminder: int, status: str
+) -> None:
+    """"at least 1 licences", "with 1 licences", "mindestens 1 Lizenzen", "your 1 licences
+    now run" in five messages."""
+    email = render(renderer, message, customer(1, locale=locale), reminder=reminder,
+                   status=status)
+    for where, body in zip(("subject", "html", "text"), parts(email), strict=True):
+        found = ONE_LICENCE_PLURAL.search(body)
+        assert found is None, (where, found and found.group(0))
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_one_licence_sentences_read_well(renderer: Renderer, locale: str) -> None:
+    one = customer(1, locale=locale)
+    expect = {
+        "en": {"cancel_instructions": ["is now active, with 1 licence.",
+                                       "has at least 1 licence and that your users"],
+               "partner_invitation": ["we set up your new subscription with the same licence."],
+               "lose_access_warning": ["with the same offer and the same licence."],
+               "cancel_reminder": ["you pay for the same licence twice"],
+               "transition_complete": ["and your licence now runs through Fabrikam"]},
+        "de": {"cancel_instructions": ["ist jetzt aktiv, mit 1 Lizenz.",
+                                       "mindestens 1 Lizenz hat und Ihre Benutzer"],
+               "partner_invitation": ["richten wir Ihr neues Abonnement mit derselben Lizenz ein."],
+               "lose_access_warning": ["mit demselben Angebot und derselben Lizenz."],
+               "cancel_reminder": ["zahlen Sie dieselbe Lizenz doppelt"],
+               "transition_complete": ["und Ihre Lizenz läuft jetzt über Fabrikam"]},
+    }[locale]
+    for message, sentences in expect.items():
+        email = render(renderer, message, one, reminder=3 if message == "cancel_reminder" else 0)
+        for body in (email.html, email.text):
+            for sentence in sentences:
+                assert sentence in body, (message, sentence)
+
+
 # --- 4b. "the link asks for no delegated admin permissions" only when it says DAP=false ------
 
 NO_DAP = {"en": "the link asks for no delegated admin permissions",
