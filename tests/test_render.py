@@ -134,8 +134,9 @@ def test_account_manager_alert_lists_the_facts(renderer: Renderer) -> None:
                  contacts=(ContactInfo("Ana Admin", "ana@contoso.example", "primary"),
                            ContactInfo("Bill Payer", "bill@contoso.example", "billing")))
     email = renderer.render("account_manager_alert", c, now=NOW, reminder_number=2)
-    assert email.subject == ("[Escalation] Fourth Coffee (contoso): billed twice for 5 days, "
-                             "2 reminders sent")
+    # Nothing observed: no "billed twice" in the subject, only the days since the CSP go-live.
+    assert email.subject == ("[Escalation] Fourth Coffee (contoso): no cancellation confirmed, "
+                             "CSP live for 5 days, 2 reminders sent")
     for fact in ("Hi Sam Manager,", "Licences:             40", "Days billed twice:    5",
                  "Reminders sent:       2", "Ana Admin (primary): ana@contoso.example",
                  "Bill Payer (billing): bill@contoso.example", "call to Microsoft support"):

@@ -155,6 +155,37 @@ def test_cancel_instructions_state_days_billed_twice_when_seen_enabled(
     assert stated in email.html and stated in email.text
 
 
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("status,live,expected", [
+    ("", 8, {"en": "no cancellation confirmed, CSP live for 8 days, 2 reminders sent",
+             "de": "keine Kündigung bestätigt, CSP seit 8 Tagen aktiv, 2 Erinnerungen gesendet"}),
+    ("", None, {"en": "no cancellation confirmed, 2 reminders sent",
+                "de": "keine Kündigung bestätigt, 2 Erinnerungen gesendet"}),
+    ("Enabled", 8, {"en": "old subscription still active, billed twice for 8 days, "
+                          "2 reminders sent",
+                    "de": "altes Abonnement noch aktiv, 8 Tage doppelt abgerechnet, "
+                          "2 Erinnerungen gesendet"}),
+    ("Enabled", None, {"en": "old subscription still active, 2 reminders sent",
+                       "de": "altes Abonnement noch aktiv, 2 Erinnerungen gesendet"}),
+])
+def test_account_manager_alert_subject_says_only_what_is_known(
+    renderer: Renderer, locale: str, status: str, live: int | None,
+    expected: dict[str, str]
+) -> None:
+    """It said "billed twice for 8 days" with nothing observed, and "for 0 days" when the CSP
+    go-live date was unknown."""
+    c = customer(26, locale=locale,
+                 csp_live_at=None if live is None else NOW - timedelta(days=live, hours=1))
+    email = render(renderer, "account_manager_alert", c, reminder=2, status=status,
+                   extra={"escalated": True, "reminders_max": 5})
+    prefix = {"en": "[Escalation]", "de": "[Eskalation]"}[locale]
+    assert email.subject == f"{prefix} Contoso Ltd (contoso): {expected[locale]}"
+    if status != "Enabled":
+        assert not BILLED_TWICE_FACT[locale].search(email.subject)
+        assert "billed twice for" not in email.subject
+    assert not re.search(r"\b0 (days?|Tag)", email.subject)
+
+
 # --- 2. "last reminder" follows the campaign's max -------------------------------------------
 
 LAST = {"en": re.compile(r"last reminder", re.I), "de": re.compile(r"letzte Erinnerung", re.I)}
