@@ -58,6 +58,19 @@ class PartnerSettings(_Section):
             raise ValueError("must contain the placeholder {partner_id}")
         return v
 
+    @field_validator("invitation_url")
+    @classmethod
+    def _invitation_asks_no_dap(cls, v: str) -> str:
+        # The emails say the link asks for no delegated admin permissions: a link that does
+        # (DAP=true) would make that a false promise next to a Global Administrator sign-in.
+        for value in _DAP_RE.findall(v):
+            if value.lower() != "false":
+                raise ValueError(
+                    f"requests delegated admin permissions (DAP={value}); the emails tell "
+                    "customers the link asks for none. Use DAP=false, as the default link "
+                    "does, and ask for admin access separately (GDAP) if you need it")
+        return v
+
     @field_validator("invitation_url", "support_url", "billing_url", "website")
     @classmethod
     def _https(cls, v: str) -> str:
@@ -80,6 +93,13 @@ class PartnerSettings(_Section):
         return self.invitation_url.replace("{partner_id}", self.id)
 
     @property
+    def invitation_asks_no_dap(self) -> bool:
+        """True when the invitation link says ``DAP=false``: only then may the emails say that
+        it asks for no delegated admin permissions."""
+        values = _DAP_RE.findall(self.invitation_url)
+        return bool(values) and all(v.lower() == "false" for v in values)
+
+    @property
     def phone_link(self) -> str:
         """The tel: link of ``support_phone``: "+49 (0)30 1234567" dials +49301234567 (the
         "(0)" trunk prefix is not dialled after a country code)."""
@@ -89,6 +109,8 @@ class PartnerSettings(_Section):
 
 
 _PHONE_RE = re.compile(r"\s*\+?[0-9 ().\-/]+\s*")
+# The DAP parameter of a reseller invitation link, in its query or its fragment, any case.
+_DAP_RE = re.compile(r"[?&#/]dap=([^&#]*)", re.IGNORECASE)
 
 
 class SenderSettings(_Section):

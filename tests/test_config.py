@@ -78,6 +78,34 @@ def test_bad_values_in_a_list_section(tmp_path: Path) -> None:
     ]
 
 
+INVITATION = ("https://admin.microsoft.com/Adminportal/Home?invType=ResellerRelationship"
+              "&partnerId={partner_id}&msppId=0&DAP=%s#/BillingAccounts/partner-invitation")
+
+
+@pytest.mark.parametrize("dap", ["true", "TRUE", "True"])
+def test_an_invitation_link_asking_for_delegated_admin_is_refused(
+    tmp_path: Path, dap: str
+) -> None:
+    """The invitation email says the link asks for no delegated admin permissions."""
+    url = INVITATION % dap
+    assert problems(tmp_path, f'[partner]\ninvitation_url = "{url}"\n') == [
+        f"FILE: [partner] invitation_url: requests delegated admin permissions (DAP={dap}); "
+        "the emails tell customers the link asks for none. Use DAP=false, as the default "
+        "link does, and ask for admin access separately (GDAP) if you need it "
+        f"(got {url!r})"]
+    with pytest.raises(ConfigError, match=r"invitation_url: requests delegated admin"):
+        load_settings(None, env={"COMMS_PARTNER_INVITATION_URL": url.replace("DAP=", "dap=")})
+
+
+def test_an_invitation_link_without_delegated_admin_is_accepted(tmp_path: Path) -> None:
+    s = load_settings(None, env={"COMMS_PARTNER_INVITATION_URL": INVITATION % "FALSE"})
+    assert s.partner.invitation_asks_no_dap is True
+    assert load_settings(None, env={}).partner.invitation_asks_no_dap is True  # the default
+    no_param = INVITATION.replace("&DAP=%s", "")
+    s = load_settings(None, env={"COMMS_PARTNER_INVITATION_URL": no_param})
+    assert s.partner.invitation_asks_no_dap is False  # accepted; the emails claim nothing
+
+
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     toml = ('[partner]\nsupport_url = "http://insecure.example"\n'
             '[defaults]\ntime_zone = "Mars/Base"\n[delivery]\ntransport = "smtp"\n')

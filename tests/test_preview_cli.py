@@ -51,7 +51,9 @@ def test_preview_text_follows_the_customer(
     assert f"of <b>Contoso & Sons</b> through Fabrikam Cloud Services is now active, with " \
            f"{licences} licences" in result.stdout
     assert link in result.stdout and absent not in result.stdout
-    assert "(4 days so far)" in result.stdout
+    # The preview's customer was not observed by sync: no "(4 days so far)" (DESIGN §1).
+    assert "days so far" not in result.stdout
+    assert "If you have not cancelled it yet, Microsoft keeps billing it" in result.stdout
 
 
 def test_preview_html_to_file_escapes_and_localises(cli: Any, db: Database,
@@ -114,7 +116,7 @@ def test_preview_account_manager_alert_goes_to_the_manager(cli: Any, db: Databas
     msg = email.message_from_string(result.stdout, policy=email.policy.default)
     assert msg["To"] == "Sam Manager <sam@fabrikam.example>"
     assert str(msg["Subject"]).strip().startswith(
-        "[Escalation] Contoso Ltd (contoso): billed twice for 4 days")
+        "[Escalation] Contoso Ltd (contoso): no cancellation confirmed, CSP live for 4 days")
 
 
 def test_preview_errors_are_one_clear_line(cli: Any, db: Database) -> None:

@@ -134,8 +134,9 @@ def test_account_manager_alert_lists_the_facts(renderer: Renderer) -> None:
                  contacts=(ContactInfo("Ana Admin", "ana@contoso.example", "primary"),
                            ContactInfo("Bill Payer", "bill@contoso.example", "billing")))
     email = renderer.render("account_manager_alert", c, now=NOW, reminder_number=2)
-    assert email.subject == ("[Escalation] Fourth Coffee (contoso): billed twice for 5 days, "
-                             "2 reminders sent")
+    # Nothing observed: no "billed twice" in the subject, only the days since the CSP go-live.
+    assert email.subject == ("[Escalation] Fourth Coffee (contoso): no cancellation confirmed, "
+                             "CSP live for 5 days, 2 reminders sent")
     for fact in ("Hi Sam Manager,", "Licences:             40", "Days billed twice:    5",
                  "Reminders sent:       2", "Ana Admin (primary): ana@contoso.example",
                  "Bill Payer (billing): bill@contoso.example", "call to Microsoft support"):
@@ -245,7 +246,9 @@ def test_german_cancel_instructions_both_routes(renderer: Renderer) -> None:
     assert "Abrechnung > Ihre Produkte" in small.text and BILLING in small.text
     assert SUPPORT not in small.text
     assert "Microsoft-Support" in big.text and SUPPORT in big.text and BILLING not in big.text
-    assert "bisher 5 Tage" in small.text
+    # Nothing observed: no "N days billed twice" (DESIGN §1), the conditional wording instead.
+    assert "bisher 5 Tage" not in small.text and "Tage" not in small.subject
+    assert "Falls Sie es noch nicht gekündigt haben, rechnet Microsoft es weiter ab" in small.text
 
 
 def test_user_folder_overrides_builtin_by_file_name(tmp_path: Path) -> None:

@@ -121,6 +121,71 @@ def test_cancel_reminder_states_days_billed_twice_when_seen_enabled(
         assert stated in body
 
 
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("status", ["", "Suspended", "Warning", "absent"])
+def test_cancel_instructions_state_no_days_billed_twice_unless_seen_enabled(
+    renderer: Renderer, locale: str, status: str
+) -> None:
+    """The stage-entry message printed "(3 days so far)" / "(bisher 3 Tage)" with nothing
+    observed, and even when sync saw the old subscription Suspended or gone."""
+    email = render(renderer, "cancel_instructions", customer(locale=locale), status=status)
+    for where, body in zip(("subject", "html", "text"), parts(email), strict=True):
+        found = BILLED_TWICE_FACT[locale].search(body)
+        assert found is None, (where, found and found.group(0))
+    conditional = {
+        "en": "If you have not cancelled it yet, Microsoft keeps billing it while we bill the "
+              "new one.",
+        "de": "Falls Sie es noch nicht gekündigt haben, rechnet Microsoft es weiter ab, während "
+              "wir das neue abrechnen.",
+    }[locale]
+    assert conditional in email.html and conditional in email.text
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_cancel_instructions_state_days_billed_twice_when_seen_enabled(
+    renderer: Renderer, locale: str
+) -> None:
+    email = render(renderer, "cancel_instructions", customer(locale=locale), status="Enabled")
+    stated = {
+        "en": "We see that it is still active (checked on 9 March 2026): Microsoft keeps billing "
+              "it while we bill the new one (12 days so far).",
+        "de": "Wir sehen, dass es noch aktiv ist (geprüft am 9. März 2026): Microsoft rechnet es "
+              "weiter ab, während wir das neue abrechnen (bisher 12 Tage).",
+    }[locale]
+    assert stated in email.html and stated in email.text
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("status,live,expected", [
+    ("", 8, {"en": "no cancellation confirmed, CSP live for 8 days, 2 reminders sent",
+             "de": "keine Kündigung bestätigt, CSP seit 8 Tagen aktiv, 2 Erinnerungen gesendet"}),
+    ("", None, {"en": "no cancellation confirmed, 2 reminders sent",
+                "de": "keine Kündigung bestätigt, 2 Erinnerungen gesendet"}),
+    ("Enabled", 8, {"en": "old subscription still active, billed twice for 8 days, "
+                          "2 reminders sent",
+                    "de": "altes Abonnement noch aktiv, 8 Tage doppelt abgerechnet, "
+                          "2 Erinnerungen gesendet"}),
+    ("Enabled", None, {"en": "old subscription still active, 2 reminders sent",
+                       "de": "altes Abonnement noch aktiv, 2 Erinnerungen gesendet"}),
+])
+def test_account_manager_alert_subject_says_only_what_is_known(
+    renderer: Renderer, locale: str, status: str, live: int | None,
+    expected: dict[str, str]
+) -> None:
+    """It said "billed twice for 8 days" with nothing observed, and "for 0 days" when the CSP
+    go-live date was unknown."""
+    c = customer(26, locale=locale,
+                 csp_live_at=None if live is None else NOW - timedelta(days=live, hours=1))
+    email = render(renderer, "account_manager_alert", c, reminder=2, status=status,
+                   extra={"escalated": True, "reminders_max": 5})
+    prefix = {"en": "[Escalation]", "de": "[Eskalation]"}[locale]
+    assert email.subject == f"{prefix} Contoso Ltd (contoso): {expected[locale]}"
+    if status != "Enabled":
+        assert not BILLED_TWICE_FACT[locale].search(email.subject)
+        assert "billed twice for" not in email.subject
+    assert not re.search(r"\b0 (days?|Tag)", email.subject)
+
+
 # --- 2. "last reminder" follows the campaign's max -------------------------------------------
 
 LAST = {"en": re.compile(r"last reminder", re.I), "de": re.compile(r"letzte Erinnerung", re.I)}
@@ -197,6 +262,69 @@ def test_transition_complete_names_the_status_that_was_seen(
         assert (NO_LONGER_TWICE[locale] in body) is (status in ("Suspended", "Deleted")), status
 
 
+DONE = {
+    "en": re.compile(r"\bdone\b|is complete\.|no longer billed twice|from now on, only", re.I),
+    "de": re.compile(r"erledigt|ist abgeschlossen\.|nicht mehr doppelt|ab jetzt nur", re.I),
+}
+ONE_STEP_LEFT = {
+    "en": ("One step left: please cancel the old Microsoft 365 subscription of Contoso Ltd",
+           "One step left: please cancel the old subscription"),
+    "de": ("Ein Schritt fehlt noch: Bitte kündigen Sie das alte Microsoft-365-Abonnement von "
+           "Contoso Ltd", "Ein Schritt fehlt noch: Bitte kündigen Sie das alte Abonnement"),
+}
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("status", ["Warning", "warning", "Enabled"])
+def test_transition_complete_says_not_done_when_seen_still_running(
+    renderer: Renderer, locale: str, status: str
+) -> None:
+    """Seen in Warning (expired, grace period) or Enabled, the old subscription is not
+    cancelled: subject, preheader, heading and body ask for the cancellation; nothing says
+    "done" (the email said "Done… ALL DONE. THANK YOU", then "it is not cancelled yet")."""
+    email = render(renderer, "transition_complete", customer(locale=locale, stage="completed"),
+                   status=status)
+    for where, body in zip(("subject", "html", "text"), parts(email), strict=True):
+        found = DONE[locale].search(body)
+        assert found is None, (where, found and found.group(0))
+    subject, heading = ONE_STEP_LEFT[locale]
+    assert email.subject == subject
+    assert f">{heading}</h1>" in email.html
+    assert heading.upper() in email.text.splitlines()
+    not_yet = {"en": "it is not cancelled yet", "de": "Gekündigt ist es noch nicht"}[locale]
+    assert not_yet in email.html and not_yet in email.text
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("status", ["absent", "LockedOut"])
+def test_transition_complete_claims_nothing_for_an_unclear_status(
+    renderer: Renderer, locale: str, status: str
+) -> None:
+    """Seen, but in no state that means cancelled or running: no "done" in the subject or the
+    heading, nor "billed twice" either way."""
+    email = render(renderer, "transition_complete", customer(locale=locale, stage="completed"),
+                   status=status)
+    assert not DONE[locale].search(email.subject)
+    heading = {"en": "Your Microsoft 365 now runs through Fabrikam Cloud Services",
+               "de": "Ihr Microsoft 365 läuft jetzt über Fabrikam Cloud Services"}[locale]
+    assert f">{heading}</h1>" in email.html and heading.upper() in email.text
+    for body in (email.html, email.text):
+        assert NO_LONGER_TWICE[locale] not in body
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("status", ["Suspended", "Disabled", "Deleted", ""])
+def test_transition_complete_says_done_when_seen_cancelled_or_set_by_hand(
+    renderer: Renderer, locale: str, status: str
+) -> None:
+    email = render(renderer, "transition_complete", customer(locale=locale, stage="completed"),
+                   status=status)
+    done, heading = {"en": ("Done: ", "All done. Thank you"),
+                     "de": ("Erledigt: ", "Alles erledigt. Vielen Dank")}[locale]
+    assert email.subject.startswith(done)
+    assert f">{heading}</h1>" in email.html and heading.upper() in email.text
+
+
 # --- 4. no licence count of 0 ----------------------------------------------------------------
 
 ZERO_COUNT = re.compile(
@@ -262,6 +390,73 @@ def test_zero_licences_sentences_read_well_and_positive_counts_stay(
             assert sentence in body, sentence
 
 
+ONE_LICENCE_PLURAL = re.compile(
+    r"\b1 (licences|Lizenzen)\b|\b(the same|dieselben|denselben) (licences|Lizenzen)\b"
+    r"|\blicence now run\b|\bLizenz laufen\b",
+    re.I,
+)
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("message,reminder,status", [
+    *CUSTOMER_CASES, ("transition_complete", 0, "Enabled"), ("transition_complete", 0, "Deleted"),
+])
+def test_one_licence_is_singular(
+    renderer: Renderer, locale: str, message: str, reminder: int, status: str
+) -> None:
+    """"at least 1 licences", "with 1 licences", "mindestens 1 Lizenzen", "your 1 licences
+    now run" in five messages."""
+    email = render(renderer, message, customer(1, locale=locale), reminder=reminder,
+                   status=status)
+    for where, body in zip(("subject", "html", "text"), parts(email), strict=True):
+        found = ONE_LICENCE_PLURAL.search(body)
+        assert found is None, (where, found and found.group(0))
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_one_licence_sentences_read_well(renderer: Renderer, locale: str) -> None:
+    one = customer(1, locale=locale)
+    expect = {
+        "en": {"cancel_instructions": ["is now active, with 1 licence.",
+                                       "has at least 1 licence and that your users"],
+               "partner_invitation": ["we set up your new subscription with the same licence."],
+               "lose_access_warning": ["with the same offer and the same licence."],
+               "cancel_reminder": ["you pay for the same licence twice"],
+               "transition_complete": ["and your licence now runs through Fabrikam"]},
+        "de": {"cancel_instructions": ["ist jetzt aktiv, mit 1 Lizenz.",
+                                       "mindestens 1 Lizenz hat und Ihre Benutzer"],
+               "partner_invitation": ["richten wir Ihr neues Abonnement mit derselben Lizenz ein."],
+               "lose_access_warning": ["mit demselben Angebot und derselben Lizenz."],
+               "cancel_reminder": ["zahlen Sie dieselbe Lizenz doppelt"],
+               "transition_complete": ["und Ihre Lizenz läuft jetzt über Fabrikam"]},
+    }[locale]
+    for message, sentences in expect.items():
+        email = render(renderer, message, one, reminder=3 if message == "cancel_reminder" else 0)
+        for body in (email.html, email.text):
+            for sentence in sentences:
+                assert sentence in body, (message, sentence)
+
+
+# --- 4b. "the link asks for no delegated admin permissions" only when it says DAP=false ------
+
+NO_DAP = {"en": "the link asks for no delegated admin permissions",
+          "de": "der Link fordert keine delegierten Administratorrechte an"}
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_invitation_says_no_delegated_admin_only_when_the_link_says_so(locale: str) -> None:
+    without_param = ("https://admin.microsoft.com/Adminportal/Home?invType=ResellerRelationship"
+                     "&partnerId={partner_id}&msppId=0#/BillingAccounts/partner-invitation")
+    quiet = Renderer(Settings.model_validate({"partner": {"invitation_url": without_param}}))
+    email = quiet.render("partner_invitation", customer(locale=locale), now=NOW)
+    for body in (email.html, email.text):
+        assert NO_DAP[locale] not in body
+        assert "msppId=0#/BillingAccounts" in body  # the configured link is the one printed
+    default = Renderer(SETTINGS).render("partner_invitation", customer(locale=locale), now=NOW)
+    for body in (default.html, default.text):
+        assert NO_DAP[locale] in body and "DAP=false" in body
+
+
 # --- 5. the German cancel steps name the admin-center section --------------------------------
 
 
@@ -277,6 +472,55 @@ def test_german_cancel_steps_name_subscription_and_payment_settings(
            'Zahlungseinstellungen" (Subscription and payment settings)' in de.text
     assert "under <strong>Subscription and payment settings</strong>" in en.html
     assert 'under "Subscription and payment settings"' in en.text
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("message,reminder", [("partner_invitation", 0),
+                                              ("partner_invitation_reminder", 1)])
+def test_verify_by_phone_without_a_manager_name(
+    renderer: Renderer, locale: str, message: str, reminder: int
+) -> None:
+    """An account manager known only by email: "call your account manager max@… on the number
+    you know" became "call Fabrikam Cloud Services on a number you already know"."""
+    c = customer(24, locale=locale, account_manager_name="",
+                 account_manager_email="max@fabrikam.example")
+    email = render(renderer, message, c, reminder=reminder)
+    call = {"en": "call Fabrikam Cloud Services on a number you already know",
+            "de": "rufen Sie Fabrikam Cloud Services unter einer Nummer an, die Sie bereits "
+                  "kennen"}[locale]
+    for body in (email.html, email.text):
+        assert call in body
+        assert "max@fabrikam.example" not in body
+    named = render(renderer, message, replace(c, account_manager_name="Max Manager"),
+                   reminder=reminder)
+    for body in (named.html, named.text):
+        assert {"en": "call your account manager Max Manager on the number you know",
+                "de": "rufen Sie Ihren Ansprechpartner Max Manager unter der Nummer an"}[
+                    locale] in body
+
+
+RECURRING_BILLING = {
+    "en": ("If your admin center offers only to turn off recurring billing, that is not a "
+           "cancellation: the subscription keeps running, and Microsoft keeps billing it, until "
+           "the end of its term. Contact us or Microsoft support instead to have it cancelled."),
+    "de": ("Bietet Ihr Admin Center nur an, die wiederkehrende Abrechnung zu deaktivieren, ist "
+           "das keine Kündigung: Das Abonnement läuft weiter, und Microsoft rechnet es weiter ab, "
+           "bis zum Ende seiner Laufzeit. Wenden Sie sich stattdessen an uns oder an den "
+           "Microsoft-Support, um es kündigen zu lassen."),
+}
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("message,reminder", [("cancel_instructions", 0), ("cancel_reminder", 1)])
+def test_turning_off_recurring_billing_is_not_offered_as_cancelling(
+    renderer: Renderer, locale: str, message: str, reminder: int
+) -> None:
+    """It keeps the subscription running and billed to the end of its term (then Expired,
+    Disabled, Deleted): the steps said "do that and tell us", then "Disabled straight away"."""
+    email = render(renderer, message, customer(24, locale=locale), reminder=reminder)
+    for body in (email.html, email.text):
+        assert RECURRING_BILLING[locale] in body
+        assert "do that and tell us" not in body and "tun Sie das" not in body
 
 
 @pytest.mark.parametrize(("zone_name", "day"), [("Australia/Sydney", "10 March 2026"),

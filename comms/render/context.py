@@ -65,6 +65,9 @@ def make_branding(settings: Settings) -> Branding:
     )
     links = _ns(
         invitation=p.invitation_link,
+        # True when the link says DAP=false: the invitation then says it asks for no
+        # delegated admin permissions (a bool: never folded into the source as a constant).
+        invitation_asks_no_dap=p.invitation_asks_no_dap,
         billing=p.billing_url,
         support=p.support_url,
         website=p.website,
@@ -140,8 +143,11 @@ def build_context(
     who = recipient or default_recipient(customer)
     am: SimpleNamespace | None = None
     if customer.account_manager_email or customer.account_manager_name:
+        # ``name`` falls back to the address (a greeting needs something); ``named`` says
+        # whether a real name is known ("call your account manager <email>" reads wrong).
         am = _ns(name=customer.account_manager_name or customer.account_manager_email,
-                 email=customer.account_manager_email)
+                 email=customer.account_manager_email,
+                 named=bool(customer.account_manager_name.strip()))
     cost = customer.licences * p.price_per_licence_month * billed / 30
     return {
         "message": message,
