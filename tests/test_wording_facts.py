@@ -327,6 +327,58 @@ def test_transition_complete_says_done_when_seen_cancelled_or_set_by_hand(
 
 # --- 4. no licence count of 0 ----------------------------------------------------------------
 
+SUPPORT_ROUTE = {"en": "through Microsoft support", "de": "über den Microsoft-Support"}
+PORTAL_ROUTE = {"en": re.compile(r"cancel (it|the old subscription) under Billing"),
+                "de": re.compile(r"kündigen Sie (es bitte|das alte Abonnement) unter .?Abrechnung")}
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("status", ["Warning", "Enabled", ""])
+def test_transition_complete_asks_a_large_customer_to_cancel_through_support(
+    renderer: Renderer, locale: str, status: str
+) -> None:
+    """With 25 or more licences the old subscription is cancelled by Microsoft support, not in
+    the admin center: the paragraph asking to cancel it said "under Billing › Your products"
+    whatever the count."""
+    big = render(renderer, "transition_complete",
+                 customer(30, locale=locale, stage="completed"), status=status)
+    small = render(renderer, "transition_complete",
+                   customer(3, locale=locale, stage="completed"), status=status)
+    support = SETTINGS.partner.support_url
+    for body in (big.html, big.text):
+        assert SUPPORT_ROUTE[locale] in body and support in body
+        assert not PORTAL_ROUTE[locale].search(body)
+    for body in (small.html, small.text):
+        assert SUPPORT_ROUTE[locale] not in body
+    if status:
+        assert PORTAL_ROUTE[locale].search(re.sub(r"<[^>]+>", "", small.html))
+        assert PORTAL_ROUTE[locale].search(small.text)
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("status", ["", "Warning"])
+def test_account_manager_alert_body_says_only_what_is_known(
+    renderer: Renderer, locale: str, status: str
+) -> None:
+    """The internal note's table said "Days billed twice: 12" with nothing observed (and 0 with
+    no go-live date), and "comms has not observed the subscription" when sync had seen it."""
+    extra: dict[str, object] = {"escalated": True, "reminders_max": 5}
+    email = render(renderer, "account_manager_alert", customer(26, locale=locale), reminder=2,
+                   status=status, extra=extra)
+    unsure = {"en": "12 (if the old subscription is still active)",
+              "de": "12 (falls das alte Abonnement noch aktiv ist)"}[locale]
+    assert unsure in email.text and unsure in email.html
+    not_seen = {"en": "comms has not observed", "de": "nicht beobachtet)"}[locale]
+    assert (not_seen in email.text) == (status == "")
+    if status:
+        assert {"en": "last seen by comms as Warning on 9 March 2026",
+                "de": "zuletzt am 9. März 2026 als Warning gesehen"}[locale] in email.text
+    unknown = render(renderer, "account_manager_alert", customer(26, locale=locale,
+                     csp_live_at=None), reminder=2, status=status, extra=extra)
+    assert {"en": "unknown (CSP go-live date not known)",
+            "de": "unbekannt (Datum des CSP-Starts nicht bekannt)"}[locale] in unknown.text
+
+
 ZERO_COUNT = re.compile(
     r"(?<![\d.,])0 (licen|Lizenz)|\(0\)"
     r"|\b(has|with|hat|mit|same|dieselben|denselben|your|Ihre) 0\b",
