@@ -1,8 +1,10 @@
 """Which of a customer tenant's subscriptions is "the direct one" whose status moves the stage
 and whose assigned licences pick the cancellation route: never the partner's own CSP
-subscriptions, never a trial, and, when the partner's CSP subscription names the product being
-replaced, not a free or add-on product beside it. The partner's tenant id must be a GUID, and
-a customer whose tenant id is the partner's own is not read."""
+subscriptions, never a trial, the one identified by the previous reading of that tenant once
+known, and, when the partner's CSP subscription names the product being replaced, not a free
+or add-on product beside it; several products and none known: no status, no licence count.
+The partner's tenant id must be a GUID, and a customer whose tenant id is the partner's own is
+not read."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import requests
 from test_sync_guesses import BASE, TENANT_X, _import, _row, _world, awaiting_cancellation
 
 from comms.config import load_settings
-from comms.sync import clients, service
+from comms.sync import clients, ledger, service
 from comms.sync.ledger import CustomerSync
 
 PARTNER = "11111111-2222-4333-8444-555555555555"
@@ -28,11 +30,17 @@ def _sub(sid: str, sku: str, status: str = "Enabled", total: int = 10, *,
             "totalLicenses": total, "isTrial": trial, "ownerTenantId": owner}
 
 
-def _direct(subs: list[dict[str, Any]], assigned: dict[str, int]) -> dict[str, Any]:
+def _direct(subs: list[dict[str, Any]], assigned: dict[str, int],
+            previous: dict[str, Any] | None = None) -> dict[str, Any]:
     res = CustomerSync("A", "Alpha")
     skus = [{"skuId": f"sku-{k}", "consumedUnits": v} for k, v in assigned.items()]
-    service._direct(res, SETTINGS, subs, skus)
+    service._direct(res, SETTINGS, subs, skus, tenant_id="tenant-a", previous=previous)
     seen: dict[str, Any] = res.seen["tenant"]
+    assert seen.pop("tenant_id") == "tenant-a"  # which tenant it was read in
+    if seen["status"] == "unknown":
+        assert "none known to be the one the CSP subscription replaces" in res.problems["tenant"]
+    else:
+        assert "tenant" not in res.problems
     return seen
 
 
@@ -56,25 +64,44 @@ def test_the_product_being_replaced_wins_over_a_free_one_beside_it() -> None:
     assert _direct(subs, {"SPE_E3": 28})["status"] == "Suspended"
 
 
-def test_without_a_matching_product_every_direct_subscription_counts() -> None:
-    # The CSP product differs from the direct one (an upgrade): the one that still bills wins.
+def test_without_a_matching_product_another_product_never_stands_in() -> None:
+    """The CSP product differs from the direct one (an upgrade) and a Visio add-on is billed
+    directly too: once the old one is cancelled, the add-on that still bills must not become
+    "the direct one" (its 2 licences would pick the self-service route, its status would say
+    "still active")."""
     subs = [_sub("csp", "SPE_E3", owner=PARTNER), _sub("old", "ENTERPRISEPACK", "Suspended"),
             _sub("addon", "VISIOCLIENT", "Enabled", total=2)]
-    assert _direct(subs, {})["id"] == "addon"
+    seen = _direct(subs, {"VISIOCLIENT": 2})
+    assert (seen["status"], seen.get("id"), seen.get("assigned")) == ("unknown", None, None)
+    assert seen["several"] == ["ENTERPRISEPACK", "VISIOCLIENT"]
+    # The one identified by the previous reading of the tenant is followed.
+    followed = _direct(subs, {"VISIOCLIENT": 2}, {"id": "old", "tenant_id": "tenant-a"})
+    assert (followed["id"], followed["status"], followed["assigned"]) == ("old", "Suspended",
+                                                                          None)
     assert _direct(subs[:2], {})["status"] == "Suspended"
     one = _direct([subs[0], _sub("old", "ENTERPRISEPACK", total=30)], {"ENTERPRISEPACK": 27})
     assert (one["status"], one["total"], one["assigned"]) == ("Enabled", 30, 27)
 
 
-def test_several_products_billed_directly_give_no_licence_count() -> None:
-    """None named by the CSP subscription: which one is being replaced is not known, so a free
-    product's count (4 of 1,000,000) must not pick the cancellation route."""
+def test_the_subscription_followed_is_gone_only_from_its_own_tenant() -> None:
+    addon = _sub("addon", "VISIOCLIENT", "Enabled", total=2)
+    # It left the directory it was seen in: cancelled and deleted, whatever else still bills.
+    assert _direct([addon], {"VISIOCLIENT": 2}, {"id": "old", "tenant_id": "tenant-a"}) == {
+        "status": "absent"}
+    # Seen in another tenant (the CSV's tenant id was corrected since): not followed here.
+    other = _direct([addon], {"VISIOCLIENT": 2}, {"id": "old", "tenant_id": "tenant-b"})
+    assert (other["id"], other["status"], other["assigned"]) == ("addon", "Enabled", 2)
+
+
+def test_several_products_billed_directly_give_no_status_and_no_licence_count() -> None:
+    """None named by the CSP subscription: which one is being replaced is not known, so
+    neither its status ("still active" would be a claim) nor its licence count (a free
+    product's 4 of 1,000,000 must not pick the cancellation route)."""
     subs = [_sub("csp", "SPE_E3", owner=PARTNER), _sub("paid", "ENTERPRISEPACK", total=30),
             _sub("free", "POWER_BI_STANDARD", total=1_000_000)]
     seen = _direct(subs, {"ENTERPRISEPACK": 28, "POWER_BI_STANDARD": 4})
-    assert seen["status"] == "Enabled"  # still billed: nothing completes on it
-    assert (seen["total"], seen["assigned"]) == (None, None)
-    assert seen["several"] == ["ENTERPRISEPACK", "POWER_BI_STANDARD"]
+    assert seen == {"status": "unknown", "several": ["ENTERPRISEPACK", "POWER_BI_STANDARD"]}
+    assert ledger.facts_of({"tenant": seen}).direct_status is None  # no claim: nothing moves
 
 
 def test_the_partners_own_subscriptions_are_never_direct() -> None:

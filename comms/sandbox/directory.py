@@ -130,7 +130,7 @@ def _relationships(core: Core, req: Request) -> Response:
         skip = int(req.query.get("$skiptoken") or 0)
     except ValueError:
         return graph_error(req, 400, "BadRequest", "Invalid $top or $skiptoken.")
-    top = max(1, min(top, 300))
+    top = max(1, min(top, core.tenants.gdap_page_size))
     with_gdap = [t for t in core.tenants.snapshot() if t.gdap_status]
     page = with_gdap[skip : skip + top]
     body: dict[str, Any] = {
@@ -139,8 +139,12 @@ def _relationships(core: Core, req: Request) -> Response:
         "value": [_relationship(t) for t in page],
     }
     if skip + top < len(with_gdap):
+        # The fault: a next link to another host (a client must not send its token there).
+        host = ("https://graph.attacker.invalid/v1.0"
+                if core.tenants.roll(core.tenants.faults.gdap_foreign_next_link)
+                else core.graph_url)
         body["@odata.nextLink"] = (
-            f"{core.graph_url}/tenantRelationships/delegatedAdminRelationships"
+            f"{host}/tenantRelationships/delegatedAdminRelationships"
             f"?$top={top}&$skiptoken={quote(str(skip + top))}"
         )
     return json_response(200, body)
@@ -170,9 +174,11 @@ def _company_subscriptions(core: Core, t: CustomerTenant) -> list[dict[str, Any]
     # a small page size the direct one is on a later page.
     out: list[dict[str, Any]] = []
     for sub in t.csp:
+        if sub.get("billingType") != "license":
+            continue  # an Azure plan is no companySubscription of the directory
         out.append({
             "id": sub["id"], "commerceSubscriptionId": sub["id"],
-            "createdDateTime": sub["creationDate"], "isTrial": False,
+            "createdDateTime": sub["creationDate"], "isTrial": bool(sub.get("isTrial")),
             "nextLifecycleDateTime": sub["commitmentEndDate"],
             "ownerId": None, "ownerTenantId": core.tenant_id, "ownerType": "Company",
             "skuId": CSP_SKU_ID, "skuPartNumber": "SPE_E3",
@@ -181,6 +187,7 @@ def _company_subscriptions(core: Core, t: CustomerTenant) -> list[dict[str, Any]
         })
     if t.direct is not None:
         out.append(dict(t.direct))
+    out += [{k: v for k, v in p.items() if k != "assigned"} for p in t.products]
     return out
 
 
@@ -202,7 +209,17 @@ def _subscribed_skus(t: CustomerTenant) -> list[dict[str, Any]]:
             "skuPartNumber": t.direct["skuPartNumber"],
             "subscriptionIds": [t.direct["commerceSubscriptionId"]],
         })
-    active = [s for s in t.csp if s["status"] == "active"]
+    for p in t.products:
+        out.append({
+            "accountId": t.tenant_id, "accountName": t.company_name, "appliesTo": "User",
+            "capabilityStatus": p["status"], "consumedUnits": p["assigned"],
+            "id": f"{t.tenant_id}_{p['skuId']}",
+            "prepaidUnits": {"enabled": p["totalLicenses"] if p["status"] == "Enabled" else 0,
+                             "suspended": 0, "warning": 0, "lockedOut": 0},
+            "servicePlans": [], "skuId": p["skuId"], "skuPartNumber": p["skuPartNumber"],
+            "subscriptionIds": [p["commerceSubscriptionId"]],
+        })
+    active = [s for s in t.csp if s["status"] == "active" and s.get("billingType") == "license"]
     if active:
         out.append({
             "accountId": t.tenant_id, "accountName": t.company_name, "appliesTo": "User",

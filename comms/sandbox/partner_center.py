@@ -140,6 +140,8 @@ def _customers(core: Core, req: Request) -> Response:
     }
     if offset + size < len(listed):
         token = _token(offset + size)
+        if offset and world.roll(world.faults.pc_repeat_token):
+            token = _token(offset)  # the fault: the token just sent again (a cycle)
         body["continuationToken"] = token
         body["links"]["next"] = {
             "uri": f"/customers?size={size}&seekOperation=Next",

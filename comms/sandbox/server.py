@@ -210,6 +210,7 @@ class Sandbox:
         directory_requests_per_10s: int = 100,
         tenant_external_per_day: int = 0,
         directory_page_size: int = 100,
+        gdap_page_size: int = 300,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +230,7 @@ class Sandbox:
         tenants = Tenants(
             tenant_id, time_scale=time_scale, pc_requests_per_minute=pc_requests_per_minute,
             directory_requests_per_10s=directory_requests_per_10s,
-            directory_page_size=directory_page_size,
+            directory_page_size=directory_page_size, gdap_page_size=gdap_page_size,
         )
         self._core = Core(state, tokens, tenant_id, auto_approve_device_codes, tenants)
         self._server: _Server | None = None
@@ -409,7 +410,9 @@ class Sandbox:
 
     def tenant_change(self, tenant_id: str, action: str, **args: Any) -> dict[str, Any]:
         """What the customer or Microsoft does: ``accept_relationship``, ``gdap``
-        (status=...), ``activate_csp`` (quantity=...), ``csp_status`` (status=...),
+        (status=...), ``activate_csp`` (quantity=..., offer="m365"|"azure_plan", trial=...),
+        ``add_direct_product`` (sku_part_number=..., total=..., assigned=..., status=...),
+        ``csp_status`` (status=...),
         ``direct_status`` (status=Enabled|Warning|Suspended|Deleted|LockedOut|absent),
         ``assigned`` (count=...), ``consent`` (granted=...)."""
         return self._core.tenants.change(tenant_id, action, **args)

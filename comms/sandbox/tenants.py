@@ -51,6 +51,11 @@ class SyncFaults:
     pc_error_rate: float = 0.0  # Partner Center answers 500/503
     directory_throttle_rate: float = 0.0
     directory_error_rate: float = 0.0  # Graph directory answers 503/504
+    # Paging faults: a Partner Center customers page whose links.next hands back the
+    # continuation token just sent (a cycle), a GDAP page whose @odata.nextLink points to
+    # another host.
+    pc_repeat_token: float = 0.0
+    gdap_foreign_next_link: float = 0.0
     seed: int | None = None  # seeds the fault dice, so a test's storm is the same every run
 
     def validate(self) -> None:
@@ -76,6 +81,9 @@ class CustomerTenant:
     csp: list[dict[str, Any]] = field(default_factory=list)  # Partner Center subscriptions
     direct: dict[str, Any] | None = None  # the direct/Advisor companySubscription
     assigned: int = 0  # licences of the direct SKU assigned to users (consumedUnits)
+    # Other products billed directly (an add-on, Power BI (free)): companySubscriptions, each
+    # with its own "assigned" (consumedUnits).
+    products: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -84,6 +92,7 @@ class CustomerTenant:
             "gdap_status": self.gdap_status, "consented": self.consented,
             "csp": [dict(s) for s in self.csp],
             "direct": dict(self.direct) if self.direct else None, "assigned": self.assigned,
+            "products": [dict(p) for p in self.products],
         }
 
 
@@ -117,6 +126,7 @@ class Tenants:
         directory_requests_per_10s: int = 100,
         page_size_max: int = 500,
         directory_page_size: int = 100,
+        gdap_page_size: int = 300,
     ) -> None:
         self.partner_tenant_id = partner_tenant_id
         self.time_scale = time_scale
@@ -126,6 +136,7 @@ class Tenants:
         self.rng = random.Random()
         self.page_size_max = page_size_max
         self.directory_page_size = directory_page_size
+        self.gdap_page_size = gdap_page_size  # GDAP relationships a page at most (Graph: 300)
         self.pc_window = RateWindow(pc_requests_per_minute, 60.0 * time_scale)
         self.directory_window = RateWindow(directory_requests_per_10s, 10.0 * time_scale)
         self.counters: dict[str, int] = dict.fromkeys(
@@ -193,7 +204,11 @@ class Tenants:
             elif action == "activate_csp":
                 quantity = int(args.get("quantity", 1))
                 tenant.relationship = True
-                tenant.csp.append(self._csp_subscription(tenant, quantity, len(tenant.csp)))
+                sub = self._csp_subscription(tenant, quantity, len(tenant.csp))
+                tenant.csp.append(_offer(sub, str(args.get("offer", "m365")),
+                                         bool(args.get("trial", False))))
+            elif action == "add_direct_product":
+                tenant.products.append(_direct_product(tenant, args))
             elif action == "csp_status":
                 status = str(args["status"])
                 if status not in CSP_STATUSES:
@@ -219,7 +234,8 @@ class Tenants:
             else:
                 raise ValueError(
                     f"unknown tenant action {action!r}; known: accept_relationship, gdap, "
-                    "activate_csp, csp_status, direct_status, assigned, consent"
+                    "activate_csp, add_direct_product, csp_status, direct_status, assigned, "
+                    "consent"
                 )
             return tenant.summary()
 
@@ -293,7 +309,8 @@ class Tenants:
         """Copies of every tenant, in a stable order (so paging is stable)."""
         with self.lock:
             return [dataclasses.replace(t, csp=[dict(s) for s in t.csp],
-                                        direct=dict(t.direct) if t.direct else None)
+                                        direct=dict(t.direct) if t.direct else None,
+                                        products=[dict(p) for p in t.products])
                     for _, t in sorted(self.customers.items())]
 
     def find(self, tenant_id: str) -> CustomerTenant | None:
@@ -302,7 +319,8 @@ class Tenants:
             if tenant is None:
                 return None
             return dataclasses.replace(tenant, csp=[dict(s) for s in tenant.csp],
-                                       direct=dict(tenant.direct) if tenant.direct else None)
+                                       direct=dict(tenant.direct) if tenant.direct else None,
+                                       products=[dict(p) for p in tenant.products])
 
     def known(self, tenant_id: str) -> bool:
         with self.lock:
@@ -311,3 +329,39 @@ class Tenants:
     def stats(self) -> dict[str, int]:
         with self.lock:
             return dict(self.counters)
+
+
+AZURE_PLAN_OFFER = "DZH318Z0BPS6:0001"
+
+
+def _offer(sub: dict[str, Any], offer: str, trial: bool) -> dict[str, Any]:
+    """A Partner Center subscription of ``offer``: "m365" (Microsoft 365 E3 seats, licence
+    billed) or "azure_plan" (usage billed, no seats), a trial when ``trial``."""
+    if offer == "azure_plan":
+        sub.update(offerId=AZURE_PLAN_OFFER, offerName="Azure plan", friendlyName="Azure plan",
+                   productType={"id": "Azure", "displayName": "Azure"}, quantity=1,
+                   unitType="Usage-based", billingType="usage", termDuration=None)
+    elif offer != "m365":
+        raise ValueError(f"CSP offer {offer!r} is not one of m365, azure_plan")
+    if trial:
+        sub.update(isTrial=True, offerName=f"{sub['offerName']} Trial",
+                   friendlyName=f"{sub['friendlyName']} Trial", autoRenewEnabled=False)
+    return sub
+
+
+def _direct_product(tenant: CustomerTenant, args: dict[str, Any]) -> dict[str, Any]:
+    """Another product billed directly (``sku_part_number``, ``sku_id``, ``total``,
+    ``assigned``, ``status``), beside the direct subscription being replaced."""
+    part = str(args.get("sku_part_number", "VISIOCLIENT"))
+    status = str(args.get("status", "Enabled"))
+    if status not in DIRECT_STATUSES:
+        raise ValueError(f"direct product status {status!r} is not one of {DIRECT_STATUSES}")
+    sid = _uuid(tenant.tenant_id, "product", part, str(len(tenant.products)))
+    return {
+        "id": sid, "commerceSubscriptionId": sid, "createdDateTime": "2022-01-01T00:00:00Z",
+        "isTrial": False, "nextLifecycleDateTime": "2027-01-01T00:00:00Z", "ownerId": None,
+        "ownerTenantId": None, "ownerType": None,
+        "skuId": str(args.get("sku_id") or _uuid("sku", part)), "skuPartNumber": part,
+        "status": status, "totalLicenses": int(args.get("total", 2)), "serviceStatus": [],
+        "assigned": int(args.get("assigned", args.get("total", 2))),
+    }

@@ -1,11 +1,13 @@
 """The sources stage sync reads, one small client each, behind one interface (``Source``):
 
 - ``PartnerCenter``: ``GET /v1/customers`` (paged: ``links.next`` with its
-  ``MS-ContinuationToken`` header, followed to the end) and
+  ``MS-ContinuationToken`` header, followed to the end through ``follow_pages``) and
   ``GET /v1/customers/{tenant}/subscriptions``; app-only token for
   ``https://api.partnercenter.microsoft.com/.default`` in the partner tenant.
 - ``Gdap``: Graph ``GET /tenantRelationships/delegatedAdminRelationships`` in the partner tenant
-  (``@odata.nextLink`` followed to the end).
+  (``@odata.nextLink`` followed to the end). Every paged read goes through ``follow_pages``:
+  a next link outside the service's base URL is never followed, a next link or continuation
+  token seen before fails the read (a cycle), and so do more pages than a cap.
 - ``CustomerTenant``: Graph ``GET /directory/subscriptions`` and ``GET /subscribedSkus``, in one
   JSON batch (``POST /$batch``), with a token issued in the customer's own tenant (authority
   ``{authority_host}/{customer tenant}``); one msal application per tenant (msal binds an
@@ -50,6 +52,9 @@ RETRIED = frozenset({429, 500, 502, 503, 504})
 TENANT_APPS_KEPT = 256
 # A tenant's directory collections are small; more pages than this is an answer not understood.
 MAX_PAGES = 20
+# The partner's listings (Partner Center customers, GDAP relationships) can be long, but not
+# endless: past this many pages (or on a next link seen before) the listing is a failed read.
+MAX_LISTING_PAGES = 5000
 
 
 class SourceFailed(CommsError):
@@ -175,6 +180,41 @@ class Reader:
         return response
 
 
+def follow_pages(
+    body: dict[str, Any],
+    next_link: Callable[[dict[str, Any]], tuple[str, dict[str, str]] | None],
+    get: Callable[[str, dict[str, str], int], dict[str, Any]],
+    *,
+    what: str,
+    base: str,
+    first: str,
+    max_pages: int,
+) -> Iterator[dict[str, Any]]:
+    """Every page from ``body`` (read from ``first``); ``next_link`` gives the next URL and
+    headers (None at the end), ``get`` reads it. A next link outside ``base`` (the token would
+    go to another host), one seen before (URL and headers: a repeated continuation token) or
+    more than ``max_pages`` pages is a failed read (``SourceFailed``), never an endless loop."""
+    seen = {first + "\n"}  # the first page: no headers
+    for page in range(1, max_pages + 1):
+        yield body
+        link = next_link(body)
+        if link is None:
+            return
+        url, headers = link
+        if not url.startswith(base.rstrip("/") + "/"):
+            raise SourceFailed(f"{what}: next link {url[:120]!r} is not under {base}; not "
+                               "followed (check [graph] base_url / [sync] partner_center_url)")
+        key = url + "\n" + "\n".join(f"{k.lower()}={v}" for k, v in sorted(headers.items()))
+        if key in seen:
+            raise SourceFailed(f"{what}: page {page} links to a page already read (a repeated "
+                               "continuation token or next link); nothing was concluded from "
+                               "the listing: run `comms sync` again later")
+        seen.add(key)
+        body = get(url, headers, page + 1)
+    raise SourceFailed(f"{what}: more than {max_pages} pages; nothing was concluded from "
+                       "an incomplete list: run `comms sync` again later")
+
+
 def json_body(response: requests.Response, what: str) -> dict[str, Any]:
     """The decoded JSON object of a 2xx answer; anything else is a failed read of ``what``
     (reported, nothing concluded), never an exception that stops the whole sync."""
@@ -248,11 +288,12 @@ class PartnerCenter:
         self.tokens = _Tokens(settings, session, settings.graph.tenant_id, PARTNER_CENTER_RESOURCE)
 
     def customers(self) -> Iterator[PartnerCustomer]:
-        url = f"{self.base}/customers?size={self.page_size}"
-        headers: dict[str, str] = {}
-        while True:
-            body = self.reader.get_json(url, self.tokens.token, self.tokens.refresh, headers,
-                                        "Partner Center customers")
+        """Every customer with a reseller relationship (``links.next`` with its
+        ``MS-ContinuationToken`` header, followed through ``follow_pages``)."""
+        first = f"{self.base}/customers?size={self.page_size}"
+        what = "Partner Center customers"
+        for body in follow_pages(self._get(first, {}, 1), self._next, self._get, what=what,
+                                 base=self.base, first=first, max_pages=MAX_LISTING_PAGES):
             for item in body.get("items") or []:
                 profile = item.get("companyProfile") or {}
                 yield PartnerCustomer(
@@ -260,11 +301,20 @@ class PartnerCenter:
                     str(profile.get("domain") or "").lower(),
                     str(profile.get("companyName") or ""),
                 )
-            nxt = (body.get("links") or {}).get("next")
-            if not nxt:
-                return
-            url = self.base + "/" + str(nxt["uri"]).lstrip("/")
-            headers = {h["key"]: h["value"] for h in nxt.get("headers") or []}
+
+    def _get(self, url: str, headers: dict[str, str], page: int) -> dict[str, Any]:
+        return self.reader.get_json(url, self.tokens.token, self.tokens.refresh, headers,
+                                    f"Partner Center customers (page {page})")
+
+    def _next(self, body: dict[str, Any]) -> tuple[str, dict[str, str]] | None:
+        nxt = (body.get("links") or {}).get("next")
+        if not nxt:
+            return None
+        if not isinstance(nxt, dict):
+            raise SourceFailed(f"Partner Center customers: links.next is {_shape(nxt)}")
+        uri = str(nxt.get("uri") or "")
+        url = uri if uri.startswith("https://") else self.base + "/" + uri.lstrip("/")
+        return url, {str(h["key"]): str(h["value"]) for h in nxt.get("headers") or []}
 
     def subscriptions(self, tenant_id: str) -> list[dict[str, Any]]:
         body = self.reader.get_json(f"{self.base}/customers/{tenant_id}/subscriptions",
@@ -280,28 +330,38 @@ class Gdap:
     name = "gdap"
 
     def __init__(self, settings: Settings, session: requests.Session, reader: Reader) -> None:
-        self.url = settings.graph.base_url + "/tenantRelationships/delegatedAdminRelationships"
+        self.base = settings.graph.base_url
+        self.url = self.base + "/tenantRelationships/delegatedAdminRelationships"
         self.reader = reader
         self.tokens = _Tokens(settings, session, settings.graph.tenant_id)
 
     def relationships(self) -> dict[str, str]:
-        """Customer tenant id -> the most advanced relationship status."""
+        """Customer tenant id -> the most advanced relationship status (``@odata.nextLink``
+        followed through ``follow_pages``)."""
         rank = {"active": 3, "approved": 2, "activating": 2, "approvalPending": 1}
         out: dict[str, str] = {}
-        url: str | None = self.url + "?$top=300"
-        while url:
-            body = self.reader.get_json(url, self.tokens.token, self.tokens.refresh, None,
-                                        "GDAP relationships")
+        first = self.url + "?$top=300"
+        for body in follow_pages(self._get(first, {}, 1), _odata_next, self._get,
+                                 what="GDAP relationships", base=self.base, first=first,
+                                 max_pages=MAX_LISTING_PAGES):
             for rel in body.get("value") or []:
                 tid = str((rel.get("customer") or {}).get("tenantId") or "").lower()
                 status = str(rel.get("status") or "")
                 if tid and rank.get(status, 0) >= rank.get(out.get(tid, ""), 0):
                     out[tid] = status
-            url = body.get("@odata.nextLink")
         return out
+
+    def _get(self, url: str, headers: dict[str, str], page: int) -> dict[str, Any]:
+        return self.reader.get_json(url, self.tokens.token, self.tokens.refresh, None,
+                                    f"GDAP relationships (page {page})")
 
     def close(self) -> None:
         pass
+
+
+def _odata_next(body: dict[str, Any]) -> tuple[str, dict[str, str]] | None:
+    link = body.get("@odata.nextLink")
+    return (str(link), {}) if link else None
 
 
 class CustomerTenant:
@@ -350,27 +410,27 @@ class CustomerTenant:
 
     def _all_pages(self, body: Any, tokens: _Tokens, what: str) -> list[dict[str, Any]]:
         """Every item of a Graph collection: an explicit ``value`` list on each page, each
-        ``@odata.nextLink`` followed (a plain GET, also for a link inside a batch answer), at
-        most ``MAX_PAGES`` pages. Anything less is a failed read, never an empty collection:
-        "no direct subscription" must not come from a page not read."""
+        ``@odata.nextLink`` followed (a plain GET, also for a link inside a batch answer) through
+        ``follow_pages`` (under ``[graph] base_url`` only, never twice, at most ``MAX_PAGES``
+        pages). Anything less is a failed read, never an empty collection: "no direct
+        subscription" must not come from a page not read."""
         items: list[dict[str, Any]] = []
-        for page in range(1, MAX_PAGES + 1):
-            value = body.get("value") if isinstance(body, dict) else None
+
+        def get(url: str, headers: dict[str, str], page: int) -> dict[str, Any]:
+            return self.reader.get_json(url, tokens.token, tokens.refresh, None,
+                                        f"{what} (page {page})")
+
+        pages = follow_pages(body if isinstance(body, dict) else {"": body}, _odata_next, get,
+                             what=what, base=self.base, first="", max_pages=MAX_PAGES)
+        for page, one in enumerate(pages, start=1):
+            value = one.get("value")
             if not isinstance(value, list):
                 raise SourceFailed(
-                    f"{what}: page {page} has no 'value' list (answered {_shape(body)}); "
+                    f"{what}: page {page} has no 'value' list (answered "
+                    f"{_shape(body if page == 1 and not isinstance(body, dict) else one)}); "
                     "nothing was concluded from it: run `comms sync` again later")
             items.extend(v for v in value if isinstance(v, dict))
-            link = body.get("@odata.nextLink")
-            if not link:
-                return items
-            if not str(link).startswith(self.base + "/"):
-                raise SourceFailed(f"{what}: @odata.nextLink {str(link)[:120]!r} is not under "
-                                   f"{self.base}; not followed (check [graph] base_url)")
-            body = self.reader.get_json(str(link), tokens.token, tokens.refresh, None,
-                                        f"{what} (page {page + 1})")
-        raise SourceFailed(f"{what}: more than {MAX_PAGES} pages; nothing was concluded from "
-                           "an incomplete list: run `comms sync` again later")
+        return items
 
     def close(self) -> None:
         with self._lock:

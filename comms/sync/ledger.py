@@ -75,16 +75,39 @@ def _digest(seen: dict[str, Any]) -> str:
 
 def facts_of(seen: dict[str, dict[str, Any]]) -> Facts:
     pc, gdap, tenant = seen.get("partner_center"), seen.get("gdap"), seen.get("tenant")
-    active = [s for s in (pc or {}).get("subscriptions", []) if s.get("status") == "active"]
+    live = [s for s in (pc or {}).get("subscriptions", []) if _seat_subscription(s)]
+    direct = None if tenant is None else str(tenant.get("status"))
     return Facts(
         relationship_accepted=None if pc is None else bool(pc.get("listed")),
         gdap_status=None if gdap is None else str(gdap.get("status")),
-        csp_active=None if pc is None or "subscriptions" not in pc else bool(active),
-        csp_quantity=sum(int(s.get("quantity") or 0) for s in active) if active else None,
-        direct_status=None if tenant is None else str(tenant.get("status")),
+        csp_active=None if pc is None or "subscriptions" not in pc else bool(live),
+        csp_quantity=sum(int(s.get("quantity") or 0) for s in live) if live else None,
+        # "unknown": several direct products, none known to be the one replaced: no claim.
+        direct_status=None if direct == "unknown" else direct,
         direct_total=None if tenant is None else tenant.get("total"),
         assigned=None if tenant is None else tenant.get("assigned"),
     )
+
+
+# Azure plan (new commerce) and legacy Azure offers: usage-billed, never Microsoft 365 seats.
+_AZURE_OFFERS = ("DZH318Z0BPS6", "MS-AZR-")
+
+
+def _seat_subscription(sub: dict[str, Any]) -> bool:
+    """A Partner Center subscription that makes the CSP replacement live: active, not a trial
+    (``isTrial``), licence-based (``billingType`` "license", or ``unitType`` "Licenses" when
+    the billing type is not given), an online-services product (``productType`` OnlineServices
+    / OnlineServicesNCE when given), not an Azure offer. An Azure plan or a trial bought
+    through the partner replaces nothing the customer must cancel."""
+    if sub.get("status") != "active" or sub.get("trial") is True:
+        return False
+    billing = str(sub.get("billing") or "").lower()
+    if billing != "license" and (billing or str(sub.get("unit") or "").lower() != "licenses"):
+        return False
+    product = str(sub.get("product") or "")
+    if product and not product.lower().startswith("onlineservices"):
+        return False
+    return not str(sub.get("offer_id") or "").upper().startswith(_AZURE_OFFERS)
 
 
 def _latest_evidence(session: Session, ids: list[int]) -> dict[tuple[int, str], SyncEvidence]:

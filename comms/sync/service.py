@@ -11,6 +11,7 @@ note naming the evidence id). With nothing new, nothing is written but each cust
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from comms.sync import clients
 from comms.sync.ledger import (
     SOURCES,
     CustomerSync,
+    _latest_evidence,
     _record,
     _Target,
 )
@@ -130,9 +132,27 @@ def run_sync(
     results = {t.id: CustomerSync(t.key, t.name) for t in targets}
     report = SyncReport(now, sources, dry_run, list(results.values()), [], [])
     ledger = _ledger(db) if "partner_center" in sources else targets
-    fills = _read(settings, sources, targets, ledger, results, report, progress)
+    previous = _previous_direct(db, [t.id for t in targets]) if "tenant" in sources else {}
+    fills = _read(settings, sources, targets, ledger, results, report, progress, previous)
     _record(db, campaign, rules, now, targets, results, fills, dry_run)
     return report
+
+
+def _previous_direct(db: Database, ids: list[int]) -> dict[int, dict[str, Any]]:
+    """What each customer's last tenant evidence saw of its direct subscription: the one
+    identified then (``id``, ``tenant_id``) is the one followed now."""
+    with db.session() as session:
+        latest = _latest_evidence(session, ids)
+    out: dict[int, dict[str, Any]] = {}
+    for (cid, src), ev in latest.items():
+        if src == "tenant":
+            try:
+                seen = json.loads(ev.seen_json)
+            except ValueError:
+                continue
+            if isinstance(seen, dict):
+                out[cid] = seen
+    return out
 
 
 def _require_partner_tenant_guid(settings: Settings) -> None:
@@ -158,8 +178,12 @@ def _read(
     results: dict[int, CustomerSync],
     report: SyncReport,
     progress: Callable[[int, int], None] | None,
+    previous: dict[int, dict[str, Any]],
 ) -> dict[int, str]:
-    """Read every source; returns the tenant ids found by a unique domain match."""
+    """Read every source; returns the tenant ids found by a unique domain match. A partner
+    listing (Partner Center's customers, GDAP relationships) that fails after its retries fails
+    that source for every customer (reported, exit code 1, nothing concluded from it): the
+    other sources are still read, and `comms run --sync` plans on the ledger's stages."""
     session = clients.open_session(settings)
     reader = clients.Reader(session, max_attempts=settings.sync.max_attempts,
                             time_scale=settings.delivery.time_scale)
@@ -168,34 +192,31 @@ def _read(
     try:
         pc = clients.PartnerCenter(settings, session, reader) if "partner_center" in sources \
             else None
-        if pc is not None:
-            matched = _match(list(pc.customers()), ledger, {t.id for t in targets}, report,
-                             fills)
+        if pc is not None and (listed := _listing("partner_center", pc.customers, targets,
+                                                        results)) is not None:
+            matched = _match(listed, ledger, {t.id for t in targets}, report, fills)
             tenant_of.update(fills)
             for t in targets:
                 results[t.id].seen["partner_center"] = {"listed": t.id in matched}
         if "gdap" in sources:
-            rels = clients.Gdap(settings, session, reader).relationships()
-            for t in targets:
-                if tenant_of[t.id]:
-                    results[t.id].seen["gdap"] = {"status": rels.get(tenant_of[t.id], "none")}
+            _gdap(clients.Gdap(settings, session, reader), targets, tenant_of, results)
         tenant = clients.CustomerTenant(settings, session, reader) \
             if "tenant" in sources else None
-        work = [t for t in targets if (pc is not None and
-                                       results[t.id].seen["partner_center"]["listed"])
-                or tenant is not None]
+        work = [t for t in targets if _listed(results[t.id]) or tenant is not None]
         done = 0
 
         def one(t: _Target) -> None:
             tid = tenant_of[t.id]
             res = results[t.id]
-            if pc is not None and res.seen["partner_center"]["listed"]:
+            if pc is not None and _listed(res):
                 _guard(res, "partner_center", lambda: _csp(res, pc.subscriptions(tid)))
             if tenant is not None:
                 if problem := _unreadable_tenant(tid, settings):
                     res.problems["tenant"] = problem
                 else:
-                    _guard(res, "tenant", lambda: _direct(res, settings, *tenant.read(tid)))
+                    _guard(res, "tenant", lambda: _direct(
+                        res, settings, *tenant.read(tid), tenant_id=tid,
+                        previous=previous.get(t.id)))
 
         with ThreadPoolExecutor(max_workers=settings.sync.concurrency) as pool:
             for _ in pool.map(one, work):
@@ -206,6 +227,36 @@ def _read(
         report.retries = reader.retries
         session.close()
     return fills
+
+
+def _gdap(gdap: clients.Gdap, targets: list[_Target], tenant_of: dict[int, str],
+          results: dict[int, CustomerSync]) -> None:
+    rels = _listing("gdap", lambda: gdap.relationships().items(), targets, results)
+    if rels is not None:
+        found = dict(rels)
+        for t in targets:
+            if tenant_of[t.id]:
+                results[t.id].seen["gdap"] = {"status": found.get(tenant_of[t.id], "none")}
+
+
+def _listed(res: CustomerSync) -> bool:
+    return bool(res.seen.get("partner_center", {}).get("listed"))
+
+
+def _listing(
+    source: str, read: Callable[[], Any], targets: list[_Target],
+    results: dict[int, CustomerSync],
+) -> list[Any] | None:
+    """A partner listing, read to the end; None when it failed after its retries: the source
+    is then "failed" for every customer (reported, exit code 1), like a failed read of one
+    customer, instead of an exception that stops the whole sync (and `comms run --sync`)."""
+    try:
+        return list(read())
+    except clients.SourceFailed as exc:
+        for t in targets:
+            results[t.id].problems[source] = f"failed: {exc.message}"
+            results[t.id].failed = True
+        return None
 
 
 def _unreadable_tenant(tid: str, settings: Settings) -> str:
@@ -279,50 +330,89 @@ def _match(
 
 
 def _csp(res: CustomerSync, subs: list[dict[str, Any]]) -> None:
+    """The partner's subscriptions of the customer, with what tells a licence-based seat
+    subscription (``billingType``, ``unitType``, ``productType``, ``offerId``) from an Azure
+    plan or a trial (``isTrial``): only the former make the CSP subscription live
+    (``comms.sync.ledger.facts_of``)."""
     seen = res.seen["partner_center"]
     seen["subscriptions"] = sorted(
         ({"id": s.get("id"), "offer": s.get("offerName") or s.get("offerId"),
-          "quantity": s.get("quantity"), "status": s.get("status"),
-          "start": s.get("effectiveStartDate")} for s in subs),
+          "offer_id": s.get("offerId"), "quantity": s.get("quantity"),
+          "status": s.get("status"), "start": s.get("effectiveStartDate"),
+          "trial": s.get("isTrial"), "billing": s.get("billingType"),
+          "unit": s.get("unitType"),
+          "product": (s.get("productType") or {}).get("id")
+          if isinstance(s.get("productType"), dict) else None} for s in subs),
         key=lambda s: str(s["id"]),
     )
 
 
 def _direct(
-    res: CustomerSync, settings: Settings, subs: list[dict[str, Any]], skus: list[dict[str, Any]]
+    res: CustomerSync,
+    settings: Settings,
+    subs: list[dict[str, Any]],
+    skus: list[dict[str, Any]],
+    *,
+    tenant_id: str = "",
+    previous: dict[str, Any] | None = None,
 ) -> None:
-    """What the customer's tenant shows of its direct subscription (the one to cancel).
-
-    Direct: not created by the partner tenant (``ownerTenantId``), and not a trial (a trial
-    bills nothing and is not what the customer moves). When a direct subscription has the SKU
-    of one of the partner's CSP subscriptions in the tenant, it is the one being replaced and
-    the others (free or add-on products) are left out; among those left, the one that still
-    bills (Enabled) first, then the largest. With several products still Enabled and none
-    named by a CSP subscription, no licence count is taken from any of them."""
+    """What the customer's tenant (``tenant_id``, recorded with what was seen) shows of its
+    direct subscription, the one to cancel (``_candidate``). Its status and licences only:
+    never those of another product. When which one it is cannot be told, the status is
+    "unknown" (no claim either way, nothing moves, no licence count) and the customer is
+    reported as not verifiable."""
     partner = settings.graph.tenant_id.strip().lower()
     csp_skus = {s.get("skuId") for s in subs
                 if str(s.get("ownerTenantId") or "").lower() == partner and s.get("skuId")}
     direct = [s for s in subs if str(s.get("ownerTenantId") or "").lower() != partner
               and s.get("isTrial") is not True]
-    replaced = [s for s in direct if s.get("skuId") in csp_skus]
-    seen: dict[str, Any] = {"status": "absent"}
-    if direct:
-        pool = replaced or direct
-        main = sorted(pool, key=lambda s: (s.get("status") != "Enabled",
-                                           -int(s.get("totalLicenses") or 0)))[0]
+    main, several = _candidate(direct, csp_skus, tenant_id, previous)
+    seen: dict[str, Any] = {"tenant_id": tenant_id, "status": "absent"}
+    if main is not None:
         sku = next((k for k in skus if k.get("skuId") == main.get("skuId")), None)
-        seen = {"id": main.get("id"), "sku": main.get("skuPartNumber"),
-                "status": main.get("status"), "total": main.get("totalLicenses"),
-                "assigned": sku.get("consumedUnits") if sku else None}
-        products = {s.get("skuId") for s in pool if s.get("status") == "Enabled"}
-        if len(products) > 1:
-            # Several products still billed directly, none named by a CSP subscription: which
-            # one is being replaced is not known, so neither is its licence count (a free
-            # product's count must not pick the cancellation route).
-            seen.update(total=None, assigned=None, several=sorted(
-                str(s.get("skuPartNumber") or s.get("skuId")) for s in pool
-                if s.get("status") == "Enabled"))
+        seen.update(id=main.get("id"), sku=main.get("skuPartNumber"),
+                    status=main.get("status"), total=main.get("totalLicenses"),
+                    assigned=sku.get("consumedUnits") if sku else None)
+    elif several:
+        seen.update(status="unknown", several=several)
+        res.problems["tenant"] = (
+            f"cannot verify: several products billed directly ({', '.join(several)}), none "
+            "known to be the one the CSP subscription replaces; its status and licences are "
+            "not taken from another product: set the stage by hand when it is cancelled")
     res.seen["tenant"] = seen
+
+
+def _candidate(
+    direct: list[dict[str, Any]],
+    csp_skus: set[Any],
+    tenant_id: str,
+    previous: dict[str, Any] | None,
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """(the direct subscription being replaced or None, the products when it is unknown).
+
+    1. The one identified by the previous tenant evidence (its ``id``), followed whatever
+       other products show: once it left the directory of that same tenant, it is gone
+       ("absent"), never replaced by another product.
+    2. Else a direct subscription with the SKU of one of the partner's CSP subscriptions in
+       the tenant (the product being replaced), others (free, add-ons) left out.
+    3. Else the direct products, when they are one product; several products (none named by a
+       CSP subscription): unknown.
+    Among subscriptions of that one product, an Enabled one first, then the largest."""
+    prev = previous or {}
+    if prev.get("id"):
+        found = next((s for s in direct if s.get("id") == prev["id"]), None)
+        if found is not None:
+            return found, []
+        if tenant_id and prev.get("tenant_id") == tenant_id:
+            return None, []
+    pool = [s for s in direct if s.get("skuId") in csp_skus] or direct
+    products = sorted({str(s.get("skuPartNumber") or s.get("skuId")) for s in pool})
+    if len(products) > 1:
+        return None, products
+    if not pool:
+        return None, []
+    return sorted(pool, key=lambda s: (s.get("status") != "Enabled",
+                                       -int(s.get("totalLicenses") or 0)))[0], []
 
 
 def sync_before_run(
@@ -340,6 +430,9 @@ def sync_before_run(
     report = run_sync(db, settings, campaign, now=now, tag=tag, dry_run=dry_run)
     if echo:
         echo("sync: " + report.summary())
+        if report.count("failed"):
+            echo(f"sync: {report.count('failed')} customer(s) failed to sync (see `comms sync`)"
+                 "; they are planned on their ledger stage")
         for c in report.customers:
             for m in c.moved:
                 echo(f"sync: {c.key} {m}")
