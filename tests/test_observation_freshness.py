@@ -89,3 +89,21 @@ def test_evidence_from_another_tenant_is_not_the_customers(
         customer.tenant_id = TENANT_Y
         s.add(customer)
     assert STILL_ACTIVE not in _reminder(db, BASE + timedelta(hours=2)).text
+
+
+def test_evidence_that_did_not_identify_the_old_subscription_states_nothing(
+    world: Sandbox, db: Database, cli: Any, tmp_path: Path
+) -> None:
+    awaiting_cancellation(world, cli, tmp_path, licences=26)
+    _sync(cli, 0)
+    row = _row(db, "A")
+    assert STILL_ACTIVE in _reminder(db, BASE + timedelta(hours=1)).text
+    with db.session() as s:  # what sync records when several products are billed directly
+        ev = s.exec(select(SyncEvidence).where(SyncEvidence.customer_id == row.id,
+                                               SyncEvidence.source == "tenant")).one()
+        ev.seen_json = json.dumps({"status": "unknown", "several": ["ENTERPRISEPACK", "VISIO"],
+                                   "tenant_id": TENANT_X})
+        s.add(ev)
+    email = _reminder(db, BASE + timedelta(hours=2))
+    assert STILL_ACTIVE not in email.text and "checked on" not in email.text
+    assert "If you have not cancelled the old Microsoft 365 subscription" in email.text

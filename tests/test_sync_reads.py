@@ -92,7 +92,8 @@ def test_several_direct_products_and_none_known_claim_nothing(
         assert "ENTERPRISEPACK, POWER_BI_STANDARD" in c["problem"], c
         a = _row(db, "A")
         assert (a.stage, a.licences) == ("awaiting_cancellation", 30)
-        assert _direct_status(db, "A") == "unknown"  # neither Enabled nor a cancellation
+        # No observation either way (neither "still active" nor "cancelled" can be stated).
+        assert _direct_status(db, "A") == ""
         world.tenant_change(TENANT_X, "direct_status", status="Suspended")
 
 
@@ -109,6 +110,9 @@ def test_an_azure_plan_or_a_trial_bought_through_the_partner_is_not_csp_live(
                             ("B", "Beta Ltd", TENANT_Y, "beta.example", 30, "approved", "")])
     assert _sync(cli, 0, "--source", "partner_center")["exit_code"] == 0
     assert (_row(db, "A").stage, _row(db, "B").stage) == ("approved", "approved")
+    # lose_access_warning goes out first (sync moves an approved customer on only after it).
+    sent = cli("run", "--now", (BASE + timedelta(minutes=30)).isoformat())
+    assert sent.exit_code == 0, sent.output
     # The Microsoft 365 seats bought (paid) beside them: now the old one must go.
     world.tenant_change(TENANT_X, "activate_csp", quantity=30)
     world.tenant_change(TENANT_Y, "activate_csp", quantity=30)

@@ -172,7 +172,7 @@ def _observation(ev: Any) -> Observation | None:
     if ev.problem:
         return None
     seen = json.loads(ev.seen_json)
-    if not seen.get("status") or seen.get("several"):
+    if str(seen.get("status") or "unknown") == "unknown" or seen.get("several"):
         # Unknown which subscription is the old one (several products still billed): no
         # statement about "the old subscription" can rest on it.
         return None
