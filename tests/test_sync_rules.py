@@ -177,6 +177,34 @@ def test_csp_subscription_gone_is_reported_and_no_cancel_mail_goes(
     assert data["status"] == "moved" and _row(db, "A").stage == "completed", data
 
 
+def test_attention_lasts_through_a_partner_center_outage_and_a_sync_of_other_sources(
+    world: Sandbox, db: Database, cli: Any, tmp_path: Path
+) -> None:
+    """Not reading Partner Center again is no sign the CSP subscription came back: while it is
+    not read (an outage, `--source tenant`), no cancel reminder goes and nothing moves."""
+    world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30,
+                              assigned=26)
+    world.tenant_change(TENANT_X, "accept_relationship")
+    world.tenant_change(TENANT_X, "activate_csp", quantity=30)
+    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 30,
+                             "awaiting_cancellation", "")])
+    assert cli("run", "--sync", "--now", _at(0)).exit_code == 0
+    world.tenant_change(TENANT_X, "csp_status", status="deleted")
+    data = json.loads(cli("sync", "--now", _at(24), "--json").stdout)["customers"][0]
+    assert data["status"] == "needs attention", data
+    world.tenant_change(TENANT_X, "direct_status", status="Suspended")
+    assert cli("sync", "--source", "tenant", "--now", _at(30)).exit_code == 0
+    assert _row(db, "A").stage == "awaiting_cancellation"
+    world.set_sync_faults(pc_error_rate=1.0, seed=1)
+    for day in (2, 3, 5, 6, 8, 9):
+        cli("run", "--sync", "--now", _at(24 * day))
+    assert _row(db, "A").stage == "awaiting_cancellation"
+    assert not [m for m, _ in _messages(db) if m == "cancel_reminder"], _messages(db)
+    r = cli("status")
+    assert "Need attention: 1 customer(s)" in r.output and "no active CSP" in r.output, r.output
+    assert r.output.count("not read again") <= 1
+
+
 def test_relationship_gone_is_reported(world: Sandbox, db: Database, cli: Any,
                                        tmp_path: Path) -> None:
     world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30)

@@ -231,6 +231,8 @@ def _apply(
     why = attention(ctx, info, facts, res.seen.get("partner_center"))
     if why:
         res.problems["partner_center"] = ATTENTION + why
+    else:
+        why = _attention_unread(checks, row.id, res)
     for src in SOURCES:
         if src in res.seen or src in res.problems:
             checks.add(row.id, src, now, res.problems.get(src, ""))
@@ -245,6 +247,20 @@ def _apply(
             _move(session, ctx, row, res, (from_stage, to_stage, observation), evidence,
                   has_queued)
     _follow_attention(session, ctx, row, res, checks, has_queued)
+
+
+def _attention_unread(checks: _Checks, customer_id: int, res: CustomerSync) -> str:
+    """A customer needing attention whose Partner Center was not read this time (an outage,
+    or a sync of other sources) still needs it: what was wrong is kept (with why it was not
+    read again), so nothing is planned or moved on a guess that it was mended."""
+    before = checks.problems.get((customer_id, "partner_center"), "")
+    if not before.startswith(ATTENTION) or "partner_center" in res.seen:
+        return ""
+    failure = res.problems.get("partner_center")
+    if failure is not None:
+        kept = before.split(" (not read again: ")[0]
+        res.problems["partner_center"] = f"{kept} (not read again: {failure})"
+    return before[len(ATTENTION):]
 
 
 def _move(session: Session, ctx: Context, row: Customer, res: CustomerSync,
