@@ -124,6 +124,16 @@ class SendWindow(_Model):
             raise ValueError("at least one weekday is required")
         return v
 
+    def holidays_run_out(self, today: date) -> str | None:
+        """A warning when holidays are configured but none is left after ``today``: the list
+        is updated by hand every year, and a forgotten update sends mail on next year's
+        holidays without a word."""
+        if not self.holidays or max(self.holidays) > today:
+            return None
+        return (f"[window] holidays in the campaign lists no date after {today.isoformat()} "
+                f"(the last is {max(self.holidays).isoformat()}): mail goes out on the coming "
+                "year's holidays until you add them.")
+
     @model_validator(mode="after")
     def _order(self) -> SendWindow:
         if self.start >= self.end:

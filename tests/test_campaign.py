@@ -65,7 +65,9 @@ def test_shipped_campaign_is_the_default_and_matches_the_design() -> None:
     assert [s.name for s in c.stages if s.final] == ["completed"]
     assert c.window == SendWindow(
         days=("mon", "tue", "wed", "thu", "fri"), start=time(9), end=time(17),
-        holidays=(date(2026, 12, 25), date(2026, 12, 26), date(2027, 1, 1)),
+        holidays=(date(2026, 12, 25), date(2026, 12, 28), date(2027, 1, 1), date(2027, 3, 26),
+                  date(2027, 3, 29), date(2027, 5, 3), date(2027, 5, 31), date(2027, 8, 30),
+                  date(2027, 12, 27), date(2027, 12, 28)),
     )
     assert c.messages() == [
         "kickoff", "partner_invitation", "partner_invitation_reminder", "lose_access_warning",
@@ -331,3 +333,13 @@ def test_config_check_reports_campaign_problems(
     path.write_text(MINIMAL, encoding="utf-8")
     ok = cli("config", "check")  # type: ignore[operator]
     assert ok.exit_code == 0 and ok.stdout.endswith("\nConfiguration OK (built-in defaults).\n")
+
+
+def test_the_shipped_holidays_include_substitute_days_and_warn_when_they_run_out() -> None:
+    window = load_campaign().window
+    # Boxing Day 2026 is a Saturday: the bank holiday is Monday 28 December.
+    assert date(2026, 12, 28) in window.holidays
+    assert window.holidays_run_out(date(2027, 6, 1)) is None
+    late = window.holidays_run_out(date(2027, 12, 28))
+    assert late is not None and "no date after 2027-12-28" in late
+    assert SendWindow().holidays_run_out(date(2030, 1, 1)) is None  # none configured: no noise

@@ -97,6 +97,17 @@ def test_send_shows_local_time_window_and_locale_fallback(env: dict[str, Any], d
     assert env["sandbox"].sent() == []
 
 
+def test_a_run_warns_when_no_holiday_is_left(env: dict[str, Any], db: Database,
+                                             tmp_path: Path, cli: Any) -> None:
+    seed(db, tmp_path, 1)
+    quiet = cli("run", "--dry-run", "--now", NOW)
+    assert "holidays" not in quiet.output
+    late = cli("run", "--dry-run", "--now", "2028-01-04T10:00:00+00:00")
+    assert late.exit_code == 0, late.output
+    assert "warning: [window] holidays in the campaign lists no date after 2028-01-04" \
+        in late.output
+
+
 def test_dry_run_lists_who_gets_what_when(env: dict[str, Any], db: Database, tmp_path: Path,
                                          cli: Any) -> None:
     seed(db, tmp_path, 3)

@@ -200,6 +200,8 @@ def run_scheduled(
         preflight.before_run(settings, transport)  # exit 3 before any row when sign-in fails
         if dry_run and echo is not None and (problem := preflight.partner_id_problem(settings)):
             echo(f"warning: a real run would stop here. {problem}")
+        if echo is not None and (late := campaign.window.holidays_run_out(clock.now().date())):
+            echo(f"warning: {late}")
         if inbox or campaign.inbox.on_run:
             # Replies and bounces first: a bounced address or an answered reminder changes
             # what this run may send.
