@@ -72,7 +72,7 @@ BILLED_TWICE_FACT = {
 
 @pytest.mark.parametrize("locale", LOCALES)
 @pytest.mark.parametrize("reminder", [1, 2, 3])
-@pytest.mark.parametrize("status", ["", "Suspended", "Warning", "absent"])
+@pytest.mark.parametrize("status", ["", "Suspended", "absent"])  # Warning: see "expired" below
 def test_cancel_reminder_states_no_days_billed_twice_unless_seen_enabled(
     renderer: Renderer, locale: str, reminder: int, status: str
 ) -> None:
@@ -326,6 +326,31 @@ def test_transition_complete_says_done_when_seen_cancelled_or_set_by_hand(
 
 
 # --- 4. no licence count of 0 ----------------------------------------------------------------
+
+EXPIRED = {"en": ("Your old Microsoft 365 subscription has expired: please cancel it",
+                   "has expired and is in its grace period (checked on 9 March 2026)",
+                   re.compile(r"twice|does not end by itself", re.I)),
+           "de": ("Ihr altes Microsoft-365-Abonnement ist abgelaufen: Bitte kündigen Sie es",
+                  "abgelaufen ist und sich in der Nachfrist befindet (geprüft am 9. März 2026)",
+                  re.compile(r"doppelt|endet nicht von selbst", re.I))}
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("reminder", [1, 2, 3])
+def test_a_reminder_for_an_expired_old_subscription_claims_no_double_billing(
+    renderer: Renderer, locale: str, reminder: int
+) -> None:
+    """Seen in Warning (expired at the end of its term, in its grace period; sync keeps the
+    customer in awaiting_cancellation), the old subscription is not billed for a new term:
+    the reminder said "you pay twice" and "it does not end by itself"."""
+    email = render(renderer, "cancel_reminder", customer(30, locale=locale), reminder=reminder,
+                   status="Warning", extra={"reminders_max": 5})
+    subject, seen_text, wrong = EXPIRED[locale]
+    assert email.subject == f"{subject} (Contoso Ltd)"
+    for body in (email.html, email.text):
+        assert seen_text in body
+        assert not wrong.search(body), wrong.search(body)
+
 
 SUPPORT_ROUTE = {"en": "through Microsoft support", "de": "über den Microsoft-Support"}
 PORTAL_ROUTE = {"en": re.compile(r"cancel (it|the old subscription) under Billing"),
