@@ -85,7 +85,8 @@ def print_send_report(report: Any, queued: int) -> None:
         err_console.print(f"failed: #{mid} {visible(key)} {visible(msg)}: {visible(why)}",
                           highlight=False, markup=False)
     if not report.failed and report.sent < queued:
-        console.print("Some messages are still queued or unknown; `comms run` finishes them.")
+        console.print("Some messages are still queued or unknown; `comms run` finishes them "
+                      "inside each customer's send window.")
 
 
 def print_run_summary(summary: Any, settings: Settings, as_json: bool) -> None:
@@ -93,6 +94,9 @@ def print_run_summary(summary: Any, settings: Settings, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(_summary_data(summary, settings), indent=2))
         return
+    for z in summary.zone_problem_rows():
+        typer.echo(f"  skipped {visible(z['customer'])}: {visible(z['error'])} Nothing is planned or "
+                   f"sent for it (its queued mail waits): {z['fix']}.", err=True)
     if summary.dry_run:
         _print_forecast(summary, settings)
         return
@@ -149,6 +153,7 @@ def _summary_data(summary: Any, settings: Settings) -> dict[str, Any]:
         "stopped_mailboxes": dict(d.tripped),
         "waiting": {k: v.isoformat() for k, v in d.waiting.items()},
         "still_pending": dict(summary.pending),
+        "time_zone_problems": summary.zone_problem_rows(),
     }
     if summary.dry_run:
         f = sending.forecast(summary, settings)

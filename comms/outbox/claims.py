@@ -21,6 +21,7 @@ from comms.delivery.base import (
     SendResult,
     compose_email,
 )
+from comms.errors import UnknownTimeZone
 from comms.outbox.queue import Clock, _addresses, addresses_json
 from comms.store.db import Database
 from comms.store.inbox_models import reminder_holds
@@ -40,6 +41,8 @@ class DispatchReport:
     confirmed: int = 0  # unknown -> sent, found in Sent Items
     requeued: int = 0  # unknown -> queued, not found after the grace period
     held: int = 0  # unknown that needs an operator (no Mail.Read)
+    # Customers whose time zone cannot be loaded (key -> why): their rows past the window wait.
+    zone_problems: dict[str, str] = field(default_factory=dict)
     # Mailboxes the circuit breaker stopped this run, with why.
     tripped: dict[str, str] = field(default_factory=dict)
     # Why messages waited (a limit's name) and when that limit frees up next (the latest seen).
@@ -54,6 +57,9 @@ class DispatchReport:
 
 
 # --------------------------------------------------------------------------- claim / record
+
+# A row whose customer's time zone cannot be loaded is looked at again this much later.
+ZONE_RETRY = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,9 @@ def _due_query(db: Database, clock: Clock, only_ids: frozenset[int] | None,
 def _set_aside(s: Session, msg: Message, customer: Customer | None, *, clock: Clock,
                report: DispatchReport | None, window: SendWindow | None) -> bool:
     """Withdraw a row whose customer may no longer be mailed, or move a row whose send window
-    closed while it waited to the customer's next window. True if the row was set aside."""
+    closed while it waited to the customer's next window (or, when the customer's time zone
+    cannot be loaded here, an hour later: never sent at a guessed hour). True if the row was
+    set aside."""
     reason = _unsendable(s, msg, customer, clock.now())
     if reason:
         msg.status, msg.last_error, msg.updated_at = "withdrawn", reason, clock.now()
@@ -113,12 +121,22 @@ def _set_aside(s: Session, msg: Message, customer: Customer | None, *, clock: Cl
     assert customer is not None
     if window is None or msg.send_before is None or clock.now() <= msg.send_before:
         return False
-    msg.send_after = planner.next_window_start(clock.now(), window, customer.time_zone)
-    msg.send_before = planner.window_end(msg.send_after, window, customer.time_zone)
-    msg.updated_at = clock.now()
+    try:
+        opens = planner.next_window_start(clock.now(), window, customer.time_zone)
+        closes = planner.window_end(opens, window, customer.time_zone)
+    except UnknownTimeZone as exc:
+        # Never sent at a guessed hour; the other customers' rows go on.
+        opens, closes = clock.now() + ZONE_RETRY, msg.send_before
+        msg.last_error = (f"{exc} Held: re-import customer {customer.key} with a valid "
+                          "time_zone.")
+        if report:
+            with report.lock:
+                report.zone_problems[customer.key] = str(exc)
+    else:
+        if report:
+            report.add(deferred=1)
+    msg.send_after, msg.send_before, msg.updated_at = opens, closes, clock.now()
     s.add(msg)
-    if report:
-        report.add(deferred=1)
     return True
 
 

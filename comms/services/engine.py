@@ -29,6 +29,7 @@ from comms.campaign import Campaign
 from comms.config import Settings
 from comms.delivery.base import Transport
 from comms.domain import CustomerInfo, MessageStatus, PlannedMessage, SentMessage
+from comms.errors import UnknownTimeZone
 from comms.render import Renderer
 from comms.services import queue_render, wave_gate
 from comms.services.run_preview import PreviewRow, preview_rows
@@ -39,6 +40,10 @@ from comms.store.models import Customer, CustomerTag, Message, new_message_row
 
 BATCH = 1000  # customers planned per write transaction
 ID_BATCH = 5000  # due customer ids read per query (a few bytes each)
+# How long `comms send` dispatches what it queued; a leftover then waits for the send window.
+ONE_OFF_MINUTES = 10.0
+# What an operator does about a customer whose time zone cannot be loaded here.
+ZONE_FIX = "re-import with a valid time_zone"
 
 
 # --------------------------------------------------------------------------- loading
@@ -131,6 +136,9 @@ class QueueReport:
     queued: int = 0
     deferred: int = 0
     held: int = 0  # customers whose wave awaits `comms wave approve` (require_approval)
+    # Customers skipped because their time zone cannot be loaded (key -> why): nothing is
+    # planned for them, and they stay due until re-imported with a valid time_zone.
+    zone_problems: dict[str, str] = field(default_factory=dict)
     by_message: Counter[str] = field(default_factory=Counter)
     preview: list[PreviewRow] = field(default_factory=list)  # dry runs only
 
@@ -272,14 +280,18 @@ def _queue_batch(
             customer = customers.get(cid)
             if customer is None or not stages.is_sendable(customer):
                 continue  # changed since the ids were read, or being changed (locked) now
-            p = planner.plan(customer, history.get(cid, []), now, campaign)
+            try:
+                p = planner.plan(customer, history.get(cid, []), now, campaign)
+                closes = planner.window_end(now, campaign.window, customer.time_zone)
+            except UnknownTimeZone as exc:  # this customer only; next_due_at stays
+                report.zone_problems[customer.key] = str(exc)
+                continue
             report.customers += 1
             if gate is not None and gate.holds(customer, history.get(cid, []),
                                                (*p.due, *p.deferred)):
                 report.held += 1  # next_due_at stays: the next run looks again
                 continue
             report.deferred += len(p.deferred)
-            closes = planner.window_end(now, campaign.window, customer.time_zone)
             for pm in p.due:
                 report.by_message[pm.message] += 1
                 if not dry_run:
@@ -322,8 +334,18 @@ class RunSummary:
     daily_cap_reached: bool = False
 
     @property
+    def zone_problems(self) -> dict[str, str]:
+        """Customers whose time zone cannot be loaded (key -> why): skipped by planning, or
+        their queued mail held by the dispatcher's window check."""
+        return {**self.dispatch.zone_problems, **self.queue.zone_problems}
+
+    def zone_problem_rows(self) -> list[dict[str, str]]:
+        return [{"customer": key, "error": why, "fix": ZONE_FIX}
+                for key, why in sorted(self.zone_problems.items())]
+
+    @property
     def exit_code(self) -> int:
-        return 1 if self.dispatch.failed or self.dispatch.tripped else 0
+        return 1 if self.dispatch.failed or self.dispatch.tripped or self.zone_problems else 0
 
 
 def run(
@@ -380,8 +402,10 @@ def run(
 
 def dispatch_ids(
     db: Database, settings: Settings, transport: Transport, ids: Iterable[int], *,
-    clock: outbox.Clock, worker: str, max_minutes: float = 10.0,
+    clock: outbox.Clock, worker: str, max_minutes: float = ONE_OFF_MINUTES,
 ) -> outbox.DispatchReport:
-    """Send exactly these outbox rows now (within pacing), e.g. for `comms send`."""
+    """Send exactly these outbox rows now (within pacing), e.g. for `comms send`: the send
+    window is not checked (the operator decided); what is left after ``max_minutes`` waits
+    for the customer's window in the next run (``one_off.queue_prepared`` sets its end)."""
     dispatcher = outbox.Dispatcher(db, settings, transport, clock=clock, worker=worker)
     return dispatcher.run(deadline=time.monotonic() + max_minutes * 60, only_ids=frozenset(ids))

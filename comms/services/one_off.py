@@ -5,18 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlmodel import Session, col, select
 
 from comms import outbox, planner
-from comms.campaign import Campaign
+from comms.campaign import Campaign, SendWindow
 from comms.config import Settings
 from comms.domain import ACTED_ON, CustomerInfo, MessageStatus, PlannedMessage
 from comms.errors import AlreadySent, NotFound, RequestRefused, StateConflict
 from comms.render import Renderer
-from comms.services.engine import _row, load_customers, load_history
+from comms.services.engine import ONE_OFF_MINUTES, _row, load_customers, load_history
 from comms.services.queue_render import render_one
 from comms.store import bodies
 from comms.store.db import Database
@@ -33,6 +33,7 @@ class Prepared:
     subject: str
     row: dict[str, Any]
     resend_of: int | None = None
+    window: SendWindow | None = None  # the campaign's: bounds a leftover (``queue_prepared``)
 
 
 def _customer_by_key(s: Session, key: str) -> Customer:
@@ -104,7 +105,7 @@ def prepare_send(
         if resend_note:
             notes.append(f"resend: {resend_note}")
         r["note"] = "; ".join(notes)
-        out.append(Prepared(customer, pm, rendered.subject, r))
+        out.append(Prepared(customer, pm, rendered.subject, r, window=campaign.window))
     return out
 
 
@@ -192,10 +193,25 @@ def _stage_sends(campaign: Campaign, stage_name: str, message: str) -> bool:
     return message == st.on_enter or (r is not None and message == r.message)
 
 
+def _leftover_by(p: Prepared, now: datetime) -> datetime | None:
+    """The row's ``send_before``: the operator's "send now" covers the command's own dispatch
+    (``engine.dispatch_ids``, which checks no window) and, inside the send window, the rest of
+    that window. Whatever is still queued after that (the dispatch ran out of time, a 429, a
+    Ctrl-C, a resend after an unknown outcome) is moved by the next run or worker to the
+    customer's next window, never sent at any hour."""
+    if p.window is None:
+        return None
+    own = now + timedelta(minutes=ONE_OFF_MINUTES)
+    if not planner.in_window(now, p.window, p.customer.time_zone):
+        return own  # sent outside the window on purpose: now, not later at night
+    return max(own, planner.window_end(now, p.window, p.customer.time_zone))
+
+
 def queue_prepared(
     db: Database, prepared: Sequence[Prepared], *, by: str, now: datetime
 ) -> list[int]:
     """Freeze prepared messages into the outbox (a resend is also recorded in the audit trail).
+    A later dispatcher keeps a leftover to the customer's send window (``_leftover_by``).
 
     Refuses (``StateConflict``, nothing queued) when a customer changed since the messages
     were prepared and shown (an import, stage sync or another operator while the operator read
@@ -205,7 +221,7 @@ def queue_prepared(
     with db.session(immediate=True) as s:
         _unchanged_since_prepared(s, prepared)
         for p in prepared:
-            inserted = outbox.insert_messages(s, [p.row])
+            inserted = outbox.insert_messages(s, [{**p.row, "send_before": _leftover_by(p, now)}])
             if not inserted:
                 raise AlreadySent(
                     f"{p.planned.message} #{p.planned.sequence} for {p.customer.key} was queued "
