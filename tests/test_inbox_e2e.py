@@ -175,6 +175,26 @@ def test_bounce_reply_auto_and_german_optout(env: dict[str, Any], db: Database, 
     assert status.exit_code == 0
 
 
+def test_a_now_without_an_offset_is_read_in_the_default_time_zone_like_run(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `inbox sync --now 2026-12-01T19:00` was 19:00 UTC while every other command reads it in
+    # [defaults] time_zone, and a moment out of range was not refused.
+    _seed_and_send(env, db, tmp_path, cli)
+    env["admin"].inject(kind="reply", mailbox=SENDER, send_id=_send_ids(db)["RPL"],
+                        **{"from": "admin@rpl.example"}, body="done, case 123")
+    monkeypatch.setenv("COMMS_DEFAULTS_TIME_ZONE", "Asia/Tokyo")
+    r = cli("inbox", "sync", "--now", "2026-12-01T19:00")  # T0 in Tokyo
+    assert r.exit_code == 0, r.output
+    with db.session() as s:
+        rpl = s.exec(select(Customer).where(Customer.key == "RPL")).one()
+        held = s.get(InboxCustomerState, rpl.id)
+        assert held is not None and held.reminders_held_until == T0 + timedelta(days=7)
+    bad = cli("inbox", "sync", "--now", "0001-01-01T00:00")
+    assert bad.exit_code == 2 and "out of range" in bad.stderr, bad.output
+
+
 def test_dead_address_ndr_and_item_vs_file_attachments(env: dict[str, Any], db: Database,
                                                        tmp_path: Path, cli: Any) -> None:
     admin: InboxAdmin = env["admin"]

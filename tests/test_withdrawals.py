@@ -28,17 +28,9 @@ from comms.store.inbox_models import InboxCustomerState
 from comms.store.models import Contact, Customer, Message, StageEvent, Suppression
 
 NOW = T0.isoformat()
+LATER = (T0 + timedelta(hours=1)).isoformat()  # Tue 2026-12-01 11:00 UTC, in the send window
 HEADER = ("key,name,licences,stage,account_manager_name,account_manager_email,"
           "primary_contact_email,billing_contact_email\n")
-
-
-def later() -> str:
-    """A weekday morning after the real clock: side actions (resume, opt-in) make a customer
-    due at the real time, so the next simulated run must come after it."""
-    day = datetime.now(UTC) + timedelta(days=1)
-    while day.weekday() >= 5:
-        day += timedelta(days=1)
-    return day.replace(hour=10, minute=0, second=0, microsecond=0).isoformat()
 
 
 @pytest.fixture
@@ -86,20 +78,21 @@ def test_a_pause_withdraws_what_was_queued_and_resume_sends_it_once(
     _import(tmp_path, "P1,Paused Ltd,5,invited,,,boss@p1.example,\n")
     assert "queued 1" in cli("run", "--now", NOW, "--limit", "0").stdout
     queued = _message(db)
-    assert cli("customers", "pause", "P1", "--note", "CEO asked us to wait").exit_code == 0
+    assert cli("customers", "pause", "P1", "--note", "CEO asked us to wait",
+               "--now", NOW).exit_code == 0
     assert [(m.status, m.last_error) for m in [_message(db)]] == [("withdrawn",
                                                                    "customer paused")]
     assert cli("run", "--now", NOW).exit_code == 0
     assert env["sandbox"].sent() == []
 
-    assert cli("customers", "resume", "P1", "--note", "go ahead").exit_code == 0
-    r = cli("run", "--now", later())
+    assert cli("customers", "resume", "P1", "--note", "go ahead", "--now", LATER).exit_code == 0
+    r = cli("run", "--now", LATER)
     assert r.exit_code == 0, r.output
     assert _sent_to(env) == [["boss@p1.example"]]
     again = _message(db)  # the same row, queued again: one decision, one row, one send id
     assert (again.id, again.send_id, again.status) == (queued.id, queued.send_id, "sent")
     assert "Queued again after its withdrawal (customer paused)." in again.note
-    assert cli("run", "--now", later()).exit_code == 0
+    assert cli("run", "--now", LATER).exit_code == 0
     assert len(env["sandbox"].sent()) == 1
 
 
@@ -125,12 +118,13 @@ def test_a_message_withdrawn_by_a_stage_change_goes_out_when_the_customer_comes_
     silently never queued: the withdrawn row held its (customer, message, sequence)."""
     _import(tmp_path, "B1,Back Ltd,5,invited,,,boss@b1.example,\n")
     assert "queued 1" in cli("run", "--now", NOW, "--limit", "0").stdout
-    assert cli("customers", "set-stage", "B1", "approved", "--note", "x", "--yes").exit_code == 0
+    assert cli("customers", "set-stage", "B1", "approved", "--note", "x", "--yes",
+               "--now", NOW).exit_code == 0
     assert _rows(db) == [("partner_invitation", 0, "withdrawn", "stage changed to approved")]
     back = cli("customers", "set-stage", "B1", "invited", "--note", "approved by mistake",
-               "--yes", "--force")
+               "--yes", "--force", "--now", LATER)
     assert back.exit_code == 0, back.output
-    r = cli("run", "--now", later())
+    r = cli("run", "--now", LATER)
     assert "queued 1" in r.stdout, r.output
     assert _sent_to(env) == [["boss@b1.example"]]
     assert [(m, s, st) for m, s, st, _ in _rows(db)] == [("partner_invitation", 0, "sent")]
@@ -142,9 +136,9 @@ def test_an_operator_withdrawal_is_final(
     _import(tmp_path, "W1,Withdrawn Ltd,5,invited,,,boss@w1.example,\n")
     assert "queued 1" in cli("run", "--now", NOW, "--limit", "0").stdout
     mid = _message(db).id
-    assert cli("outbox", "withdraw", str(mid)).exit_code == 0
-    for _ in range(2):
-        assert cli("run", "--now", later()).exit_code == 0
+    assert cli("outbox", "withdraw", str(mid), "--now", NOW).exit_code == 0
+    for when in (LATER, (T0 + timedelta(days=1)).isoformat()):
+        assert cli("run", "--now", when).exit_code == 0
     assert env["sandbox"].sent() == []
     m = _message(db)
     assert (m.status, m.error_code) == ("withdrawn", "withdrawn_by_operator")
@@ -262,14 +256,15 @@ def test_a_new_contact_or_an_opt_in_lifts_the_block_at_the_next_run(
 ) -> None:
     _import(tmp_path, "C1,New Contact Ltd,5,invited,,,dead@c1.example,\n"
                       "C2,Opt In Ltd,5,invited,,,back@c2.example,\n")
-    assert cli("contacts", "opt-out", "dead@c1.example", "--note", "5.1.1").exit_code == 0
-    assert cli("contacts", "opt-out", "back@c2.example", "--note", "by mistake").exit_code == 0
+    for address, note in (("dead@c1.example", "5.1.1"), ("back@c2.example", "by mistake")):
+        r = cli("contacts", "opt-out", address, "--note", note, "--now", NOW)
+        assert r.exit_code == 0, r.output
     assert cli("run", "--now", NOW).exit_code == 0
     assert env["sandbox"].sent() == []
     # What the bounce note asks for: a working address by import; and an opt-in.
     _import(tmp_path, "C1,New Contact Ltd,5,invited,,,alive@c1.example,\n", "c2.csv")
-    assert cli("contacts", "opt-in", "back@c2.example").exit_code == 0
-    r = cli("run", "--now", later())
+    assert cli("contacts", "opt-in", "back@c2.example", "--now", LATER).exit_code == 0
+    r = cli("run", "--now", LATER)
     assert r.exit_code == 0, r.output
     assert sorted(_sent_to(env)) == [["alive@c1.example"], ["back@c2.example"]]
 
@@ -412,7 +407,7 @@ def test_an_import_that_changes_a_customer_renders_its_queued_mail_again(
     _import(tmp_path, "I1,Import Ltd,30,awaiting_cancellation,,,boss@i1.example,"
                       "new-bills@i1.example\n", "c2.csv")
     assert _rows(db)[0][2:] == ("withdrawn", "customer changed by import of c2.csv")
-    r = cli("run", "--now", later())
+    r = cli("run", "--now", LATER)
     assert r.exit_code == 0, r.output
     assert _sent_to(env) == [["boss@i1.example", "new-bills@i1.example"]]
     html = env["sandbox"].sent()[0]["html"]

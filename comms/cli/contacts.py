@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 
 import typer
 from rich.text import Text
@@ -20,10 +19,12 @@ def opt_out(
     email: str = typer.Argument(..., help="The address to suppress."),
     note: str = typer.Option("", "--note", help="Why; recorded."),
     reason: str = typer.Option("", "--reason", hidden=True, help="Old name of --note."),
+    now: str = present.now_option(),
 ) -> None:
     """Never mail this address again (the planner and the dispatcher both honour it)."""
+    app = common.app()
     address, customers = outbox_admin.suppress(
-        common.app().database, email, reason=note or reason, now=datetime.now(UTC),
+        app.database, email, reason=note or reason, now=app.at(now),
         by=common.actor(),
     )
     console.print(Text(f"{visible(address)} suppressed (a contact of "
@@ -36,12 +37,14 @@ def opt_in(
     note: str = typer.Option(
         "", "--note",
         help="Why; recorded. Required when the address bounced or its owner opted out by reply."),
+    now: str = present.now_option(),
 ) -> None:
     """Remove an address from the suppression list: says what is lifted (e.g. "hard bounce
     5.1.1 on 2026-11-30"), records it in the audit trail of every customer the address is a
     contact or account manager of, and those customers are planned again at the next run."""
-    done = outbox_admin.unsuppress(common.app().database, email, now=datetime.now(UTC),
-                                   by=common.actor(), note=note)
+    app = common.app()
+    done = outbox_admin.unsuppress(app.database, email, now=app.at(now), by=common.actor(),
+                                   note=note)
     console.print(Text(f"{visible(done.address)} removed from the suppression list "
                        f"(was: {visible(done.lifted)}); "
                        f"{present.plural(done.customers, 'customer')} planned again at the "

@@ -50,7 +50,7 @@ def import_cmd(
         False, "--strict-columns",
         help="Refuse the file if it has a column that is not part of the format (default: ignore it and say so).",
     ),
-    now: str = typer.Option(None, "--now", help="Record the import at this simulated time (ISO 8601; without an offset it is read in [defaults] time_zone), for `comms run --now`; default: now."),
+    now: str = present.now_option(f"Record the import at this simulated time ({present.NOW_READ}), for `comms run --now`; default: now."),
 ) -> None:
     """Import or update customers from a CSV file (upsert by key, all or nothing)."""
     app = common.app()
@@ -184,7 +184,7 @@ def set_stage_cmd(
         False, "--force", help="Allow a move the campaign does not allow (needs --note)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would move; change nothing."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
-    now: str = typer.Option(None, "--now", help="Record the move at this simulated time (ISO 8601; without an offset it is read in [defaults] time_zone), for `comms run --now`; default: now."),
+    now: str = present.now_option(f"Record the move at this simulated time ({present.NOW_READ}), for `comms run --now`; default: now."),
 ) -> None:
     """Move customers to another stage: by key, or in bulk with --where-stage [--tag]."""
     *keys, stage = args
@@ -227,8 +227,10 @@ def _side(action: svc.SideAction, done: str, already: str) -> Any:
     def command(
         key: str = typer.Argument(..., help="The customer's key."),
         note: str = typer.Option("", "--note", help="Why; recorded in the audit trail."),
+        now: str = present.now_option(),
     ) -> None:
-        changed = svc.side_action(common.app().database, key, action, now=datetime.now(UTC),
+        app = common.app()
+        changed = svc.side_action(app.database, key, action, now=app.at(now),
                                   by=common.actor(), note=note)
         console.print(safe(f"{done} {key}." if changed else f"{key} {already}; nothing changed."),
                       soft_wrap=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import typer
@@ -17,18 +17,6 @@ inbox_app = new_app(
     "Read replies and bounces from the sender mailboxes (Graph delta queries) and act on them."
 )
 KINDS = ("bounce", "reply", "auto", "optout", "unmatched", "error")
-
-
-def _now(value: str | None) -> datetime:
-    if not value:
-        return datetime.now(UTC)
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise UsageError(
-            f"--now {value!r} is not an ISO date/time; use e.g. 2026-12-01T09:30"
-        ) from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _campaign() -> Any:
@@ -63,7 +51,7 @@ def sync(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     mailbox: str = typer.Option(None, "--mailbox", "-m", help="Only this sender mailbox."),
     restart: bool = typer.Option(False, "--restart", help="Read the Inbox from the start (a lost delta link); processed messages are skipped."),
-    now: str = typer.Option(None, "--now", help="Simulated time (ISO) for holds and notes; default: now."),
+    now: str = present.now_option(f"Simulated time for holds and notes ({present.NOW_READ}); default: now."),
 ) -> None:
     """Read new Inbox messages of every sender mailbox, classify them, apply their effects.
 
@@ -74,7 +62,7 @@ def sync(
     read. Exit codes: 0 done; 1 a mailbox was not synced; 2 or 3 configuration or permission
     problem (no mailbox could be read).
     """
-    report = run_sync(now=_now(now), dry_run=dry_run, mailbox=mailbox, restart=restart,
+    report = run_sync(now=common.app().at(now), dry_run=dry_run, mailbox=mailbox, restart=restart,
                       show_progress=not as_json)
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2, default=str))

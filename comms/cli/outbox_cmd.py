@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import typer
@@ -83,17 +83,24 @@ def show(
 
 
 @outbox_app.command("retry")
-def retry(message_id: int = typer.Argument(..., help="Outbox id of a failed message.")) -> None:
+def retry(
+    message_id: int = typer.Argument(..., help="Outbox id of a failed message."),
+    now: str = present.now_option(),
+) -> None:
     """Queue a failed message again (after fixing its cause)."""
-    m = outbox_admin.retry(common.app().database, message_id, now=datetime.now(UTC), by=common.actor())
+    app = common.app()
+    m = outbox_admin.retry(app.database, message_id, now=app.at(now), by=common.actor())
     console.print(f"Message {m.id} queued again; the next `comms run` sends it.")
 
 
 @outbox_app.command("withdraw")
-def withdraw(message_id: int = typer.Argument(..., help="Outbox id of a queued message.")) -> None:
+def withdraw(
+    message_id: int = typer.Argument(..., help="Outbox id of a queued message."),
+    now: str = present.now_option(),
+) -> None:
     """Withdraw a queued (or failed) message so it is never sent."""
-    m = outbox_admin.withdraw(common.app().database, message_id, now=datetime.now(UTC),
-                              by=common.actor())
+    app = common.app()
+    m = outbox_admin.withdraw(app.database, message_id, now=app.at(now), by=common.actor())
     console.print(f"Message {m.id} withdrawn.")
 
 
@@ -102,6 +109,7 @@ def resolve(
     message_id: int = typer.Argument(..., help="Outbox id of a message whose outcome is unknown."),
     sent: bool = typer.Option(False, "--sent", help="It did reach the customer (e.g. you saw it in Sent Items)."),
     resend: bool = typer.Option(False, "--resend", help="It did not; send it again."),
+    now: str = present.now_option(),
 ) -> None:
     """Decide an unknown outcome by hand (needed when the app has no Mail.Read to check).
 
@@ -110,7 +118,7 @@ def resolve(
     if sent == resend:
         raise RequestRefused("Say either --sent or --resend.")
     app = common.app()
-    m = outbox_admin.resolve(app.database, message_id, sent=sent, now=datetime.now(UTC),
+    m = outbox_admin.resolve(app.database, message_id, sent=sent, now=app.at(now),
                              by=common.actor(), reconciling=app.settings.graph.reconcile)
     console.print(f"Message {m.id} is now {m.status}.")
 

@@ -1,5 +1,5 @@
 """Presentation helpers every command shares: plurals, durations, tables that stay readable at
-80 columns, and the one wording of the shared options (--json, --note, --out, --yes)."""
+80 columns, and the one wording of the shared options (--json, --note, --now, --out, --yes)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from comms.wording import plural as plural
 
 JSON_HELP = "Print JSON (for scripts)."
 YES_HELP = "Do not ask for confirmation."
+# Every --now is read by AppContext.at / simulate (services.calendar.parse_now): its help says so.
+NOW_READ = "ISO 8601; without an offset it is read in [defaults] time_zone"
+NOW_HELP = f"Act at this simulated time ({NOW_READ}), to match `comms run --now`; default: now."
 
 # Words whose plural is not word + "s".
 def human_minutes(minutes: float) -> str:
@@ -31,6 +34,12 @@ def human_minutes(minutes: float) -> str:
 
 def json_option() -> Any:
     return typer.Option(False, "--json", help=JSON_HELP)
+
+
+def now_option(help_text: str = NOW_HELP) -> Any:
+    """``--now TIME``: the simulated moment a command acts at (``app.at(now)`` or
+    ``app.simulate(now)``); every command that reads or records a time takes it."""
+    return typer.Option(None, "--now", help=help_text)
 
 
 def yes_option() -> Any:

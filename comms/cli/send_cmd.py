@@ -11,6 +11,8 @@ from comms.services import preflight, sending
 from comms.services import worker as worker_service
 from comms.services.shutdown import graceful_stop
 
+_NOW_HELP = f"Simulated time ({present.NOW_READ}); default: now."
+
 
 def send(
     keys: list[str] = typer.Argument(None, help="Customer key(s). Or use --tag.", show_default=False),
@@ -21,7 +23,7 @@ def send(
     resend: bool = typer.Option(False, "--resend", help="Send a message again that was already sent (needs --note)."),
     force: bool = typer.Option(False, "--force", help="Send a message of another stage than the customer's (needs --note)."),
     note: str = typer.Option("", "--note", help="Why (required with --resend and --force; recorded)."),
-    now: str = typer.Option(None, "--now", help="Simulated time (ISO 8601; without an offset it is read in [defaults] time_zone); default: now."),
+    now: str = present.now_option(_NOW_HELP),
 ) -> None:
     """Send one customer (or a tagged group) what its stage calls for now, or a named message.
 
@@ -52,7 +54,7 @@ def send(
 
 def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan and forecast; queue and send nothing."),
-    now: str = typer.Option(None, "--now", help="Simulated time (ISO 8601; without an offset it is read in [defaults] time_zone); default: now."),
+    now: str = present.now_option(_NOW_HELP),
     limit: int = typer.Option(None, "--limit", min=0, help="Send at most N messages this run."),
     max_minutes: float = typer.Option(50.0, "--max-minutes", min=0.0, help="Stop dispatching after M minutes (queued mail waits for the next run)."),
     tag: str = typer.Option(None, "--tag", callback=common.tag_value, help="Only customers with this tag (a marketing wave)."),
@@ -86,7 +88,7 @@ def run(
 def worker(
     once: bool = typer.Option(False, "--once", help="Drain what is due now, then exit."),
     max_minutes: float = typer.Option(0.0, "--max-minutes", min=0.0, help="Stop after M minutes (0: run until stopped)."),
-    now: str = typer.Option(None, "--now", help="Simulated time (ISO 8601; without an offset it is read in [defaults] time_zone); default: now."),
+    now: str = present.now_option(_NOW_HELP),
 ) -> None:
     """Dispatch queued messages; run several (on one host or many) against one PostgreSQL
     database. Workers share each sender mailbox's limits through the database."""

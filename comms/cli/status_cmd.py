@@ -19,13 +19,12 @@ from comms.services.status import StatusReport, compute_status, parse_now
 SHOW = 20  # rows per list in the terminal; `comms report` has everyone
 GROUP_WIDTH = 24  # room kept for an account manager or a wave beside the figures
 
-NOW_HELP = ("Figures as of this time (ISO 8601; without an offset it is read in [defaults] "
-            "time_zone); default: now.")
+NOW_HELP = f"Figures as of this time ({present.NOW_READ}); default: now."
 
 
 def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
-    now: str = typer.Option(None, "--now", help=NOW_HELP),
+    now: str = present.now_option(NOW_HELP),
     days: int = typer.Option(14, "--days", min=1, help="Days of messages-per-day history."),
 ) -> None:
     """Where every customer stands: funnel, stuck customers, messages, exposure."""
@@ -135,7 +134,7 @@ def _print_exposure(r: StatusReport) -> None:
 
 def report(
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write."),
-    now: str = typer.Option(None, "--now", help=NOW_HELP),
+    now: str = present.now_option(NOW_HELP),
     days: int = typer.Option(30, "--days", min=1, help="Days of messages-per-day history."),
     tag: str = typer.Option(None, "--tag", callback=common.tag_value, help="Manager figures for this wave (tag) only."),
     since: str = typer.Option(None, "--since", help="Manager figures for customers imported "

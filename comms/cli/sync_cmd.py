@@ -19,7 +19,7 @@ def sync(
     customer: list[str] = typer.Option(None, "--customer", help="Only this customer key (repeatable)."),
     tag: str = typer.Option(None, "--tag", callback=common.tag_value, help="Only customers with this tag."),
     source: str = typer.Option(None, "--source", help="Only this source: partner_center, gdap or tenant."),
-    now: str = typer.Option(None, "--now", help="Simulated time of the observation (ISO 8601; without an offset it is read in [defaults] time_zone); default: now."),
+    now: str = present.now_option(f"Simulated time of the observation ({present.NOW_READ}); default: now."),
 ) -> None:
     """Sync stages from what Microsoft sees: per customer, what was seen and what moved.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 
 import typer
 
@@ -18,7 +18,7 @@ wave_app = new_app(
 )
 
 
-_NOW_HELP = "Act as of this moment (ISO 8601; no offset means UTC), e.g. to match `run --now`."
+_NOW_HELP = f"Act as of this moment ({present.NOW_READ}), e.g. to match `run --now`."
 
 
 def _when(dt: datetime | None) -> str:
@@ -28,7 +28,7 @@ def _when(dt: datetime | None) -> str:
 @wave_app.command("list")
 def list_(
     as_json: bool = typer.Option(False, "--json", help="JSON for machines."),
-    now: str = typer.Option(None, "--now", help=_NOW_HELP),
+    now: str = present.now_option(_NOW_HELP),
 ) -> None:
     """Each wave: customers per stage, next message due, approval state."""
     ctx = common.app()
@@ -62,7 +62,7 @@ def list_(
 def proof(
     tag: str = typer.Argument(..., help="The wave (customer tag)."),
     to: str = typer.Option(None, "--to", help="Operator address (default: [partner] reply_to)."),
-    now: str = typer.Option(None, "--now", help=_NOW_HELP),
+    now: str = present.now_option(_NOW_HELP),
 ) -> None:
     """Send the operator one [PROOF] copy of each message the wave gets next (per message ×
     locale × licence branch). Customers get nothing; the proof's hash goes to the audit trail."""
@@ -88,7 +88,7 @@ def approve(
     tag: str = typer.Argument(..., help="The wave (customer tag)."),
     by: str = typer.Option(..., "--by", help="Who approves (recorded in the audit trail)."),
     note: str = typer.Option("", "--note", help="Why, or what was checked."),
-    now: str = typer.Option(None, "--now", help=_NOW_HELP),
+    now: str = present.now_option(_NOW_HELP),
 ) -> None:
     """Approve the wave's proofed content: its first messages may go out with `comms run`."""
     ctx = common.app()
@@ -102,10 +102,11 @@ def approve(
 def hold(
     tag: str = typer.Argument(..., help="The wave (customer tag)."),
     note: str = typer.Option("", "--note", help="Why it is held."),
+    now: str = present.now_option(_NOW_HELP),
 ) -> None:
     """Hold the wave: customers not yet started get nothing until it is approved again."""
-    ev = waves.hold(common.app().database, tag, by=common.actor(), note=note,
-                    now=datetime.now(UTC))
+    ctx = common.app()
+    ev = waves.hold(ctx.database, tag, by=common.actor(), note=note, now=ctx.at(now))
     console.print(f"Wave {tag} held at {_when(ev.at)} UTC.", markup=False)
 
 
