@@ -36,6 +36,15 @@ def _reminder(db: Database, now: datetime) -> RenderedEmail:
         extra={"reminders_max": 5, "escalated": False})
 
 
+def _rewrite_evidence(db: Database, customer_id: int | None, **seen: object) -> None:
+    """Change what the customer's one tenant evidence row says it saw."""
+    with db.session() as s:
+        ev = s.exec(select(SyncEvidence).where(SyncEvidence.customer_id == customer_id,
+                                               SyncEvidence.source == "tenant")).one()
+        ev.seen_json = json.dumps({**json.loads(ev.seen_json), **seen})
+        s.add(ev)
+
+
 def _sync(cli: Any, days: float) -> None:
     r = cli("sync", "--now", (BASE + timedelta(days=days)).isoformat(), "--source", "tenant")
     assert r.exit_code in (0, 1), r.output
@@ -75,13 +84,7 @@ def test_evidence_from_another_tenant_is_not_the_customers(
     awaiting_cancellation(world, cli, tmp_path, licences=26)
     _sync(cli, 0)
     row = _row(db, "A")
-    with db.session() as s:
-        ev = s.exec(select(SyncEvidence).where(SyncEvidence.customer_id == row.id,
-                                               SyncEvidence.source == "tenant")).one()
-        seen = json.loads(ev.seen_json)
-        seen["tenant_id"] = TENANT_X
-        ev.seen_json = json.dumps(seen)
-        s.add(ev)
+    _rewrite_evidence(db, row.id, tenant_id=TENANT_X)
     assert STILL_ACTIVE in _reminder(db, BASE + timedelta(hours=1)).text
     with db.session() as s:  # the CSV corrected the tenant id
         customer = s.get(type(row), row.id)
@@ -96,14 +99,10 @@ def test_evidence_that_did_not_identify_the_old_subscription_states_nothing(
 ) -> None:
     awaiting_cancellation(world, cli, tmp_path, licences=26)
     _sync(cli, 0)
-    row = _row(db, "A")
     assert STILL_ACTIVE in _reminder(db, BASE + timedelta(hours=1)).text
-    with db.session() as s:  # what sync records when several products are billed directly
-        ev = s.exec(select(SyncEvidence).where(SyncEvidence.customer_id == row.id,
-                                               SyncEvidence.source == "tenant")).one()
-        ev.seen_json = json.dumps({"status": "unknown", "several": ["ENTERPRISEPACK", "VISIO"],
-                                   "tenant_id": TENANT_X})
-        s.add(ev)
+    # What sync records when several products are billed directly.
+    _rewrite_evidence(db, _row(db, "A").id, status="unknown", id=None, total=None,
+                      assigned=None, several=["ENTERPRISEPACK", "VISIO"])
     email = _reminder(db, BASE + timedelta(hours=2))
     assert STILL_ACTIVE not in email.text and "checked on" not in email.text
     assert "If you have not cancelled the old Microsoft 365 subscription" in email.text

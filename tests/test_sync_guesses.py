@@ -274,11 +274,13 @@ def test_turning_on_a_source_does_not_undo_a_correction(
 
 # -- 3. "absent" only from a complete directory read -----------------------------------------
 
-def awaiting_cancellation(world: Sandbox, cli: Any, tmp_path: Path, *, licences: int) -> None:
-    """Customer A (tenant X, ``licences`` in the CSV) accepted, its CSP subscription active,
-    its direct one Enabled with 30 licences, 26 of them assigned."""
+def awaiting_cancellation(world: Sandbox, cli: Any, tmp_path: Path, *, licences: int,
+                          assigned: int = 26) -> None:
+    """Customer A (tenant X, ``licences`` in the CSV) accepted, its CSP subscription active
+    (Microsoft 365 E3, 30 seats), its direct one Enabled with 30 licences, ``assigned`` of them
+    assigned."""
     world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30,
-                              assigned=26)
+                              assigned=assigned)
     world.tenant_change(TENANT_X, "accept_relationship")
     world.tenant_change(TENANT_X, "activate_csp", quantity=30)
     _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", licences,

@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 from sqlmodel import col, select
-from test_sync_guesses import BASE, TENANT_X, TENANT_Y, _import, _row, _world
+from test_sync_guesses import (
+    BASE,
+    TENANT_X,
+    TENANT_Y,
+    _import,
+    _row,
+    _world,
+    awaiting_cancellation,
+)
 
 from comms.sandbox import Sandbox
 from comms.store.db import Database
@@ -33,12 +41,7 @@ def world(sandbox_factory: Any, tmp_path: Path, database_url: str,
 def _awaiting(world: Sandbox, cli: Any, tmp_path: Path) -> None:
     """A's tenant: a direct ENTERPRISEPACK of 30 (28 assigned), replaced by a CSP Microsoft 365
     E3 of 30 (an upgrade: not the same SKU)."""
-    world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30,
-                              assigned=28)
-    world.tenant_change(TENANT_X, "accept_relationship")
-    world.tenant_change(TENANT_X, "activate_csp", quantity=30)
-    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 30,
-                             "awaiting_cancellation", "")])
+    awaiting_cancellation(world, cli, tmp_path, licences=30, assigned=28)
 
 
 def _sync(cli: Any, hours: int, *args: str) -> dict[str, Any]:

@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 from sqlmodel import col, select
-from test_sync_guesses import BASE, TENANT_X, _import, _Info, _row, _world
+from test_sync_guesses import (
+    BASE,
+    TENANT_X,
+    _import,
+    _Info,
+    _row,
+    _world,
+    awaiting_cancellation,
+)
 
 from comms.sandbox import Sandbox
 from comms.store.db import Database
@@ -150,12 +158,7 @@ def test_a_routine_forward_move_by_hand_does_not_hold_an_accepted_customer(
 def test_csp_subscription_gone_is_reported_and_no_cancel_mail_goes(
     world: Sandbox, db: Database, cli: Any, tmp_path: Path
 ) -> None:
-    world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30,
-                              assigned=26)
-    world.tenant_change(TENANT_X, "accept_relationship")
-    world.tenant_change(TENANT_X, "activate_csp", quantity=30)
-    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 30,
-                             "awaiting_cancellation", "")])
+    awaiting_cancellation(world, cli, tmp_path, licences=30)
     assert cli("run", "--sync", "--now", _at(0)).exit_code == 0
     assert ("cancel_instructions", "sent") in _messages(db)
     world.tenant_change(TENANT_X, "csp_status", status="deleted")
@@ -182,12 +185,7 @@ def test_attention_lasts_through_a_partner_center_outage_and_a_sync_of_other_sou
 ) -> None:
     """Not reading Partner Center again is no sign the CSP subscription came back: while it is
     not read (an outage, `--source tenant`), no cancel reminder goes and nothing moves."""
-    world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30,
-                              assigned=26)
-    world.tenant_change(TENANT_X, "accept_relationship")
-    world.tenant_change(TENANT_X, "activate_csp", quantity=30)
-    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 30,
-                             "awaiting_cancellation", "")])
+    awaiting_cancellation(world, cli, tmp_path, licences=30)
     assert cli("run", "--sync", "--now", _at(0)).exit_code == 0
     world.tenant_change(TENANT_X, "csp_status", status="deleted")
     data = json.loads(cli("sync", "--now", _at(24), "--json").stdout)["customers"][0]
