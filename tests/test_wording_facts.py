@@ -122,7 +122,7 @@ def test_cancel_reminder_states_days_billed_twice_when_seen_enabled(
 
 
 @pytest.mark.parametrize("locale", LOCALES)
-@pytest.mark.parametrize("status", ["", "Suspended", "Warning", "absent"])
+@pytest.mark.parametrize("status", ["", "Suspended", "absent"])  # Warning: see "expired" below
 def test_cancel_instructions_state_no_days_billed_twice_unless_seen_enabled(
     renderer: Renderer, locale: str, status: str
 ) -> None:
@@ -350,6 +350,25 @@ def test_a_reminder_for_an_expired_old_subscription_claims_no_double_billing(
     for body in (email.html, email.text):
         assert seen_text in body
         assert not wrong.search(body), wrong.search(body)
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_cancel_instructions_for_an_expired_old_subscription_claim_no_double_billing(
+    renderer: Renderer, locale: str
+) -> None:
+    """The same for the stage's first message: it said "until you cancel the old subscription,
+    you are paying twice" and "it does not end by itself" for one seen expired."""
+    email = render(renderer, "cancel_instructions", customer(30, locale=locale),
+                   status="Warning")
+    wrong = EXPIRED[locale][2]
+    assert {"en": "which has expired", "de": "abgelaufenes"}[locale] in email.subject
+    for body in (email.subject, email.html, email.text):
+        assert not wrong.search(body), wrong.search(body)
+    said = {"en": "in its grace period (checked on 9 March 2026): it is not cancelled yet",
+            "de": "in der Nachfrist befindet (geprüft am 9. März 2026): Gekündigt ist es noch "
+                  "nicht"}[locale]
+    for body in (email.html, email.text):
+        assert said in body
 
 
 SUPPORT_ROUTE = {"en": "through Microsoft support", "de": "über den Microsoft-Support"}
