@@ -136,11 +136,11 @@ class OwnProcess:
 
 
 def _time_phases() -> dict[str, list[float]]:
-    """Wall and CPU seconds of sync's two phases: reading the sources, recording."""
+    """Wall and CPU seconds spent recording (each page once read, while the next are read)."""
     import comms.sync.service as service
 
     out: dict[str, list[float]] = {}
-    for name in ("_read", "_record"):
+    for name in ("_record",):
         inner = getattr(service, name)
         out[name] = [0.0, 0.0]
 
@@ -157,7 +157,19 @@ def _time_phases() -> dict[str, list[float]]:
 
 
 class _Inline:
-    def __init__(self, max_workers: int) -> None:
+    """A ThreadPoolExecutor that runs everything at once in the calling thread."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str = "") -> None:
+        pass
+
+    def submit(self, fn: Any, *args: Any) -> Any:
+        from concurrent.futures import Future
+
+        done: Future[Any] = Future()
+        done.set_result(fn(*args))
+        return done
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         pass
 
     def __enter__(self) -> _Inline:
@@ -171,7 +183,7 @@ class _Inline:
 
 
 def one(n: int, time_scale: float, pc_per_minute: int, concurrency: int, in_process: bool,
-        profile: str | None, auth: str) -> dict[str, Any]:
+        profile: str | None, auth: str, processes: int = 0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         cert_pem, key_pem, _ = Sandbox.make_certificate("comms-bench")
@@ -202,6 +214,7 @@ def one(n: int, time_scale: float, pc_per_minute: int, concurrency: int, in_proc
                 "COMMS_SYNC_PARTNER_CENTER": "true", "COMMS_SYNC_CUSTOMER_TENANTS": "true",
                 "COMMS_SYNC_PARTNER_CENTER_URL": info["base_url"],
                 "COMMS_SYNC_CONCURRENCY": str(concurrency), "COMMS_SYNC_MAX_ATTEMPTS": "50",
+                "COMMS_SYNC_PROCESSES": str(processes),
             }
             if os.environ.get("COMMS_BENCH_DATABASE_URL"):
                 env["COMMS_DATABASE_URL"] = os.environ["COMMS_BENCH_DATABASE_URL"]
@@ -215,13 +228,17 @@ def one(n: int, time_scale: float, pc_per_minute: int, concurrency: int, in_proc
             if profile:
                 import cProfile
 
-                import comms.sync.service as service
+                import comms.sync.reading as reading
 
-                # cProfile sees only its own thread: run the reads inline, one at a time.
-                service.ThreadPoolExecutor = _Inline  # type: ignore[assignment,misc]
+                # cProfile sees only its own thread: run the reads inline, one at a time, in
+                # this process.
+                reading.ThreadPoolExecutor = _Inline  # type: ignore[assignment,misc]
+                reading.POOL_MIN_CUSTOMERS = n
                 profiler = cProfile.Profile()
             phases = _time_phases()
             sandbox_cpu, cpu = sandbox.cpu(), _cpu()
+            # Reaped children only: the sync's worker processes (the sandbox runs on).
+            workers_cpu = _cpu(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
             if profiler:
                 profiler.enable()
@@ -231,6 +248,7 @@ def one(n: int, time_scale: float, pc_per_minute: int, concurrency: int, in_proc
                 profiler.dump_stats(profile)
             seconds = time.perf_counter() - start
             cpu = _cpu() - cpu
+            workers_cpu = _cpu(resource.RUSAGE_CHILDREN) - workers_cpu
             stats = sandbox.stats()
             db.dispose()
         finally:
@@ -242,12 +260,15 @@ def one(n: int, time_scale: float, pc_per_minute: int, concurrency: int, in_proc
         "cannot_verify": report.count("cannot verify"),
         "pc_requests": stats["pc_requests"], "pc_throttled": stats["pc_throttled"],
         "directory_throttled": stats["directory_throttled"], "retries": report.retries,
-        "read_s": round(phases["_read"][0], 2), "read_cpu_s": round(phases["_read"][1], 1),
+        "read_s": round(seconds - phases["_record"][0], 2),
         "record_s": round(phases["_record"][0], 2),
         "record_cpu_s": round(phases["_record"][1], 1),
-        "comms_cpu_s": round(cpu, 1),
+        "comms_cpu_s": round(cpu + workers_cpu, 1), "of_which_workers_cpu_s": round(workers_cpu, 1),
         "sandbox_cpu_s": round(stats["cpu"] - sandbox_cpu, 1) if not in_process else "in comms",
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # The largest reaped child: a sync worker process (0 when the sync read in-process).
+        "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                                    1),
         "sandbox": "in process" if in_process else "own process", "auth": auth,
     }
 
@@ -259,6 +280,8 @@ def main() -> None:
     ap.add_argument("--time-scale", type=float, default=0.02)
     ap.add_argument("--pc-per-minute", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--processes", type=int, default=0,
+                    help="[sync] processes: 0 = one per CPU up to 4 (default), 1 = this process")
     ap.add_argument("--sandbox-in-process", action="store_true")
     ap.add_argument("--auth", choices=("secret", "certificate"), default="secret")
     ap.add_argument("--profile", default="", help="cProfile the sync into this file")
@@ -266,14 +289,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         print(one(args.customers, args.time_scale, args.pc_per_minute, args.concurrency,
-                  args.sandbox_in_process, args.profile or None, args.auth), flush=True)
+                  args.sandbox_in_process, args.profile or None, args.auth, args.processes),
+              flush=True)
         return
     sizes = [int(s) for s in args.sizes.split(",") if s] or [args.customers // 5, args.customers]
     # Each size in its own process, so peak RSS is that size's own.
     for n in sizes:
         cmd = [sys.executable, __file__, "--child", "--customers", str(n), "--time-scale",
                str(args.time_scale), "--pc-per-minute", str(args.pc_per_minute),
-               "--concurrency", str(args.concurrency), "--auth", args.auth]
+               "--concurrency", str(args.concurrency), "--auth", args.auth,
+               "--processes", str(args.processes)]
         if args.sandbox_in_process:
             cmd.append("--sandbox-in-process")
         if args.profile:

@@ -217,6 +217,9 @@ class SyncSettings(_Section):
     partner_center_url: str = "https://api.partnercenter.microsoft.com"
     on_run: bool = False  # `comms run` syncs before planning
     concurrency: int = Field(default=8, ge=1, le=64)
+    # Worker processes that read the customers of a large sync (0: one per CPU, up to 4; 1:
+    # always in this process); `concurrency` stays the bound for all of them together.
+    processes: int = Field(default=0, ge=0, le=32)
     page_size: int = Field(default=500, ge=1, le=1000)
     max_attempts: int = Field(default=8, ge=1, le=50)
     # An email states what sync saw ("still active, checked on ...") only when the tenant was

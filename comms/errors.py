@@ -15,6 +15,7 @@ turns any ``CommsError`` into one clear line on stderr and the exit code it carr
     ├── ImportRejected              a CSV with invalid rows (lists every problem)
     ├── TemplateError               a template cannot be rendered (names file and line)
     ├── RenderWorkerFailed          a render worker process died while a run was queueing
+    ├── SyncWorkerFailed            a sync worker process died while reading customers
     ├── AuthError                   exit 3: no token could be obtained (names the setting to fix)
     ├── DeliveryError               a transport cannot be used at all (not one message's outcome)
     ├── AlreadySent                 a message was already sent; resending needs --resend --note
@@ -101,6 +102,10 @@ class TemplateError(CommsError):
 
 
 class RenderWorkerFailed(CommsError):
+    pass
+
+
+class SyncWorkerFailed(CommsError):
     pass
 
 

@@ -17,7 +17,7 @@ import requests
 from test_sync_guesses import BASE, TENANT_X, _import, _row, _world, awaiting_cancellation
 
 from comms.config import load_settings
-from comms.sync import clients, ledger, service
+from comms.sync import clients, ledger, reading
 from comms.sync.ledger import CustomerSync
 
 PARTNER = "11111111-2222-4333-8444-555555555555"
@@ -34,7 +34,7 @@ def _direct(subs: list[dict[str, Any]], assigned: dict[str, int],
             previous: dict[str, Any] | None = None) -> dict[str, Any]:
     res = CustomerSync("A", "Alpha")
     skus = [{"skuId": f"sku-{k}", "consumedUnits": v} for k, v in assigned.items()]
-    service._direct(res, SETTINGS, subs, skus, tenant_id="tenant-a", previous=previous)
+    reading._direct(res, SETTINGS, subs, skus, tenant_id="tenant-a", previous=previous)
     seen: dict[str, Any] = res.seen["tenant"]
     assert seen.pop("tenant_id") == "tenant-a"  # which tenant it was read in
     if seen["status"] == "unknown":

@@ -1,12 +1,15 @@
 """Stage sync: read what Microsoft sees of each customer, keep it as evidence, and move stages
 by the campaign's ``[sync]`` rules.
 
-Two phases so no database transaction stays open across network calls: first every source is
-read (bounded concurrency, retries in the clients), then one transaction records the evidence
-that changed, fills tenant ids found by a unique domain match, updates licence counts from
-reality, and applies the stage moves (each a normal audit event, ``by = sync:<source>``, the
-note naming the evidence id). With nothing new, nothing is written but each customer's
-``sync_checks`` row (the freshness ``comms status`` shows).
+No database transaction stays open across network calls: the partner's listings are read
+first, then the customers a page at a time (bounded concurrency, retries in the clients; in
+worker processes for a large sync, ``comms.sync.reading``), and each page, once read, is
+recorded in one transaction while the next pages are read: the evidence that changed, tenant
+ids found by a unique domain match, licence counts from reality, and the stage moves (each a
+normal audit event, ``by = sync:<source>``, the note naming the evidence id). With nothing new,
+nothing is written but each customer's ``sync_checks`` row (the freshness ``comms status``
+shows). A sync stopped halfway has recorded whole pages, each customer in full or not at all;
+the next sync reads every customer again.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -29,7 +32,7 @@ from comms.errors import CampaignError, ConfigError, UsageError
 from comms.store import repo
 from comms.store.db import Database
 from comms.store.models import Customer
-from comms.sync import clients
+from comms.sync import clients, reading
 from comms.sync.ledger import (
     SOURCES,
     CustomerSync,
@@ -130,11 +133,20 @@ def run_sync(
         _require_partner_tenant_guid(settings)
     targets = _targets(db, keys, tag)
     results = {t.id: CustomerSync(t.key, t.name) for t in targets}
-    report = SyncReport(now, sources, dry_run, list(results.values()), [], [])
+    report = SyncReport(now, sources, dry_run, [], [], [])
     ledger = _ledger(db) if "partner_center" in sources else targets
-    previous = _previous_direct(db, [t.id for t in targets]) if "tenant" in sources else {}
-    fills = _read(settings, sources, targets, ledger, results, report, progress, previous)
-    _record(db, campaign, rules, now, targets, results, fills, dry_run)
+    readers = reading.Readers(settings, sources)
+    try:
+        fills, tenant_of = _listings(settings, sources, readers, targets, ledger, results,
+                                     report)
+        report.retries = readers.reader.retries
+        with closing(_read(db, settings, sources, readers, targets, tenant_of, results,
+                           report, progress)) as pages:
+            for page in pages:
+                _record(db, campaign, rules, now, page, results, fills, dry_run)
+    finally:
+        readers.close()
+    report.customers = [results[t.id] for t in targets]
     return report
 
 
@@ -170,63 +182,79 @@ def _require_partner_tenant_guid(settings: Settings) -> None:
         ) from None
 
 
-def _read(
+def _listings(
     settings: Settings,
     sources: tuple[str, ...],
+    readers: reading.Readers,
     targets: list[_Target],
     ledger: list[_Target],
     results: dict[int, CustomerSync],
     report: SyncReport,
-    progress: Callable[[int, int], None] | None,
-    previous: dict[int, dict[str, Any]],
-) -> dict[int, str]:
-    """Read every source; returns the tenant ids found by a unique domain match. A partner
-    listing (Partner Center's customers, GDAP relationships) that fails after its retries fails
-    that source for every customer (reported, exit code 1, nothing concluded from it): the
-    other sources are still read, and `comms run --sync` plans on the ledger's stages."""
-    session = clients.open_session(settings)
-    reader = clients.Reader(session, max_attempts=settings.sync.max_attempts,
-                            time_scale=settings.delivery.time_scale)
+) -> tuple[dict[int, str], dict[int, str]]:
+    """Read the partner's listings (Partner Center's customers, GDAP relationships); returns
+    the tenant ids found by a unique domain match, and every target's tenant id with them. A
+    listing that fails after its retries fails that source for every customer (reported, exit
+    code 1, nothing concluded from it): the other sources are still read, and
+    `comms run --sync` plans on the ledger's stages."""
     fills: dict[int, str] = {}
     tenant_of = {t.id: t.tenant_id for t in targets}
+    pc = readers.pc
+    if pc is not None and (listed := _listing("partner_center", pc.customers, targets,
+                                                    results)) is not None:
+        matched = _match(listed, ledger, {t.id for t in targets}, report, fills)
+        tenant_of.update(fills)
+        for t in targets:
+            results[t.id].seen["partner_center"] = {"listed": t.id in matched}
+    if "gdap" in sources:
+        _gdap(clients.Gdap(settings, readers.session, readers.reader), targets, tenant_of,
+              results)
+    return fills, tenant_of
+
+
+def _read(
+    db: Database,
+    settings: Settings,
+    sources: tuple[str, ...],
+    readers: reading.Readers,
+    targets: list[_Target],
+    tenant_of: dict[int, str],
+    results: dict[int, CustomerSync],
+    report: SyncReport,
+    progress: Callable[[int, int], None] | None,
+) -> Generator[list[_Target], None, None]:
+    """Read every customer, a page at a time (``comms.sync.reading``), and hand back each page
+    once read, in order, its results in ``results``: the caller records it while the next
+    pages are read. Memory stays that of a few pages whatever the number of customers."""
+    pages = [targets[i : i + reading.PAGE] for i in range(0, len(targets), reading.PAGE)]
+    page_of = {t.id: n for n, page in enumerate(pages) for t in page}
+    work = sum(1 for t in targets
+               if reading._listed(results[t.id]) or readers.tenant is not None)
+
+    def page_jobs() -> Iterator[list[reading.Job]]:
+        for page in pages:
+            yield [reading.Job(t.id, tenant_of[t.id], results[t.id]) for t in page]
+
+    def attach(jobs: list[reading.Job]) -> None:
+        # The direct subscription each customer's last tenant evidence identified, read from
+        # the ledger a page at a time, just before the page is read.
+        if readers.tenant is not None:
+            previous = _previous_direct(db, [j.id for j in jobs])
+            for job in jobs:
+                job.previous = previous.get(job.id)
+
+    pager = reading.PageReader(settings, sources, work, readers)
+    done = 0
     try:
-        pc = clients.PartnerCenter(settings, session, reader) if "partner_center" in sources \
-            else None
-        if pc is not None and (listed := _listing("partner_center", pc.customers, targets,
-                                                        results)) is not None:
-            matched = _match(listed, ledger, {t.id for t in targets}, report, fills)
-            tenant_of.update(fills)
-            for t in targets:
-                results[t.id].seen["partner_center"] = {"listed": t.id in matched}
-        if "gdap" in sources:
-            _gdap(clients.Gdap(settings, session, reader), targets, tenant_of, results)
-        tenant = clients.CustomerTenant(settings, session, reader) \
-            if "tenant" in sources else None
-        work = [t for t in targets if _listed(results[t.id]) or tenant is not None]
-        done = 0
-
-        def one(t: _Target) -> None:
-            tid = tenant_of[t.id]
-            res = results[t.id]
-            if pc is not None and _listed(res):
-                _guard(res, "partner_center", lambda: _csp(res, pc.subscriptions(tid)))
-            if tenant is not None:
-                if problem := _unreadable_tenant(tid, settings):
-                    res.problems["tenant"] = problem
-                else:
-                    _guard(res, "tenant", lambda: _direct(
-                        res, settings, *tenant.read(tid), tenant_id=tid,
-                        previous=previous.get(t.id)))
-
-        with ThreadPoolExecutor(max_workers=settings.sync.concurrency) as pool:
-            for _ in pool.map(one, work):
-                done += 1
-                if progress:
-                    progress(done, len(work))
+        for jobs, page in pager.read(page_jobs(), attach):
+            for job, res in zip(jobs, page.results, strict=True):
+                results[job.id] = res  # a worker process sends back a copy
+            report.retries += page.retries
+            yield pages[page_of[jobs[0].id]]
+            done += len(jobs)
+            if progress:
+                progress(done, len(targets))
     finally:
-        report.retries = reader.retries
-        session.close()
-    return fills
+        pager.close()
 
 
 def _gdap(gdap: clients.Gdap, targets: list[_Target], tenant_of: dict[int, str],
@@ -239,8 +267,6 @@ def _gdap(gdap: clients.Gdap, targets: list[_Target], tenant_of: dict[int, str],
                 results[t.id].seen["gdap"] = {"status": found.get(tenant_of[t.id], "none")}
 
 
-def _listed(res: CustomerSync) -> bool:
-    return bool(res.seen.get("partner_center", {}).get("listed"))
 
 
 def _listing(
@@ -259,30 +285,8 @@ def _listing(
         return None
 
 
-def _unreadable_tenant(tid: str, settings: Settings) -> str:
-    """Why a customer's tenant is not read ("" when it is)."""
-    if not tid:
-        return ("cannot verify: no tenant id (add tenant_id to the CSV, or enable "
-                "[sync] partner_center to find it by domain)")
-    if tid.lower() == settings.graph.tenant_id.strip().lower():
-        return (f"cannot verify: tenant id {tid} is your own tenant ([graph] tenant_id), not "
-                "the customer's; set the customer's tenant_id in the CSV and re-import")
-    return ""
 
 
-def _guard(res: CustomerSync, source: str, call: Callable[[], None]) -> None:
-    try:
-        call()
-    except clients.NoAccess as exc:
-        res.problems[source] = (
-            f"cannot verify: no consent/role ({exc.message}); grant admin consent to the "
-            "app in the customer's tenant (Organization.Read.All) or a GDAP role such as "
-            "Global Reader")
-        res.seen.pop(source, None)
-    except clients.SourceFailed as exc:
-        res.problems[source] = f"failed: {exc.message}"
-        res.failed = True
-        res.seen.pop(source, None)
 
 
 def _match(
@@ -329,90 +333,10 @@ def _match(
     return matched
 
 
-def _csp(res: CustomerSync, subs: list[dict[str, Any]]) -> None:
-    """The partner's subscriptions of the customer, with what tells a licence-based seat
-    subscription (``billingType``, ``unitType``, ``productType``, ``offerId``) from an Azure
-    plan or a trial (``isTrial``): only the former make the CSP subscription live
-    (``comms.sync.ledger.facts_of``)."""
-    seen = res.seen["partner_center"]
-    seen["subscriptions"] = sorted(
-        ({"id": s.get("id"), "offer": s.get("offerName") or s.get("offerId"),
-          "offer_id": s.get("offerId"), "quantity": s.get("quantity"),
-          "status": s.get("status"), "start": s.get("effectiveStartDate"),
-          "trial": s.get("isTrial"), "billing": s.get("billingType"),
-          "unit": s.get("unitType"),
-          "product": (s.get("productType") or {}).get("id")
-          if isinstance(s.get("productType"), dict) else None} for s in subs),
-        key=lambda s: str(s["id"]),
-    )
 
 
-def _direct(
-    res: CustomerSync,
-    settings: Settings,
-    subs: list[dict[str, Any]],
-    skus: list[dict[str, Any]],
-    *,
-    tenant_id: str = "",
-    previous: dict[str, Any] | None = None,
-) -> None:
-    """What the customer's tenant (``tenant_id``, recorded with what was seen) shows of its
-    direct subscription, the one to cancel (``_candidate``). Its status and licences only:
-    never those of another product. When which one it is cannot be told, the status is
-    "unknown" (no claim either way, nothing moves, no licence count) and the customer is
-    reported as not verifiable."""
-    partner = settings.graph.tenant_id.strip().lower()
-    csp_skus = {s.get("skuId") for s in subs
-                if str(s.get("ownerTenantId") or "").lower() == partner and s.get("skuId")}
-    direct = [s for s in subs if str(s.get("ownerTenantId") or "").lower() != partner
-              and s.get("isTrial") is not True]
-    main, several = _candidate(direct, csp_skus, tenant_id, previous)
-    seen: dict[str, Any] = {"tenant_id": tenant_id, "status": "absent"}
-    if main is not None:
-        sku = next((k for k in skus if k.get("skuId") == main.get("skuId")), None)
-        seen.update(id=main.get("id"), sku=main.get("skuPartNumber"),
-                    status=main.get("status"), total=main.get("totalLicenses"),
-                    assigned=sku.get("consumedUnits") if sku else None)
-    elif several:
-        seen.update(status="unknown", several=several)
-        res.problems["tenant"] = (
-            f"cannot verify: several products billed directly ({', '.join(several)}), none "
-            "known to be the one the CSP subscription replaces; its status and licences are "
-            "not taken from another product: set the stage by hand when it is cancelled")
-    res.seen["tenant"] = seen
 
 
-def _candidate(
-    direct: list[dict[str, Any]],
-    csp_skus: set[Any],
-    tenant_id: str,
-    previous: dict[str, Any] | None,
-) -> tuple[dict[str, Any] | None, list[str]]:
-    """(the direct subscription being replaced or None, the products when it is unknown).
-
-    1. The one identified by the previous tenant evidence (its ``id``), followed whatever
-       other products show: once it left the directory of that same tenant, it is gone
-       ("absent"), never replaced by another product.
-    2. Else a direct subscription with the SKU of one of the partner's CSP subscriptions in
-       the tenant (the product being replaced), others (free, add-ons) left out.
-    3. Else the direct products, when they are one product; several products (none named by a
-       CSP subscription): unknown.
-    Among subscriptions of that one product, an Enabled one first, then the largest."""
-    prev = previous or {}
-    if prev.get("id"):
-        found = next((s for s in direct if s.get("id") == prev["id"]), None)
-        if found is not None:
-            return found, []
-        if tenant_id and prev.get("tenant_id") == tenant_id:
-            return None, []
-    pool = [s for s in direct if s.get("skuId") in csp_skus] or direct
-    products = sorted({str(s.get("skuPartNumber") or s.get("skuId")) for s in pool})
-    if len(products) > 1:
-        return None, products
-    if not pool:
-        return None, []
-    return sorted(pool, key=lambda s: (s.get("status") != "Enabled",
-                                       -int(s.get("totalLicenses") or 0)))[0], []
 
 
 def sync_before_run(

@@ -1,0 +1,338 @@
+"""Reading each customer for stage sync: Partner Center's subscriptions of the customer and its
+tenant's directory, in this process's threads or, for a large sync, in worker processes.
+
+A customer costs four HTTPS requests (its Partner Center subscriptions, its tenant's OpenID
+configuration and a token, one JSON batch of the directory reads), and in Python most of their
+cost is CPU (requests, urllib3, TLS, msal), held to one core by the GIL: about 5 ms of CPU a
+customer on the machine of docs/benchmarks.md. With more than ``POOL_MIN_CUSTOMERS`` customers
+the reads go to worker processes (``[sync] processes``, default one per CPU up to 4), a page of
+customers at a time; ``[sync] concurrency`` stays the bound of requests in flight for the whole
+sync (shared out between the workers). Either way the same function reads a customer
+(``read_customer``), and the pages come back in order, so sync records each page while the next
+ones are read (``comms.sync.service``).
+
+Workers are started with ``spawn`` (no fork of a process holding database connections and
+threads); each opens its own HTTPS session, Partner Center token and customer-tenant
+applications, once. An error that stops the sync (a configuration or sign-in problem,
+``AuthError``) reaches the caller as the same exception.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+from comms.config import Settings
+from comms.errors import SyncWorkerFailed
+from comms.sync import clients
+from comms.sync.ledger import CustomerSync
+
+POOL_MIN_CUSTOMERS = 2000  # fewer customers are read in this process: a worker starts in ~1 s
+PAGE = 250  # customers per page: read by one worker, then recorded in one transaction
+MAX_PROCESSES = 4
+
+
+@dataclass
+class Job:
+    """One customer to read: its tenant, what was read of it so far (the partner listings),
+    and the direct subscription its last tenant evidence identified (``_candidate``)."""
+
+    id: int
+    tenant_id: str
+    result: CustomerSync
+    previous: dict[str, Any] | None = None
+
+
+class Readers:
+    """What one process reads customers with: one HTTPS session, the read retries, and a
+    client per enabled source (the partner listings are read by the caller only)."""
+
+    def __init__(self, settings: Settings, sources: Iterable[str]) -> None:
+        self.settings = settings
+        self.session = clients.open_session(settings)
+        self.reader = clients.Reader(self.session, max_attempts=settings.sync.max_attempts,
+                                     time_scale=settings.delivery.time_scale)
+        try:
+            self.pc = clients.PartnerCenter(settings, self.session, self.reader) \
+                if "partner_center" in sources else None
+            self.tenant = clients.CustomerTenant(settings, self.session, self.reader) \
+                if "tenant" in sources else None
+        except BaseException:
+            self.session.close()
+            raise
+
+    def close(self) -> None:
+        if self.tenant is not None:
+            self.tenant.close()
+        self.session.close()
+
+
+def read_customer(readers: Readers, job: Job) -> CustomerSync:
+    """Read one customer: the partner's subscriptions of it (when Partner Center lists it) and
+    its tenant's direct subscription. Its problems are recorded on its result, never raised;
+    only what stops the whole sync (``AuthError``: configuration, sign-in) is."""
+    res = job.result
+    if readers.pc is not None and _listed(res):
+        pc = readers.pc
+        _guard(res, "partner_center", lambda: _csp(res, pc.subscriptions(job.tenant_id)))
+    if readers.tenant is not None:
+        tenant = readers.tenant
+        if problem := _unreadable_tenant(job.tenant_id, readers.settings):
+            res.problems["tenant"] = problem
+        else:
+            _guard(res, "tenant", lambda: _direct(
+                res, readers.settings, *tenant.read(job.tenant_id), tenant_id=job.tenant_id,
+                previous=job.previous))
+    return res
+
+
+@dataclass
+class Page:
+    """A page read: its customers' results, in the order given, and the retries it took."""
+
+    results: list[CustomerSync]
+    retries: int
+
+
+def _read_page(readers: Readers, threads: ThreadPoolExecutor, jobs: list[Job]) -> Page:
+    before = readers.reader.retries
+    results = list(threads.map(lambda job: read_customer(readers, job), jobs))
+    return Page(results, readers.reader.retries - before)
+
+
+class PageReader:
+    """Reads pages of customers, ``in_flight`` pages ahead of the caller, and gives them back
+    in order: in this process (threads) or in worker processes."""
+
+    def __init__(self, settings: Settings, sources: tuple[str, ...], customers: int,
+                 readers: Readers) -> None:
+        """``customers``: how many have something to read; ``readers``: this process's own,
+        used unless the pages go to worker processes."""
+        processes = processes_for(settings.sync.processes)
+        self.pooled = processes > 1 and customers > POOL_MIN_CUSTOMERS
+        concurrency = settings.sync.concurrency
+        self._pool: ProcessPoolExecutor | None = None
+        self._readers = readers
+        self._threads: ThreadPoolExecutor | None = None
+        self._pages: ThreadPoolExecutor | None = None
+        if self.pooled:
+            self._pool = ProcessPoolExecutor(
+                max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(settings, sources, max(1, -(-concurrency // processes))),
+            )
+            self.in_flight = processes * 2
+        else:
+            self._threads = ThreadPoolExecutor(max_workers=concurrency,
+                                               thread_name_prefix="comms-sync")
+            self._pages = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comms-sync-page")
+            self.in_flight = 2
+
+    def _submit(self, jobs: list[Job]) -> Future[Page]:
+        if self._pool is not None:
+            try:
+                return self._pool.submit(_read_page_in_worker, jobs)
+            except BrokenProcessPool as exc:
+                raise _worker_died(exc) from exc
+        assert self._pages is not None and self._threads is not None
+        return self._pages.submit(_read_page, self._readers, self._threads, jobs)
+
+    def read(self, pages: Iterable[list[Job]],
+             before: Callable[[list[Job]], None] | None = None) -> Iterator[tuple[list[Job], Page]]:
+        """Each page with what was read of it, in order; ``before`` is called on a page just
+        before it is handed out to be read (to attach what it needs from the ledger)."""
+        waiting: deque[tuple[list[Job], Future[Page]]] = deque()
+        source = iter(pages)
+        try:
+            while True:
+                while len(waiting) < self.in_flight:
+                    jobs = next(source, None)
+                    if jobs is None:
+                        break
+                    if before is not None:
+                        before(jobs)
+                    waiting.append((jobs, self._submit(jobs)))
+                if not waiting:
+                    return
+                jobs, future = waiting.popleft()
+                try:
+                    page = future.result()
+                except BrokenProcessPool as exc:
+                    raise _worker_died(exc) from exc
+                yield jobs, page
+        finally:
+            for _, future in waiting:
+                future.cancel()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pages is not None:
+            self._pages.shutdown(wait=True, cancel_futures=True)
+        if self._threads is not None:
+            self._threads.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- worker processes
+
+_worker: tuple[Readers, ThreadPoolExecutor] | None = None
+
+
+def _start_worker(settings: Settings, sources: tuple[str, ...], threads: int) -> None:
+    global _worker
+    # The sync itself decides how to stop (Ctrl-C reaches the whole process group, systemd
+    # signals the whole unit); a worker never stops on its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _worker = (Readers(settings, sources),
+               ThreadPoolExecutor(max_workers=threads, thread_name_prefix="comms-sync"))
+
+
+def _read_page_in_worker(jobs: list[Job]) -> Page:
+    assert _worker is not None, "sync worker started without its readers"
+    return _read_page(*_worker, jobs)
+
+
+def _worker_died(exc: BrokenProcessPool) -> SyncWorkerFailed:
+    return SyncWorkerFailed(
+        f"A sync worker process stopped unexpectedly ({exc}): killed, or out of memory. The "
+        "pages read before it were recorded; nothing else was. Run `comms sync` again; if it "
+        "happens again, set [sync] processes = 1 to read in this process."
+    )
+
+
+def processes_for(setting: int) -> int:
+    """Worker processes for a large sync: the ``[sync] processes`` setting, or with 0
+    (automatic) one per usable CPU up to MAX_PROCESSES; 1 reads in this process."""
+    if setting:
+        return setting
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(cpus, MAX_PROCESSES)
+
+
+# --------------------------------------------------------------------------- one customer's read
+
+def _listed(res: CustomerSync) -> bool:
+    return bool(res.seen.get("partner_center", {}).get("listed"))
+
+
+def _unreadable_tenant(tid: str, settings: Settings) -> str:
+    """Why a customer's tenant is not read ("" when it is)."""
+    if not tid:
+        return ("cannot verify: no tenant id (add tenant_id to the CSV, or enable "
+                "[sync] partner_center to find it by domain)")
+    if tid.lower() == settings.graph.tenant_id.strip().lower():
+        return (f"cannot verify: tenant id {tid} is your own tenant ([graph] tenant_id), not "
+                "the customer's; set the customer's tenant_id in the CSV and re-import")
+    return ""
+
+
+def _guard(res: CustomerSync, source: str, call: Callable[[], None]) -> None:
+    try:
+        call()
+    except clients.NoAccess as exc:
+        res.problems[source] = (
+            f"cannot verify: no consent/role ({exc.message}); grant admin consent to the "
+            "app in the customer's tenant (Organization.Read.All) or a GDAP role such as "
+            "Global Reader")
+        res.seen.pop(source, None)
+    except clients.SourceFailed as exc:
+        res.problems[source] = f"failed: {exc.message}"
+        res.failed = True
+        res.seen.pop(source, None)
+
+
+def _csp(res: CustomerSync, subs: list[dict[str, Any]]) -> None:
+    """The partner's subscriptions of the customer, with what tells a licence-based seat
+    subscription (``billingType``, ``unitType``, ``productType``, ``offerId``) from an Azure
+    plan or a trial (``isTrial``): only the former make the CSP subscription live
+    (``comms.sync.ledger.facts_of``)."""
+    seen = res.seen["partner_center"]
+    seen["subscriptions"] = sorted(
+        ({"id": s.get("id"), "offer": s.get("offerName") or s.get("offerId"),
+          "offer_id": s.get("offerId"), "quantity": s.get("quantity"),
+          "status": s.get("status"), "start": s.get("effectiveStartDate"),
+          "trial": s.get("isTrial"), "billing": s.get("billingType"),
+          "unit": s.get("unitType"),
+          "product": (s.get("productType") or {}).get("id")
+          if isinstance(s.get("productType"), dict) else None} for s in subs),
+        key=lambda s: str(s["id"]),
+    )
+
+
+def _direct(
+    res: CustomerSync,
+    settings: Settings,
+    subs: list[dict[str, Any]],
+    skus: list[dict[str, Any]],
+    *,
+    tenant_id: str = "",
+    previous: dict[str, Any] | None = None,
+) -> None:
+    """What the customer's tenant (``tenant_id``, recorded with what was seen) shows of its
+    direct subscription, the one to cancel (``_candidate``). Its status and licences only:
+    never those of another product. When which one it is cannot be told, the status is
+    "unknown" (no claim either way, nothing moves, no licence count) and the customer is
+    reported as not verifiable."""
+    partner = settings.graph.tenant_id.strip().lower()
+    csp_skus = {s.get("skuId") for s in subs
+                if str(s.get("ownerTenantId") or "").lower() == partner and s.get("skuId")}
+    direct = [s for s in subs if str(s.get("ownerTenantId") or "").lower() != partner
+              and s.get("isTrial") is not True]
+    main, several = _candidate(direct, csp_skus, tenant_id, previous)
+    seen: dict[str, Any] = {"tenant_id": tenant_id, "status": "absent"}
+    if main is not None:
+        sku = next((k for k in skus if k.get("skuId") == main.get("skuId")), None)
+        seen.update(id=main.get("id"), sku=main.get("skuPartNumber"),
+                    status=main.get("status"), total=main.get("totalLicenses"),
+                    assigned=sku.get("consumedUnits") if sku else None)
+    elif several:
+        seen.update(status="unknown", several=several)
+        res.problems["tenant"] = (
+            f"cannot verify: several products billed directly ({', '.join(several)}), none "
+            "known to be the one the CSP subscription replaces; its status and licences are "
+            "not taken from another product: set the stage by hand when it is cancelled")
+    res.seen["tenant"] = seen
+
+
+def _candidate(
+    direct: list[dict[str, Any]],
+    csp_skus: set[Any],
+    tenant_id: str,
+    previous: dict[str, Any] | None,
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """(the direct subscription being replaced or None, the products when it is unknown).
+
+    1. The one identified by the previous tenant evidence (its ``id``), followed whatever
+       other products show: once it left the directory of that same tenant, it is gone
+       ("absent"), never replaced by another product.
+    2. Else a direct subscription with the SKU of one of the partner's CSP subscriptions in
+       the tenant (the product being replaced), others (free, add-ons) left out.
+    3. Else the direct products, when they are one product; several products (none named by a
+       CSP subscription): unknown.
+    Among subscriptions of that one product, an Enabled one first, then the largest."""
+    prev = previous or {}
+    if prev.get("id"):
+        found = next((s for s in direct if s.get("id") == prev["id"]), None)
+        if found is not None:
+            return found, []
+        if tenant_id and prev.get("tenant_id") == tenant_id:
+            return None, []
+    pool = [s for s in direct if s.get("skuId") in csp_skus] or direct
+    products = sorted({str(s.get("skuPartNumber") or s.get("skuId")) for s in pool})
+    if len(products) > 1:
+        return None, products
+    if not pool:
+        return None, []
+    return sorted(pool, key=lambda s: (s.get("status") != "Enabled",
+                                       -int(s.get("totalLicenses") or 0)))[0], []
