@@ -1,7 +1,8 @@
-"""``RetryingReads.batch_get`` (``comms.delivery.reads``) on its own, against a fake ``post``
+"""``RetryingReads`` (``comms.delivery.reads``) on its own: ``batch_get``, against a fake ``post``
 that answers each JSON batch as Graph would from a script per read: results in order, batches of
 ``size``, chained reads (``dependsOn``; 424 is no attempt), throttled reads asked again after
-``Retry-After``, and the caller's ``fail`` / ``exhausted`` exceptions."""
+``Retry-After``, and the caller's ``fail`` / ``exhausted`` exceptions; and ``send``'s hold of
+every read of a throttled scope (a fake session on a fake clock)."""
 
 from __future__ import annotations
 
@@ -187,3 +188,56 @@ def test_raw_bodies_are_base64_decoded(reads: RetryingReads) -> None:
     assert got == [mime, b""]
     assert reads.batch_get(["/b"], post=FakeBatch({"/b": [(204, {}, None)]}), fail=_fail,
                            exhausted=_spent) == [{}]
+
+
+class _Answers(requests.Session):
+    """A session whose requests are answered from a script per URL (200 once it has run out),
+    noting the clock at which each was sent."""
+
+    def __init__(self, clock: list[float], script: dict[str, list[Answer]]) -> None:
+        super().__init__()
+        self.clock, self.script = clock, script
+        self.sent: list[tuple[str, float]] = []
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any,
+                **kwargs: Any) -> requests.Response:
+        self.sent.append((str(url), self.clock[0]))
+        queue = self.script.get(str(url)) or []
+        status, headers, _ = queue.pop(0) if queue else (200, {}, None)
+        response = requests.Response()
+        response.status_code = status or 200
+        response.headers.update(headers)
+        return response
+
+
+def test_a_429_holds_every_read_of_its_scope_until_retry_after() -> None:
+    """Partner Center counts every call of the partner against one budget: once one read is
+    told to wait, the others of that scope (other threads) wait too instead of each spending
+    a request on a refusal; reads of another scope, or of none, go on."""
+    clock = [0.0]
+    session = _Answers(clock, {"https://pc/a": [(429, {"Retry-After": "3"}, None)]})
+    waits: list[float] = []
+
+    def send(url: str, scope: str | None) -> int:
+        return reads.send(url, token=lambda: "t", refresh=lambda s: "t",
+                          scope=scope).status_code
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 1:  # while the throttled read waits, other threads read
+            assert send("https://graph/c", "tenant-1") == 200
+            assert send("https://graph/d", None) == 200
+            assert send("https://pc/b", "pc") == 200
+        clock[0] += seconds
+
+    reads = RetryingReads(session, ReadPolicy(max_attempts=3, retried=frozenset({429})),
+                          sleep=sleep, clock=lambda: clock[0])
+    assert send("https://pc/a", "pc") == 200
+    assert session.sent == [
+        ("https://pc/a", 0.0),  # 429, Retry-After: 3
+        ("https://graph/c", 0.0), ("https://graph/d", 0.0),  # other budgets: at once
+        ("https://pc/b", 3.0),  # the same budget: held until the Retry-After has passed
+        ("https://pc/a", 6.0),  # (its own wait, on this fake clock, after b's)
+    ]
+    assert waits == [3.0, 3.0]  # a's own wait, and b's hold inside it: b was never refused
+    session.close()

@@ -6,6 +6,11 @@ GETs), shared by the inbox reader (``comms.inbox.reader``) and stage sync's sour
   server sends one (in the server's own time: not scaled) or back off exponentially (scaled by
   ``[delivery] time_scale`` for the sandbox), then try again;
 - a dropped connection backs off the same way;
+- a 429 for a read with a throttling ``scope`` (the budget the server counts it against: the
+  partner's Partner Center calls, one tenant's Graph reads) holds every read of that scope in
+  this process, on every thread, until the ``Retry-After`` has passed: one throttled answer
+  instead of one per thread, and the server's budget is not spent on requests bound to be
+  refused;
 - 401 gets one fresh token (``refresh(stale)``), then counts like any other answer;
 - at most ``max_attempts`` attempts.
 
@@ -90,24 +95,31 @@ class RetryingReads:
     def __init__(
         self, session: requests.Session, policy: ReadPolicy,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.session = session
         self.policy = policy
         self.sleep = sleep
+        self.clock = clock
         self.requests = 0
         self.retries = 0
         self._lock = threading.Lock()
+        # Throttling scope -> the monotonic time before which no read of it is sent.
+        self._held: dict[str, float] = {}
 
     def send(
         self, url: str, *, token: Callable[[], str], refresh: Callable[[str], str],
         headers: dict[str, str] | None = None, method: str = "GET", json: Any = None,
+        scope: str | None = None,
     ) -> requests.Response:
-        """The answer of the last attempt (see the module docstring)."""
+        """The answer of the last attempt (see the module docstring); ``scope``: the throttling
+        budget the read counts against, shared by every read of it in this process."""
         policy = self.policy
         bearer = token()
         refreshed = False
         last = ""
         for attempt in range(1, policy.max_attempts + 1):
+            self._hold(scope)
             sent = {"Authorization": f"Bearer {bearer}", **(headers or {})}
             if policy.request_ids:
                 sent["client-request-id"] = str(uuid.uuid4())
@@ -131,10 +143,26 @@ class RetryingReads:
                 last = "HTTP 401"
                 continue
             if status in policy.retried and attempt < policy.max_attempts:
-                self._wait(self.retry_wait(attempt, response.headers.get("Retry-After")))
+                wait = self.retry_wait(attempt, response.headers.get("Retry-After"))
+                if status == 429 and scope is not None:
+                    with self._lock:
+                        until = self.clock() + wait
+                        self._held[scope] = max(until, self._held.get(scope, 0.0))
+                self._wait(wait)
                 continue
             return response
         raise ReadsExhausted(url, policy.max_attempts, last)
+
+    def _hold(self, scope: str | None) -> None:
+        """Wait while ``scope`` is throttled (a 429 of another read of it said how long)."""
+        if scope is None:
+            return
+        with self._lock:
+            until = self._held.get(scope)
+        if until is not None:
+            delay = until - self.clock()
+            if delay > 0:
+                self.sleep(delay)
 
     def retry_wait(self, attempt: int, retry_after: str | None) -> float:
         """Seconds to wait after failed ``attempt``: the server's Retry-After, else backoff."""

@@ -17,7 +17,9 @@
 
 Every request is a read (a GET, or a JSON batch of GETs), so 429 (after ``Retry-After``),
 500/502/503/504 are retried with backoff, unlike sendMail (``comms.delivery.reads``, the policy
-the inbox reader uses too); so is a read throttled inside a batch. The
+the inbox reader uses too); so is a read throttled inside a batch. Partner Center counts the
+partner's calls against one budget: a 429 holds every Partner Center read of the process until
+its ``Retry-After`` has passed (``scope``). The
 session (timeouts, ``[graph] ca_file`` trust, national-cloud resource) and the msal error mapping
 are the Graph transport's (``comms.delivery.auth``).
 """
@@ -111,10 +113,11 @@ class Reader:
         refresh: Callable[[str], str],
         headers: dict[str, str] | None = None,
         what: str = "",
+        scope: str | None = None,
     ) -> dict[str, Any]:
         """GET ``url``, decoded (``json_body``): an answer that is not a JSON object fails the
-        read."""
-        return json_body(self._send(url, token, refresh, headers, what), what)
+        read. ``scope``: the throttling budget it counts against (``RetryingReads.send``)."""
+        return json_body(self._send(url, token, refresh, headers, what, scope=scope), what)
 
     def batch_get(
         self,
@@ -123,6 +126,7 @@ class Reader:
         token: Callable[[], str],
         refresh: Callable[[str], str],
         what: str = "",
+        scope: str | None = None,
     ) -> list[Any]:
         """The JSON bodies of a few Graph GETs (``paths`` relative to ``base``), in order, sent
         as one JSON batch (``POST {base}/$batch``, independent requests) with the shared read
@@ -144,7 +148,7 @@ class Reader:
 
         bodies = self._reads.batch_get(
             paths, post=lambda payload: json_body(self._send(
-                f"{base}/$batch", token, refresh, None, what, json=payload), what),
+                f"{base}/$batch", token, refresh, None, what, json=payload, scope=scope), what),
             fail=fail, exhausted=exhausted)
         return [body or {} for body in bodies]
 
@@ -156,11 +160,12 @@ class Reader:
         headers: dict[str, str] | None,
         what: str,
         json: Any = None,
+        scope: str | None = None,
     ) -> requests.Response:
         try:
             response = self._reads.send(url, token=token, refresh=refresh, headers={
                 "Accept": "application/json", **(headers or {})},
-                method="GET" if json is None else "POST", json=json)
+                method="GET" if json is None else "POST", json=json, scope=scope)
         except UntrustedServer as exc:
             raise AuthError(
                 f"{what or url}: the TLS certificate of {exc.host} is not trusted "
@@ -304,7 +309,8 @@ class PartnerCenter:
 
     def _get(self, url: str, headers: dict[str, str], page: int) -> dict[str, Any]:
         return self.reader.get_json(url, self.tokens.token, self.tokens.refresh, headers,
-                                    f"Partner Center customers (page {page})")
+                                    f"Partner Center customers (page {page})",
+                                    scope=PARTNER_CENTER_RESOURCE)
 
     def _next(self, body: dict[str, Any]) -> tuple[str, dict[str, str]] | None:
         nxt = (body.get("links") or {}).get("next")
@@ -319,7 +325,8 @@ class PartnerCenter:
     def subscriptions(self, tenant_id: str) -> list[dict[str, Any]]:
         body = self.reader.get_json(f"{self.base}/customers/{tenant_id}/subscriptions",
                                     self.tokens.token, self.tokens.refresh, None,
-                                    f"Partner Center subscriptions of {tenant_id}")
+                                    f"Partner Center subscriptions of {tenant_id}",
+                                    scope=PARTNER_CENTER_RESOURCE)
         return list(body.get("items") or [])
 
     def close(self) -> None:
