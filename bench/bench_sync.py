@@ -242,13 +242,16 @@ def one(n: int, time_scale: float, pc_per_minute: int, concurrency: int, in_proc
             start = time.perf_counter()
             if profiler:
                 profiler.enable()
-            report = run_sync(db, settings, campaign, now=datetime.now(UTC))
+            # As a scheduled `comms run --sync` does: outcomes kept, not every customer's reads.
+            report = run_sync(db, settings, campaign, now=datetime.now(UTC), keep_seen=False)
             if profiler:
                 profiler.disable()
                 profiler.dump_stats(profile)
             seconds = time.perf_counter() - start
             cpu = _cpu() - cpu
             workers_cpu = _cpu(resource.RUSAGE_CHILDREN) - workers_cpu
+            # Read before the sandbox (a child too) stops: the largest worker process.
+            workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
             stats = sandbox.stats()
             db.dispose()
         finally:
@@ -266,9 +269,8 @@ def one(n: int, time_scale: float, pc_per_minute: int, concurrency: int, in_proc
         "comms_cpu_s": round(cpu + workers_cpu, 1), "of_which_workers_cpu_s": round(workers_cpu, 1),
         "sandbox_cpu_s": round(stats["cpu"] - sandbox_cpu, 1) if not in_process else "in comms",
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        # The largest reaped child: a sync worker process (0 when the sync read in-process).
-        "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-                                    1),
+        # The largest sync worker process (0 when the sync read in-process).
+        "worker_peak_rss_mb": round(workers_rss, 1),
         "sandbox": "in process" if in_process else "own process", "auth": auth,
     }
 

@@ -52,8 +52,9 @@ def _mixed(world: Sandbox, cli: Any, tmp_path: Path) -> list[str]:
     return [r[0] for r in rows]
 
 
-def _sync(db: Database, *, dry_run: bool = False) -> service.SyncReport:
-    return service.run_sync(db, load_settings(), load_campaign(), now=BASE, dry_run=dry_run)
+def _sync(db: Database, *, dry_run: bool = False, keep_seen: bool = True) -> service.SyncReport:
+    return service.run_sync(db, load_settings(), load_campaign(), now=BASE, dry_run=dry_run,
+                            keep_seen=keep_seen)
 
 
 def _seen(report: service.SyncReport) -> list[dict[str, Any]]:
@@ -105,6 +106,25 @@ def test_worker_processes_conclude_exactly_what_this_process_does(
         if moved_to:
             assert _row(db, c.key).stage == moved_to, c.moved
     assert _row(db, "K07").tenant_id == _tenant(7)  # found by domain, filled in
+
+
+def test_a_scheduled_sync_keeps_each_outcome_but_not_what_was_seen(
+    world: Sandbox, db: Database, cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`comms run --sync` needs the outcomes (its summary, the moves), not every customer's
+    reads: dropping them once recorded keeps a large sync's memory that of a few pages."""
+    _mixed(world, cli, tmp_path)
+    monkeypatch.setattr(reading, "PAGE", 4)
+    full = _sync(db, dry_run=True)
+    lean = _sync(db, dry_run=True, keep_seen=False)
+
+    def outcome(c: service.CustomerSync) -> tuple[Any, ...]:
+        return c.key, c.status, c.moved, c.problems, c.licences, c.tenant_filled
+
+    assert [outcome(c) for c in lean.customers] == [outcome(c) for c in full.customers]
+    assert lean.summary() == full.summary()
+    assert all(c.seen for c in full.customers)
+    assert not any(c.seen for c in lean.customers)
 
 
 def test_each_page_is_recorded_once_read_and_a_stop_keeps_whole_pages(

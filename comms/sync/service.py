@@ -114,8 +114,12 @@ def run_sync(
     source: str | None = None,
     dry_run: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    keep_seen: bool = True,
 ) -> SyncReport:
-    """Sync the customers (all, ``keys`` or ``tag``) from the enabled sources (or ``source``)."""
+    """Sync the customers (all, ``keys`` or ``tag``) from the enabled sources (or ``source``).
+    ``keep_seen=False``: the report keeps each customer's outcome (status, moves, problems)
+    but not what was seen once it is recorded, so a scheduled sync of any size holds a few
+    pages of what it read (`comms sync` shows what was seen, so it keeps it)."""
     rules = check_rules(campaign)
     sources = settings.sync.sources
     if source:
@@ -144,6 +148,9 @@ def run_sync(
                            report, progress)) as pages:
             for page in pages:
                 _record(db, campaign, rules, now, page, results, fills, dry_run)
+                if not keep_seen:
+                    for t in page:
+                        results[t.id].seen = {}
     finally:
         readers.close()
     report.customers = [results[t.id] for t in targets]
@@ -351,7 +358,8 @@ def sync_before_run(
 ) -> SyncReport:
     """`comms run --sync`: sync every enabled source before planning; a customer that failed
     to sync is planned on its ledger stage (the summary says so), auth/config errors stop."""
-    report = run_sync(db, settings, campaign, now=now, tag=tag, dry_run=dry_run)
+    report = run_sync(db, settings, campaign, now=now, tag=tag, dry_run=dry_run,
+                      keep_seen=False)
     if echo:
         echo("sync: " + report.summary())
         if report.count("failed"):
