@@ -17,9 +17,8 @@
 
 Every request is a read (a GET, or a JSON batch of GETs), so 429 (after ``Retry-After``),
 500/502/503/504 are retried with backoff, unlike sendMail (``comms.delivery.reads``, the policy
-the inbox reader uses too); so is a read throttled inside a batch. Partner Center counts the
-partner's calls against one budget: a 429 holds every Partner Center read of the process until
-its ``Retry-After`` has passed (``scope``). The
+the inbox reader uses too); so is a read throttled inside a batch. A 429 from Partner Center
+(one budget per partner) holds all its reads in the process until ``Retry-After`` (``scope``). The
 session (timeouts, ``[graph] ca_file`` trust, national-cloud resource) and the msal error mapping
 are the Graph transport's (``comms.delivery.auth``).
 """
@@ -36,7 +35,7 @@ from typing import Any, Protocol
 import requests
 
 from comms.config import Settings
-from comms.delivery.auth import AppTokenProvider, make_session
+from comms.delivery.auth import AppTokenProvider
 from comms.delivery.credentials import app_credential
 from comms.delivery.reads import (
     ReadPolicy,
@@ -116,7 +115,7 @@ class Reader:
         scope: str | None = None,
     ) -> dict[str, Any]:
         """GET ``url``, decoded (``json_body``): an answer that is not a JSON object fails the
-        read. ``scope``: the throttling budget it counts against (``RetryingReads.send``)."""
+        read. ``scope``: its throttling budget (``RetryingReads.send``)."""
         return json_body(self._send(url, token, refresh, headers, what, scope=scope), what)
 
     def batch_get(
@@ -126,7 +125,6 @@ class Reader:
         token: Callable[[], str],
         refresh: Callable[[str], str],
         what: str = "",
-        scope: str | None = None,
     ) -> list[Any]:
         """The JSON bodies of a few Graph GETs (``paths`` relative to ``base``), in order, sent
         as one JSON batch (``POST {base}/$batch``, independent requests) with the shared read
@@ -148,7 +146,7 @@ class Reader:
 
         bodies = self._reads.batch_get(
             paths, post=lambda payload: json_body(self._send(
-                f"{base}/$batch", token, refresh, None, what, json=payload, scope=scope), what),
+                f"{base}/$batch", token, refresh, None, what, json=payload), what),
             fail=fail, exhausted=exhausted)
         return [body or {} for body in bodies]
 
@@ -443,12 +441,3 @@ class CustomerTenant:
         with self._lock:
             self._apps.clear()
 
-
-def open_session(settings: Settings) -> requests.Session:
-    """The Graph transport's session (timeouts, CA trust), sized for ``[sync] concurrency``."""
-    session = make_session(settings.graph)
-    adapter = requests.adapters.HTTPAdapter(
-        pool_connections=4, pool_maxsize=max(16, settings.sync.concurrency * 2), max_retries=0,
-    )
-    session.mount("https://", adapter)
-    return session

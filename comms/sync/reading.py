@@ -29,7 +29,10 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
+import requests
+
 from comms.config import Settings
+from comms.delivery.auth import make_session
 from comms.errors import SyncWorkerFailed
 from comms.sync import clients
 from comms.sync.ledger import CustomerSync
@@ -56,7 +59,7 @@ class Readers:
 
     def __init__(self, settings: Settings, sources: Iterable[str]) -> None:
         self.settings = settings
-        self.session = clients.open_session(settings)
+        self.session = open_session(settings)
         self.reader = clients.Reader(self.session, max_attempts=settings.sync.max_attempts,
                                      time_scale=settings.delivery.time_scale)
         try:
@@ -72,6 +75,16 @@ class Readers:
         if self.tenant is not None:
             self.tenant.close()
         self.session.close()
+
+
+def open_session(settings: Settings) -> requests.Session:
+    """The Graph transport's session (timeouts, CA trust), sized for ``[sync] concurrency``."""
+    session = make_session(settings.graph)
+    adapter = requests.adapters.HTTPAdapter(
+        pool_connections=4, pool_maxsize=max(16, settings.sync.concurrency * 2), max_retries=0,
+    )
+    session.mount("https://", adapter)
+    return session
 
 
 def read_customer(readers: Readers, job: Job) -> CustomerSync:
