@@ -295,9 +295,13 @@ def find_customers(
     if stage:
         query = query.where(col(Customer.stage) == stage)
     if tag:
-        tagged = select(CustomerTag.customer_id).where(col(CustomerTag.tag) == tag.strip().lower())
-        query = query.where(col(Customer.id).in_(tagged))
+        query = query.where(col(Customer.id).in_(tagged(tag)))
     return list(session.exec(query.order_by(col(Customer.key))).all())
+
+
+def tagged(tag: str) -> Any:
+    """The ids of the customers with ``tag`` (compared lower-cased), as a subquery."""
+    return select(CustomerTag.customer_id).where(col(CustomerTag.tag) == tag.strip().lower())
 
 
 def events_of(session: Session, customer_id: int) -> list[StageEvent]:
