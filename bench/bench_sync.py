@@ -25,6 +25,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -60,6 +61,45 @@ def populate(sb: Sandbox, n: int, cert_pem: bytes) -> None:
         sb.tenant_change(tid, "accept_relationship")
         if i % 2:
             sb.tenant_change(tid, "activate_csp", quantity=10)
+
+
+def _status_mb(pid: int | str, field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` (peak since exec, or since ``_reset_peak``) of a process, in MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _reset_peak() -> None:
+    """Start this process's ``VmHWM`` again from its current RSS (Linux ``clear_refs`` 5), so
+    the peak is the sync's, not the setup's (generating and importing the customers)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+class _WorkerPeaks:
+    """The largest ``VmHWM`` of this process's children while the sync runs: its worker
+    processes (``ru_maxrss`` of children is no measure: Linux keeps it across fork + exec,
+    so a spawned worker starts with the parent's peak)."""
+
+    def __init__(self, skip: set[int]) -> None:
+        self.skip, self.peak, self._stop = skip, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            for child in mp.active_children():
+                if child.pid is not None and child.pid not in self.skip:
+                    self.peak = max(self.peak, _status_mb(child.pid, "VmHWM"))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
 
 
 def _cpu(who: int = resource.RUSAGE_SELF) -> float:
@@ -239,6 +279,9 @@ def one(n: int, time_scale: float, pc_per_minute: int, concurrency: int, in_proc
             sandbox_cpu, cpu = sandbox.cpu(), _cpu()
             # Reaped children only: the sync's worker processes (the sandbox runs on).
             workers_cpu = _cpu(resource.RUSAGE_CHILDREN)
+            _reset_peak()
+            rss_before = _status_mb("self", "VmRSS")
+            watcher = _WorkerPeaks({c.pid for c in mp.active_children() if c.pid})
             start = time.perf_counter()
             if profiler:
                 profiler.enable()
@@ -250,8 +293,8 @@ def one(n: int, time_scale: float, pc_per_minute: int, concurrency: int, in_proc
             seconds = time.perf_counter() - start
             cpu = _cpu() - cpu
             workers_cpu = _cpu(resource.RUSAGE_CHILDREN) - workers_cpu
-            # Read before the sandbox (a child too) stops: the largest worker process.
-            workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            workers_rss = watcher.stop()
+            sync_peak = _status_mb("self", "VmHWM")
             stats = sandbox.stats()
             db.dispose()
         finally:
@@ -268,7 +311,9 @@ def one(n: int, time_scale: float, pc_per_minute: int, concurrency: int, in_proc
         "record_cpu_s": round(phases["_record"][1], 1),
         "comms_cpu_s": round(cpu + workers_cpu, 1), "of_which_workers_cpu_s": round(workers_cpu, 1),
         "sandbox_cpu_s": round(stats["cpu"] - sandbox_cpu, 1) if not in_process else "in comms",
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        # This process from the start of the sync: RSS before, peak during, the growth.
+        "rss_before_mb": round(rss_before, 1), "sync_peak_rss_mb": round(sync_peak, 1),
+        "rss_growth_mb": round(sync_peak - rss_before, 1),
         # The largest sync worker process (0 when the sync read in-process).
         "worker_peak_rss_mb": round(workers_rss, 1),
         "sandbox": "in process" if in_process else "own process", "auth": auth,
