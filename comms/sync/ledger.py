@@ -32,7 +32,7 @@ _CHUNK = 5000
 _APPLY_CHUNK = 200
 
 
-@dataclass
+@dataclass(slots=True)  # one per customer for the whole sync: no __dict__ each
 class CustomerSync:
     key: str
     name: str
@@ -60,7 +60,7 @@ class CustomerSync:
         return "seen"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Target:
     id: int
     key: str

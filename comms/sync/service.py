@@ -243,7 +243,6 @@ def _read(
     once read, in order, its results in ``results``: the caller records it while the next
     pages are read. Memory stays that of a few pages whatever the number of customers."""
     pages = [targets[i : i + reading.PAGE] for i in range(0, len(targets), reading.PAGE)]
-    page_of = {t.id: n for n, page in enumerate(pages) for t in page}
     work = sum(1 for t in targets
                if reading._listed(results[t.id]) or readers.tenant is not None)
 
@@ -262,11 +261,11 @@ def _read(
     pager = reading.PageReader(settings, sources, work, readers)
     done = 0
     try:
-        for jobs, page in pager.read(page_jobs(), attach):
+        for n, (jobs, page) in enumerate(pager.read(page_jobs(), attach)):  # in order
             for job, res in zip(jobs, page.results, strict=True):
                 results[job.id] = res  # a worker process sends back a copy
             report.retries += page.retries
-            yield pages[page_of[jobs[0].id]]
+            yield pages[n]
             done += len(jobs)
             if progress:
                 progress(done, len(targets))
