@@ -5,14 +5,17 @@ customer tenant's directory ``100`` per (scaled) 10 s; ``--time-scale`` shortens
 the way the mail limits are shortened. Every customer has accepted, half have an active CSP
 subscription; sync reads Partner Center (pages + one subscriptions call each) and each
 customer's tenant (a token per tenant + two directory reads, sent as one JSON batch). Target:
-<= 60 s, 0 failures from throttling, memory flat (peak RSS for N vs N/5 customers).
+<= 60 s, 0 failures from throttling, memory flat: the RSS growth of the comms process during
+the sync (its peak reset at the start, so the setup's import is not counted) and the largest
+worker process's peak, for N vs N/5 customers.
 
 The sandbox runs in its own process (``--sandbox-in-process`` puts it back in the benchmark's
 process): the emulator's CPU is then not charged to comms, but on a 2-core machine the two
 processes still compete for the same cores, so both processes' CPU seconds are reported.
 
     .venv/bin/python bench/bench_sync.py [--customers 10000] [--time-scale 0.02]
-        [--concurrency 16] [--sizes N,M,...] [--auth secret|certificate] [--profile FILE]
+        [--concurrency 16] [--processes 0] [--sizes N,M,...] [--auth secret|certificate]
+        [--profile FILE]
 """
 
 from __future__ import annotations
