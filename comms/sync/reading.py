@@ -92,7 +92,7 @@ def read_customer(readers: Readers, job: Job) -> CustomerSync:
     its tenant's direct subscription. Its problems are recorded on its result, never raised;
     only what stops the whole sync (``AuthError``: configuration, sign-in) is."""
     res = job.result
-    if readers.pc is not None and _listed(res):
+    if readers.pc is not None and is_listed(res):
         pc = readers.pc
         _guard(res, "partner_center", lambda: _csp(res, pc.subscriptions(job.tenant_id)))
     if readers.tenant is not None:
@@ -235,7 +235,8 @@ def processes_for(setting: int) -> int:
 
 # --------------------------------------------------------------------------- one customer's read
 
-def _listed(res: CustomerSync) -> bool:
+def is_listed(res: CustomerSync) -> bool:
+    """Partner Center lists the customer (its reseller relationship is accepted)."""
     return bool(res.seen.get("partner_center", {}).get("listed"))
 
 

@@ -244,7 +244,7 @@ def _read(
     pages are read. Memory stays that of a few pages whatever the number of customers."""
     pages = [targets[i : i + reading.PAGE] for i in range(0, len(targets), reading.PAGE)]
     work = sum(1 for t in targets
-               if reading._listed(results[t.id]) or readers.tenant is not None)
+               if reading.is_listed(results[t.id]) or readers.tenant is not None)
 
     def page_jobs() -> Iterator[list[reading.Job]]:
         for page in pages:
@@ -281,8 +281,6 @@ def _gdap(gdap: clients.Gdap, targets: list[_Target], tenant_of: dict[int, str],
         for t in targets:
             if tenant_of[t.id]:
                 results[t.id].seen["gdap"] = {"status": found.get(tenant_of[t.id], "none")}
-
-
 
 
 def _listing(
