@@ -420,3 +420,18 @@ def check_settings(settings: Settings) -> list[str]:
         problems.append(f"campaign_file {settings.campaign_file} does not exist")
     return problems
 
+
+MAX_WORKER_PROCESSES = 4
+
+
+def worker_processes(setting: int) -> int:
+    """Worker processes for a setting such as ``[templates] render_processes`` or ``[sync]
+    processes``: the setting, or with 0 (automatic) one per usable CPU up to
+    ``MAX_WORKER_PROCESSES``; 1 means this process only."""
+    if setting:
+        return setting
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(cpus, MAX_WORKER_PROCESSES)

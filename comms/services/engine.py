@@ -26,7 +26,7 @@ from sqlmodel import Session, col, select
 
 from comms import outbox, pacing, planner, stages
 from comms.campaign import Campaign
-from comms.config import Settings
+from comms.config import Settings, worker_processes
 from comms.delivery.base import Transport
 from comms.domain import CustomerInfo, MessageStatus, PlannedMessage, SentMessage
 from comms.errors import UnknownTimeZone
@@ -180,7 +180,7 @@ def plan_and_queue(
     outbox rows are the same byte for byte)."""
     report = QueueReport()
     gate = wave_gate.load_gate(db, settings, campaign, renderer)
-    processes = queue_render.processes_for(settings.templates.render_processes)
+    processes = worker_processes(settings.templates.render_processes)
     local = queue_render.LocalRenderer(renderer, now)
     pool: queue_render.ProcessRenderer | None = None
     seen = 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
-import os
 import signal
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -40,7 +39,6 @@ from comms.store import bodies
 
 CHUNK = 100  # messages per job: large enough that handing it over costs little
 POOL_MIN_CUSTOMERS = 3000  # fewer due customers render in-process: a worker starts in ~1 s
-MAX_PROCESSES = 4
 
 Job = tuple[CustomerInfo, PlannedMessage]
 
@@ -166,14 +164,3 @@ def _worker_died(exc: BrokenProcessPool) -> RenderWorkerFailed:
         "if it happens again, set [templates] render_processes = 1 to render in-process."
     )
 
-
-def processes_for(setting: int) -> int:
-    """Worker processes for a large run: the ``[templates] render_processes`` setting, or with
-    0 (automatic) one per usable CPU up to MAX_PROCESSES; 1 means render in-process."""
-    if setting:
-        return setting
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return min(cpus, MAX_PROCESSES)

@@ -20,7 +20,6 @@ applications, once. An error that stops the sync (a configuration or sign-in pro
 from __future__ import annotations
 
 import multiprocessing
-import os
 import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -31,7 +30,7 @@ from typing import Any
 
 import requests
 
-from comms.config import Settings
+from comms.config import Settings, worker_processes
 from comms.delivery.auth import make_session
 from comms.errors import SyncWorkerFailed
 from comms.sync import clients
@@ -39,7 +38,6 @@ from comms.sync.ledger import CustomerSync
 
 POOL_MIN_CUSTOMERS = 2000  # fewer customers are read in this process: a worker starts in ~1 s
 PAGE = 250  # customers per page: read by one worker, then recorded in one transaction
-MAX_PROCESSES = 4
 
 
 @dataclass
@@ -128,7 +126,7 @@ class PageReader:
                  readers: Readers) -> None:
         """``customers``: how many have something to read; ``readers``: this process's own,
         used unless the pages go to worker processes."""
-        processes = processes_for(settings.sync.processes)
+        processes = worker_processes(settings.sync.processes)
         self.pooled = processes > 1 and customers > POOL_MIN_CUSTOMERS
         concurrency = settings.sync.concurrency
         self._pool: ProcessPoolExecutor | None = None
@@ -221,19 +219,8 @@ def _worker_died(exc: BrokenProcessPool) -> SyncWorkerFailed:
     )
 
 
-def processes_for(setting: int) -> int:
-    """Worker processes for a large sync: the ``[sync] processes`` setting, or with 0
-    (automatic) one per usable CPU up to MAX_PROCESSES; 1 reads in this process."""
-    if setting:
-        return setting
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return min(cpus, MAX_PROCESSES)
-
-
 # --------------------------------------------------------------------------- one customer's read
+
 
 def is_listed(res: CustomerSync) -> bool:
     """Partner Center lists the customer (its reseller relationship is accepted)."""
