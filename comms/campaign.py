@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import tomllib
 from datetime import date, time
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -216,7 +217,7 @@ class Campaign(_Model):
                 used[msg] = where
         return self
 
-    @property
+    @cached_property  # asked for every customer a run plans; a campaign never changes
     def stage_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.stages)
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from comms.campaign import Campaign, Reminders, SendWindow, Stage
@@ -90,6 +91,13 @@ def _open_day(day: date, window: SendWindow) -> bool:
     return day.weekday() in window.weekday_numbers and day not in window.holidays
 
 
+# The send window's answers depend on nothing but their arguments, and a run asks them for
+# one ``now`` and a few dozen time zones, once or twice per customer: each is computed once
+# (a time zone that cannot be loaded raises every time; an exception is not cached).
+_WINDOW_CACHE = 4096
+
+
+@lru_cache(maxsize=_WINDOW_CACHE)
 def in_window(at: datetime, window: SendWindow, time_zone: str) -> bool:
     """Whether ``at`` lies in the send window: an allowed weekday that is not a holiday, and a
     local wall-clock time in ``[start, end)``, all in ``time_zone``."""
@@ -131,6 +139,7 @@ def _openings(day: date, window: SendWindow, zone: ZoneInfo) -> list[datetime]:
     return sorted(out)
 
 
+@lru_cache(maxsize=_WINDOW_CACHE)
 def next_window_start(now: datetime, window: SendWindow, time_zone: str) -> datetime:
     """The first instant at or after ``now`` (UTC) inside the send window: ``now`` itself when
     the window is open. DST-correct in ``time_zone``; holidays are local dates."""
@@ -154,6 +163,7 @@ def next_window_start(now: datetime, window: SendWindow, time_zone: str) -> date
     )
 
 
+@lru_cache(maxsize=_WINDOW_CACHE)
 def window_end(at: datetime, window: SendWindow, time_zone: str) -> datetime:
     """When the send window that is open at ``at`` closes (UTC): the window's local end time on
     ``at``'s local day. Messages queued in one window must not go out after it closes."""

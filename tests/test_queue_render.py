@@ -86,6 +86,7 @@ def test_worker_processes_queue_exactly_what_the_run_itself_would(
             real(self, renderer, now, processes)
 
         monkeypatch.setattr(queue_render.ProcessRenderer, "__init__", counting)
+        _every_chunk_to_the_workers(monkeypatch)
         pooled = _queue(db, processes=2)
         assert started == [2]
         expected, got = _queued(other), _queued(db)
@@ -119,21 +120,83 @@ def test_a_template_that_fails_in_a_worker_fails_the_run_and_writes_nothing(
     monkeypatch.setattr(engine, "LOAD_PART", 10)
     monkeypatch.setattr(engine, "INSERT_ROWS", 3)
     inserted: list[int] = []
-    real_insert = outbox.insert_messages
+    real_insert = outbox.queue_messages
 
-    def counting(s: Any, rows: Any) -> list[int]:
-        ids = real_insert(s, rows)
-        inserted.extend(ids)
-        return ids
+    def counting(s: Any, rows: Any) -> int:
+        queued = real_insert(s, rows)
+        inserted.append(queued)
+        return queued
 
-    monkeypatch.setattr(outbox, "insert_messages", counting)
+    monkeypatch.setattr(outbox, "queue_messages", counting)
+    _every_chunk_to_the_workers(monkeypatch)
     settings = load_settings(env={"COMMS_TEMPLATES_RENDER_PROCESSES": "2",
                                   "COMMS_TEMPLATES_FOLDER": str(folder)})
     with pytest.raises(TemplateError, match=r"partner_invitation/body\.html:\d+: .*no_such_value"):
         engine.plan_and_queue(db, settings, load_campaign(), Renderer(settings), now=T0)
-    assert inserted  # some rows were written before the error...
+    assert sum(inserted) > 0  # some rows were written before the error...
     with db.session() as s:
         assert s.exec(select(Message)).all() == []  # ...and rolled back with the batch
+
+
+def _every_chunk_to_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No chunk renders in the run's own process while the workers start: each waits for
+    them, so the test exercises the workers whatever the machine's speed."""
+    monkeypatch.setattr(queue_render.ProcessRenderer, "ready", lambda self: True)
+
+
+class _Fake:
+    def __init__(self, name: str, ready: list[bool]) -> None:
+        self.name, self._ready, self.closed = name, ready, False
+        self.got: list[Any] = []
+
+    def ready(self) -> bool:
+        return self._ready[0]
+
+    def submit(self, jobs: Any) -> Any:
+        self.got.append(jobs)
+        return self.name
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_chunks_render_in_the_run_until_the_workers_have_started() -> None:
+    started = [False]
+    local, pool = _Fake("local", started), _Fake("pool", started)
+    both = queue_render.StartingPool(local, pool)  # type: ignore[arg-type]
+    assert both.submit("chunk 1") == "local"
+    started[0] = True
+    assert both.submit("chunk 2") == "pool"
+    assert (local.got, pool.got) == (["chunk 1"], ["chunk 2"])
+    both.close()
+    assert pool.closed and not local.closed  # the run closes its own renderer itself
+
+
+def test_a_large_run_starts_its_workers_before_the_first_batch(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether a run is large is counted before the first batch (the workers start while it is
+    planned): more than ``POOL_MIN_CUSTOMERS`` due customers."""
+    started: list[int] = []
+    real = queue_render.ProcessRenderer.__init__
+
+    def counting(self: Any, renderer: Renderer, now: Any, processes: int) -> None:
+        started.append(processes)
+        real(self, renderer, now, processes)
+
+    monkeypatch.setattr(queue_render.ProcessRenderer, "__init__", counting)
+    monkeypatch.setattr(engine, "BATCH", 5)  # the first batch alone would not tell
+    monkeypatch.setattr(queue_render, "POOL_MIN_CUSTOMERS", 12)
+    small = open_database(f"sqlite:///{tmp_path / 'small.db'}")
+    try:
+        seed(small, tmp_path, 12)
+        assert _queue(small, processes=2).queued == 12
+    finally:
+        small.dispose()
+    assert started == []  # 12 due: rendered in the run's own process
+    seed(db, tmp_path, 13)
+    assert _queue(db, processes=2).queued == 13
+    assert started == [2]
 
 
 def _one_job(db: Database, tmp_path: Path) -> list[queue_render.Job]:

@@ -38,7 +38,7 @@ from comms.store.db import Database
 from comms.store.locks import RunLock
 from comms.store.models import Customer, CustomerTag, Message, new_message_row
 
-BATCH = 1000  # customers planned per write transaction
+BATCH = 2500  # customers planned per write transaction
 ID_BATCH = 5000  # due customer ids read per query (a few bytes each)
 # How long `comms send` dispatches what it queued; a leftover then waits for the send window.
 ONE_OFF_MINUTES = 10.0
@@ -106,20 +106,22 @@ def due_batches(
 load_customers = repo.load_customers  # the one customer loader (see comms.store.repo)
 
 
+# Only the columns the planner needs: never the frozen bodies. Built once; the ids are bound
+# at execution.
+_HISTORY = (
+    sa.select(col(Message.customer_id), col(Message.message), col(Message.sequence),
+              col(Message.status), col(Message.stage), col(Message.created_at),
+              col(Message.sent_at), col(Message.error_code))
+    .where(col(Message.customer_id).in_(sa.bindparam("ids", expanding=True)))
+    .order_by(col(Message.id))
+)
+
+
 def load_history(session: Session, ids: Sequence[int]) -> dict[int, list[SentMessage]]:
     history: dict[int, list[SentMessage]] = defaultdict(list)
     if not ids:
         return history
-    # Only the columns the planner needs: never load the frozen bodies here.
-    columns: list[Any] = [
-        Message.customer_id, Message.message, Message.sequence, Message.status,
-        Message.stage, Message.created_at, Message.sent_at, Message.error_code,
-    ]
-    rows = session.execute(
-        sa.select(*columns)
-        .where(col(Message.customer_id).in_(list(ids)))
-        .order_by(col(Message.id))
-    ).all()
+    rows = session.execute(_HISTORY, {"ids": list(ids)}).all()
     for cid, message, seq, status, stage, created, sent, code in rows:
         history[cid].append(SentMessage(
             message, seq, status, stage, created, sent,
@@ -176,30 +178,43 @@ def plan_and_queue(
 
     Each batch is read, planned, rendered and written in one transaction. Rendering and
     compressing go through ``comms.services.queue_render``: in this process for a small run,
-    in worker processes once a run has more than ``POOL_MIN_CUSTOMERS`` due customers (the
-    outbox rows are the same byte for byte)."""
+    in worker processes when more than ``POOL_MIN_CUSTOMERS`` customers are due (in this
+    process until the workers have started; the outbox rows are the same byte for byte)."""
     report = QueueReport()
     gate = wave_gate.load_gate(db, settings, campaign, renderer)
     processes = worker_processes(settings.templates.render_processes)
     local = queue_render.LocalRenderer(renderer, now)
-    pool: queue_render.ProcessRenderer | None = None
-    seen = 0
+    render: queue_render.ChunkRenderer = local
+    if (not dry_run and processes > 1
+            and _due_at_least(db, campaign, now, queue_render.POOL_MIN_CUSTOMERS + 1,
+                              tag=tag, keys=keys)):
+        render = queue_render.StartingPool(
+            local, queue_render.ProcessRenderer(renderer, now, processes))
     try:
         for ids in due_batches(db, campaign, now, tag=tag, keys=keys):
-            seen += len(ids)
-            if (pool is None and not dry_run and processes > 1
-                    and seen > queue_render.POOL_MIN_CUSTOMERS):
-                pool = queue_render.ProcessRenderer(renderer, now, processes)
             with queue_render.collections_paused(), db.session(immediate=not dry_run) as s:
                 _queue_batch(s, ids, settings, campaign, renderer, now, dry_run, report,
-                             pool or local, _send_ids(), gate)
+                             render, _send_ids(), gate)
             if progress:
                 progress(len(ids))
     finally:
         local.close()
-        if pool is not None:
-            pool.close()
+        if render is not local:
+            render.close()
     return report
+
+
+def _due_at_least(db: Database, campaign: Campaign, now: datetime, n: int, *,
+                  tag: str | None, keys: Sequence[str]) -> bool:
+    """Whether at least ``n`` customers are due now (counted no further than that)."""
+    found = 0
+    with db.session() as s:
+        for stage in campaign.stage_names:
+            due = due_customers_query(stage, now, tag=tag, keys=keys, limit=n - found)
+            found += s.execute(sa.select(sa.func.count()).select_from(due.subquery())).scalar_one()
+            if found >= n:
+                return True
+    return False
 
 
 def _send_ids(block: int = BATCH) -> Callable[[], str]:
@@ -255,9 +270,9 @@ class _Chunks:
                           body=r.body, send_id=send_id())
                      for (customer, pm, closes), r in zip(items, done, strict=True)]
             if len(rows) >= INSERT_ROWS:
-                inserted += len(outbox.insert_messages(s, rows))
+                inserted += outbox.queue_messages(s, rows)
                 rows = []
-        return inserted + len(outbox.insert_messages(s, rows))
+        return inserted + outbox.queue_messages(s, rows)
 
 
 def _queue_batch(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from functools import cache
 from typing import Any
 
 import sqlalchemy as sa
@@ -88,15 +89,18 @@ class InboxCustomerState(SQLModel, table=True):
 
 def reminder_holds(session: Any, customer_ids: Sequence[int]) -> dict[int, datetime]:
     """Customer id -> until when its reminders are held (only customers with a hold)."""
-    table = InboxCustomerState.__table__  # type: ignore[attr-defined]
     out: dict[int, datetime] = {}
     ids = list(customer_ids)
     for start in range(0, len(ids), 900):
-        rows = session.execute(
-            sa.select(table.c.customer_id, table.c.reminders_held_until).where(
-                table.c.customer_id.in_(ids[start:start + 900]),
-                table.c.reminders_held_until.is_not(None),
-            )
-        ).all()
+        rows = session.execute(_holds_read(), {"ids": ids[start:start + 900]}).all()
         out.update({int(cid): until for cid, until in rows})
     return out
+
+
+@cache  # built once; the ids are bound at execution (see comms.store.repo._ids_in)
+def _holds_read() -> Any:
+    table = InboxCustomerState.__table__  # type: ignore[attr-defined]
+    return sa.select(table.c.customer_id, table.c.reminders_held_until).where(
+        table.c.customer_id.in_(sa.bindparam("ids", expanding=True)),
+        table.c.reminders_held_until.is_not(None),
+    )

@@ -139,9 +139,8 @@ class Message(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     send_id: str = Field(sa_column=Column(sa.String(64), unique=True, nullable=False))
-    customer_id: int = Field(
-        sa_column=Column(sa.ForeignKey("customers.id"), nullable=False, index=True)
-    )
+    # Looked up through uq_messages_key, whose leading column it is (migration 0011).
+    customer_id: int = Field(sa_column=Column(sa.ForeignKey("customers.id"), nullable=False))
     message: str = Field(max_length=100)
     sequence: int = 0
     stage: str = Field(max_length=64)

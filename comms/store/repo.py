@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -89,45 +90,67 @@ def load_customers(session: Session, ids: Sequence[int], *,
 
 def sync_attention(session: Session, ids: Sequence[int]) -> dict[int, str]:
     """Customers stage sync reports as needing attention (``ATTENTION``) -> why."""
-    checks_t = SyncCheck.__table__  # type: ignore[attr-defined]
     out: dict[int, str] = {}
     for start in range(0, len(ids), _CHUNK):
         chunk = list(ids[start : start + _CHUNK])
-        for cid, problem in session.execute(
-            sa.select(checks_t.c.customer_id, checks_t.c.problem)
-            .where(checks_t.c.customer_id.in_(chunk),
-                   checks_t.c.problem.startswith(ATTENTION, autoescape=True))
-            .order_by(checks_t.c.customer_id, checks_t.c.source)
-        ).all():
+        for cid, problem in session.execute(_attention_read(), {"ids": chunk}).all():
             out[cid] = "; ".join(filter(None, (out.get(cid), problem)))
     return out
+
+
+@cache
+def _attention_read() -> Any:
+    checks_t = SyncCheck.__table__  # type: ignore[attr-defined]
+    return (sa.select(checks_t.c.customer_id, checks_t.c.problem)
+            .where(_ids_in(checks_t.c.customer_id),
+                   checks_t.c.problem.startswith(ATTENTION, autoescape=True))
+            .order_by(checks_t.c.customer_id, checks_t.c.source))
+
+
+def _ids_in(column: Any) -> Any:
+    """``column IN (...ids)`` with the ids given at execution (``{"ids": [...]}``): the statement
+    is built once, and SQLAlchemy does not coerce every id into the statement and its cache
+    key each time (most of a small query's cost)."""
+    return column.in_(sa.bindparam("ids", expanding=True))
+
+
+# The columns of a customer its domain view needs (never the bookkeeping columns).
+_customer_columns = ("id", "key", "name", "licences", "stage", "stage_entered_at", "locale",
+                     "time_zone", "tenant_id", "primary_domain", "paused", "opted_out", "lost",
+                     "account_manager_name", "account_manager_email", "csp_live_at")
+
+
+@cache
+def _customer_reads() -> dict[str, Any]:
+    customers_t = Customer.__table__  # type: ignore[attr-defined]
+    contacts_t = Contact.__table__  # type: ignore[attr-defined]
+    tags_t = CustomerTag.__table__  # type: ignore[attr-defined]
+    read = sa.select(*(customers_t.c[n] for n in _customer_columns)).where(
+        _ids_in(customers_t.c.id))
+    return {
+        "": read, "wait": read.with_for_update(), "skip": read.with_for_update(skip_locked=True),
+        "contacts": sa.select(contacts_t.c.id, contacts_t.c.customer_id, contacts_t.c.name,
+                              contacts_t.c.email, contacts_t.c.role)
+        .where(_ids_in(contacts_t.c.customer_id)),
+        "tags": sa.select(tags_t.c.customer_id, tags_t.c.tag).where(
+            _ids_in(tags_t.c.customer_id)),
+    }
 
 
 def _read_customers(
     session: Session, id_list: list[int], lock: Literal["", "wait", "skip"]
 ) -> tuple[list[Any], dict[int, list[Any]], dict[int, list[str]]]:
     """The customers' rows, contacts and tags, ``_CHUNK`` ids a query."""
-    customers_t = Customer.__table__  # type: ignore[attr-defined]
-    contacts_t = Contact.__table__  # type: ignore[attr-defined]
-    tags_t = CustomerTag.__table__  # type: ignore[attr-defined]
+    reads = _customer_reads()
     rows: list[Any] = []
     contacts: dict[int, list[Any]] = defaultdict(list)
     tags: dict[int, list[str]] = defaultdict(list)
     for start in range(0, len(id_list), _CHUNK):
-        chunk = id_list[start : start + _CHUNK]
-        read = sa.select(customers_t).where(customers_t.c.id.in_(chunk))
-        if lock:
-            read = read.with_for_update(skip_locked=lock == "skip")
-        rows += session.execute(read).all()
-        for c in session.execute(
-            sa.select(contacts_t.c.id, contacts_t.c.customer_id, contacts_t.c.name,
-                      contacts_t.c.email, contacts_t.c.role)
-            .where(contacts_t.c.customer_id.in_(chunk))
-        ).all():
+        ids = {"ids": id_list[start : start + _CHUNK]}
+        rows += session.execute(reads[lock], ids).all()
+        for c in session.execute(reads["contacts"], ids).all():
             contacts[c.customer_id].append(c)
-        for t in session.execute(
-            sa.select(tags_t.c.customer_id, tags_t.c.tag).where(tags_t.c.customer_id.in_(chunk))
-        ).all():
+        for t in session.execute(reads["tags"], ids).all():
             tags[t.customer_id].append(t.tag)
     return rows, contacts, tags
 
@@ -141,29 +164,34 @@ def latest_observations(session: Session, ids: Sequence[int]) -> dict[int, Obser
     (``at``: when it was last seen so), and there is none when that check could not read the
     tenant ("cannot verify": what was seen before may have changed since) or when the evidence
     came from another tenant than the customer's current one (a corrected tenant id)."""
-    evidence_t = SyncEvidence.__table__  # type: ignore[attr-defined]
-    checks_t = SyncCheck.__table__  # type: ignore[attr-defined]
-    customers_t = Customer.__table__  # type: ignore[attr-defined]
     out: dict[int, Observation] = {}
     for start in range(0, len(ids), _CHUNK):
         chunk = list(ids[start : start + _CHUNK])
         latest: dict[int, Any] = {}
-        for ev in session.execute(
-            sa.select(evidence_t.c.customer_id, evidence_t.c.at, evidence_t.c.source,
-                      evidence_t.c.seen_json, checks_t.c.checked_at, checks_t.c.problem,
-                      customers_t.c.tenant_id)
-            .join(customers_t, customers_t.c.id == evidence_t.c.customer_id)
-            .outerjoin(checks_t, sa.and_(checks_t.c.customer_id == evidence_t.c.customer_id,
-                                         checks_t.c.source == evidence_t.c.source))
-            .where(evidence_t.c.customer_id.in_(chunk), evidence_t.c.source == "tenant")
-            .order_by(evidence_t.c.customer_id, evidence_t.c.id)
-        ).all():
+        for ev in session.execute(_observations_read(), {"ids": chunk}).all():
             latest[ev.customer_id] = ev  # the last one per customer wins
         for customer_id, ev in latest.items():
             found = _observation(ev)
             if found is not None:
                 out[customer_id] = found
     return out
+
+
+@cache
+def _observations_read() -> Any:
+    evidence_t = SyncEvidence.__table__  # type: ignore[attr-defined]
+    checks_t = SyncCheck.__table__  # type: ignore[attr-defined]
+    customers_t = Customer.__table__  # type: ignore[attr-defined]
+    return (
+        sa.select(evidence_t.c.customer_id, evidence_t.c.at, evidence_t.c.source,
+                  evidence_t.c.seen_json, checks_t.c.checked_at, checks_t.c.problem,
+                  customers_t.c.tenant_id)
+        .join(customers_t, customers_t.c.id == evidence_t.c.customer_id)
+        .outerjoin(checks_t, sa.and_(checks_t.c.customer_id == evidence_t.c.customer_id,
+                                     checks_t.c.source == evidence_t.c.source))
+        .where(_ids_in(evidence_t.c.customer_id), evidence_t.c.source == "tenant")
+        .order_by(evidence_t.c.customer_id, evidence_t.c.id)
+    )
 
 
 def _observation(ev: Any) -> Observation | None:
@@ -197,11 +225,15 @@ def _suppressed(session: Session, emails: set[str]) -> set[str]:
     ordered = sorted(emails)
     found: set[str] = set()
     for start in range(0, len(ordered), _CHUNK):
-        found.update(session.exec(
-            select(Suppression.email).where(
-                col(Suppression.email).in_(ordered[start : start + _CHUNK]))
-        ).all())
+        found.update(session.execute(
+            _suppressed_read(), {"ids": ordered[start : start + _CHUNK]}).scalars())
     return {e.lower() for e in found}
+
+
+@cache
+def _suppressed_read() -> Any:
+    table = Suppression.__table__  # type: ignore[attr-defined]
+    return sa.select(table.c.email).where(_ids_in(table.c.email))
 
 
 def customer_infos(session: Session, rows: Sequence[Customer]) -> list[CustomerInfo]:
