@@ -92,6 +92,9 @@ def _without_rendering() -> None:
             done.set_result([queue_render.Rendered("subject", "en", b"x" * 780) for _ in jobs])
             return done
 
+        def ready(self) -> bool:
+            return True
+
         def close(self) -> None:
             pass
 

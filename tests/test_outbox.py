@@ -22,7 +22,7 @@ from comms.errors import CommsError
 from comms.services import outbox_admin
 from comms.store import bodies
 from comms.store.db import Database
-from comms.store.models import Message, SendSlot, Suppression
+from comms.store.models import Message, SendSlot, Suppression, new_message_row
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
@@ -92,6 +92,49 @@ def test_queue_key_is_unique_planning_twice_queues_once(db: Database) -> None:
     with db.session() as s:
         assert outbox.insert_messages(s, [row]) == []
         assert len(s.exec(select(Message)).all()) == 1
+
+
+def _planned(cid: int, seq: int, **fields: Any) -> dict[str, Any]:
+    return new_message_row(
+        customer_id=cid, message="partner_invitation_reminder", sequence=seq, stage="invited",
+        to_json=outbox.addresses_json([("it@contoso.example", "IT")]), subject=f"Reminder {seq}",
+        html=f"<p>{seq} Müller</p>", text=f"{seq} Müller", now=T0 + timedelta(seconds=seq),
+        send_before=T0 + timedelta(hours=7), locale="de", reply_to="r@fabrikam.example",
+        **fields)
+
+
+def test_a_scheduled_runs_queueing_stores_what_insert_messages_stores(db: Database) -> None:
+    """``queue_messages`` (a scheduled run: SQLite binds the values itself) and
+    ``insert_messages`` store the same values, and count what they queued the same way: new
+    rows and rows the run had withdrawn itself count, rows already there do not."""
+    a, b = add_customer(db, "A"), add_customer(db, "B")
+    with db.session() as s:
+        assert len(outbox.insert_messages(s, [_planned(a, n) for n in range(3)])) == 3
+        assert outbox.queue_messages(s, [_planned(b, n) for n in range(3)]) == 3
+        # Withdrawn by the run (queued again) and by an operator (stays withdrawn).
+        s.execute(sa.update(Message).where(col(Message.sequence) == 1)
+                  .values(status="withdrawn", last_error="paused"))
+        s.execute(sa.update(Message).where(col(Message.sequence) == 2)
+                  .values(status="withdrawn", error_code=outbox.BY_OPERATOR))
+    with db.session() as s:
+        assert len(outbox.insert_messages(s, [_planned(a, n) for n in range(4)])) == 2
+        assert outbox.queue_messages(s, [_planned(b, n) for n in range(4)]) == 2
+        assert outbox.queue_messages(s, [_planned(b, n) for n in range(4)]) == 0
+    columns = [c for c in Message.__table__.columns  # type: ignore[attr-defined]
+               if c.name not in ("id", "customer_id", "send_id")]
+    with db.engine.connect() as conn:  # the stored values, not as the ORM reads them back
+        raw = conn.execute(sa.select(Message.__table__.c.customer_id,  # type: ignore[attr-defined]
+                                     *(c if c.name == "body" else sa.cast(c, sa.Text)
+                                       for c in columns))
+                           .order_by(Message.__table__.c.customer_id,  # type: ignore[attr-defined]
+                                     Message.__table__.c.sequence)).all()  # type: ignore[attr-defined]
+    by_customer = {cid: [tuple(r[1:]) for r in raw if r[0] == cid] for cid in (a, b)}
+    assert len(by_customer[a]) == 4
+    named = {cid: [[(c.name, v) for c, v in zip(columns, row, strict=True)] for row in rows]
+             for cid, rows in by_customer.items()}
+    assert ("send_after", "2026-12-01 10:00:00.000000") in named[a][0] or db.url.startswith(
+        "postgresql")  # SQLite: SQLAlchemy's own text form of a time
+    assert named[a] == named[b]
 
 
 def test_sent_is_recorded_with_request_id_and_send_id_header(db: Database) -> None:

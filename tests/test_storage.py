@@ -51,14 +51,37 @@ def test_format_1_dictionary_never_changes() -> None:
         "2b0e959b964e253f4e9721020e4b8895c958c7ad20a23a80f0dae922b06fe780")
 
 
+# Written by comms before format 2 (bodies.encode at d217344): rows like it stay in ledgers.
+FORMAT_1_ROW = bytes.fromhex(
+    "01783fad395c42636060d0b629b0f33dbc075c40a801dd67ad107c785b06307b3c6a98a2f06cfad26773d6"
+    "287c983fa301348b00570755c3050037d91acf")
+
+
+def test_rows_written_in_format_1_still_read_exactly() -> None:
+    expected = ("<p>Müller &amp; Söhne — 日本 😀</p>", "Müller & Söhne\n")
+    assert bodies.decode(FORMAT_1_ROW) == expected
+    assert bodies.encode_format_1(*expected) == FORMAT_1_ROW
+    for html, text in [TRICKY, ("", ""), ("a" * 200_000, "b" * 70_000)]:
+        assert bodies.decode(bodies.encode_format_1(html, text)) == (html, text)
+
+
+def test_new_rows_are_format_2_and_smaller_than_format_1() -> None:
+    html, text = TRICKY[0] * 3, "Müller & Söhne\n" * 50
+    new, old = bodies.encode(html, text), bodies.encode_format_1(html, text)
+    assert new[0] == 2 and old[0] == 1
+    assert bodies.decode(new) == bodies.decode(old) == (html, text)
+
+
 def test_unknown_or_damaged_bodies_are_refused_clearly() -> None:
     blob = bodies.encode("<p>hi</p>", "hi")
     with pytest.raises(DatabaseError, match=r"unknown format .*Upgrade comms"):
         bodies.decode(b"\x09" + blob[1:])
     with pytest.raises(DatabaseError, match="unknown format"):
         bodies.decode(b"")
-    with pytest.raises(DatabaseError, match=r"damaged .*backup"):
-        bodies.decode(blob[:1] + b"garbage" + blob[1:])
+    for damaged in (blob[:1] + b"garbage" + blob[1:], blob[:-3] + bytes(3),
+                    FORMAT_1_ROW[:10] + b"garbage" + FORMAT_1_ROW[10:]):
+        with pytest.raises(DatabaseError, match=r"damaged .*backup"):
+            bodies.decode(damaged)
 
 
 def test_queued_bodies_are_what_was_rendered_and_small(
