@@ -22,7 +22,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sized
-from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import wraps
@@ -63,15 +62,22 @@ class Budget:
 _budget: ContextVar[Budget | None] = ContextVar("comms_render_budget", default=None)
 
 
-@contextmanager
-def budget(seconds: float = TIME_BUDGET) -> Iterator[Budget]:
-    """Renders inside this block share one wall-clock budget of ``seconds``."""
-    b = Budget(time.monotonic() + seconds, seconds)
-    token = _budget.set(b)
-    try:
-        yield b
-    finally:
-        _budget.reset(token)
+class budget:  # lower case: used as ``with limits.budget(seconds):``, like a function
+    """Renders inside this block share one wall-clock budget of ``seconds``. A class rather
+    than a generator: it is entered three times for every message rendered."""
+
+    __slots__ = ("_seconds", "_token")
+
+    def __init__(self, seconds: float = TIME_BUDGET) -> None:
+        self._seconds = seconds
+
+    def __enter__(self) -> Budget:
+        b = Budget(time.monotonic() + self._seconds, self._seconds)
+        self._token = _budget.set(b)
+        return b
+
+    def __exit__(self, *exc: object) -> None:
+        _budget.reset(self._token)
 
 
 def check_time() -> None:
