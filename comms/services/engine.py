@@ -233,7 +233,10 @@ def _send_ids(block: int = BATCH) -> Callable[[], str]:
     return take
 
 
-LOAD_PART = 200  # customers read and planned at a time: the render workers start early
+# Customers read and planned at a time: the first part of a batch small (the render workers
+# wait for it), then larger (each read is seven queries).
+FIRST_PART = 100
+LOAD_PART = 500
 INSERT_ROWS = 200  # outbox rows inserted at a time, as their chunks come back rendered
 
 Planned = tuple[CustomerInfo, PlannedMessage, datetime | None]
@@ -282,13 +285,12 @@ def _queue_batch(
 ) -> None:
     """Plan one batch of customers and queue what is due (rendered and compressed by
     ``render`` a chunk at a time while the next ones are planned); a dry run counts and
-    previews, and writes nothing. Customers are read ``LOAD_PART`` at a time, in the
+    previews, and writes nothing. Customers are read a part at a time (``_parts``), in the
     batch's transaction like the rest."""
     preview: list[dict[str, Any]] = []  # a dry run's rows: rendered here, never stored
     next_due: list[dict[str, Any]] = []
     chunks = _Chunks(render)
-    for start in range(0, len(ids), LOAD_PART):
-        part = ids[start:start + LOAD_PART]
+    for part in _parts(ids):
         customers = load_customers(s, part, lock="" if dry_run else "skip")
         history = load_history(s, part)
         for cid in part:
@@ -326,6 +328,14 @@ def _queue_batch(
     report.queued += chunks.write(s, settings, now, send_id)
     if next_due:
         s.execute(_MOVE_NEXT_DUE, next_due)
+
+
+def _parts(ids: list[int]) -> Iterator[list[int]]:
+    """``FIRST_PART`` ids, then ``LOAD_PART`` at a time."""
+    start, size = 0, min(FIRST_PART, LOAD_PART)
+    while start < len(ids):
+        yield ids[start:start + size]
+        start, size = start + size, LOAD_PART
 
 
 # One executemany in Core: the ORM's bulk UPDATE by primary key does more Python work a row.
