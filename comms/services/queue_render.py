@@ -5,7 +5,7 @@ Rendering is about two thirds of the time a scheduled run takes to queue, and on
 renders on one core. Both ways below take the same chunks of (customer, planned message) and
 give back, per message, its subject, locale and stored body (``comms.store.bodies``):
 
-- ``LocalRenderer`` renders in this thread and compresses on a helper thread (zlib releases the
+- ``LocalRenderer`` renders in this thread and compresses on a helper thread (zstd releases the
   GIL), a chunk at a time, while the next chunk renders. Small runs and dry runs use it.
 - ``ProcessRenderer`` renders and compresses in worker processes, so a run that queues thousands
   of customers uses every core while this process reads, plans and writes. Workers are started
