@@ -93,15 +93,21 @@ def _open_day(day: date, window: SendWindow) -> bool:
 
 # The send window's answers depend on nothing but their arguments, and a run asks them for
 # one ``now`` and a few dozen time zones, once or twice per customer: each is computed once
-# (a time zone that cannot be loaded raises every time; an exception is not cached).
+# for an instant in UTC (two local times a DST fold apart compare equal in Python, so the
+# cache never sees one; a time zone that cannot be loaded raises every time: an exception is
+# not cached).
 _WINDOW_CACHE = 4096
 
 
-@lru_cache(maxsize=_WINDOW_CACHE)
 def in_window(at: datetime, window: SendWindow, time_zone: str) -> bool:
     """Whether ``at`` lies in the send window: an allowed weekday that is not a holiday, and a
     local wall-clock time in ``[start, end)``, all in ``time_zone``."""
-    local = _utc(at, "at").astimezone(_zone(time_zone))
+    return _in_window(_utc(at, "at"), window, time_zone)
+
+
+@lru_cache(maxsize=_WINDOW_CACHE)
+def _in_window(at: datetime, window: SendWindow, time_zone: str) -> bool:
+    local = at.astimezone(_zone(time_zone))
     return _open_day(local.date(), window) and window.start <= local.time() < window.end
 
 
@@ -139,11 +145,14 @@ def _openings(day: date, window: SendWindow, zone: ZoneInfo) -> list[datetime]:
     return sorted(out)
 
 
-@lru_cache(maxsize=_WINDOW_CACHE)
 def next_window_start(now: datetime, window: SendWindow, time_zone: str) -> datetime:
     """The first instant at or after ``now`` (UTC) inside the send window: ``now`` itself when
     the window is open. DST-correct in ``time_zone``; holidays are local dates."""
-    now = _utc(now)
+    return _next_window_start(_utc(now), window, time_zone)
+
+
+@lru_cache(maxsize=_WINDOW_CACHE)
+def _next_window_start(now: datetime, window: SendWindow, time_zone: str) -> datetime:
     if in_window(now, window, time_zone):
         return now
     zone = _zone(time_zone)
@@ -163,12 +172,16 @@ def next_window_start(now: datetime, window: SendWindow, time_zone: str) -> date
     )
 
 
-@lru_cache(maxsize=_WINDOW_CACHE)
 def window_end(at: datetime, window: SendWindow, time_zone: str) -> datetime:
     """When the send window that is open at ``at`` closes (UTC): the window's local end time on
     ``at``'s local day. Messages queued in one window must not go out after it closes."""
+    return _window_end(_utc(at), window, time_zone)
+
+
+@lru_cache(maxsize=_WINDOW_CACHE)
+def _window_end(at: datetime, window: SendWindow, time_zone: str) -> datetime:
     zone = _zone(time_zone)
-    local_day = _utc(at).astimezone(zone).date()
+    local_day = at.astimezone(zone).date()
     return datetime.combine(local_day, window.end, tzinfo=zone).astimezone(UTC)
 
 

@@ -650,3 +650,17 @@ def test_simulated_customer_over_weeks(
     got = [r for r in by_stage.get(c.stage, []) if r.msg.message == final.reminders.message]
     if move_at is None or move_at < len(steps):
         assert len(got) == final.reminders.max
+
+
+def test_the_window_cache_tells_apart_two_instants_a_dst_fold_apart() -> None:
+    """01:30 in New York on 1 November 2026 happens twice (EDT, then EST): Python compares the
+    two as equal, yet they are an hour apart. The cached answers are keyed by the instant."""
+    ny = ZoneInfo("America/New_York")
+    first = datetime(2026, 11, 1, 1, 30, tzinfo=ny)  # 05:30 UTC
+    second = first.replace(fold=1)  # 06:30 UTC
+    assert first == second and first.astimezone(UTC) != second.astimezone(UTC)
+    window = SendWindow(days=WEEKDAYS, start=time(5, 0), end=time(6, 0))
+    assert in_window(first, window, "UTC") is True
+    assert in_window(second, window, "UTC") is False
+    assert next_window_start(first, window, "UTC") == first.astimezone(UTC)
+    assert next_window_start(second, window, "UTC") == datetime(2026, 11, 2, 5, 0, tzinfo=UTC)
