@@ -62,6 +62,19 @@ def _queue(db: Database, processes: int) -> engine.QueueReport:
     return engine.plan_and_queue(db, settings, load_campaign(), Renderer(settings), now=T0)
 
 
+def _pool_starts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The worker counts of every render pool started from now on, in order."""
+    started: list[int] = []
+    real = queue_render.ProcessRenderer.__init__
+
+    def counting(self: Any, renderer: Renderer, now: Any, processes: int) -> None:
+        started.append(processes)
+        real(self, renderer, now, processes)
+
+    monkeypatch.setattr(queue_render.ProcessRenderer, "__init__", counting)
+    return started
+
+
 def test_worker_processes_queue_exactly_what_the_run_itself_would(
     db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -78,14 +91,7 @@ def test_worker_processes_queue_exactly_what_the_run_itself_would(
         # Customers read 40 at a time, rows inserted 10 at a time as their chunks come back.
         monkeypatch.setattr(engine, "LOAD_PART", 40)
         monkeypatch.setattr(engine, "INSERT_ROWS", 10)
-        started: list[int] = []
-        real = queue_render.ProcessRenderer.__init__
-
-        def counting(self: Any, renderer: Renderer, now: Any, processes: int) -> None:
-            started.append(processes)
-            real(self, renderer, now, processes)
-
-        monkeypatch.setattr(queue_render.ProcessRenderer, "__init__", counting)
+        started = _pool_starts(monkeypatch)
         _every_chunk_to_the_workers(monkeypatch)
         pooled = _queue(db, processes=2)
         assert started == [2]
@@ -177,14 +183,7 @@ def test_a_large_run_starts_its_workers_before_the_first_batch(
 ) -> None:
     """Whether a run is large is counted before the first batch (the workers start while it is
     planned): more than ``POOL_MIN_CUSTOMERS`` due customers."""
-    started: list[int] = []
-    real = queue_render.ProcessRenderer.__init__
-
-    def counting(self: Any, renderer: Renderer, now: Any, processes: int) -> None:
-        started.append(processes)
-        real(self, renderer, now, processes)
-
-    monkeypatch.setattr(queue_render.ProcessRenderer, "__init__", counting)
+    started = _pool_starts(monkeypatch)
     monkeypatch.setattr(engine, "BATCH", 5)  # the first batch alone would not tell
     monkeypatch.setattr(queue_render, "POOL_MIN_CUSTOMERS", 12)
     small = open_database(f"sqlite:///{tmp_path / 'small.db'}")
