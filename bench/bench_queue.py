@@ -9,8 +9,8 @@
 
 Customers are imported (not timed) into a SQLite ledger in stage `invited`; then the code
 `comms run` uses (`engine.plan_and_queue`) plans every due customer, renders its
-partner_invitation and inserts the outbox rows, 500 customers per transaction. The memory mode
-runs each size in a fresh process and reports the peak RSS growth during planning + queueing.
+partner_invitation and inserts the outbox rows, 2,500 customers per transaction. The memory
+mode runs each size in a fresh process and reports the peak RSS growth during planning + queueing.
 """
 
 from __future__ import annotations
