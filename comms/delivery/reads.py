@@ -6,8 +6,9 @@ GETs), shared by the inbox reader (``comms.inbox.reader``) and stage sync's sour
   server sends one (in the server's own time: not scaled) or back off exponentially (scaled by
   ``[delivery] time_scale`` for the sandbox), then try again;
 - a dropped connection backs off the same way;
-- a 429 for a read with a throttling ``scope`` (the budget the server counts it against: the
-  partner's Partner Center calls, one tenant's Graph reads) holds every read of that scope in
+- a 429 for a read with a throttling ``scope`` (the budget the server counts it against; today
+  only Partner Center's, one budget per partner: each customer tenant's Graph reads are
+  throttled on their own, and their 429s wait per request) holds every read of that scope in
   this process, on every thread, until the ``Retry-After`` has passed: one throttled answer
   instead of one per thread, and the server's budget is not spent on requests bound to be
   refused;
