@@ -5,6 +5,7 @@ customer's. Over HTTPS against the sandbox (real msal + requests), real ledger."
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -106,3 +107,24 @@ def test_evidence_that_did_not_identify_the_old_subscription_states_nothing(
     email = _reminder(db, BASE + timedelta(hours=2))
     assert STILL_ACTIVE not in email.text and "checked on" not in email.text
     assert "If you have not cancelled the old Microsoft 365 subscription" in email.text
+
+
+def test_evidence_that_names_no_tenant_states_nothing_until_the_next_sync(
+    world: Sandbox, db: Database, cli: Any, tmp_path: Path
+) -> None:
+    awaiting_cancellation(world, cli, tmp_path, licences=26)
+    _sync(cli, 0)
+    row = _row(db, "A")
+    with db.session() as s:  # as a version before evidence named its tenant recorded it
+        ev = s.exec(select(SyncEvidence).where(SyncEvidence.customer_id == row.id,
+                                               SyncEvidence.source == "tenant")).one()
+        seen = json.loads(ev.seen_json)
+        assert seen.pop("tenant_id")
+        ev.seen_json = json.dumps(seen, sort_keys=True)
+        ev.digest = hashlib.sha256(ev.seen_json.encode()).hexdigest()  # as it recorded it
+        s.add(ev)
+    email = _reminder(db, BASE + timedelta(hours=1))
+    assert STILL_ACTIVE not in email.text and "checked on" not in email.text
+    assert "If you have not cancelled the old Microsoft 365 subscription" in email.text
+    _sync(cli, 1)  # the same reading, now with its tenant: new evidence
+    assert STILL_ACTIVE in _reminder(db, BASE + timedelta(days=1, hours=1)).text

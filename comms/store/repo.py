@@ -163,7 +163,8 @@ def latest_observations(session: Session, ids: Sequence[int]) -> dict[int, Obser
     ``sync_checks`` row. So the observation is the latest evidence, dated by the latest check
     (``at``: when it was last seen so), and there is none when that check could not read the
     tenant ("cannot verify": what was seen before may have changed since) or when the evidence
-    came from another tenant than the customer's current one (a corrected tenant id)."""
+    came from another tenant than the customer's current one (a corrected tenant id), or does
+    not say which tenant it came from."""
     out: dict[int, Observation] = {}
     for start in range(0, len(ids), _CHUNK):
         chunk = list(ids[start : start + _CHUNK])
@@ -204,8 +205,11 @@ def _observation(ev: Any) -> Observation | None:
         # Unknown which subscription is the old one (several products still billed): no
         # statement about "the old subscription" can rest on it.
         return None
+    # Evidence names the tenant it was read in; evidence without one (recorded before it was
+    # recorded) cannot be told apart from a reading of a tenant id corrected since: nothing
+    # is stated on it, and the next sync records the tenant (a new digest, so new evidence).
     tenant = str(seen.get("tenant_id") or "").strip().lower()
-    if tenant and tenant != str(ev.tenant_id or "").strip().lower():
+    if not tenant or tenant != str(ev.tenant_id or "").strip().lower():
         return None
     at = max(_aware(ev.at), _aware(ev.checked_at)) if ev.checked_at else _aware(ev.at)
     assigned = seen.get("assigned")
