@@ -160,3 +160,21 @@ def test_an_unloadable_time_zone_holds_that_customers_queued_mail_only(
     held = next_day + timedelta(hours=1)  # looked at again in an hour (the clock runs on)
     assert row.status == "queued" and held <= row.send_after < held + timedelta(minutes=1)
     assert "re-import customer A with a valid time_zone" in row.last_error
+
+
+def test_wave_stage_and_send_commands_name_the_customer_with_an_unloadable_time_zone(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any
+) -> None:
+    """A command that looks at customers one by one stops, naming the customer and the fix
+    (it used to say only "Unknown time zone 'Mars/Base'", whoever's it was)."""
+    _import(cli, tmp_path, [("A", "Europe/London"), ("B", "Europe/London")], LONDON)
+    _break_zone(db, "A")
+    now = ("--now", LONDON.isoformat())
+    for args in (("wave", "list"), ("wave", "proof", "w1", "--to", "op@partner.example", *now),
+                 ("customers", "set-stage", "A", "approved", "--dry-run", *now),
+                 ("send", "A", "--dry-run", *now)):
+        r = cli(*args)
+        assert r.exit_code == 3, (args, r.output)
+        assert "Customer A: Unknown time zone 'Mars/Base'" in r.output, (args, r.output)
+        assert "re-import with a valid time_zone" in r.output, (args, r.output)
+    assert env["sandbox"].sent() == []

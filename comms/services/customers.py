@@ -14,11 +14,11 @@ from datetime import datetime
 
 from sqlmodel import Session, col, select
 
-from comms import outbox, planner, stages
+from comms import outbox, stages
 from comms.campaign import Campaign
 from comms.domain import CustomerInfo, Event
 from comms.errors import NotFound, RequestRefused, StageMoveRefused, StateConflict
-from comms.services.engine import load_history
+from comms.services.engine import load_history, plan_one
 from comms.services.importer import ImportResult, export_customers, import_customers
 from comms.stages import SideAction
 from comms.store import repo
@@ -280,7 +280,7 @@ def _triggers(session: Session, campaign: Campaign, rows: list[Customer], stage:
     out: dict[str, tuple[str, ...]] = {}
     for row, info in zip(rows, repo.customer_infos(session, rows), strict=True):
         moved = dataclasses.replace(info, stage=stage, stage_entered_at=now)
-        p = planner.plan(moved, history.get(row.id or 0, []), now, campaign)
+        p = plan_one(moved, history.get(row.id or 0, []), now, campaign)
         out[row.key] = tuple(pm.message for pm in (*p.due, *p.deferred))
     return out
 

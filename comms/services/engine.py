@@ -46,6 +46,17 @@ ONE_OFF_MINUTES = 10.0
 ZONE_FIX = "re-import with a valid time_zone"
 
 
+def plan_one(customer: CustomerInfo, history: Sequence[SentMessage], now: datetime,
+             campaign: Campaign) -> planner.Plan:
+    """``planner.plan`` for a command that looks at customers one by one (waves, stage moves,
+    `comms send`): a time zone that cannot be loaded here stops it with the customer named
+    and the fix (a scheduled run skips that customer instead and reports it)."""
+    try:
+        return planner.plan(customer, history, now, campaign)
+    except UnknownTimeZone as exc:
+        raise UnknownTimeZone(f"Customer {customer.key}: {exc} Fix: {ZONE_FIX}.") from exc
+
+
 # --------------------------------------------------------------------------- loading
 
 

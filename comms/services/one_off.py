@@ -16,7 +16,7 @@ from comms.config import Settings
 from comms.domain import ACTED_ON, CustomerInfo, MessageStatus, PlannedMessage
 from comms.errors import AlreadySent, NotFound, RequestRefused, StateConflict
 from comms.render import Renderer
-from comms.services.engine import ONE_OFF_MINUTES, _row, load_customers, load_history
+from comms.services.engine import ONE_OFF_MINUTES, _row, load_customers, load_history, plan_one
 from comms.services.queue_render import render_one
 from comms.store import bodies
 from comms.store.db import Database
@@ -85,7 +85,7 @@ def prepare_send(
     if customer.paused:
         raise StateConflict(f"Customer {key} is paused; `comms customers resume {key}` first.")
     if message is None:
-        p = planner.plan(customer, history, now, campaign)
+        p = plan_one(customer, history, now, campaign)
         items = list(p.due) + list(p.deferred)
         if not items:
             raise StateConflict(

@@ -20,7 +20,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from comms import outbox, planner
+from comms import outbox
 from comms.campaign import Campaign
 from comms.config import Settings
 from comms.delivery.base import Transport
@@ -84,7 +84,7 @@ def next_messages(
     variants: dict[tuple[str, str, str], ProofItem] = {}
     counts: Counter[tuple[str, str, str]] = Counter()
     for c in sorted(customers.values(), key=lambda c: c.key):
-        p = planner.plan(c, history.get(c.id or 0, []), now, campaign)
+        p = engine.plan_one(c, history.get(c.id or 0, []), now, campaign)
         for pm in (*p.due, *p.deferred):
             if pm.internal:
                 continue  # notes to the account manager are not part of the wave's mail
@@ -245,7 +245,7 @@ def list_waves(
         starters = due_now = 0
         for c in nexts:
             h = history.get(c.id or 0, [])
-            p = planner.plan(c, h, now, campaign)
+            p = engine.plan_one(c, h, now, campaign)
             msgs = [pm.message for pm in (*p.due, *p.deferred) if not pm.internal]
             due.update(msgs)
             due_now += bool(msgs)
