@@ -142,6 +142,13 @@ def test_account_manager_alert_lists_the_facts(renderer: Renderer) -> None:
                  "Bill Payer (billing): bill@contoso.example", "call to Microsoft support"):
         assert fact in email.text
     assert "the customer does not receive it" in email.text
+    # One fact a line, the go-live date known or not (the unknown case ran two lines together).
+    for locale, label in (("en", "\nOverlap cost so far: "), ("de", "\nMehrkosten bisher: ")):
+        for live in (c.csp_live_at, None):
+            other = replace(c, locale=locale, csp_live_at=live)
+            text = renderer.render("account_manager_alert", other, now=NOW,
+                                   reminder_number=2).text
+            assert label in text, text
 
 
 # --- escaping and strictness -----------------------------------------------------------------
