@@ -537,10 +537,14 @@ def test_one_licence_sentences_read_well(renderer: Renderer, locale: str) -> Non
 
 NO_DAP = {"en": "the link asks for no delegated admin permissions",
           "de": "der Link fordert keine delegierten Administratorrechte an"}
+NO_ADMIN_ACCESS = {"en": "not give us administrator access", "de": "keinen Administratorzugriff"}
+NOTHING_CHANGED = {"en": "not change or cancel anything by itself",
+                   "de": "nichts geändert oder gekündigt"}
 
 
 @pytest.mark.parametrize("locale", LOCALES)
 def test_invitation_says_no_delegated_admin_only_when_the_link_says_so(locale: str) -> None:
+    """The invitation and its reminders claim no admin access only for a DAP=false link."""
     without_param = ("https://admin.microsoft.com/Adminportal/Home?invType=ResellerRelationship"
                      "&partnerId={partner_id}&msppId=0#/BillingAccounts/partner-invitation")
     quiet = Renderer(Settings.model_validate({"partner": {"invitation_url": without_param}}))
@@ -551,6 +555,17 @@ def test_invitation_says_no_delegated_admin_only_when_the_link_says_so(locale: s
     default = Renderer(SETTINGS).render("partner_invitation", customer(locale=locale), now=NOW)
     for body in (default.html, default.text):
         assert NO_DAP[locale] in body and "DAP=false" in body
+    # Nor that accepting gives no administrator access (it used to say so whatever the link):
+    # the invitation and every reminder, the rest of the reassurance unchanged.
+    for renderer, claimed in ((Renderer(SETTINGS), True), (quiet, False)):
+        for message, n in (("partner_invitation", 0), ("partner_invitation_reminder", 1),
+                           ("partner_invitation_reminder", 2),
+                           ("partner_invitation_reminder", 5)):
+            email = renderer.render(message, customer(locale=locale), now=NOW,
+                                    reminder_number=n, extra={"reminders_max": 5})
+            for body in (email.html, email.text):
+                assert (NO_ADMIN_ACCESS[locale] in body) is claimed, (message, n, body)
+                assert NOTHING_CHANGED[locale] in body, (message, n, body)
 
 
 # --- 5. the German cancel steps name the admin-center section --------------------------------
