@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from typing import Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -69,6 +70,19 @@ class PartnerSettings(_Section):
                     f"requests delegated admin permissions (DAP={value}); the emails tell "
                     "customers the link asks for none. Use DAP=false, as the default link "
                     "does, and ask for admin access separately (GDAP) if you need it")
+        return v
+
+    @field_validator("invitation_url")
+    @classmethod
+    def _invitation_opens_the_admin_center(cls, v: str) -> str:
+        # The emails tell customers the link opens admin.microsoft.com and to sign in only
+        # there (the consent-phishing guard): a tracking or short link would make that false.
+        host = (urlsplit(v).hostname or "").lower()
+        if v.startswith("https://") and host != "admin.microsoft.com":
+            raise ValueError(
+                f"opens {host or 'no host'}; the emails tell customers the link opens "
+                "admin.microsoft.com and to sign in only there. Use Microsoft's own link "
+                "(https://admin.microsoft.com/...), not a tracking or short link")
         return v
 
     @field_validator("invitation_url", "support_url", "billing_url", "website")

@@ -106,6 +106,20 @@ def test_an_invitation_link_without_delegated_admin_is_accepted(tmp_path: Path) 
     assert s.partner.invitation_asks_no_dap is False  # accepted; the emails claim nothing
 
 
+@pytest.mark.parametrize("host", ["partner.fabrikam.example", "admin.microsoft.com.evil.example",
+                                  "aka.ms"])
+def test_an_invitation_link_that_does_not_open_the_admin_center_is_refused(
+    tmp_path: Path, host: str
+) -> None:
+    """The emails say the link opens admin.microsoft.com: a tracking or short link is refused."""
+    url = (INVITATION % "false").replace("admin.microsoft.com", host, 1)
+    [problem] = problems(tmp_path, f'[partner]\ninvitation_url = "{url}"\n')
+    assert problem.startswith(f"FILE: [partner] invitation_url: opens {host}; the emails tell "
+                              "customers the link opens admin.microsoft.com"), problem
+    ok = load_settings(None, env={"COMMS_PARTNER_INVITATION_URL": INVITATION % "false"})
+    assert ok.partner.invitation_url.startswith("https://admin.microsoft.com/")
+
+
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     toml = ('[partner]\nsupport_url = "http://insecure.example"\n'
             '[defaults]\ntime_zone = "Mars/Base"\n[delivery]\ntransport = "smtp"\n')
