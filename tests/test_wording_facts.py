@@ -325,6 +325,32 @@ def test_transition_complete_says_done_when_seen_cancelled_or_set_by_hand(
     assert f">{heading}</h1>" in email.html and heading.upper() in email.text
 
 
+LICENCE_CHECK = {"en": ("Billing > Licenses", "Billing › Licenses"),
+                 "de": ("Abrechnung > Lizenzen", "Abrechnung › Lizenzen")}
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("status,asks", [("", True), ("Enabled", True), ("Warning", True),
+                                         ("LockedOut", True), ("Suspended", False),
+                                         ("Disabled", False), ("Deleted", False),
+                                         ("absent", False)])
+def test_transition_complete_asks_for_the_licence_check_whenever_it_asks_to_cancel(
+    renderer: Renderer, locale: str, status: str, asks: bool
+) -> None:
+    """Whenever the last email asks to cancel the old subscription (seen running, or nothing
+    seen), it says first to check the new one's licences and assignments (DESIGN: before
+    cancelling); not once the old one was seen cancelled or gone."""
+    for licences, count in ((26, "26"), (1, "1")):
+        email = render(renderer, "transition_complete",
+                       customer(licences, locale=locale, stage="completed"), status=status)
+        text, html = LICENCE_CHECK[locale]
+        assert (text in email.text) is asks, email.text
+        assert (html in email.html) is asks, email.html
+        if asks:
+            assert f"mindestens {count} Lizenz" in email.text if locale == "de" \
+                else f"at least {count} licence" in email.text
+
+
 # --- 4. no licence count of 0 ----------------------------------------------------------------
 
 EXPIRED = {"en": ("Your old Microsoft 365 subscription has expired: please cancel it",
