@@ -152,6 +152,35 @@ def test_a_routine_forward_move_by_hand_does_not_hold_an_accepted_customer(
     assert _row(db, "A").stage == "invited" and "set by hand" in r.output
 
 
+def test_a_forward_move_by_hand_after_a_correction_keeps_the_correction(
+    world: Sandbox, db: Database, cli: Any, tmp_path: Path
+) -> None:
+    """Sync completed the customer on a Suspended subscription (suspended for non-payment, not
+    cancelled); the operator corrects in two steps: back to approved, then on to
+    awaiting_cancellation. The second move is forward, but it finishes the correction: the
+    next sync must not complete the customer again on the evidence the operator rejected."""
+    now = datetime.now(UTC)
+    world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30,
+                              assigned=26)
+    world.tenant_change(TENANT_X, "accept_relationship")
+    world.tenant_change(TENANT_X, "activate_csp", quantity=30)
+    world.tenant_change(TENANT_X, "direct_status", status="Suspended")
+    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 30,
+                             "awaiting_cancellation", "")], now - timedelta(hours=3))
+    assert cli("sync", "--now", (now - timedelta(hours=2)).isoformat()).exit_code == 0
+    assert _row(db, "A").stage == "completed"
+    for stage, extra in (("approved", ("--force",)), ("awaiting_cancellation", ())):
+        r = cli("customers", "set-stage", "A", stage, *extra, "--note", "not cancelled", "--yes")
+        assert r.exit_code == 0, r.output
+    r = cli("sync", "--now", (now + timedelta(hours=1)).isoformat())
+    assert r.exit_code == 0, r.output
+    assert _row(db, "A").stage == "awaiting_cancellation" and "set by hand" in r.output
+    # Something new from the tenant (cancelled for real now) moves it on as usual.
+    world.tenant_change(TENANT_X, "direct_status", status="Deleted")
+    r = cli("sync", "--now", (now + timedelta(hours=2)).isoformat())
+    assert _row(db, "A").stage == "completed", r.output
+
+
 # -- 4. a CSP subscription or reseller relationship gone needs a person -----------------------
 
 

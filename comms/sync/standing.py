@@ -42,7 +42,9 @@ def manual_moves(session: Session, ids: list[int],
     """When a person last corrected each customer's stage by hand: a move backwards (in the
     campaign's stage order), or away from the stage sync had moved the customer to. A routine
     forward move by hand (``announced`` -> ``invited``, the normal workflow) is no correction:
-    the customer's latest such move leaves it out, so observations move it on as usual."""
+    the customer's latest such move leaves it out, so observations move it on as usual;
+    unless it follows a correction with no move by sync in between (back to ``approved``,
+    then on to ``awaiting_cancellation``: it finishes the correction, which holds from it)."""
     out: dict[int, datetime] = {}
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start : start + _CHUNK]
@@ -57,7 +59,7 @@ def manual_moves(session: Session, ids: list[int],
         for cid, at, by, source, from_stage, to_stage in rows:
             if not by.startswith("sync:") and source != "import" and at is not None:
                 backwards = order.get(to_stage or "", -1) < order.get(from_stage or "", -1)
-                if backwards or last_by.get(cid, "").startswith("sync:"):
+                if backwards or last_by.get(cid, "").startswith("sync:") or cid in out:
                     out[cid] = at
                 else:
                     out.pop(cid, None)
