@@ -21,7 +21,8 @@ Rules, first match wins:
    we sent), else the conversation, else the sender being one customer's contact. Opt-out only
    when the sender is a contact of that customer and ``optout_keyword`` finds a phrase that
    counts (about our emails, not negated, not about the subscription, not quoted or in the
-   signature); otherwise a reply, read by a human.
+   signature); otherwise a reply, read by a human. A sender who is a contact of several
+   customers (no thread) opts out too: no customer, the address suppressed.
 5. **unmatched** — anything else; listed for an operator, never acted on.
 """
 
@@ -269,6 +270,17 @@ _NEGATION = re.compile(
     re.IGNORECASE,
 )
 _SENTENCE_END = re.compile(r"[.!?;\n]")
+# A negation cancels a phrase only in its own clause ("No thanks, unsubscribe me" opts out) and
+# at most _NEGATION_REACH words before it ("I do not want you to unsubscribe me" does not).
+_CLAUSE_END = re.compile(r"[.!?;:,\n\u2013\u2014]|(?<!\w)-|-(?!\w)")
+_NEGATION_REACH = 3
+# Declining the offer, not the phrase: "No thanks please unsubscribe me", "Nein danke, abmelden".
+_DECLINE = re.compile(
+    r"(?<!\w)(no[\s,]+thanks?|no[\s,]+thank you|not interested|nein[\s,]+danke|"
+    r"kein interesse|non[\s,]+merci|pas intéressée?s?|nee[\s,]+bedankt|geen interesse|"
+    r"no[\s,]+gracias|no[\s,]+grazie|non mi interessa|no me interesa)(?!\w)",
+    re.IGNORECASE,
+)
 # What may surround a command word and leave it the whole reply.
 _POLITE = re.compile(
     r"(?<!\w)(please|pls|plz|thanks|thank you|bitte|danke|graag|bedankt|merci|svp|hi|hello|"
@@ -289,12 +301,15 @@ def _keyword_patterns(keywords: tuple[str, ...]) -> tuple[re.Pattern[str], list[
 
 
 def _counts_in(text: str, start: int, end: int) -> bool:
-    """Whether a phrase found at text[start:end] is meant: its sentence does not negate it
-    before it and does not talk about the subscription."""
+    """Whether a phrase found at text[start:end] is meant: no negation shortly before it in its
+    clause, and its sentence does not talk about the subscription."""
     begin = max((m.end() for m in _SENTENCE_END.finditer(text, 0, start)), default=0)
     stop = _SENTENCE_END.search(text, end)
     sentence_end = stop.start() if stop else len(text)
-    if _NEGATION.search(text, begin, start):
+    clause = max((m.end() for m in _CLAUSE_END.finditer(text, begin, start)), default=begin)
+    before = _DECLINE.sub(" ", text[clause:start])
+    negations = list(_NEGATION.finditer(before))
+    if negations and len(re.findall(r"\w+", before[negations[-1].end():])) <= _NEGATION_REACH:
         return False
     return not SUBSCRIPTION_TOPIC.search(text[begin:sentence_end])
 
@@ -303,7 +318,7 @@ def _is_command(text: str, commands: Sequence[str]) -> str:
     """The command ``text`` consists of (besides politeness), or ""."""
     if not text or "?" in text:
         return ""
-    bare = _POLITE.sub(" ", text.lower())
+    bare = _POLITE.sub(" ", _DECLINE.sub(" ", text.lower()))
     bare = " ".join(re.sub(r"[^\w'-]+", " ", bare).split())
     return bare if bare in commands else ""
 
@@ -377,11 +392,12 @@ def _find_customer(msg: Inbound, resolver: Resolver) -> tuple[int | None, int | 
         if len(customers) == 1:
             return customers[0], None, "sender is a contact"
         if len(customers) > 1:
-            return None, None, f"sender is a contact of {len(customers)} customers (ambiguous)"
+            return None, None, f"sender is a contact of {len(customers)} {AMBIGUOUS}"
     return None, None, ""
 
 
 INTERNAL = "answers an internal note"
+AMBIGUOUS = "customers (ambiguous)"
 
 
 def classify(msg: Inbound, resolver: Resolver, optout_keywords: Sequence[str],
@@ -399,10 +415,17 @@ def classify(msg: Inbound, resolver: Resolver, optout_keywords: Sequence[str],
     if is_auto_reply(msg):
         return Verdict("auto", "auto-reply: " + _auto_reason(msg), customer_id=customer,
                        message_id=row, address=sender)
+    ambiguous = customer is None and how.endswith(AMBIGUOUS)
+    keyword = (optout_keyword(msg, optout_keywords, optout_commands)
+               if customer is not None or ambiguous else "")
+    if ambiguous and keyword:
+        # Suppression is per address: a contact of several customers opts out of all of them.
+        return Verdict("optout", f"optout:keyword {keyword!r}; {how}", address=sender,
+                       detail=f"opt-out phrase {keyword!r} from {sender}, a contact of several "
+                              "customers: the address is suppressed", keyword=keyword)
     if customer is None:
         return Verdict("unmatched", f"unmatched: {how or 'no reference, unknown sender'}",
                        address=sender)
-    keyword = optout_keyword(msg, optout_keywords, optout_commands)
     if keyword and customer not in resolver.customers_by_contact(sender):
         # Only a contact opts out: the account manager (Cc'd) or a colleague asking to stop is
         # read by a human.

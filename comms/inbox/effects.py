@@ -10,7 +10,8 @@
   when comms read them: a first sync or one after an outage reads weeks at once);
 - reply: the customer's reminders held ``hold_reminders_days``, the account manager notified
   (same one-a-day note);
-- opt-out reply: the address suppressed with the reply as the reason;
+- opt-out reply: the address suppressed with the reply as the reason (also from a contact of
+  several customers, whose reply names no customer);
 - auto-reply, unmatched: nothing.
 """
 
@@ -116,17 +117,22 @@ def apply_chunk(
     the caller's transaction); the result per message is the same as applying them one after
     the other. Returns what was done, per message."""
     effects: list[list[str]] = [[] for _ in items]
+    # An opt-out from a contact of several customers names no customer: suppression is per
+    # address, so it acts all the same.
     acting = [(i, m, v) for i, (m, v) in enumerate(items)
-              if v.kind in ("bounce", "optout", "reply") and v.customer_id is not None]
+              if v.kind in ("bounce", "optout", "reply")
+              and (v.customer_id is not None or v.kind == "optout")]
     if not acting:
         return effects
     chunk = _load(s, settings, policy, acting, now)
     for i, msg, v in acting:
         customer = chunk.customers.get(v.customer_id or -1)
-        if customer is None:
-            continue
         done = effects[i]
-        if v.kind == "bounce" and v.hard:
+        if v.kind == "optout" and v.customer_id is None:
+            _optout(chunk, msg, v, done)
+        elif customer is None:
+            continue
+        elif v.kind == "bounce" and v.hard:
             _hard_bounce(chunk, msg, v, customer, done)
         elif v.kind == "bounce":
             _soft_bounce(chunk, msg, v, done)
@@ -254,9 +260,10 @@ def _most_in_window(seen: list[tuple[datetime, object]], window: timedelta,
 
 
 def _optout(c: _Chunk, msg: Inbound, v: Verdict, done: list[str]) -> None:
-    reason = f"opt-out reply: {msg.subject} | {own_text(msg.text, 3)}"[:1000]
+    several = " matched to several customers" if v.customer_id is None else ""
+    reason = f"opt-out reply{several}: {msg.subject} | {own_text(msg.text, 3)}"[:1000]
     if c.suppress(v.address, reason, f"inbox:{msg.mailbox}"):
-        done.append(f"{v.address} suppressed (opt-out reply)")
+        done.append(f"{v.address} suppressed (opt-out reply{several})")
 
 
 def _reply(c: _Chunk, msg: Inbound, customer: _Customer, done: list[str]) -> None:
