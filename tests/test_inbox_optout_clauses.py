@@ -200,3 +200,37 @@ def test_optouts_after_a_decline_and_from_a_shared_contact_through_the_sandbox_i
     later = [a for rec in sb.sent()[first:] for a in rec["to"] + rec.get("cc", [])]
     assert "admin@a.example" in later and "admin@b.example" in later, later
     assert SHARED not in later and "admin@c.example" not in later
+
+
+@pytest.mark.parametrize("text,company", [("Please stop emailing us.", True),
+                                          ("Bitte uns abmelden.", True),
+                                          ("Please unsubscribe me.", False)])
+def test_an_optout_for_the_company_holds_its_reminders_and_asks_the_account_manager(
+    db: Database, tmp_path: Path, text: str, company: bool
+) -> None:
+    """"Stop emailing us" from A's admin: the admin is suppressed, and since the other contact
+    (billing) would still be mailed, A's reminders are held and the account manager is asked to
+    decide, with the command that opts the whole customer out. "Unsubscribe me" only
+    suppresses the writer."""
+    settings, campaign = load_settings(env={}), load_campaign()
+    _import_shared(db, tmp_path)
+    engine.plan_and_queue(db, settings, campaign, Renderer(settings), now=T0)
+    with db.session() as s:
+        for m in s.exec(select(Message)).all():
+            m.status, m.sent_at = "sent", T0
+            s.add(m)
+    report = _run(db, [_msg(text, "admin@c.example", "o1")])
+    assert report.kinds == {"optout": 1}
+    with db.session() as s:
+        assert [x.email for x in s.exec(select(Suppression)).all()] == ["admin@c.example"]
+        held = s.exec(select(InboxCustomerState)).all()
+        notes = s.exec(select(Message).where(col(Message.internal).is_(True),
+                                             col(Message.status) == "queued")).all()
+        effects = s.exec(select(InboundMessage.effects)).one()
+    assert bool(held) is company and bool(notes) is company, effects
+    if company:
+        assert "reminders held until" in effects and "account manager note queued" in effects
+        (note,) = notes
+        assert note.subject == "[comms] C Ltd (C) asked to stop all emails"
+        assert "comms customers opt-out C" in note.body_text()
+        assert json.loads(note.to_json)[0]["address"] == "am@f.example"

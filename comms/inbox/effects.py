@@ -11,13 +11,15 @@
 - reply: the customer's reminders held ``hold_reminders_days``, the account manager notified
   (same one-a-day note);
 - opt-out reply: the address suppressed with the reply as the reason (also from a contact of
-  several customers, whose reply names no customer);
+  several customers, whose reply names no customer); one for the company ("stop emailing us")
+  also holds the customer's reminders and asks the account manager to decide;
 - auto-reply, unmatched: nothing.
 """
 
 from __future__ import annotations
 
 import html
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -138,6 +140,9 @@ def apply_chunk(
             _soft_bounce(chunk, msg, v, done)
         elif v.kind == "optout":
             _optout(chunk, msg, v, done)
+            if speaks_for_the_company(v.keyword, own_text(msg.text, 3),
+                                      chunk.policy.optout_commands):
+                _company_optout(chunk, msg, customer, done)
         else:
             _reply(chunk, msg, customer, done)
     _write(s, chunk)
@@ -266,14 +271,44 @@ def _optout(c: _Chunk, msg: Inbound, v: Verdict, done: list[str]) -> None:
         done.append(f"{v.address} suppressed (opt-out reply{several})")
 
 
-def _reply(c: _Chunk, msg: Inbound, customer: _Customer, done: list[str]) -> None:
-    # From when comms read it, not when it arrived: the account manager learns of the reply
-    # now and gets the whole hold to answer it.
+# "Stop emailing us", "uns abmelden": a contact asking for the whole company. Only the writer's
+# address is suppressed (other contacts may need the cancellation steps): a person decides.
+_FOR_THE_COMPANY = re.compile(r"(?<!\w)(us|uns|nous|ons|nos|ci)(?!\w)", re.IGNORECASE)
+
+
+def speaks_for_the_company(keyword: str, text: str, commands: list[str]) -> bool:
+    """Whether an opt-out asks for the company ("us"), not only for the writer: the phrase
+    found, or for a command (which is the whole reply: "Bitte uns abmelden") the reply."""
+    command = keyword.lower() in {c.lower() for c in commands}
+    return bool(_FOR_THE_COMPANY.search(text if command else keyword))
+
+
+def _company_optout(c: _Chunk, msg: Inbound, customer: _Customer, done: list[str]) -> None:
+    """An opt-out for the whole company: the customer's reminders held as for a reply, and the
+    account manager asked to decide (the other contacts are still mailed until then)."""
+    _hold_reminders(c, customer, done)
+    _note_account_manager(
+        c, customer, f"[comms] {customer.name} ({customer.key}) asked to stop all emails",
+        [f"{msg.from_address} asked to stop emails to the company: {msg.subject}",
+         *own_text(msg.text, c.policy.timeline_lines or 3).splitlines(),
+         f"{msg.from_address} is suppressed. The other contacts are still mailed; reminders "
+         f"are held for {c.policy.hold_reminders_days:g} days. To stop every email to the "
+         f"customer: comms customers opt-out {customer.key}"],
+        done)
+
+
+def _hold_reminders(c: _Chunk, customer: _Customer, done: list[str]) -> None:
+    # From when comms read it, not when it arrived: the account manager learns of it now and
+    # gets the whole hold to answer it.
     until = c.now + timedelta(days=c.policy.hold_reminders_days)
     st = c.state(customer.id)
     if st["reminders_held_until"] is None or st["reminders_held_until"] < until:
         st["reminders_held_until"] = until
     done.append(f"reminders held until {until:%Y-%m-%d %H:%M} UTC")
+
+
+def _reply(c: _Chunk, msg: Inbound, customer: _Customer, done: list[str]) -> None:
+    _hold_reminders(c, customer, done)
     first = own_text(msg.text, c.policy.timeline_lines or 3)
     _note_account_manager(
         c, customer, f"[comms] {customer.name} ({customer.key}) replied",
