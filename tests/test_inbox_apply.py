@@ -199,3 +199,30 @@ def test_soft_bounces_count_once_per_message_and_when_they_arrived(
     recent = [_sent(db, "A", "admin@a.example", sequence=n) for n in (3, 4)]
     _run(db, [_soft(f"r{i}", sid, T0 - timedelta(days=i + 1)) for i, sid in enumerate(recent)])
     assert _suppressed(db) == ["admin@a.example"]
+
+
+def test_a_bounced_internal_note_suppresses_the_address_and_leaves_the_customer_alone(
+    db: Database, tmp_path: Path
+) -> None:
+    """The account manager's note about A bounces (the manager left): the dead address is
+    suppressed (no more Cc or notes to it), but A is not flagged nor its manager told "an
+    email to A bounced" (it was never mail to A)."""
+    seed_lettered(db, tmp_path, ("A", "B", "C"))
+    sid = _sent(db, "A", "gone.am@f.example", internal=True)
+    ndr = Inbound(
+        BOX, "b1", subject="Undeliverable: [comms] A Ltd (A) replied",
+        from_address="postmaster@f.example", text="550 5.1.1 no such user",
+        headers={"content-type": "multipart/report; report-type=delivery-status"},
+        attachments=(Attachment("message/delivery-status", "Final-Recipient: rfc822; "
+                                "gone.am@f.example\nAction: failed\nStatus: 5.1.1\n"),
+                     Attachment("message/rfc822", f"x-comms-send-id: {sid}\n")))
+    report = _run(db, [ndr])
+    assert report.kinds == {"bounce": 1}
+    with db.session() as s:
+        assert s.exec(select(Suppression.email)).all() == ["gone.am@f.example"]
+        assert s.exec(select(InboxCustomerState)).all() == []  # not flagged
+        assert s.exec(select(Message.id).where(Message.status == "queued")).all() == []
+        row = s.exec(select(InboundMessage)).one()
+        note = s.exec(select(Message).where(Message.send_id == sid)).one()
+    assert note.status == "bounced"
+    assert "the customer is not flagged" in row.effects

@@ -143,6 +143,7 @@ class Verdict:
     status_code: str = ""
     hard: bool = False
     keyword: str = ""
+    internal: bool = False  # a bounce of a note or proof to us, not of the customer's mail
 
 
 def _from_localpart(address: str) -> str:
@@ -369,7 +370,7 @@ def _classify_bounce(msg: Inbound, resolver: Resolver) -> Verdict:
     return Verdict(
         "bounce", f"bounce:{where}", detail=detail, customer_id=row.customer_id,
         message_id=row.message_id, address=address, status_code=code, hard=hard,
-    )
+        internal=row.internal)
 
 
 def _find_customer(msg: Inbound, resolver: Resolver) -> tuple[int | None, int | None, str]:

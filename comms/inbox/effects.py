@@ -222,6 +222,9 @@ def _hard_bounce(c: _Chunk, msg: Inbound, v: Verdict, customer: _Customer,
         done.append(f"outbox #{v.message_id} bounced ({v.status_code})")
     if c.suppress(v.address, "bounce", f"{by} {v.status_code}"):
         done.append(f"{v.address} suppressed (bounce)")
+    if v.internal:  # a note or proof to the partner's own people: nothing about the customer
+        done.append("an internal note bounced: the customer is not flagged")
+        return
     st = c.state(customer.id)
     st["flagged"] = True
     st["flag_reason"] = (f"hard bounce {v.status_code} for "
