@@ -130,6 +130,9 @@ def _customers(core: Core, req: Request) -> Response:
             return _error(400, 400, "The continuation token is missing or invalid: send the "
                           "MS-ContinuationToken header of links.next.")
         offset = found
+    if world.roll(world.faults.pc_error_body_next_page if offset
+                  else world.faults.pc_error_body_first_page):
+        return _error_body()
     listed = [t for t in world.snapshot() if t.relationship]
     page = listed[offset : offset + size]
     body: dict[str, Any] = {
@@ -151,7 +154,15 @@ def _customers(core: Core, req: Request) -> Response:
     return json_response(200, body)
 
 
+def _error_body() -> Response:
+    """The fault: 200 with Partner Center's error shape instead of the collection."""
+    return json_response(200, {"code": 3000, "description": "Service error",
+                               "data": [], "source": "PartnerFD"})
+
+
 def _subscriptions(core: Core, tenant_id: str) -> Response:
+    if core.tenants.roll(core.tenants.faults.pc_error_body_subscriptions):
+        return _error_body()
     tenant = core.tenants.find(tenant_id)
     if tenant is None or not tenant.relationship:
         return _error(404, 600, f"Customer {quote(tenant_id)} was not found for this partner.")

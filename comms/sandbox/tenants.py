@@ -56,6 +56,12 @@ class SyncFaults:
     # another host.
     pc_repeat_token: float = 0.0
     gdap_foreign_next_link: float = 0.0
+    # A 200 whose body is Partner Center's error shape ({"code", "description", ...}) instead
+    # of the collection: on the customers listing's first page, on its later pages, on a
+    # customer's subscriptions.
+    pc_error_body_first_page: float = 0.0
+    pc_error_body_next_page: float = 0.0
+    pc_error_body_subscriptions: float = 0.0
     seed: int | None = None  # seeds the fault dice, so a test's storm is the same every run
 
     def validate(self) -> None:

@@ -240,6 +240,16 @@ def _batch_error(body: Any) -> str:
     return ""
 
 
+def page_items(body: Any, key: str, what: str, page: int) -> list[Any]:
+    """The ``key`` list of a page (``items`` in Partner Center, ``value`` in Graph). A page without
+    one (a 200 answer with an error body) is a failed read, never an empty page."""
+    items = body.get(key) if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        raise SourceFailed(f"{what}: page {page} has no {key!r} list (answered {_shape(body)}); "
+                           "nothing was concluded from it: run `comms sync` again later")
+    return items
+
+
 def _shape(body: Any) -> str:
     """What a body that is not a Graph collection looks like, for an error message."""
     if isinstance(body, dict):
@@ -293,11 +303,11 @@ class PartnerCenter:
     def customers(self) -> Iterator[PartnerCustomer]:
         """Every customer with a reseller relationship (``links.next`` with its
         ``MS-ContinuationToken`` header, followed through ``follow_pages``)."""
-        first = f"{self.base}/customers?size={self.page_size}"
-        what = "Partner Center customers"
-        for body in follow_pages(self._get(first, {}, 1), self._next, self._get, what=what,
-                                 base=self.base, first=first, max_pages=MAX_LISTING_PAGES):
-            for item in body.get("items") or []:
+        first, what = f"{self.base}/customers?size={self.page_size}", "Partner Center customers"
+        pages = follow_pages(self._get(first, {}, 1), self._next, self._get, what=what,
+                             base=self.base, first=first, max_pages=MAX_LISTING_PAGES)
+        for page, body in enumerate(pages, start=1):
+            for item in page_items(body, "items", what, page):
                 profile = item.get("companyProfile") or {}
                 yield PartnerCustomer(
                     str(item.get("id") or profile.get("tenantId") or "").lower(),
@@ -321,11 +331,11 @@ class PartnerCenter:
         return url, {str(h["key"]): str(h["value"]) for h in nxt.get("headers") or []}
 
     def subscriptions(self, tenant_id: str) -> list[dict[str, Any]]:
+        what = f"Partner Center subscriptions of {tenant_id}"
         body = self.reader.get_json(f"{self.base}/customers/{tenant_id}/subscriptions",
-                                    self.tokens.token, self.tokens.refresh, None,
-                                    f"Partner Center subscriptions of {tenant_id}",
+                                    self.tokens.token, self.tokens.refresh, None, what,
                                     scope=PARTNER_CENTER_RESOURCE)
-        return list(body.get("items") or [])
+        return list(page_items(body, "items", what, 1))
 
     def close(self) -> None:
         pass
@@ -345,11 +355,11 @@ class Gdap:
         followed through ``follow_pages``)."""
         rank = {"active": 3, "approved": 2, "activating": 2, "approvalPending": 1}
         out: dict[str, str] = {}
-        first = self.url + "?$top=300"
-        for body in follow_pages(self._get(first, {}, 1), _odata_next, self._get,
-                                 what="GDAP relationships", base=self.base, first=first,
-                                 max_pages=MAX_LISTING_PAGES):
-            for rel in body.get("value") or []:
+        first, what = self.url + "?$top=300", "GDAP relationships"
+        pages = follow_pages(self._get(first, {}, 1), _odata_next, self._get, what=what,
+                             base=self.base, first=first, max_pages=MAX_LISTING_PAGES)
+        for page, body in enumerate(pages, start=1):
+            for rel in page_items(body, "value", what, page):
                 tid = str((rel.get("customer") or {}).get("tenantId") or "").lower()
                 status = str(rel.get("status") or "")
                 if tid and rank.get(status, 0) >= rank.get(out.get(tid, ""), 0):
@@ -428,12 +438,8 @@ class CustomerTenant:
         pages = follow_pages(body if isinstance(body, dict) else {"": body}, _odata_next, get,
                              what=what, base=self.base, first="", max_pages=MAX_PAGES)
         for page, one in enumerate(pages, start=1):
-            value = one.get("value")
-            if not isinstance(value, list):
-                raise SourceFailed(
-                    f"{what}: page {page} has no 'value' list (answered "
-                    f"{_shape(body if page == 1 and not isinstance(body, dict) else one)}); "
-                    "nothing was concluded from it: run `comms sync` again later")
+            value = page_items(body if page == 1 and not isinstance(body, dict) else one,
+                               "value", what, page)
             items.extend(v for v in value if isinstance(v, dict))
         return items
 

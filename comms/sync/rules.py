@@ -10,17 +10,18 @@ direct_inactive_statuses = ["Suspended", "Disabled", "Deleted", "absent"]
 wait_for_stage_message = ["approved"]       # move on only once this stage's message went out
 ```
 
-An empty string turns a rule off. Moves go forward only (in campaign stage order), at most one
-stage per sync, each allowed by the stage machine; paused, opted-out and lost customers are
-observed but not moved. From a stage named in ``wait_for_stage_message`` a customer moves on only
-once that stage's on-enter message went out (a move withdraws it while queued): the approved
-customer hears about Microsoft's "You are about to lose access" mail before sync moves it on.
-A stage set by hand to correct sync (moved backwards, or away from the stage sync had moved it
-to) wins over every observation recorded before it: a move driven by an observation happens only
-once that observation's source (``SOURCE_OF``) has recorded evidence newer than the hand-made
-change (never a silent override, and something new from another source does not count); a
-routine forward move by hand is no correction and holds nothing. Nothing here reads the clock or
-the database.
+An empty string turns a rule off. ``gdap_active`` does not count when Partner Center was read and
+does not list the customer: an active GDAP relationship (granted for support) is no reseller
+relationship. Moves go forward only (in campaign stage order), at most one stage per sync, each
+allowed by the stage machine; paused, opted-out and lost customers are observed but not moved. From
+a stage named in ``wait_for_stage_message`` a customer moves on only once that stage's on-enter
+message went out (a move withdraws it while queued): the approved customer hears about Microsoft's
+"You are about to lose access" mail before sync moves it on. A stage set by hand to correct sync
+(moved backwards, or away from the stage sync had moved it to) wins over every observation recorded
+before it: a move driven by an observation happens only once that observation's source
+(``SOURCE_OF``) has recorded evidence newer than the hand-made change (never a silent override, and
+something new from another source does not count); a routine forward move by hand is no correction
+and holds nothing. Nothing here reads the clock or the database.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ class Facts:
         out: list[str] = []
         if self.relationship_accepted:
             out.append("relationship_accepted")
-        if self.gdap_status == "active":
+        # GDAP alone (granted for support) is no reseller relationship: it does not count when
+        # Partner Center was read and does not list the customer (False, not None = not read).
+        if self.gdap_status == "active" and self.relationship_accepted is not False:
             out.append("gdap_active")
         if self.csp_active:
             out.append("csp_active")
