@@ -7,6 +7,7 @@ sandbox, with the real msal and requests; the pure rule directly."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,10 @@ from test_sync_guesses import (
     awaiting_cancellation,
 )
 
+from comms.campaign import load_campaign
 from comms.sandbox import Sandbox
+from comms.services.customers import set_stage
+from comms.store import repo
 from comms.store.db import Database
 from comms.store.models import Message
 from comms.sync.rules import Facts, SyncRules, decide
@@ -247,3 +251,55 @@ def test_relationship_gone_is_reported(world: Sandbox, db: Database, cli: Any,
     assert cli("run", "--now", _at(2)).exit_code == 0
     assert _messages(db) == [], "lose_access_warning planned for a customer that left"
     assert _row(db, "A").stage == "approved"
+
+
+def test_a_correction_committed_while_sync_records_holds(
+    world: Sandbox, db: Database, cli: Any, tmp_path: Path, database_url: str,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator corrects a stage while sync is recording. On PostgreSQL another
+    transaction can commit meanwhile: sync read the hand-made corrections before it locked the
+    customer rows, so it saw the new stage without the correction that holds it and completed
+    the customer again at once. On SQLite no other writer can commit while sync records (shown
+    here), so the correction lands after it. The test wraps the row lock to act exactly then
+    (the lock itself is real)."""
+    postgres = database_url.startswith("postgresql")
+    now = datetime.now(UTC)
+    world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30,
+                              assigned=26)
+    world.tenant_change(TENANT_X, "accept_relationship")
+    world.tenant_change(TENANT_X, "activate_csp", quantity=30)
+    world.tenant_change(TENANT_X, "direct_status", status="Suspended")  # unpaid, not cancelled
+    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 30,
+                             "awaiting_cancellation", "")], now - timedelta(hours=3))
+    assert cli("sync", "--now", (now - timedelta(hours=2)).isoformat()).exit_code == 0
+    assert _row(db, "A").stage == "completed"
+    real, fired = repo.get_customers, []
+
+    def correct() -> None:
+        set_stage(db, load_campaign(), ["A"], "awaiting_cancellation", now=datetime.now(UTC),
+                  by="operator", note="not cancelled", force=True)
+
+    def meanwhile(session: Any, keys: Any, *, lock: bool = False) -> Any:
+        if lock and not fired:
+            fired.append(True)
+            if postgres:
+                correct()  # another connection of the pool, its own transaction
+            else:
+                path = database_url.removeprefix("sqlite:///")
+                other = sqlite3.connect(path, timeout=0)
+                try:
+                    with pytest.raises(sqlite3.OperationalError, match="locked"):
+                        other.execute("BEGIN IMMEDIATE")
+                finally:
+                    other.close()
+        return real(session, keys, lock=lock)
+
+    monkeypatch.setattr(repo, "get_customers", meanwhile)
+    r = cli("sync", "--now", (datetime.now(UTC) + timedelta(seconds=1)).isoformat())
+    assert fired and r.exit_code == 0, r.output
+    if not postgres:
+        assert _row(db, "A").stage == "completed"  # nothing could commit meanwhile
+        correct()
+        r = cli("sync", "--now", (datetime.now(UTC) + timedelta(seconds=2)).isoformat())
+    assert _row(db, "A").stage == "awaiting_cancellation" and "set by hand" in r.output

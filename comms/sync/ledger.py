@@ -152,12 +152,15 @@ def _record(
     with db.session(immediate=not dry_run) as session:
         latest = _latest_evidence(session, ids)
         first = _first_evidence(session, ids)
-        manual = manual_moves(session, ids, ctx.order)
         for start in range(0, len(ids), _APPLY_CHUNK):
             keys = [t.key for t in targets[start : start + _APPLY_CHUNK]]
             rows = repo.get_customers(session, keys, lock=not dry_run)
             infos = repo.customer_infos(session, rows)
             chunk_ids = [r.id for r in rows if r.id is not None]
+            # Read once the rows are locked: a stage set by hand and committed while this sync
+            # ran is seen with its stage event (read before, on PostgreSQL, the new stage came
+            # without the correction that holds it, and sync undid the correction).
+            manual = manual_moves(session, chunk_ids, ctx.order)
             checks = _Checks(session, chunk_ids)
             history = stage_messages(session, chunk_ids, ctx.wait_messages)
             # A move withdraws queued messages of other stages; asked once for the chunk
