@@ -86,8 +86,11 @@ def test_without_a_matching_product_another_product_never_stands_in() -> None:
 def test_the_subscription_followed_is_gone_only_from_its_own_tenant() -> None:
     addon = _sub("addon", "VISIOCLIENT", "Enabled", total=2)
     # It left the directory it was seen in: cancelled and deleted, whatever else still bills.
-    assert _direct([addon], {"VISIOCLIENT": 2}, {"id": "old", "tenant_id": "tenant-a"}) == {
-        "status": "absent"}
+    # It stays followed (recorded with the absence): the next reading does not take the add-on
+    # for it either (it did: the absence named no id, and the add-on became "the direct one").
+    gone = _direct([addon], {"VISIOCLIENT": 2}, {"id": "old", "tenant_id": "tenant-a"})
+    assert gone == {"status": "absent", "id": "old"}
+    assert _direct([addon], {"VISIOCLIENT": 2}, {**gone, "tenant_id": "tenant-a"}) == gone
     # Seen in another tenant (the CSV's tenant id was corrected since): not followed here.
     other = _direct([addon], {"VISIOCLIENT": 2}, {"id": "old", "tenant_id": "tenant-b"})
     assert (other["id"], other["status"], other["assigned"]) == ("addon", "Enabled", 2)
@@ -176,3 +179,25 @@ def test_an_answer_that_is_not_a_json_object_is_a_failed_read(content: bytes, ki
     response.headers["Content-Type"] = kind
     with pytest.raises(clients.SourceFailed, match="not a JSON object; nothing was concluded"):
         clients.json_body(response, "directory of tenant X")
+
+
+def test_two_subscriptions_of_the_product_are_one_old_subscription() -> None:
+    """Two direct ENTERPRISEPACK subscriptions (30 and 5): cancelling the larger leaves the
+    other billing, so the old subscription is not cancelled until both are; its licences are
+    both's. It was: the larger one followed alone, and the customer completed while 5 licences
+    were still billed twice."""
+    subs = [_sub("csp", "ENTERPRISEPACK", total=35, owner=PARTNER),
+            _sub("big", "ENTERPRISEPACK", total=30), _sub("small", "ENTERPRISEPACK", total=5)]
+    first = _direct(subs, {"ENTERPRISEPACK": 33})
+    assert (first["id"], first["ids"], first["status"], first["total"], first["assigned"]) == (
+        "big", ["big", "small"], "Enabled", 35, 33)
+    previous = {**first, "tenant_id": "tenant-a"}
+    subs[1]["status"] = "Suspended"  # the larger one cancelled
+    one_left = _direct(subs, {"ENTERPRISEPACK": 5}, previous)
+    assert (one_left["id"], one_left["status"]) == ("small", "Enabled")
+    del subs[1]  # and gone from the directory: the other still bills
+    assert _direct(subs, {"ENTERPRISEPACK": 5}, previous)["status"] == "Enabled"
+    subs[1]["status"] = "Suspended"  # both cancelled now
+    assert _direct(subs, {}, previous)["status"] == "Suspended"
+    assert _direct(subs[:1], {}, previous) == {"status": "absent", "id": "big",
+                                                "ids": ["big", "small"], "sku": "ENTERPRISEPACK"}

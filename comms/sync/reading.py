@@ -290,20 +290,52 @@ def _direct(
                 if str(s.get("ownerTenantId") or "").lower() == partner and s.get("skuId")}
     direct = [s for s in subs if str(s.get("ownerTenantId") or "").lower() != partner
               and s.get("isTrial") is not True]
-    main, several = _candidate(direct, csp_skus, tenant_id, previous)
+    group, several = _candidate(direct, csp_skus, tenant_id, previous)
     seen: dict[str, Any] = {"tenant_id": tenant_id, "status": "absent"}
-    if main is not None:
+    if group:
+        main = group[0]
         sku = next((k for k in skus if k.get("skuId") == main.get("skuId")), None)
         seen.update(id=main.get("id"), sku=main.get("skuPartNumber"),
-                    status=main.get("status"), total=main.get("totalLicenses"),
+                    status=main.get("status"),
+                    total=sum(int(g.get("totalLicenses") or 0) for g in group)
+                    if len(group) > 1 else main.get("totalLicenses"),
                     assigned=sku.get("consumedUnits") if sku else None)
+        if len(group) > 1:
+            seen["ids"] = sorted(str(g.get("id")) for g in group)
     elif several:
         seen.update(status="unknown", several=several)
         res.problems["tenant"] = (
             f"cannot verify: several products billed directly ({', '.join(several)}), none "
             "known to be the one the CSP subscription replaces; its status and licences are "
             "not taken from another product: set the stage by hand when it is cancelled")
+    elif _followed(previous, tenant_id):
+        # Gone from the directory it was seen in: keep following it (and its twins), so that
+        # a later reading does not take another product for it.
+        prev = previous or {}
+        seen.update({k: prev[k] for k in ("id", "ids", "sku") if prev.get(k)})
     res.seen["tenant"] = seen
+
+
+# Statuses from most to least alive: a group of subscriptions of one product shows the most
+# alive of its members (one still Enabled beside a cancelled twin still bills).
+_ALIVE = ("Enabled", "Warning", "LockedOut")
+_CANCELLED = ("Suspended", "Disabled", "Deleted")
+
+
+def _alive_rank(sub: dict[str, Any]) -> tuple[int, int]:
+    status = str(sub.get("status") or "")
+    rank = (_ALIVE.index(status) if status in _ALIVE
+            else len(_ALIVE) + 1 + _CANCELLED.index(status) if status in _CANCELLED
+            else len(_ALIVE))  # an unknown status: below the live ones, above the cancelled
+    return rank, -int(sub.get("totalLicenses") or 0)
+
+
+def _followed(previous: dict[str, Any] | None, tenant_id: str) -> list[str]:
+    """The ids the previous reading of this same tenant identified as the direct one."""
+    prev = previous or {}
+    if not tenant_id or prev.get("tenant_id") != tenant_id:
+        return []
+    return [str(i) for i in (prev.get("ids") or ([prev["id"]] if prev.get("id") else []))]
 
 
 def _candidate(
@@ -311,29 +343,31 @@ def _candidate(
     csp_skus: set[Any],
     tenant_id: str,
     previous: dict[str, Any] | None,
-) -> tuple[dict[str, Any] | None, list[str]]:
-    """(the direct subscription being replaced or None, the products when it is unknown).
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """(the direct subscriptions being replaced, most alive first, or []; the products when
+    which one it is is unknown).
 
-    1. The one identified by the previous tenant evidence (its ``id``), followed whatever
-       other products show: once it left the directory of that same tenant, it is gone
+    1. The ones identified by the previous tenant evidence (``id``, ``ids``), followed whatever
+       other products show: once they left the directory of that same tenant, they are gone
        ("absent"), never replaced by another product.
-    2. Else a direct subscription with the SKU of one of the partner's CSP subscriptions in
+    2. Else direct subscriptions with the SKU of one of the partner's CSP subscriptions in
        the tenant (the product being replaced), others (free, add-ons) left out.
     3. Else the direct products, when they are one product; several products (none named by a
        CSP subscription): unknown.
-    Among subscriptions of that one product, an Enabled one first, then the largest."""
+    Every direct subscription of that one product counts (two subscriptions of one product:
+    cancelling one leaves the other billing): the group shows its most alive status."""
     prev = previous or {}
-    if prev.get("id"):
-        found = next((s for s in direct if s.get("id") == prev["id"]), None)
-        if found is not None:
-            return found, []
-        if tenant_id and prev.get("tenant_id") == tenant_id:
-            return None, []
+    followed = [str(i) for i in (prev.get("ids") or ([prev["id"]] if prev.get("id") else []))]
+    if followed:
+        found = [s for s in direct if str(s.get("id")) in followed]
+        if found:
+            skus = {s.get("skuId") for s in found}
+            return sorted([s for s in direct if s.get("skuId") in skus],
+                          key=_alive_rank), []
+        if _followed(previous, tenant_id):
+            return [], []
     pool = [s for s in direct if s.get("skuId") in csp_skus] or direct
     products = sorted({str(s.get("skuPartNumber") or s.get("skuId")) for s in pool})
     if len(products) > 1:
-        return None, products
-    if not pool:
-        return None, []
-    return sorted(pool, key=lambda s: (s.get("status") != "Enabled",
-                                       -int(s.get("totalLicenses") or 0)))[0], []
+        return [], products
+    return sorted(pool, key=_alive_rank), []
