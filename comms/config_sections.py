@@ -222,6 +222,14 @@ class DeliverySettings(_Section):
     time_scale: float = Field(default=1.0, gt=0)
 
 
+# Free, viral and developer products Microsoft adds to tenants (skuPartNumber); a partner
+# may extend the list with `[sync] free_skus`.
+FREE_SKUS: tuple[str, ...] = (
+    "POWER_BI_STANDARD", "FLOW_FREE", "POWERAPPS_VIRAL", "POWERAPPS_DEV", "TEAMS_EXPLORATORY",
+    "RIGHTSMANAGEMENT_ADHOC", "CCIBOTS_PRIVPREV_VIRAL", "STREAM", "WINDOWS_STORE",
+)
+
+
 class SyncSettings(_Section):
     """``[sync]``: which sources stage sync reads (each optional) and how hard it may push."""
 
@@ -239,6 +247,9 @@ class SyncSettings(_Section):
     # An email states what sync saw ("still active, checked on ...") only when the tenant was
     # last checked at most this many days before the email is rendered.
     evidence_max_age_days: float = Field(default=7, gt=0, le=90)
+    # Free and self-service products (skuPartNumber) a tenant carries beside the one it pays
+    # for: never taken for the old subscription (nor for its licence count).
+    free_skus: tuple[str, ...] = FREE_SKUS
 
     @field_validator("partner_center_url")
     @classmethod

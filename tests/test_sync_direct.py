@@ -98,13 +98,34 @@ def test_the_subscription_followed_is_gone_only_from_its_own_tenant() -> None:
 
 def test_several_products_billed_directly_give_no_status_and_no_licence_count() -> None:
     """None named by the CSP subscription: which one is being replaced is not known, so
-    neither its status ("still active" would be a claim) nor its licence count (a free
-    product's 4 of 1,000,000 must not pick the cancellation route)."""
+    neither its status ("still active" would be a claim) nor its licence count (an add-on's 2
+    licences must not pick the cancellation route)."""
     subs = [_sub("csp", "SPE_E3", owner=PARTNER), _sub("paid", "ENTERPRISEPACK", total=30),
-            _sub("free", "POWER_BI_STANDARD", total=1_000_000)]
-    seen = _direct(subs, {"ENTERPRISEPACK": 28, "POWER_BI_STANDARD": 4})
-    assert seen == {"status": "unknown", "several": ["ENTERPRISEPACK", "POWER_BI_STANDARD"]}
+            _sub("addon", "VISIOCLIENT", total=2)]
+    seen = _direct(subs, {"ENTERPRISEPACK": 28, "VISIOCLIENT": 2})
+    assert seen == {"status": "unknown", "several": ["ENTERPRISEPACK", "VISIOCLIENT"]}
     assert ledger.facts_of({"tenant": seen}).direct_status is None  # no claim: nothing moves
+
+
+def test_a_free_product_is_never_the_old_subscription() -> None:
+    """Power BI (free) and the like (`[sync] free_skus`) bill nothing: beside the paid product
+    they are left out, and alone they are no direct subscription. It was: with the old one
+    already deleted, Power BI (free) became "the direct one", Enabled with 4 licences ("still
+    active", the self-service route, never completed)."""
+    paid = _sub("paid", "ENTERPRISEPACK", total=30)
+    free = _sub("free", "POWER_BI_STANDARD", total=1_000_000)
+    seen = _direct([_sub("csp", "SPE_E3", owner=PARTNER), paid, free],
+                   {"ENTERPRISEPACK": 28, "POWER_BI_STANDARD": 4})
+    assert (seen["id"], seen["status"], seen["assigned"]) == ("paid", "Enabled", 28)
+    assert _direct([_sub("csp", "SPE_E3", owner=PARTNER), free],
+                   {"POWER_BI_STANDARD": 4}) == {"status": "absent"}
+    assert "POWER_BI_STANDARD" in SETTINGS.sync.free_skus
+    extended = SETTINGS.model_copy(update={"sync": SETTINGS.sync.model_copy(
+        update={"free_skus": ("visioclient",)})})
+    res = CustomerSync("A", "Alpha")
+    reading._direct(res, extended, [paid, _sub("addon", "VISIOCLIENT", total=2)], [],
+                    tenant_id="tenant-a")
+    assert res.seen["tenant"]["id"] == "paid"  # the partner's own list, any case
 
 
 def test_the_partners_own_subscriptions_are_never_direct() -> None:

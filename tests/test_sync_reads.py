@@ -82,17 +82,20 @@ def test_the_direct_subscription_is_followed_when_an_addon_still_bills(
 def test_several_direct_products_and_none_known_claim_nothing(
     world: Sandbox, db: Database, cli: Any, tmp_path: Path
 ) -> None:
-    """First read with Power BI (free, Enabled, 4 of 1,000,000 assigned) beside the
-    ENTERPRISEPACK: which one is replaced is not known, so no status ("still active"), no
-    licence count and no move, before or after the cancellation; the customer is reported."""
+    """First read with a Visio add-on (Enabled, 2 assigned) beside the ENTERPRISEPACK: which
+    one is replaced is not known, so no status ("still active"), no licence count and no move,
+    before or after the cancellation; the customer is reported. (Power BI (free) beside it is
+    no product at all: `[sync] free_skus`.)"""
     _awaiting(world, cli, tmp_path)
+    world.tenant_change(TENANT_X, "add_direct_product", sku_part_number="VISIOCLIENT",
+                        total=2, assigned=2)
     world.tenant_change(TENANT_X, "add_direct_product", sku_part_number="POWER_BI_STANDARD",
                         total=1_000_000, assigned=4)
     for hours in (0, 1):
         data = _sync(cli, hours)
         c = data["customers"][0]
         assert (data["exit_code"], data["cannot_verify"]) == (0, 1), data
-        assert "ENTERPRISEPACK, POWER_BI_STANDARD" in c["problem"], c
+        assert "(ENTERPRISEPACK, VISIOCLIENT)" in c["problem"], c
         a = _row(db, "A")
         assert (a.stage, a.licences) == ("awaiting_cancellation", 30)
         # No observation either way (neither "still active" nor "cancelled" can be stated).

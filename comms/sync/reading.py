@@ -288,8 +288,10 @@ def _direct(
     partner = settings.graph.tenant_id.strip().lower()
     csp_skus = {s.get("skuId") for s in subs
                 if str(s.get("ownerTenantId") or "").lower() == partner and s.get("skuId")}
+    free = {k.upper() for k in settings.sync.free_skus}
     direct = [s for s in subs if str(s.get("ownerTenantId") or "").lower() != partner
-              and s.get("isTrial") is not True]
+              and s.get("isTrial") is not True
+              and str(s.get("skuPartNumber") or "").upper() not in free]
     group, several = _candidate(direct, csp_skus, tenant_id, previous)
     seen: dict[str, Any] = {"tenant_id": tenant_id, "status": "absent"}
     if group:
