@@ -85,6 +85,29 @@ def test_gdap_active_does_not_move_a_customer_partner_center_does_not_list(
     assert _row(db, "A").stage == "approved"
 
 
+def test_a_customer_listed_without_a_reseller_relationship_is_not_accepted(
+    world: Sandbox, db: Database, cli: Any, tmp_path: Path
+) -> None:
+    """Partner Center's relationshipToPartner (none, reseller, advisor, syndication,
+    microsoft_support): a customer listed as "advisor" (or "none": the reseller relationship
+    removed) has not accepted the partner as reseller and must not get the "lose access"
+    warning; listed as "reseller", it moves."""
+    world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30)
+    world.add_customer_tenant(TENANT_Y, "beta.example", "Beta Ltd", direct_licences=20)
+    world.tenant_change(TENANT_X, "listed_as", relationship="advisor")
+    world.tenant_change(TENANT_Y, "listed_as", relationship="none")
+    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 30, "invited", ""),
+                            ("B", "Beta Ltd", TENANT_Y, "beta.example", 20, "invited", "")])
+    r = cli("sync", "--now", _at(0), "--json")
+    assert r.exit_code == 0, r.output
+    assert [c["seen"]["partner_center"]["listed"] for c in json.loads(r.stdout)["customers"]
+            ] == [False, False]
+    assert (_row(db, "A").stage, _row(db, "B").stage) == ("invited", "invited")
+    world.tenant_change(TENANT_X, "listed_as", relationship="reseller")
+    assert cli("sync", "--now", _at(1)).exit_code == 0
+    assert (_row(db, "A").stage, _row(db, "B").stage) == ("approved", "invited")
+
+
 # --- 2. a 200 answer without its list is a failed read ---------------------------------------
 
 class _Replies:

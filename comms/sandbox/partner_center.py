@@ -96,7 +96,7 @@ def _customer(t: CustomerTenant) -> dict[str, Any]:
                                "method": "GET", "headers": []}},
             "attributes": {"objectType": "CustomerCompanyProfile"},
         },
-        "relationshipToPartner": "reseller",
+        "relationshipToPartner": t.listed_as,
         "allowDelegatedAccess": t.gdap_status == "active",
         "links": {"self": {"uri": f"/customers/{t.tenant_id}", "method": "GET", "headers": []}},
         "attributes": {"objectType": "Customer"},

@@ -409,8 +409,9 @@ class Sandbox:
         )
 
     def tenant_change(self, tenant_id: str, action: str, **args: Any) -> dict[str, Any]:
-        """What the customer or Microsoft does: ``accept_relationship``, ``gdap``
-        (status=...), ``activate_csp`` (quantity=..., offer="m365"|"azure_plan", trial=...),
+        """What the customer or Microsoft does: ``accept_relationship``, ``listed_as``
+        (relationship=advisor|...), ``gdap`` (status=...), ``activate_csp`` (quantity=...,
+        offer="m365"|"azure_plan", trial=...),
         ``add_direct_product`` (sku_part_number=..., total=..., assigned=..., status=...),
         ``csp_status`` (status=...),
         ``direct_status`` (status=Enabled|Warning|Suspended|Deleted|LockedOut|absent),

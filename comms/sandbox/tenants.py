@@ -73,6 +73,7 @@ class SyncFaults:
                 raise ValueError(f"sync fault {f.name} must be between 0 and 1, got {value!r}")
 
 
+PC_RELATIONSHIPS = ("none", "reseller", "advisor", "syndication", "microsoft_support")
 SYNC_FAULT_FIELDS = frozenset(f.name for f in dataclasses.fields(SyncFaults))
 
 
@@ -82,6 +83,9 @@ class CustomerTenant:
     domain: str
     company_name: str
     relationship: bool = False  # reseller relationship accepted (listed by Partner Center)
+    # relationshipToPartner as the listing shows it (Partner Center: none, reseller, advisor,
+    # syndication, microsoft_support); an advisor-only customer is listed but no reseller's.
+    listed_as: str = "reseller"
     gdap_status: str | None = None  # None: no GDAP relationship
     consented: bool = True  # the partner's multi-tenant app has admin consent in this tenant
     csp: list[dict[str, Any]] = field(default_factory=list)  # Partner Center subscriptions
@@ -213,6 +217,12 @@ class Tenants:
                 sub = self._csp_subscription(tenant, quantity, len(tenant.csp))
                 tenant.csp.append(_offer(sub, str(args.get("offer", "m365")),
                                          bool(args.get("trial", False))))
+            elif action == "listed_as":  # listed, with another relationshipToPartner
+                value = str(args["relationship"])
+                if value not in PC_RELATIONSHIPS:
+                    raise ValueError(f"relationshipToPartner {value!r} is not one of "
+                                     f"{PC_RELATIONSHIPS}")
+                tenant.relationship, tenant.listed_as = True, value
             elif action == "add_direct_product":
                 tenant.products.append(_direct_product(tenant, args))
             elif action == "csp_status":
@@ -241,7 +251,7 @@ class Tenants:
                 raise ValueError(
                     f"unknown tenant action {action!r}; known: accept_relationship, gdap, "
                     "activate_csp, add_direct_product, csp_status, direct_status, assigned, "
-                    "consent"
+                    "consent, listed_as"
                 )
             return tenant.summary()
 

@@ -252,9 +252,8 @@ def page_items(body: Any, key: str, what: str, page: int) -> list[Any]:
 
 def _shape(body: Any) -> str:
     """What a body that is not a Graph collection looks like, for an error message."""
-    if isinstance(body, dict):
-        return "an object with keys " + (", ".join(sorted(body)[:6]) or "none")
-    return f"a {type(body).__name__}"
+    keys = ", ".join(sorted(body)[:6]) if isinstance(body, dict) else None
+    return f"a {type(body).__name__}" if keys is None else f"an object with keys {keys or 'none'}"
 
 
 def error_text(response: requests.Response) -> str:
@@ -301,13 +300,15 @@ class PartnerCenter:
         self.tokens = _Tokens(settings, session, settings.graph.tenant_id, PARTNER_CENTER_RESOURCE)
 
     def customers(self) -> Iterator[PartnerCustomer]:
-        """Every customer with a reseller relationship (``links.next`` with its
-        ``MS-ContinuationToken`` header, followed through ``follow_pages``)."""
+        """Every customer with a reseller relationship (``relationshipToPartner``; pages by
+        ``links.next`` and its ``MS-ContinuationToken`` header, through ``follow_pages``)."""
         first, what = f"{self.base}/customers?size={self.page_size}", "Partner Center customers"
         pages = follow_pages(self._get(first, {}, 1), self._next, self._get, what=what,
                              base=self.base, first=first, max_pages=MAX_LISTING_PAGES)
         for page, body in enumerate(pages, start=1):
             for item in page_items(body, "items", what, page):
+                if str(item.get("relationshipToPartner") or "reseller").lower() != "reseller":
+                    continue  # advisor, syndication, microsoft_support, none: not a reseller's
                 profile = item.get("companyProfile") or {}
                 yield PartnerCustomer(
                     str(item.get("id") or profile.get("tenantId") or "").lower(),
