@@ -154,6 +154,21 @@ def _report() -> service.SyncReport:
     return service.SyncReport(BASE, ("partner_center",), False, [], [], [])
 
 
+def test_two_ledger_customers_of_one_tenant_are_both_listed_and_reported() -> None:
+    """Import does not refuse two customers with one tenant id: when Partner Center lists the
+    tenant, both are listed (the relationship is the tenant's) and the report says to fix it.
+    It was: the last one held the tenant, the other read as "no longer listed" (needs
+    attention, its queued mail withdrawn)."""
+    a = _Target(1, "A", "Alpha", TENANT_X, "alpha.example")
+    b = _Target(2, "B", "Alpha again", TENANT_X, "alpha.example")
+    report, fills = _report(), {}
+    listed = [clients.PartnerCustomer(TENANT_X, "alpha.example", "Alpha")]
+    assert service._match(listed, [a, b], {1, 2}, report, fills) == {1, 2}
+    assert service._match(listed, [a, b], {1}, _report(), {}) == {1}
+    (line,) = report.ambiguous
+    assert "held by ledger customers A, B" in line and fills == {}
+
+
 def test_match_fills_only_a_domain_unique_in_the_ledger_and_in_partner_center() -> None:
     a = _Target(1, "A", "Alpha", TENANT_X, "shared.example")
     b = _Target(2, "B", "Alpha Sub", "", "shared.example")

@@ -314,7 +314,10 @@ def _match(
     domain unique in the whole ledger and among Partner Center's customers. Uniqueness is
     judged on the whole ledger (``ledger``), never on the selection: a tenant id another
     customer holds is never filled into a second one."""
-    by_tenant = {t.tenant_id: t for t in ledger if t.tenant_id}
+    by_tenant: dict[str, list[_Target]] = {}
+    for t in ledger:
+        if t.tenant_id:
+            by_tenant.setdefault(t.tenant_id, []).append(t)
     by_domain: dict[str, list[_Target]] = {}
     for t in ledger:
         if t.domain:
@@ -322,10 +325,14 @@ def _match(
     pc_domains = Counter(p.domain for p in listed if p.tenant_id not in by_tenant)
     matched: set[int] = set()
     for pcc in listed:
-        owner = by_tenant.get(pcc.tenant_id)
-        if owner is not None:
-            if owner.id in selected:
-                matched.add(owner.id)
+        owners = by_tenant.get(pcc.tenant_id, [])
+        if owners:  # the tenant is listed: every ledger customer holding it (was: the last)
+            matched.update(o.id for o in owners if o.id in selected)
+            if len(owners) > 1:
+                report.ambiguous.append(
+                    f"{pcc.company_name} (tenant {pcc.tenant_id}) is held by ledger customers "
+                    f"{', '.join(o.key for o in owners)}: one tenant, one customer; fix "
+                    "tenant_id in the CSV (and re-import)")
             continue
         candidates = by_domain.get(pcc.domain, [])
         label = f"{pcc.company_name} ({pcc.domain}, tenant {pcc.tenant_id})"
