@@ -395,6 +395,14 @@ def test_cancel_instructions_for_an_expired_old_subscription_claim_no_double_bil
                   "nicht"}[locale]
     for body in (email.html, email.text):
         assert said in body
+    # An expired subscription does not renew by itself: no "so that it is not renewed".
+    why = {"en": "So that it cannot be reactivated and billed again",
+           "de": "Damit es nicht reaktiviert und erneut abgerechnet werden kann"}[locale]
+    for message in ("cancel_instructions", "cancel_reminder"):
+        mail = render(renderer, message, customer(30, locale=locale), status="Warning",
+                      reminder=1 if message == "cancel_reminder" else 0)
+        for body in (mail.html, mail.text):
+            assert why in body and "renewed" not in body and "verlängert" not in body
 
 
 SUPPORT_ROUTE = {"en": "through Microsoft support", "de": "über den Microsoft-Support"}
