@@ -140,6 +140,17 @@ def test_an_optout_phrase_from_the_account_manager_copied_on_customer_mail_suppr
     assert "not a contact" in row.detail
 
 
+def _ndr(sid: str, failed: str, subject: str, sender: str, text: str) -> Inbound:
+    """A hard (5.1.1) delivery-status report on the message with send id ``sid``, naming
+    ``failed`` as the final recipient."""
+    return Inbound(
+        BOX, "b1", subject=subject, from_address=sender, text=text,
+        headers={"content-type": "multipart/report; report-type=delivery-status"},
+        attachments=(Attachment("message/delivery-status", f"Final-Recipient: rfc822; {failed}"
+                                "\nAction: failed\nStatus: 5.1.1\n"),
+                     Attachment("message/rfc822", f"x-comms-send-id: {sid}\n")))
+
+
 def test_a_bounce_for_an_address_we_did_not_mail_suppresses_nobody_and_flags_the_customer(
     db: Database, tmp_path: Path
 ) -> None:
@@ -147,14 +158,9 @@ def test_a_bounce_for_an_address_we_did_not_mail_suppresses_nobody_and_flags_the
     single recipient must not be taken for it: it received the message."""
     seed_lettered(db, tmp_path, ("A", "B", "C"))
     sid = _sent(db, "A", "admin@a.example")
-    ndr = Inbound(
-        BOX, "b1", subject="Undeliverable: invitation", from_address="mailer-daemon@gm.example",
-        text="Delivery to old.admin@gm.example failed: 550 5.1.1 no such user",
-        headers={"content-type": "multipart/report; report-type=delivery-status"},
-        attachments=(Attachment("message/delivery-status", "Final-Recipient: rfc822; "
-                                "old.admin@gm.example\nAction: failed\nStatus: 5.1.1\n"),
-                     Attachment("message/rfc822", f"x-comms-send-id: {sid}\n")))
-    report = _run(db, [ndr])
+    report = _run(db, [_ndr(sid, "old.admin@gm.example", "Undeliverable: invitation",
+                            "mailer-daemon@gm.example", "Delivery to old.admin@gm.example "
+                            "failed: 550 5.1.1 no such user")])
     assert report.kinds == {"bounce": 1}
     with db.session() as s:
         assert s.exec(select(Suppression.email)).all() == []
@@ -209,14 +215,8 @@ def test_a_bounced_internal_note_suppresses_the_address_and_leaves_the_customer_
     email to A bounced" (it was never mail to A)."""
     seed_lettered(db, tmp_path, ("A", "B", "C"))
     sid = _sent(db, "A", "gone.am@f.example", internal=True)
-    ndr = Inbound(
-        BOX, "b1", subject="Undeliverable: [comms] A Ltd (A) replied",
-        from_address="postmaster@f.example", text="550 5.1.1 no such user",
-        headers={"content-type": "multipart/report; report-type=delivery-status"},
-        attachments=(Attachment("message/delivery-status", "Final-Recipient: rfc822; "
-                                "gone.am@f.example\nAction: failed\nStatus: 5.1.1\n"),
-                     Attachment("message/rfc822", f"x-comms-send-id: {sid}\n")))
-    report = _run(db, [ndr])
+    report = _run(db, [_ndr(sid, "gone.am@f.example", "Undeliverable: [comms] A Ltd (A) replied",
+                            "postmaster@f.example", "550 5.1.1 no such user")])
     assert report.kinds == {"bounce": 1}
     with db.session() as s:
         assert s.exec(select(Suppression.email)).all() == ["gone.am@f.example"]

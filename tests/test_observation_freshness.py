@@ -37,12 +37,18 @@ def _reminder(db: Database, now: datetime) -> RenderedEmail:
         extra={"reminders_max": 5, "escalated": False})
 
 
-def _rewrite_evidence(db: Database, customer_id: int | None, **seen: object) -> None:
-    """Change what the customer's one tenant evidence row says it saw."""
+def _rewrite_evidence(db: Database, customer_id: int | None, *, drop: str = "",
+                     **seen: object) -> None:
+    """Change what the customer's one tenant evidence row says it saw (``drop``: a key it
+    leaves out, with the digest recomputed, as an older version recorded it)."""
     with db.session() as s:
         ev = s.exec(select(SyncEvidence).where(SyncEvidence.customer_id == customer_id,
                                                SyncEvidence.source == "tenant")).one()
-        ev.seen_json = json.dumps({**json.loads(ev.seen_json), **seen})
+        merged = {**json.loads(ev.seen_json), **seen}
+        if drop:
+            assert merged.pop(drop)
+            ev.digest = hashlib.sha256(json.dumps(merged, sort_keys=True).encode()).hexdigest()
+        ev.seen_json = json.dumps(merged, sort_keys=True)
         s.add(ev)
 
 
@@ -114,15 +120,8 @@ def test_evidence_that_names_no_tenant_states_nothing_until_the_next_sync(
 ) -> None:
     awaiting_cancellation(world, cli, tmp_path, licences=26)
     _sync(cli, 0)
-    row = _row(db, "A")
-    with db.session() as s:  # as a version before evidence named its tenant recorded it
-        ev = s.exec(select(SyncEvidence).where(SyncEvidence.customer_id == row.id,
-                                               SyncEvidence.source == "tenant")).one()
-        seen = json.loads(ev.seen_json)
-        assert seen.pop("tenant_id")
-        ev.seen_json = json.dumps(seen, sort_keys=True)
-        ev.digest = hashlib.sha256(ev.seen_json.encode()).hexdigest()  # as it recorded it
-        s.add(ev)
+    # As a version before evidence named its tenant recorded it.
+    _rewrite_evidence(db, _row(db, "A").id, drop="tenant_id")
     email = _reminder(db, BASE + timedelta(hours=1))
     assert STILL_ACTIVE not in email.text and "checked on" not in email.text
     assert "If you have not cancelled the old Microsoft 365 subscription" in email.text

@@ -212,16 +212,7 @@ def test_news_from_another_source_does_not_undo_a_stage_set_by_hand() -> None:
 def test_a_manual_correction_survives_an_unrelated_partner_center_change(
     world: Sandbox, db: Database, cli: Any, tmp_path: Path
 ) -> None:
-    # `customers set-stage` records the real time, so sync runs around it.
-    now = datetime.now(UTC)
-    world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30,
-                              assigned=26)
-    world.tenant_change(TENANT_X, "activate_csp", quantity=30)
-    world.tenant_change(TENANT_X, "direct_status", status="Suspended")  # unpaid, not cancelled
-    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 30,
-                             "awaiting_cancellation", "")], now - timedelta(hours=3))
-    assert cli("sync", "--now", (now - timedelta(hours=2)).isoformat()).exit_code == 0
-    assert _row(db, "A").stage == "completed"
+    now = completed_on_suspended(world, db, cli, tmp_path)
     r = cli("customers", "set-stage", "A", "awaiting_cancellation", "--force", "--note",
             "suspended for non-payment, not cancelled", "--yes")
     assert r.exit_code == 0, r.output
@@ -288,6 +279,23 @@ def test_turning_on_a_source_does_not_undo_a_correction(
 
 
 # -- 3. "absent" only from a complete directory read -----------------------------------------
+
+def completed_on_suspended(world: Sandbox, db: Database, cli: Any, tmp_path: Path) -> datetime:
+    """Customer A completed by sync two hours ago on a Suspended direct subscription (unpaid,
+    not cancelled: what an operator then corrects by hand); returns the real time it is now
+    (`customers set-stage` records the real time, so sync runs around it)."""
+    now = datetime.now(UTC)
+    world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30,
+                              assigned=26)
+    world.tenant_change(TENANT_X, "accept_relationship")
+    world.tenant_change(TENANT_X, "activate_csp", quantity=30)
+    world.tenant_change(TENANT_X, "direct_status", status="Suspended")  # unpaid, not cancelled
+    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 30,
+                             "awaiting_cancellation", "")], now - timedelta(hours=3))
+    assert cli("sync", "--now", (now - timedelta(hours=2)).isoformat()).exit_code == 0
+    assert _row(db, "A").stage == "completed"
+    return now
+
 
 def awaiting_cancellation(world: Sandbox, cli: Any, tmp_path: Path, *, licences: int,
                           assigned: int = 26) -> None:

@@ -22,6 +22,7 @@ from test_sync_guesses import (
     _row,
     _world,
     awaiting_cancellation,
+    completed_on_suspended,
 )
 
 from comms.campaign import load_campaign
@@ -163,16 +164,7 @@ def test_a_forward_move_by_hand_after_a_correction_keeps_the_correction(
     cancelled); the operator corrects in two steps: back to approved, then on to
     awaiting_cancellation. The second move is forward, but it finishes the correction: the
     next sync must not complete the customer again on the evidence the operator rejected."""
-    now = datetime.now(UTC)
-    world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30,
-                              assigned=26)
-    world.tenant_change(TENANT_X, "accept_relationship")
-    world.tenant_change(TENANT_X, "activate_csp", quantity=30)
-    world.tenant_change(TENANT_X, "direct_status", status="Suspended")
-    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 30,
-                             "awaiting_cancellation", "")], now - timedelta(hours=3))
-    assert cli("sync", "--now", (now - timedelta(hours=2)).isoformat()).exit_code == 0
-    assert _row(db, "A").stage == "completed"
+    now = completed_on_suspended(world, db, cli, tmp_path)
     for stage, extra in (("approved", ("--force",)), ("awaiting_cancellation", ())):
         r = cli("customers", "set-stage", "A", stage, *extra, "--note", "not cancelled", "--yes")
         assert r.exit_code == 0, r.output
@@ -264,16 +256,7 @@ def test_a_correction_committed_while_sync_records_holds(
     here), so the correction lands after it. The test wraps the row lock to act exactly then
     (the lock itself is real)."""
     postgres = database_url.startswith("postgresql")
-    now = datetime.now(UTC)
-    world.add_customer_tenant(TENANT_X, "alpha.example", "Alpha Ltd", direct_licences=30,
-                              assigned=26)
-    world.tenant_change(TENANT_X, "accept_relationship")
-    world.tenant_change(TENANT_X, "activate_csp", quantity=30)
-    world.tenant_change(TENANT_X, "direct_status", status="Suspended")  # unpaid, not cancelled
-    _import(cli, tmp_path, [("A", "Alpha Ltd", TENANT_X, "alpha.example", 30,
-                             "awaiting_cancellation", "")], now - timedelta(hours=3))
-    assert cli("sync", "--now", (now - timedelta(hours=2)).isoformat()).exit_code == 0
-    assert _row(db, "A").stage == "completed"
+    completed_on_suspended(world, db, cli, tmp_path)
     real, fired = repo.get_customers, []
 
     def correct() -> None:
