@@ -332,12 +332,16 @@ def _alive_rank(sub: dict[str, Any]) -> tuple[int, int]:
     return rank, -int(sub.get("totalLicenses") or 0)
 
 
+def _ids(previous: dict[str, Any] | None) -> list[str]:
+    """The ids a previous reading identified as the direct one (``ids``, else ``id``)."""
+    prev = previous or {}
+    return [str(i) for i in (prev.get("ids") or ([prev["id"]] if prev.get("id") else []))]
+
+
 def _followed(previous: dict[str, Any] | None, tenant_id: str) -> list[str]:
     """The ids the previous reading of this same tenant identified as the direct one."""
-    prev = previous or {}
-    if not tenant_id or prev.get("tenant_id") != tenant_id:
-        return []
-    return [str(i) for i in (prev.get("ids") or ([prev["id"]] if prev.get("id") else []))]
+    same = bool(tenant_id) and (previous or {}).get("tenant_id") == tenant_id
+    return _ids(previous) if same else []
 
 
 def _candidate(
@@ -358,8 +362,7 @@ def _candidate(
        CSP subscription): unknown.
     Every direct subscription of that one product counts (two subscriptions of one product:
     cancelling one leaves the other billing): the group shows its most alive status."""
-    prev = previous or {}
-    followed = [str(i) for i in (prev.get("ids") or ([prev["id"]] if prev.get("id") else []))]
+    followed = _ids(previous)
     if followed:
         found = [s for s in direct if str(s.get("id")) in followed]
         if found:
