@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import requests
 from comms.config import Settings, load_settings
 from comms.delivery.base import SEND_ID_HEADER, SEND_ID_PROPERTY_ID
 from comms.sandbox import Faults, Sandbox
+from comms.sandbox.state import retry_after_text
 
 SENDER = "transition@fabrikam.example"
 OTHER = "billing@fabrikam.example"
@@ -494,12 +496,21 @@ def test_rate_limit_answers_429_with_fractional_retry_after_that_works(
     status, code, _ = error_of(resp)
     assert (status, code) == (429, "TooManyRequests")
     retry = resp.headers["Retry-After"]
-    assert "." in retry  # fractional seconds, as Graph may send
+    # Seconds to the millisecond, as Graph may send; "2" when the wait happens to be whole.
+    assert re.fullmatch(r"\d+(\.\d{1,3})?", retry), retry
     assert 0 < float(retry) <= 60 * 0.04
     time.sleep(float(retry))
     assert send(http, sb, token, {"message": message("R-5")}).status_code == 202
     assert [r["send_id"] for r in sb.sent()] == [f"R-{i}" for i in range(6)]
     assert sb.stats()["throttled_rate"] == 1
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (2.1281, "2.129"), (2.0, "2"), (1.9999, "2"), (0.25, "0.25"), (0.0, "0.001"), (-1.0, "0.001"),
+])
+def test_retry_after_is_rounded_up_to_the_millisecond(seconds: float, text: str) -> None:
+    """Waiting the written time is never shorter than the true wait, and never zero."""
+    assert retry_after_text(seconds) == text
 
 
 @pytest.mark.sandbox(time_scale=0.001, recipients_per_day=3)
