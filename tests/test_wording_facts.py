@@ -619,17 +619,21 @@ def test_german_cancel_steps_name_subscription_and_payment_settings(
     assert 'under "Subscription and payment settings"' in en.text
 
 
+INVITATIONS = [("partner_invitation", 0), ("partner_invitation_reminder", 1),
+               ("partner_invitation_reminder", 2), ("partner_invitation_reminder", 3)]
+
+
 @pytest.mark.parametrize("locale", LOCALES)
-@pytest.mark.parametrize("message,reminder", [("partner_invitation", 0),
-                                              ("partner_invitation_reminder", 1)])
+@pytest.mark.parametrize("message,reminder", INVITATIONS)
 def test_verify_by_phone_without_a_manager_name(
     renderer: Renderer, locale: str, message: str, reminder: int
 ) -> None:
     """An account manager known only by email: "call your account manager max@… on the number
-    you know" became "call Fabrikam Cloud Services on a number you already know"."""
+    you know" became "call Fabrikam Cloud Services on a number you already know" (and the last
+    reminder no longer says "your account manager max@… is ready to help")."""
     c = customer(24, locale=locale, account_manager_name="",
                  account_manager_email="max@fabrikam.example")
-    email = render(renderer, message, c, reminder=reminder)
+    email = render(renderer, message, c, reminder=reminder, extra={"reminders_max": 3})
     call = {"en": "call Fabrikam Cloud Services on a number you already know",
             "de": "rufen Sie Fabrikam Cloud Services unter einer Nummer an, die Sie bereits "
                   "kennen"}[locale]
@@ -637,11 +641,52 @@ def test_verify_by_phone_without_a_manager_name(
         assert call in body
         assert "max@fabrikam.example" not in body
     named = render(renderer, message, replace(c, account_manager_name="Max Manager"),
-                   reminder=reminder)
+                   reminder=reminder, extra={"reminders_max": 3})
     for body in (named.html, named.text):
         assert {"en": "call your account manager Max Manager on the number you know",
                 "de": "rufen Sie Ihren Ansprechpartner Max Manager unter der Nummer an"}[
                     locale] in body
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+@pytest.mark.parametrize("message,reminder", INVITATIONS)
+def test_an_invitation_prints_no_phone_number_to_call(
+    renderer: Renderer, locale: str, message: str, reminder: int
+) -> None:
+    """The invitations tell the administrator to verify them on a number they already know, "not
+    on a number taken from this email": so none prints one, in the body (the last reminder said
+    "call us on +44 …") or in the footer. Every other customer email keeps the number."""
+    phone = SETTINGS.partner.support_phone
+    email = render(renderer, message, customer(locale=locale), reminder=reminder,
+                   extra={"reminders_max": 3})
+    known = {"en": "call us on a number you already know",
+             "de": "rufen Sie uns unter einer Nummer an, die Sie bereits kennen"}[locale]
+    for body in (email.html, email.text):
+        assert phone not in body and "tel:" not in body, (message, reminder)
+        assert known in body, (message, reminder)
+    others = render(renderer, "cancel_reminder", customer(locale=locale), reminder=1)
+    for body in (others.html, others.text):
+        assert phone in body
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_an_escalated_reminder_names_no_manager_known_only_by_email(
+    renderer: Renderer, locale: str
+) -> None:
+    """"We have copied your account manager, max@…, who …" became "… your account manager, who
+    …"; a named manager is still named."""
+    c = customer(24, locale=locale, account_manager_name="",
+                 account_manager_email="max@fabrikam.example")
+    email = render(renderer, "cancel_reminder", c, reminder=3, extra={"escalated": True})
+    copied = {"en": "We have copied your account manager, who can walk you",
+              "de": "Wir haben Ihren Ansprechpartner in Kopie gesetzt"}[locale]
+    for body in (email.html, email.text):
+        assert copied in body and "max@fabrikam.example" not in body
+    named = render(renderer, "cancel_reminder", replace(c, account_manager_name="Max Manager"),
+                   reminder=3, extra={"escalated": True})
+    for body in (named.html, named.text):
+        assert {"en": "We have copied your account manager, Max Manager, who",
+                "de": "Wir haben Ihren Ansprechpartner Max Manager in Kopie"}[locale] in body
 
 
 RECURRING_BILLING = {
