@@ -453,8 +453,20 @@ def test_account_manager_alert_body_says_only_what_is_known(
                 "de": "zuletzt am 9. März 2026 als Warning gesehen"}[locale] in email.text
     unknown = render(renderer, "account_manager_alert", customer(26, locale=locale,
                      csp_live_at=None), reminder=2, status=status, extra=extra)
-    assert {"en": "unknown (CSP go-live date not known)",
-            "de": "unbekannt (Datum des CSP-Starts nicht bekannt)"}[locale] in unknown.text
+    for body in (unknown.text, unknown.html):
+        # Both the days and the cost: the cost said "GBP 0.00" without a go-live date.
+        assert body.count({"en": "unknown (CSP go-live date not known)",
+                           "de": "unbekannt (Datum des CSP-Starts nicht bekannt)"}[locale]) == 2
+        assert " 0.00" not in body and " 0,00" not in body
+    cost_unsure = {"en": "per licence and month, if the old subscription is still active)",
+                   "de": "pro Lizenz und Monat, falls das alte Abonnement noch aktiv ist)"}[locale]
+    for body in (email.text, email.html):
+        assert cost_unsure in body
+    enabled = render(renderer, "account_manager_alert", customer(26, locale=locale), reminder=2,
+                     status="Enabled", extra=extra)
+    for body in (enabled.text, enabled.html):
+        assert "per licence and month)" in body or "pro Lizenz und Monat)" in body
+        assert cost_unsure not in body
 
 
 ZERO_COUNT = re.compile(
