@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from comms.inbox.classify import Attachment, Inbound, SentRow, classify, own_text, status_code
+from comms.inbox.classify import Attachment, Inbound, SentRow, classify, status_code
+from comms.inbox.phrases import own_text
 from comms.inbox.policy import DEFAULT_OPTOUT_COMMANDS, DEFAULT_OPTOUT_KEYWORDS, InboxPolicy
 
 BOX = "transition@fabrikam.example"

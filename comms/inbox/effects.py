@@ -30,7 +30,8 @@ from sqlmodel import Session, col
 
 from comms import outbox
 from comms.config import Settings
-from comms.inbox.classify import Inbound, Verdict, own_text
+from comms.inbox.classify import Inbound, Verdict
+from comms.inbox.phrases import own_text
 from comms.inbox.policy import InboxPolicy
 from comms.store import bodies
 from comms.store.inbox_models import InboundMessage, InboxCustomerState

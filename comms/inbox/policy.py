@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # saying "cancel the subscription" ("unsubscribe from the old plan", "dar de baja",
 # "abbestellen", "cancelar suscripción"): each phrase names the mail, the list or the writer.
 # A phrase also does not count when its sentence negates it before ("do NOT unsubscribe us")
-# or talks about the subscription or its billing (classify.SUBSCRIPTION_TOPIC); such replies
+# or talks about the subscription or its billing (phrases.SUBSCRIPTION_TOPIC); such replies
 # are ordinary replies that a human reads.
 DEFAULT_OPTOUT_KEYWORDS: tuple[str, ...] = (
     # English

@@ -27,8 +27,9 @@ from sqlmodel import col
 
 from comms.config import Settings
 from comms.errors import UsageError
-from comms.inbox.classify import Inbound, Verdict, classify, own_text
+from comms.inbox.classify import Inbound, Verdict, classify
 from comms.inbox.effects import BOUNCED, NOTE_MESSAGE, apply_chunk, effect_keys
+from comms.inbox.phrases import own_text
 from comms.inbox.policy import InboxPolicy
 from comms.inbox.prefetch import (
     SENT_INDEX_THRESHOLD,
