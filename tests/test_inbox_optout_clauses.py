@@ -53,6 +53,9 @@ DECLINED_THEN_OPTED_OUT = [
     "Wir brauchen das nicht \u2014 keine E-Mails mehr, bitte.",
     "Non merci, d\u00e9sabonnez-moi.",
     "Nee bedankt, meld mij af.",
+    "No, unsubscribe me.",
+    "We do not need this anymore, please unsubscribe me.",
+    "Dont know who you are, unsubscribe me",
 ]
 # The negation is about the phrase itself: a human reads these, nobody is suppressed.
 NEGATED = [
@@ -66,6 +69,12 @@ NEGATED = [
     "Bitte nicht aus dem Verteiler austragen.",
     "Bitte mich nicht abmelden, danke.",
     "Merci de ne pas me d\u00e9sabonner.",
+    # The negation's verb comes after a parenthesis (these opted out: the comma ended the
+    # clause that held "not").
+    "Do not, under any circumstances, unsubscribe me.",
+    "Please don't, whatever happens, remove me from your list",
+    "Never, ever unsubscribe me.",
+    "No thanks, but please do not, for now, unsubscribe me.",
 ]
 
 

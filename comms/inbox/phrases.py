@@ -59,6 +59,9 @@ _SENTENCE_END = re.compile(r"[.!?;\n]")
 # at most _NEGATION_REACH words before it ("I do not want you to unsubscribe me" does not).
 _CLAUSE_END = re.compile(r"[.!?;:,\n\u2013\u2014]|(?<!\w)-|-(?!\w)")
 _NEGATION_REACH = 3
+# An imperative negation left open by a parenthesis: "Do not, under any circumstances,
+# unsubscribe me" (its verb is in a later clause). A bare "No," answers; it negates nothing.
+_DANGLING = re.compile(r"(?<!\w)(do\s+not|don't|dont|please\s+not|never)\s*$", re.IGNORECASE)
 # Declining the offer, not the phrase: "No thanks please unsubscribe me", "Nein danke, abmelden".
 _DECLINE = re.compile(
     r"(?<!\w)(no[\s,]+thanks?|no[\s,]+thank you|not interested|nein[\s,]+danke|"
@@ -87,7 +90,8 @@ def _keyword_patterns(keywords: tuple[str, ...]) -> tuple[re.Pattern[str], list[
 
 def _counts_in(text: str, start: int, end: int) -> bool:
     """Whether a phrase found at text[start:end] is meant: no negation shortly before it in its
-    clause, and its sentence does not talk about the subscription."""
+    clause, nor a "do not" left open by an earlier clause of its sentence, and its sentence does
+    not talk about the subscription."""
     begin = max((m.end() for m in _SENTENCE_END.finditer(text, 0, start)), default=0)
     stop = _SENTENCE_END.search(text, end)
     sentence_end = stop.start() if stop else len(text)
@@ -95,6 +99,9 @@ def _counts_in(text: str, start: int, end: int) -> bool:
     before = _DECLINE.sub(" ", text[clause:start])
     negations = list(_NEGATION.finditer(before))
     if negations and len(re.findall(r"\w+", before[negations[-1].end():])) <= _NEGATION_REACH:
+        return False
+    earlier = _CLAUSE_END.split(_DECLINE.sub(" ", text[begin:clause]))
+    if any(_DANGLING.search(part) for part in earlier):
         return False
     return not SUBSCRIPTION_TOPIC.search(text[begin:sentence_end])
 
