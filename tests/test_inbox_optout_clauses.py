@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from engine_helpers import T0, sandbox_env, settings_from
 from sqlmodel import col, select
-from test_inbox_apply import _run
+from test_inbox_apply import _run, _sent
 from test_inbox_classify import CMD, KW, FakeResolver, resolver
 
 from comms.campaign import load_campaign
@@ -243,3 +243,47 @@ def test_an_optout_for_the_company_holds_its_reminders_and_asks_the_account_mana
         assert note.subject == "[comms] C Ltd (C) asked to stop all emails"
         assert "comms customers opt-out C" in note.body_text()
         assert json.loads(note.to_json)[0]["address"] == "am@f.example"
+
+
+def test_optout_from_another_customers_contact_in_a_thread_suppresses_the_address() -> None:
+    """Customer 8's contact replying "unsubscribe me" in customer 7's thread (an IT consultant
+    copied by one customer, a contact of another) was a reply to 7, "not a contact of the
+    customer: not acted on", and 8's mail kept going to the address that asked to stop."""
+    r = resolver()
+    r.contacts["b@y.example"] = [8]
+    threaded = {"in-reply-to": "<orig@fabrikam.example>"}
+    msg = Inbound(BOX, "g", subject="RE: Your invitation", from_address="b@y.example",
+                  text="Please unsubscribe me.", headers=threaded)
+    v = classify(msg, r, KW, CMD)
+    assert (v.kind, v.customer_id, v.address) == ("optout", None, "b@y.example"), v
+    assert v.unscoped == "from another customer's contact"
+    assert "in a thread of customer #7" in v.detail and v.keyword
+    # Anyone who is nobody's contact (the account manager, copied) is still read by a human.
+    am = Inbound(BOX, "g2", subject="RE: Your invitation", from_address="am@fabrikam.example",
+                 text="Please unsubscribe me.", headers=threaded)
+    assert (classify(am, r, KW, CMD).kind, classify(am, r, KW, CMD).customer_id) == ("reply", 7)
+    # Without an opt-out phrase it stays a reply to the thread's customer.
+    plain = Inbound(BOX, "g3", subject="RE: Your invitation", from_address="b@y.example",
+                    text="Thanks, forwarded to the admin.", headers=threaded)
+    assert (classify(plain, r, KW, CMD).kind, classify(plain, r, KW, CMD).customer_id) == (
+        "reply", 7)
+
+
+def test_optout_from_another_customers_contact_in_a_thread_reaches_the_ledger(
+    db: Database, tmp_path: Path
+) -> None:
+    _import_shared(db, tmp_path)
+    send_id = _sent(db, "C", "admin@c.example")
+    msg = Inbound(BOX, "x1", subject="RE: Your invitation", from_address="admin@b.example",
+                  text="Stop emailing me, I am not at C.",
+                  headers={"in-reply-to": "<c1@fabrikam.example>"})
+    report = _run(db, [msg], sent={"<c1@fabrikam.example>": send_id})
+    assert report.kinds == {"optout": 1}
+    with db.session() as s:
+        (sup,) = s.exec(select(Suppression)).all()
+        (row,) = s.exec(select(InboundMessage)).all()
+        assert s.exec(select(InboxCustomerState)).all() == []  # C's reminders are not held
+    assert sup.email == "admin@b.example"
+    assert sup.reason.startswith("opt-out reply from another customer's contact: RE: Your")
+    assert (row.kind, row.customer_id) == ("optout", None)
+    assert "suppressed (opt-out reply from another customer's contact)" in row.effects

@@ -22,7 +22,8 @@ Rules, first match wins:
    when the sender is a contact of that customer and ``optout_keyword`` finds a phrase that
    counts (about our emails, not negated, not about the subscription, not quoted or in the
    signature); otherwise a reply, read by a human. A sender who is a contact of several
-   customers (no thread) opts out too: no customer, the address suppressed.
+   customers (no thread), or of other customers than the thread's, opts out too: no customer,
+   the address suppressed.
 5. **unmatched** — anything else; listed for an operator, never acted on.
 """
 
@@ -133,6 +134,8 @@ class Verdict:
     hard: bool = False
     keyword: str = ""
     internal: bool = False  # a bounce of a note or proof to us, not of the customer's mail
+    # An opt-out that names no customer (suppression is per address): why it names none.
+    unscoped: str = ""
 
 
 def _from_localpart(address: str) -> str:
@@ -254,8 +257,10 @@ def _classify_bounce(msg: Inbound, resolver: Resolver) -> Verdict:
         internal=row.internal)
 
 
-def _find_customer(msg: Inbound, resolver: Resolver) -> tuple[int | None, int | None, str]:
-    """(customer, outbox row, rule) for a reply or auto-reply."""
+def _find_customer(msg: Inbound, resolver: Resolver,
+                   contact_of: list[int]) -> tuple[int | None, int | None, str]:
+    """(customer, outbox row, rule) for a reply or auto-reply; ``contact_of``: the customers
+    the sender is a contact of."""
     ids = _ANGLE_ID.findall(msg.headers.get("in-reply-to", ""))
     ids += list(reversed(_ANGLE_ID.findall(msg.headers.get("references", ""))))
     for mid in dict.fromkeys(ids):
@@ -269,17 +274,14 @@ def _find_customer(msg: Inbound, resolver: Resolver) -> tuple[int | None, int | 
         cid = resolver.customer_by_conversation(msg.mailbox, msg.conversation_id)
         if cid is not None:
             return cid, None, "conversation"
-    if msg.from_address:
-        customers = list(dict.fromkeys(resolver.customers_by_contact(msg.from_address.lower())))
-        if len(customers) == 1:
-            return customers[0], None, "sender is a contact"
-        if len(customers) > 1:
-            return None, None, f"sender is a contact of {len(customers)} {AMBIGUOUS}"
+    if len(contact_of) == 1:
+        return contact_of[0], None, "sender is a contact"
+    if len(contact_of) > 1:
+        return None, None, f"sender is a contact of {len(contact_of)} customers (ambiguous)"
     return None, None, ""
 
 
 INTERNAL = "answers an internal note"
-AMBIGUOUS = "customers (ambiguous)"
 
 
 def classify(msg: Inbound, resolver: Resolver, optout_keywords: Sequence[str],
@@ -287,8 +289,9 @@ def classify(msg: Inbound, resolver: Resolver, optout_keywords: Sequence[str],
     """What ``msg`` is (see the module docstring for the rules, applied in order)."""
     if is_ndr(msg):
         return _classify_bounce(msg, resolver)
-    customer, row, how = _find_customer(msg, resolver)
     sender = msg.from_address.lower()
+    contact_of = list(dict.fromkeys(resolver.customers_by_contact(sender))) if sender else []
+    customer, row, how = _find_customer(msg, resolver, contact_of)
     if how == INTERNAL:
         # The account manager answering our note or alert: nothing it says is the customer's.
         return Verdict("unmatched", f"unmatched: {INTERNAL} (outbox #{row}), not the customer",
@@ -297,18 +300,25 @@ def classify(msg: Inbound, resolver: Resolver, optout_keywords: Sequence[str],
     if is_auto_reply(msg):
         return Verdict("auto", "auto-reply: " + _auto_reason(msg), customer_id=customer,
                        message_id=row, address=sender)
-    ambiguous = customer is None and how.endswith(AMBIGUOUS)
     keyword = (optout_keyword(msg.subject, msg.text, optout_keywords, optout_commands)
-               if customer is not None or ambiguous else "")
-    if ambiguous and keyword:
-        # Suppression is per address: a contact of several customers opts out of all of them.
-        return Verdict("optout", f"optout:keyword {keyword!r}; {how}", address=sender,
-                       detail=f"opt-out phrase {keyword!r} from {sender}, a contact of several "
-                              "customers: the address is suppressed", keyword=keyword)
+               if customer is not None or contact_of else "")
+    if keyword and contact_of and customer not in contact_of:
+        # Suppression is per address: a contact of several customers (no thread tells which),
+        # or of other customers than the thread's, opts out of all of them.
+        unscoped = ("matched to several customers" if customer is None
+                    else "from another customer's contact")
+        thread = "" if customer is None else f", in a thread of customer #{customer}"
+        return Verdict("optout", f"optout:keyword {keyword!r}; {how}" + (
+                           f"; sender is a contact of {len(contact_of)} other customer(s)"
+                           if customer is not None else ""),
+                       address=sender, keyword=keyword, unscoped=unscoped,
+                       detail=f"opt-out phrase {keyword!r} from {sender}, a contact of "
+                              f"{len(contact_of)} customer(s){thread}: the address is "
+                              "suppressed")
     if customer is None:
         return Verdict("unmatched", f"unmatched: {how or 'no reference, unknown sender'}",
                        address=sender)
-    if keyword and customer not in resolver.customers_by_contact(sender):
+    if keyword and customer not in contact_of:
         # Only a contact opts out: the account manager (Cc'd) or a colleague asking to stop is
         # read by a human.
         return Verdict("reply", f"reply:{how}; opt-out phrase from a non-contact",

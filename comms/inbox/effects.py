@@ -120,8 +120,8 @@ def apply_chunk(
     the caller's transaction); the result per message is the same as applying them one after
     the other. Returns what was done, per message."""
     effects: list[list[str]] = [[] for _ in items]
-    # An opt-out from a contact of several customers names no customer: suppression is per
-    # address, so it acts all the same.
+    # An opt-out from a contact of several customers, or of another customer than the thread's,
+    # names no customer: suppression is per address, so it acts all the same.
     acting = [(i, m, v) for i, (m, v) in enumerate(items)
               if v.kind in ("bounce", "optout", "reply")
               and (v.customer_id is not None or v.kind == "optout")]
@@ -269,7 +269,7 @@ def _most_in_window(seen: list[tuple[datetime, object]], window: timedelta,
 
 
 def _optout(c: _Chunk, msg: Inbound, v: Verdict, done: list[str]) -> None:
-    several = " matched to several customers" if v.customer_id is None else ""
+    several = f" {v.unscoped}" if v.unscoped else ""
     reason = f"opt-out reply{several}: {msg.subject} | {own_text(msg.text, 3)}"[:1000]
     if c.suppress(v.address, reason, f"inbox:{msg.mailbox}"):
         done.append(f"{v.address} suppressed (opt-out reply{several})")
