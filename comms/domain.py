@@ -5,10 +5,14 @@ The store converts its SQLModel rows to these, so the core never touches a sessi
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
+
+import idna
 
 
 class MessageStatus(enum.StrEnum):
@@ -146,3 +150,18 @@ class PlannedMessage:
     internal: bool = False  # an internal note to the account manager, not to the customer
     reminder_number: int = 0
     context: dict[str, object] = field(default_factory=dict)
+
+
+def canonical_address(address: str) -> str:
+    """The one spelling of an email address that ledger addresses are compared in: lower case,
+    its domain in Unicode (IDNA labels ``xn--...`` decoded) and NFC, as email-validator writes
+    an imported contact or a suppression. Graph and bounce reports may give the ASCII form
+    (``anna@xn--mller-kva.de`` for ``anna@müller.de``): compared as given, an opt-out or a bounce
+    from it matched no contact, and its suppression did not stop mail to the address."""
+    local, at, domain = address.strip().rpartition("@")
+    if not at:
+        return unicodedata.normalize("NFC", address.strip()).lower()
+    if "xn--" in domain.lower():
+        with contextlib.suppress(idna.IDNAError, UnicodeError):  # else compared as given
+            domain = idna.decode(domain.lower().rstrip("."), uts46=True)
+    return unicodedata.normalize("NFC", f"{local}@{domain}").lower()

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+from comms.domain import canonical_address
 from comms.inbox.phrases import optout_keyword
 
 SEND_ID_HEADER = "x-comms-send-id"
@@ -214,18 +215,19 @@ def _bounced_address(msg: Inbound, row: SentRow) -> tuple[str, str]:
     for a in msg.attachments:
         found += _FINAL_RECIPIENT.findall(a.text[:SCAN_LIMIT])
     found += _ADDRESS.findall(msg.text[:SCAN_LIMIT]) + _ADDRESS.findall(msg.subject[:SCAN_LIMIT])
-    ours = {msg.mailbox.lower(), msg.from_address.lower()}
-    named = [a.lower() for a in found if a.lower() not in ours
+    ours = {canonical_address(msg.mailbox), canonical_address(msg.from_address)}
+    named = [a for a in map(canonical_address, found) if a not in ours
              and _from_localpart(a) not in NDR_SENDERS]
+    recipients = [canonical_address(r) for r in row.recipients]
     for address in named:
-        if address in row.recipients:
+        if address in recipients:
             return address, ""
     if named:
         # The report names someone we did not mail (a forward, an alias expanded downstream):
         # the recipient that forwarded it got the message; no address is guessed.
         return "", f"the report names {named[0]}, not a recipient of outbox #{row.message_id}"
-    if len(row.recipients) == 1:
-        return row.recipients[0], ""
+    if len(recipients) == 1:
+        return recipients[0], ""
     return "", f"the report names none of the {len(row.recipients)} recipients"
 
 
@@ -289,7 +291,7 @@ def classify(msg: Inbound, resolver: Resolver, optout_keywords: Sequence[str],
     """What ``msg`` is (see the module docstring for the rules, applied in order)."""
     if is_ndr(msg):
         return _classify_bounce(msg, resolver)
-    sender = msg.from_address.lower()
+    sender = canonical_address(msg.from_address)
     contact_of = list(dict.fromkeys(resolver.customers_by_contact(sender))) if sender else []
     customer, row, how = _find_customer(msg, resolver, contact_of)
     if how == INTERNAL:

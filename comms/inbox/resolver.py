@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, col
 
+from comms.domain import canonical_address
 from comms.inbox.classify import Inbound, SentRow
 from comms.inbox.reader import InboxReader
 from comms.store.inbox_models import InboundMessage
@@ -22,7 +23,7 @@ from comms.store.models import Contact, Message
 
 def _address(value: Any) -> str:
     if isinstance(value, dict):
-        return str((value.get("emailAddress") or {}).get("address") or "").strip().lower()
+        return canonical_address(str((value.get("emailAddress") or {}).get("address") or ""))
     return ""
 
 
@@ -93,8 +94,8 @@ def inbound_from_graph(mailbox: str, item: dict[str, Any]) -> Inbound:
 
 
 def _sent_row(row: Any) -> SentRow:
-    recipients = [d["address"].lower() for d in json.loads(row.to_json or "[]")]
-    recipients += [d["address"].lower() for d in json.loads(row.cc_json or "[]")]
+    recipients = [canonical_address(d["address"]) for d in json.loads(row.to_json or "[]")]
+    recipients += [canonical_address(d["address"]) for d in json.loads(row.cc_json or "[]")]
     return SentRow(int(row.id), int(row.customer_id), tuple(recipients), row.message,
                    bool(row.internal))
 
