@@ -14,7 +14,7 @@ from sqlmodel import select
 from comms.paths import builtin_config_dir
 from comms.sandbox import Sandbox
 from comms.store.db import Database
-from comms.store.models import Message
+from comms.store.models import Contact, Customer, Message
 from comms.store.wave_models import WaveEvent
 
 OPERATOR = "ops@fabrikam.example"
@@ -64,6 +64,15 @@ def test_proof_reaches_only_the_operator_and_leaves_no_customer_trace(
     # A customer's address is refused as a proof recipient.
     bad = cli("wave", "proof", "wave-1", "--to", "admin1@customer1.example", "--now", NOW)
     assert bad.exit_code == 2 and "contact of customer K0001" in bad.output
+    # Also spelt another way: an internationalised domain in its ASCII form (it passed).
+    with db.session() as s:
+        k3 = s.exec(select(Customer.id).where(Customer.key == "K0003")).one()
+        s.add(Contact(customer_id=k3, email="anna@müller.example", role="billing"))
+    for spelt in ("Anna@xn--mller-kva.example", " ADMIN1@Customer1.example "):
+        bad = cli("wave", "proof", "wave-1", "--to", spelt, "--now", NOW)
+        assert bad.exit_code == 2 and "contact of customer K000" in bad.output, (spelt, bad.output)
+    bad = cli("wave", "proof", "wave-1", "--to", "ops@", "--now", NOW)
+    assert bad.exit_code == 2 and "--to: 'ops@' is not a valid email address" in bad.output
     assert len(env["sandbox"].sent()) == 1
 
 

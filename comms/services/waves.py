@@ -25,9 +25,10 @@ from comms.campaign import Campaign
 from comms.config import Settings
 from comms.delivery.base import Transport
 from comms.domain import CustomerInfo, PlannedMessage
-from comms.errors import NotFound, StateConflict, UsageError
+from comms.errors import NotFound, RequestRefused, StateConflict, UsageError
 from comms.render import Renderer
 from comms.services import engine
+from comms.services.outbox_admin import normalise_email
 from comms.services.sending import worker_id
 from comms.services.wave_gate import Approval, ContentHasher, approvals, combined_hash, is_starter
 from comms.store import repo
@@ -108,10 +109,10 @@ class ProofResult:
 
 
 def _check_operator(s: Session, to: str) -> None:
-    if "@" not in to:
-        raise UsageError(f"--to {to!r} is not an email address.")
+    """``to`` (normalised as contacts are: ``anna@xn--mller-kva.example`` is the contact
+    ``anna@müller.example``) is no customer's contact."""
     hit = s.exec(select(Customer.key).join(Contact, col(Contact.customer_id) == col(Customer.id))
-                 .where(sa.func.lower(Contact.email) == to.lower())).first()
+                 .where(sa.func.lower(Contact.email) == to)).first()
     if hit is not None:
         raise UsageError(
             f"{to} is a contact of customer {hit}; proofs go to the operator only. "
@@ -137,7 +138,11 @@ def send_proof(
     """Queue and send one proof copy per variant to the operator (``to``, default the
     partner's reply-to address); records the proof and its content hash in the audit trail."""
     now = clock.now()
-    address = (to or settings.partner.reply_to).strip()
+    given = (to or settings.partner.reply_to).strip()
+    try:
+        address = normalise_email(given)
+    except RequestRefused as exc:
+        raise UsageError(f"--to: {exc}") from None
     items = next_messages(db, settings, campaign, tag, now)
     if not items:
         raise StateConflict(
