@@ -302,6 +302,35 @@ def test_pause_resume_opt_out(cli: Cli, loaded: Database) -> None:
     assert missing.stderr.startswith("Error: No customer with key 'NOPE'.")
 
 
+def test_opt_in_lost_found(cli: Cli, loaded: Database) -> None:
+    """Lost, found and opt-in had a service and no command: a customer opted out by mistake,
+    or one that went to another partner, could not be recorded from the CLI."""
+    queued = queue(loaded, "CUST-0012", "kickoff", "announced")
+    assert cli("customers", "opt-in", "CUST-0012").stdout == (
+        "CUST-0012 has not opted out; nothing changed.\n")
+    assert cli("customers", "lost", "CUST-0012", "--note", "went to another partner").stdout == (
+        "Marked lost CUST-0012.\n")
+    assert customer(loaded, "CUST-0012").lost
+    assert status_of(loaded, queued) == ("withdrawn", "customer marked lost")
+    assert cli("customers", "lost", "CUST-0012").stdout == (
+        "CUST-0012 is already marked lost; nothing changed.\n")
+    flags = json.loads(cli("customers", "list", "--json").stdout)
+    assert [c["key"] for c in flags if c["lost"]] == ["CUST-0012"]
+    assert cli("customers", "found", "CUST-0012").stdout == "Marked not lost CUST-0012.\n"
+    assert not customer(loaded, "CUST-0012").lost
+    assert customer(loaded, "CUST-0012").next_due_at is not None
+    assert cli("customers", "opt-out", "CUST-0012").exit_code == 0
+    assert cli("customers", "opt-in", "CUST-0012", "--note", "asked again in writing").stdout == (
+        "Opted in CUST-0012.\n")
+    assert not customer(loaded, "CUST-0012").opted_out
+    assert [(e.kind, e.note) for e in events(loaded, "CUST-0012")][1:] == [
+        ("lost", "went to another partner"), ("found", ""), ("opt_out", ""),
+        ("opt_in", "asked again in writing")]
+    for command in ("opt-in", "lost", "found"):
+        assert cli("customers", command, "--help").exit_code == 0
+        assert cli("customers", command, "NOPE").exit_code == 1
+
+
 # ---------------------------------------------------------------- export
 
 

@@ -1,4 +1,5 @@
-"""`comms customers ...`: import, list, show, set-stage, pause, resume, opt-out, export."""
+"""`comms customers ...`: import, list, show, set-stage, pause, resume, opt-out, opt-in, lost,
+found, export."""
 
 from __future__ import annotations
 
@@ -245,9 +246,21 @@ resume_cmd = _side("resume", "Resumed", "is not paused")
 resume_cmd.__doc__ = "Resume a paused customer: planning and sending continue."
 opt_out_cmd = _side("opt_out", "Opted out", "has already opted out")
 opt_out_cmd.__doc__ = "Record that a customer opted out: queued messages are withdrawn."
+opt_in_cmd = _side("opt_in", "Opted in", "has not opted out")
+opt_in_cmd.__doc__ = ("Record that a customer that opted out asked to be mailed again (say how "
+                      "with --note): planning and sending continue. Suppressed addresses stay "
+                      "suppressed (`comms contacts opt-in`).")
+lost_cmd = _side("lost", "Marked lost", "is already marked lost")
+lost_cmd.__doc__ = ("Mark a customer lost (it will not move to us, e.g. it chose another "
+                    "partner): nothing more is sent and its queued messages are withdrawn.")
+found_cmd = _side("found", "Marked not lost", "is not marked lost")
+found_cmd.__doc__ = "Undo `comms customers lost`: planning and sending continue."
 customers_app.command("pause")(pause_cmd)
 customers_app.command("resume")(resume_cmd)
 customers_app.command("opt-out")(opt_out_cmd)
+customers_app.command("opt-in")(opt_in_cmd)
+customers_app.command("lost")(lost_cmd)
+customers_app.command("found")(found_cmd)
 
 
 @customers_app.command("export")
