@@ -4,17 +4,21 @@ meanwhile is skipped with none of its effects applied twice."""
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import pytest
 from engine_helpers import T0, seed_lettered
 from sqlmodel import select
 
 from comms import outbox
 from comms.campaign import load_campaign
 from comms.config import load_settings
-from comms.inbox import service
+from comms.inbox import effects, service
 from comms.inbox.classify import Attachment, Inbound
+from comms.services import outbox_admin
 from comms.store.db import Database
 from comms.store.inbox_models import InboundMessage, InboxCustomerState
 from comms.store.models import Customer, Message, Suppression, new_message_row
@@ -226,3 +230,51 @@ def test_a_bounced_internal_note_suppresses_the_address_and_leaves_the_customer_
         note = s.exec(select(Message).where(Message.send_id == sid)).one()
     assert note.status == "bounced"
     assert "the customer is not flagged" in row.effects
+
+
+def test_opt_outs_committed_while_the_inbox_records_keep_its_bounce(
+    db: Database, tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's `comms contacts opt-out` commits while the inbox records, each time for
+    the first address the inbox is about to suppress. On PostgreSQL the inbox had read the
+    suppression list before: its INSERT of the same address failed the chunk, and when it
+    happened again in the one-by-one retry the message was taken for one "recorded meanwhile
+    by another sync" and skipped: the bounce never marked, the customer never flagged (the
+    delta link moved on: never read again). On SQLite no writer can commit meanwhile (shown).
+    The test wraps the chunk's write to act exactly then; the databases are real."""
+    postgres = database_url.startswith("postgresql")
+    seed_lettered(db, tmp_path, ("A", "B"))
+    sid = _sent(db, "A", "admin@a.example")
+    real, raced = effects._write, []
+
+    def meanwhile(s: Any, chunk: Any) -> None:
+        if chunk.new_sup and postgres:  # another connection of the pool, its own transaction
+            first = next(iter(chunk.new_sup))
+            outbox_admin.suppress(db, first, reason="asked by phone", now=T0, by="operator")
+            raced.append(first)
+        elif chunk.new_sup:
+            other = sqlite3.connect(database_url.removeprefix("sqlite:///"), timeout=0)
+            try:
+                with pytest.raises(sqlite3.OperationalError, match="locked"):
+                    other.execute("BEGIN IMMEDIATE")
+            finally:
+                other.close()
+            raced.append("refused")
+        real(s, chunk)
+
+    monkeypatch.setattr(effects, "_write", meanwhile)
+    report = _run(db, [_reply("o1", "admin@b.example", "Please unsubscribe me."),
+                       _ndr(sid, "admin@a.example", "Undeliverable: invitation",
+                            "postmaster@a.example", "550 5.1.1 no such user")])
+    assert raced and report.kinds == {"optout": 1, "bounce": 1}, (raced, report)
+    assert report.skipped == 0
+    with db.session() as s:
+        status = s.exec(select(Message.status).where(Message.send_id == sid)).one()
+        kinds = sorted(r.kind for r in s.exec(select(InboundMessage)).all())
+        state = s.exec(select(InboxCustomerState)).one()
+        sup = {x.email: x.by for x in s.exec(select(Suppression)).all()}
+    assert status == "bounced" and kinds == ["bounce", "optout"]
+    assert state.flagged
+    assert set(sup) == {"admin@a.example", "admin@b.example"}
+    if not postgres:
+        assert set(sup.values()) == {f"inbox:{BOX}", f"inbox:{BOX} 5.1.1"}

@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col
 
 from comms import outbox
@@ -347,7 +348,13 @@ def _write(s: Session, c: _Chunk) -> None:
             list(c.bounced.values()),
         )
     if c.new_sup:
-        s.execute(sa.insert(Suppression.__table__),  # type: ignore[attr-defined]
+        # An address suppressed meanwhile by `comms contacts opt-out` (committed after this
+        # chunk read the list, on PostgreSQL) stays as it was: its conflict failed the chunk,
+        # and the message was then taken as recorded by another sync, its bounce never marked.
+        table = Suppression.__table__  # type: ignore[attr-defined]
+        insert: Any = (postgresql.insert if s.get_bind().dialect.name == "postgresql"
+                       else sqlite.insert)
+        s.execute(insert(table).on_conflict_do_nothing(index_elements=["email"]),
                   list(c.new_sup.values()))
     states_t = InboxCustomerState.__table__  # type: ignore[attr-defined]
     updates = [{"s_id": cid, "s_flagged": c.states[cid]["flagged"],

@@ -357,9 +357,16 @@ def _process_one_by_one(
                         row["effects"] = "; ".join(effects)
                         s.flush()
                         s.execute(sa.insert(table).values(**row))
-                except IntegrityError:
-                    report.skipped += 1  # recorded meanwhile by another sync
-                    continue
+                except IntegrityError as exc:
+                    if _recorded(s, msg):
+                        report.skipped += 1  # recorded meanwhile by another sync
+                        continue
+                    # An effect's write failed, not the record: recorded as an error, for an
+                    # operator (taken for "recorded meanwhile", it vanished with its effects).
+                    verdict, effects = _error_verdict(msg, exc), []
+                    with s.begin_nested():
+                        s.execute(sa.insert(table).values(
+                            **_record(msg, verdict, policy.timeline_lines, now)))
                 except Exception as exc:
                     if not message_fault(exc):
                         raise
@@ -373,6 +380,13 @@ def _process_one_by_one(
     except _DryRun:
         pass
     _count(report, done, dry_run)
+
+
+def _recorded(s: Any, msg: Inbound) -> bool:
+    """Whether ``msg`` is in the ledger (another sync recorded it)."""
+    return s.execute(sa.select(col(InboundMessage.id)).where(
+        col(InboundMessage.mailbox) == msg.mailbox,
+        col(InboundMessage.graph_id) == msg.graph_id)).first() is not None
 
 
 SUMMARY_KINDS = ("bounce", "reply", "auto", "optout", "unmatched")
