@@ -20,6 +20,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
@@ -50,7 +51,7 @@ __all__ = [
     "GraphSettings", "PartnerSettings", "SenderSettings", "Settings", "SyncSettings",
     "TemplateSettings", "TenantSettings", "check_settings", "check_time_zone",
     "find_config_file", "is_zero_id", "load_settings", "mask_secrets", "mask_url",
-    "partner_id_problem",
+    "partner_problem",
 ]
 
 # Environment variables that are not config keys (so they are not reported as unknown).
@@ -378,22 +379,33 @@ def is_zero_id(value: str) -> bool:
     return bool(value.strip()) and set(value.strip()) <= {"0", "-"}
 
 
-def partner_id_problem(settings: Settings) -> str | None:
-    """What is wrong with ``[partner] id``, or None: the starter config's all-zero id would put
-    a link to no partner in every partner invitation. One wording for `config check`,
-    `templates check` and the refusal of `run`/`send`."""
-    if not is_zero_id(settings.partner.id):
-        return None
-    return (f"[partner] id is all zeros ({settings.partner.id}): every partner invitation "
-            "would carry a link that invites the customer to no partner. Set it to your "
-            "Partner Center id (Account settings > Identifiers) in comms.toml or "
-            "COMMS_PARTNER_ID")
+def partner_problem(settings: Settings, *, branding: bool = True) -> str | None:
+    """What is wrong with ``[partner]``, or None: the starter config's all-zero id would put
+    a link to no partner in every partner invitation; its branding, sent through Microsoft's
+    Graph, would name Fabrikam, the example partner, in every email (footer, signature, postal
+    address; ``branding=False``: not asked). One wording for `config check`, `templates check`
+    (the id only) and the refusal of `run`/`send`."""
+    if is_zero_id(settings.partner.id):
+        return (f"[partner] id is all zeros ({settings.partner.id}): every partner invitation "
+                "would carry a link that invites the customer to no partner. Set it to your "
+                "Partner Center id (Account settings > Identifiers) in comms.toml or "
+                "COMMS_PARTNER_ID")
+    host = (urlsplit(settings.graph.base_url).hostname or "").lower()
+    real = settings.delivery.transport == "graph" and host not in _LOOPBACK
+    if branding and real and (left := settings.partner.starter_fields()):
+        return (f"[partner] {', '.join(left)} {'is' if len(left) == 1 else 'are'} still the "
+                "starter config's, written for Fabrikam, the example partner: every email "
+                "would name another company. Set your own in comms.toml")
+    return None
+
+
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
 def check_settings(settings: Settings) -> list[str]:
     """Problems that a valid-shaped config can still have (files missing, auth incomplete)."""
     problems: list[str] = []
-    if problem := partner_id_problem(settings):
+    if problem := partner_problem(settings):
         problems.append(problem)
     g = settings.graph
     if settings.delivery.transport == "graph":

@@ -28,6 +28,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# What the customer reads of the partner: left at the starter values, it reads Fabrikam.
+STARTER_BRANDING = ("name", "signature", "postal_address", "opt_out_text", "website", "logo_url",
+                    "reply_to")
+
+
 class PartnerSettings(_Section):
     name: str = "Fabrikam Cloud Services"
     id: str = "00000000-0000-0000-0000-000000000000"
@@ -51,6 +56,12 @@ class PartnerSettings(_Section):
     )
     price_per_licence_month: float = Field(default=12.5, ge=0)
     currency: str = "GBP"
+
+    def starter_fields(self) -> list[str]:
+        """The texts and links the customer reads that are still the starter config's (they
+        speak of Fabrikam, the example partner)."""
+        fields = type(self).model_fields
+        return [name for name in STARTER_BRANDING if getattr(self, name) == fields[name].default]
 
     @field_validator("invitation_url")
     @classmethod

@@ -241,3 +241,44 @@ def test_config_check_reports_every_problem(cli: Cli, tmp_path: Path) -> None:
         "COMMS_GRAPH_CLIENT_SECRET in the environment instead\n"
         f"  - {path}: [partner] nmae: unknown key (check its spelling)\n"
     )
+
+
+PARTNER_ID = "7e570000-0000-4000-8000-0000000000aa"
+
+
+def test_the_starter_branding_stops_a_real_send_and_is_listed_by_config_check(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partner that set its id and name but kept the starter footer, signature and postal
+    address would send every customer an email naming Fabrikam, the example partner."""
+    from comms.config import partner_problem
+    from comms.errors import ConfigError
+    from comms.services import preflight
+
+    own = {"COMMS_PARTNER_ID": PARTNER_ID, "COMMS_PARTNER_NAME": "Contoso Partners"}
+    problem = partner_problem(load_settings(env=own))
+    assert problem is not None and problem.startswith(
+        "[partner] signature, postal_address, opt_out_text, website, logo_url, reply_to are "
+        "still the starter config's, written for Fabrikam")
+    with pytest.raises(ConfigError, match="Nothing was queued or sent: .partner. signature"):
+        preflight.require_partner(load_settings(env=own))
+    branded = {**own, **{f"COMMS_PARTNER_{k.upper()}": v for k, v in {
+        "signature": "The Contoso team", "postal_address": "Contoso, 2 Road, Leeds",
+        "opt_out_text": "Reply 'stop' to Contoso.", "website": "https://contoso.example",
+        "logo_url": "https://contoso.example/logo.png",
+        "reply_to": "move@contoso.example"}.items()}}
+    assert partner_problem(load_settings(env=branded)) is None
+    one_left = {k: v for k, v in branded.items() if k != "COMMS_PARTNER_SIGNATURE"}
+    assert (partner_problem(load_settings(env=one_left)) or "").startswith(
+        "[partner] signature is still the starter config's")
+    # The demo and tests: the sandbox (loopback) or the outbox folder send nobody anything.
+    for extra in ({"COMMS_GRAPH_BASE_URL": "https://127.0.0.1:8443/v1.0"},
+                  {"COMMS_DELIVERY_TRANSPORT": "outbox_dir"}):
+        assert partner_problem(load_settings(env={**own, **extra})) is None, extra
+    # `templates check` asks about the id only (the branding is the config's business).
+    assert partner_problem(load_settings(env=own), branding=False) is None
+    for k, v in own.items():
+        monkeypatch.setenv(k, v)
+    result = cli("config", "check")
+    assert result.exit_code == 3
+    assert "are still the starter config's" in " ".join(result.stderr.split())

@@ -44,7 +44,7 @@ def send(
             typer.echo(f"warning: a real send would stop here. {plan.refusal}")
         console.print(f"Dry run: {count} would be sent; nothing was sent.")
         return
-    preflight.require_partner_id(app.settings)  # exit 3 before the question
+    preflight.require_partner(app.settings)  # exit 3 before the question
     common.confirm_or_abort(f"Send {count}?", yes)
     report, queued = sending.send_now(app.database, app.settings, app.transport(), plan,
                                       by=common.actor(), clock=clock)

@@ -10,26 +10,26 @@ before a single row is written. Sending nothing, it cannot send anything twice.
 from __future__ import annotations
 
 from comms.config import Settings
-from comms.config import partner_id_problem as config_partner_id_problem
+from comms.config import partner_problem as config_partner_problem
 from comms.delivery.base import Transport
 from comms.delivery.graph import GraphTransport
 from comms.errors import AuthError, ConfigError
 from comms.services.auth_check import inspect_access
 from comms.wording import plural
 
-__all__ = ["before_run", "partner_id_problem", "require_partner_id"]
+__all__ = ["before_run", "partner_problem", "require_partner"]
 
 
-def partner_id_problem(settings: Settings) -> str | None:
-    """``config.partner_id_problem`` with where to look for the others."""
-    problem = config_partner_id_problem(settings)
+def partner_problem(settings: Settings) -> str | None:
+    """``config.partner_problem`` with where to look for the others."""
+    problem = config_partner_problem(settings)
     return f"{problem}; `comms config check` lists every problem." if problem else None
 
 
-def require_partner_id(settings: Settings) -> None:
+def require_partner(settings: Settings) -> None:
     """Raise ``ConfigError`` (exit 3) before anything is queued or sent when the partner id is
-    unset (see ``partner_id_problem``)."""
-    problem = partner_id_problem(settings)
+    unset, or the branding is the starter config's (see ``partner_problem``)."""
+    problem = partner_problem(settings)
     if problem:
         raise ConfigError(f"Nothing was queued or sent: {problem}")
 
@@ -45,7 +45,7 @@ def before_run(settings: Settings, transport: Transport | None) -> None:
     """
     if transport is None:
         return
-    require_partner_id(settings)
+    require_partner(settings)
     if not isinstance(transport, GraphTransport):
         return
     report = inspect_access(transport, settings)  # AuthError here: no token at all

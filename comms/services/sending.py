@@ -163,7 +163,7 @@ def prepare_send(
     if not plan.prepared:
         raise NotFound("Nothing to send.")
     plan.times = _recipient_times(plan.prepared, campaign, clock.now())
-    plan.refusal = preflight.partner_id_problem(settings)
+    plan.refusal = preflight.partner_problem(settings)
     return plan
 
 
@@ -175,7 +175,7 @@ def send_now(
 
     Closes ``transport``."""
     with closing(transport):
-        preflight.require_partner_id(settings)
+        preflight.require_partner(settings)
         ids = one_off.queue_prepared(db, plan.prepared, by=by, now=clock.now())
         report = engine.dispatch_ids(db, settings, transport, ids, clock=clock,
                                      worker=worker_id())
@@ -198,7 +198,7 @@ def run_scheduled(
     signal) ends dispatching cleanly."""
     try:
         preflight.before_run(settings, transport)  # exit 3 before any row when sign-in fails
-        if dry_run and echo is not None and (problem := preflight.partner_id_problem(settings)):
+        if dry_run and echo is not None and (problem := preflight.partner_problem(settings)):
             echo(f"warning: a real run would stop here. {problem}")
         if echo is not None and (late := campaign.window.holidays_run_out(clock.now().date())):
             echo(f"warning: {late}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from lxml import html as lxml_html
 
 from comms.campaign import Campaign
-from comms.config import Settings, is_zero_id, partner_id_problem
+from comms.config import Settings, is_zero_id, partner_problem
 from comms.errors import TemplateError
 from comms.render import NAME_RE, RenderedEmail, Renderer, build_context
 from comms.services.preview import Branch, branches, render_sample, sample_customers
@@ -210,7 +210,7 @@ def _structure_problems(renderer: Renderer, campaign: Campaign | None) -> list[s
                     f"campaign message {message!r} has no template: create "
                     f"{message}/subject.txt, body.html and body.txt"
                 )
-    if problem := partner_id_problem(renderer.settings):
+    if problem := partner_problem(renderer.settings, branding=False):
         problems.append(problem)
     return problems
 
