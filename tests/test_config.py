@@ -260,7 +260,7 @@ def test_the_starter_branding_stops_a_real_send_and_is_listed_by_config_check(
     assert problem is not None and problem.startswith(
         "[partner] signature, postal_address, opt_out_text, website, logo_url, reply_to are "
         "still the starter config's, written for Fabrikam")
-    with pytest.raises(ConfigError, match="Nothing was queued or sent: .partner. signature"):
+    with pytest.raises(ConfigError, match=r"Nothing was queued or sent: \[partner\] signature"):
         preflight.require_partner(load_settings(env=own))
     branded = {**own, **{f"COMMS_PARTNER_{k.upper()}": v for k, v in {
         "signature": "The Contoso team", "postal_address": "Contoso, 2 Road, Leeds",
