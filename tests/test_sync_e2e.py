@@ -232,10 +232,18 @@ def test_a_stage_set_by_hand_stands_until_a_new_observation(
     assert r.exit_code == 0, r.output
     r = cli("sync", "--now", (now + timedelta(hours=1)).isoformat())
     assert _stage(db, "A").stage == "invited" and "set by hand" in r.output
+    # New Partner Center evidence while the relationship stays listed does not undo it.
     world.tenant_change(TENANT_A, "activate_csp", quantity=5)
-    assert cli("sync", "--now", (now + timedelta(hours=2)).isoformat()).exit_code == 0
-    # New Partner Center evidence moves it on, one stage per sync (approved's
-    # lose_access_warning goes out before the customer moves on to awaiting_cancellation).
+    r = cli("sync", "--now", (now + timedelta(hours=2)).isoformat())
+    assert _stage(db, "A").stage == "invited" and "set by hand" in r.output
+    # The relationship removed, then accepted again: a new observation of it moves it on, one
+    # stage per sync (approved's lose_access_warning goes out before the customer moves on to
+    # awaiting_cancellation).
+    world._core.tenants.customers[TENANT_A].relationship = False
+    assert cli("sync", "--now", (now + timedelta(hours=3)).isoformat()).exit_code == 0
+    assert _stage(db, "A").stage == "invited"
+    world.tenant_change(TENANT_A, "accept_relationship")
+    assert cli("sync", "--now", (now + timedelta(hours=4)).isoformat()).exit_code == 0
     assert _stage(db, "A").stage == "approved"
 
 

@@ -1,8 +1,8 @@
 """Stage sync never moves a customer on a guess: a tenant found by domain is judged against the
 whole ledger (not the ``--customer``/``--tag`` selection), a stage set by hand stands until the
-source behind the move reports something newer, and "no direct subscription" comes only from a
-complete directory read. End to end over HTTPS against the sandbox, with the real msal and
-requests; the pure parts directly."""
+fact behind the move begins after it in its source's evidence, and "no direct subscription"
+comes only from a complete directory read. End to end over HTTPS against the sandbox, with the
+real msal and requests; the pure parts directly."""
 
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def test_match_fills_only_a_domain_unique_in_the_ledger_and_in_partner_center() 
     assert report.unmatched == []
 
 
-# -- 2. a stage set by hand stands until the moving rule's source reports something newer ------
+# -- 2. a stage set by hand stands until the moving rule's fact begins anew in its source ------
 
 NAMES = ("imported", "announced", "invited", "approved", "awaiting_cancellation", "completed")
 ALLOWED = {"awaiting_cancellation": ("completed",)}
@@ -202,10 +202,12 @@ def test_news_from_another_source_does_not_undo_a_stage_set_by_hand() -> None:
     manual = datetime(2026, 12, 2, tzinfo=UTC)
     before, after = manual - timedelta(days=1), manual + timedelta(days=1)
     held = decide(NAMES, ALLOWED, SyncRules(), _Info(), SUSPENDED,  # type: ignore[arg-type]
-                  manual_at=manual, evidence_at={"tenant": before, "partner_center": after})
+                  manual_at=manual, evidence_at={"tenant": before, "partner_center": after},
+                  onset={"direct_inactive": before, "csp_active": after})
     assert held.moves == () and "set by hand" in held.held and "tenant" in held.held
     moved = decide(NAMES, ALLOWED, SyncRules(), _Info(), SUSPENDED,  # type: ignore[arg-type]
-                   manual_at=manual, evidence_at={"tenant": after, "partner_center": before})
+                   manual_at=manual, evidence_at={"tenant": after, "partner_center": before},
+                   onset={"direct_inactive": after})
     assert moved.moves == (("awaiting_cancellation", "completed", "direct_inactive"),)
 
 
@@ -220,10 +222,17 @@ def test_a_manual_correction_survives_an_unrelated_partner_center_change(
     r = cli("sync", "--now", (now + timedelta(hours=1)).isoformat())
     assert _row(db, "A").stage == "awaiting_cancellation", r.output
     assert "set by hand" in r.output
-    # The tenant then reports something new that still says "cancelled": that moves it, citing
-    # the tenant's new evidence.
+    # The tenant then reports something new that still says "cancelled" (Deleted after
+    # Suspended): cancelled all along as far as the rule goes, so the correction stands.
     world.tenant_change(TENANT_X, "direct_status", status="Deleted")
     r = cli("sync", "--now", (now + timedelta(hours=2)).isoformat())
+    assert _row(db, "A").stage == "awaiting_cancellation", r.output
+    # Cancelled anew after the correction (reactivated, then deleted): that moves it, citing
+    # the tenant's new evidence.
+    world.tenant_change(TENANT_X, "direct_status", status="Enabled")
+    assert cli("sync", "--now", (now + timedelta(hours=3)).isoformat()).exit_code == 0
+    world.tenant_change(TENANT_X, "direct_status", status="Deleted")
+    r = cli("sync", "--now", (now + timedelta(hours=4)).isoformat())
     assert _row(db, "A").stage == "completed", r.output
     last = _stage_events(db, "A")[-1]
     with db.session() as s:
@@ -244,17 +253,18 @@ def test_a_source_turned_on_after_a_correction_needs_a_second_reading() -> None:
     first = {"partner_center": t0, "gdap": t2}
     held = decide(NAMES, allowed, SyncRules(), info, accepted,  # type: ignore[arg-type]
                   manual_at=manual, evidence_at={"partner_center": t0, "gdap": t2},
-                  first_at=first)
+                  first_at=first, onset={"relationship_accepted": t0, "gdap_active": t2})
     assert held.moves == () and "gdap" in held.held
+    # Active again after an inactive reading that followed its first one: that moves it.
     moved = decide(NAMES, allowed, SyncRules(), info, accepted,  # type: ignore[arg-type]
                    manual_at=manual, evidence_at={"partner_center": t0, "gdap": t3},
-                   first_at=first)
+                   first_at=first, onset={"relationship_accepted": t0, "gdap_active": t3})
     assert moved.moves == (("invited", "approved", "gdap_active"),)
     # A stage set by hand before sync ever saw the customer is no correction: first readings
     # move it.
     fresh = decide(NAMES, allowed, SyncRules(), info, accepted,  # type: ignore[arg-type]
                    manual_at=manual, evidence_at={"partner_center": t2}, first_at={
-                       "partner_center": t2})
+                       "partner_center": t2}, onset={"relationship_accepted": t2})
     assert fresh.moves == (("invited", "approved", "relationship_accepted"),)
 
 

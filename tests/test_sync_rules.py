@@ -171,7 +171,10 @@ def test_a_forward_move_by_hand_after_a_correction_keeps_the_correction(
     r = cli("sync", "--now", (now + timedelta(hours=1)).isoformat())
     assert r.exit_code == 0, r.output
     assert _row(db, "A").stage == "awaiting_cancellation" and "set by hand" in r.output
-    # Something new from the tenant (cancelled for real now) moves it on as usual.
+    # Cancelled anew after the correction (paid and reactivated, then cancelled for real) moves
+    # it on as usual.
+    world.tenant_change(TENANT_X, "direct_status", status="Enabled")
+    assert cli("sync", "--now", (now + timedelta(hours=1.5)).isoformat()).exit_code == 0
     world.tenant_change(TENANT_X, "direct_status", status="Deleted")
     r = cli("sync", "--now", (now + timedelta(hours=2)).isoformat())
     assert _row(db, "A").stage == "completed", r.output

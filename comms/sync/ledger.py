@@ -22,8 +22,15 @@ from comms.store import repo
 from comms.store.db import Database
 from comms.store.models import Customer, Message
 from comms.store.sync_models import ATTENTION, SyncCheck, SyncEvidence
-from comms.sync.rules import SOURCE_OF, Decision, Facts, SyncRules, decide
-from comms.sync.standing import Context, attention, manual_moves, stage_message, stage_messages
+from comms.sync.rules import SOURCE_OF, Decision, Facts, SyncRules, decide, onsets
+from comms.sync.standing import (
+    Context,
+    attention,
+    evidence_history,
+    manual_moves,
+    stage_message,
+    stage_messages,
+)
 
 SOURCES = ("partner_center", "gdap", "tenant")
 # Which source an observation comes from (the evidence a move cites).
@@ -179,11 +186,15 @@ def _record(
             new = _insert_evidence(session, [
                 ev for r in rows for ev in _evidence(r.id or 0, results[r.id or 0], now, latest)
             ])
+            # A correction holds until the fact behind a move begins after it: the evidence
+            # history (this sync's included) of the customers corrected by hand, which are few.
+            past = evidence_history(session, [i for i in chunk_ids if i in manual])
             with session.no_autoflush:
                 for row, info in zip(rows, infos, strict=True):
                     assert row.id is not None
                     _apply(session, ctx, row, info, results[row.id],
-                           chunk_fills.get(row.id, ""), latest, first, manual.get(row.id),
+                           chunk_fills.get(row.id, ""), latest, first,
+                           (manual.get(row.id), past.get(row.id, [])),
                            new.get(row.id, {}), checks, row.id in queued,
                            history.get(row.id, []))
             checks.write(session)
@@ -204,7 +215,7 @@ def _apply(
     fill: str,
     latest: dict[tuple[int, str], SyncEvidence],
     first: dict[tuple[int, str], datetime],
-    manual_at: datetime | None,
+    manual: tuple[datetime | None, list[tuple[str, datetime, dict[str, Any]]]],
     new: dict[str, int],
     checks: _Checks,
     has_queued: bool,
@@ -241,9 +252,11 @@ def _apply(
             checks.add(row.id, src, now, res.problems.get(src, ""))
     _licences_from_reality(session, row, facts, res, now, evidence.get("tenant", 0))
     if not why:  # while it needs attention, nothing moves (its stage is not moved back)
+        manual_at, past = manual  # a correction by hand, and the evidence history it is held by
         decision: Decision = decide(
             ctx.campaign.stage_names, ctx.allowed, ctx.rules, info, facts, manual_at=manual_at,
             evidence_at=evidence_at, first_at=first_at,
+            onset=onsets(past, facts_of, ctx.rules) if manual_at else {},
             stage_message=stage_message(ctx, info, history))
         res.held = decision.held
         for from_stage, to_stage, observation in decision.moves:

@@ -18,16 +18,20 @@ a stage named in ``wait_for_stage_message`` a customer moves on only once that s
 message went out (a move withdraws it while queued): the approved customer hears about Microsoft's
 "You are about to lose access" mail before sync moves it on. A stage set by hand to correct sync
 (moved backwards, or away from the stage sync had moved it to) wins over every observation recorded
-before it: a move driven by an observation happens only once that observation's source
-(``SOURCE_OF``) has recorded evidence newer than the hand-made change (never a silent override, and
-something new from another source does not count); a routine forward move by hand is no correction
-and holds nothing. Nothing here reads the clock or the database.
+before it: a move driven by an observation happens only once the fact behind it began after the
+hand-made change, in the evidence of that observation's source (``SOURCE_OF``): it was false in
+some evidence recorded after the change and is true now, or first seen after it (never a silent
+override; something new from another source, or another change in what the same source saw while
+the fact stayed true, does not count); a routine forward move by hand is no correction and holds
+nothing. Nothing here reads the clock or the database.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -119,17 +123,20 @@ def decide(
     manual_at: datetime | None,
     evidence_at: dict[str, datetime],
     first_at: dict[str, datetime] | None = None,
+    onset: dict[str, datetime] | None = None,
     stage_message: StageMessage | None = None,
 ) -> Decision:
     """The forward move the facts call for (one stage at most), allowed by the stage machine.
 
     ``manual_at``: when a person last corrected the stage by hand (None for a routine forward
     move); ``evidence_at``: source -> when its latest evidence (this sync's, if it saw something
-    new) was recorded; ``first_at``: source -> when its first evidence was. A move whose
-    observation's source has no evidence newer than ``manual_at`` is held: the stage set by hand
-    stands. When the stage was set by hand to correct what sync had seen (some source had
-    evidence before it), a source first read after that (one just turned on) does not undo it
-    with its first evidence: only with a later one. ``stage_message``: the current stage's
+    new) was recorded; ``first_at``: source -> when its first evidence was; ``onset``:
+    observation -> when it last began in its own source's evidence (``onsets``; needed only
+    with a ``manual_at``). A move whose observation did not begin after ``manual_at`` is held:
+    the stage set by hand stands, whatever else its source or another one saw since. When the
+    stage was set by hand to correct what sync had seen (some source had evidence before it), a
+    source first read after that (one just turned on) does not undo it with its first evidence:
+    only with a fact that begins after that first reading. ``stage_message``: the current stage's
     on-enter message when the stage is one of ``rules.wait_for_stage_message``; while it is on
     its way the customer waits, and when it can never go the move is made and says so.
     """
@@ -149,7 +156,7 @@ def decide(
     stage = ahead[0][1]
     # Several observations may call for one stage: any whose source is not held moves it.
     holds = {o: _manual_hold(current, o, _hold_until(o, manual_at, first_at or {}),
-                             evidence_at) for _, s, o in ahead if s == stage}
+                             evidence_at, (onset or {}).get(o)) for _, s, o in ahead if s == stage}
     free = [o for o, why in holds.items() if not why]
     if not free:
         return Decision((), next(iter(holds.values())))
@@ -171,7 +178,8 @@ def decide(
 def _hold_until(observation: str, manual_at: datetime | None,
                 first_at: dict[str, datetime]) -> datetime | None:
     """Until when a stage set by hand holds against ``observation``'s source: the hand-made
-    change, or, for a source first read after a correction, that first reading."""
+    change, or, for a source first read after a correction, that first reading (what it saw
+    then does not undo the correction: only a fact that begins after it)."""
     first = first_at.get(SOURCE_OF[observation])
     corrected = manual_at is not None and any(at < manual_at for at in first_at.values())
     if manual_at is None or not corrected or first is None or first <= manual_at:
@@ -179,14 +187,41 @@ def _hold_until(observation: str, manual_at: datetime | None,
     return first
 
 
-def _manual_hold(current: str, observation: str, manual_at: datetime | None,
-                 evidence_at: dict[str, datetime]) -> str:
-    """Why a stage set by hand holds against ``observation`` ("" when it does not): its
-    source recorded nothing after the hand-made change."""
+def _manual_hold(current: str, observation: str, hold_at: datetime | None,
+                 evidence_at: dict[str, datetime], began: datetime | None) -> str:
+    """Why a stage set by hand holds against ``observation`` ("" when it does not): it did not
+    begin (``began``, its onset) in evidence its source recorded after ``hold_at``. A source
+    that saw something else change while the observation stayed true (one more licence
+    assigned, the subscription still Suspended) does not undo the correction."""
     source = SOURCE_OF[observation]
     seen_at = evidence_at.get(source)
-    if manual_at is None or (seen_at is not None and seen_at > manual_at):
+    if hold_at is None or (seen_at is not None and began is not None
+                           and seen_at > hold_at and began > hold_at):
         return ""
-    return (f"stage {current!r} was set by hand at {manual_at:%Y-%m-%d %H:%M}, after the "
-            f"{source} evidence of {observation}; it stands until {source} reports a new "
-            "observation (set the stage by hand again to change it now)")
+    since = f" (true in its evidence since {began:%Y-%m-%d %H:%M})" if began is not None else ""
+    return (f"stage {current!r} was set by hand at {hold_at:%Y-%m-%d %H:%M}, after the "
+            f"{source} evidence of {observation}{since}; it stands until {source} sees "
+            f"{observation} begin again (set the stage by hand again to change it now)")
+
+
+def onsets(history: Iterable[tuple[str, datetime, dict[str, Any]]],
+           read: Callable[[dict[str, dict[str, Any]]], Facts],
+           rules: SyncRules) -> dict[str, datetime]:
+    """Observation -> when it last began in its own source's evidence: the ``at`` of the
+    earliest row of the latest unbroken run of that source's rows in which it is true.
+    ``history``: one customer's evidence rows (source, at, what was seen), oldest first;
+    ``read``: how facts are read from what the sources saw (``ledger.facts_of``), applied to
+    each row alone, so an observation that counts only together with another source
+    (``gdap_active``) is dated by its own source's fact. An observation false in its source's
+    latest row, or never seen, has none."""
+    out: dict[str, datetime] = {}
+    for source, at, seen in history:
+        true = read({source: seen}).observed(rules)
+        for observation in OBSERVATIONS:
+            if SOURCE_OF[observation] != source:
+                continue
+            if observation in true:
+                out.setdefault(observation, at)
+            else:
+                out.pop(observation, None)
+    return out

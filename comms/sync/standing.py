@@ -1,10 +1,12 @@
 """Where each customer stands before stage sync moves it: whether a stage set by hand was a
-correction of sync (which holds against older evidence), where the current stage's on-enter
-message stands (sync waits for it, ``[sync] wait_for_stage_message``), and what Partner Center
-shows that needs a person (a relationship or CSP subscription gone)."""
+correction of sync (which holds until the fact behind a move begins after it: the evidence
+history of corrected customers), where the current stage's on-enter message stands (sync waits
+for it, ``[sync] wait_for_stage_message``), and what Partner Center shows that needs a person
+(a relationship or CSP subscription gone)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,6 +18,7 @@ from comms import outbox, planner
 from comms.campaign import Campaign
 from comms.domain import CustomerInfo, MessageStatus, SentMessage
 from comms.store.models import Message, StageEvent
+from comms.store.sync_models import SyncEvidence
 from comms.sync.rules import Facts, StageMessage, SyncRules
 
 _CHUNK = 5000
@@ -64,6 +67,29 @@ def manual_moves(session: Session, ids: list[int],
                 else:
                     out.pop(cid, None)
             last_by[cid] = by
+    return out
+
+
+def evidence_history(session: Session,
+                     ids: list[int]) -> dict[int, list[tuple[str, datetime, dict[str, Any]]]]:
+    """Every evidence row of the customers, oldest first: (source, at, what was seen). Read for
+    the customers corrected by hand only (``manual_moves``, rare), in one query: when the fact
+    behind each observation began (``rules.onsets``) decides whether the correction holds."""
+    out: dict[int, list[tuple[str, datetime, dict[str, Any]]]] = {}
+    if not ids:
+        return out
+    for cid, source, at, seen_json in session.execute(
+        sa.select(col(SyncEvidence.customer_id), col(SyncEvidence.source),
+                  col(SyncEvidence.at), col(SyncEvidence.seen_json))
+        .where(col(SyncEvidence.customer_id).in_(ids))
+        .order_by(col(SyncEvidence.customer_id), col(SyncEvidence.id))
+    ).all():
+        try:
+            seen = json.loads(seen_json)
+        except ValueError:
+            seen = None
+        # An unreadable row is no reading of the fact: it ends a run, never extends one.
+        out.setdefault(cid, []).append((source, at, seen if isinstance(seen, dict) else {}))
     return out
 
 
