@@ -17,6 +17,9 @@ turns any ``CommsError`` into one clear line on stderr and the exit code it carr
     ├── RenderWorkerFailed          a render worker process died while a run was queueing
     ├── SyncWorkerFailed            a sync worker process died while reading customers
     ├── AuthError                   exit 3: no token could be obtained (names the setting to fix)
+    │   └── CredentialRejected      exit 3: the authority refused the app's own credential
+    │                               (client secret wrong or expired, certificate not
+    │                               uploaded): nothing can be read or sent with it
     ├── DeliveryError               a transport cannot be used at all (not one message's outcome)
     ├── AlreadySent                 a message was already sent; resending needs --resend --note
     ├── UsageError                  exit 2: a bad argument or option value (like click)
@@ -111,6 +114,10 @@ class SyncWorkerFailed(CommsError):
 
 class AuthError(CommsError):
     exit_code = 3  # a credential or permission problem is a configuration problem
+
+
+class CredentialRejected(AuthError):
+    """``invalid_client``: the app's secret or certificate itself, whatever the tenant."""
 
 
 class DeliveryError(CommsError):

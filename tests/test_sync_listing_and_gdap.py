@@ -25,7 +25,7 @@ from test_sync_guesses import (
 
 from comms.sandbox import Sandbox
 from comms.store.db import Database
-from comms.sync import clients
+from comms.sync import clients, partner
 from comms.sync.rules import Facts, SyncRules, decide
 
 ERROR_BODY = {"code": 3000, "description": "Service error", "data": [], "source": "PartnerFD"}
@@ -126,8 +126,8 @@ class _Tokens:
         return "t"
 
 
-def _pc(bodies: list[Any]) -> clients.PartnerCenter:
-    pc = clients.PartnerCenter.__new__(clients.PartnerCenter)
+def _pc(bodies: list[Any]) -> partner.PartnerCenter:
+    pc = partner.PartnerCenter.__new__(partner.PartnerCenter)
     pc.base, pc.page_size = "https://pc.example/v1", 2
     pc.tokens, pc.reader = _Tokens(), _Replies(bodies)  # type: ignore[assignment]
     return pc
@@ -142,7 +142,7 @@ def test_a_listing_page_without_its_list_is_a_failed_read() -> None:
     with pytest.raises(clients.SourceFailed, match=r"subscriptions of t: page 1 has no 'items'"):
         _pc([{"code": 600, "description": "oops"}]).subscriptions("t")
     assert _pc([{"items": []}]).subscriptions("t") == []  # an explicit empty list is empty
-    gdap = clients.Gdap.__new__(clients.Gdap)
+    gdap = partner.Gdap.__new__(partner.Gdap)
     gdap.base = "https://graph.example/v1.0"
     gdap.url = gdap.base + "/tenantRelationships/delegatedAdminRelationships"
     gdap.tokens, gdap.reader = _Tokens(), _Replies([{"error": {"code": "x"}}])  # type: ignore

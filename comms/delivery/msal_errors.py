@@ -16,7 +16,7 @@ import requests
 
 from comms.config import GraphSettings
 from comms.delivery.failures import certificate_refused
-from comms.errors import AuthError
+from comms.errors import AuthError, CredentialRejected
 
 # AADSTS codes worth their own fix; the rest are shown with the authority's own text.
 _AADSTS_FIXES: dict[int, str] = {
@@ -44,6 +44,8 @@ _AADSTS_FIXES: dict[int, str] = {
     70020: "the device code expired before sign-in completed: run `comms auth login` again",
     70000: "the sign-in was refused: run `comms auth login` again",
 }
+# The client secret wrong or expired, the client assertion refused: the app's own credential.
+_CREDENTIAL = frozenset({7000215, 7000222, 700027})
 _AADSTS = re.compile(r"AADSTS(\d+)")
 _AADSTS_PREFIX = re.compile(r"^AADSTS\d+:\s*")
 
@@ -59,15 +61,18 @@ def error_from_result(
     # The authority's text, without its own code prefix and the trace/correlation ids.
     first_line = description.splitlines()[0] if description else error
     first_line = _AADSTS_PREFIX.sub("", first_line).split(" Trace ID:")[0].strip()
+    # The app's own credential refused: the same in every tenant (``CredentialRejected``).
+    own = error == "invalid_client" or bool(set(codes) & _CREDENTIAL)
+    kind = CredentialRejected if own else AuthError
     for code in codes:
         fix = _AADSTS_FIXES.get(code)
         if fix:
             text = fix.format(
                 client_id=graph.client_id, tenant=graph.tenant_id, resource=resource
             )
-            return AuthError(f"{doing} failed: {text} (AADSTS{code}: {first_line})")
+            return kind(f"{doing} failed: {text} (AADSTS{code}: {first_line})")
     if error == "invalid_client":
-        return AuthError(
+        return CredentialRejected(
             f"{doing} failed: the authority refused the app's credential ({first_line}); check "
             "[graph] client_id and the certificate/secret"
         )

@@ -7,7 +7,8 @@ and drive the customer tenants that Partner Center and the directory report.
 - ``GET /_sandbox/tenants``; ``POST /_sandbox/tenants`` (``{"tenant_id", "domain",
   "company_name", "direct_licences", "assigned", "consented"}``) adds one;
   ``POST /_sandbox/tenants/{id}/{action}`` applies ``accept_relationship``, ``gdap``
-  (``{"status"}``), ``activate_csp`` (``{"quantity", "offer": "m365"|"azure_plan", "trial"}``),
+  (``{"status"}``), ``activate_csp`` (``{"quantity", "offer": "m365"|"azure_plan"|"add_on",
+  "trial"}``),
   ``add_direct_product`` (``{"sku_part_number", "total", "assigned", "status"}``),
   ``csp_status`` (``{"status"}``),
   ``direct_status`` (``{"status"}``: Enabled, Warning, Suspended, Deleted, LockedOut, absent),

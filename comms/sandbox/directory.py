@@ -24,7 +24,7 @@ from urllib.parse import quote
 from comms.sandbox import bearer
 from comms.sandbox.core import Core
 from comms.sandbox.state import retry_after_text
-from comms.sandbox.tenants import CustomerTenant
+from comms.sandbox.tenants import ADD_ON_SKU_ID, ADD_ON_SKU_PART, CustomerTenant
 from comms.sandbox.tokens import InvalidToken
 from comms.sandbox.web import Request, Response, graph_error, json_response
 
@@ -100,9 +100,12 @@ def _subscriptions_page(core: Core, req: Request, subs: list[dict[str, Any]]) ->
     except ValueError:
         return graph_error(req, 400, "BadRequest", "Invalid $skiptoken.")
     size = max(1, core.tenants.directory_page_size)
+    value: list[Any] = subs[skip : skip + size]
+    if core.tenants.roll(core.tenants.faults.directory_non_object):
+        value.insert(len(value) // 2, None)  # the fault: a null among the subscriptions
     body: dict[str, Any] = {
         "@odata.context": f"{core.graph_url}/$metadata#directory/subscriptions",
-        "value": subs[skip : skip + size],
+        "value": value,
     }
     if skip + size < len(subs):
         body["@odata.nextLink"] = (
@@ -133,10 +136,13 @@ def _relationships(core: Core, req: Request) -> Response:
     top = max(1, min(top, core.tenants.gdap_page_size))
     with_gdap = [t for t in core.tenants.snapshot() if t.gdap_status]
     page = with_gdap[skip : skip + top]
+    value: list[Any] = [_relationship(t) for t in page]
+    if core.tenants.roll(core.tenants.faults.gdap_non_object):
+        value.insert(len(value) // 2, 42)  # the fault: a number among the relationships
     body: dict[str, Any] = {
         "@odata.context": f"{core.graph_url}/$metadata#tenantRelationships/"
                           "delegatedAdminRelationships",
-        "value": [_relationship(t) for t in page],
+        "value": value,
     }
     if skip + top < len(with_gdap):
         # The fault: a next link to another host (a client must not send its token there).
@@ -181,14 +187,21 @@ def _company_subscriptions(core: Core, t: CustomerTenant) -> list[dict[str, Any]
             "createdDateTime": sub["creationDate"], "isTrial": bool(sub.get("isTrial")),
             "nextLifecycleDateTime": sub["commitmentEndDate"],
             "ownerId": None, "ownerTenantId": core.tenant_id, "ownerType": "Company",
-            "skuId": CSP_SKU_ID, "skuPartNumber": "SPE_E3",
-            "status": CSP_STATUS.get(str(sub["status"]), "Enabled"),
+            **_sku(sub), "status": CSP_STATUS.get(str(sub["status"]), "Enabled"),
             "totalLicenses": sub["quantity"], "serviceStatus": [],
         })
     if t.direct is not None:
         out.append(dict(t.direct))
     out += [{k: v for k, v in p.items() if k != "assigned"} for p in t.products]
     return out
+
+
+def _sku(sub: dict[str, Any]) -> dict[str, str]:
+    """The SKU of a Partner Center subscription as the directory shows it: an add-on's own,
+    else Microsoft 365 E3."""
+    if sub.get("parentSubscriptionId"):
+        return {"skuId": ADD_ON_SKU_ID, "skuPartNumber": ADD_ON_SKU_PART}
+    return {"skuId": CSP_SKU_ID, "skuPartNumber": "SPE_E3"}
 
 
 def _subscribed_skus(t: CustomerTenant) -> list[dict[str, Any]]:
@@ -219,7 +232,8 @@ def _subscribed_skus(t: CustomerTenant) -> list[dict[str, Any]]:
             "servicePlans": [], "skuId": p["skuId"], "skuPartNumber": p["skuPartNumber"],
             "subscriptionIds": [p["commerceSubscriptionId"]],
         })
-    active = [s for s in t.csp if s["status"] == "active" and s.get("billingType") == "license"]
+    active = [s for s in t.csp if s["status"] == "active" and s.get("billingType") == "license"
+              and not s.get("parentSubscriptionId")]  # an add-on is a product of its own
     if active:
         out.append({
             "accountId": t.tenant_id, "accountName": t.company_name, "appliesTo": "User",

@@ -191,6 +191,14 @@ def _client_auth(
         )
         return "2"
     if secret is not None:
+        if any(secrets.compare_digest(secret, s) for s in app.expired):
+            raise OAuthError(
+                401, "invalid_client", 7000222,
+                f"The provided client secret keys for app '{client_id}' are expired. Visit the "
+                "Azure portal to create new keys for your app: https://aka.ms/NewClientSecret, "
+                "or consider using certificate credentials for added security: "
+                "https://aka.ms/certCreds.",
+            )
         if not any(secrets.compare_digest(secret, s) for s in app.secrets):
             raise OAuthError(
                 401, "invalid_client", 7000215,

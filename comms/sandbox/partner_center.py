@@ -5,7 +5,10 @@
   The collection carries ``continuationToken`` and ``links.next`` (``uri`` with
   ``seekOperation=Next`` and the ``MS-ContinuationToken`` header to send with it).
 - ``GET /v1/customers/{tenant}/subscriptions``: the partner's (CSP) subscriptions of that
-  customer; 404 for a customer without a relationship.
+  customer (add-ons carry ``parentSubscriptionId``); 404 for a customer without a relationship.
+  All in one answer, or ``subscriptions_page_size`` a page with ``links.next`` like the
+  customers (``totalCount``: all of them); whether Partner Center pages this collection is not
+  documented.
 
 Throttling (per partner tenant, rolling minute scaled by ``time_scale``) answers 429 with
 ``Retry-After``; the fault knobs add 429 storms and 500/503 answers.
@@ -69,7 +72,7 @@ def handle(core: Core, req: Request) -> Response | None:
     if rest == ["customers"]:
         return _customers(core, req)
     if len(rest) == 3 and rest[0] == "customers" and rest[2] == "subscriptions":
-        return _subscriptions(core, segs[2])
+        return _subscriptions(core, req, segs[2])
     return _error(404, 404, f"No Partner Center resource {req.path}")
 
 
@@ -122,22 +125,20 @@ def _customers(core: Core, req: Request) -> Response:
     except ValueError:
         return _error(400, 400, f"size must be a number, got {req.query.get('size')!r}")
     size = max(1, min(size, world.page_size_max))
-    offset = 0
-    if req.query.get("seekOperation", "").lower() == "next":
-        token = req.header("MS-ContinuationToken")
-        found = _offset(token) if token else None
-        if found is None:
-            return _error(400, 400, "The continuation token is missing or invalid: send the "
-                          "MS-ContinuationToken header of links.next.")
-        offset = found
+    offset = _seek(req)
+    if offset is None:
+        return _bad_token()
     if world.roll(world.faults.pc_error_body_next_page if offset
                   else world.faults.pc_error_body_first_page):
         return _error_body()
     listed = [t for t in world.snapshot() if t.relationship]
     page = listed[offset : offset + size]
+    items: list[Any] = [_customer(t) for t in page]
+    if world.roll(world.faults.pc_customers_non_object):
+        items.insert(len(items) // 2, None)  # the fault: a null among the customers
     body: dict[str, Any] = {
         "totalCount": len(page),
-        "items": [_customer(t) for t in page],
+        "items": items,
         "links": {"self": {"uri": f"/customers?size={size}", "method": "GET", "headers": []}},
         "attributes": {"objectType": "Collection"},
     }
@@ -154,22 +155,52 @@ def _customers(core: Core, req: Request) -> Response:
     return json_response(200, body)
 
 
+def _seek(req: Request) -> int | None:
+    """Where a page starts: 0, or the offset of ``links.next``'s ``MS-ContinuationToken``
+    (None when it is missing or invalid)."""
+    if req.query.get("seekOperation", "").lower() != "next":
+        return 0
+    token = req.header("MS-ContinuationToken")
+    return _offset(token) if token else None
+
+
+def _bad_token() -> Response:
+    return _error(400, 400, "The continuation token is missing or invalid: send the "
+                  "MS-ContinuationToken header of links.next.")
+
+
 def _error_body() -> Response:
     """The fault: 200 with Partner Center's error shape instead of the collection."""
     return json_response(200, {"code": 3000, "description": "Service error",
                                "data": [], "source": "PartnerFD"})
 
 
-def _subscriptions(core: Core, tenant_id: str) -> Response:
-    if core.tenants.roll(core.tenants.faults.pc_error_body_subscriptions):
+def _subscriptions(core: Core, req: Request, tenant_id: str) -> Response:
+    world = core.tenants
+    if world.roll(world.faults.pc_error_body_subscriptions):
         return _error_body()
-    tenant = core.tenants.find(tenant_id)
+    tenant = world.find(tenant_id)
     if tenant is None or not tenant.relationship:
         return _error(404, 600, f"Customer {quote(tenant_id)} was not found for this partner.")
-    return json_response(200, {
+    offset = _seek(req)
+    if offset is None:
+        return _bad_token()
+    size = world.subscriptions_page_size or max(1, len(tenant.csp))
+    items: list[Any] = tenant.csp[offset : offset + size]
+    if world.roll(world.faults.pc_subscriptions_non_object):
+        items.insert(len(items) // 2, "subscription")  # the fault: a string among them
+    uri = f"/customers/{tenant.tenant_id}/subscriptions"
+    body: dict[str, Any] = {
         "totalCount": len(tenant.csp),
-        "items": tenant.csp,
-        "links": {"self": {"uri": f"/customers/{tenant.tenant_id}/subscriptions",
-                           "method": "GET", "headers": []}},
+        "items": items,
+        "links": {"self": {"uri": uri, "method": "GET", "headers": []}},
         "attributes": {"objectType": "Collection"},
-    })
+    }
+    if offset + size < len(tenant.csp) and not world.roll(world.faults.pc_subscriptions_no_next):
+        token = _token(offset + size)
+        body["continuationToken"] = token
+        body["links"]["next"] = {
+            "uri": f"{uri}?seekOperation=Next", "method": "GET",
+            "headers": [{"key": "MS-ContinuationToken", "value": token}],
+        }
+    return json_response(200, body)

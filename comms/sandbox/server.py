@@ -211,6 +211,7 @@ class Sandbox:
         tenant_external_per_day: int = 0,
         directory_page_size: int = 100,
         gdap_page_size: int = 300,
+        subscriptions_page_size: int = 0,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -231,6 +232,7 @@ class Sandbox:
             tenant_id, time_scale=time_scale, pc_requests_per_minute=pc_requests_per_minute,
             directory_requests_per_10s=directory_requests_per_10s,
             directory_page_size=directory_page_size, gdap_page_size=gdap_page_size,
+            subscriptions_page_size=subscriptions_page_size,
         )
         self._core = Core(state, tokens, tenant_id, auto_approve_device_codes, tenants)
         self._server: _Server | None = None
@@ -350,6 +352,12 @@ class Sandbox:
                 None if mailboxes is None else frozenset(m.strip().lower() for m in mailboxes)
             )
 
+    def expire_secret(self, client_id: str, secret: str) -> None:
+        """The app's ``secret`` is past its end date: the token endpoint answers it 401
+        ``invalid_client`` AADSTS7000222 (in every tenant, the customers' too)."""
+        with self._core.state.lock:
+            self._core.state.apps[client_id].expired.add(secret)
+
     @staticmethod
     def make_certificate(common_name: str = "comms-test") -> tuple[bytes, bytes, str]:
         """``(cert_pem, key_pem, sha1_thumbprint_hex)`` of a new self-signed certificate."""
@@ -411,7 +419,7 @@ class Sandbox:
     def tenant_change(self, tenant_id: str, action: str, **args: Any) -> dict[str, Any]:
         """What the customer or Microsoft does: ``accept_relationship``, ``listed_as``
         (relationship=advisor|...), ``gdap`` (status=...), ``activate_csp`` (quantity=...,
-        offer="m365"|"azure_plan", trial=...),
+        offer="m365"|"azure_plan"|"add_on", trial=...),
         ``add_direct_product`` (sku_part_number=..., total=..., assigned=..., status=...),
         ``csp_status`` (status=...),
         ``direct_status`` (status=Enabled|Warning|Suspended|Deleted|LockedOut|absent),

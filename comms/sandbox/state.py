@@ -88,6 +88,7 @@ class App:
     certificates: list[ClientCertificate]
     roles: frozenset[str]
     mailboxes: frozenset[str] | None  # application access policy scope; None = all
+    expired: set[str] = field(default_factory=set)  # secrets past their end date
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,16 @@ class SyncFaults:
     pc_error_body_first_page: float = 0.0
     pc_error_body_next_page: float = 0.0
     pc_error_body_subscriptions: float = 0.0
+    # An entry that is not an object among the items of a list: a null among Partner Center's
+    # customers, a string among a customer's subscriptions, a number among the GDAP
+    # relationships, a null among a tenant's directory/subscriptions.
+    pc_customers_non_object: float = 0.0
+    pc_subscriptions_non_object: float = 0.0
+    gdap_non_object: float = 0.0
+    directory_non_object: float = 0.0
+    # A customer's subscriptions page (``subscriptions_page_size``) with more left but no
+    # links.next: its totalCount says more than the items received.
+    pc_subscriptions_no_next: float = 0.0
     seed: int | None = None  # seeds the fault dice, so a test's storm is the same every run
 
     def validate(self) -> None:
@@ -137,6 +147,7 @@ class Tenants:
         page_size_max: int = 500,
         directory_page_size: int = 100,
         gdap_page_size: int = 300,
+        subscriptions_page_size: int = 0,
     ) -> None:
         self.partner_tenant_id = partner_tenant_id
         self.time_scale = time_scale
@@ -147,6 +158,8 @@ class Tenants:
         self.page_size_max = page_size_max
         self.directory_page_size = directory_page_size
         self.gdap_page_size = gdap_page_size  # GDAP relationships a page at most (Graph: 300)
+        # A customer's Partner Center subscriptions a page (0: all in one answer).
+        self.subscriptions_page_size = subscriptions_page_size
         self.pc_window = RateWindow(pc_requests_per_minute, 60.0 * time_scale)
         self.directory_window = RateWindow(directory_requests_per_10s, 10.0 * time_scale)
         self.counters: dict[str, int] = dict.fromkeys(
@@ -216,7 +229,7 @@ class Tenants:
                 tenant.relationship = True
                 sub = self._csp_subscription(tenant, quantity, len(tenant.csp))
                 tenant.csp.append(_offer(sub, str(args.get("offer", "m365")),
-                                         bool(args.get("trial", False))))
+                                         bool(args.get("trial", False)), tenant))
             elif action == "listed_as":  # listed, with another relationshipToPartner
                 value = str(args["relationship"])
                 if value not in PC_RELATIONSHIPS:
@@ -348,17 +361,28 @@ class Tenants:
 
 
 AZURE_PLAN_OFFER = "DZH318Z0BPS6:0001"
+# An add-on (licence billed, online services, like its base); ids of the sandbox's own making.
+ADD_ON_OFFER = "CFQ7TTC0LFK5:0001"
+ADD_ON_SKU_ID = "f61d4aba-134f-44e9-a2a0-f81a5adb26e4"
+ADD_ON_SKU_PART = "INFORMATION_PROTECTION_COMPLIANCE"
 
 
-def _offer(sub: dict[str, Any], offer: str, trial: bool) -> dict[str, Any]:
+def _offer(sub: dict[str, Any], offer: str, trial: bool, tenant: CustomerTenant
+           ) -> dict[str, Any]:
     """A Partner Center subscription of ``offer``: "m365" (Microsoft 365 E3 seats, licence
-    billed) or "azure_plan" (usage billed, no seats), a trial when ``trial``."""
+    billed), "azure_plan" (usage billed, no seats) or "add_on" (Microsoft 365 E5 Compliance,
+    licence billed, on the customer's latest subscription: ``parentSubscriptionId``, or on a
+    base subscription Partner Center does not list when it has none), a trial when ``trial``."""
     if offer == "azure_plan":
         sub.update(offerId=AZURE_PLAN_OFFER, offerName="Azure plan", friendlyName="Azure plan",
                    productType={"id": "Azure", "displayName": "Azure"}, quantity=1,
                    unitType="Usage-based", billingType="usage", termDuration=None)
+    elif offer == "add_on":
+        parent = tenant.csp[-1]["id"] if tenant.csp else _uuid(tenant.tenant_id, "unlisted")
+        sub.update(offerId=ADD_ON_OFFER, offerName="Microsoft 365 E5 Compliance",
+                   friendlyName="Microsoft 365 E5 Compliance", parentSubscriptionId=parent)
     elif offer != "m365":
-        raise ValueError(f"CSP offer {offer!r} is not one of m365, azure_plan")
+        raise ValueError(f"CSP offer {offer!r} is not one of m365, azure_plan, add_on")
     if trial:
         sub.update(isTrial=True, offerName=f"{sub['offerName']} Trial",
                    friendlyName=f"{sub['friendlyName']} Trial", autoRenewEnabled=False)

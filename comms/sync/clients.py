@@ -1,26 +1,26 @@
 """The sources stage sync reads, one small client each, behind one interface (``Source``):
+``PartnerCenter`` and ``Gdap`` (the partner's own tenant, ``comms.sync.partner``) and, here,
+``CustomerTenant``: Graph ``GET /directory/subscriptions`` and ``GET /subscribedSkus``, in one
+JSON batch (``POST /$batch``), with a token issued in the customer's own tenant (authority
+``{authority_host}/{customer tenant}``); one msal application per tenant (msal binds an
+application to one authority and caches its tokens there), all sharing the process's HTTP
+session and one client credential whose certificate key is loaded once, kept in a bounded
+cache so ten thousand tenants do not keep ten thousand applications alive. A tenant that gives
+the app no token is that customer's "cannot verify" (``NoAccess``); the app's own credential
+refused (a client secret expired or wrong: ``CredentialRejected``) stops the sync, since no
+tenant can be read with it.
 
-- ``PartnerCenter``: ``GET /v1/customers`` (paged: ``links.next`` with its
-  ``MS-ContinuationToken`` header, followed to the end through ``follow_pages``) and
-  ``GET /v1/customers/{tenant}/subscriptions``; app-only token for
-  ``https://api.partnercenter.microsoft.com/.default`` in the partner tenant.
-- ``Gdap``: Graph ``GET /tenantRelationships/delegatedAdminRelationships`` in the partner tenant
-  (``@odata.nextLink`` followed to the end). Every paged read goes through ``follow_pages``:
-  a next link outside the service's base URL is never followed, a next link or continuation
-  token seen before fails the read (a cycle), and so do more pages than a cap.
-- ``CustomerTenant``: Graph ``GET /directory/subscriptions`` and ``GET /subscribedSkus``, in one
-  JSON batch (``POST /$batch``), with a token issued in the customer's own tenant (authority
-  ``{authority_host}/{customer tenant}``); one msal application per tenant (msal binds an
-  application to one authority and caches its tokens there), all sharing the process's HTTP
-  session and one client credential whose certificate key is loaded once, kept in a bounded
-  cache so ten thousand tenants do not keep ten thousand applications alive.
+Every paged read goes through ``follow_pages``: a next link outside the service's base URL is
+never followed, a next link or continuation token seen before fails the read (a cycle), and so
+do more pages than a cap. Every list read goes through ``page_items``: a page without its list,
+or with an entry that is not a JSON object, is a failed read (``SourceFailed``), never a short
+or skipped list.
 
 Every request is a read (a GET, or a JSON batch of GETs), so 429 (after ``Retry-After``),
 500/502/503/504 are retried with backoff, unlike sendMail (``comms.delivery.reads``, the policy
-the inbox reader uses too); so is a read throttled inside a batch. A 429 from Partner Center
-(one budget per partner) holds all its reads in the process until ``Retry-After`` (``scope``). The
-session (timeouts, ``[graph] ca_file`` trust, national-cloud resource) and the msal error mapping
-are the Graph transport's (``comms.delivery.auth``).
+the inbox reader uses too); so is a read throttled inside a batch. The session (timeouts,
+``[graph] ca_file`` trust, national-cloud resource) and the msal error mapping are the Graph
+transport's (``comms.delivery.auth``).
 """
 
 from __future__ import annotations
@@ -44,9 +44,8 @@ from comms.delivery.reads import (
     UntrustedServer,
     doubling,
 )
-from comms.errors import AuthError, CommsError
+from comms.errors import AuthError, CommsError, CredentialRejected
 
-PARTNER_CENTER_RESOURCE = "https://api.partnercenter.microsoft.com"
 # Reads are idempotent: every transient answer is retried (500/502 too, which Partner Center
 # returns for its own transient faults).
 RETRIED = frozenset({429, 500, 502, 503, 504})
@@ -240,20 +239,50 @@ def _batch_error(body: Any) -> str:
     return ""
 
 
-def page_items(body: Any, key: str, what: str, page: int) -> list[Any]:
-    """The ``key`` list of a page (``items`` in Partner Center, ``value`` in Graph). A page without
-    one (a 200 answer with an error body) is a failed read, never an empty page."""
+def page_items(body: Any, key: str, what: str, page: int) -> list[dict[str, Any]]:
+    """The ``key`` list of a page (``items`` in Partner Center, ``value`` in Graph), every entry
+    a JSON object. A page without one (a 200 answer with an error body), or with an entry that
+    is not an object (null, a string, a number...), is a failed read, never an empty page nor
+    an entry skipped."""
     items = body.get(key) if isinstance(body, dict) else None
     if not isinstance(items, list):
-        raise SourceFailed(f"{what}: page {page} has no {key!r} list (answered {_shape(body)}); "
-                           "nothing was concluded from it: run `comms sync` again later")
+        raise SourceFailed(f"{what}: page {page} has no {key!r} list (answered "
+                           f"{describe(body)}); nothing was concluded from it: run `comms "
+                           "sync` again later")
+    for n, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
+            raise SourceFailed(f"{what}: page {page} has an entry that is not an object in its "
+                               f"{key!r} list (entry {n}: {describe(item)}); nothing was "
+                               "concluded from it: run `comms sync` again later")
     return items
 
 
-def _shape(body: Any) -> str:
-    """What a body that is not a Graph collection looks like, for an error message."""
-    keys = ", ".join(sorted(body)[:6]) if isinstance(body, dict) else None
-    return f"a {type(body).__name__}" if keys is None else f"an object with keys {keys or 'none'}"
+def obj(value: Any, what: str) -> dict[str, Any]:
+    """``value`` when it is a JSON object, {} when absent (null); anything else is an answer
+    not understood (``what`` names it): a failed read."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SourceFailed(f"{what} is {describe(value)}, not an object; nothing was concluded "
+                           "from it: run `comms sync` again later")
+    return value
+
+
+def describe(value: Any) -> str:
+    """What a JSON value that is not the expected one is, for an error message."""
+    if isinstance(value, dict):
+        return f"an object with keys {', '.join(sorted(value)[:6]) or 'none'}"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
 
 
 def error_text(response: requests.Response) -> str:
@@ -273,7 +302,7 @@ def error_text(response: requests.Response) -> str:
     return str(body)[:200]
 
 
-class _Tokens:
+class Tokens:
     """App-only tokens for one resource in one tenant (one msal application)."""
 
     def __init__(self, settings: Settings, session: requests.Session, tenant_id: str,
@@ -290,92 +319,7 @@ class _Tokens:
         return self.provider.refresh(stale)
 
 
-class PartnerCenter:
-    name = "partner_center"
-
-    def __init__(self, settings: Settings, session: requests.Session, reader: Reader) -> None:
-        self.base = settings.sync.partner_center_url.rstrip("/") + "/v1"
-        self.page_size = settings.sync.page_size
-        self.reader = reader
-        self.tokens = _Tokens(settings, session, settings.graph.tenant_id, PARTNER_CENTER_RESOURCE)
-
-    def customers(self) -> Iterator[PartnerCustomer]:
-        """Every customer with a reseller relationship (``relationshipToPartner``; pages by
-        ``links.next`` and its ``MS-ContinuationToken`` header, through ``follow_pages``)."""
-        first, what = f"{self.base}/customers?size={self.page_size}", "Partner Center customers"
-        pages = follow_pages(self._get(first, {}, 1), self._next, self._get, what=what,
-                             base=self.base, first=first, max_pages=MAX_LISTING_PAGES)
-        for page, body in enumerate(pages, start=1):
-            for item in page_items(body, "items", what, page):
-                if str(item.get("relationshipToPartner") or "reseller").lower() != "reseller":
-                    continue  # advisor, syndication, microsoft_support, none: not a reseller's
-                profile = item.get("companyProfile") or {}
-                yield PartnerCustomer(
-                    str(item.get("id") or profile.get("tenantId") or "").lower(),
-                    str(profile.get("domain") or "").lower(),
-                    str(profile.get("companyName") or ""),
-                )
-
-    def _get(self, url: str, headers: dict[str, str], page: int) -> dict[str, Any]:
-        return self.reader.get_json(url, self.tokens.token, self.tokens.refresh, headers,
-                                    f"Partner Center customers (page {page})",
-                                    scope=PARTNER_CENTER_RESOURCE)
-
-    def _next(self, body: dict[str, Any]) -> tuple[str, dict[str, str]] | None:
-        nxt = (body.get("links") or {}).get("next")
-        if not nxt:
-            return None
-        if not isinstance(nxt, dict):
-            raise SourceFailed(f"Partner Center customers: links.next is {_shape(nxt)}")
-        uri = str(nxt.get("uri") or "")
-        url = uri if uri.startswith("https://") else self.base + "/" + uri.lstrip("/")
-        return url, {str(h["key"]): str(h["value"]) for h in nxt.get("headers") or []}
-
-    def subscriptions(self, tenant_id: str) -> list[dict[str, Any]]:
-        what = f"Partner Center subscriptions of {tenant_id}"
-        body = self.reader.get_json(f"{self.base}/customers/{tenant_id}/subscriptions",
-                                    self.tokens.token, self.tokens.refresh, None, what,
-                                    scope=PARTNER_CENTER_RESOURCE)
-        return list(page_items(body, "items", what, 1))
-
-    def close(self) -> None:
-        pass
-
-
-class Gdap:
-    name = "gdap"
-
-    def __init__(self, settings: Settings, session: requests.Session, reader: Reader) -> None:
-        self.base = settings.graph.base_url
-        self.url = self.base + "/tenantRelationships/delegatedAdminRelationships"
-        self.reader = reader
-        self.tokens = _Tokens(settings, session, settings.graph.tenant_id)
-
-    def relationships(self) -> dict[str, str]:
-        """Customer tenant id -> the most advanced relationship status (``@odata.nextLink``
-        followed through ``follow_pages``)."""
-        rank = {"active": 3, "approved": 2, "activating": 2, "approvalPending": 1}
-        out: dict[str, str] = {}
-        first, what = self.url + "?$top=300", "GDAP relationships"
-        pages = follow_pages(self._get(first, {}, 1), _odata_next, self._get, what=what,
-                             base=self.base, first=first, max_pages=MAX_LISTING_PAGES)
-        for page, body in enumerate(pages, start=1):
-            for rel in page_items(body, "value", what, page):
-                tid = str((rel.get("customer") or {}).get("tenantId") or "").lower()
-                status = str(rel.get("status") or "")
-                if tid and rank.get(status, 0) >= rank.get(out.get(tid, ""), 0):
-                    out[tid] = status
-        return out
-
-    def _get(self, url: str, headers: dict[str, str], page: int) -> dict[str, Any]:
-        return self.reader.get_json(url, self.tokens.token, self.tokens.refresh, None,
-                                    f"GDAP relationships (page {page})")
-
-    def close(self) -> None:
-        pass
-
-
-def _odata_next(body: dict[str, Any]) -> tuple[str, dict[str, str]] | None:
+def odata_next(body: dict[str, Any]) -> tuple[str, dict[str, str]] | None:
     link = body.get("@odata.nextLink")
     return (str(link), {}) if link else None
 
@@ -391,18 +335,26 @@ class CustomerTenant:
         # Made once for every tenant's application (a configuration problem is an AuthError
         # here, not "cannot verify" for each customer), the certificate's key loaded once.
         self.credential = app_credential(settings.graph, loaded_key=True)
-        self._apps: OrderedDict[str, _Tokens] = OrderedDict()
+        self._apps: OrderedDict[str, Tokens] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _tokens(self, tenant_id: str) -> _Tokens:
+    def _tokens(self, tenant_id: str) -> Tokens:
         with self._lock:
             found = self._apps.get(tenant_id)
             if found is not None:
                 self._apps.move_to_end(tenant_id)
                 return found
         try:
-            made = _Tokens(self.settings, self.session, tenant_id, credential=self.credential)
+            made = Tokens(self.settings, self.session, tenant_id, credential=self.credential)
             made.token()
+        except CredentialRejected as exc:
+            # The app's own secret or certificate: refused in this tenant, refused in all.
+            raise CredentialRejected(
+                f"Stage sync stopped reading the customer tenants (at {tenant_id}): "
+                f"{exc.message}. The app's own credential is refused in every tenant, so no "
+                "customer could be verified and nothing was recorded: renew it in the app "
+                "registration (Microsoft Entra admin center > App registrations > Certificates "
+                "& secrets), then check with `comms auth check`") from exc
         except AuthError as exc:
             # The app cannot get a token in that tenant: not consented there (or no such
             # tenant). That customer cannot be verified; it is not a configuration error.
@@ -424,7 +376,7 @@ class CustomerTenant:
         return (self._all_pages(subs, tokens, f"{what}: /directory/subscriptions"),
                 self._all_pages(skus, tokens, f"{what}: /subscribedSkus"))
 
-    def _all_pages(self, body: Any, tokens: _Tokens, what: str) -> list[dict[str, Any]]:
+    def _all_pages(self, body: Any, tokens: Tokens, what: str) -> list[dict[str, Any]]:
         """Every item of a Graph collection: an explicit ``value`` list on each page, each
         ``@odata.nextLink`` followed (a plain GET, also for a link inside a batch answer) through
         ``follow_pages`` (under ``[graph] base_url`` only, never twice, at most ``MAX_PAGES``
@@ -436,12 +388,12 @@ class CustomerTenant:
             return self.reader.get_json(url, tokens.token, tokens.refresh, None,
                                         f"{what} (page {page})")
 
-        pages = follow_pages(body if isinstance(body, dict) else {"": body}, _odata_next, get,
+        pages = follow_pages(body if isinstance(body, dict) else {"": body}, odata_next, get,
                              what=what, base=self.base, first="", max_pages=MAX_PAGES)
         for page, one in enumerate(pages, start=1):
             value = page_items(body if page == 1 and not isinstance(body, dict) else one,
                                "value", what, page)
-            items.extend(v for v in value if isinstance(v, dict))
+            items.extend(value)
         return items
 
     def close(self) -> None:

@@ -33,7 +33,7 @@ import requests
 from comms.config import Settings, worker_processes
 from comms.delivery.auth import make_session
 from comms.errors import SyncWorkerFailed
-from comms.sync import clients
+from comms.sync import clients, partner
 from comms.sync.ledger import CustomerSync
 
 POOL_MIN_CUSTOMERS = 2000  # fewer customers are read in this process: a worker starts in ~1 s
@@ -61,7 +61,7 @@ class Readers:
         self.reader = clients.Reader(self.session, max_attempts=settings.sync.max_attempts,
                                      time_scale=settings.delivery.time_scale)
         try:
-            self.pc = clients.PartnerCenter(settings, self.session, self.reader) \
+            self.pc = partner.PartnerCenter(settings, self.session, self.reader) \
                 if "partner_center" in sources else None
             self.tenant = clients.CustomerTenant(settings, self.session, self.reader) \
                 if "tenant" in sources else None
@@ -257,18 +257,31 @@ def _csp(res: CustomerSync, subs: list[dict[str, Any]]) -> None:
     """The partner's subscriptions of the customer, with what tells a licence-based seat
     subscription (``billingType``, ``unitType``, ``productType``, ``offerId``) from an Azure
     plan or a trial (``isTrial``): only the former make the CSP subscription live
-    (``comms.sync.ledger.facts_of``)."""
+    (``comms.sync.ledger.facts_of``, which reads ``subscriptions``). An add-on
+    (``parentSubscriptionId``: Audio Conferencing, E5 Compliance...) is kept apart, under
+    ``add_ons`` (only when there is one, so that evidence recorded before is unchanged): it
+    is no base subscription, and an active add-on alone does not make the CSP subscription
+    live."""
     seen = res.seen["partner_center"]
-    seen["subscriptions"] = sorted(
-        ({"id": s.get("id"), "offer": s.get("offerName") or s.get("offerId"),
-          "offer_id": s.get("offerId"), "quantity": s.get("quantity"),
-          "status": s.get("status"), "start": s.get("effectiveStartDate"),
-          "trial": s.get("isTrial"), "billing": s.get("billingType"),
-          "unit": s.get("unitType"),
-          "product": (s.get("productType") or {}).get("id")
-          if isinstance(s.get("productType"), dict) else None} for s in subs),
-        key=lambda s: str(s["id"]),
-    )
+    summaries = [_summary(s) for s in subs]
+    seen["subscriptions"] = sorted((s for s in summaries if not s.get("parent")),
+                                   key=lambda s: str(s["id"]))
+    if add_ons := sorted((s for s in summaries if s.get("parent")), key=lambda s: str(s["id"])):
+        seen["add_ons"] = add_ons
+
+
+def _summary(s: dict[str, Any]) -> dict[str, Any]:
+    """What is recorded of one Partner Center subscription (``parent`` for an add-on only)."""
+    out = {"id": s.get("id"), "offer": s.get("offerName") or s.get("offerId"),
+           "offer_id": s.get("offerId"), "quantity": s.get("quantity"),
+           "status": s.get("status"), "start": s.get("effectiveStartDate"),
+           "trial": s.get("isTrial"), "billing": s.get("billingType"),
+           "unit": s.get("unitType"),
+           "product": (s.get("productType") or {}).get("id")
+           if isinstance(s.get("productType"), dict) else None}
+    if s.get("parentSubscriptionId"):
+        out["parent"] = s.get("parentSubscriptionId")
+    return out
 
 
 def _direct(

@@ -32,7 +32,7 @@ from comms.errors import CampaignError, ConfigError, UsageError
 from comms.store import repo
 from comms.store.db import Database
 from comms.store.models import Customer
-from comms.sync import clients, reading
+from comms.sync import clients, partner, reading
 from comms.sync.ledger import (
     SOURCES,
     CustomerSync,
@@ -223,7 +223,7 @@ def _listings(
         for t in targets:
             results[t.id].seen["partner_center"] = {"listed": t.id in matched}
     if "gdap" in sources:
-        _gdap(clients.Gdap(settings, readers.session, readers.reader), targets, tenant_of,
+        _gdap(partner.Gdap(settings, readers.session, readers.reader), targets, tenant_of,
               results)
     return fills, tenant_of
 
@@ -273,7 +273,7 @@ def _read(
         pager.close()
 
 
-def _gdap(gdap: clients.Gdap, targets: list[_Target], tenant_of: dict[int, str],
+def _gdap(gdap: partner.Gdap, targets: list[_Target], tenant_of: dict[int, str],
           results: dict[int, CustomerSync]) -> None:
     rels = _listing("gdap", lambda: gdap.relationships().items(), targets, results)
     if rels is not None:
