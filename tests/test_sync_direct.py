@@ -9,6 +9,7 @@ not read."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,39 @@ def test_two_subscriptions_of_the_product_are_one_old_subscription() -> None:
     assert _direct(subs, {}, previous)["status"] == "Suspended"
     assert _direct(subs[:1], {}, previous) == {"status": "absent", "id": "big",
                                                 "ids": ["big", "small"], "sku": "ENTERPRISEPACK"}
+
+
+DISTRIBUTOR = "99999999-8888-4777-8666-555555555555"
+
+
+def test_a_subscription_another_partner_created_is_never_the_direct_one() -> None:
+    """Graph's ``ownerTenantId`` is the partner tenant that created a subscription: a CSP
+    subscription an indirect provider created for us (or another reseller's) is nobody's old
+    direct subscription. It was taken for one."""
+    subs = [_sub("old", "SPE_E3", "Suspended", total=30),
+            _sub("via-distributor", "SPE_E3", "Enabled", total=30, owner=DISTRIBUTOR)]
+    seen = _direct(subs, {"SPE_E3": 28})
+    assert (seen["id"], seen["status"], seen.get("ids")) == ("old", "Suspended", None)
+    # A direct subscription that names the customer's own tenant as its owner is direct.
+    own = [_sub("old", "SPE_E3", "Enabled", total=30, owner="TENANT-A")]
+    assert _direct(own, {"SPE_E3": 28})["status"] == "Enabled"
+
+
+def test_an_indirect_providers_csp_subscription_does_not_keep_the_customer_billed_twice(
+    world: Any, db: Any, cli: Any, tmp_path: Path
+) -> None:
+    """End to end: a partner buying through an indirect provider; the new E3 in the customer's
+    directory was created by the distributor's tenant. Once the old one is cancelled, sync
+    completes the customer (it read the new one as the old one "still active": reminders
+    that the customer had not cancelled, for ever)."""
+    awaiting_cancellation(world, cli, tmp_path, licences=30)
+    world.tenant_change(TENANT_X, "add_direct_product", sku_part_number="SPE_E3",
+                        sku_id=world._core.tenants.customers[TENANT_X].direct["skuId"],
+                        total=30, assigned=0, owner_tenant_id=DISTRIBUTOR)
+    r = cli("sync", "--now", BASE.isoformat(), "--source", "tenant", "--json")
+    assert r.exit_code == 0, r.output
+    assert _row(db, "A").stage == "awaiting_cancellation"
+    world.tenant_change(TENANT_X, "direct_status", status="Suspended")
+    r = cli("sync", "--now", (BASE + timedelta(hours=1)).isoformat(), "--source", "tenant")
+    assert r.exit_code == 0, r.output
+    assert _row(db, "A").stage == "completed", r.output

@@ -391,7 +391,10 @@ def _offer(sub: dict[str, Any], offer: str, trial: bool, tenant: CustomerTenant
 
 def _direct_product(tenant: CustomerTenant, args: dict[str, Any]) -> dict[str, Any]:
     """Another product billed directly (``sku_part_number``, ``sku_id``, ``total``,
-    ``assigned``, ``status``), beside the direct subscription being replaced."""
+    ``assigned``, ``status``), beside the direct subscription being replaced; with
+    ``owner_tenant_id``, one created by that partner tenant instead (another reseller's, or an
+    indirect provider's CSP subscription): Graph's ``ownerTenantId`` is "the partner tenant that
+    has created the subscription on a customer tenant", none for a direct one."""
     part = str(args.get("sku_part_number", "VISIOCLIENT"))
     status = str(args.get("status", "Enabled"))
     if status not in DIRECT_STATUSES:
@@ -400,7 +403,8 @@ def _direct_product(tenant: CustomerTenant, args: dict[str, Any]) -> dict[str, A
     return {
         "id": sid, "commerceSubscriptionId": sid, "createdDateTime": "2022-01-01T00:00:00Z",
         "isTrial": False, "nextLifecycleDateTime": "2027-01-01T00:00:00Z", "ownerId": None,
-        "ownerTenantId": None, "ownerType": None,
+        "ownerTenantId": args.get("owner_tenant_id") or None,
+        "ownerType": "Company" if args.get("owner_tenant_id") else None,
         "skuId": str(args.get("sku_id") or _uuid("sku", part)), "skuPartNumber": part,
         "status": status, "totalLicenses": int(args.get("total", 2)), "serviceStatus": [],
         "assigned": int(args.get("assigned", args.get("total", 2))),

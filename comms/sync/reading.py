@@ -302,7 +302,12 @@ def _direct(
     csp_skus = {s.get("skuId") for s in subs
                 if str(s.get("ownerTenantId") or "").lower() == partner and s.get("skuId")}
     free = {k.upper() for k in settings.sync.free_skus}
-    direct = [s for s in subs if str(s.get("ownerTenantId") or "").lower() != partner
+    # Direct: bought from Microsoft, created by no partner. ``ownerTenantId`` is "the partner
+    # tenant that has created the subscription on a customer tenant" (Graph): one created by
+    # an indirect provider for us, or by another reseller, is nobody's old direct one (it was
+    # taken for it: the new subscription read as the old one, "still active").
+    own = {"", tenant_id.strip().lower()}
+    direct = [s for s in subs if str(s.get("ownerTenantId") or "").lower() in own
               and s.get("isTrial") is not True
               and str(s.get("skuPartNumber") or "").upper() not in free]
     group, several = _candidate(direct, csp_skus, tenant_id, previous)
