@@ -155,6 +155,7 @@ def _record(
     dry_run: bool,
 ) -> None:
     ids = [t.id for t in targets]
+    read_with = {t.id: t.tenant_id.strip().lower() for t in targets}
     ctx = Context(campaign, rules, now)
     with db.session(immediate=not dry_run) as session:
         latest = _latest_evidence(session, ids)
@@ -183,6 +184,9 @@ def _record(
             # with it is recorded (checked before the evidence is written).
             chunk_fills = {r.id: fills[r.id] for r in rows if r.id in fills and not r.tenant_id
                            and not _fill_refused(session, r, fills[r.id], results[r.id])}
+            for r in rows:  # a tenant id changed (re-imported) while this sync read the old one
+                _tenant_changed(r, read_with.get(r.id or 0, ""), fills.get(r.id or 0, ""),
+                                results[r.id or 0])
             new = _insert_evidence(session, [
                 ev for r in rows for ev in _evidence(r.id or 0, results[r.id or 0], now, latest)
             ])
@@ -329,6 +333,21 @@ def _fill_refused(session: Session, row: Customer, fill: str, res: CustomerSync)
         f"{row.primary_domain} but is already the tenant of {holder}; nothing was filled or "
         f"moved: set the right tenant_id on {row.key} in the CSV and re-import")
     return True
+
+
+def _tenant_changed(row: Customer, read_with: str, fill: str, res: CustomerSync) -> None:
+    """What was read of a customer whose tenant id changed meanwhile (a corrected CSV imported
+    during a long sync) is another tenant's: dropped, the customer reported, nothing moved (it
+    was recorded and acted on as the customer's). The next sync reads the new tenant."""
+    now_id = (row.tenant_id or "").strip().lower()
+    if now_id == read_with or (not read_with and (not now_id or now_id == fill)):
+        return
+    for src in SOURCES:
+        res.seen.pop(src, None)
+    res.problems["tenant"] = (
+        f"cannot verify: tenant id changed while sync read it ({read_with or 'none'} -> "
+        f"{now_id or 'none'}); nothing read with the old one was recorded or moved: the next "
+        "sync reads the new one")
 
 
 def _licences_from_reality(session: Session, row: Customer, facts: Facts, res: CustomerSync,
