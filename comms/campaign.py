@@ -148,6 +148,11 @@ class SendWindow(_Model):
     def weekday_numbers(self) -> frozenset[int]:
         return frozenset(WEEKDAYS.index(d) for d in self.days)
 
+    @property
+    def minutes(self) -> float:
+        """How long the window is open on a sending day."""
+        return (self.end.hour * 60 + self.end.minute) - (self.start.hour * 60 + self.start.minute)
+
 
 class Campaign(_Model):
     name: str = "csp-transition"

@@ -14,6 +14,7 @@ from sqlmodel import select
 
 from comms.campaign import load_campaign
 from comms.config import load_settings
+from comms.paths import builtin_config_dir
 from comms.sandbox import Sandbox
 from comms.services import customers as customer_service
 from comms.store.db import Database
@@ -51,6 +52,29 @@ def test_dry_run_forecast_for_a_big_queue(env: dict[str, Any], db: Database, tmp
     # 1,240 messages over 2 mailboxes at 30/min each (3 % slack): about 21 minutes.
     assert data["queued"] == 1240 and round(data["forecast_minutes"]) == 21
     assert data["daily_cap_reached"] is False
+
+
+def test_dry_run_warns_when_the_backlog_outlasts_the_send_window(
+    env: dict[str, Any], db: Database, tmp_path: Path, cli: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """1,240 messages take about 21 minutes at the mailboxes' rate: inside the default 8-hour
+    window the dry run says nothing more; with a 10-minute window it warns that they take about
+    3 windows (what is not sent when a window closes waits for the next one)."""
+    seed(db, tmp_path, 1240)
+    r = cli("run", "--dry-run", "--now", NOW)
+    assert r.exit_code == 0, r.output
+    assert "send windows" not in r.stdout
+    campaign = tmp_path / "campaign.toml"
+    campaign.write_text((builtin_config_dir() / "campaign.toml").read_text(encoding="utf-8")
+                        .replace("end = 17:00:00", "end = 09:10:00", 1), encoding="utf-8")
+    monkeypatch.setenv("COMMS_CAMPAIGN_FILE", str(campaign))
+    r = cli("run", "--dry-run", "--now", NOW)
+    assert r.exit_code == 0, r.output
+    assert ("warning: at the mailboxes' rate this takes about 3 send windows of about 10 minutes"
+            in " ".join(r.stdout.split())), r.stdout
+    data = json.loads(cli("run", "--dry-run", "--now", NOW, "--json").stdout)
+    assert data["forecast"]["send_windows"] == 3
 
 
 def test_run_sends_once_and_a_rerun_sends_nothing(env: dict[str, Any], db: Database,

@@ -81,7 +81,7 @@ def run(
         )
     if stop.is_set() and not as_json:
         typer.echo("stopped on request: messages in flight were sent and recorded")
-    print_run_summary(summary, app.settings, as_json)
+    print_run_summary(summary, app.settings, as_json, app.campaign.window.minutes)
     raise typer.Exit(summary.exit_code)
 
 

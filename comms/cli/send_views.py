@@ -89,16 +89,18 @@ def print_send_report(report: Any, queued: int) -> None:
                       "inside each customer's send window.")
 
 
-def print_run_summary(summary: Any, settings: Settings, as_json: bool) -> None:
+def print_run_summary(summary: Any, settings: Settings, as_json: bool,
+                      window_minutes: float = 0.0) -> None:
+    """``window_minutes``: the campaign's send window a day, for the dry run's forecast."""
     q, d = summary.queue, summary.dispatch
     if as_json:
-        typer.echo(json.dumps(_summary_data(summary, settings), indent=2))
+        typer.echo(json.dumps(_summary_data(summary, settings, window_minutes), indent=2))
         return
     for z in summary.zone_problem_rows():
         typer.echo(f"  skipped {visible(z['customer'])}: {visible(z['error'])} Nothing is planned or "
                    f"sent for it (its queued mail waits): {z['fix']}.", err=True)
     if summary.dry_run:
-        _print_forecast(summary, settings)
+        _print_forecast(summary, settings, window_minutes)
         return
     typer.echo(
         f"queued {q.queued}, sent {d.sent}, deferred to the send window {q.deferred}, "
@@ -130,7 +132,7 @@ def _clock(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _summary_data(summary: Any, settings: Settings) -> dict[str, Any]:
+def _summary_data(summary: Any, settings: Settings, window_minutes: float) -> dict[str, Any]:
     q, d = summary.queue, summary.dispatch
     data: dict[str, Any] = {
         "dry_run": summary.dry_run,
@@ -156,12 +158,13 @@ def _summary_data(summary: Any, settings: Settings) -> dict[str, Any]:
         "time_zone_problems": summary.zone_problem_rows(),
     }
     if summary.dry_run:
-        f = sending.forecast(summary, settings)
+        f = sending.forecast(summary, settings, window_minutes)
         data["forecast_minutes"] = round(summary.forecast_minutes, 1)
         data["daily_cap_reached"] = summary.daily_cap_reached
         data["forecast"] = {"binding": f.binding.name, "minutes": round(f.binding.minutes, 1),
                             "external_recipients": f.external, "recipients": f.recipients,
-                            "limits": {x.name: round(x.minutes, 1) for x in f.limits}}
+                            "limits": {x.name: round(x.minutes, 1) for x in f.limits},
+                            "send_windows": f.windows}
         data["messages"] = [_row_data(r) for r in q.preview]
     return data
 
@@ -176,7 +179,7 @@ def _row_data(r: PreviewRow) -> dict[str, Any]:
             "time_zone": r.time_zone, "recipients": list(r.to)}
 
 
-def _print_forecast(summary: Any, settings: Settings) -> None:
+def _print_forecast(summary: Any, settings: Settings, window_minutes: float) -> None:
     q = summary.queue
     if q.preview:
         t = present.table("customer", "message", "locale", "send after (local)", "recipients",
@@ -185,7 +188,7 @@ def _print_forecast(summary: Any, settings: Settings) -> None:
             t.add_row(Text(r.key), r.message, r.locale, f"{_local(r):%Y-%m-%d %H:%M %Z}",
                       Text(", ".join(r.to)))
         console.print(present.fit(t))
-    f = sending.forecast(summary, settings)
+    f = sending.forecast(summary, settings, window_minutes)
     b = f.binding
     typer.echo(
         f"Dry run: {present.plural(q.queued, 'message')} would be queued now for "
@@ -195,6 +198,12 @@ def _print_forecast(summary: Any, settings: Settings) -> None:
         f"{present.plural(len(settings.senders), 'sender mailbox', 'sender mailboxes')}."
     )
     typer.echo(f"Forecast: {b.detail}: {present.human_minutes(b.minutes)} ({b.name} binds).")
+    if f.windows > 1:
+        typer.echo(
+            f"warning: at the mailboxes' rate this takes about {f.windows} send windows of "
+            f"{present.human_minutes(window_minutes)}: what is not sent when a customer's "
+            "window closes waits for its next one (days later for some). Add sender mailboxes "
+            "([[senders]]) or send in waves (`--tag`) to finish sooner.")
     for msg, n in sorted(q.by_message.items()):
         typer.echo(f"  {msg}: {n}")
     if q.held:

@@ -3,6 +3,7 @@ scheduled job; both close the transport they were given."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
@@ -43,13 +44,22 @@ class Forecast:
     recipients: int
     external: int
     limits: tuple[LimitForecast, ...]
+    window_minutes: float = 0.0  # the campaign's send window a day (0: not known)
 
     @property
     def binding(self) -> LimitForecast:
         return max(self.limits, key=lambda x: x.minutes)
 
+    @property
+    def windows(self) -> int:
+        """How many send windows (days) the mailboxes' rate needs for it: more than one means
+        what is not sent when a customer's window closes waits for its next one."""
+        rate = self.limits[0].minutes
+        return math.ceil(rate / self.window_minutes) if self.window_minutes and rate else 1
 
-def forecast(summary: RunSummary, settings: Settings) -> Forecast:
+
+def forecast(summary: RunSummary, settings: Settings,
+             window_minutes: float = 0.0) -> Forecast:
     """The dry run's forecast under each limit: the mailboxes' rate, their daily recipient
     limits and the tenant's external-recipient budget. Recipients are counted from the messages
     this run would queue; messages queued earlier count as one external recipient each."""
@@ -75,7 +85,7 @@ def forecast(summary: RunSummary, settings: Settings) -> Forecast:
                       f"{recipients:,} recipients at {per_day:,} a day"),
         LimitForecast("tenant budget", days(external, budget),
                       f"{external:,} external recipients at {budget:,} a day"),
-    ))
+    ), window_minutes)
 
 
 def worker_id() -> str:
