@@ -23,6 +23,7 @@ from test_sync_guesses import (
     _world,
     awaiting_cancellation,
 )
+from test_sync_listing_and_gdap import _pc, _Replies, _Tokens
 
 from comms.sandbox import Sandbox
 from comms.store.db import Database
@@ -69,31 +70,6 @@ def test_page_items_refuses_an_entry_that_is_not_an_object() -> None:
         with pytest.raises(clients.SourceFailed, match=rf"X: page 2 has {NOT_OBJECT} in its "
                            rf"'value' list \(entry 2: {shown}\)"):
             clients.page_items({"value": [{"id": "a"}, entry]}, "value", "X", 2)
-
-
-class _Replies:
-    """A reader that answers the bodies given, in order (no HTTP: the paging logic alone)."""
-
-    def __init__(self, bodies: list[Any]) -> None:
-        self.bodies = list(bodies)
-
-    def get_json(self, url: str, *args: Any, **kwargs: Any) -> Any:
-        return self.bodies.pop(0)
-
-
-class _Tokens:
-    def token(self) -> str:
-        return "t"
-
-    def refresh(self, stale: str) -> str:
-        return "t"
-
-
-def _pc(bodies: list[Any]) -> partner.PartnerCenter:
-    pc = partner.PartnerCenter.__new__(partner.PartnerCenter)
-    pc.base, pc.page_size = "https://pc.example/v1", 2
-    pc.tokens, pc.reader = _Tokens(), _Replies(bodies)  # type: ignore[assignment]
-    return pc
 
 
 def _next(token: str) -> dict[str, Any]:
