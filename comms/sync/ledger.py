@@ -180,13 +180,7 @@ def _record(
             # Evidence first, in one INSERT for the chunk (its ids go into the notes), then
             # the moves; evidence and checks are plain rows, not ORM objects, so the session
             # holds only the customers and their events.
-            # A tenant found by domain that another customer took meanwhile: nothing read
-            # with it is recorded (checked before the evidence is written).
-            chunk_fills = {r.id: fills[r.id] for r in rows if r.id in fills and not r.tenant_id
-                           and not _fill_refused(session, r, fills[r.id], results[r.id])}
-            for r in rows:  # a tenant id changed (re-imported) while this sync read the old one
-                _tenant_changed(r, read_with.get(r.id or 0, ""), fills.get(r.id or 0, ""),
-                                results[r.id or 0])
+            chunk_fills = _tenants_checked(session, rows, fills, read_with, results)
             new = _insert_evidence(session, [
                 ev for r in rows for ev in _evidence(r.id or 0, results[r.id or 0], now, latest)
             ])
@@ -333,6 +327,21 @@ def _fill_refused(session: Session, row: Customer, fill: str, res: CustomerSync)
         f"{row.primary_domain} but is already the tenant of {holder}; nothing was filled or "
         f"moved: set the right tenant_id on {row.key} in the CSV and re-import")
     return True
+
+
+def _tenants_checked(session: Session, rows: list[Customer], fills: dict[int, str],
+                     read_with: dict[int, str],
+                     results: dict[int, CustomerSync]) -> dict[int, str]:
+    """The tenant ids found by domain that are filled in, checked in the write transaction
+    before any evidence is written: nothing read with a tenant another customer took meanwhile
+    (``_fill_refused``), or with a tenant id that changed meanwhile (``_tenant_changed``), is
+    recorded."""
+    kept = {r.id: fills[r.id] for r in rows if r.id in fills and not r.tenant_id
+            and not _fill_refused(session, r, fills[r.id], results[r.id])}
+    for r in rows:
+        _tenant_changed(r, read_with.get(r.id or 0, ""), fills.get(r.id or 0, ""),
+                        results[r.id or 0])
+    return {k: v for k, v in kept.items() if k is not None}
 
 
 def _tenant_changed(row: Customer, read_with: str, fill: str, res: CustomerSync) -> None:
