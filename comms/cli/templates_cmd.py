@@ -92,7 +92,7 @@ def templates_check(
                                "problems": list(result.problems)}, indent=2))
         raise typer.Exit(1 if result.problems else 0)
     for note in result.notes:
-        console.print(f"Note: {note}", highlight=False, soft_wrap=True, markup=False)
+        console.print(f"Note: {note}", highlight=False, soft_wrap=True)
     if result.problems:
         raise TemplateError(f"{len(result.problems)} template problem(s):",
                             problems=result.problems)

@@ -15,7 +15,7 @@ from lxml import html as lxml_html
 from comms.campaign import Campaign
 from comms.config import Settings, is_zero_id, partner_problem
 from comms.errors import TemplateError
-from comms.render import DEFAULT_LOCALE, NAME_RE, RenderedEmail, Renderer, build_context
+from comms.render import NAME_RE, RenderedEmail, Renderer, build_context
 from comms.services.preview import Branch, branches, render_sample, sample_customers
 
 MAX_HTML_BYTES = 100 * 1024  # Gmail clips messages at about 102 KB
@@ -269,17 +269,4 @@ def check_templates(
     expected = {*locales, *settings.templates.locales, settings.defaults.locale}
     unique = list(dict.fromkeys(problems))
     return CheckResult(problems=unique, renders=renders, messages=len(messages),
-                       notes=fallback_notes(renderer, expected) + untranslated_notes(renderer))
-
-
-def untranslated_notes(renderer: Renderer) -> list[str]:
-    """For each template locale other than English, a note when ``[partner.localized]`` gives
-    none of the partner's texts in it: those emails end in [partner]'s (English) signature,
-    postal address and opt-out line."""
-    given = {lc.lower() for lc in renderer.settings.partner.localized}
-    found = {renderer.resolve(m, lc).locale for m in renderer.messages()
-             for lc in renderer.locales(m)}
-    return [f"emails in {lc!r} end in [partner]'s signature, postal address and opt-out line "
-            f"(not in {lc!r}): set them in [partner.localized.{lc}]"
-            for lc in sorted(found) if lc != DEFAULT_LOCALE
-            and not {lc.lower(), lc.partition("-")[0].lower()} & given]
+                       notes=fallback_notes(renderer, expected))
