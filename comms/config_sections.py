@@ -28,18 +28,6 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class LocalizedPartnerTexts(_Section):
-    """``[partner.localized.<locale>]``: the partner's texts in the customer's language (the
-    footer and the signature of an email whose template is in that locale); empty: the
-    ``[partner]`` text."""
-
-    signature: str = ""
-    postal_address: str = ""
-    opt_out_text: str = ""
-
-
-LOCALIZED_FIELDS = tuple(LocalizedPartnerTexts.model_fields)
-
 # What the customer reads of the partner: left at the starter values, it reads Fabrikam.
 STARTER_BRANDING = ("name", "signature", "postal_address", "opt_out_text", "website", "logo_url",
                     "reply_to")
@@ -68,8 +56,6 @@ class PartnerSettings(_Section):
     )
     price_per_licence_month: float = Field(default=12.5, ge=0)
     currency: str = "GBP"
-    # Locale (``de``, ``de-AT``) -> the texts above in that language.
-    localized: dict[str, LocalizedPartnerTexts] = Field(default_factory=dict)
 
     def starter_fields(self) -> list[str]:
         """The texts and links the customer reads that are still the starter config's (they

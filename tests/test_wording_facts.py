@@ -741,35 +741,3 @@ def test_a_date_is_the_day_in_the_customers_time_zone(renderer: Renderer, zone_n
     ctx.update(escalated=False)
     assert email == renderer.render_context("cancel_reminder", "en", ctx, fast=False)
     assert f"(checked on {day})" in email.text and f"(checked on {day})" in email.html
-
-
-GERMAN = {"signature": "Ihr Fabrikam-Umstellungsteam",
-          "postal_address": "Fabrikam Cloud Services, Beispielstraße 1, 10115 Berlin",
-          "opt_out_text": "Sie erhalten diese E-Mails, weil Ihre Organisation ihr "
-                          "Microsoft-365-Abonnement zu Fabrikam überträgt. Antworten Sie uns, "
-                          "wenn Sie keine mehr wünschen."}
-
-
-@pytest.mark.parametrize("message,reminder", [("partner_invitation", 0), ("cancel_reminder", 1),
-                                              ("transition_complete", 0)])
-def test_a_german_email_carries_the_partners_german_texts(message: str, reminder: int) -> None:
-    """German emails ended in the English signature, address and opt-out sentence of
-    [partner]; [partner.localized.de] gives them in German (de-AT falls back to de). English
-    emails, and German ones without the table, keep [partner]'s."""
-    settings = Settings.model_validate({"partner": {"localized": {"de": GERMAN}}})
-    localized = Renderer(settings)
-    for locale in ("de", "de-AT"):
-        c = customer(24, locale=locale)
-        email = localized.render(message, c, now=NOW, reminder_number=reminder)
-        ctx = build_context(settings, c, message=message, now=NOW, reminder_number=reminder)
-        assert email == localized.render_context(message, c.locale, ctx, fast=False)
-        for body in (email.text, email.html):
-            assert "Beispielstraße 1" in body and "Ihr Fabrikam-Umstellungsteam" in body
-            assert "Antworten Sie uns, wenn Sie keine mehr wünschen." in " ".join(body.split())
-            assert "You receive these emails" not in body
-            assert SETTINGS.partner.postal_address not in body
-    english = localized.render(message, customer(24), now=NOW, reminder_number=reminder)
-    plain = Renderer(SETTINGS).render(message, customer(24, locale="de"), now=NOW,
-                                      reminder_number=reminder)
-    for body in (english.text, english.html, plain.text, plain.html):
-        assert SETTINGS.partner.signature in body and "Beispielstraße" not in body

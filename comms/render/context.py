@@ -176,19 +176,6 @@ def build_context(
     }
 
 
-def localized_partner(partner: object, locale: str, settings: Settings) -> object:
-    """``partner`` with its texts in ``locale`` (the resolved template's), from
-    ``[partner.localized]`` (``de-AT``, else ``de``); the same object when none is set."""
-    texts = settings.partner.localized
-    if not texts or not isinstance(partner, SimpleNamespace):
-        return partner
-    found = next((texts[lc] for lc in locale_chain(locale)[:-1] if lc in texts), None)
-    if found is None:
-        return partner
-    own = {k: v for k, v in found.model_dump().items() if v}
-    return SimpleNamespace(**{**vars(partner), **own}) if own else partner
-
-
 def locale_chain(locale: str) -> list[str]:
     """Locales to try, most specific first, English last: ``de-AT`` -> de-AT, de, en."""
     loc = (locale or "").replace("_", "-").strip()

@@ -36,7 +36,6 @@ from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 from markupsafe import Markup, escape
 
-from comms.config_sections import LOCALIZED_FIELDS
 from comms.errors import UnknownTimeZone
 from comms.render import limits
 from comms.render.context import DEFAULT_LOCALE
@@ -275,7 +274,6 @@ def constants(context: Mapping[str, object]) -> dict[str, str]:
         ns = context[group]
         assert isinstance(ns, SimpleNamespace)
         for key, value in vars(ns).items():
-            # The texts [partner.localized] may give in the template's language stay dynamic.
-            if isinstance(value, str) and not (group == "partner" and key in LOCALIZED_FIELDS):
+            if isinstance(value, str):
                 out[f"{group}.{key}"] = value
     return out

@@ -22,7 +22,6 @@ from comms.render.context import (
     DEFAULT_LOCALE,
     build_context,
     locale_chain,
-    localized_partner,
     make_branding,
 )
 from comms.render.environment import NAME_RE, ContainedLoader, collector, constants, make_env
@@ -247,7 +246,6 @@ class Renderer:
             )
         ctx = {**self._globals, **context}
         ctx["locale"] = ts.locale
-        ctx["partner"] = localized_partner(ctx.get("partner"), ts.locale, self.settings)
         ctx["layout"] = ts.layout_text
         subject = " ".join(self._render(ts.subject, ctx, fold).split())
         if not subject:
